@@ -1,0 +1,383 @@
+"""The wire codec: every payload Tern puts on MQTT or Kafka is encoded and decoded here.
+
+docs/contracts.md describes the formats in prose; the JSON Schemas in ``tern/schemas``
+describe the JSON ones formally; this module is the executable version, shared by the
+gateway (``edge``) and the bridge (``cloud``). Decoders never trust their input: anything
+off-contract raises :class:`CodecError` with a message fit for a dead-letter entry.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from tern.errors import CodecError
+from tern.topics import check_id
+
+WIRE_VERSION = 1
+
+#: Largest node payload accepted. A reading is ~100-300 bytes; the firmware's own buffers
+#: are sized far below this, so anything larger is a fault, not data.
+MAX_NODE_PAYLOAD = 4096
+#: Largest batch envelope on the cloud broker, compressed and decompressed.
+MAX_BATCH_BYTES = 1 << 20
+MAX_BATCH_INFLATED = 16 << 20
+MAX_READINGS_PER_MESSAGE = 32
+MAX_NAME_LEN = 32
+MAX_TEXT_LEN = 64
+#: Sequence numbers and timestamps must survive JSON consumers that use doubles.
+MAX_SAFE_INT = 2**53 - 1
+
+STATES = ("online", "offline")
+
+Value = int | float | bool | str
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """One sample from one node, as the node sent it plus where it was seen.
+
+    ``site`` comes from the MQTT topic, ``received_ms`` is stamped by the gateway when it
+    committed the reading to its outbox (0 until then).
+    """
+
+    device: str
+    boot: str
+    seq: int
+    ts_ms: int
+    values: Mapping[str, Value]
+    site: str = ""
+    received_ms: int = 0
+
+    @property
+    def identity(self) -> tuple[str, str, int]:
+        """(device, boot, seq): unique per reading, the key consumers de-duplicate on."""
+        return (self.device, self.boot, self.seq)
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """A node's retained status: the birth message or the last will."""
+
+    device: str
+    state: str
+    boot: str
+    fw: str = ""
+    reset: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class NodeAck:
+    """Gateway to node: every reading of ``boot`` with a seq up to ``seq`` is committed."""
+
+    boot: str
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """Gateway to bridge: readings from one gateway, in outbox order."""
+
+    gateway: str
+    bseq: int
+    sent_ms: int
+    readings: tuple[Reading, ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True, slots=True)
+class Confirm:
+    """Bridge to gateway: batch ``bseq`` is acknowledged by Kafka (acks=all)."""
+
+    gateway: str
+    bseq: int
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class KafkaRecord:
+    """What the bridge hands to the Kafka producer for one reading."""
+
+    topic: str
+    key: bytes
+    value: bytes
+    headers: tuple[tuple[str, bytes], ...]
+
+
+# --- helpers -------------------------------------------------------------------------
+
+
+def _json_object(raw: bytes | str, limit: int, what: str) -> dict[str, Any]:
+    if len(raw) > limit:
+        raise CodecError(f"{what} is {len(raw)} bytes, over the {limit}-byte limit")
+    try:
+        obj = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CodecError(f"{what} is not JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise CodecError(f"{what} must be a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
+def _int(obj: Mapping[str, Any], key: str, what: str, *, minimum: int = 0) -> int:
+    value = obj.get(key)
+    # bool is an int in Python; a JSON true is not a sequence number.
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise CodecError(f"{what}: {key!r} must be an integer, got {value!r}")
+    if not minimum <= value <= MAX_SAFE_INT:
+        raise CodecError(f"{what}: {key!r}={value} out of range [{minimum}, 2**53-1]")
+    return value
+
+
+def _text(obj: Mapping[str, Any], key: str, what: str, *, required: bool = True) -> str:
+    value = obj.get(key, None if required else "")
+    if not isinstance(value, str) or len(value) > MAX_TEXT_LEN:
+        raise CodecError(f"{what}: {key!r} must be a string of at most {MAX_TEXT_LEN} characters")
+    return value
+
+
+def _boot(obj: Mapping[str, Any], what: str) -> str:
+    boot = _text(obj, "boot", what)
+    if not 4 <= len(boot) <= 32 or any(c not in "0123456789abcdef" for c in boot):
+        raise CodecError(f"{what}: 'boot' must be 4-32 lowercase hex digits, got {boot!r}")
+    return boot
+
+
+def _check_version(obj: Mapping[str, Any], what: str) -> None:
+    if obj.get("v") != WIRE_VERSION:
+        raise CodecError(f"{what}: unsupported version v={obj.get('v')!r}, this codec speaks v={WIRE_VERSION}")
+
+
+def _values(obj: Mapping[str, Any], what: str) -> dict[str, Value]:
+    values = obj.get("r")
+    if not isinstance(values, dict) or not values:
+        raise CodecError(f"{what}: 'r' must be a non-empty object of readings")
+    if len(values) > MAX_READINGS_PER_MESSAGE:
+        raise CodecError(f"{what}: {len(values)} readings, over the limit of {MAX_READINGS_PER_MESSAGE}")
+    for name, value in values.items():
+        if not 1 <= len(name) <= MAX_NAME_LEN:
+            raise CodecError(f"{what}: reading name {name!r} must be 1-{MAX_NAME_LEN} characters")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise CodecError(f"{what}: reading {name!r} is not finite")
+        if isinstance(value, str) and len(value) > MAX_TEXT_LEN:
+            raise CodecError(f"{what}: reading {name!r} is longer than {MAX_TEXT_LEN} characters")
+        if not isinstance(value, (int, float, bool, str)):
+            raise CodecError(f"{what}: reading {name!r} must be a number, boolean or short string")
+    return values
+
+
+# --- node payloads (node -> gateway) -------------------------------------------------
+
+
+def encode_reading(reading: Reading) -> bytes:
+    """Encode a reading the way the firmware does (used by tests and simulators)."""
+    return _dumps(
+        {
+            "v": WIRE_VERSION,
+            "dev": reading.device,
+            "boot": reading.boot,
+            "seq": reading.seq,
+            "ts": reading.ts_ms,
+            "r": dict(reading.values),
+        }
+    )
+
+
+def decode_reading(raw: bytes, *, site: str = "", topic_device: str | None = None) -> Reading:
+    """Decode a node's telemetry payload.
+
+    ``topic_device`` is the device id from the MQTT topic; a payload claiming another device
+    is rejected, because per-device topics are what the broker's ACLs protect.
+    """
+    what = "node payload"
+    obj = _json_object(raw, MAX_NODE_PAYLOAD, what)
+    _check_version(obj, what)
+    device = check_id(_text(obj, "dev", what), "device")
+    if topic_device is not None and device != topic_device:
+        raise CodecError(f"{what}: device {device!r} published on the topic of {topic_device!r}")
+    return Reading(
+        device=device,
+        boot=_boot(obj, what),
+        seq=_int(obj, "seq", what),
+        ts_ms=_int(obj, "ts", what),
+        values=_values(obj, what),
+        site=site,
+    )
+
+
+def encode_status(status: Status) -> bytes:
+    """Encode a birth message or last will."""
+    obj: dict[str, Any] = {"v": WIRE_VERSION, "dev": status.device, "state": status.state, "boot": status.boot}
+    if status.fw:
+        obj["fw"] = status.fw
+    if status.reset:
+        obj["reset"] = status.reset
+    return _dumps(obj)
+
+
+def decode_status(raw: bytes) -> Status:
+    """Decode a retained status message."""
+    what = "status"
+    obj = _json_object(raw, MAX_NODE_PAYLOAD, what)
+    _check_version(obj, what)
+    state = obj.get("state")
+    if state not in STATES:
+        raise CodecError(f"{what}: 'state' must be one of {STATES}, got {state!r}")
+    return Status(
+        device=check_id(_text(obj, "dev", what), "device"),
+        state=state,
+        boot=_boot(obj, what),
+        fw=_text(obj, "fw", what, required=False),
+        reset=_text(obj, "reset", what, required=False),
+    )
+
+
+def encode_node_ack(ack: NodeAck) -> bytes:
+    """Encode the gateway's acknowledgement to a node."""
+    return _dumps({"v": WIRE_VERSION, "boot": ack.boot, "seq": ack.seq})
+
+
+def decode_node_ack(raw: bytes) -> NodeAck:
+    """Decode a gateway acknowledgement (the firmware has its own few-line decoder)."""
+    what = "node ack"
+    obj = _json_object(raw, MAX_NODE_PAYLOAD, what)
+    _check_version(obj, what)
+    return NodeAck(boot=_boot(obj, what), seq=_int(obj, "seq", what))
+
+
+# --- batch envelope (gateway -> bridge) ----------------------------------------------
+
+
+def _reading_item(reading: Reading) -> dict[str, Any]:
+    return {
+        "site": reading.site,
+        "dev": reading.device,
+        "boot": reading.boot,
+        "seq": reading.seq,
+        "ts": reading.ts_ms,
+        "rx": reading.received_ms,
+        "r": dict(reading.values),
+    }
+
+
+def encode_batch(batch: Batch) -> bytes:
+    """Encode a batch envelope: zlib-compressed compact JSON."""
+    check_id(batch.gateway, "gateway")
+    doc = {
+        "v": WIRE_VERSION,
+        "gw": batch.gateway,
+        "bseq": batch.bseq,
+        "sent": batch.sent_ms,
+        "items": [_reading_item(r) for r in batch.readings],
+    }
+    data = zlib.compress(_dumps(doc), 6)
+    if len(data) > MAX_BATCH_BYTES:
+        raise CodecError(f"batch of {len(batch.readings)} readings compresses to {len(data)} bytes, over {MAX_BATCH_BYTES}")
+    return data
+
+
+def decode_batch(raw: bytes, *, topic_gateway: str | None = None) -> Batch:
+    """Decode a batch envelope, refusing oversized, zip-bomb or off-contract input."""
+    what = "batch"
+    if len(raw) > MAX_BATCH_BYTES:
+        raise CodecError(f"{what} is {len(raw)} bytes, over the {MAX_BATCH_BYTES}-byte limit")
+    inflater = zlib.decompressobj()
+    try:
+        text = inflater.decompress(raw, MAX_BATCH_INFLATED + 1)
+    except zlib.error as exc:
+        raise CodecError(f"{what} is not zlib data: {exc}") from None
+    if len(text) > MAX_BATCH_INFLATED or inflater.unconsumed_tail:
+        raise CodecError(f"{what} inflates past {MAX_BATCH_INFLATED} bytes")
+    if not inflater.eof:
+        raise CodecError(f"{what} is truncated zlib data")
+    obj = _json_object(text, MAX_BATCH_INFLATED, what)
+    _check_version(obj, what)
+    gateway = check_id(_text(obj, "gw", what), "gateway")
+    if topic_gateway is not None and gateway != topic_gateway:
+        raise CodecError(f"{what}: gateway {gateway!r} published on the topic of {topic_gateway!r}")
+    items = obj.get("items")
+    if not isinstance(items, list):
+        raise CodecError(f"{what}: 'items' must be a list")
+    readings = []
+    for index, item in enumerate(items):
+        where = f"{what} item {index}"
+        if not isinstance(item, dict):
+            raise CodecError(f"{where}: must be an object")
+        readings.append(
+            Reading(
+                device=check_id(_text(item, "dev", where), "device"),
+                boot=_boot(item, where),
+                seq=_int(item, "seq", where),
+                ts_ms=_int(item, "ts", where),
+                values=_values(item, where),
+                site=check_id(_text(item, "site", where), "site"),
+                received_ms=_int(item, "rx", where),
+            )
+        )
+    return Batch(gateway=gateway, bseq=_int(obj, "bseq", what), sent_ms=_int(obj, "sent", what), readings=tuple(readings))
+
+
+def encode_confirm(confirm: Confirm) -> bytes:
+    """Encode the bridge's confirmation of a batch."""
+    return _dumps({"v": WIRE_VERSION, "gw": confirm.gateway, "bseq": confirm.bseq, "n": confirm.count})
+
+
+def decode_confirm(raw: bytes) -> Confirm:
+    """Decode the bridge's confirmation of a batch."""
+    what = "confirm"
+    obj = _json_object(raw, MAX_NODE_PAYLOAD, what)
+    _check_version(obj, what)
+    return Confirm(
+        gateway=check_id(_text(obj, "gw", what), "gateway"),
+        bseq=_int(obj, "bseq", what),
+        count=_int(obj, "n", what),
+    )
+
+
+# --- Kafka records (bridge -> Kafka) -------------------------------------------------
+
+KAFKA_SCHEMA_ID = "tern.reading/1"
+
+
+def kafka_record(reading: Reading, gateway: str, topic: str, bridged_ms: int) -> KafkaRecord:
+    """Map one reading to its Kafka record: key = device id, so a device stays in order."""
+    value = {
+        "schema": KAFKA_SCHEMA_ID,
+        "site": reading.site,
+        "device": reading.device,
+        "gateway": gateway,
+        "boot": reading.boot,
+        "seq": reading.seq,
+        "ts_ms": reading.ts_ms,
+        "gateway_rx_ms": reading.received_ms,
+        "bridge_ms": bridged_ms,
+        "readings": dict(reading.values),
+    }
+    headers = (
+        ("device", reading.device.encode()),
+        ("gateway", gateway.encode()),
+        ("boot", reading.boot.encode()),
+        ("seq", str(reading.seq).encode()),
+    )
+    return KafkaRecord(topic=topic, key=reading.device.encode(), value=_dumps(value), headers=headers)
+
+
+def decode_kafka_value(raw: bytes) -> dict[str, Any]:
+    """Decode and check a Kafka reading value (for consumers and tests)."""
+    what = "kafka value"
+    obj = _json_object(raw, MAX_NODE_PAYLOAD * 2, what)
+    if obj.get("schema") != KAFKA_SCHEMA_ID:
+        raise CodecError(f"{what}: unknown schema {obj.get('schema')!r}")
+    for key in ("seq", "ts_ms", "gateway_rx_ms", "bridge_ms"):
+        _int(obj, key, what)
+    for key in ("site", "device", "gateway"):
+        check_id(_text(obj, key, what), key)
+    _boot(obj, what)
+    _values({"r": obj.get("readings")}, what)
+    return obj

@@ -1,0 +1,282 @@
+"""Local service runners: the real mosquitto and Kafka-protocol broker, on loopback.
+
+The test suite and ``make demo`` start their infrastructure through this module, so both
+run on the same parts the same way. Every wait here is bounded by a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Sequence
+
+from tern.errors import ConfigError, TernError
+
+LOOPBACK = "127.0.0.1"
+
+#: mosquitto's default of 1000 queued QoS 1 messages per offline session drops data
+#: silently; a gateway or bridge session must be able to fall far behind without loss.
+DEFAULT_MAX_QUEUED = 1_000_000
+
+
+class ServiceError(TernError, RuntimeError):
+    """A local service did not start or stop as it should; the message says which and why."""
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    """Return a TCP port that is free on ``host`` right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def parse_hostport(text: str, default_port: int | None = None) -> tuple[str, int]:
+    """Parse ``host:port`` (or ``host`` with a default port), raising ConfigError if malformed."""
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = text, ""
+    if not port and default_port is not None:
+        port = str(default_port)
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"expected HOST:PORT, got {text!r}")
+    return host, int(port)
+
+
+def wait_for_port(host: str, port: int, timeout: float, process: subprocess.Popen | None = None) -> None:
+    """Wait until something accepts TCP connections on host:port, or raise ServiceError."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise ServiceError(f"process exited with code {process.returncode} before listening on {host}:{port}")
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise ServiceError(f"nothing listening on {host}:{port} after {timeout:.0f} s")
+
+
+class ManagedProcess:
+    """A child process with a log file, started and stopped within deadlines."""
+
+    name = "process"
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.workdir / f"{self.name}.log"
+        self.process: subprocess.Popen | None = None
+        self._log: IO[bytes] | None = None
+
+    def command(self) -> Sequence[str]:
+        """The command line to start; subclasses override."""
+        raise NotImplementedError
+
+    def _spawn(self) -> None:
+        self._log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            list(self.command()),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=self.workdir,
+            # A session of its own, so a Ctrl-C meant for the demo reaches us, not the
+            # broker: we stop the broker ourselves, in order.
+            start_new_session=True,
+        )
+
+    @property
+    def running(self) -> bool:
+        """True while the process is alive."""
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Terminate the process (SIGTERM, then SIGKILL after ``timeout``)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout)
+        self._close_log()
+
+    def kill(self) -> None:
+        """SIGKILL the process: a crash, with no chance to clean up."""
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
+        self._close_log()
+
+    def _close_log(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def log_tail(self, lines: int = 20) -> str:
+        """The last lines of the log, for error messages."""
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def __enter__(self):
+        self.start()  # type: ignore[attr-defined]
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()
+
+
+class Mosquitto(ManagedProcess):
+    """A private mosquitto on a loopback port, with persistence and a raised queue limit.
+
+    ``port`` stays the same across :meth:`stop` / :meth:`start`, so a test can restart the
+    broker and have clients reconnect to it; persistence keeps sessions and queued messages.
+    """
+
+    name = "mosquitto"
+
+    def __init__(
+        self,
+        workdir: Path,
+        port: int | None = None,
+        *,
+        persistence: bool = True,
+        max_queued_messages: int = DEFAULT_MAX_QUEUED,
+        extra_conf: str = "",
+    ) -> None:
+        super().__init__(workdir)
+        self.host = LOOPBACK
+        self.port = port or free_port()
+        self.persistence = persistence
+        self.max_queued_messages = max_queued_messages
+        self.extra_conf = extra_conf
+        self.conf_path = self.workdir / "mosquitto.conf"
+
+    @property
+    def address(self) -> str:
+        """``host:port`` for clients."""
+        return f"{self.host}:{self.port}"
+
+    def config_text(self) -> str:
+        """The mosquitto.conf this broker runs with."""
+        lines = [
+            f"listener {self.port} {self.host}",
+            "allow_anonymous true",
+            f"persistence {'true' if self.persistence else 'false'}",
+            f"persistence_location {self.workdir}/",
+            f"max_queued_messages {self.max_queued_messages}",
+            "max_inflight_messages 100",
+            # Persist at once on shutdown only; a periodic autosave would be a silent data
+            # point of its own and the tests restart brokers gracefully.
+            "autosave_interval 0",
+            "log_type error",
+            "log_type warning",
+            "log_type notice",
+            "log_dest stdout",
+        ]
+        if os.geteuid() == 0:
+            # As root, mosquitto switches to the 'mosquitto' user, which cannot write the
+            # persistence file into our folders: that would lose every queued message.
+            lines.append("user root")
+        if self.extra_conf:
+            lines.append(self.extra_conf)
+        return "\n".join(lines) + "\n"
+
+    def command(self) -> Sequence[str]:
+        from tern.toolchain import mosquitto_binary
+
+        return [str(mosquitto_binary()), "-c", str(self.conf_path)]
+
+    def start(self, timeout: float = 10.0) -> "Mosquitto":
+        """Write the config, start mosquitto and wait until it accepts connections."""
+        self.conf_path.write_text(self.config_text())
+        self._spawn()
+        try:
+            wait_for_port(self.host, self.port, timeout, self.process)
+        except ServiceError as exc:
+            self.stop()
+            raise ServiceError(f"mosquitto on {self.address}: {exc}\n{self.log_tail()}") from None
+        return self
+
+
+class Tansu(ManagedProcess):
+    """The Kafka-protocol broker Tansu (memory storage) on a loopback port."""
+
+    name = "tansu"
+
+    def __init__(self, workdir: Path, port: int | None = None) -> None:
+        super().__init__(workdir)
+        self.host = LOOPBACK
+        self.port = port or free_port()
+
+    @property
+    def bootstrap(self) -> str:
+        """The bootstrap address for Kafka clients."""
+        return f"{self.host}:{self.port}"
+
+    def command(self) -> Sequence[str]:
+        from tern.toolchain import tansu_binary
+
+        url = f"tcp://{self.host}:{self.port}"
+        return [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url]
+
+    def start(self, timeout: float = 15.0) -> "Tansu":
+        """Start Tansu and wait until it answers Kafka metadata requests."""
+        self._spawn()
+        try:
+            wait_for_port(self.host, self.port, timeout, self.process)
+            asyncio.run(_wait_kafka_ready(self.bootstrap, timeout))
+        except (ServiceError, Exception) as exc:
+            self.stop()
+            raise ServiceError(f"tansu on {self.bootstrap}: {exc}\n{self.log_tail()}") from None
+        return self
+
+
+async def _wait_kafka_ready(bootstrap: str, timeout: float) -> None:
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=3000)
+        try:
+            await admin.start()
+            await admin.list_topics()
+            return
+        except Exception as exc:  # aiokafka raises several kinds while a broker boots
+            last = exc
+            await asyncio.sleep(0.2)
+        finally:
+            await admin.close()
+    raise ServiceError(f"Kafka at {bootstrap} not ready after {timeout:.0f} s: {last!r}")
+
+
+async def ensure_topics(bootstrap: str, topics: Sequence[str], partitions: int = 3, timeout: float = 15.0) -> None:
+    """Create Kafka topics that do not exist yet (replication factor 1: local brokers)."""
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000))
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        missing = [NewTopic(t, num_partitions=partitions, replication_factor=1) for t in topics if t not in existing]
+        if missing:
+            await admin.create_topics(missing)
+    finally:
+        await admin.close()
+
+
+def kafka_bootstrap_from_env() -> str | None:
+    """The external Kafka given by ``KAFKA_BOOTSTRAP``, or None to start Tansu."""
+    value = os.environ.get("KAFKA_BOOTSTRAP", "").strip()
+    if value:
+        parse_hostport(value)
+    return value or None

@@ -1,0 +1,106 @@
+"""MQTT topic names and Kafka topic defaults: the one place that spells them.
+
+Node side (the Pi's local broker), one set of topics per device::
+
+    tern/<site>/<device>/telemetry   node -> gateway, QoS 1, one reading per message
+    tern/<site>/<device>/status      retained; birth ("online") and last will ("offline")
+    tern/<site>/<device>/ack         gateway -> node, QoS 1: readings up to seq are in the outbox
+
+Gateway side (the cloud broker), one set of topics per gateway::
+
+    tern-gw/<gateway>/batch          gateway -> bridge, QoS 1, a compressed batch envelope
+    tern-gw/<gateway>/confirm        bridge -> gateway, QoS 1: batch bseq is in Kafka
+
+The firmware spells the node topics itself (it cannot import this module); the contract
+tests check that it spells them the same way.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import NamedTuple
+
+from tern.errors import CodecError
+
+ROOT = "tern"
+GATEWAY_ROOT = "tern-gw"
+
+TELEMETRY = "telemetry"
+STATUS = "status"
+ACK = "ack"
+NODE_KINDS = (TELEMETRY, STATUS, ACK)
+
+TELEMETRY_FILTER = f"{ROOT}/+/+/{TELEMETRY}"
+STATUS_FILTER = f"{ROOT}/+/+/{STATUS}"
+BATCH_FILTER = f"{GATEWAY_ROOT}/+/batch"
+
+KAFKA_READINGS = "tern.readings"
+KAFKA_STATUS = "tern.status"
+KAFKA_DEADLETTER = "tern.deadletter"
+
+# Ids become MQTT topic levels, Kafka keys and ACL patterns: keep them to a safe alphabet
+# so that no id can smuggle a wildcard, a level separator or a control character.
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class NodeTopic(NamedTuple):
+    """A parsed per-device topic."""
+
+    site: str
+    device: str
+    kind: str
+
+
+def check_id(value: str, what: str = "id") -> str:
+    """Return ``value`` if it is a valid site, device or gateway id, else raise CodecError."""
+    if not isinstance(value, str) or not _ID.match(value):
+        raise CodecError(f"invalid {what} {value!r}: want 1-64 of [A-Za-z0-9_.-], not starting with . _ or -")
+    return value
+
+
+def node_topic(site: str, device: str, kind: str) -> str:
+    """Build ``tern/<site>/<device>/<kind>``."""
+    if kind not in NODE_KINDS:
+        raise CodecError(f"unknown node topic kind {kind!r}")
+    return f"{ROOT}/{check_id(site, 'site')}/{check_id(device, 'device')}/{kind}"
+
+
+def telemetry_topic(site: str, device: str) -> str:
+    """Topic a node publishes its readings on."""
+    return node_topic(site, device, TELEMETRY)
+
+
+def status_topic(site: str, device: str) -> str:
+    """Retained topic holding a node's birth message or last will."""
+    return node_topic(site, device, STATUS)
+
+
+def ack_topic(site: str, device: str) -> str:
+    """Topic the gateway acknowledges a node's readings on."""
+    return node_topic(site, device, ACK)
+
+
+def parse_node_topic(topic: str) -> NodeTopic:
+    """Split a per-device topic, raising CodecError for anything else."""
+    parts = topic.split("/")
+    if len(parts) != 4 or parts[0] != ROOT or parts[3] not in NODE_KINDS:
+        raise CodecError(f"not a tern node topic: {topic!r}")
+    return NodeTopic(check_id(parts[1], "site"), check_id(parts[2], "device"), parts[3])
+
+
+def batch_topic(gateway: str) -> str:
+    """Topic a gateway publishes its batch envelopes on (cloud broker)."""
+    return f"{GATEWAY_ROOT}/{check_id(gateway, 'gateway')}/batch"
+
+
+def confirm_topic(gateway: str) -> str:
+    """Topic the bridge confirms a gateway's batches on, once Kafka holds them."""
+    return f"{GATEWAY_ROOT}/{check_id(gateway, 'gateway')}/confirm"
+
+
+def parse_batch_topic(topic: str) -> str:
+    """Return the gateway id of a batch topic, raising CodecError for anything else."""
+    parts = topic.split("/")
+    if len(parts) != 3 or parts[0] != GATEWAY_ROOT or parts[2] != "batch":
+        raise CodecError(f"not a tern batch topic: {topic!r}")
+    return check_id(parts[1], "gateway")

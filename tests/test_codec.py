@@ -1,0 +1,165 @@
+"""The wire codec: round trips, conformance to the JSON Schemas, and hostile input."""
+
+from __future__ import annotations
+
+import json
+import zlib
+from importlib import resources
+
+import jsonschema
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tern import codec, topics
+from tern.errors import CodecError
+
+ids = st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,20}\Z")
+boots = st.from_regex(r"\A[0-9a-f]{8}\Z")
+uints = st.integers(min_value=0, max_value=codec.MAX_SAFE_INT)
+values = st.dictionaries(
+    st.text(min_size=1, max_size=codec.MAX_NAME_LEN),
+    st.one_of(
+        st.integers(min_value=-(2**53), max_value=2**53),
+        st.floats(allow_nan=False, allow_infinity=False),
+        st.booleans(),
+        st.text(max_size=codec.MAX_TEXT_LEN),
+    ),
+    min_size=1,
+    max_size=codec.MAX_READINGS_PER_MESSAGE,
+)
+readings = st.builds(
+    codec.Reading, device=ids, boot=boots, seq=uints, ts_ms=uints, values=values, site=ids, received_ms=uints
+)
+
+
+def schema(name: str) -> dict:
+    return json.loads(resources.files("tern").joinpath(f"schemas/{name}.schema.json").read_text())
+
+
+@given(readings)
+def test_node_payload_round_trips_and_matches_schema(reading: codec.Reading) -> None:
+    raw = codec.encode_reading(reading)
+    jsonschema.validate(json.loads(raw), schema("node-reading"))
+    back = codec.decode_reading(raw, site=reading.site, topic_device=reading.device)
+    assert back.identity == reading.identity
+    assert back.ts_ms == reading.ts_ms and dict(back.values) == dict(reading.values)
+
+
+@settings(max_examples=30)
+@given(st.lists(readings, max_size=40), ids, uints, uints)
+def test_batch_round_trips_in_order(items: list[codec.Reading], gateway: str, bseq: int, sent: int) -> None:
+    batch = codec.Batch(gateway=gateway, bseq=bseq, sent_ms=sent, readings=tuple(items))
+    assert codec.decode_batch(codec.encode_batch(batch), topic_gateway=gateway) == batch
+
+
+@given(readings, ids, uints)
+def test_kafka_record_matches_schema_and_keys_by_device(reading: codec.Reading, gateway: str, now: int) -> None:
+    record = codec.kafka_record(reading, gateway, topics.KAFKA_READINGS, now)
+    value = json.loads(record.value)
+    jsonschema.validate(value, schema("kafka-reading"))
+    assert codec.decode_kafka_value(record.value)["seq"] == reading.seq
+    assert record.key == reading.device.encode()
+    assert dict(record.headers) == {
+        "device": reading.device.encode(),
+        "gateway": gateway.encode(),
+        "boot": reading.boot.encode(),
+        "seq": str(reading.seq).encode(),
+    }
+
+
+@pytest.mark.parametrize("state", codec.STATES)
+def test_status_round_trips_and_matches_schema(state: str) -> None:
+    status = codec.Status(device="node-1", state=state, boot="0badc0de", fw="0.1.0", reset="PWRON_RESET")
+    raw = codec.encode_status(status)
+    jsonschema.validate(json.loads(raw), schema("node-status"))
+    assert codec.decode_status(raw) == status
+
+
+def test_ack_and_confirm_round_trip() -> None:
+    ack = codec.NodeAck(boot="0badc0de", seq=42)
+    assert codec.decode_node_ack(codec.encode_node_ack(ack)) == ack
+    confirm = codec.Confirm(gateway="gw-1", bseq=7, count=200)
+    assert codec.decode_confirm(codec.encode_confirm(confirm)) == confirm
+
+
+GOOD = {"v": 1, "dev": "node-1", "boot": "0badc0de", "seq": 1, "ts": 1, "r": {"t": 1.5}}
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"v": 2}, "unsupported version"),
+        ({"seq": True}, "'seq' must be an integer"),
+        ({"seq": -1}, "out of range"),
+        ({"seq": 2**53}, "out of range"),
+        ({"ts": 1.5}, "'ts' must be an integer"),
+        ({"boot": "XYZ"}, "'boot' must be 4-32 lowercase hex"),
+        ({"dev": "a/b"}, "invalid device"),
+        ({"dev": "+"}, "invalid device"),
+        ({"r": {}}, "non-empty object"),
+        ({"r": [1]}, "non-empty object"),
+        ({"r": {"t": None}}, "number, boolean or short string"),
+        ({"r": {"t": "x" * 65}}, "longer than"),
+        ({"r": {f"k{i}": i for i in range(33)}}, "over the limit"),
+    ],
+)
+def test_bad_node_payloads_are_rejected_with_a_reason(change: dict, message: str) -> None:
+    raw = json.dumps({**GOOD, **change}).encode()
+    with pytest.raises(CodecError, match=message):
+        codec.decode_reading(raw)
+
+
+def test_non_finite_values_and_non_json_are_rejected() -> None:
+    with pytest.raises(CodecError, match="not finite"):
+        codec.decode_reading(json.dumps({**GOOD, "r": {"t": float("nan")}}).encode())
+    with pytest.raises(CodecError, match="not JSON"):
+        codec.decode_reading(b"\xff\xfe{")
+    with pytest.raises(CodecError, match="JSON object"):
+        codec.decode_reading(b"[1, 2]")
+
+
+def test_oversized_payload_is_rejected_before_parsing() -> None:
+    raw = json.dumps({**GOOD, "pad": "x" * codec.MAX_NODE_PAYLOAD}).encode()
+    with pytest.raises(CodecError, match="over the 4096-byte limit"):
+        codec.decode_reading(raw)
+
+
+def test_a_device_cannot_publish_for_another() -> None:
+    with pytest.raises(CodecError, match="published on the topic of 'node-2'"):
+        codec.decode_reading(json.dumps(GOOD).encode(), topic_device="node-2")
+
+
+def test_zip_bomb_truncated_and_foreign_batches_are_rejected() -> None:
+    bomb = zlib.compress(b"{" + b" " * (codec.MAX_BATCH_INFLATED + 10) + b"}", 9)
+    assert len(bomb) < codec.MAX_BATCH_BYTES
+    with pytest.raises(CodecError, match="inflates past"):
+        codec.decode_batch(bomb)
+    good = codec.encode_batch(codec.Batch("gw-1", 1, 1, ()))
+    with pytest.raises(CodecError, match="truncated"):
+        codec.decode_batch(good[:-3])
+    with pytest.raises(CodecError, match="not zlib"):
+        codec.decode_batch(b"plain text")
+    with pytest.raises(CodecError, match="published on the topic of 'gw-2'"):
+        codec.decode_batch(good, topic_gateway="gw-2")
+
+
+@given(st.binary(max_size=300))
+def test_decoders_only_ever_raise_codec_error(raw: bytes) -> None:
+    for decode in (codec.decode_reading, codec.decode_status, codec.decode_node_ack, codec.decode_batch, codec.decode_confirm):
+        try:
+            decode(raw)
+        except CodecError:
+            pass
+
+
+def test_topics_round_trip_and_reject_wrong_topics() -> None:
+    assert topics.parse_node_topic(topics.telemetry_topic("site-a", "node-1")) == ("site-a", "node-1", "telemetry")
+    assert topics.parse_batch_topic(topics.batch_topic("gw-1")) == "gw-1"
+    for bad in ("tern/site/node", "tern/site/node/other", "x/site/node/telemetry", "tern/si+te/node/status", "tern//n/ack"):
+        with pytest.raises(CodecError):
+            topics.parse_node_topic(bad)
+    with pytest.raises(CodecError):
+        topics.parse_batch_topic("tern-gw/gw-1/confirm")
+    with pytest.raises(CodecError):
+        topics.telemetry_topic("site", "#")
