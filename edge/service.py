@@ -1,0 +1,125 @@
+"""The gateway service: one outbox, an ingest on the local broker, an uplink to the cloud.
+
+Library use (tests, the demo)::
+
+    with Gateway(GatewayConfig(gateway_id="gw1", cloud_broker="127.0.0.1:1884",
+                               outbox_path="/var/lib/tern/outbox.db")) as gw:
+        ...
+        gw.stats()
+
+``tern-gateway run`` calls :meth:`Gateway.run_forever`.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from types import TracebackType
+
+from edge.config import GatewayConfig
+from edge.ingest import Ingest
+from edge.outbox import Outbox, now_ms
+from edge.uplink import Uplink
+
+log = logging.getLogger(__name__)
+
+
+class Gateway:
+    """A running gateway: :meth:`start` it, read :meth:`stats`, :meth:`stop` it (or use ``with``)."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        self.outbox = Outbox(config.outbox_path, max_rows=config.max_rows)
+        self.ingest = Ingest(config, self.outbox)
+        self.uplink = Uplink(config, self.outbox)
+        self._started = False
+        self._stopped = False
+        self._final: dict = {}
+        self._stop_lock = threading.Lock()
+        self._stop_requested = threading.Event()
+
+    def start(self) -> "Gateway":
+        """Start both clients and their threads; returns at once (connections come up in the background)."""
+        if self._started:
+            raise RuntimeError("a Gateway can be started once")
+        self._started = True
+        # Uplink first: anything left in the outbox from an earlier run starts flowing while
+        # ingest connects.
+        self.uplink.start()
+        self.ingest.start()
+        log.info(
+            "gateway %s: local %s, cloud %s, outbox %s (%d pending)",
+            self.config.gateway_id,
+            self.config.local_broker,
+            self.config.cloud_broker,
+            self.config.outbox_path,
+            self.outbox.pending(),
+        )
+        return self
+
+    def wait_connected(self, timeout: float = 10.0) -> bool:
+        """Block until both brokers are connected and subscribed (or ``timeout``)."""
+        return self.ingest.wait_connected(timeout) and self.uplink.wait_connected(timeout)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop ingest (its last group is committed and acked), then the uplink, then the outbox.
+
+        Whatever is not committed stays un-acked on the local broker; whatever is not
+        confirmed stays in the outbox: the next start picks both up.
+        """
+        with self._stop_lock:  # a signal and a `with` block may both ask
+            if self._stopped:
+                return
+            self._stop_requested.set()
+            if self._started:
+                self.ingest.stop(timeout)
+                self.uplink.stop(timeout)
+            # Keep the last levels, so stats() still answers after stop (demo summaries, tests).
+            self._final = self._levels()
+            self._stopped = True
+            self.outbox.close()
+        log.info("gateway %s stopped", self.config.gateway_id)
+
+    def stats(self) -> dict:
+        """Counters and levels: pending, dead_letters, oldest_pending_age_s, forwarded, batches_confirmed, ..."""
+        out: dict = {"gateway_id": self.config.gateway_id}
+        out.update(self.ingest.stats())
+        out.update(self.uplink.stats())
+        out.update(self._final if self._stopped else self._levels())
+        return out
+
+    def _levels(self) -> dict:
+        oldest = self.outbox.oldest_pending_ms()
+        return {
+            "pending": self.outbox.pending(),
+            "dead_letters": self.outbox.dead_letter_count(),
+            "oldest_pending_age_s": None if oldest is None else max(0.0, (now_ms() - oldest) / 1000),
+            "max_rows": self.outbox.max_rows,
+        }
+
+    def run_forever(self) -> None:
+        """Start (if needed) and block until SIGINT/SIGTERM or :meth:`request_stop`, then stop cleanly."""
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(signum, lambda *_: self._stop_requested.set())
+        if not self._started:
+            self.start()
+        try:
+            # wait() with a timeout so signal handlers get to run promptly.
+            while not self._stop_requested.wait(1.0):
+                pass
+        finally:
+            self.stop()
+
+    def request_stop(self) -> None:
+        """Make :meth:`run_forever` return (thread-safe)."""
+        self._stop_requested.set()
+
+    def __enter__(self) -> "Gateway":
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()

@@ -1,0 +1,202 @@
+"""Uplink: outbox rows to the cloud broker in batches, deleted only once the bridge confirms them.
+
+One batch is in flight at a time, so batches leave (and are confirmed) in outbox order and
+per-device order needs no further bookkeeping. A batch that is not confirmed within
+``confirm_timeout_s`` is published again (same rows, same bseq); the bridge and Kafka
+consumers de-duplicate on each reading's (device, boot, seq).
+
+``bseq`` comes from the outbox's ``meta`` table, so it keeps increasing across restarts: a
+confirm for a batch of an earlier run can never be mistaken for the current one.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import paho.mqtt.client as mqtt
+
+from edge.config import GatewayConfig
+from edge.mqtt import connect_in_background, new_client, shutdown
+from edge.outbox import Outbox, OutboxRow, now_ms
+from tern import codec, topics
+from tern.codec import Batch
+
+log = logging.getLogger(__name__)
+
+
+class Uplink:
+    """The cloud side of the gateway: publish batches, wait for confirms, delete."""
+
+    def __init__(self, config: GatewayConfig, outbox: Outbox) -> None:
+        self.config = config
+        self.outbox = outbox
+        self._stop = threading.Event()
+        self._connected = threading.Event()
+        # Guards _inflight/_confirmed; signalled when a matching confirm arrives.
+        self._cond = threading.Condition()
+        self._inflight: int | None = None
+        self._confirmed: int | None = None
+        self._counts = {
+            "batches_sent": 0,
+            "batches_resent": 0,
+            "batches_confirmed": 0,
+            "forwarded": 0,
+            "confirms_ignored": 0,
+            "publish_errors": 0,
+        }
+        self._topic = topics.batch_topic(config.gateway_id)
+        self._confirm_topic = topics.confirm_topic(config.gateway_id)
+        self._thread = threading.Thread(target=self._run, name=f"tern-uplink-{config.gateway_id}", daemon=True)
+        self.client = new_client(config.uplink_client_id)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+        self.client.on_subscribe = self._on_subscribe
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Connect (in the background) to the cloud broker and start forwarding."""
+        host, port = self.config.cloud_hostport
+        connect_in_background(
+            self.client, host, port, keepalive=self.config.keepalive_s, reconnect_max_s=self.config.reconnect_max_s
+        )
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop forwarding and disconnect; unconfirmed rows simply stay in the outbox."""
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        shutdown(self.client)
+
+    @property
+    def connected(self) -> bool:
+        """True while connected and subscribed to confirms on the cloud broker."""
+        return self._connected.is_set()
+
+    def wait_connected(self, timeout: float) -> bool:
+        """Block until subscribed on the cloud broker (or ``timeout``)."""
+        return self._connected.wait(timeout)
+
+    def stats(self) -> dict:
+        """Counters since start."""
+        with self._cond:
+            out = dict(self._counts)
+            out["inflight_bseq"] = self._inflight
+        out["cloud_connected"] = self.connected
+        return out
+
+    # --- paho callbacks ------------------------------------------------------------------
+
+    def _on_connect(self, client: mqtt.Client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.warning("cloud broker refused the connection: %s", reason_code)
+            return
+        client.subscribe(self._confirm_topic, qos=1)
+        log.info("uplink connected to %s (session present: %s)", self.config.cloud_broker, flags.session_present)
+
+    def _on_subscribe(self, client: mqtt.Client, userdata, mid, reason_codes, properties) -> None:
+        if any(rc.is_failure for rc in reason_codes):
+            log.error("uplink: the broker refused our subscription: %s", reason_codes)
+            return
+        # "Connected" means subscribed: only then can nothing published to us be missed.
+        self._connected.set()
+
+    def _on_disconnect(self, client: mqtt.Client, userdata, flags, reason_code, properties) -> None:
+        self._connected.clear()
+        if not self._stop.is_set():
+            log.warning("uplink lost the cloud broker (%s); readings accumulate in the outbox", reason_code)
+
+    def _on_message(self, client: mqtt.Client, userdata, msg: mqtt.MQTTMessage) -> None:
+        try:
+            confirm = codec.decode_confirm(msg.payload)
+        except codec.CodecError as exc:
+            self._ignore(f"garbage on {msg.topic!r}: {exc}")
+            return
+        with self._cond:
+            if confirm.gateway == self.config.gateway_id and confirm.bseq == self._inflight:
+                self._confirmed = confirm.bseq
+                self._cond.notify_all()
+                return
+            inflight = self._inflight
+        # Late confirms of a batch already re-sent under a newer bseq, or of another gateway.
+        self._ignore(f"confirm for {confirm.gateway}/{confirm.bseq} while {inflight} is in flight")
+
+    def _ignore(self, why: str) -> None:
+        with self._cond:
+            self._counts["confirms_ignored"] += 1
+        log.info("ignored confirm: %s", why)
+
+    # --- forwarder -----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if not self.outbox.wait_for_rows(0.5) or self._stop.is_set():
+                    continue
+                rows = self.outbox.take(self.config.batch_size)
+                if rows:
+                    self._forward(rows)
+            except Exception:  # never let the forwarder die; the rows stay in the outbox
+                with self._cond:
+                    self._counts["publish_errors"] += 1
+                log.exception("forwarding failed; retrying")
+                self._stop.wait(1.0)
+
+    def _encode(self, rows: list[OutboxRow], bseq: int) -> tuple[list[OutboxRow], bytes]:
+        """Encode as many of ``rows`` as fit one envelope (halving on the size limit)."""
+        while True:
+            batch = Batch(self.config.gateway_id, bseq, now_ms(), tuple(r.reading for r in rows))
+            try:
+                return rows, codec.encode_batch(batch)
+            except codec.CodecError:
+                if len(rows) == 1:
+                    raise
+                rows = rows[: len(rows) // 2]
+
+    def _forward(self, rows: list[OutboxRow]) -> None:
+        """Publish one batch until it is confirmed (or we are stopping), then delete its rows."""
+        bseq = self.outbox.next_bseq()
+        rows, payload = self._encode(rows, bseq)
+        with self._cond:
+            self._inflight = bseq
+            self._confirmed = None
+        attempts = 0
+        try:
+            while not self._stop.is_set():
+                # Publishing while disconnected would only pile copies up in paho's queue.
+                if not self._connected.wait(0.5):
+                    continue
+                info = self.client.publish(self._topic, payload, qos=1)
+                attempts += 1
+                with self._cond:
+                    self._counts["batches_sent" if attempts == 1 else "batches_resent"] += 1
+                if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                    log.warning("publishing batch %d failed (%s); retrying", bseq, mqtt.error_string(info.rc))
+                with self._cond:
+                    confirmed = self._cond.wait_for(
+                        lambda: self._confirmed == bseq or self._stop.is_set(), self.config.confirm_timeout_s
+                    )
+                    confirmed = self._confirmed == bseq
+                if confirmed:
+                    # The custody rule: only now may these rows go.
+                    deleted = self.outbox.delete(r.id for r in rows)
+                    with self._cond:
+                        self._counts["batches_confirmed"] += 1
+                        self._counts["forwarded"] += deleted
+                    log.debug("batch %d confirmed: %d readings", bseq, deleted)
+                    return
+                if not self._stop.is_set():
+                    log.warning(
+                        "no confirm for batch %d (%d readings) within %.1f s; re-sending",
+                        bseq,
+                        len(rows),
+                        self.config.confirm_timeout_s,
+                    )
+        finally:
+            with self._cond:
+                self._inflight = None

@@ -1,0 +1,552 @@
+"""The gateway end to end on real parts: two private mosquittos (local, cloud), a real SQLite
+outbox, paho "nodes", and a small paho stand-in for the bridge that speaks the batch/confirm
+contract through :mod:`tern.codec` (it is the contract, not a mock of the gateway).
+
+Every wait polls a condition under a deadline.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Callable
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edge.cli import main as cli_main
+from edge.config import GatewayConfig
+from edge.service import Gateway
+from tern import codec, topics
+from tern.codec import Confirm, Reading
+from tern.errors import ConfigError
+from tern.stack import Mosquitto
+
+GW = "gw1"
+SITE = "site1"
+BOOT = "b007"
+DEADLINE = 20.0
+
+
+# --- helpers ---------------------------------------------------------------------------
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = DEADLINE, what: str = "condition") -> None:
+    """Poll ``predicate`` until true, failing the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def outbox_rows(path: Path) -> list[tuple[str, str, int]]:
+    """(device, boot, seq) of pending rows in id order, read through a separate connection."""
+    if not path.exists():
+        return []
+    with sqlite3.connect(path, timeout=10) as conn:
+        try:
+            return [tuple(r) for r in conn.execute("SELECT device, boot, seq FROM outbox ORDER BY id")]
+        except sqlite3.OperationalError:  # not created yet
+            return []
+
+
+def dead_letters(path: Path) -> list[tuple[str, bytes, str]]:
+    with sqlite3.connect(path, timeout=10) as conn:
+        return [tuple(r) for r in conn.execute("SELECT topic, payload, error FROM dead_letters ORDER BY id")]
+
+
+def new_client(client_id: str | None = None, clean: bool = True) -> mqtt.Client:
+    client = mqtt.Client(
+        callback_api_version=CallbackAPIVersion.VERSION2,
+        client_id=client_id or f"test-{uuid.uuid4().hex[:8]}",
+        clean_session=clean,
+        protocol=mqtt.MQTTv311,
+    )
+    client.reconnect_delay_set(1, 1)
+    return client
+
+
+class Node:
+    """A paho stand-in for a MicroPython node: publishes readings, collects gateway acks."""
+
+    def __init__(self, broker: Mosquitto, device: str, on_ack: Callable[[codec.NodeAck], None] | None = None) -> None:
+        self.device = device
+        self.acks: list[codec.NodeAck] = []
+        self._on_ack = on_ack
+        self._subscribed = threading.Event()
+        self.client = new_client()
+        self.client.on_connect = lambda c, *a: c.subscribe(topics.ack_topic(SITE, device), qos=1)
+        self.client.on_subscribe = lambda *a: self._subscribed.set()
+        self.client.on_message = self._message
+        self.client.connect(broker.host, broker.port)
+        self.client.loop_start()
+        assert self._subscribed.wait(DEADLINE), "node could not subscribe"
+
+    def _message(self, client, userdata, msg) -> None:
+        ack = codec.decode_node_ack(msg.payload)
+        if self._on_ack is not None:
+            self._on_ack(ack)
+        self.acks.append(ack)
+
+    def send(self, seq: int) -> None:
+        reading = Reading(self.device, BOOT, seq, 1_700_000_000_000 + seq, {"t": 20.5, "n": seq})
+        self.publish_raw(topics.telemetry_topic(SITE, self.device), codec.encode_reading(reading))
+
+    def publish_raw(self, topic: str, payload: bytes) -> None:
+        info = self.client.publish(topic, payload, qos=1)
+        info.wait_for_publish(DEADLINE)
+        assert info.is_published()
+
+    def acked_seq(self) -> int:
+        return max((a.seq for a in self.acks), default=-1)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+class BridgeStub:
+    """The bridge's side of the contract on the cloud broker: decode batches, publish confirms.
+
+    A persistent session, so batches published while it reconnects are kept for it.
+    """
+
+    def __init__(self, broker: Mosquitto, gateway: str = GW, confirm: bool = True) -> None:
+        self.gateway = gateway
+        self.confirm = confirm
+        self.batches: list[codec.Batch] = []
+        self.confirmed: set[int] = set()
+        self._lock = threading.Lock()
+        self._subscribed = threading.Event()
+        self.client = new_client(f"test-bridge-{uuid.uuid4().hex[:8]}", clean=False)
+        self.client.on_connect = lambda c, *a: c.subscribe(topics.batch_topic(gateway), qos=1)
+        self.client.on_subscribe = lambda *a: self._subscribed.set()
+        self.client.on_message = self._message
+        self.client.connect(broker.host, broker.port)
+        self.client.loop_start()
+        assert self._subscribed.wait(DEADLINE), "bridge stub could not subscribe"
+
+    def _message(self, client, userdata, msg) -> None:
+        batch = codec.decode_batch(msg.payload, topic_gateway=topics.parse_batch_topic(msg.topic))
+        with self._lock:
+            self.batches.append(batch)
+            if self.confirm:
+                self._confirm(batch)
+
+    def _confirm(self, batch: codec.Batch) -> None:
+        self.client.publish(
+            topics.confirm_topic(batch.gateway),
+            codec.encode_confirm(Confirm(batch.gateway, batch.bseq, len(batch.readings))),
+            qos=1,
+        )
+        self.confirmed.add(batch.bseq)
+
+    def start_confirming(self) -> None:
+        """Confirm from now on, including the batch that is waiting for it."""
+        with self._lock:
+            self.confirm = True
+            if self.batches:
+                self._confirm(self.batches[-1])
+
+    def delivered(self) -> list[Reading]:
+        """Readings of confirmed batches, in order, each confirmed batch once."""
+        with self._lock:
+            seen: set[int] = set()
+            out: list[Reading] = []
+            for batch in self.batches:
+                if batch.bseq in self.confirmed and batch.bseq not in seen:
+                    seen.add(batch.bseq)
+                    out.extend(batch.readings)
+            return out
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def per_device(readings: list[Reading]) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for r in readings:
+        out.setdefault(r.device, []).append(r.seq)
+    return out
+
+
+def config(local: Mosquitto, cloud: Mosquitto, outbox: Path, **options) -> GatewayConfig:
+    options.setdefault("confirm_timeout_s", 2.0)
+    options.setdefault("reconnect_max_s", 1.0)
+    return GatewayConfig(
+        gateway_id=GW, local_broker=local.address, cloud_broker=cloud.address, outbox_path=outbox, **options
+    )
+
+
+@pytest.fixture
+def brokers(mosquitto_factory) -> tuple[Mosquitto, Mosquitto]:
+    return mosquitto_factory("local"), mosquitto_factory("cloud")
+
+
+@pytest.fixture
+def outbox_path(tmp_path: Path) -> Path:
+    return tmp_path / "gw" / "outbox.db"
+
+
+@pytest.fixture
+def cleanup():
+    """Close nodes, stubs and gateways even when a test fails halfway."""
+    items: list = []
+    yield items.append
+    for item in reversed(items):
+        try:
+            item.stop() if isinstance(item, Gateway) else item.close()
+        except Exception:
+            pass
+
+
+# --- the custody path ------------------------------------------------------------------
+
+
+def test_readings_reach_the_cloud_in_order_and_rows_go_only_after_confirm(brokers, outbox_path, cleanup):
+    local, cloud = brokers
+    bridge = BridgeStub(cloud, confirm=False)
+    cleanup(bridge)
+    gw = Gateway(config(local, cloud, outbox_path, batch_size=8))
+    cleanup(gw)
+    gw.start()
+    assert gw.wait_connected(DEADLINE)
+    nodes = [Node(local, "dev-a"), Node(local, "dev-b")]
+    for node in nodes:
+        cleanup(node)
+    for seq in range(12):
+        for node in nodes:
+            node.send(seq)
+
+    # Every reading is committed; a batch is on the cloud broker, but nothing is confirmed,
+    # so every row is still in the outbox.
+    wait_until(lambda: len(outbox_rows(outbox_path)) == 24, what="24 committed rows")
+    wait_until(lambda: bridge.batches, what="a batch on the cloud broker")
+    assert len(outbox_rows(outbox_path)) == 24
+    first = bridge.batches[0]
+    assert first.gateway == GW and 1 <= len(first.readings) <= 8
+    assert all(r.site == SITE and r.received_ms > 0 for r in first.readings)
+    # The batch is the head of the outbox, in arrival order.
+    assert [r.identity for r in first.readings] == outbox_rows(outbox_path)[: len(first.readings)]
+
+    bridge.start_confirming()
+    wait_until(lambda: not outbox_rows(outbox_path), what="outbox drained after confirms")
+    delivered = bridge.delivered()
+    assert per_device(delivered) == {"dev-a": list(range(12)), "dev-b": list(range(12))}
+    bseqs = [b.bseq for b in bridge.batches]
+    assert bseqs == sorted(bseqs)
+    wait_until(lambda: all(n.acked_seq() == 11 for n in nodes), what="node acks up to seq 11")
+    stats = gw.stats()
+    assert stats["pending"] == 0 and stats["forwarded"] == 24
+    assert stats["batches_confirmed"] == len(bridge.confirmed) >= 3  # 24 rows, at most 8 per batch
+    assert stats["dead_letters"] == 0 and stats["committed"] == 24
+    assert stats["local_connected"] and stats["cloud_connected"] and not stats["backpressure"]
+    gw.stop()
+    assert gw.stats()["pending"] == 0 and gw.stats()["forwarded"] == 24  # still answers after stop
+
+
+def test_unconfirmed_batch_stays_and_is_resent(brokers, outbox_path, cleanup):
+    local, cloud = brokers
+    bridge = BridgeStub(cloud, confirm=False)
+    cleanup(bridge)
+    gw = Gateway(config(local, cloud, outbox_path, confirm_timeout_s=0.5))
+    cleanup(gw)
+    gw.start()
+    assert gw.wait_connected(DEADLINE)
+    node = Node(local, "dev-a")
+    cleanup(node)
+    for seq in range(5):
+        node.send(seq)
+    wait_until(lambda: len(outbox_rows(outbox_path)) == 5, what="5 committed rows")
+    # No confirm: the batch is re-sent, same bseq and same rows, and every row stays.
+    wait_until(lambda: len(bridge.batches) >= 2, what="the batch sent twice")
+    first, again = bridge.batches[:2]
+    assert first.bseq == again.bseq and first.readings == again.readings
+    assert len(outbox_rows(outbox_path)) == 5
+    assert gw.stats()["batches_resent"] >= 1
+
+    # A confirm for some other batch number, or garbage, deletes nothing.
+    stray = new_client()
+    cleanup(stray)
+    stray.connect(cloud.host, cloud.port)
+    stray.loop_start()
+    for payload in (codec.encode_confirm(Confirm(GW, 10**9, 5)), b"not json"):
+        stray.publish(topics.confirm_topic(GW), payload, qos=1).wait_for_publish(DEADLINE)
+    wait_until(lambda: gw.stats()["confirms_ignored"] >= 2, what="stray confirms ignored")
+    assert len(outbox_rows(outbox_path)) == 5
+
+    bridge.start_confirming()
+    wait_until(lambda: not outbox_rows(outbox_path), what="outbox drained")
+    assert per_device(bridge.delivered()) == {"dev-a": [0, 1, 2, 3, 4]}
+
+
+def test_cloud_outage_accumulates_then_flows_in_order(brokers, outbox_path, cleanup):
+    local, cloud = brokers
+    bridge = BridgeStub(cloud)
+    cleanup(bridge)
+    gw = Gateway(config(local, cloud, outbox_path, batch_size=10))
+    cleanup(gw)
+    gw.start()
+    assert gw.wait_connected(DEADLINE)
+    node = Node(local, "dev-a")
+    cleanup(node)
+    for seq in range(5):
+        node.send(seq)
+    wait_until(lambda: len(bridge.delivered()) == 5 and not outbox_rows(outbox_path), what="first 5 forwarded")
+
+    cloud.stop()
+    wait_until(lambda: not gw.stats()["cloud_connected"], what="uplink noticing the outage")
+    for seq in range(5, 40):
+        node.send(seq)
+    # Store and forward: everything is committed (and acked to the node) while the cloud is away.
+    wait_until(lambda: len(outbox_rows(outbox_path)) == 35, what="35 rows stored during the outage")
+    wait_until(lambda: node.acked_seq() == 39, what="node acks during the outage")
+    assert gw.stats()["pending"] == 35
+
+    cloud.start()
+    wait_until(lambda: not outbox_rows(outbox_path), timeout=30, what="outbox drained after the cloud returned")
+    assert per_device(bridge.delivered()) == {"dev-a": list(range(40))}
+
+
+def test_bad_messages_become_dead_letters_and_the_gateway_keeps_working(brokers, outbox_path, cleanup):
+    local, cloud = brokers
+    bridge = BridgeStub(cloud)
+    cleanup(bridge)
+    gw = Gateway(config(local, cloud, outbox_path))
+    cleanup(gw)
+    gw.start()
+    assert gw.wait_connected(DEADLINE)
+    node = Node(local, "dev-a")
+    cleanup(node)
+    good = codec.encode_reading(Reading("dev-a", BOOT, 0, 1, {"t": 1}))
+    other = codec.encode_reading(Reading("dev-b", BOOT, 0, 1, {"t": 1}))
+    bad = [
+        (topics.telemetry_topic(SITE, "dev-a"), b"\x00\xffnot json"),
+        (topics.telemetry_topic(SITE, "dev-a"), b'{"v": 1, "dev": "dev-a"}'),
+        (topics.telemetry_topic(SITE, "dev-a"), other),  # another device's reading on dev-a's topic
+        (topics.telemetry_topic(SITE, "dev-a"), b" " * (codec.MAX_NODE_PAYLOAD + 1) + good),  # oversized
+        ("tern/bad site/dev-a/telemetry", good),  # a topic no valid id can produce
+    ]
+    for topic, payload in bad:
+        node.publish_raw(topic, payload)
+    node.send(1)
+    wait_until(lambda: len(bridge.delivered()) == 1, what="the good reading forwarded")
+    letters = dead_letters(outbox_path)
+    assert [(t, p) for t, p, _ in letters] == [(t, p) for t, p in bad]
+    errors = [e for _, _, e in letters]
+    assert "not JSON" in errors[0]
+    assert "'dev-b' published on the topic of 'dev-a'" in errors[2]
+    assert "limit" in errors[3]
+    assert "invalid site" in errors[4]
+    stats = gw.stats()
+    assert stats["dead_letters"] == 5 and stats["forwarded"] == 1
+    # Dead letters are PUBACKed: the broker will not re-deliver them to the next run.
+    gw.stop()
+    gw2 = Gateway(config(local, cloud, outbox_path))
+    cleanup(gw2)
+    gw2.start()
+    assert gw2.wait_connected(DEADLINE)
+    node.send(2)
+    wait_until(lambda: len(bridge.delivered()) == 2, what="the next reading forwarded")
+    assert len(dead_letters(outbox_path)) == 5
+
+
+def test_node_ack_is_published_only_after_commit(brokers, outbox_path, cleanup):
+    local, cloud = brokers
+    # No bridge: nothing is forwarded, so an acked reading must be in the outbox.
+    gw = Gateway(config(local, cloud, outbox_path))
+    cleanup(gw)
+    gw.start()
+    assert gw.wait_connected(DEADLINE)
+    seen_at_ack: list[tuple[int, bool]] = []
+
+    def on_ack(ack: codec.NodeAck) -> None:
+        rows = outbox_rows(outbox_path)
+        seen_at_ack.append((ack.seq, ("dev-a", ack.boot, ack.seq) in rows))
+
+    node = Node(local, "dev-a", on_ack=on_ack)
+    cleanup(node)
+    for seq in range(3):
+        node.send(seq)
+        wait_until(lambda: node.acked_seq() == seq, what=f"ack for seq {seq}")
+    assert seen_at_ack == [(0, True), (1, True), (2, True)]
+    assert all(a.boot == BOOT for a in node.acks)
+    # A duplicate (the node re-sends because it missed an ack) is ignored but acked again.
+    node.send(1)
+    wait_until(lambda: len(node.acks) == 4, what="ack for the duplicate")
+    assert node.acks[-1].seq == 1
+    assert [r[2] for r in outbox_rows(outbox_path)] == [0, 1, 2]
+    assert gw.stats()["duplicates"] == 1
+
+
+def test_gateway_killed_between_commit_and_forward_loses_nothing(brokers, outbox_path, cleanup, tmp_path):
+    local, cloud = brokers
+    # Create the gateway's persistent session first: the broker queues for it while the
+    # gateway process starts, exactly as it does across a gateway restart.
+    session = new_client(f"tern-gw-{GW}-ingest", clean=False)
+    subscribed = threading.Event()
+    session.on_subscribe = lambda *a: subscribed.set()
+    session.connect(local.host, local.port)
+    session.loop_start()
+    session.subscribe(topics.TELEMETRY_FILTER, qos=1)
+    assert subscribed.wait(DEADLINE)
+    session.disconnect()
+    session.loop_stop()
+
+    node = Node(local, "dev-a")
+    cleanup(node)
+    for seq in range(20):
+        node.send(seq)
+    # The gateway as a real process, with no bridge on the cloud broker: rows are
+    # committed (and PUBACKed) but never confirmed. Then SIGKILL it.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edge.cli", "run", "--gateway-id", GW, "--local", local.address,
+         "--cloud", cloud.address, "--outbox", str(outbox_path), "--log-level", "WARNING"],
+        stdout=subprocess.DEVNULL, stderr=open(tmp_path / "gateway.log", "wb"),
+    )
+    try:
+        wait_until(lambda: len(outbox_rows(outbox_path)) == 20, what="20 rows committed by the gateway process")
+        wait_until(lambda: node.acked_seq() == 19, what="node acks from the gateway process")
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    assert len(outbox_rows(outbox_path)) == 20
+
+    bridge = BridgeStub(cloud)
+    cleanup(bridge)
+    gw = Gateway(config(local, cloud, outbox_path))
+    cleanup(gw)
+    gw.start()
+    for seq in range(20, 25):
+        node.send(seq)
+    wait_until(lambda: len(bridge.delivered()) >= 25 and not outbox_rows(outbox_path), what="everything forwarded")
+    # At least once, in order: every reading arrives, none out of order per device.
+    seqs = per_device(bridge.delivered())["dev-a"]
+    assert sorted(set(seqs)) == list(range(25))
+    assert seqs == sorted(seqs)
+
+
+# --- back-pressure ---------------------------------------------------------------------
+
+
+def test_full_outbox_stops_acking_and_resumes_when_room_frees(brokers, outbox_path, cleanup):
+    local, cloud = brokers
+    bridge = BridgeStub(cloud, confirm=False)
+    cleanup(bridge)
+    gw = Gateway(config(local, cloud, outbox_path, max_rows=5, confirm_timeout_s=0.5))
+    cleanup(gw)
+    gw.start()
+    assert gw.wait_connected(DEADLINE)
+    node = Node(local, "dev-a")
+    cleanup(node)
+    for seq in range(12):
+        node.send(seq)
+    wait_until(lambda: gw.stats()["backpressure"], what="back-pressure")
+    wait_until(lambda: gw.stats()["held"] == 7, what="7 readings held un-acked")
+    assert [r[2] for r in outbox_rows(outbox_path)] == [0, 1, 2, 3, 4]
+    # The node is told only what is committed (its ack comes after the commit; poll for it).
+    wait_until(lambda: node.acked_seq() == 4, what="node ack for seq 4")
+    assert gw.stats()["backpressure_events"] == 1 and gw.stats()["held"] == 7
+    assert node.acked_seq() == 4 and len(outbox_rows(outbox_path)) == 5
+
+    bridge.start_confirming()
+    wait_until(lambda: len(bridge.delivered()) == 12 and not outbox_rows(outbox_path), what="all 12 forwarded")
+    assert per_device(bridge.delivered()) == {"dev-a": list(range(12))}
+    assert not gw.stats()["backpressure"]
+    wait_until(lambda: node.acked_seq() == 11, what="node acks after the outbox drained")
+
+
+def test_unacked_readings_survive_a_gateway_restart_in_the_broker_session(brokers, outbox_path, cleanup):
+    local, cloud = brokers
+    gw = Gateway(config(local, cloud, outbox_path, max_rows=4))
+    cleanup(gw)
+    gw.start()
+    assert gw.wait_connected(DEADLINE)
+    node = Node(local, "dev-a")
+    cleanup(node)
+    for seq in range(10):
+        node.send(seq)
+    wait_until(lambda: gw.stats()["held"] == 6, what="6 readings held un-acked")
+    gw.stop()  # the 6 held readings were never PUBACKed: the broker keeps them for the session
+
+    bridge = BridgeStub(cloud)
+    cleanup(bridge)
+    gw2 = Gateway(config(local, cloud, outbox_path, max_rows=100))
+    cleanup(gw2)
+    gw2.start()
+    wait_until(lambda: len(bridge.delivered()) == 10 and not outbox_rows(outbox_path), what="all 10 forwarded")
+    assert per_device(bridge.delivered()) == {"dev-a": list(range(10))}
+
+
+# --- configuration and CLI -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"gateway_id": "gw/1"}, "invalid gateway id"),
+        ({"cloud_broker": "127.0.0.1:99999"}, "cloud_broker"),
+        ({"local_broker": "127.0.0.1:x"}, "local_broker"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"max_rows": -1}, "max_rows"),
+        ({"confirm_timeout_s": 0}, "confirm_timeout_s"),
+        ({"outbox_path": ""}, "outbox"),
+    ],
+)
+def test_bad_config_is_a_config_error(options, message, tmp_path):
+    values = {"gateway_id": GW, "cloud_broker": "127.0.0.1:1884", "outbox_path": str(tmp_path / "o.db")}
+    values.update(options)
+    with pytest.raises(ConfigError, match=message):
+        GatewayConfig(**values)
+
+
+def test_config_from_env(tmp_path):
+    env = {
+        "TERN_GATEWAY_ID": "gw9",
+        "TERN_LOCAL_BROKER": "127.0.0.1:1999",
+        "TERN_CLOUD_BROKER": "127.0.0.1",
+        "TERN_OUTBOX": str(tmp_path / "o.db"),
+    }
+    cfg = GatewayConfig.from_env(env)
+    assert (cfg.gateway_id, cfg.local_hostport, cfg.cloud_hostport) == ("gw9", ("127.0.0.1", 1999), ("127.0.0.1", 1883))
+    assert cfg.ingest_client_id == "tern-gw-gw9-ingest" and cfg.uplink_client_id == "tern-gw-gw9-uplink"
+    with pytest.raises(ConfigError, match="TERN_CLOUD_BROKER"):
+        GatewayConfig.from_env({k: v for k, v in env.items() if k != "TERN_CLOUD_BROKER"})
+
+
+def test_cli_config_error_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
+    for name in ("TERN_GATEWAY_ID", "TERN_LOCAL_BROKER", "TERN_CLOUD_BROKER", "TERN_OUTBOX"):
+        monkeypatch.delenv(name, raising=False)
+    code = cli_main(["run", "--gateway-id", "gw1", "--cloud", "nowhere:0", "--outbox", str(tmp_path / "o.db")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("tern-gateway: error: cloud_broker") and err.count("\n") == 1
+    assert cli_main(["outbox", "--outbox", str(tmp_path / "missing.db")]) == 2
+    assert "no outbox at" in capsys.readouterr().err
+
+
+def test_cli_outbox_table(tmp_path, capsys):
+    from edge.outbox import DeadLetter, Outbox
+
+    path = tmp_path / "o.db"
+    with Outbox(path) as box:
+        box.add(
+            [Reading("dev-a", BOOT, s, 1, {"t": 1}, site=SITE) for s in range(3)]
+            + [Reading("dev-b", BOOT, 7, 1, {"t": 1}, site=SITE)],
+            [DeadLetter("tern/x", b"junk", "not JSON")],
+        )
+    assert cli_main(["outbox", "--outbox", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "dev-a" in out and "dev-b" in out
+    assert "pending: 4" in out and "dead letters: 1" in out

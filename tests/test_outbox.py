@@ -1,0 +1,174 @@
+"""The outbox on its own: a real SQLite file, no brokers.
+
+The property test drives random interleavings of add / take / delete / reopen against a plain
+list model: the outbox must keep arrival order, ignore only true duplicates, and never lose
+a row that was not deleted.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import tempfile
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from edge.outbox import DEAD_LETTER_PAYLOAD_MAX, DeadLetter, Outbox, open_readonly, summarize
+from tern.codec import Reading
+
+DEVICES = ("dev-a", "dev-b", "dev-c")
+BOOTS = ("b001", "b002")
+
+
+def reading(device: str = "dev-a", seq: int = 0, boot: str = "b001", site: str = "s1") -> Reading:
+    return Reading(device, boot, seq, 1_700_000_000_000 + seq, {"t": 21.5, "ok": True, "s": "x"}, site=site)
+
+
+def test_rows_keep_arrival_order_values_and_stamp(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "o.db") as box:
+        box.add([reading("dev-b", 5), reading("dev-a", 1)], received_ms=1234)
+        box.add([reading("dev-a", 0)], received_ms=1300)
+        rows = box.take(10)
+        assert [r.reading.identity for r in rows] == [("dev-b", "b001", 5), ("dev-a", "b001", 1), ("dev-a", "b001", 0)]
+        assert rows[0].reading == Reading("dev-b", "b001", 5, 1_700_000_000_005, {"t": 21.5, "ok": True, "s": "x"}, "s1", 1234)
+        assert [r.id for r in rows] == sorted(r.id for r in rows)
+        assert box.take(2) == rows[:2]
+        assert box.oldest_pending_ms() == 1234
+
+
+def test_duplicates_are_ignored_while_pending(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "o.db") as box:
+        assert box.add([reading(seq=1), reading(seq=2)]).inserted == 2
+        result = box.add([reading(seq=2), reading(seq=3), reading(seq=2, boot="b002")])
+        assert (result.inserted, result.duplicates) == (2, 1)
+        assert box.pending() == 4
+        box.delete([r.id for r in box.take(4)])
+        # Once forwarded and deleted, a late re-delivery is stored again: at least once.
+        assert box.add([reading(seq=2)]).inserted == 1
+
+
+def test_bound_room_and_delete(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "o.db", max_rows=3) as box:
+        assert box.room() == 3
+        box.add([reading(seq=s) for s in range(3)])
+        assert box.room() == 0
+        assert not box.wait_for_room(0.05)
+        rows = box.take(2)
+        assert box.delete([rows[0].id, rows[0].id, 99999]) == 1
+        assert box.room() == 1 and box.wait_for_room(0.05)
+        assert box.delete([]) == 0
+
+
+def test_state_survives_reopen_and_bseq_only_grows(tmp_path: Path) -> None:
+    path = tmp_path / "o.db"
+    with Outbox(path) as box:
+        box.add([reading(seq=s) for s in range(3)])
+        assert [box.next_bseq() for _ in range(3)] == [1, 2, 3]
+    with Outbox(path) as box:
+        assert box.pending() == 3
+        assert box.next_bseq() == 4
+        with sqlite3.connect(path) as conn:
+            assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+            unique = [i for i in conn.execute("PRAGMA index_list(outbox)") if i[2]]
+            assert unique, "outbox needs UNIQUE(device, boot, seq)"
+
+
+def test_dead_letters_keep_payload_error_and_size(tmp_path: Path) -> None:
+    path = tmp_path / "o.db"
+    huge = b"x" * (DEAD_LETTER_PAYLOAD_MAX + 10)
+    with Outbox(path) as box:
+        result = box.add([reading()], [DeadLetter("t/1", b"\x00\xff", "not JSON", 42), DeadLetter("t/2", huge, "too big")])
+        assert result.dead_letters == 2 and box.dead_letter_count() == 2
+        assert box.pending() == 1  # dead letters never count as pending readings
+    with sqlite3.connect(path) as conn:
+        rows = conn.execute("SELECT received_ms, topic, payload, size, error FROM dead_letters ORDER BY id").fetchall()
+    assert rows[0] == (42, "t/1", b"\x00\xff", 2, "not JSON")
+    assert rows[1][3] == len(huge) and len(rows[1][2]) == DEAD_LETTER_PAYLOAD_MAX
+
+
+def test_summary_read_only_while_open(tmp_path: Path) -> None:
+    path = tmp_path / "o.db"
+    with Outbox(path) as box:
+        box.add([reading("dev-a", s) for s in (3, 4)] + [reading("dev-b", 9, site="s2")], received_ms=1000)
+        db = open_readonly(path)  # as `tern-gateway outbox` does, while the gateway runs
+        summary = summarize(db)
+        db.close()
+    assert summary.pending == 3 and summary.dead_letters == 0 and summary.oldest_pending_ms == 1000
+    assert [(d["site"], d["device"], d["pending"], d["first_seq"], d["last_seq"]) for d in summary.devices] == [
+        ("s1", "dev-a", 2, 3, 4),
+        ("s2", "dev-b", 1, 9, 9),
+    ]
+    with pytest.raises(FileNotFoundError):
+        open_readonly(tmp_path / "missing.db")
+
+
+class OutboxMachine(RuleBasedStateMachine):
+    """Random add / take / delete / reopen, checked against a list of identities."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dir = tempfile.TemporaryDirectory()
+        self.path = Path(self.dir.name) / "o.db"
+        self.box = Outbox(self.path, max_rows=1_000)
+        self.model: list[tuple[str, str, int]] = []  # pending identities, arrival order
+        self.taken: list[int] = []  # ids of the last take, like the uplink's in-flight batch
+
+    @rule(
+        items=st.lists(
+            st.tuples(st.sampled_from(DEVICES), st.sampled_from(BOOTS), st.integers(0, 30)), min_size=0, max_size=8
+        )
+    )
+    def add(self, items: list[tuple[str, str, int]]) -> None:
+        result = self.box.add([reading(d, s, b) for d, b, s in items])
+        expected_new = 0
+        for identity in items:
+            if identity not in self.model:
+                self.model.append(identity)
+                expected_new += 1
+        assert result.inserted == expected_new
+        assert result.duplicates == len(items) - expected_new
+
+    @rule(limit=st.integers(1, 12))
+    def take(self, limit: int) -> None:
+        rows = self.box.take(limit)
+        assert [r.reading.identity for r in rows] == self.model[:limit]
+        self.taken = [r.id for r in rows]
+
+    @precondition(lambda self: self.taken)
+    @rule(data=st.data())
+    def delete_taken(self, data: st.DataObject) -> None:
+        # The uplink deletes exactly the rows of a confirmed batch: a prefix of the take
+        # (the whole batch, or a shortened one that fit the envelope).
+        count = data.draw(st.integers(1, len(self.taken)))
+        assert self.box.delete(self.taken[:count]) == count
+        del self.model[:count]
+        self.taken = []
+
+    @rule()
+    def reopen(self) -> None:
+        # A gateway restart: nothing committed may be lost, order must hold.
+        self.box.close()
+        self.box = Outbox(self.path, max_rows=1_000)
+        self.taken = []
+
+    @invariant()
+    def counts_match(self) -> None:
+        assert self.box.pending() == len(self.model)
+        assert self.box.room() == 1_000 - len(self.model)
+
+    @invariant()
+    def nothing_lost_order_kept(self) -> None:
+        assert [r.reading.identity for r in self.box.take(10_000)] == self.model
+
+    def teardown(self) -> None:
+        self.box.close()
+        self.dir.cleanup()
+
+
+OutboxMachine.TestCase.settings = settings(
+    max_examples=100, stateful_step_count=25, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+test_outbox_model = OutboxMachine.TestCase
