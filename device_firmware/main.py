@@ -1,0 +1,41 @@
+# Tern node entry point: load config.json from flash, run the node.
+# A bad config stops here with one clear line (no reset loop); an unexpected crash
+# resets the board after a short pause so a field node recovers by itself.
+import gc
+import sys
+import time
+
+import machine  # noqa: F401  (built in on a board; first, while the heap is empty, on the emulator)
+import tern_config
+
+try:
+    cfg = tern_config.load()
+except tern_config.ConfigError as e:
+    print("TERN error config: %s" % e)
+    sys.exit(2)
+# The validator is not needed any more: free it before compiling the node (small heaps).
+FW_VERSION = tern_config.FW_VERSION
+del tern_config
+del sys.modules["tern_config"]
+gc.collect()
+# Compile the big modules one by one, collecting in between: on a small heap, compiling
+# them nested inside one another's import fails for want of a contiguous block.
+_mods = ["tern_util", "tern_ring", "umqtt.simple", "tern_link", "tern_sensors"]
+for _spec in cfg["sensors"]:
+    if _spec["type"] == "uart" and "tern_uart" not in _mods:
+        _mods.append("tern_uart")
+for _name in _mods:
+    __import__(_name)
+    gc.collect()
+del _mods
+import tern_node  # noqa: E402
+gc.collect()
+
+try:
+    tern_node.run(cfg, FW_VERSION)
+except Exception as e:
+    print("TERN error crash: %s %s" % (type(e).__name__, e))
+    sys.print_exception(e)
+    time.sleep(1)
+    import machine
+    machine.reset()

@@ -1,0 +1,156 @@
+# Tern node configuration: config.json on flash, compiled-in defaults, validation.
+#
+# Runs unchanged on MicroPython (ESP32, unix port) and CPython (the host tools
+# reuse load()/validate() to check a config before flashing it).
+import json
+
+FW_VERSION = "0.1.0"
+CONFIG_FILE = "config.json"
+
+# Every key has a default; config.json only needs what differs.
+DEFAULTS = {
+    "site": "site1",
+    "device": None,          # None -> "esp32-" + hex(machine.unique_id())
+    "broker": "192.168.4.1",
+    "port": 1883,
+    "keepalive": 30,         # s, sent in CONNECT; we ping every keepalive/2
+    "interval_ms": 1000,     # reading period
+    "max_readings": 0,       # 0 = forever; else stop reading (stay connected) after N
+    "ring_size": 64,         # unacked readings kept in RAM; oldest dropped when full
+    "ring_slot": 128,        # bytes per ring slot: '"ts":<ms>,"r":{...}' of one reading
+    "qos": 1,
+    "timeout_ms": 5000,      # socket timeout for every blocking MQTT operation
+    "backoff_min_ms": 1000,
+    "backoff_max_ms": 60000,
+    "offline_reset_s": 0,    # >0: machine.reset() after this long without the broker
+    "wdt_ms": 0,             # >0: hardware watchdog, fed from the main loop
+    "ntp": True,             # set the clock by NTP when it looks unset (year < 2024)
+    "wifi": {"ssid": "", "password": "", "timeout_ms": 20000},
+    "sensors": [
+        {"type": "adc", "name": "adc_mv", "pin": 34},
+        {"type": "tmp102", "name": "temp_c", "i2c": 0, "scl": 18, "sda": 19, "addr": 72},
+    ],
+}
+
+_INTS = {
+    "port": (1, 65535), "keepalive": (5, 65535), "interval_ms": (10, 86400000),
+    "max_readings": (0, 1 << 30), "ring_size": (1, 4096), "ring_slot": (64, 4096), "qos": (0, 1),
+    "timeout_ms": (100, 120000), "backoff_min_ms": (10, 3600000),
+    "backoff_max_ms": (10, 3600000), "offline_reset_s": (0, 86400 * 7),
+    "wdt_ms": (0, 3600000),
+}
+SENSOR_TYPES = ("adc", "tmp102", "uart")
+_ID_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def check_id(value, what):
+    # Same rule as tern/topics.py: 1-64 of [A-Za-z0-9_.-], not starting with . _ -
+    if not isinstance(value, str) or not 1 <= len(value) <= 64 or value[0] in "._-":
+        raise ConfigError("invalid %s %r" % (what, value))
+    for c in value:
+        if c not in _ID_CHARS:
+            raise ConfigError("invalid %s %r" % (what, value))
+    return value
+
+
+def _check_sensor(i, spec):
+    if not isinstance(spec, dict):
+        raise ConfigError("sensors[%d] must be an object" % i)
+    kind = spec.get("type")
+    if kind not in SENSOR_TYPES:
+        raise ConfigError("sensors[%d].type must be one of %s" % (i, ", ".join(SENSOR_TYPES)))
+    names = spec.get("names") if kind == "uart" else [spec.get("name")]
+    if kind == "uart" and names is None:
+        names = ["temp_c", "rh"]
+    if not isinstance(names, list) or not names:
+        raise ConfigError("sensors[%d] needs a name" % i)
+    for n in names:
+        if not isinstance(n, str) or not 1 <= len(n) <= 32:
+            raise ConfigError("sensors[%d]: reading names must be 1-32 characters" % i)
+    for key in ("pin", "i2c", "scl", "sda", "addr", "uart", "tx", "rx", "baud", "max_age_ms"):
+        if key in spec and (not isinstance(spec[key], int) or isinstance(spec[key], bool) or spec[key] < 0):
+            raise ConfigError("sensors[%d].%s must be a non-negative integer" % (i, key))
+
+
+def validate(cfg):
+    """Check a merged config dict in place; raise ConfigError naming the bad key."""
+    for key in cfg:
+        if key not in DEFAULTS:
+            raise ConfigError("unknown config key %r" % key)
+    check_id(cfg["site"], "site")
+    if cfg["device"] is not None:
+        check_id(cfg["device"], "device")
+    if not isinstance(cfg["broker"], str) or not cfg["broker"]:
+        raise ConfigError("broker must be a host name or address")
+    for key in _INTS:
+        v = cfg[key]
+        lo, hi = _INTS[key]
+        if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+            raise ConfigError("%s must be an integer in [%d, %d], got %r" % (key, lo, hi, v))
+    if cfg["backoff_max_ms"] < cfg["backoff_min_ms"]:
+        raise ConfigError("backoff_max_ms must be >= backoff_min_ms")
+    if not isinstance(cfg["ntp"], bool):
+        raise ConfigError("ntp must be true or false")
+    wifi = cfg["wifi"]
+    if not isinstance(wifi, dict) or not isinstance(wifi.get("ssid", ""), str) \
+            or not isinstance(wifi.get("password", ""), str):
+        raise ConfigError("wifi must be {\"ssid\": str, \"password\": str}")
+    sensors = cfg["sensors"]
+    if not isinstance(sensors, list) or not sensors or len(sensors) > 16:
+        raise ConfigError("sensors must be a list of 1-16 sensor specs")
+    for i in range(len(sensors)):
+        _check_sensor(i, sensors[i])
+    return cfg
+
+
+def merge(user):
+    if not isinstance(user, dict):
+        raise ConfigError("config must be a JSON object")
+    cfg = {}
+    for key in DEFAULTS:
+        cfg[key] = DEFAULTS[key]
+    for key in user:
+        cfg[key] = user[key]
+    w = {}
+    for key in DEFAULTS["wifi"]:
+        w[key] = DEFAULTS["wifi"][key]
+    if isinstance(cfg["wifi"], dict):
+        for key in cfg["wifi"]:
+            w[key] = cfg["wifi"][key]
+        cfg["wifi"] = w
+    return validate(cfg)
+
+
+def load(path=CONFIG_FILE):
+    """Read config.json (missing file -> all defaults) and return the validated dict.
+
+    A missing "device" becomes "esp32-" + hex(machine.unique_id()).
+    """
+    try:
+        f = open(path)
+    except OSError:
+        user = {}
+    else:
+        try:
+            user = json.load(f)
+        except ValueError as e:
+            raise ConfigError("%s is not valid JSON: %s" % (path, e))
+        finally:
+            f.close()
+    cfg = merge(user)
+    if cfg["device"] is None:
+        import machine
+        cfg["device"] = default_device(machine.unique_id())
+    return cfg
+
+
+def default_device(uid):
+    """Device id from machine.unique_id() bytes."""
+    h = ""
+    for b in uid:
+        h += "%02x" % b
+    return "esp32-" + h

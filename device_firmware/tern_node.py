@@ -1,0 +1,147 @@
+# Tern node: the main loop. Takes a reading every interval_ms into the unacked ring,
+# while the Link (tern_link.py) delivers it; see tern_link for the MQTT side.
+#
+# stdout carries one "TERN <event> ..." line per key event (parsed by the host tools):
+#   TERN boot <boot> <device> <fw>    TERN connected            TERN disconnected <why>
+#   TERN sent <seq>    TERN resent <seq>    TERN acked <seq>    TERN dropped <total>
+#   TERN done <n>      TERN stats k=v ...   TERN stopped        TERN error <text>
+import gc
+import time
+
+import machine
+
+from tern_link import Link, ticks_add, ticks_diff, ticks_ms
+from tern_sensors import Sensors
+from tern_util import dumps, log, now_ms
+
+
+class Node(Link):
+    def __init__(self, cfg):
+        Link.__init__(self, cfg)
+        self.done = False
+        self.values = {}
+        self.sensors = Sensors(cfg["sensors"], log)
+        self.wdt = None
+
+    def wifi_start(self):
+        w = self.cfg["wifi"]
+        if not w.get("ssid"):
+            return
+        try:
+            import network
+        except ImportError:
+            return
+        self.wlan = network.WLAN(network.STA_IF)
+        self.wlan.active(True)
+        if not self.wlan.isconnected():
+            self.wlan.connect(w["ssid"], w.get("password", ""))
+            t0 = ticks_ms()
+            while not self.wlan.isconnected() and ticks_diff(ticks_ms(), t0) < w.get("timeout_ms", 20000):
+                self.feed()
+                time.sleep_ms(100)
+        log("wifi %s" % ("up" if self.wlan.isconnected() else "down"))
+
+    def ntp(self):
+        if not self.cfg["ntp"] or time.gmtime()[0] >= 2024:
+            return
+        try:
+            import ntptime
+            ntptime.settime()
+            log("ntp ok")
+        except Exception as e:
+            log("error ntp %s" % e)
+
+    # --- readings ------------------------------------------------------------------
+
+    def take_reading(self):
+        vals = self.values
+        vals.clear()
+        self.sensors.read(vals)
+        if self.sensors.errors:
+            vals["sensor_err"] = self.sensors.errors
+        bf = self.sensors.bad_frames()
+        if bf:
+            vals["bad_frames"] = bf
+        if not vals:
+            vals["sensor_err"] = 0
+        seq = self.seq + 1
+        # The ring keeps only what varies ('"ts":..,"r":{..}'); the envelope is added
+        # when it is published (see Link.wire), so a slot is ~100 bytes, not ~200.
+        payload = ('"ts":%d,"r":%s' % (now_ms(), dumps(vals))).encode()
+        r = self.ring
+        d = r.dropped
+        try:
+            r.push(seq, payload)
+        except ValueError as e:   # names too long for the slot: say so, keep seq gap-free
+            log("error %s" % e)
+            return
+        self.seq = seq
+        if r.dropped != d:
+            log("dropped %d" % r.dropped)
+
+    def stats(self):
+        gc.collect()
+        log("stats seq=%d sent=%d acked=%d ring=%d dropped=%d sensor_err=%d bad_frames=%d "
+            "connects=%d mem_free=%d" % (self.seq, self.max_sent, self.acked, self.ring.count,
+                                         self.ring.dropped, self.sensors.errors,
+                                         self.sensors.bad_frames(), self.connects, gc.mem_free()))
+
+    def feed(self):
+        if self.wdt is not None:
+            self.wdt.feed()
+
+    # --- main loop -----------------------------------------------------------------
+
+    def run(self):
+        cfg = self.cfg
+        log("boot %s %s %s" % (self.boot, self.device, self.fw))
+        if cfg["wdt_ms"]:
+            self.wdt = machine.WDT(timeout=cfg["wdt_ms"])
+        self.wifi_start()
+        self.ntp()
+        interval = cfg["interval_ms"]
+        limit = cfg["max_readings"]
+        next_read = ticks_ms()
+        said_done = False
+        while True:
+            self.feed()
+            now = ticks_ms()
+            if self.client is None and ticks_diff(now, self.next_try) >= 0:
+                try:
+                    self.connect()
+                except Exception as e:
+                    log("error connect %s %s" % (type(e).__name__, e))
+                    self.schedule_retry()
+            self.sensors.poll()
+            if not self.done and ticks_diff(now, next_read) >= 0:
+                next_read = ticks_add(next_read, interval)
+                if ticks_diff(now, next_read) > 0:   # fell behind: don't burst
+                    next_read = ticks_add(now, interval)
+                self.take_reading()
+                if self.seq % 10 == 0:
+                    self.stats()
+                if limit and self.seq >= limit:
+                    self.done = True   # stop reading; stay connected for acks/resends
+                gc.collect()
+            if self.client is not None:
+                self.service()
+                if self.done and not said_done and self.max_sent >= limit:
+                    said_done = True   # every reading has been published at least once
+                    self.stats()
+                    log("done %d" % limit)
+            else:
+                off = cfg["offline_reset_s"]
+                if off and ticks_diff(ticks_ms(), self.offline_since) > off * 1000:
+                    log("error offline too long, resetting")
+                    machine.reset()
+            wait = ticks_diff(next_read, ticks_ms()) if not self.done else 50
+            time.sleep_ms(max(1, min(wait, 20)))
+
+
+def run(cfg, fw="?"):
+    node = Node(cfg)
+    node.fw = fw
+    try:
+        node.run()
+    except KeyboardInterrupt:
+        node.shutdown()

@@ -1,0 +1,140 @@
+# Emulated ESP32 `machine` for the MicroPython unix port. Put this folder on MICROPYPATH
+# (never on a board): it shadows the unix port's small built-in `machine`.
+#
+# Host-controlled behaviour, all through environment variables:
+#   TERN_EMU_UID           hex (or plain text) bytes returned by unique_id()
+#   TERN_EMU_RESET_CAUSE   name returned by reset_cause(), default PWRON_RESET
+#   TERN_EMU_ADC_<pin>     fixed mV on that pin; default a deterministic slow sine
+#   TERN_EMU_TMP102        temperature in C of the simulated TMP102 at 0x48
+#                          (default a slow sine around 21 C); "fail" -> OSError
+#   TERN_EMU_UART<id>      path (pty, fifo or growing file) the UART reads from
+# reset() exits the process with RESET_EXIT_CODE so the host can "reboot" the node.
+import os
+import sys
+import time
+
+RESET_EXIT_CODE = 77
+
+PWRON_RESET = 1
+HARD_RESET = 2
+WDT_RESET = 3
+DEEPSLEEP_RESET = 4
+SOFT_RESET = 5
+
+_T0 = time.ticks_ms()
+
+
+def _env(name, default=None):
+    v = os.getenv(name)
+    return default if v is None or v == "" else v
+
+
+def unique_id():
+    v = _env("TERN_EMU_UID", "240ac4000001")
+    try:
+        if len(v) % 2 == 0:
+            return bytes(int(v[i:i + 2], 16) for i in range(0, len(v), 2))
+    except ValueError:
+        pass
+    return v.encode()
+
+
+def reset_cause():
+    return globals().get(_env("TERN_EMU_RESET_CAUSE", "PWRON_RESET"), PWRON_RESET)
+
+
+def reset():
+    print("TERN reset")
+    sys.exit(RESET_EXIT_CODE)
+
+
+def soft_reset():
+    reset()
+
+
+def deepsleep(ms=0):
+    sys.exit(RESET_EXIT_CODE)
+
+
+def lightsleep(ms=0):
+    time.sleep_ms(ms)
+
+
+def idle():
+    time.sleep_ms(1)
+
+
+def freq(hz=None):
+    return 240000000
+
+
+def _seconds():
+    return time.ticks_diff(time.ticks_ms(), _T0) / 1000
+
+
+class Pin:
+    IN = 1
+    OUT = 3
+    OPEN_DRAIN = 7
+    PULL_UP = 1
+    PULL_DOWN = 2
+    IRQ_RISING = 1
+    IRQ_FALLING = 2
+
+    def __init__(self, id, mode=-1, pull=-1, value=None):
+        self.id = id
+        self._v = 0 if value is None else value
+
+    def init(self, *args, **kw):
+        pass
+
+    def value(self, v=None):
+        if v is None:
+            return self._v
+        self._v = 1 if v else 0
+
+    def on(self):
+        self._v = 1
+
+    def off(self):
+        self._v = 0
+
+    def __call__(self, v=None):
+        return self.value(v)
+
+
+# The buses live in their own module: two small compiles fit a small heap better than one.
+from _emu_periph import ADC, I2C, SoftI2C, UART  # noqa: E402
+
+
+class WDT:
+    """Watchdog, checked lazily: a feed() after the timeout has passed resets the node."""
+
+    def __init__(self, id=0, timeout=5000):
+        self.timeout = timeout
+        self.last = time.ticks_ms()
+
+    def feed(self):
+        now = time.ticks_ms()
+        if time.ticks_diff(now, self.last) > self.timeout:
+            print("TERN error watchdog")
+            os.putenv("TERN_EMU_RESET_CAUSE", "WDT_RESET")
+            sys.exit(RESET_EXIT_CODE)
+        self.last = now
+
+
+class RTC:
+    _mem = b""
+
+    def datetime(self, dt=None):
+        if dt is None:
+            t = time.gmtime()
+            return (t[0], t[1], t[2], t[6], t[3], t[4], t[5], 0)
+
+    def init(self, dt=None):
+        pass
+
+    def memory(self, data=None):
+        if data is None:
+            return RTC._mem
+        RTC._mem = bytes(data)[:2048]

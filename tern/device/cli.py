@@ -1,0 +1,154 @@
+"""``tern-device``: run emulated nodes, flash a real board, or (optionally) QEMU.
+
+    tern-device emulate --count N --broker HOST:PORT --site S --interval-ms MS --readings N
+                        [--heap 64K] [--workdir DIR] [--exit-when-done]
+    tern-device flash --port /dev/ttyUSB0 [--config FILE] [--dry-run]
+    tern-device qemu --image FLASH.bin
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from tern.errors import TernError
+
+
+def _heap(text: str) -> str:
+    if not re.fullmatch(r"\d+[KkMm]?", text):
+        raise argparse.ArgumentTypeError(f"heap must look like 64K, 2M or 70000, got {text!r}")
+    return text.upper()
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def _non_negative(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return int(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tern-device", description="Tern sensor nodes: emulate, flash, qemu.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    em = sub.add_parser("emulate", help="run N emulated nodes (the real firmware on the MicroPython unix port)")
+    em.add_argument("--count", type=_positive, default=1)
+    em.add_argument("--broker", required=True, help="HOST:PORT of the MQTT broker")
+    em.add_argument("--site", default="site1")
+    em.add_argument("--interval-ms", type=_positive, default=1000)
+    em.add_argument("--readings", type=_non_negative, default=0, help="readings per node (0 = forever)")
+    em.add_argument("--heap", type=_heap, default="64K")
+    em.add_argument("--keepalive", type=_positive, default=30)
+    em.add_argument("--prefix", default="node", help="nodes are named PREFIX-1..PREFIX-N")
+    em.add_argument("--workdir", type=Path, default=None, help="folder for the nodes' flash and logs")
+    em.add_argument("--exit-when-done", action="store_true", help="exit once every node sent all its readings")
+
+    fl = sub.add_parser("flash", help="copy firmware, config.json and umqtt onto a board with mpremote")
+    fl.add_argument("--port", required=True, help="serial port, e.g. /dev/ttyUSB0")
+    fl.add_argument("--config", type=Path, default=None, help="config.json to put on the board (default: the example)")
+    fl.add_argument("--dry-run", action="store_true", help="print the mpremote commands, run nothing")
+
+    qe = sub.add_parser("qemu", help="run a MicroPython flash image under Espressif QEMU (optional)")
+    qe.add_argument("--image", type=Path, help="merged 4 MB flash image (esptool merge_bin)")
+    return parser
+
+
+def _table(fleet) -> "object":
+    from rich.table import Table
+
+    table = Table(title="tern-device emulate")
+    for column in ("node", "state", "boot", "sent", "acked", "resent", "dropped", "connects", "last error"):
+        table.add_column(column)
+    for node in fleet:
+        state = "done" if node._done.is_set() else ("running" if node.running else f"exited {node.exit_code}")
+        error = node.errors[-1] if node.errors else ""
+        table.add_row(
+            node.device, state, node.boot, str(node.sent), str(node.acked), str(node.resent),
+            str(node.dropped), str(node.connects), error[:40],
+        )
+    return table
+
+
+def cmd_emulate(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.live import Live
+
+    from tern.device.emulate import Fleet
+
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="tern-nodes-"))
+    fleet = Fleet(
+        workdir, count=args.count, broker=args.broker, site=args.site, prefix=args.prefix,
+        interval_ms=args.interval_ms, max_readings=args.readings, heap=args.heap, keepalive=args.keepalive,
+    )
+    console = Console()
+    console.print(f"nodes in {workdir} (logs: <node>/node.log); Ctrl-C to stop")
+    code = 0
+    try:
+        fleet.start()
+        with Live(_table(fleet), console=console, refresh_per_second=4) as live:
+            while True:
+                time.sleep(0.5)
+                live.update(_table(fleet))
+                if args.exit_when_done and all(n._done.is_set() for n in fleet):
+                    break
+                if not any(n.running for n in fleet):
+                    console.print("every node has exited; see the logs")
+                    code = 1
+                    break
+    except KeyboardInterrupt:
+        pass
+    finally:
+        fleet.stop_all()
+    return code
+
+
+def cmd_flash(args: argparse.Namespace) -> int:
+    from tern.device.flash import flash
+
+    return flash(args.port, args.config, dry_run=args.dry_run)
+
+
+def cmd_qemu(args: argparse.Namespace) -> int:
+    from tern.toolchain import qemu_binary
+
+    qemu = qemu_binary()
+    if qemu is None:
+        print("tern-device qemu: qemu-system-xtensa is not installed (Espressif QEMU); use `tern-device emulate`")
+        return 2
+    if args.image is None or not args.image.is_file():
+        print("tern-device qemu: --image must name a merged flash image (esptool merge_bin --fill-flash-size 4MB)")
+        return 2
+    # User-mode NAT: the guest reaches the host's broker at 10.0.2.2 (set "broker" so).
+    # Only MicroPython builds with CONFIG_ETH_USE_OPENETH have a network under QEMU.
+    cmd = [
+        str(qemu), "-nographic", "-machine", "esp32",
+        "-drive", f"file={args.image},if=mtd,format=raw",
+        "-nic", "user,model=open_eth",
+    ]
+    print(shlex.join(cmd))
+    return subprocess.run(cmd).returncode
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handlers = {"emulate": cmd_emulate, "flash": cmd_flash, "qemu": cmd_qemu}
+    try:
+        return handlers[args.command](args)
+    except TernError as exc:
+        print(f"tern-device {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

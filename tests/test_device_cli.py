@@ -1,0 +1,84 @@
+"""tern-device: argument errors, flash --dry-run, the optional qemu, a short emulate run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+
+from tern.codec import decode_reading
+from tern.device.emulate import firmware_files
+from tern.stack import Mosquitto
+from tern.toolchain import umqtt_path
+
+CLI = [sys.executable, "-m", "tern.device.cli"]
+
+
+def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_flash_dry_run_prints_mpremote_commands(tmp_path: Path) -> None:
+    config = tmp_path / "node.json"
+    config.write_text(json.dumps({"site": "farm", "device": "esp-7", "broker": "10.0.0.2"}))
+    out = run("flash", "--port", "/dev/ttyUSB0", "--config", str(config), "--dry-run")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert all(line.startswith("mpremote connect /dev/ttyUSB0 ") for line in lines)
+    assert lines[0].endswith(" :") and all(str(f) in lines[0] for f in firmware_files())
+    assert lines[1].endswith(f"cp {config} :config.json")
+    assert lines[2].endswith(f"cp -r {umqtt_path() / 'umqtt'} :")
+    assert lines[3].endswith(" reset")
+
+
+def test_flash_refuses_a_bad_config(tmp_path: Path) -> None:
+    config = tmp_path / "bad.json"
+    config.write_text(json.dumps({"site": "farm", "keepalive": "soon"}))
+    out = run("flash", "--port", "/dev/ttyUSB0", "--config", str(config), "--dry-run")
+    assert out.returncode == 2 and "keepalive" in out.stderr and "Traceback" not in out.stderr
+    out = run("flash", "--port", "/dev/ttyUSB0", "--config", str(tmp_path / "missing.json"), "--dry-run")
+    assert out.returncode == 2 and "cannot read" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_bad_arguments_are_clear_errors() -> None:
+    out = run("emulate", "--count", "0", "--broker", "127.0.0.1:1883")
+    assert out.returncode == 2 and "positive integer" in out.stderr and "Traceback" not in out.stderr
+    out = run("emulate", "--broker", "nohostport", "--readings", "1")
+    assert out.returncode == 2 and "HOST:PORT" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.skipif(shutil.which("qemu-system-xtensa") is not None, reason="QEMU is installed here")
+def test_qemu_absent_is_one_clear_line() -> None:
+    out = run("qemu")
+    assert out.returncode == 2 and len(out.stdout.strip().splitlines()) == 1 and "qemu-system-xtensa" in out.stdout
+
+
+def test_emulate_runs_a_fleet_until_done(tmp_path: Path) -> None:
+    with Mosquitto(tmp_path / "broker") as broker:
+        seen: list[tuple[str, bytes]] = []
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+        client.on_message = lambda c, u, m: seen.append((m.topic, m.payload))
+        client.connect(broker.host, broker.port)
+        client.subscribe("tern/+/+/telemetry", 1)
+        client.loop_start()
+        try:
+            out = run(
+                "emulate", "--count", "2", "--broker", broker.address, "--site", "cli", "--interval-ms", "50",
+                "--readings", "5", "--workdir", str(tmp_path / "nodes"), "--exit-when-done", timeout=45,
+            )
+            assert out.returncode == 0, out.stdout + out.stderr
+            deadline = time.monotonic() + 5
+            while len(seen) < 10 and time.monotonic() < deadline:
+                time.sleep(0.05)
+        finally:
+            client.loop_stop()
+            client.disconnect()
+    for device in ("node-1", "node-2"):
+        got = [decode_reading(p, topic_device=device).seq for t, p in seen if t == f"tern/cli/{device}/telemetry"]
+        assert got == [1, 2, 3, 4, 5]
