@@ -1,0 +1,468 @@
+"""The cloud bridge: gateway batches on MQTT → reading records in Kafka, losslessly.
+
+The one rule everything here serves: **an MQTT message is acknowledged (PUBACK) only after
+Kafka has acknowledged what it carried.** Until then the broker's persistent session keeps
+it and redelivers it if the bridge dies, so a crash, a Kafka outage or a restart costs at
+most duplicates, never data.
+
+Threads: paho runs its network thread (``loop_start``) and only enqueues received messages
+onto the asyncio loop (``call_soon_threadsafe``). The asyncio side owns the Kafka producer
+and handles batches strictly one at a time, in receive order, so PUBACKs leave in receive
+order as MQTT requires. In-flight work is bounded by the broker: it sends a client at most
+``max_inflight_messages`` unacknowledged QoS 1 messages, and we do not ack until done.
+
+Poison input (a payload that is not a valid batch, a topic that is not a batch topic) is
+written raw to the dead-letter topic with its MQTT metadata and then acknowledged: it can
+never succeed, and holding it would stall every gateway behind it. Payloads above
+``deadletter_max_bytes`` are stored truncated, with their size and SHA-256 in headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+
+from cloud.config import BridgeConfig
+from cloud.kafka_sink import KafkaSink, KafkaWriteError
+from tern import codec, topics
+from tern.errors import CodecError, TernError
+
+log = logging.getLogger("tern.bridge")
+
+
+class BridgeError(TernError, RuntimeError):
+    """The bridge could not start (or died); the message says why."""
+
+
+class _Stale(Exception):
+    """Internal: the delivery's connection is gone; give it up (the broker redelivers it)."""
+
+
+@dataclass(slots=True, eq=False)  # identity, not value: two redeliveries are two items
+class _Delivery:
+    """One MQTT message as received, with the connection generation it arrived on."""
+
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    dup: bool
+    mid: int
+    generation: int
+    received_ms: int
+    received_mono: float
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Bridge:
+    """One bridge instance. ``await Bridge(config).run(stop)`` runs it until ``stop`` is set.
+
+    Counters (see :meth:`stats`) follow EMQX's data-integration metrics: ``matched`` batches
+    received, ``records_written``, ``batches_confirmed``, ``deadlettered``, ``retries`` of
+    failed Kafka writes, ``inflight`` messages received but not yet acknowledged.
+    """
+
+    def __init__(self, config: BridgeConfig) -> None:
+        self.config = config
+        self._counters: Counter[str] = Counter()
+        self._inflight: list[_Delivery] = []  # received, not yet acked; oldest first
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queue: asyncio.Queue[_Delivery] | None = None
+        self._client: mqtt.Client | None = None
+        self._sink: KafkaSink | None = None
+        # A PUBACK names a packet id, and ids are only meaningful on the connection that
+        # delivered the message: after a reconnect the broker resends unacked messages and
+        # may reuse an acked id for another message. So every delivery remembers its
+        # connection generation and is acked only on that same connection; stale ones are
+        # dropped here because the broker redelivers them on the new connection.
+        self._ack_lock = threading.Lock()
+        self._generation = 0
+        self._connected = threading.Event()
+        self._subscribed = threading.Event()
+        self._connect_error: str | None = None
+
+    # --- public ---------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """A snapshot of the counters (safe to call from any thread)."""
+        snapshot: dict[str, Any] = {
+            name: self._counters.get(name, 0)
+            for name in (
+                "matched",
+                "records_written",
+                "batches_confirmed",
+                "deadlettered",
+                "retries",
+                "kafka_failures",
+                "duplicates_received",
+                "stale_dropped",
+                "mqtt_connects",
+                "mqtt_disconnects",
+            )
+        }
+        inflight = list(self._inflight)
+        snapshot["batches_received"] = snapshot["matched"]
+        snapshot["inflight"] = len(inflight)
+        snapshot["oldest_unacked_age_s"] = round(time.monotonic() - inflight[0].received_mono, 3) if inflight else 0.0
+        snapshot["mqtt_connected"] = self._connected.is_set()
+        return snapshot
+
+    async def run(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
+        """Connect, bridge until ``stop`` is set, then shut down; ``ready`` is set once running.
+
+        Raises BridgeError if MQTT or Kafka cannot be reached at start-up (within
+        ``config.connect_timeout_s``). After start-up, outages are ridden out: MQTT
+        reconnects with backoff, Kafka writes are retried with backoff.
+        """
+        self._loop = asyncio.get_running_loop()
+        self._queue = asyncio.Queue()
+        self._subscribed.clear()
+        self._connect_error = None
+        sink = KafkaSink(self.config)
+        try:
+            await sink.start(check_topics=(self.config.readings_topic, self.config.deadletter_topic))
+        except KafkaWriteError as exc:
+            raise BridgeError(str(exc)) from None
+        self._sink = sink
+        worker: asyncio.Task | None = None
+        try:
+            await self._connect_mqtt(stop)
+            worker = asyncio.create_task(self._work(), name="tern-bridge-worker")
+            log.info("bridge %s running: %s -> %s", self.config.name, self.config.mqtt_broker, self.config.kafka_bootstrap)
+            if ready is not None:
+                ready.set()
+            stopper = asyncio.create_task(stop.wait())
+            await asyncio.wait({worker, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            stopper.cancel()
+            if worker.done():
+                worker.result()  # a crash of the worker is a bug: surface it
+                raise BridgeError("bridge worker ended unexpectedly")
+        finally:
+            # Stop taking deliveries first; whatever is unacked stays in the broker's
+            # session and is redelivered to the next bridge with this name.
+            if worker is not None:
+                worker.cancel()
+                try:
+                    await worker
+                except (asyncio.CancelledError, Exception):
+                    pass
+            self._disconnect_mqtt()
+            await sink.stop()
+            self._sink = None
+
+    # --- MQTT (paho's thread) -------------------------------------------------------
+
+    async def _connect_mqtt(self, stop: asyncio.Event) -> None:
+        cfg = self.config
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=cfg.client_id,
+            clean_session=False,
+            protocol=mqtt.MQTTv311,
+            manual_ack=True,
+        )
+        if cfg.mqtt_username:
+            client.username_pw_set(cfg.mqtt_username, cfg.mqtt_password)
+        client.reconnect_delay_set(1, 30)
+        # Outgoing confirms are QoS 1 and small; paho's default window of 20 would make
+        # them queue behind each other under load.
+        client.max_inflight_messages_set(1000)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_subscribe = self._on_subscribe
+        client.on_message = self._on_message
+        self._client = client
+        host, port = cfg.mqtt_address
+        try:
+            client.connect_async(host, port, keepalive=cfg.mqtt_keepalive_s)
+        except (OSError, ValueError) as exc:
+            raise BridgeError(f"cannot connect to MQTT broker {cfg.mqtt_broker}: {exc}") from None
+        client.loop_start()
+        deadline = time.monotonic() + cfg.connect_timeout_s
+        while not self._subscribed.is_set():
+            if self._connect_error:
+                self._disconnect_mqtt()
+                raise BridgeError(f"MQTT broker {cfg.mqtt_broker} refused the bridge: {self._connect_error}")
+            if time.monotonic() > deadline:
+                self._disconnect_mqtt()
+                raise BridgeError(f"no MQTT connection to {cfg.mqtt_broker} within {cfg.connect_timeout_s:.0f} s")
+            if stop.is_set():
+                self._disconnect_mqtt()
+                raise BridgeError("stopped before the MQTT connection was up")
+            await asyncio.sleep(0.02)
+
+    def _disconnect_mqtt(self) -> None:
+        client, self._client = self._client, None
+        if client is None:
+            return
+        with self._ack_lock:
+            self._generation += 1  # nothing received so far may be acked any more
+        try:
+            client.disconnect()
+        finally:
+            client.loop_stop()
+        self._connected.clear()
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        if reason.is_failure:
+            self._connect_error = str(reason)
+            log.warning("MQTT connect to %s failed: %s", self.config.mqtt_broker, reason)
+            return
+        with self._ack_lock:
+            self._generation += 1
+        self._counters["mqtt_connects"] += 1
+        self._connected.set()
+        # The persistent session usually still holds the subscription, but a broker that
+        # lost its state (or a first start) needs it: always (re)subscribe.
+        client.subscribe(topics.BATCH_FILTER, qos=1)
+        log.info("MQTT connected to %s (session present: %s)", self.config.mqtt_broker, flags.session_present)
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, properties: Any) -> None:
+        if any(r.is_failure for r in reasons):
+            self._connect_error = f"subscription to {topics.BATCH_FILTER} refused: {reasons}"
+            log.error("%s", self._connect_error)
+            return
+        self._subscribed.set()
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        with self._ack_lock:
+            self._generation += 1
+        self._connected.clear()
+        self._counters["mqtt_disconnects"] += 1
+        log.warning("MQTT disconnected from %s: %s", self.config.mqtt_broker, reason)
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        # paho's thread: record and hand over, nothing else (a slow callback here would
+        # stall keepalives for the whole connection).
+        delivery = _Delivery(
+            topic=message.topic,
+            payload=bytes(message.payload),
+            qos=message.qos,
+            retain=bool(message.retain),
+            dup=bool(message.dup),
+            mid=message.mid,
+            generation=self._generation,
+            received_ms=_now_ms(),
+            received_mono=time.monotonic(),
+        )
+        loop, queue = self._loop, self._queue
+        if loop is None or queue is None or loop.is_closed():
+            return  # shutting down: not acked, so the broker redelivers it
+        try:
+            loop.call_soon_threadsafe(self._enqueue, delivery)
+        except RuntimeError:
+            pass  # loop closed between the check and the call: same as above
+
+    def _enqueue(self, delivery: _Delivery) -> None:
+        assert self._queue is not None
+        self._counters["matched"] += 1
+        if delivery.dup:
+            self._counters["duplicates_received"] += 1
+        self._inflight.append(delivery)
+        self._queue.put_nowait(delivery)
+
+    # --- the worker (asyncio) -------------------------------------------------------
+
+    async def _work(self) -> None:
+        assert self._queue is not None
+        while True:
+            delivery = await self._queue.get()
+            try:
+                if delivery.generation != self._generation:
+                    # Arrived on a connection that is gone: the broker redelivers it on
+                    # the current one, and acking its old packet id could ack another.
+                    self._counters["stale_dropped"] += 1
+                    continue
+                await self._handle(delivery)
+            except _Stale:
+                self._counters["stale_dropped"] += 1
+            finally:
+                try:
+                    self._inflight.remove(delivery)
+                except ValueError:
+                    pass
+
+    async def _handle(self, delivery: _Delivery) -> None:
+        try:
+            gateway = topics.parse_batch_topic(delivery.topic)
+            batch = codec.decode_batch(delivery.payload, topic_gateway=gateway)
+        except CodecError as exc:
+            await self._write_with_retry(delivery, [self._deadletter_record(delivery, str(exc))])
+            self._counters["deadlettered"] += 1
+            log.warning("dead-lettered %d bytes from %s: %s", len(delivery.payload), delivery.topic, exc)
+            self._ack(delivery)
+            return
+        now = _now_ms()
+        records = [codec.kafka_record(r, batch.gateway, self.config.readings_topic, now) for r in batch.readings]
+        await self._write_with_retry(delivery, records)
+        self._counters["records_written"] += len(records)
+        if self._ack(delivery):
+            self._confirm(codec.Confirm(batch.gateway, batch.bseq, len(records)))
+
+    async def _write_with_retry(self, delivery: _Delivery, records: list[codec.KafkaRecord]) -> None:
+        """Write until Kafka acknowledges all of ``records``; only cancellation stops it."""
+        assert self._sink is not None
+        delay = self.config.retry_initial_s
+        while True:
+            if delivery.generation != self._generation:
+                # The connection it came on is gone, so it cannot be acked any more and
+                # is being redelivered: writing it now would only add a duplicate.
+                raise _Stale()
+            try:
+                await self._sink.write(records)
+                return
+            except KafkaWriteError as exc:
+                self._counters["kafka_failures"] += 1
+                log.warning("Kafka write of %d records from %s failed (%s); retrying in %.1f s", len(records), delivery.topic, exc, delay)
+            await asyncio.sleep(delay)
+            self._counters["retries"] += 1
+            delay = min(delay * 2, self.config.retry_max_s)
+
+    def _deadletter_record(self, delivery: _Delivery, error: str) -> codec.KafkaRecord:
+        payload = delivery.payload
+        limit = self.config.deadletter_max_bytes
+        headers = [
+            ("source_topic", delivery.topic.encode(errors="replace")),
+            ("error", error.encode()[:1000]),
+            ("mqtt_qos", str(delivery.qos).encode()),
+            ("mqtt_retain", b"1" if delivery.retain else b"0"),
+            ("mqtt_dup", b"1" if delivery.dup else b"0"),
+            ("mqtt_mid", str(delivery.mid).encode()),
+            ("received_ms", str(delivery.received_ms).encode()),
+            ("bridge", self.config.client_id.encode()),
+        ]
+        if len(payload) > limit:
+            # Kafka would refuse the whole payload (and retrying a refused record would
+            # stall every gateway): keep a prefix and say loudly what was cut.
+            headers += [
+                ("truncated", b"1"),
+                ("original_bytes", str(len(payload)).encode()),
+                ("original_sha256", hashlib.sha256(payload).hexdigest().encode()),
+            ]
+            payload = payload[:limit]
+        # Keyed by source topic, so one gateway's poison stays in order in one partition.
+        return codec.KafkaRecord(
+            topic=self.config.deadletter_topic,
+            key=delivery.topic.encode(errors="replace"),
+            value=payload,
+            headers=tuple(headers),
+        )
+
+    def _ack(self, delivery: _Delivery) -> bool:
+        """PUBACK ``delivery`` if its connection is still the current one; True if sent."""
+        client = self._client
+        with self._ack_lock:
+            if client is None or delivery.generation != self._generation:
+                self._counters["stale_dropped"] += 1
+                return False
+            rc = client.ack(delivery.mid, delivery.qos)
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            log.warning("PUBACK for mid %d not sent (%s): the broker will redeliver it", delivery.mid, rc)
+            return False
+        return True
+
+    def _confirm(self, confirm: codec.Confirm) -> None:
+        client = self._client
+        if client is None:
+            return
+        # paho queues QoS 1 publishes while disconnected and sends them after reconnect; a
+        # confirm that is lost anyway only makes the gateway resend (a duplicate, no loss).
+        client.publish(topics.confirm_topic(confirm.gateway), codec.encode_confirm(confirm), qos=1)
+        self._counters["batches_confirmed"] += 1
+
+
+class BridgeThread:
+    """A :class:`Bridge` on its own thread and event loop, for synchronous callers.
+
+    ``start()`` returns once the bridge is connected to MQTT and Kafka (or raises
+    BridgeError); ``stop()`` shuts it down. Use as a context manager in tests and demos.
+    """
+
+    def __init__(self, config: BridgeConfig) -> None:
+        self.config = config
+        self.bridge = Bridge(config)
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._started = threading.Event()
+        self._error: BaseException | None = None
+
+    def start(self, timeout: float | None = None) -> "BridgeThread":
+        """Start the bridge and wait until it runs; raise BridgeError if it cannot."""
+        if self._thread is not None:
+            raise BridgeError("bridge thread already started")
+        self._thread = threading.Thread(target=self._main, name=f"tern-bridge-{self.config.name}", daemon=True)
+        self._thread.start()
+        limit = timeout if timeout is not None else self.config.connect_timeout_s * 2 + 5
+        if not self._started.wait(limit):
+            self.stop()
+            raise BridgeError(f"bridge did not start within {limit:.0f} s")
+        if self._error is not None:
+            self._thread.join(5)
+            error = self._error
+            raise error if isinstance(error, BridgeError) else BridgeError(str(error))
+        return self
+
+    def _main(self) -> None:
+        async def main() -> None:
+            self._loop = asyncio.get_running_loop()
+            self._stop = asyncio.Event()
+            ready = asyncio.Event()
+            run = asyncio.create_task(self.bridge.run(self._stop, ready))
+            readiness = asyncio.create_task(ready.wait())
+            await asyncio.wait({run, readiness}, return_when=asyncio.FIRST_COMPLETED)
+            readiness.cancel()
+            if run.done():
+                await run  # raises the start-up error, before start() is released
+            self._started.set()
+            await run
+
+        try:
+            asyncio.run(main())
+        except BaseException as exc:  # reported to start(); after start, logged
+            self._error = exc
+            if self._started.is_set():
+                log.error("bridge %s stopped with an error: %s", self.config.name, exc)
+        finally:
+            self._started.set()
+
+    def stop(self, timeout: float = 10) -> None:
+        """Stop the bridge and wait up to ``timeout`` seconds for it to finish."""
+        loop, stop, thread = self._loop, self._stop, self._thread
+        if loop is not None and stop is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(stop.set)
+            except RuntimeError:
+                pass  # loop already closed: the bridge has ended
+        if thread is not None:
+            thread.join(timeout)
+            if thread.is_alive():
+                raise BridgeError(f"bridge {self.config.name} did not stop within {timeout:.0f} s")
+
+    def stats(self) -> dict[str, Any]:
+        """The bridge's counters (see :meth:`Bridge.stats`)."""
+        return self.bridge.stats()
+
+    @property
+    def error(self) -> BaseException | None:
+        """The exception the bridge ended with, if any."""
+        return self._error
+
+    def __enter__(self) -> "BridgeThread":
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()

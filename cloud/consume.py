@@ -1,0 +1,143 @@
+"""Read a Kafka topic from the beginning: for tests, the demo and ``tern-bridge consume``.
+
+No consumer group and no offset commits: every call reads the topic afresh, assigning
+all of its partitions itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from tern import codec
+from tern.errors import CodecError, TernError
+
+
+class ConsumeError(TernError, RuntimeError):
+    """The topic could not be read; the message says why."""
+
+
+@dataclass(frozen=True)
+class ConsumedRecord:
+    """One Kafka record as read back.
+
+    ``value`` is the decoded reading (:func:`tern.codec.decode_kafka_value`) or None when
+    the raw bytes are not a reading (a dead-letter record, say); ``raw`` always holds them.
+    """
+
+    topic: str
+    partition: int
+    offset: int
+    key: str | None
+    headers: dict[str, bytes]
+    raw: bytes
+    value: dict[str, Any] | None
+    timestamp_ms: int
+    decode_error: str | None = field(default=None)
+
+    @property
+    def identity(self) -> tuple[str, str, int] | None:
+        """(device, boot, seq) of a reading record, the key to de-duplicate on."""
+        if self.value is None:
+            return None
+        return (self.value["device"], self.value["boot"], self.value["seq"])
+
+
+def _convert(msg: Any) -> ConsumedRecord:
+    raw = msg.value if msg.value is not None else b""
+    value: dict[str, Any] | None = None
+    error: str | None = None
+    try:
+        value = codec.decode_kafka_value(raw)
+    except CodecError as exc:
+        error = str(exc)
+    return ConsumedRecord(
+        topic=msg.topic,
+        partition=msg.partition,
+        offset=msg.offset,
+        key=msg.key.decode(errors="replace") if msg.key is not None else None,
+        headers={k: bytes(v) for k, v in (msg.headers or ())},
+        raw=bytes(raw),
+        value=value,
+        timestamp_ms=msg.timestamp,
+        decode_error=error,
+    )
+
+
+async def read_records(
+    bootstrap: str,
+    topic: str,
+    *,
+    until: Callable[[Sequence[ConsumedRecord]], bool] | None = None,
+    timeout_s: float = 10.0,
+    max_records: int | None = None,
+) -> list[ConsumedRecord]:
+    """Read ``topic`` from its beginning.
+
+    Stops when ``until(records_so_far)`` is true, or, with ``until`` None, once every
+    partition has been read up to the end it had when reading began; also at
+    ``max_records`` or when ``timeout_s`` runs out (then returns what it has: the caller
+    decides whether that is enough). Records are in partition order within a partition.
+    """
+    deadline = time.monotonic() + timeout_s
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        request_timeout_ms=max(1000, int(min(timeout_s, 30) * 1000)),
+    )
+    try:
+        await asyncio.wait_for(consumer.start(), max(0.1, deadline - time.monotonic()))
+    except Exception as exc:  # aiokafka raises several kinds when Kafka is unreachable
+        await consumer.stop()
+        raise ConsumeError(f"cannot reach Kafka at {bootstrap}: {type(exc).__name__}: {exc}") from None
+    records: list[ConsumedRecord] = []
+    try:
+        partitions = None
+        while partitions is None and time.monotonic() < deadline:
+            partitions = consumer.partitions_for_topic(topic)
+            if partitions is None:
+                await consumer._client.force_metadata_update()  # no public "wait for topic"
+                partitions = consumer.partitions_for_topic(topic)
+                if partitions is None:
+                    await asyncio.sleep(0.1)
+        if not partitions:
+            raise ConsumeError(f"Kafka topic {topic!r} not found at {bootstrap}")
+        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps) if until is None else {}
+        positions = {tp: 0 for tp in tps}
+
+        def finished() -> bool:
+            if max_records is not None and len(records) >= max_records:
+                return True
+            if until is not None:
+                return until(records)
+            return all(positions[tp] >= ends[tp] for tp in tps)
+
+        while not finished():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            batches = await consumer.getmany(timeout_ms=int(min(left, 0.5) * 1000))
+            for tp, msgs in batches.items():
+                for msg in msgs:
+                    records.append(_convert(msg))
+                    positions[tp] = msg.offset + 1
+                    if max_records is not None and len(records) >= max_records:
+                        break
+    finally:
+        await consumer.stop()
+    return records
+
+
+def read_all(bootstrap: str, topic: str, timeout_s: float = 10.0, expect: int | None = None) -> list[ConsumedRecord]:
+    """Synchronous :func:`read_records`: with ``expect``, wait until that many records exist."""
+    until = None if expect is None else (lambda records: len(records) >= expect)
+    return asyncio.run(read_records(bootstrap, topic, until=until, timeout_s=timeout_s))

@@ -1,0 +1,476 @@
+"""The cloud bridge against a real mosquitto and a real Kafka-protocol broker (Tansu or $KAFKA_BOOTSTRAP).
+
+The test plays the gateway: a paho client publishes batch envelopes on the cloud broker and
+waits for the bridge's confirms; what the bridge wrote is read back from Kafka.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import threading
+import time
+import uuid
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from cloud.bridge import BridgeError, BridgeThread
+from cloud.cli import main as cli_main
+from cloud.config import BridgeConfig
+from cloud.consume import ConsumedRecord, read_all
+from tern import codec, topics
+from tern.errors import ConfigError
+from tern.stack import Mosquitto, Tansu, ensure_topics, free_port
+from faultproxy import FaultProxy
+
+BOOT = "a1b2c3d4"
+
+
+# --- helpers ---------------------------------------------------------------------------
+
+
+class FakeGateway:
+    """The gateway's cloud side: publishes batches (QoS 1) and collects the bridge's confirms."""
+
+    def __init__(self, broker: Mosquitto, gateway: str, persistent: bool = False) -> None:
+        self.gateway = gateway
+        self.confirms: dict[int, list[codec.Confirm]] = defaultdict(list)
+        self._cond = threading.Condition()
+        self._subscribed = threading.Event()
+        # persistent: a session that survives a broker restart, so no confirm is missed
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=f"test-gw-{gateway}-{uuid.uuid4().hex[:6]}", clean_session=not persistent
+        )
+        self.client.reconnect_delay_set(0.2, 1)
+        self.client.max_inflight_messages_set(1000)
+        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topics.confirm_topic(gateway), qos=1)
+        self.client.on_subscribe = lambda *a: self._subscribed.set()
+        self.client.on_message = self._on_message
+        self.client.connect(broker.host, broker.port)
+        self.client.loop_start()
+        assert self._subscribed.wait(10), "gateway could not subscribe to its confirm topic"
+
+    def _on_message(self, client, userdata, message) -> None:
+        confirm = codec.decode_confirm(message.payload)
+        with self._cond:
+            self.confirms[confirm.bseq].append(confirm)
+            self._cond.notify_all()
+
+    def publish(self, batch: codec.Batch) -> None:
+        self.publish_raw(topics.batch_topic(batch.gateway), codec.encode_batch(batch))
+
+    def publish_raw(self, topic: str, payload: bytes) -> None:
+        info = self.client.publish(topic, payload, qos=1)
+        info.wait_for_publish(10)  # PUBACK from the broker: the broker has it
+        assert info.is_published()
+
+    def wait_confirms(self, bseqs: Iterable[int], timeout: float) -> None:
+        wanted = set(bseqs)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not wanted <= self.confirms.keys():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    missing = sorted(wanted - self.confirms.keys())
+                    raise AssertionError(f"no confirm for bseq {missing[:10]} after {timeout} s")
+                self._cond.wait(left)
+
+    def assert_no_confirm(self, bseq: int, within: float) -> None:
+        deadline = time.monotonic() + within
+        with self._cond:
+            while bseq not in self.confirms:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self._cond.wait(left)
+        raise AssertionError(f"batch {bseq} was confirmed during the outage: {self.confirms[bseq]}")
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def make_batch(gateway: str, bseq: int, devices: list[str], per_device: int, first_seq: int) -> codec.Batch:
+    """A batch with ``per_device`` readings for each device, seqs from ``first_seq``, interleaved."""
+    now = int(time.time() * 1000)
+    readings = [
+        codec.Reading(
+            device=dev,
+            boot=BOOT,
+            seq=seq,
+            ts_ms=now,
+            values={"t": 20.0 + seq / 10, "n": seq},
+            site="site1",
+            received_ms=now,
+        )
+        for seq in range(first_seq, first_seq + per_device)
+        for dev in devices
+    ]
+    return codec.Batch(gateway=gateway, bseq=bseq, sent_ms=now, readings=tuple(readings))
+
+
+def bridge_config(broker: Mosquitto, bootstrap: str, kafka_topics: dict[str, str], **extra) -> BridgeConfig:
+    return BridgeConfig(
+        name=f"t{uuid.uuid4().hex[:8]}",
+        mqtt_broker=broker.address,
+        kafka_bootstrap=bootstrap,
+        readings_topic=kafka_topics["readings"],
+        deadletter_topic=kafka_topics["deadletter"],
+        connect_timeout_s=10,
+        **extra,
+    )
+
+
+def assert_per_device_order(records: list[ConsumedRecord]) -> None:
+    """Each device's records sit in one partition and its seqs never go backwards there
+    (first occurrences; a retried batch may repeat records, which consumers de-duplicate)."""
+    by_device: dict[str, list[ConsumedRecord]] = defaultdict(list)
+    for rec in records:
+        by_device[rec.key].append(rec)
+    for device, recs in by_device.items():
+        assert len({r.partition for r in recs}) == 1, f"{device} spread over partitions"
+        seen: set[int] = set()
+        first = []
+        for rec in sorted(recs, key=lambda r: r.offset):
+            if rec.value["seq"] not in seen:
+                seen.add(rec.value["seq"])
+                first.append(rec.value["seq"])
+        assert first == sorted(first), f"{device} out of order: {first}"
+
+
+def check_reading_record(rec: ConsumedRecord, gateway: str) -> None:
+    assert rec.value is not None, rec.decode_error
+    assert rec.key == rec.value["device"]
+    assert rec.headers["device"] == rec.value["device"].encode()
+    assert rec.headers["gateway"] == gateway.encode() == rec.value["gateway"].encode()
+    assert rec.headers["boot"] == rec.value["boot"].encode() == BOOT.encode()
+    assert rec.headers["seq"] == str(rec.value["seq"]).encode()
+
+
+@pytest.fixture
+def gateway_factory() -> Iterator[Callable[[Mosquitto, str], FakeGateway]]:
+    made: list[FakeGateway] = []
+
+    def make(broker: Mosquitto, gateway: str, persistent: bool = False) -> FakeGateway:
+        gw = FakeGateway(broker, gateway, persistent)
+        made.append(gw)
+        return gw
+
+    yield make
+    for gw in made:
+        gw.close()
+
+
+# --- the happy path ------------------------------------------------------------------
+
+
+def test_batches_land_in_kafka_keyed_ordered_then_confirmed(mosquitto, kafka_bootstrap, kafka_topics, gateway_factory):
+    devices = ["dev-a", "dev-b", "dev-c", "dev-d"]
+    with BridgeThread(bridge_config(mosquitto, kafka_bootstrap, kafka_topics)) as bridge:
+        gw = gateway_factory(mosquitto, "gw1")
+
+        # Confirm only after the records are in Kafka: the moment batch 1 is confirmed,
+        # a reader sees all of its records.
+        gw.publish(make_batch("gw1", 1, devices, per_device=5, first_seq=0))
+        gw.wait_confirms([1], timeout=15)
+        first = read_all(kafka_bootstrap, kafka_topics["readings"], timeout_s=10)
+        assert len(first) == 20
+
+        for bseq in range(2, 11):
+            gw.publish(make_batch("gw1", bseq, devices, per_device=5, first_seq=(bseq - 1) * 5))
+        gw.wait_confirms(range(1, 11), timeout=20)
+        stats = bridge.stats()
+
+    records = read_all(kafka_bootstrap, kafka_topics["readings"], timeout_s=10)
+    # Nothing failed in this run, so nothing was retried: exactly once.
+    assert len(records) == 200
+    assert sorted(r.identity for r in records) == sorted((d, BOOT, s) for d in devices for s in range(50))
+    for rec in records:
+        check_reading_record(rec, "gw1")
+    assert_per_device_order(records)
+    assert all(c.count == 20 and c.gateway == "gw1" for cs in gw.confirms.values() for c in cs)
+    assert stats["matched"] == stats["batches_received"] == 10
+    assert stats["records_written"] == 200
+    assert stats["batches_confirmed"] == 10
+    assert stats["inflight"] == 0 and stats["deadlettered"] == 0
+
+
+# --- poison input --------------------------------------------------------------------
+
+
+def test_poison_is_deadlettered_and_the_bridge_keeps_going(mosquitto, kafka_bootstrap, kafka_topics, gateway_factory):
+    mismatched = codec.encode_batch(make_batch("other-gw", 7, ["dev-x"], 1, 0))
+    poison = [
+        (topics.batch_topic("gw2"), b"not zlib at all"),
+        # a valid envelope, but from another gateway than the topic says
+        (topics.batch_topic("gw2"), mismatched),
+        # the topic's gateway id is not a valid id
+        ("tern-gw/-bad-/batch", codec.encode_batch(make_batch("gw2", 8, ["dev-x"], 1, 0))),
+        # over the 1 MiB envelope limit (and over Kafka's default record limit)
+        (topics.batch_topic("gw2"), os.urandom(codec.MAX_BATCH_BYTES + 1)),
+    ]
+    with BridgeThread(bridge_config(mosquitto, kafka_bootstrap, kafka_topics)) as bridge:
+        gw = gateway_factory(mosquitto, "gw2")
+        for topic, payload in poison:
+            gw.publish_raw(topic, payload)
+        gw.publish(make_batch("gw2", 1, ["dev-y"], per_device=3, first_seq=0))
+        gw.wait_confirms([1], timeout=15)
+        stats = bridge.stats()
+
+    dead = read_all(kafka_bootstrap, kafka_topics["deadletter"], timeout_s=10, expect=4)
+    assert len(dead) == 4
+    limit = BridgeConfig().deadletter_max_bytes
+    assert sorted((r.headers["source_topic"], r.raw) for r in dead) == sorted((t.encode(), p[:limit]) for t, p in poison)
+    big = next(r for r in dead if len(r.raw) == limit)
+    assert big.headers["truncated"] == b"1"
+    assert big.headers["original_bytes"] == str(codec.MAX_BATCH_BYTES + 1).encode()
+    assert big.headers["original_sha256"] == hashlib.sha256(poison[-1][1]).hexdigest().encode()
+    for rec in dead:
+        assert rec.headers["error"]
+        assert rec.headers["mqtt_qos"] == b"1"
+        assert rec.headers["mqtt_retain"] == b"0"
+        assert rec.headers["mqtt_dup"] in (b"0", b"1")
+        assert int(rec.headers["mqtt_mid"]) > 0
+        assert abs(int(rec.headers["received_ms"]) - time.time() * 1000) < 120_000
+    assert b"other-gw" in next(r for r in dead if r.raw == mismatched).headers["error"]
+    good = read_all(kafka_bootstrap, kafka_topics["readings"], timeout_s=10, expect=3)
+    assert sorted(r.value["seq"] for r in good) == [0, 1, 2]
+    assert set(gw.confirms) == {1}  # poison is never confirmed
+    assert stats["deadlettered"] == 4 and stats["batches_confirmed"] == 1
+    assert stats["inflight"] == 0  # poison was acknowledged (PUBACK) after the dead-letter write
+
+
+# --- Kafka outages -------------------------------------------------------------------
+
+
+class ProxiedTansu(Tansu):
+    """Tansu that advertises the fault proxy's address, so every client connection
+    (bootstrap and partition leader alike) goes through the proxy."""
+
+    def __init__(self, workdir: Path, advertised_port: int) -> None:
+        super().__init__(workdir)
+        self.advertised_port = advertised_port
+
+    def command(self):
+        from tern.toolchain import tansu_binary
+
+        return [
+            str(tansu_binary()),
+            "broker",
+            "--listener-url",
+            f"tcp://{self.host}:{self.port}",
+            "--advertised-listener-url",
+            f"tcp://{self.host}:{self.advertised_port}",
+        ]
+
+
+@pytest.fixture
+def proxied_kafka(tmp_path: Path) -> Iterator[tuple[FaultProxy, str]]:
+    """A private Tansu behind a fault proxy; yields (proxy, bootstrap through the proxy).
+
+    Always a private Tansu, also when KAFKA_BOOTSTRAP names a real cluster: a fault proxy
+    only works if the broker advertises the proxy's address.
+    """
+    tansu_port = free_port()
+    proxy = FaultProxy("127.0.0.1", tansu_port).start()
+    tansu = ProxiedTansu(tmp_path / "tansu", advertised_port=proxy.port)
+    tansu.port = tansu_port
+    try:
+        tansu.start()
+        yield proxy, proxy.address
+    finally:
+        tansu.stop()
+        proxy.stop()
+
+
+def test_kafka_outage_holds_the_puback_and_confirm(mosquitto, proxied_kafka, gateway_factory):
+    """Blackholed and refused Kafka: no confirm, no PUBACK; after the outage every record
+    arrives exactly once (nothing reached Kafka during the outage, so the retry is the
+    only copy; in general the bridge guarantees at-least-once)."""
+    proxy, bootstrap = proxied_kafka
+    names = {"readings": "out.readings", "deadletter": "out.deadletter"}
+    asyncio.run(ensure_topics(bootstrap, list(names.values())))
+    config = bridge_config(
+        mosquitto, bootstrap, names, request_timeout_ms=2000, retry_initial_s=0.5, retry_max_s=1.0
+    )
+    gw = gateway_factory(mosquitto, "gw3")
+    devs = ["dev-1", "dev-2"]
+
+    bridge = BridgeThread(config).start()
+    try:
+        gw.publish(make_batch("gw3", 1, devs, 2, 0))
+        gw.wait_confirms([1], timeout=15)
+
+        # Hang-style outage: connections stay open, bytes vanish.
+        proxy.set_mode("blackhole")
+        gw.publish(make_batch("gw3", 2, devs, 2, 2))
+        gw.assert_no_confirm(2, within=4)
+        deadline = time.monotonic() + 10  # request_timeout_ms=2000: a failed attempt is due
+        while bridge.stats()["kafka_failures"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stats = bridge.stats()
+        assert stats["kafka_failures"] >= 1, stats
+        assert stats["inflight"] == 1 and stats["oldest_unacked_age_s"] > 3, stats  # held, not acknowledged
+        proxy.set_mode("pass")
+        gw.wait_confirms([2], timeout=20)
+
+        # Refused connections.
+        proxy.set_mode("refuse")
+        gw.publish(make_batch("gw3", 3, devs, 2, 4))
+        gw.assert_no_confirm(3, within=3)
+        proxy.set_mode("pass")
+        gw.wait_confirms([3], timeout=20)
+
+        # Outage, then the bridge stops: the batch was never PUBACKed, so the broker
+        # redelivers it to the next bridge with the same name.
+        proxy.set_mode("blackhole")
+        gw.publish(make_batch("gw3", 4, devs, 2, 6))
+        gw.assert_no_confirm(4, within=3)
+        t0 = time.monotonic()
+        bridge.stop(timeout=10)
+        assert time.monotonic() - t0 < 10
+    finally:
+        bridge.stop(timeout=10)
+    assert 4 not in gw.confirms
+    proxy.set_mode("pass")
+    with BridgeThread(config) as second:
+        gw.wait_confirms([4], timeout=20)
+        assert second.stats()["matched"] >= 1
+
+    records = read_all(bootstrap, names["readings"], timeout_s=10)
+    counts = defaultdict(int)
+    for rec in records:
+        counts[rec.identity] += 1
+    assert counts == {(d, BOOT, s): 1 for d in devs for s in range(8)}, counts
+    assert_per_device_order(records)
+
+
+def test_bridge_startup_fails_cleanly_without_kafka(mosquitto):
+    dead_port = free_port()
+    config = BridgeConfig(name="nokafka", mqtt_broker=mosquitto.address, kafka_bootstrap=f"127.0.0.1:{dead_port}", connect_timeout_s=3)
+    t0 = time.monotonic()
+    with pytest.raises(BridgeError, match="Kafka"):
+        BridgeThread(config).start()
+    assert time.monotonic() - t0 < 10
+
+
+def test_bridge_startup_fails_cleanly_without_mqtt(kafka_bootstrap, kafka_topics):
+    config = BridgeConfig(
+        name="nomqtt",
+        mqtt_broker=f"127.0.0.1:{free_port()}",
+        kafka_bootstrap=kafka_bootstrap,
+        readings_topic=kafka_topics["readings"],
+        deadletter_topic=kafka_topics["deadletter"],
+        connect_timeout_s=2,
+    )
+    t0 = time.monotonic()
+    with pytest.raises(BridgeError, match="MQTT"):
+        BridgeThread(config).start()
+    assert time.monotonic() - t0 < 10
+
+
+# --- restart mid-stream --------------------------------------------------------------
+
+
+def test_bridge_restart_mid_stream_loses_nothing(mosquitto, kafka_bootstrap, kafka_topics, gateway_factory):
+    """Stop the bridge while batches flow and keep publishing; the next bridge with the same
+    name gets the unacknowledged and the queued batches from its persistent session."""
+    devices = [f"dev-{i}" for i in range(5)]
+    total = 60
+    config = bridge_config(mosquitto, kafka_bootstrap, kafka_topics)
+    gw = gateway_factory(mosquitto, "gw4")
+    publisher_error: list[BaseException] = []
+
+    def publish_all() -> None:
+        try:
+            for bseq in range(1, total + 1):
+                gw.publish(make_batch("gw4", bseq, devices, per_device=4, first_seq=(bseq - 1) * 4))
+                time.sleep(0.01)  # a steady stream, so the stop lands mid-stream
+        except BaseException as exc:  # reported to the test thread
+            publisher_error.append(exc)
+
+    first = BridgeThread(config).start()
+    publisher = threading.Thread(target=publish_all)
+    try:
+        publisher.start()
+        gw.wait_confirms([5], timeout=15)
+    finally:
+        first.stop(timeout=10)
+    stopped_at = first.stats()["batches_confirmed"]  # exact: confirms still on the wire are counted
+    publisher.join(30)
+    assert not publisher.is_alive() and not publisher_error, publisher_error
+    assert stopped_at < total, "the stop did not land mid-stream"
+
+    with BridgeThread(config) as second:
+        gw.wait_confirms(range(1, total + 1), timeout=30)
+        second_stats = second.stats()
+
+    records = read_all(kafka_bootstrap, kafka_topics["readings"], timeout_s=15)
+    identities = [r.identity for r in records]
+    expected = {(d, BOOT, s) for d in devices for s in range(total * 4)}
+    assert set(identities) == expected  # at-least-once: nothing missing
+    duplicates = len(identities) - len(expected)
+    assert duplicates >= 0
+    for rec in records:
+        check_reading_record(rec, "gw4")
+    assert_per_device_order(records)
+    assert second_stats["matched"] >= total - stopped_at
+
+
+def test_bridge_rides_out_a_broker_restart(mosquitto, kafka_bootstrap, kafka_topics, gateway_factory):
+    """The cloud broker restarts while batches are in the bridge's hands: the bridge
+    reconnects, resubscribes, gets the unacknowledged batches again and confirms them all."""
+    devices = ["dev-r1", "dev-r2"]
+    gw = gateway_factory(mosquitto, "gw5", persistent=True)
+    with BridgeThread(bridge_config(mosquitto, kafka_bootstrap, kafka_topics)) as bridge:
+        for bseq in range(1, 31):
+            gw.publish(make_batch("gw5", bseq, devices, per_device=3, first_seq=(bseq - 1) * 3))
+        mosquitto.stop()  # graceful: mosquitto persists sessions and queued messages
+        mosquitto.start()
+        for bseq in range(31, 41):
+            deadline = time.monotonic() + 15
+            while True:  # the gateway's client reconnects on its own; retry until it has
+                try:
+                    gw.publish(make_batch("gw5", bseq, devices, per_device=3, first_seq=(bseq - 1) * 3))
+                    break
+                except (AssertionError, RuntimeError, ValueError):
+                    assert time.monotonic() < deadline, "gateway could not publish after the broker restart"
+                    time.sleep(0.2)
+        gw.wait_confirms(range(1, 41), timeout=30)
+        stats = bridge.stats()
+    assert stats["mqtt_connects"] >= 2, stats
+    records = read_all(kafka_bootstrap, kafka_topics["readings"], timeout_s=15)
+    assert {r.identity for r in records} == {(d, BOOT, s) for d in devices for s in range(120)}
+    assert_per_device_order(records)
+
+
+# --- configuration and CLI -------------------------------------------------------------
+
+
+def test_config_validation_and_env():
+    with pytest.raises(ConfigError, match="mqtt_broker"):
+        BridgeConfig(mqtt_broker="127.0.0.1:99999")
+    with pytest.raises(ConfigError, match="kafka_bootstrap"):
+        BridgeConfig(kafka_bootstrap="a:1,b:notaport")
+    with pytest.raises(ConfigError, match="readings_topic"):
+        BridgeConfig(readings_topic="bad topic")
+    with pytest.raises(ConfigError, match="name"):
+        BridgeConfig(name="has/slash")
+    config = BridgeConfig.from_env(
+        {"TERN_CLOUD_BROKER": "127.0.0.1:1884", "KAFKA_BOOTSTRAP": "127.0.0.1:9093", "TERN_KAFKA_TOPIC": "x.readings"},
+        name="n1",
+    )
+    assert (config.mqtt_address, config.kafka_servers, config.readings_topic) == (("127.0.0.1", 1884), ["127.0.0.1:9093"], "x.readings")
+    assert config.client_id == "tern-bridge-n1" and config.enable_idempotence is False
+
+
+def test_cli_bad_config_exits_2_with_one_line(capsys):
+    assert cli_main(["run", "--mqtt", "127.0.0.1:notaport", "--kafka", "127.0.0.1:9092"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "mqtt_broker" in err and "Traceback" not in err
