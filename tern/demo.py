@@ -30,6 +30,17 @@ from tern.stack import Mosquitto, Tansu, ensure_topics, kafka_bootstrap_from_env
 
 console = Console()
 
+#: Counters the firmware adds to a reading when a sensor misbehaves (see tern_sensors.py).
+FAULT_COUNTERS = ("sensor_err", "bad_frames")
+
+#: What each emulated node carries: an ADC, an I2C TMP102 and a serial sensor on UART2 whose
+#: frames come from the host's simulator, one in twenty of them deliberately broken.
+DEMO_SENSORS = [
+    {"type": "adc", "name": "adc_mv", "pin": 34},
+    {"type": "tmp102", "name": "temp_c", "i2c": 0, "scl": 18, "sda": 19, "addr": 72},
+    {"type": "uart", "uart": 2, "names": ["air_c", "rh"], "sim": {"interval_s": 0.25, "bad_fraction": 0.05}},
+]
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="tern-demo", description=__doc__.splitlines()[0])
@@ -55,24 +66,24 @@ def live_view(observer: BrokerObserver, tail: KafkaTail, started: float, duratio
     for (device, _, _), value, _ in tail.records():
         arrived.setdefault(device, []).append(value)
     table = Table(title=f"Tern demo: {phase}, {time.monotonic() - started:.0f}/{duration:.0f} s", expand=False)
-    for column in ("node", "status", "sent", "in Kafka", "last seq", "last readings", "node→Kafka"):
-        table.add_column(column, justify="right" if column in ("sent", "in Kafka", "last seq", "node→Kafka") else "left")
+    for column in ("node", "status", "sent", "in Kafka", "last seq", "last readings", "faults", "node→Kafka"):
+        table.add_column(column, justify="left" if column in ("node", "status", "last readings", "faults") else "right")
     for device in sorted(set(sent) | set(arrived) | set(observer.status)):
         status = observer.status.get(device)
         values = arrived.get(device, [])
         last = values[-1] if values else None
-        latency = f"{last['bridge_ms'] - last['ts_ms']} ms" if last else "-"
-        readings = ", ".join(f"{k}={v}" for k, v in list(last["readings"].items())[:4]) if last else "-"
         state = status.state if status else "?"
-        colour = "green" if state == "online" else "red"
+        readings = dict(last["readings"]) if last else {}
+        faults = {name: readings.pop(name) for name in FAULT_COUNTERS if name in readings}
         table.add_row(
             device,
-            f"[{colour}]{state}[/]",
+            f"[{'green' if state == 'online' else 'red'}]{state}[/]",
             str(len(sent.get(device, []))),
             str(len(values)),
             str(last["seq"]) if last else "-",
-            readings,
-            latency,
+            " ".join(f"{k}={v}" for k, v in sorted(readings.items())) or "-",
+            " ".join(f"{k}={v}" for k, v in sorted(faults.items())) or "-",
+            f"{last['bridge_ms'] - last['ts_ms']} ms" if last else "-",
         )
     return Group(table)
 
@@ -164,6 +175,7 @@ def run(args: argparse.Namespace) -> int:
             site=args.site,
             broker=pi_broker.address,
             interval_ms=args.interval_ms,
+            sensors=DEMO_SENSORS,
         )
         stack.callback(fleet.stop_all)
         previous = signal.signal(signal.SIGINT, interrupt)
@@ -181,11 +193,15 @@ def run(args: argparse.Namespace) -> int:
                 live.update(live_view(observer, tail, started, args.duration, "draining"))
                 time.sleep(0.5)
             live.update(live_view(observer, tail, started, args.duration, "done"))
+        console.print()
         result = reconcile(observer.identities(), tail.identities())
         console.print(summary_table(result))
-        stats = gateway.stats()
-        console.print(f"gateway: {stats}")
-        console.print(f"bridge: {bridge.stats()}")
+        g, b = gateway.stats(), bridge.stats()
+        console.print(
+            f"gateway: {g['committed']} committed, {g['batches_confirmed']} batches confirmed, "
+            f"{g['pending']} pending, {g['dead_letters']} dead letters; "
+            f"bridge: {b['records_written']} records written, {b['deadlettered']} dead-lettered, {b['retries']} retries"
+        )
         if result.total_missing:
             console.print(f"[red]{result.total_missing} readings missing[/]")
             return 1

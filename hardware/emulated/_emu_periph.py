@@ -3,7 +3,7 @@ import math
 import os
 import time
 
-from machine import Pin, _env, _seconds
+from machine import Pin, _env, _phase, _seconds
 
 
 class ADC:
@@ -28,7 +28,7 @@ class ADC:
         if fixed is not None:
             return int(fixed)
         # deterministic: 1650 mV +- 1000 mV sine with a 60 s period, phase per pin
-        return int(1650 + 1000 * math.sin(2 * math.pi * _seconds() / 60 + self.pin))
+        return int(1650 + 1000 * math.sin(2 * math.pi * _seconds() / 60 + self.pin + _phase()))
 
     def read_uv(self):
         return self._mv() * 1000
@@ -50,7 +50,7 @@ class _TMP102:
         t = _env("TERN_EMU_TMP102")
         if t == "fail":
             raise OSError(19)  # ENODEV, as when the sensor stops answering
-        c = float(t) if t is not None else 21 + 4 * math.sin(2 * math.pi * _seconds() / 120)
+        c = float(t) if t is not None else 21 + 4 * math.sin(2 * math.pi * _seconds() / 120 + _phase())
         raw = int(round(c / 0.0625)) & 0xFFF
         return bytes(((raw >> 4) & 0xFF, (raw << 4) & 0xF0))
 

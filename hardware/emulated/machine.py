@@ -72,6 +72,12 @@ def _seconds():
     return time.ticks_diff(time.ticks_ms(), _T0) / 1000
 
 
+def _phase():
+    # Each board's signals get their own phase, so emulated nodes started together
+    # do not all report the same values.
+    return (sum(unique_id()) * 0.7) % 6.2832
+
+
 class Pin:
     IN = 1
     OUT = 3
