@@ -68,6 +68,26 @@ def _convert(msg: Any) -> ConsumedRecord:
     )
 
 
+async def assign_from_beginning(consumer: AIOKafkaConsumer, topic: str, timeout_s: float) -> list[TopicPartition]:
+    """Assign every partition of ``topic`` to a started consumer and seek to their beginning.
+
+    Waits up to ``timeout_s`` for the topic's metadata; raises ConsumeError if it never appears.
+    """
+    deadline = time.monotonic() + timeout_s
+    partitions = consumer.partitions_for_topic(topic)
+    while not partitions and time.monotonic() < deadline:
+        await consumer._client.force_metadata_update()  # no public "wait for topic"
+        partitions = consumer.partitions_for_topic(topic)
+        if not partitions:
+            await asyncio.sleep(0.1)
+    if not partitions:
+        raise ConsumeError(f"Kafka topic {topic!r} not found after {timeout_s:.0f} s")
+    tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+    consumer.assign(tps)
+    await consumer.seek_to_beginning(*tps)
+    return tps
+
+
 async def read_records(
     bootstrap: str,
     topic: str,
@@ -98,19 +118,7 @@ async def read_records(
         raise ConsumeError(f"cannot reach Kafka at {bootstrap}: {type(exc).__name__}: {exc}") from None
     records: list[ConsumedRecord] = []
     try:
-        partitions = None
-        while partitions is None and time.monotonic() < deadline:
-            partitions = consumer.partitions_for_topic(topic)
-            if partitions is None:
-                await consumer._client.force_metadata_update()  # no public "wait for topic"
-                partitions = consumer.partitions_for_topic(topic)
-                if partitions is None:
-                    await asyncio.sleep(0.1)
-        if not partitions:
-            raise ConsumeError(f"Kafka topic {topic!r} not found at {bootstrap}")
-        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
+        tps = await assign_from_beginning(consumer, topic, deadline - time.monotonic())
         ends = await consumer.end_offsets(tps) if until is None else {}
         positions = {tp: 0 for tp in tps}
 
@@ -130,11 +138,10 @@ async def read_records(
                 for msg in msgs:
                     records.append(_convert(msg))
                     positions[tp] = msg.offset + 1
-                    if max_records is not None and len(records) >= max_records:
-                        break
     finally:
         await consumer.stop()
-    return records
+    # getmany returns several partitions at once: the last call may overshoot the limit.
+    return records[:max_records] if max_records is not None else records
 
 
 def read_all(bootstrap: str, topic: str, timeout_s: float = 10.0, expect: int | None = None) -> list[ConsumedRecord]:

@@ -184,25 +184,14 @@ class KafkaTail:
             self.error = exc
 
     async def _consume(self) -> None:
-        import asyncio
+        from aiokafka import AIOKafkaConsumer
 
-        from aiokafka import AIOKafkaConsumer, TopicPartition
+        from cloud.consume import assign_from_beginning
 
         consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False, auto_offset_reset="earliest")
         await consumer.start()
         try:
-            partitions: set[int] = set()
-            deadline = time.monotonic() + 15
-            while not partitions and time.monotonic() < deadline:
-                await consumer.topics()  # refreshes cluster metadata
-                partitions = consumer.partitions_for_topic(self.topic) or set()
-                if not partitions:
-                    await asyncio.sleep(0.2)
-            if not partitions:
-                raise TimeoutError(f"Kafka topic {self.topic} has no partitions at {self.bootstrap}")
-            assigned = [TopicPartition(self.topic, p) for p in sorted(partitions)]
-            consumer.assign(assigned)
-            await consumer.seek_to_beginning(*assigned)
+            await assign_from_beginning(consumer, self.topic, 15)
             self._ready.set()
             while not self._stop.is_set():
                 batches = await consumer.getmany(timeout_ms=200, max_records=5000)
