@@ -82,3 +82,12 @@ def test_emulate_runs_a_fleet_until_done(tmp_path: Path) -> None:
     for device in ("node-1", "node-2"):
         got = [decode_reading(p, topic_device=device).seq for t, p in seen if t == f"tern/cli/{device}/telemetry"]
         assert got == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.skipif(
+    shutil.which("qemu-system-xtensa") is None,
+    reason="Espressif QEMU (qemu-system-xtensa) is not installed here: the QEMU path is untested on this machine",
+)
+def test_qemu_offers_the_esp32_machine() -> None:
+    out = subprocess.run(["qemu-system-xtensa", "-machine", "help"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and "esp32" in out.stdout

@@ -22,12 +22,12 @@ from tern.toolchain import micropython_binary, umqtt_path
 SITE = "lab"
 
 
-def _toolchain_or_skip() -> None:
+def _require_toolchain() -> None:
     try:
         micropython_binary()
         umqtt_path()
-    except Exception as exc:  # ToolMissing: say why, do not fail obscurely
-        pytest.skip(f"MicroPython toolchain missing: {exc}")
+    except Exception as exc:  # ToolMissing: a missing install step must fail, and say why
+        pytest.fail(f"MicroPython toolchain missing: {exc}")
 
 
 class Watcher:
@@ -91,7 +91,7 @@ def seqs(watcher: Watcher, device: str, boot: str | None = None) -> list[int]:
 
 @pytest.fixture
 def broker(tmp_path: Path):
-    _toolchain_or_skip()
+    _require_toolchain()
     with Mosquitto(tmp_path / "broker") as m:
         yield m
 

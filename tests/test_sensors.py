@@ -19,8 +19,8 @@ def run_mp(tmp_path: Path, script: str, env: dict[str, str] | None = None, timeo
     """Run a MicroPython script with the firmware and emulated board on the path; parse its last line."""
     try:
         binary = micropython_binary()
-    except Exception as exc:
-        pytest.skip(f"MicroPython missing: {exc}")
+    except Exception as exc:  # a missing install step must fail, not skip
+        pytest.fail(f"MicroPython missing: {exc}")
     path = tmp_path / "driver.py"
     path.write_text(script)
     full_env = dict(os.environ, MICROPYPATH=f"{emulated_dir()}:{firmware_dir()}", **(env or {}))
