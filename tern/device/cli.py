@@ -71,13 +71,17 @@ def _table(fleet) -> "object":
     for column in ("node", "state", "boot", "sent", "acked", "resent", "dropped", "connects", "last error"):
         table.add_column(column)
     for node in fleet:
-        state = "done" if node._done.is_set() else ("running" if node.running else f"exited {node.exit_code}")
+        state = "done" if node.wait_done(0) else ("running" if node.running else f"exited {node.exit_code}")
         error = node.errors[-1] if node.errors else ""
         table.add_row(
             node.device, state, node.boot, str(node.sent), str(node.acked), str(node.resent),
             str(node.dropped), str(node.connects), error[:40],
         )
     return table
+
+
+#: How long --exit-when-done waits for the gateway to acknowledge the last readings.
+ACK_GRACE_S = 10.0
 
 
 def cmd_emulate(args: argparse.Namespace) -> int:
@@ -100,7 +104,17 @@ def cmd_emulate(args: argparse.Namespace) -> int:
             while True:
                 time.sleep(0.5)
                 live.update(_table(fleet))
-                if args.exit_when_done and all(n._done.is_set() for n in fleet):
+                if args.exit_when_done and all(n.wait_done(0) for n in fleet):
+                    # Done means published; give the gateway a moment to ack the last ones,
+                    # since a node that exits still holding unacked readings takes them along.
+                    deadline = time.monotonic() + ACK_GRACE_S
+                    while time.monotonic() < deadline and any(n.acked < n.sent for n in fleet):
+                        time.sleep(0.1)
+                    live.update(_table(fleet))
+                    unacked = sum(max(0, n.sent - n.acked) for n in fleet)
+                    if unacked:
+                        console.print(f"{unacked} readings were not acknowledged by a gateway within {ACK_GRACE_S:.0f} s")
+                        code = 1
                     break
                 if not any(n.running for n in fleet):
                     console.print("every node has exited; see the logs")
