@@ -12,9 +12,10 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
-from tern.codec import decode_reading
+from tern.codec import NodeAck, decode_reading, encode_node_ack
 from tern.device.emulate import firmware_files
 from tern.stack import Mosquitto
+from tern.topics import ack_topic, parse_node_topic
 from tern.toolchain import umqtt_path
 
 CLI = [sys.executable, "-m", "tern.device.cli"]
@@ -59,29 +60,51 @@ def test_qemu_absent_is_one_clear_line() -> None:
     assert out.returncode == 2 and len(out.stdout.strip().splitlines()) == 1 and "qemu-system-xtensa" in out.stdout
 
 
-def test_emulate_runs_a_fleet_until_done(tmp_path: Path) -> None:
+def _emulate(broker: Mosquitto, workdir: Path, *, ack: bool) -> tuple[subprocess.CompletedProcess, list[tuple[str, bytes]]]:
+    """Run `tern-device emulate` (2 nodes x 5 readings); the subscriber acks like a gateway if ``ack``."""
+    seen: list[tuple[str, bytes]] = []
+
+    def on_message(client: mqtt.Client, userdata, msg: mqtt.MQTTMessage) -> None:
+        seen.append((msg.topic, msg.payload))
+        if ack:
+            where = parse_node_topic(msg.topic)
+            reading = decode_reading(msg.payload, topic_device=where.device)
+            client.publish(ack_topic(where.site, where.device), encode_node_ack(NodeAck(reading.boot, reading.seq)), qos=1)
+
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    client.on_message = on_message
+    client.connect(broker.host, broker.port)
+    client.subscribe("tern/+/+/telemetry", 1)
+    client.loop_start()
+    try:
+        out = run(
+            "emulate", "--count", "2", "--broker", broker.address, "--site", "cli", "--interval-ms", "50",
+            "--readings", "5", "--workdir", str(workdir), "--exit-when-done", timeout=60,
+        )
+        deadline = time.monotonic() + 5
+        while len(seen) < 10 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        client.loop_stop()
+        client.disconnect()
+    return out, seen
+
+
+def test_emulate_runs_a_fleet_until_done_and_acked(tmp_path: Path) -> None:
     with Mosquitto(tmp_path / "broker") as broker:
-        seen: list[tuple[str, bytes]] = []
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
-        client.on_message = lambda c, u, m: seen.append((m.topic, m.payload))
-        client.connect(broker.host, broker.port)
-        client.subscribe("tern/+/+/telemetry", 1)
-        client.loop_start()
-        try:
-            out = run(
-                "emulate", "--count", "2", "--broker", broker.address, "--site", "cli", "--interval-ms", "50",
-                "--readings", "5", "--workdir", str(tmp_path / "nodes"), "--exit-when-done", timeout=45,
-            )
-            assert out.returncode == 0, out.stdout + out.stderr
-            deadline = time.monotonic() + 5
-            while len(seen) < 10 and time.monotonic() < deadline:
-                time.sleep(0.05)
-        finally:
-            client.loop_stop()
-            client.disconnect()
+        out, seen = _emulate(broker, tmp_path / "nodes", ack=True)
+    assert out.returncode == 0, out.stdout + out.stderr
     for device in ("node-1", "node-2"):
         got = [decode_reading(p, topic_device=device).seq for t, p in seen if t == f"tern/cli/{device}/telemetry"]
         assert got == [1, 2, 3, 4, 5]
+
+
+def test_emulate_without_a_gateway_reports_unacked_readings(tmp_path: Path) -> None:
+    with Mosquitto(tmp_path / "broker") as broker:
+        out, seen = _emulate(broker, tmp_path / "nodes", ack=False)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "10 readings were not acknowledged" in out.stdout
+    assert len(seen) == 10
 
 
 @pytest.mark.skipif(
