@@ -30,12 +30,13 @@ from types import TracebackType
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.enums import MQTTErrorCode
 
 from cloud.config import BridgeConfig
 from cloud.kafka_sink import KafkaSink, KafkaWriteError
 from tern import codec, topics
 from tern.errors import CodecError, TernError
+from tern.mqtt_session import PersistentSession
 
 log = logging.getLogger("tern.bridge")
 
@@ -81,18 +82,15 @@ class Bridge:
         self._inflight: list[_Delivery] = []  # received, not yet acked; oldest first
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: asyncio.Queue[_Delivery] | None = None
-        self._client: mqtt.Client | None = None
+        self._session: PersistentSession | None = None
         self._sink: KafkaSink | None = None
         # A PUBACK names a packet id, and ids are only meaningful on the connection that
         # delivered the message: after a reconnect the broker resends unacked messages and
-        # may reuse an acked id for another message. So every delivery remembers its
-        # connection generation and is acked only on that same connection; stale ones are
-        # dropped here because the broker redelivers them on the new connection.
-        self._ack_lock = threading.Lock()
-        self._generation = 0
-        self._connected = threading.Event()
-        self._subscribed = threading.Event()
-        self._connect_error: str | None = None
+        # may reuse an acked id for another message. So every delivery remembers the
+        # session's connection generation and is acked only on that same connection
+        # (PersistentSession.ack); stale ones are dropped here because the broker
+        # redelivers them on the new connection.
+        self._connected = threading.Event()  # the TCP/MQTT connection, subscribed or not
 
     # --- public ---------------------------------------------------------------------
 
@@ -129,8 +127,6 @@ class Bridge:
         """
         self._loop = asyncio.get_running_loop()
         self._queue = asyncio.Queue()
-        self._subscribed.clear()
-        self._connect_error = None
         sink = KafkaSink(self.config)
         try:
             await sink.start(check_topics=(self.config.readings_topic, self.config.deadletter_topic))
@@ -167,35 +163,38 @@ class Bridge:
 
     async def _connect_mqtt(self, stop: asyncio.Event) -> None:
         cfg = self.config
-        client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=cfg.client_id,
-            clean_session=False,
-            protocol=mqtt.MQTTv311,
-            manual_ack=True,
-        )
-        if cfg.mqtt_username:
-            client.username_pw_set(cfg.mqtt_username, cfg.mqtt_password)
-        client.reconnect_delay_set(1, 30)
-        # Outgoing confirms are QoS 1 and small; paho's default window of 20 would make
-        # them queue behind each other under load.
-        client.max_inflight_messages_set(1000)
-        client.on_connect = self._on_connect
-        client.on_disconnect = self._on_disconnect
-        client.on_subscribe = self._on_subscribe
-        client.on_message = self._on_message
-        self._client = client
         host, port = cfg.mqtt_address
+        session = PersistentSession(
+            cfg.client_id,
+            host,
+            port,
+            [(topics.BATCH_FILTER, 1)],
+            self._on_message,
+            manual_ack=True,
+            keepalive=cfg.mqtt_keepalive_s,
+            reconnect_max_s=30,
+            # Outgoing confirms are QoS 1 and small; paho's default window of 20 would make
+            # them queue behind each other under load.
+            max_inflight=1000,
+            username=cfg.mqtt_username,
+            password=cfg.mqtt_password,
+            name="bridge",
+            broker=f"the MQTT broker {cfg.mqtt_broker}",
+            lost_hint="paho reconnects; unacked batches are redelivered",
+            on_connect=self._on_connect,
+            on_disconnect=self._on_disconnect,
+            logger=log,
+        )
+        self._session = session
         try:
-            client.connect_async(host, port, keepalive=cfg.mqtt_keepalive_s)
+            session.start()
         except (OSError, ValueError) as exc:
             raise BridgeError(f"cannot connect to MQTT broker {cfg.mqtt_broker}: {exc}") from None
-        client.loop_start()
         deadline = time.monotonic() + cfg.connect_timeout_s
-        while not self._subscribed.is_set():
-            if self._connect_error:
+        while not session.connected:
+            if session.error:
                 self._disconnect_mqtt()
-                raise BridgeError(f"MQTT broker {cfg.mqtt_broker} refused the bridge: {self._connect_error}")
+                raise BridgeError(f"MQTT broker {cfg.mqtt_broker} refused the bridge: {session.error}")
             if time.monotonic() > deadline:
                 self._disconnect_mqtt()
                 raise BridgeError(f"no MQTT connection to {cfg.mqtt_broker} within {cfg.connect_timeout_s:.0f} s")
@@ -205,48 +204,33 @@ class Bridge:
             await asyncio.sleep(0.02)
 
     def _disconnect_mqtt(self) -> None:
-        client, self._client = self._client, None
-        if client is None:
+        session, self._session = self._session, None
+        if session is None:
             return
-        with self._ack_lock:
-            self._generation += 1  # nothing received so far may be acked any more
-        try:
-            client.disconnect()
-        finally:
-            client.loop_stop()
+        session.stop()  # moves the generation on: nothing received so far may be acked any more
         self._connected.clear()
 
-    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
-        if reason.is_failure:
-            self._connect_error = str(reason)
-            log.warning("MQTT connect to %s failed: %s", self.config.mqtt_broker, reason)
-            return
-        with self._ack_lock:
-            self._generation += 1
+    def _generation(self) -> int:
+        """The current connection's generation (-1, matching no delivery, once disconnected)."""
+        session = self._session
+        return session.generation if session is not None else -1
+
+    # Hooks run by the session on paho's thread, after it moved the generation on.
+
+    def _on_connect(self) -> None:
         self._counters["mqtt_connects"] += 1
         self._connected.set()
-        # The persistent session usually still holds the subscription, but a broker that
-        # lost its state (or a first start) needs it: always (re)subscribe.
-        client.subscribe(topics.BATCH_FILTER, qos=1)
-        log.info("MQTT connected to %s (session present: %s)", self.config.mqtt_broker, flags.session_present)
 
-    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, properties: Any) -> None:
-        if any(r.is_failure for r in reasons):
-            self._connect_error = f"subscription to {topics.BATCH_FILTER} refused: {reasons}"
-            log.error("%s", self._connect_error)
-            return
-        self._subscribed.set()
-
-    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
-        with self._ack_lock:
-            self._generation += 1
+    def _on_disconnect(self) -> None:
         self._connected.clear()
         self._counters["mqtt_disconnects"] += 1
-        log.warning("MQTT disconnected from %s: %s", self.config.mqtt_broker, reason)
 
-    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+    def _on_message(self, message: mqtt.MQTTMessage) -> None:
         # paho's thread: record and hand over, nothing else (a slow callback here would
         # stall keepalives for the whole connection).
+        session = self._session
+        if session is None:
+            return  # shutting down: not acked, so the broker redelivers it
         delivery = _Delivery(
             topic=message.topic,
             payload=bytes(message.payload),
@@ -254,7 +238,7 @@ class Bridge:
             retain=bool(message.retain),
             dup=bool(message.dup),
             mid=message.mid,
-            generation=self._generation,
+            generation=session.generation,
             received_ms=_now_ms(),
             received_mono=time.monotonic(),
         )
@@ -281,7 +265,7 @@ class Bridge:
         while True:
             delivery = await self._queue.get()
             try:
-                if delivery.generation != self._generation:
+                if delivery.generation != self._generation():
                     # Arrived on a connection that is gone: the broker redelivers it on
                     # the current one, and acking its old packet id could ack another.
                     self._counters["stale_dropped"] += 1
@@ -317,7 +301,7 @@ class Bridge:
         assert self._sink is not None
         delay = self.config.retry_initial_s
         while True:
-            if delivery.generation != self._generation:
+            if delivery.generation != self._generation():
                 # The connection it came on is gone, so it cannot be acked any more and
                 # is being redelivered: writing it now would only add a duplicate.
                 raise _Stale()
@@ -363,24 +347,23 @@ class Bridge:
 
     def _ack(self, delivery: _Delivery) -> bool:
         """PUBACK ``delivery`` if its connection is still the current one; True if sent."""
-        client = self._client
-        with self._ack_lock:
-            if client is None or delivery.generation != self._generation:
-                self._counters["stale_dropped"] += 1
-                return False
-            rc = client.ack(delivery.mid, delivery.qos)
+        session = self._session
+        rc = session.ack(delivery.mid, delivery.qos, delivery.generation) if session is not None else None
+        if rc is None:
+            self._counters["stale_dropped"] += 1
+            return False
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             log.warning("PUBACK for mid %d not sent (%s): the broker will redeliver it", delivery.mid, rc)
             return False
         return True
 
     def _confirm(self, confirm: codec.Confirm) -> None:
-        client = self._client
-        if client is None:
+        session = self._session
+        if session is None:
             return
         # paho queues QoS 1 publishes while disconnected and sends them after reconnect; a
         # confirm that is lost anyway only makes the gateway resend (a duplicate, no loss).
-        client.publish(topics.confirm_topic(confirm.gateway), codec.encode_confirm(confirm), qos=1)
+        session.client.publish(topics.confirm_topic(confirm.gateway), codec.encode_confirm(confirm), qos=1)
         self._counters["batches_confirmed"] += 1
 
 

@@ -22,10 +22,10 @@ from typing import Callable
 import paho.mqtt.client as mqtt
 
 from edge.config import GatewayConfig
-from edge.mqtt import connect_in_background, new_client, shutdown
 from edge.outbox import DeadLetter, Outbox, now_ms
 from tern import codec, topics
 from tern.codec import NodeAck, Reading
+from tern.mqtt_session import PersistentSession
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,6 @@ class Ingest:
         self._on_commit = on_commit
         self._queue: queue.SimpleQueue[_Incoming] = queue.SimpleQueue()
         self._stop = threading.Event()
-        self._connected = threading.Event()
         self._worker = threading.Thread(target=self._run, name=f"tern-ingest-{config.gateway_id}", daemon=True)
         self._lock = threading.Lock()
         self._counts = {
@@ -80,21 +79,30 @@ class Ingest:
         }
         self._blocked = False
         self._held = 0
-        self.client = new_client(config.ingest_client_id, manual_ack=True)
-        self.client.on_connect = self._on_connect
-        self.client.on_disconnect = self._on_disconnect
-        self.client.on_message = self._on_message
-        self.client.on_subscribe = self._on_subscribe
+        host, port = config.local_hostport
+        # manual_ack: the worker PUBACKs only after the outbox commit.
+        self.session = PersistentSession(
+            config.ingest_client_id,
+            host,
+            port,
+            [(topics.TELEMETRY_FILTER, 1)],
+            self._on_message,
+            manual_ack=True,
+            keepalive=config.keepalive_s,
+            reconnect_max_s=config.reconnect_max_s,
+            name="ingest",
+            broker=f"the local broker {config.local_broker}",
+            lost_hint="paho reconnects",
+            logger=log,
+        )
+        self.client = self.session.client
 
     # --- lifecycle -----------------------------------------------------------------------
 
     def start(self) -> None:
         """Start the worker and connect (in the background) to the local broker."""
         self._worker.start()
-        host, port = self.config.local_hostport
-        connect_in_background(
-            self.client, host, port, keepalive=self.config.keepalive_s, reconnect_max_s=self.config.reconnect_max_s
-        )
+        self.session.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         """Finish the group being committed (and ack it), then disconnect.
@@ -105,16 +113,16 @@ class Ingest:
         self._stop.set()
         if self._worker.is_alive():
             self._worker.join(timeout)
-        shutdown(self.client)
+        self.session.stop()
 
     @property
     def connected(self) -> bool:
-        """True while connected to the local broker."""
-        return self._connected.is_set()
+        """True while connected (and subscribed) to the local broker."""
+        return self.session.connected
 
     def wait_connected(self, timeout: float) -> bool:
         """Block until subscribed on the local broker (or ``timeout``)."""
-        return self._connected.wait(timeout)
+        return self.session.wait_connected(timeout)
 
     def stats(self) -> dict:
         """Counters since start, plus the back-pressure state."""
@@ -125,30 +133,9 @@ class Ingest:
         out["local_connected"] = self.connected
         return out
 
-    # --- paho callbacks (network thread: keep them short) ----------------------------------
+    # --- paho's network thread: keep it short ---------------------------------------------
 
-    def _on_connect(self, client: mqtt.Client, userdata, flags, reason_code, properties) -> None:
-        if reason_code.is_failure:
-            log.warning("local broker refused the connection: %s", reason_code)
-            return
-        # Re-subscribe on every connect: harmless when the session kept it, needed when the
-        # broker lost its state.
-        client.subscribe(topics.TELEMETRY_FILTER, qos=1)
-        log.info("ingest connected to %s (session present: %s)", self.config.local_broker, flags.session_present)
-
-    def _on_subscribe(self, client: mqtt.Client, userdata, mid, reason_codes, properties) -> None:
-        if any(rc.is_failure for rc in reason_codes):
-            log.error("ingest: the broker refused our subscription: %s", reason_codes)
-            return
-        # "Connected" means subscribed: only then can nothing published to us be missed.
-        self._connected.set()
-
-    def _on_disconnect(self, client: mqtt.Client, userdata, flags, reason_code, properties) -> None:
-        self._connected.clear()
-        if not self._stop.is_set():
-            log.warning("ingest lost the local broker (%s); paho reconnects", reason_code)
-
-    def _on_message(self, client: mqtt.Client, userdata, msg: mqtt.MQTTMessage) -> None:
+    def _on_message(self, msg: mqtt.MQTTMessage) -> None:
         self._queue.put(_Incoming(msg.topic, bytes(msg.payload), msg.mid, msg.qos, now_ms()))
 
     # --- worker --------------------------------------------------------------------------
@@ -200,7 +187,7 @@ class Ingest:
         result = self.outbox.add(readings, letters)
         # Committed: now, and only now, the PUBACKs (in receive order, as MQTT requires).
         for item in held[:count]:
-            self.client.ack(item.mid, item.qos)
+            self.session.ack(item.mid, item.qos)
         del held[:count]
         acks = self._send_node_acks(readings)
         for letter in letters:

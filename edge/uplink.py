@@ -17,10 +17,10 @@ import threading
 import paho.mqtt.client as mqtt
 
 from edge.config import GatewayConfig
-from edge.mqtt import connect_in_background, new_client, shutdown
 from edge.outbox import Outbox, OutboxRow, now_ms
 from tern import codec, topics
 from tern.codec import Batch
+from tern.mqtt_session import PersistentSession
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,6 @@ class Uplink:
         self.config = config
         self.outbox = outbox
         self._stop = threading.Event()
-        self._connected = threading.Event()
         # Guards _inflight/_confirmed; signalled when a matching confirm arrives.
         self._cond = threading.Condition()
         self._inflight: int | None = None
@@ -48,20 +47,27 @@ class Uplink:
         self._topic = topics.batch_topic(config.gateway_id)
         self._confirm_topic = topics.confirm_topic(config.gateway_id)
         self._thread = threading.Thread(target=self._run, name=f"tern-uplink-{config.gateway_id}", daemon=True)
-        self.client = new_client(config.uplink_client_id)
-        self.client.on_connect = self._on_connect
-        self.client.on_disconnect = self._on_disconnect
-        self.client.on_message = self._on_message
-        self.client.on_subscribe = self._on_subscribe
+        host, port = config.cloud_hostport
+        self.session = PersistentSession(
+            config.uplink_client_id,
+            host,
+            port,
+            [(self._confirm_topic, 1)],
+            self._on_message,
+            keepalive=config.keepalive_s,
+            reconnect_max_s=config.reconnect_max_s,
+            name="uplink",
+            broker=f"the cloud broker {config.cloud_broker}",
+            lost_hint="readings accumulate in the outbox",
+            logger=log,
+        )
+        self.client = self.session.client
 
     # --- lifecycle -----------------------------------------------------------------------
 
     def start(self) -> None:
         """Connect (in the background) to the cloud broker and start forwarding."""
-        host, port = self.config.cloud_hostport
-        connect_in_background(
-            self.client, host, port, keepalive=self.config.keepalive_s, reconnect_max_s=self.config.reconnect_max_s
-        )
+        self.session.start()
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -71,16 +77,16 @@ class Uplink:
             self._cond.notify_all()
         if self._thread.is_alive():
             self._thread.join(timeout)
-        shutdown(self.client)
+        self.session.stop()
 
     @property
     def connected(self) -> bool:
         """True while connected and subscribed to confirms on the cloud broker."""
-        return self._connected.is_set()
+        return self.session.connected
 
     def wait_connected(self, timeout: float) -> bool:
         """Block until subscribed on the cloud broker (or ``timeout``)."""
-        return self._connected.wait(timeout)
+        return self.session.wait_connected(timeout)
 
     def stats(self) -> dict:
         """Counters since start."""
@@ -90,28 +96,9 @@ class Uplink:
         out["cloud_connected"] = self.connected
         return out
 
-    # --- paho callbacks ------------------------------------------------------------------
+    # --- paho's network thread --------------------------------------------------------------
 
-    def _on_connect(self, client: mqtt.Client, userdata, flags, reason_code, properties) -> None:
-        if reason_code.is_failure:
-            log.warning("cloud broker refused the connection: %s", reason_code)
-            return
-        client.subscribe(self._confirm_topic, qos=1)
-        log.info("uplink connected to %s (session present: %s)", self.config.cloud_broker, flags.session_present)
-
-    def _on_subscribe(self, client: mqtt.Client, userdata, mid, reason_codes, properties) -> None:
-        if any(rc.is_failure for rc in reason_codes):
-            log.error("uplink: the broker refused our subscription: %s", reason_codes)
-            return
-        # "Connected" means subscribed: only then can nothing published to us be missed.
-        self._connected.set()
-
-    def _on_disconnect(self, client: mqtt.Client, userdata, flags, reason_code, properties) -> None:
-        self._connected.clear()
-        if not self._stop.is_set():
-            log.warning("uplink lost the cloud broker (%s); readings accumulate in the outbox", reason_code)
-
-    def _on_message(self, client: mqtt.Client, userdata, msg: mqtt.MQTTMessage) -> None:
+    def _on_message(self, msg: mqtt.MQTTMessage) -> None:
         try:
             confirm = codec.decode_confirm(msg.payload)
         except codec.CodecError as exc:
@@ -169,7 +156,7 @@ class Uplink:
         try:
             while not self._stop.is_set():
                 # Publishing while disconnected would only pile copies up in paho's queue.
-                if not self._connected.wait(0.5):
+                if not self.session.wait_connected(0.5):
                     continue
                 info = self.client.publish(self._topic, payload, qos=1)
                 attempts += 1
