@@ -41,6 +41,8 @@ class _Incoming:
     mid: int
     qos: int
     received_ms: int
+    #: The connection it arrived on: a packet id means nothing on any other connection.
+    generation: int
 
 
 def decode(topic: str, payload: bytes, received_ms: int = 0) -> Reading | DeadLetter:
@@ -136,7 +138,7 @@ class Ingest:
     # --- paho's network thread: keep it short ---------------------------------------------
 
     def _on_message(self, msg: mqtt.MQTTMessage) -> None:
-        self._queue.put(_Incoming(msg.topic, bytes(msg.payload), msg.mid, msg.qos, now_ms()))
+        self._queue.put(_Incoming(msg.topic, bytes(msg.payload), msg.mid, msg.qos, now_ms(), self.session.generation))
 
     # --- worker --------------------------------------------------------------------------
 
@@ -186,8 +188,10 @@ class Ingest:
             return
         result = self.outbox.add(readings, letters)
         # Committed: now, and only now, the PUBACKs (in receive order, as MQTT requires).
+        # A message from a lost connection is not acked here: the broker re-delivers it on the
+        # new one, where the duplicate is ignored by the outbox and acked under its new id.
         for item in held[:count]:
-            self.session.ack(item.mid, item.qos)
+            self.session.ack(item.mid, item.qos, item.generation)
         del held[:count]
         acks = self._send_node_acks(readings)
         for letter in letters:

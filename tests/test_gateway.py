@@ -489,6 +489,43 @@ def test_unacked_readings_survive_a_gateway_restart_in_the_broker_session(broker
     assert per_device(bridge.delivered()) == {"dev-a": list(range(10))}
 
 
+def test_local_broker_restart_while_readings_are_held_loses_nothing(brokers, outbox_path, cleanup):
+    """A Pi broker restart while the gateway holds un-acked readings (outbox full) loses
+    nothing: they reach the cloud in order and none is left un-acked in the session."""
+    local, cloud = brokers
+    gw = Gateway(config(local, cloud, outbox_path, max_rows=4))
+    cleanup(gw)
+    gw.start()
+    assert gw.wait_connected(DEADLINE)
+    node = Node(local, "dev-a")
+    for seq in range(10):
+        node.send(seq)
+    node.close()
+    wait_until(lambda: gw.stats()["held"] == 6, what="6 readings held un-acked")
+
+    local.stop()  # persistence keeps the gateway's session and its 6 un-acked messages
+    local.start()
+    assert gw.wait_connected(DEADLINE), "gateway did not reconnect to the restarted broker"
+
+    bridge = BridgeStub(cloud)  # room frees as batches are confirmed
+    cleanup(bridge)
+    wait_until(lambda: len({r.seq for r in bridge.delivered()}) == 10 and not outbox_rows(outbox_path), what="all 10 forwarded")
+    seqs = [r.seq for r in bridge.delivered()]
+    assert list(dict.fromkeys(seqs)) == list(range(10)), seqs
+    # Every message was acked on the connection it came from: a new session sees none again.
+    gw.stop()
+    gw2 = Gateway(config(local, cloud, outbox_path, max_rows=100))
+    cleanup(gw2)
+    gw2.start()
+    assert gw2.wait_connected(DEADLINE)
+    # A marker: the broker delivers in order, so a re-delivered old reading would come first.
+    marker = Node(local, "dev-a")
+    cleanup(marker)
+    marker.send(10)
+    wait_until(lambda: marker.acked_seq() == 10, what="marker acked")
+    assert gw2.stats()["processed"] == 1, gw2.stats()
+
+
 # --- configuration and CLI -------------------------------------------------------------
 
 
