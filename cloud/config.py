@@ -23,6 +23,15 @@ DEFAULT_KAFKA_PORT = 9092
 # Kafka's own rule for topic names (kafka.common.internals.Topic).
 _KAFKA_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 _COMPRESSION = (None, "gzip", "snappy", "lz4", "zstd")
+#: The PyPI package aiokafka needs for each codec (gzip is in the standard library).
+_COMPRESSION_PACKAGE = {"gzip": "", "snappy": "cramjam", "lz4": "cramjam", "zstd": "cramjam"}
+
+
+def _compression_available(name: str) -> bool:
+    """True if aiokafka can load the library for compression ``name``."""
+    from aiokafka import codec
+
+    return bool(getattr(codec, f"has_{name}")())
 
 
 @dataclass(frozen=True)
@@ -85,6 +94,11 @@ class BridgeConfig:
             raise ConfigError("deadletter_topic must differ from readings_topic")
         if self.compression not in _COMPRESSION:
             raise ConfigError(f"compression: {self.compression!r} is not one of {_COMPRESSION}")
+        if self.compression is not None and not _compression_available(self.compression):
+            raise ConfigError(
+                f"compression: {self.compression} needs its Python library, which is not installed "
+                f"(pip install {_COMPRESSION_PACKAGE[self.compression]}); gzip needs nothing"
+            )
         for field_name, low in (("linger_ms", 0), ("max_batch_bytes", 1024), ("deadletter_max_bytes", 1024), ("request_timeout_ms", 100), ("mqtt_keepalive_s", 5)):
             value = getattr(self, field_name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:

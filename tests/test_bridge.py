@@ -470,6 +470,18 @@ def test_config_validation_and_env():
     assert config.client_id == "tern-bridge-n1" and config.enable_idempotence is False
 
 
+@pytest.mark.parametrize("name", ["gzip", "lz4", "zstd", "snappy"])
+def test_compression_without_its_library_is_a_config_error(name):
+    """aiokafka would raise a RuntimeError at producer creation; we say so at config time."""
+    from aiokafka import codec
+
+    if getattr(codec, f"has_{name}")():
+        assert BridgeConfig(compression=name).compression == name
+    else:
+        with pytest.raises(ConfigError, match=f"compression: {name} needs its Python library"):
+            BridgeConfig(compression=name)
+
+
 def test_cli_bad_config_exits_2_with_one_line(capsys):
     assert cli_main(["run", "--mqtt", "127.0.0.1:notaport", "--kafka", "127.0.0.1:9092"]) == 2
     err = capsys.readouterr().err.strip()
