@@ -174,6 +174,8 @@ class Mosquitto(ManagedProcess):
             f"persistence_location {self.workdir}/",
             f"max_queued_messages {self.max_queued_messages}",
             "max_inflight_messages 100",
+            # Small PUBACKs and PUBLISHes go out at once instead of waiting out delayed ACKs.
+            "set_tcp_nodelay true",
             # Persist at once on shutdown only; a periodic autosave would be a silent data
             # point of its own and the tests restart brokers gracefully.
             "autosave_interval 0",
