@@ -355,6 +355,11 @@ class Bridge:
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             log.warning("PUBACK for mid %d not sent (%s): the broker will redeliver it", delivery.mid, rc)
             return False
+        # Acked means no longer in flight, before anything (a confirm) can reveal it.
+        try:
+            self._inflight.remove(delivery)
+        except ValueError:
+            pass
         return True
 
     def _confirm(self, confirm: codec.Confirm) -> None:
@@ -363,8 +368,9 @@ class Bridge:
             return
         # paho queues QoS 1 publishes while disconnected and sends them after reconnect; a
         # confirm that is lost anyway only makes the gateway resend (a duplicate, no loss).
-        session.client.publish(topics.confirm_topic(confirm.gateway), codec.encode_confirm(confirm), qos=1)
+        # Counted first: whoever sees the confirm must see the counter that says so.
         self._counters["batches_confirmed"] += 1
+        session.client.publish(topics.confirm_topic(confirm.gateway), codec.encode_confirm(confirm), qos=1)
 
 
 class BridgeThread:
