@@ -70,6 +70,29 @@ class Status:
 
 
 @dataclass(frozen=True, slots=True)
+class StatusEvent:
+    """A node status as the gateway committed it: the :class:`Status` plus where and when seen.
+
+    Flat rather than wrapping a Status, so the envelope item, the outbox row and the Kafka
+    value all map to it field by field. ``site`` comes from the MQTT topic,
+    ``received_ms`` is when the gateway committed it (0 until then).
+    """
+
+    site: str
+    device: str
+    state: str
+    boot: str
+    fw: str = ""
+    reset: str = ""
+    received_ms: int = 0
+
+    @classmethod
+    def from_status(cls, status: Status, site: str, received_ms: int = 0) -> "StatusEvent":
+        """The event for ``status`` seen on ``site``'s topic."""
+        return cls(site, status.device, status.state, status.boot, status.fw, status.reset, received_ms)
+
+
+@dataclass(frozen=True, slots=True)
 class NodeAck:
     """Gateway to node: every reading of ``boot`` with a seq up to ``seq`` is committed."""
 
@@ -79,12 +102,13 @@ class NodeAck:
 
 @dataclass(frozen=True, slots=True)
 class Batch:
-    """Gateway to bridge: readings from one gateway, in outbox order."""
+    """Gateway to bridge: readings and node status events from one gateway, each in outbox order."""
 
     gateway: str
     bseq: int
     sent_ms: int
     readings: tuple[Reading, ...] = field(default_factory=tuple)
+    statuses: tuple[StatusEvent, ...] = field(default_factory=tuple)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +122,7 @@ class Confirm:
 
 @dataclass(frozen=True, slots=True)
 class KafkaRecord:
-    """What the bridge hands to the Kafka producer for one reading."""
+    """What the bridge hands to the Kafka producer for one reading or status event."""
 
     topic: str
     key: bytes
@@ -221,17 +245,28 @@ def encode_status(status: Status) -> bytes:
     return _dumps(obj)
 
 
-def decode_status(raw: bytes) -> Status:
-    """Decode a retained status message."""
-    what = "status"
-    obj = _json_object(raw, MAX_NODE_PAYLOAD, what)
-    _check_version(obj, what)
+def _state(obj: Mapping[str, Any], what: str) -> str:
     state = obj.get("state")
     if state not in STATES:
         raise CodecError(f"{what}: 'state' must be one of {STATES}, got {state!r}")
+    return state
+
+
+def decode_status(raw: bytes, *, topic_device: str | None = None) -> Status:
+    """Decode a retained status message.
+
+    ``topic_device`` is the device id from the MQTT topic; as for readings, a status
+    claiming another device is rejected.
+    """
+    what = "status"
+    obj = _json_object(raw, MAX_NODE_PAYLOAD, what)
+    _check_version(obj, what)
+    device = check_id(_text(obj, "dev", what), "device")
+    if topic_device is not None and device != topic_device:
+        raise CodecError(f"{what}: device {device!r} published on the topic of {topic_device!r}")
     return Status(
-        device=check_id(_text(obj, "dev", what), "device"),
-        state=state,
+        device=device,
+        state=_state(obj, what),
         boot=_boot(obj, what),
         fw=_text(obj, "fw", what, required=False),
         reset=_text(obj, "reset", what, required=False),
@@ -266,20 +301,61 @@ def _reading_item(reading: Reading) -> dict[str, Any]:
     }
 
 
+def _status_item(event: StatusEvent) -> dict[str, Any]:
+    item: dict[str, Any] = {"site": event.site, "dev": event.device, "state": event.state, "boot": event.boot}
+    # Optional, as in the node's own status: a last will carries neither.
+    if event.fw:
+        item["fw"] = event.fw
+    if event.reset:
+        item["reset"] = event.reset
+    item["rx"] = event.received_ms
+    return item
+
+
 def encode_batch(batch: Batch) -> bytes:
     """Encode a batch envelope: zlib-compressed compact JSON."""
     check_id(batch.gateway, "gateway")
-    doc = {
+    doc: dict[str, Any] = {
         "v": WIRE_VERSION,
         "gw": batch.gateway,
         "bseq": batch.bseq,
         "sent": batch.sent_ms,
         "items": [_reading_item(r) for r in batch.readings],
     }
+    # Only when there are any: a batch of readings alone stays byte-identical to before.
+    if batch.statuses:
+        doc["events"] = [_status_item(e) for e in batch.statuses]
     data = zlib.compress(_dumps(doc), 6)
     if len(data) > MAX_BATCH_BYTES:
-        raise CodecError(f"batch of {len(batch.readings)} readings compresses to {len(data)} bytes, over {MAX_BATCH_BYTES}")
+        raise CodecError(
+            f"batch of {len(batch.readings)} readings and {len(batch.statuses)} status events"
+            f" compresses to {len(data)} bytes, over {MAX_BATCH_BYTES}"
+        )
     return data
+
+
+def _decode_status_events(obj: Mapping[str, Any], what: str) -> tuple[StatusEvent, ...]:
+    """The envelope's optional ``events`` list; absent means none (older gateways never send it)."""
+    events = obj.get("events", [])
+    if not isinstance(events, list):
+        raise CodecError(f"{what}: 'events' must be a list")
+    out = []
+    for index, item in enumerate(events):
+        where = f"{what} event {index}"
+        if not isinstance(item, dict):
+            raise CodecError(f"{where}: must be an object")
+        out.append(
+            StatusEvent(
+                site=check_id(_text(item, "site", where), "site"),
+                device=check_id(_text(item, "dev", where), "device"),
+                state=_state(item, where),
+                boot=_boot(item, where),
+                fw=_text(item, "fw", where, required=False),
+                reset=_text(item, "reset", where, required=False),
+                received_ms=_int(item, "rx", where),
+            )
+        )
+    return tuple(out)
 
 
 def decode_batch(raw: bytes, *, topic_gateway: str | None = None) -> Batch:
@@ -320,7 +396,13 @@ def decode_batch(raw: bytes, *, topic_gateway: str | None = None) -> Batch:
                 received_ms=_int(item, "rx", where),
             )
         )
-    return Batch(gateway=gateway, bseq=_int(obj, "bseq", what), sent_ms=_int(obj, "sent", what), readings=tuple(readings))
+    return Batch(
+        gateway=gateway,
+        bseq=_int(obj, "bseq", what),
+        sent_ms=_int(obj, "sent", what),
+        readings=tuple(readings),
+        statuses=_decode_status_events(obj, what),
+    )
 
 
 def encode_confirm(confirm: Confirm) -> bytes:
@@ -380,4 +462,51 @@ def decode_kafka_value(raw: bytes) -> dict[str, Any]:
         check_id(_text(obj, key, what), key)
     _boot(obj, what)
     _values({"r": obj.get("readings")}, what)
+    return obj
+
+
+KAFKA_STATUS_SCHEMA_ID = "tern.status/1"
+
+
+def kafka_status_record(event: StatusEvent, gateway: str, topic: str, bridged_ms: int) -> KafkaRecord:
+    """Map one node status event to its Kafka record: key = device id, like the readings.
+
+    ``fw`` and ``reset`` are always present in the value (empty when the node did not say,
+    as in a last will), so consumers need no "missing key" case.
+    """
+    value = {
+        "schema": KAFKA_STATUS_SCHEMA_ID,
+        "site": event.site,
+        "device": event.device,
+        "gateway": gateway,
+        "boot": event.boot,
+        "state": event.state,
+        "fw": event.fw,
+        "reset": event.reset,
+        "gateway_rx_ms": event.received_ms,
+        "bridge_ms": bridged_ms,
+    }
+    headers = (
+        ("device", event.device.encode()),
+        ("gateway", gateway.encode()),
+        ("boot", event.boot.encode()),
+        ("state", event.state.encode()),
+    )
+    return KafkaRecord(topic=topic, key=event.device.encode(), value=_dumps(value), headers=headers)
+
+
+def decode_kafka_status_value(raw: bytes) -> dict[str, Any]:
+    """Decode and check a Kafka status value (for consumers and tests)."""
+    what = "kafka status value"
+    obj = _json_object(raw, MAX_NODE_PAYLOAD, what)
+    if obj.get("schema") != KAFKA_STATUS_SCHEMA_ID:
+        raise CodecError(f"{what}: unknown schema {obj.get('schema')!r}")
+    for key in ("gateway_rx_ms", "bridge_ms"):
+        _int(obj, key, what)
+    for key in ("site", "device", "gateway"):
+        check_id(_text(obj, key, what), key)
+    _boot(obj, what)
+    _state(obj, what)
+    _text(obj, "fw", what)
+    _text(obj, "reset", what)
     return obj

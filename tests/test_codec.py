@@ -32,6 +32,18 @@ readings = st.builds(
     codec.Reading, device=ids, boot=boots, seq=uints, ts_ms=uints, values=values, site=ids, received_ms=uints
 )
 
+short_text = st.text(max_size=codec.MAX_TEXT_LEN)
+status_events = st.builds(
+    codec.StatusEvent,
+    site=ids,
+    device=ids,
+    state=st.sampled_from(codec.STATES),
+    boot=boots,
+    fw=short_text,
+    reset=short_text,
+    received_ms=uints,
+)
+
 
 def schema(name: str) -> dict:
     return json.loads(resources.files("tern").joinpath(f"schemas/{name}.schema.json").read_text())
@@ -51,6 +63,74 @@ def test_node_payload_round_trips_and_matches_schema(reading: codec.Reading) -> 
 def test_batch_round_trips_in_order(items: list[codec.Reading], gateway: str, bseq: int, sent: int) -> None:
     batch = codec.Batch(gateway=gateway, bseq=bseq, sent_ms=sent, readings=tuple(items))
     assert codec.decode_batch(codec.encode_batch(batch), topic_gateway=gateway) == batch
+
+
+@settings(max_examples=30)
+@given(st.lists(readings, max_size=10), st.lists(status_events, max_size=10), ids, uints)
+def test_batch_with_status_events_round_trips(
+    items: list[codec.Reading], events: list[codec.StatusEvent], gateway: str, bseq: int
+) -> None:
+    batch = codec.Batch(gateway=gateway, bseq=bseq, sent_ms=1, readings=tuple(items), statuses=tuple(events))
+    assert codec.decode_batch(codec.encode_batch(batch), topic_gateway=gateway) == batch
+
+
+def test_envelope_without_events_decodes_with_no_statuses() -> None:
+    """An envelope from a gateway that predates status forwarding (no "events" key)."""
+    doc = {"v": 1, "gw": "gw-1", "bseq": 3, "sent": 5,
+           "items": [{"site": "s", "dev": "d", "boot": "0badc0de", "seq": 1, "ts": 2, "rx": 3, "r": {"t": 1}}]}
+    batch = codec.decode_batch(zlib.compress(json.dumps(doc).encode()))
+    assert batch.statuses == () and len(batch.readings) == 1
+    # And a batch without events encodes without the key, as before.
+    plain = codec.Batch("gw-1", 3, 5, batch.readings)
+    assert "events" not in json.loads(zlib.decompress(codec.encode_batch(plain)))
+
+
+@pytest.mark.parametrize(
+    "event, message",
+    [
+        ("not an object", "event 0: must be an object"),
+        ({"site": "s", "dev": "d", "state": "asleep", "boot": "0badc0de", "rx": 1}, "'state' must be one of"),
+        ({"site": "s", "dev": "d", "state": "online", "boot": "0badc0de"}, "'rx' must be an integer"),
+        ({"site": "s", "dev": "a/b", "state": "online", "boot": "0badc0de", "rx": 1}, "invalid device"),
+        ({"site": "s", "dev": "d", "state": "online", "boot": "0badc0de", "rx": 1, "fw": 7}, "'fw' must be a string"),
+    ],
+)
+def test_bad_status_events_reject_the_batch(event: object, message: str) -> None:
+    doc = {"v": 1, "gw": "gw-1", "bseq": 3, "sent": 5, "items": [], "events": [event]}
+    with pytest.raises(CodecError, match=message):
+        codec.decode_batch(zlib.compress(json.dumps(doc).encode()))
+    with pytest.raises(CodecError, match="'events' must be a list"):
+        codec.decode_batch(zlib.compress(json.dumps({**doc, "events": {}}).encode()))
+
+
+@given(status_events, ids, uints)
+def test_kafka_status_record_matches_schema_and_keys_by_device(event: codec.StatusEvent, gateway: str, now: int) -> None:
+    record = codec.kafka_status_record(event, gateway, topics.KAFKA_STATUS, now)
+    value = json.loads(record.value)
+    jsonschema.validate(value, schema("kafka-status"))
+    assert codec.decode_kafka_status_value(record.value) == value
+    assert (value["state"], value["fw"], value["reset"], value["gateway_rx_ms"]) == (
+        event.state, event.fw, event.reset, event.received_ms
+    )
+    assert record.topic == topics.KAFKA_STATUS and record.key == event.device.encode()
+    assert dict(record.headers) == {
+        "device": event.device.encode(),
+        "gateway": gateway.encode(),
+        "boot": event.boot.encode(),
+        "state": event.state.encode(),
+    }
+    # A status value is not a reading, and the other way round.
+    with pytest.raises(CodecError, match="unknown schema"):
+        codec.decode_kafka_value(record.value)
+
+
+def test_status_from_another_device_is_rejected() -> None:
+    raw = codec.encode_status(codec.Status(device="node-1", state="offline", boot="0badc0de"))
+    assert codec.decode_status(raw, topic_device="node-1").device == "node-1"
+    with pytest.raises(CodecError, match="published on the topic of 'node-2'"):
+        codec.decode_status(raw, topic_device="node-2")
+    event = codec.StatusEvent.from_status(codec.decode_status(raw), "site-a", 42)
+    assert event == codec.StatusEvent("site-a", "node-1", "offline", "0badc0de", "", "", 42)
 
 
 @given(readings, ids, uints)
@@ -146,7 +226,14 @@ def test_zip_bomb_truncated_and_foreign_batches_are_rejected() -> None:
 
 @given(st.binary(max_size=300))
 def test_decoders_only_ever_raise_codec_error(raw: bytes) -> None:
-    for decode in (codec.decode_reading, codec.decode_status, codec.decode_node_ack, codec.decode_batch, codec.decode_confirm):
+    for decode in (
+        codec.decode_reading,
+        codec.decode_status,
+        codec.decode_node_ack,
+        codec.decode_batch,
+        codec.decode_confirm,
+        codec.decode_kafka_status_value,
+    ):
         try:
             decode(raw)
         except CodecError:
