@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--confirm-timeout", type=float, help="seconds to wait for a batch confirm before re-sending (default 15)")
     run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
-    show = sub.add_parser("outbox", help="print pending readings per device and the dead-letter count")
+    show = sub.add_parser("outbox", help="print pending readings per device, pending status events and dead letters")
     show.add_argument("--outbox", required=True, help="SQLite outbox file")
     return parser
 
@@ -87,7 +87,7 @@ def cmd_outbox(args: argparse.Namespace) -> int:
     console.print(table)
     age = summary.oldest_pending_age_s(now)
     console.print(
-        f"pending: {summary.pending}  dead letters: {summary.dead_letters}  "
+        f"pending: {summary.pending}  status events pending: {summary.status_pending}  dead letters: {summary.dead_letters}  "
         f"oldest pending: {'-' if age is None else f'{age:.1f} s'}  last bseq: {summary.last_bseq}"
     )
     return 0

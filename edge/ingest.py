@@ -1,10 +1,16 @@
-"""Ingest: node readings from the local broker into the outbox, PUBACKed only once committed.
+"""Ingest: node readings and statuses from the local broker into the outbox, PUBACKed only once committed.
 
 paho runs with ``manual_ack=True``: its network thread only queues each message; a worker
 thread decodes a group of them, commits the group to the outbox in one transaction, and only
 then PUBACKs them (in receive order) and tells each node how far it is committed. Until the
 PUBACK, the message belongs to the broker's persistent session, which re-delivers it if the
 gateway dies: nothing is lost between the two.
+
+Node statuses (``tern/+/+/status``, retained: birth and last will) take the same path as
+readings, in the same groups and transactions, so they reach the cloud with the same custody.
+The broker re-delivers every retained status on each (re)subscribe; the outbox ignores a
+status equal to the device's latest one. An empty retained payload only clears the retained
+message: it is acked and otherwise ignored.
 
 Back-pressure: when the outbox is full the worker holds the messages it has (in memory, not
 acked) and waits for room. The broker stops sending once its in-flight window for us is full
@@ -24,7 +30,7 @@ import paho.mqtt.client as mqtt
 from edge.config import GatewayConfig
 from edge.outbox import DeadLetter, Outbox, now_ms
 from tern import codec, topics
-from tern.codec import NodeAck, Reading
+from tern.codec import NodeAck, Reading, StatusEvent
 from tern.mqtt_session import PersistentSession
 
 log = logging.getLogger(__name__)
@@ -45,13 +51,22 @@ class _Incoming:
     generation: int
 
 
-def decode(topic: str, payload: bytes, received_ms: int = 0) -> Reading | DeadLetter:
-    """Turn one telemetry message into a Reading, or a DeadLetter saying why it is not one."""
+Decoded = Reading | StatusEvent | DeadLetter | None
+
+
+def decode(topic: str, payload: bytes, received_ms: int = 0) -> Decoded:
+    """Turn one node message into a Reading or a StatusEvent, or a DeadLetter saying why it is
+    neither; None for an empty status payload (a cleared retained message: nothing to keep)."""
     try:
         where = topics.parse_node_topic(topic)
-        if where.kind != topics.TELEMETRY:
-            raise codec.CodecError(f"not a telemetry topic: {topic!r}")
-        return codec.decode_reading(payload, site=where.site, topic_device=where.device)
+        if where.kind == topics.TELEMETRY:
+            return codec.decode_reading(payload, site=where.site, topic_device=where.device)
+        if where.kind == topics.STATUS:
+            if not payload:
+                return None
+            status = codec.decode_status(payload, topic_device=where.device)
+            return StatusEvent.from_status(status, where.site)
+        raise codec.CodecError(f"not a telemetry or status topic: {topic!r}")
     except codec.CodecError as exc:
         return DeadLetter(topic=topic, payload=payload, error=str(exc), received_ms=received_ms)
     except Exception as exc:  # a decoder bug must cost one message a dead letter, not the gateway
@@ -74,6 +89,9 @@ class Ingest:
             "processed": 0,
             "committed": 0,
             "duplicates": 0,
+            "status_committed": 0,
+            "status_duplicates": 0,
+            "status_cleared": 0,
             "dead_lettered": 0,
             "node_acks": 0,
             "backpressure_events": 0,
@@ -87,7 +105,7 @@ class Ingest:
             config.ingest_client_id,
             host,
             port,
-            [(topics.TELEMETRY_FILTER, 1)],
+            [(topics.TELEMETRY_FILTER, 1), (topics.STATUS_FILTER, 1)],
             self._on_message,
             manual_ack=True,
             keepalive=config.keepalive_s,
@@ -169,14 +187,20 @@ class Ingest:
         """Commit as long a prefix of ``held`` as fits, ack it, and remove it from ``held``."""
         room = self.outbox.room()
         readings: list[Reading] = []
+        statuses: list[StatusEvent] = []
         letters: list[DeadLetter] = []
+        cleared = 0
         count = 0
         for item in held:
             result = decode(item.topic, item.payload, item.received_ms)
-            if isinstance(result, Reading):
-                if len(readings) >= room:
+            if isinstance(result, (Reading, StatusEvent)):
+                # Both take a row; a status that turns out to be a duplicate only makes this
+                # check conservative.
+                if len(readings) + len(statuses) >= room:
                     break
-                readings.append(result)
+                (readings if isinstance(result, Reading) else statuses).append(result)
+            elif result is None:
+                cleared += 1
             else:
                 letters.append(result)
             count += 1
@@ -186,7 +210,7 @@ class Ingest:
             self._note_blocked(True)
             self.outbox.wait_for_room(0.5)
             return
-        result = self.outbox.add(readings, letters)
+        result = self.outbox.add(readings, letters, statuses=statuses)
         # Committed: now, and only now, the PUBACKs (in receive order, as MQTT requires).
         # A message from a lost connection is not acked here: the broker re-delivers it on the
         # new one, where the duplicate is ignored by the outbox and acked under its new id.
@@ -201,9 +225,12 @@ class Ingest:
             self._counts["committed"] += result.inserted
             self._counts["duplicates"] += result.duplicates
             self._counts["dead_lettered"] += result.dead_letters
+            self._counts["status_committed"] += result.statuses
+            self._counts["status_duplicates"] += result.status_duplicates
+            self._counts["status_cleared"] += cleared
             self._counts["node_acks"] += acks
         self._note_blocked(full)
-        if result.inserted and self._on_commit is not None:
+        if (result.inserted or result.statuses) and self._on_commit is not None:
             self._on_commit()
 
     def _send_node_acks(self, readings: list[Reading]) -> int:

@@ -82,7 +82,8 @@ class Gateway:
         log.info("gateway %s stopped", self.config.gateway_id)
 
     def stats(self) -> dict:
-        """Counters and levels: pending, dead_letters, oldest_pending_age_s, forwarded, batches_confirmed, ..."""
+        """Counters and levels: pending, status_pending, dead_letters, nodes_online, nodes_offline,
+        oldest_pending_age_s, forwarded, batches_confirmed, ..."""
         out: dict = {"gateway_id": self.config.gateway_id}
         out.update(self.ingest.stats())
         out.update(self.uplink.stats())
@@ -93,9 +94,12 @@ class Gateway:
         oldest = self.outbox.oldest_pending_ms()
         return {
             "pending": self.outbox.pending(),
+            "status_pending": self.outbox.status_pending(),
             "dead_letters": self.outbox.dead_letter_count(),
             "oldest_pending_age_s": None if oldest is None else max(0.0, (now_ms() - oldest) / 1000),
             "max_rows": self.outbox.max_rows,
+            # Liveness from each device's latest status (birth or will) the gateway has seen.
+            **self.outbox.node_states(),
         }
 
     def run_forever(self) -> None:

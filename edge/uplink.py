@@ -1,5 +1,10 @@
 """Uplink: outbox rows to the cloud broker in batches, deleted only once the bridge confirms them.
 
+A batch carries the oldest pending readings (up to ``batch_size``) and the oldest pending node
+status events (up to :data:`STATUS_BATCH_MAX`); the confirm covers both, and both are deleted
+in one transaction. A batch may hold status events and no reading (a node died, nothing else
+is happening), or readings and no status event (the usual case).
+
 One batch is in flight at a time, so batches leave (and are confirmed) in outbox order and
 per-device order needs no further bookkeeping. A batch that is not confirmed within
 ``confirm_timeout_s`` is published again (same rows, same bseq); the bridge and Kafka
@@ -17,12 +22,17 @@ import threading
 import paho.mqtt.client as mqtt
 
 from edge.config import GatewayConfig
-from edge.outbox import Outbox, OutboxRow, now_ms
+from edge.outbox import Outbox, OutboxRow, StatusRow, now_ms
 from tern import codec, topics
 from tern.codec import Batch
 from tern.mqtt_session import PersistentSession
 
 log = logging.getLogger(__name__)
+
+#: Status events per batch at most. They are rare (a birth per connect, a will per death) and
+#: ~150 bytes each, so this never crowds the readings out of an envelope; a fleet rebooting
+#: at once drains in a few batches.
+STATUS_BATCH_MAX = 100
 
 
 class Uplink:
@@ -41,6 +51,7 @@ class Uplink:
             "batches_resent": 0,
             "batches_confirmed": 0,
             "forwarded": 0,
+            "status_forwarded": 0,
             "confirms_ignored": 0,
             "publish_errors": 0,
         }
@@ -126,29 +137,32 @@ class Uplink:
                 if not self.outbox.wait_for_rows(0.5) or self._stop.is_set():
                     continue
                 rows = self.outbox.take(self.config.batch_size)
-                if rows:
-                    self._forward(rows)
+                statuses = self.outbox.take_statuses(STATUS_BATCH_MAX)
+                if rows or statuses:
+                    self._forward(rows, statuses)
             except Exception:  # never let the forwarder die; the rows stay in the outbox
                 with self._cond:
                     self._counts["publish_errors"] += 1
                 log.exception("forwarding failed; retrying")
                 self._stop.wait(1.0)
 
-    def _encode(self, rows: list[OutboxRow], bseq: int) -> tuple[list[OutboxRow], bytes]:
-        """Encode as many of ``rows`` as fit one envelope (halving on the size limit)."""
+    def _encode(self, rows: list[OutboxRow], statuses: list[StatusRow], bseq: int) -> tuple[list[OutboxRow], bytes]:
+        """Encode as many of ``rows`` as fit one envelope with ``statuses`` (halving the readings
+        on the size limit; the few small status events always go)."""
+        events = tuple(s.event for s in statuses)
         while True:
-            batch = Batch(self.config.gateway_id, bseq, now_ms(), tuple(r.reading for r in rows))
+            batch = Batch(self.config.gateway_id, bseq, now_ms(), tuple(r.reading for r in rows), events)
             try:
                 return rows, codec.encode_batch(batch)
             except codec.CodecError:
-                if len(rows) == 1:
+                if len(rows) <= 1:
                     raise
                 rows = rows[: len(rows) // 2]
 
-    def _forward(self, rows: list[OutboxRow]) -> None:
+    def _forward(self, rows: list[OutboxRow], statuses: list[StatusRow]) -> None:
         """Publish one batch until it is confirmed (or we are stopping), then delete its rows."""
         bseq = self.outbox.next_bseq()
-        rows, payload = self._encode(rows, bseq)
+        rows, payload = self._encode(rows, statuses, bseq)
         with self._cond:
             self._inflight = bseq
             self._confirmed = None
@@ -171,17 +185,19 @@ class Uplink:
                     confirmed = self._confirmed == bseq
                 if confirmed:
                     # The custody rule: only now may these rows go.
-                    deleted = self.outbox.delete(r.id for r in rows)
+                    deleted = self.outbox.delete((r.id for r in rows), (s.id for s in statuses))
                     with self._cond:
                         self._counts["batches_confirmed"] += 1
                         self._counts["forwarded"] += deleted
-                    log.debug("batch %d confirmed: %d readings", bseq, deleted)
+                        self._counts["status_forwarded"] += len(statuses)
+                    log.debug("batch %d confirmed: %d readings, %d status events", bseq, deleted, len(statuses))
                     return
                 if not self._stop.is_set():
                     log.warning(
-                        "no confirm for batch %d (%d readings) within %.1f s; re-sending",
+                        "no confirm for batch %d (%d readings, %d status events) within %.1f s; re-sending",
                         bseq,
                         len(rows),
+                        len(statuses),
                         self.config.confirm_timeout_s,
                     )
         finally:

@@ -60,6 +60,17 @@ def outbox_rows(path: Path) -> list[tuple[str, str, int]]:
             return []
 
 
+def status_rows(path: Path) -> list[tuple[str, str, str]]:
+    """(device, boot, state) of pending status events in id order."""
+    if not path.exists():
+        return []
+    with sqlite3.connect(path, timeout=10) as conn:
+        try:
+            return [tuple(r) for r in conn.execute("SELECT device, boot, state FROM status_events ORDER BY id")]
+        except sqlite3.OperationalError:  # not created yet
+            return []
+
+
 def dead_letters(path: Path) -> list[tuple[str, bytes, str]]:
     with sqlite3.connect(path, timeout=10) as conn:
         return [tuple(r) for r in conn.execute("SELECT topic, payload, error FROM dead_letters ORDER BY id")]
@@ -169,9 +180,52 @@ class BridgeStub:
                     out.extend(batch.readings)
             return out
 
+    def delivered_statuses(self) -> list[codec.StatusEvent]:
+        """Status events of confirmed batches, in order, each confirmed batch once."""
+        with self._lock:
+            seen: set[int] = set()
+            out: list[codec.StatusEvent] = []
+            for batch in self.batches:
+                if batch.bseq in self.confirmed and batch.bseq not in seen:
+                    seen.add(batch.bseq)
+                    out.extend(batch.statuses)
+            return out
+
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+
+class StatusNode:
+    """A paho node that does what the firmware does with its status: a retained QoS 1 last
+    will set before connecting, a retained birth right after; :meth:`kill` drops the TCP
+    connection without an MQTT DISCONNECT, so the broker publishes the will."""
+
+    def __init__(self, broker: Mosquitto, device: str, boot: str = BOOT) -> None:
+        self.device = device
+        self.topic = topics.status_topic(SITE, device)
+        self.client = new_client()
+        will = codec.encode_status(codec.Status(device, "offline", boot))
+        self.client.will_set(self.topic, will, qos=1, retain=True)
+        connected = threading.Event()
+        self.client.on_connect = lambda *a: connected.set()
+        self.client.connect(broker.host, broker.port, keepalive=60)
+        self.client.loop_start()
+        assert connected.wait(DEADLINE), "status node could not connect"
+        birth = codec.encode_status(codec.Status(device, "online", boot, fw="0.1.0", reset="PWRON_RESET"))
+        info = self.client.publish(self.topic, birth, qos=1, retain=True)
+        info.wait_for_publish(DEADLINE)
+        assert info.is_published()
+
+    def kill(self) -> None:
+        self.client.loop_stop()  # no reconnect, no DISCONNECT
+        self.client.socket().close()
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        sock = self.client.socket()
+        if sock is not None:
+            sock.close()
 
 
 def per_device(readings: list[Reading]) -> dict[str, list[int]]:
@@ -360,6 +414,99 @@ def test_bad_messages_become_dead_letters_and_the_gateway_keeps_working(brokers,
     node.send(2)
     wait_until(lambda: len(bridge.delivered()) == 2, what="the next reading forwarded")
     assert len(dead_letters(outbox_path)) == 5
+
+
+# --- node status ------------------------------------------------------------------------
+
+
+def test_birth_and_will_reach_the_cloud_and_go_only_after_confirm(brokers, outbox_path, cleanup):
+    local, cloud = brokers
+    bridge = BridgeStub(cloud, confirm=False)
+    cleanup(bridge)
+    gw = Gateway(config(local, cloud, outbox_path))
+    cleanup(gw)
+    gw.start()
+    assert gw.wait_connected(DEADLINE)
+    status_node = StatusNode(local, "dev-s")
+    cleanup(status_node)
+
+    # The birth is committed and travels, but stays in the outbox until confirmed.
+    wait_until(lambda: status_rows(outbox_path) == [("dev-s", BOOT, "online")], what="the birth committed")
+    wait_until(lambda: bridge.batches, what="a batch on the cloud broker")
+    assert [(e.device, e.state) for e in bridge.batches[0].statuses] == [("dev-s", "online")]
+    assert bridge.batches[0].readings == ()  # a batch of status events alone
+    node = Node(local, "dev-r")
+    cleanup(node)
+    node.send(0)
+    wait_until(lambda: len(outbox_rows(outbox_path)) == 1, what="a reading committed behind the birth")
+    stats = gw.stats()
+    assert stats["nodes_online"] == 1 and stats["nodes_offline"] == 0 and stats["status_pending"] == 1
+
+    # The broker publishes the will when the node's connection drops without DISCONNECT.
+    status_node.kill()
+    wait_until(lambda: len(status_rows(outbox_path)) == 2, what="the will committed")
+    assert status_rows(outbox_path) == [("dev-s", BOOT, "online"), ("dev-s", BOOT, "offline")]
+    assert gw.stats()["nodes_online"] == 0 and gw.stats()["nodes_offline"] == 1
+
+    bridge.start_confirming()
+    wait_until(
+        lambda: not status_rows(outbox_path) and not outbox_rows(outbox_path), what="statuses and rows drained"
+    )
+    delivered = bridge.delivered_statuses()
+    assert [(e.device, e.boot, e.state) for e in delivered] == [("dev-s", BOOT, "online"), ("dev-s", BOOT, "offline")]
+    assert delivered[0].fw == "0.1.0" and delivered[0].reset == "PWRON_RESET" and delivered[1].fw == ""
+    assert all(e.site == SITE and e.received_ms > 0 for e in delivered)
+    assert per_device(bridge.delivered()) == {"dev-r": [0]}
+    stats = gw.stats()
+    assert stats["status_pending"] == 0 and stats["status_forwarded"] == 2 and stats["status_committed"] == 2
+    assert stats["pending"] == 0 and stats["dead_letters"] == 0
+
+    # A restart re-subscribes, and the broker re-delivers the retained will: it is the
+    # device's latest status already, so it is acked and not forwarded again.
+    gw.stop()
+    sent_before = len(bridge.batches)
+    gw2 = Gateway(config(local, cloud, outbox_path))
+    cleanup(gw2)
+    gw2.start()
+    assert gw2.wait_connected(DEADLINE)
+    wait_until(lambda: gw2.stats()["status_duplicates"] == 1, what="the retained will seen again")
+    assert not status_rows(outbox_path) and gw2.stats()["nodes_offline"] == 1
+    assert all(not b.statuses for b in bridge.batches[sent_before:])
+
+
+def test_bad_statuses_become_dead_letters_and_cleared_ones_are_acked(brokers, outbox_path, cleanup):
+    local, cloud = brokers
+    bridge = BridgeStub(cloud)
+    cleanup(bridge)
+    gw = Gateway(config(local, cloud, outbox_path))
+    cleanup(gw)
+    gw.start()
+    assert gw.wait_connected(DEADLINE)
+    node = Node(local, "dev-a")
+    cleanup(node)
+    topic = topics.status_topic(SITE, "dev-a")
+    bad = [
+        (topic, b"not json"),
+        (topic, codec.encode_status(codec.Status("dev-b", "online", BOOT))),  # another device's status
+        (topic, b'{"v":1,"dev":"dev-a","state":"asleep","boot":"b007"}'),
+        ("tern/bad site/dev-a/status", codec.encode_status(codec.Status("dev-a", "online", BOOT))),
+    ]
+    for t, payload in bad:
+        node.publish_raw(t, payload)
+    # An empty retained payload clears the retained status: acked, not a dead letter.
+    node.client.publish(topic, b"", qos=1, retain=True).wait_for_publish(DEADLINE)
+    node.publish_raw(topic, codec.encode_status(codec.Status("dev-a", "online", BOOT)))
+    wait_until(lambda: len(bridge.delivered_statuses()) == 1, what="the good status forwarded")
+    letters = dead_letters(outbox_path)
+    assert [(t, p) for t, p, _ in letters] == bad
+    errors = [e for _, _, e in letters]
+    assert "not JSON" in errors[0]
+    assert "'dev-b' published on the topic of 'dev-a'" in errors[1]
+    assert "'state' must be one of" in errors[2]
+    assert "invalid site" in errors[3]
+    stats = gw.stats()
+    assert stats["dead_letters"] == 4 and stats["status_cleared"] == 1 and stats["nodes_online"] == 1
+    assert stats["processed"] == 6
 
 
 def test_node_ack_is_published_only_after_commit(brokers, outbox_path, cleanup):

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from edge.outbox import DEAD_LETTER_PAYLOAD_MAX, DeadLetter, Outbox, open_readonly, summarize
-from tern.codec import Reading
+from tern.codec import Reading, StatusEvent
 
 DEVICES = ("dev-a", "dev-b", "dev-c")
 BOOTS = ("b001", "b002")
@@ -103,6 +103,54 @@ def test_summary_read_only_while_open(tmp_path: Path) -> None:
     ]
     with pytest.raises(FileNotFoundError):
         open_readonly(tmp_path / "missing.db")
+
+
+def status(state: str, device: str = "dev-a", boot: str = "b001", site: str = "s1") -> StatusEvent:
+    fw = "0.1.0" if state == "online" else ""
+    return StatusEvent(site, device, state, boot, fw=fw, reset="PWRON_RESET" if fw else "")
+
+
+def test_status_events_dedup_against_the_latest_and_keep_a_flap(tmp_path: Path) -> None:
+    path = tmp_path / "o.db"
+    with Outbox(path, max_rows=10) as box:
+        result = box.add([reading(seq=1)], statuses=[status("online"), status("online")], received_ms=500)
+        # The second is a re-delivery of the first: ignored.
+        assert (result.inserted, result.statuses, result.status_duplicates) == (1, 1, 1)
+        # A flap with the same boot (the node reconnected) is three real changes, in order.
+        assert box.add([], statuses=[status("offline"), status("online"), status("online", "dev-b")]).statuses == 3
+        assert box.status_pending() == 4 and box.pending() == 1
+        assert box.room() == 10 - 5  # status events count toward max_rows
+        rows = box.take_statuses(10)
+        assert [(r.event.device, r.event.state) for r in rows] == [
+            ("dev-a", "online"), ("dev-a", "offline"), ("dev-a", "online"), ("dev-b", "online")
+        ]
+        assert rows[0].event == StatusEvent("s1", "dev-a", "online", "b001", "0.1.0", "PWRON_RESET", 500)
+        assert [r.id for r in box.take_statuses(2)] == [r.id for r in rows[:2]]
+        assert box.node_states() == {"nodes_online": 2, "nodes_offline": 0}
+
+        # Deleting what a confirm covered, readings and statuses in one go.
+        assert box.delete([box.take(1)[0].id], [r.id for r in rows[:3]]) == 1
+        assert box.status_pending() == 1 and box.pending() == 0 and box.room() == 9
+        # Forwarded, but still the latest: a retained re-delivery after a resubscribe is ignored.
+        assert box.add([], statuses=[status("online")]).status_duplicates == 1
+        assert box.add([], statuses=[status("offline", "dev-b")]).statuses == 1
+        assert box.node_states() == {"nodes_online": 1, "nodes_offline": 1}
+    with Outbox(path, max_rows=10) as box:  # a restart keeps the latest statuses and the pending ones
+        assert box.status_pending() == 2 and box.wait_for_rows(0.01)
+        assert box.add([], statuses=[status("online")]).status_duplicates == 1
+        assert box.node_states() == {"nodes_online": 1, "nodes_offline": 1}
+        db = open_readonly(path)
+        assert summarize(db).status_pending == 2
+        db.close()
+
+
+def test_status_events_alone_wake_the_uplink_and_fill_the_bound(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "o.db", max_rows=2) as box:
+        assert not box.wait_for_rows(0.01)
+        box.add([], statuses=[status("online"), status("online", "dev-b")])
+        assert box.wait_for_rows(0.01) and box.room() == 0 and not box.wait_for_room(0.01)
+        box.delete([], [r.id for r in box.take_statuses(1)])
+        assert box.room() == 1 and box.wait_for_room(0.01)
 
 
 class OutboxMachine(RuleBasedStateMachine):
