@@ -1,4 +1,4 @@
-"""The cloud bridge: gateway batches on MQTT → reading records in Kafka, losslessly.
+"""The cloud bridge: gateway batches on MQTT → reading and node status records in Kafka, losslessly.
 
 The one rule everything here serves: **an MQTT message is acknowledged (PUBACK) only after
 Kafka has acknowledged what it carried.** Until then the broker's persistent session keeps
@@ -72,7 +72,8 @@ class Bridge:
     """One bridge instance. ``await Bridge(config).run(stop)`` runs it until ``stop`` is set.
 
     Counters (see :meth:`stats`) follow EMQX's data-integration metrics: ``matched`` batches
-    received, ``records_written``, ``batches_confirmed``, ``deadlettered``, ``retries`` of
+    received, ``records_written`` (readings), ``status_written`` (node status events),
+    ``batches_confirmed``, ``deadlettered``, ``retries`` of
     failed Kafka writes, ``inflight`` messages received but not yet acknowledged.
     """
 
@@ -101,6 +102,7 @@ class Bridge:
             for name in (
                 "matched",
                 "records_written",
+                "status_written",
                 "batches_confirmed",
                 "deadlettered",
                 "retries",
@@ -129,7 +131,7 @@ class Bridge:
         self._queue = asyncio.Queue()
         sink = KafkaSink(self.config)
         try:
-            await sink.start(check_topics=(self.config.readings_topic, self.config.deadletter_topic))
+            await sink.start(check_topics=self.config.kafka_topics)
         except KafkaWriteError as exc:
             raise BridgeError(str(exc)) from None
         self._sink = sink
@@ -291,9 +293,16 @@ class Bridge:
             return
         now = _now_ms()
         records = [codec.kafka_record(r, batch.gateway, self.config.readings_topic, now) for r in batch.readings]
-        await self._write_with_retry(delivery, records)
+        statuses = [
+            codec.kafka_status_record(e, batch.gateway, self.config.status_topic, now) for e in batch.statuses
+        ]
+        # One write: the batch is PUBACKed and confirmed only once Kafka holds all of both.
+        await self._write_with_retry(delivery, records + statuses)
         self._counters["records_written"] += len(records)
+        self._counters["status_written"] += len(statuses)
         if self._ack(delivery):
+            # n counts readings, as the contract always said; the gateway deletes the batch's
+            # status events on the same confirm.
             self._confirm(codec.Confirm(batch.gateway, batch.bseq, len(records)))
 
     async def _write_with_retry(self, delivery: _Delivery, records: list[codec.KafkaRecord]) -> None:

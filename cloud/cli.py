@@ -4,7 +4,7 @@
     tern-bridge consume --kafka 127.0.0.1:9092 --topic tern.readings [--from-beginning] [--max N]
 
 Unset options fall back to the environment (TERN_CLOUD_BROKER, KAFKA_BOOTSTRAP,
-TERN_KAFKA_TOPIC, ...). A bad setting prints one line and exits with status 2; a broker that
+TERN_KAFKA_TOPIC, TERN_KAFKA_STATUS_TOPIC, ...). A bad setting prints one line and exits with status 2; a broker that
 cannot be reached at start-up exits with status 1.
 """
 
@@ -31,6 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--mqtt", help="cloud MQTT broker HOST:PORT (env TERN_CLOUD_BROKER)")
     run.add_argument("--kafka", help="Kafka bootstrap HOST:PORT[,...] (env KAFKA_BOOTSTRAP)")
     run.add_argument("--topic", help="Kafka topic for readings (env TERN_KAFKA_TOPIC, default tern.readings)")
+    run.add_argument("--status-topic", help="Kafka topic for node status (env TERN_KAFKA_STATUS_TOPIC, default tern.status)")
     run.add_argument("--deadletter", help="Kafka dead-letter topic (default tern.deadletter)")
     run.add_argument("--name", help="bridge name; MQTT client id is tern-bridge-NAME (default main)")
     run.add_argument("--idempotence", action="store_true", default=None, help="idempotent producer (real Kafka; Tansu rejects it)")
@@ -74,6 +75,7 @@ def _run(args: argparse.Namespace) -> int:
         mqtt_broker=args.mqtt,
         kafka_bootstrap=args.kafka,
         readings_topic=args.topic,
+        status_topic=args.status_topic,
         deadletter_topic=args.deadletter,
         name=args.name,
         enable_idempotence=args.idempotence,

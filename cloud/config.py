@@ -2,7 +2,7 @@
 
 Every value has a default that works on one machine; ``BridgeConfig.from_env`` reads the
 deployment's environment (``TERN_CLOUD_BROKER``, ``KAFKA_BOOTSTRAP``, ``TERN_KAFKA_TOPIC``,
-``TERN_KAFKA_DEADLETTER``, ``TERN_BRIDGE_NAME``). Wrong values raise
+``TERN_KAFKA_STATUS_TOPIC``, ``TERN_KAFKA_DEADLETTER``, ``TERN_BRIDGE_NAME``). Wrong values raise
 :class:`tern.errors.ConfigError` naming the field and what is wrong with it.
 """
 
@@ -53,6 +53,8 @@ class BridgeConfig:
     #: Kafka bootstrap servers, ``host:port[,host:port...]``.
     kafka_bootstrap: str = f"127.0.0.1:{DEFAULT_KAFKA_PORT}"
     readings_topic: str = topics.KAFKA_READINGS
+    #: Node status events (birth / last will), keyed by device like the readings.
+    status_topic: str = topics.KAFKA_STATUS
     deadletter_topic: str = topics.KAFKA_DEADLETTER
     enable_idempotence: bool = False
     #: None, gzip, snappy, lz4 or zstd (the last three need their Python library).
@@ -86,12 +88,15 @@ class BridgeConfig:
             raise ConfigError(f"name: {exc}") from None
         self.mqtt_address  # validates
         self.kafka_servers  # validates
-        for field_name in ("readings_topic", "deadletter_topic"):
+        for field_name in self.TOPIC_FIELDS:
             value = getattr(self, field_name)
             if not isinstance(value, str) or not _KAFKA_TOPIC.match(value) or value in (".", ".."):
                 raise ConfigError(f"{field_name}: {value!r} is not a valid Kafka topic name ([A-Za-z0-9._-], 1-249)")
         if self.readings_topic == self.deadletter_topic:
             raise ConfigError("deadletter_topic must differ from readings_topic")
+        # Each topic has one schema: a consumer of one must never meet the other's records.
+        if self.status_topic in (self.readings_topic, self.deadletter_topic):
+            raise ConfigError("status_topic must differ from readings_topic and deadletter_topic")
         if self.compression not in _COMPRESSION:
             raise ConfigError(f"compression: {self.compression!r} is not one of {_COMPRESSION}")
         if self.compression is not None and not _compression_available(self.compression):
@@ -109,6 +114,14 @@ class BridgeConfig:
                 raise ConfigError(f"{field_name}: must be a positive number of seconds, got {value!r}")
         if self.retry_max_s < self.retry_initial_s:
             raise ConfigError("retry_max_s must be >= retry_initial_s")
+
+    #: The Kafka topics the bridge writes to (validated alike, checked at start-up).
+    TOPIC_FIELDS = ("readings_topic", "status_topic", "deadletter_topic")
+
+    @property
+    def kafka_topics(self) -> tuple[str, ...]:
+        """Every Kafka topic this bridge writes to."""
+        return tuple(getattr(self, name) for name in self.TOPIC_FIELDS)
 
     @property
     def client_id(self) -> str:
@@ -150,6 +163,7 @@ class BridgeConfig:
             ("TERN_CLOUD_BROKER", "mqtt_broker"),
             ("KAFKA_BOOTSTRAP", "kafka_bootstrap"),
             ("TERN_KAFKA_TOPIC", "readings_topic"),
+            ("TERN_KAFKA_STATUS_TOPIC", "status_topic"),
             ("TERN_KAFKA_DEADLETTER", "deadletter_topic"),
             ("TERN_BRIDGE_NAME", "name"),
         ):

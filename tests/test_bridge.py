@@ -121,6 +121,7 @@ def bridge_config(broker: Mosquitto, bootstrap: str, kafka_topics: dict[str, str
         mqtt_broker=broker.address,
         kafka_bootstrap=bootstrap,
         readings_topic=kafka_topics["readings"],
+        status_topic=kafka_topics["status"],
         deadletter_topic=kafka_topics["deadletter"],
         connect_timeout_s=10,
         **extra,
@@ -199,6 +200,48 @@ def test_batches_land_in_kafka_keyed_ordered_then_confirmed(mosquitto, kafka_boo
     assert stats["records_written"] == 200
     assert stats["batches_confirmed"] == 10
     assert stats["inflight"] == 0 and stats["deadlettered"] == 0
+
+
+def test_status_events_land_in_the_status_topic_keyed_by_device(mosquitto, kafka_bootstrap, kafka_topics, gateway_factory):
+    """Status events travel in the batch with the readings; the confirm means Kafka holds both."""
+    births = [codec.StatusEvent("site1", dev, "online", BOOT, fw="0.1.0", reset="PWRON_RESET", received_ms=11)
+              for dev in ("dev-a", "dev-b")]
+    will = codec.StatusEvent("site1", "dev-a", "offline", BOOT, received_ms=12)
+    with BridgeThread(bridge_config(mosquitto, kafka_bootstrap, kafka_topics)) as bridge:
+        gw = gateway_factory(mosquitto, "gw6")
+        with_readings = make_batch("gw6", 1, ["dev-a"], per_device=2, first_seq=0)
+        gw.publish(codec.Batch("gw6", 1, with_readings.sent_ms, with_readings.readings, tuple(births)))
+        gw.wait_confirms([1], timeout=15)
+        # Confirmed means in Kafka: both topics can be read at once, no waiting.
+        statuses = read_all(kafka_bootstrap, kafka_topics["status"], timeout_s=10)
+        assert len(statuses) == 2
+        gw.publish(codec.Batch("gw6", 2, 1, (), (will,)))  # a batch of a status event alone
+        gw.wait_confirms([2], timeout=15)
+        stats = bridge.stats()
+
+    statuses = read_all(kafka_bootstrap, kafka_topics["status"], timeout_s=10, expect=3)
+    values = [codec.decode_kafka_status_value(r.raw) for r in statuses]
+    assert sorted((v["device"], v["state"]) for v in values) == [("dev-a", "offline"), ("dev-a", "online"), ("dev-b", "online")]
+    for rec, value in zip(statuses, values):
+        assert rec.key == value["device"]
+        assert rec.headers == {
+            "device": value["device"].encode(),
+            "gateway": b"gw6",
+            "boot": BOOT.encode(),
+            "state": value["state"].encode(),
+        }
+        assert value["gateway"] == "gw6" and value["site"] == "site1" and value["bridge_ms"] > 0
+    # A device's statuses stay in order in one partition.
+    dev_a = sorted((r for r in statuses if r.key == "dev-a"), key=lambda r: r.offset)
+    assert len({r.partition for r in dev_a}) == 1
+    assert [codec.decode_kafka_status_value(r.raw)["state"] for r in dev_a] == ["online", "offline"]
+    assert codec.decode_kafka_status_value(dev_a[0].raw)["fw"] == "0.1.0"
+    assert codec.decode_kafka_status_value(dev_a[1].raw)["gateway_rx_ms"] == 12
+    # Readings went to the readings topic only, and n in the confirm counts readings.
+    readings = read_all(kafka_bootstrap, kafka_topics["readings"], timeout_s=10, expect=2)
+    assert sorted(r.identity for r in readings) == [("dev-a", BOOT, 0), ("dev-a", BOOT, 1)]
+    assert [c.count for c in gw.confirms[1]] == [2] and [c.count for c in gw.confirms[2]] == [0]
+    assert stats["records_written"] == 2 and stats["status_written"] == 3 and stats["batches_confirmed"] == 2
 
 
 # --- poison input --------------------------------------------------------------------
@@ -294,7 +337,7 @@ def test_kafka_outage_holds_the_puback_and_confirm(mosquitto, proxied_kafka, gat
     arrives exactly once (nothing reached Kafka during the outage, so the retry is the
     only copy; in general the bridge guarantees at-least-once)."""
     proxy, bootstrap = proxied_kafka
-    names = {"readings": "out.readings", "deadletter": "out.deadletter"}
+    names = {"readings": "out.readings", "status": "out.status", "deadletter": "out.deadletter"}
     asyncio.run(ensure_topics(bootstrap, list(names.values())))
     config = bridge_config(
         mosquitto, bootstrap, names, request_timeout_ms=2000, retry_initial_s=0.5, retry_max_s=1.0
@@ -366,6 +409,7 @@ def test_bridge_startup_fails_cleanly_without_mqtt(kafka_bootstrap, kafka_topics
         mqtt_broker=f"127.0.0.1:{free_port()}",
         kafka_bootstrap=kafka_bootstrap,
         readings_topic=kafka_topics["readings"],
+        status_topic=kafka_topics["status"],
         deadletter_topic=kafka_topics["deadletter"],
         connect_timeout_s=2,
     )
@@ -462,6 +506,12 @@ def test_config_validation_and_env():
         BridgeConfig(readings_topic="bad topic")
     with pytest.raises(ConfigError, match="name"):
         BridgeConfig(name="has/slash")
+    with pytest.raises(ConfigError, match="status_topic"):
+        BridgeConfig(status_topic="bad topic")
+    with pytest.raises(ConfigError, match="status_topic must differ"):
+        BridgeConfig(status_topic=topics.KAFKA_READINGS)
+    assert BridgeConfig().status_topic == topics.KAFKA_STATUS == "tern.status"
+    assert BridgeConfig.from_env({"TERN_KAFKA_STATUS_TOPIC": "x.status"}).status_topic == "x.status"
     config = BridgeConfig.from_env(
         {"TERN_CLOUD_BROKER": "127.0.0.1:1884", "KAFKA_BOOTSTRAP": "127.0.0.1:9093", "TERN_KAFKA_TOPIC": "x.readings"},
         name="n1",
@@ -486,3 +536,6 @@ def test_cli_bad_config_exits_2_with_one_line(capsys):
     assert cli_main(["run", "--mqtt", "127.0.0.1:notaport", "--kafka", "127.0.0.1:9092"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "mqtt_broker" in err and "Traceback" not in err
+    assert cli_main(["run", "--mqtt", "127.0.0.1:1883", "--status-topic", "no good"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "status_topic" in err
