@@ -590,9 +590,11 @@ def start_bridge(lab: Lab, stack: ExitStack, cloud: "Mosquitto", readings_topic:
     from cloud.bridge import BridgeThread
     from cloud.config import BridgeConfig
 
+    # The bridge checks every topic it writes to at start-up: give it a status topic of its own.
+    (status_topic,) = lab.kafka_topics(f"{name}-status")
     config = BridgeConfig(
         name=f"bench-{name}-{uuid.uuid4().hex[:6]}", mqtt_broker=cloud.address, kafka_bootstrap=lab.kafka(),
-        readings_topic=readings_topic, deadletter_topic=deadletter_topic,
+        readings_topic=readings_topic, status_topic=status_topic, deadletter_topic=deadletter_topic,
     )
     bridge = BridgeThread(config).start()
     stack.callback(bridge.stop)

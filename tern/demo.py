@@ -135,13 +135,16 @@ def run(args: argparse.Namespace) -> int:
         bootstrap = kafka_bootstrap_from_env()
         if bootstrap:
             # A shared cluster may hold earlier runs: a topic of our own keeps the summary honest.
-            kafka_topic = f"{topics.KAFKA_READINGS}.demo-{uuid.uuid4().hex[:8]}"
+            run_id = uuid.uuid4().hex[:8]
+            kafka_topic = f"{topics.KAFKA_READINGS}.demo-{run_id}"
+            status_topic = f"{topics.KAFKA_STATUS}.demo-{run_id}"
             console.print(f"Kafka: {bootstrap} (KAFKA_BOOTSTRAP), topic {kafka_topic}")
         else:
             bootstrap = stack.enter_context(Tansu(workdir / "tansu")).bootstrap
             kafka_topic = topics.KAFKA_READINGS
+            status_topic = topics.KAFKA_STATUS
             console.print(f"Kafka: Tansu at {bootstrap}, topic {kafka_topic}")
-        asyncio.run(ensure_topics(bootstrap, [kafka_topic, topics.KAFKA_DEADLETTER]))
+        asyncio.run(ensure_topics(bootstrap, [kafka_topic, status_topic, topics.KAFKA_DEADLETTER]))
         console.print(f"Pi broker {pi_broker.address}, cloud broker {cloud_broker.address}")
 
         gateway = stack.enter_context(
@@ -161,6 +164,7 @@ def run(args: argparse.Namespace) -> int:
                     mqtt_broker=cloud_broker.address,
                     kafka_bootstrap=bootstrap,
                     readings_topic=kafka_topic,
+                    status_topic=status_topic,
                 )
             )
         )
@@ -200,7 +204,8 @@ def run(args: argparse.Namespace) -> int:
         console.print(
             f"gateway: {g['committed']} committed, {g['batches_confirmed']} batches confirmed, "
             f"{g['pending']} pending, {g['dead_letters']} dead letters; "
-            f"bridge: {b['records_written']} records written, {b['deadlettered']} dead-lettered, {b['retries']} retries"
+            f"bridge: {b['records_written']} records written, {b['status_written']} status events, "
+            f"{b['deadlettered']} dead-lettered, {b['retries']} retries"
         )
         if result.total_missing:
             console.print(f"[red]{result.total_missing} readings missing[/]")

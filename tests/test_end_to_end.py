@@ -13,6 +13,7 @@ import pytest
 
 from cloud.bridge import BridgeThread
 from cloud.config import BridgeConfig
+from cloud.consume import read_all
 from edge.config import GatewayConfig
 from edge.service import Gateway
 from tern import codec, topics
@@ -42,6 +43,7 @@ def pipeline(tmp_path: Path, mosquitto_factory, kafka_bootstrap: str, kafka_topi
             mqtt_broker=cloud_broker.address,
             kafka_bootstrap=kafka_bootstrap,
             readings_topic=kafka_topics["readings"],
+            status_topic=kafka_topics["status"],
             deadletter_topic=kafka_topics["deadletter"],
         )
     )
@@ -49,7 +51,16 @@ def pipeline(tmp_path: Path, mosquitto_factory, kafka_bootstrap: str, kafka_topi
         tail = KafkaTail(kafka_bootstrap, kafka_topics["readings"]).start()
         observer = BrokerObserver(pi_broker.host, pi_broker.port).start()
         try:
-            yield {"pi": pi_broker, "gateway": gateway, "bridge": bridge, "tail": tail, "observer": observer, "tmp": tmp_path}
+            yield {
+                "pi": pi_broker,
+                "gateway": gateway,
+                "bridge": bridge,
+                "tail": tail,
+                "observer": observer,
+                "tmp": tmp_path,
+                "kafka": kafka_bootstrap,
+                "status_topic": kafka_topics["status"],
+            }
         finally:
             observer.stop()
             tail.stop()
@@ -69,6 +80,18 @@ def retained_status(host: str, port: int, site: str, device: str, timeout: float
         client.disconnect()
         client.loop_stop()
     return codec.decode_status(got[-1]) if got else None
+
+
+def kafka_states(bootstrap: str, topic: str, device: str, boot: str) -> list[str]:
+    """The states Kafka's status topic holds for one boot of one device, in partition order."""
+    records = sorted(read_all(bootstrap, topic, timeout_s=10), key=lambda r: (r.partition, r.offset))
+    states = []
+    for rec in records:
+        value = codec.decode_kafka_status_value(rec.raw)
+        assert rec.key == value["device"] and rec.headers["state"] == value["state"].encode()
+        if value["device"] == device and value["boot"] == boot:
+            states.append(value["state"])
+    return states
 
 
 def test_every_reading_arrives_in_kafka_in_order_and_last_will_fires(pipeline) -> None:
@@ -122,6 +145,23 @@ def test_every_reading_arrives_in_kafka_in_order_and_last_will_fires(pipeline) -
         )
         # The others are still online.
         assert retained_status(pi.host, pi.port, "site-e2e", devices[1]).state == "online"
+
+        # Kafka's status topic tells the same story: the victim's birth, then its will.
+        boot = births[victim.device].boot
+        states: list[str] = []
+
+        def will_in_kafka() -> bool:
+            states[:] = kafka_states(pipeline["kafka"], pipeline["status_topic"], victim.device, boot)
+            return "offline" in states
+
+        assert wait_until(will_in_kafka, 60), states
+        # At least once: a state may repeat, but the birth comes first and the will last.
+        assert states[0] == "online" and states[-1] == "offline", states
+        assert list(dict.fromkeys(states)) == ["online", "offline"], states
+        for device in devices[1:]:
+            assert kafka_states(pipeline["kafka"], pipeline["status_topic"], device, births[device].boot)[-1] == "online"
+        stats = pipeline["gateway"].stats()
+        assert stats["nodes_offline"] == 1 and stats["nodes_online"] == NODES - 1, stats
 
 
 def test_observer_sees_what_kafka_gets(pipeline) -> None:
