@@ -139,11 +139,25 @@ def _consume(args: argparse.Namespace) -> int:
         if rec.value is not None:
             readings = ", ".join(f"{k}={v}" for k, v in rec.value["readings"].items())
             table.add_row(rec.value["device"], rec.value["boot"], str(rec.value["seq"]), readings, str(rec.partition), str(rec.offset))
+        elif (status := _status_value(rec.raw)) is not None:
+            colour = "green" if status["state"] == "online" else "red"
+            detail = " ".join(f"{k}={status[k]}" for k in ("fw", "reset") if status[k])
+            table.add_row(status["device"], status["boot"], "-", f"[{colour}]{status['state']}[/] {detail}".rstrip(), str(rec.partition), str(rec.offset))
         else:
             error = rec.headers.get("error", b"").decode(errors="replace") or rec.decode_error or "not a reading"
             table.add_row(rec.key or "-", "-", "-", f"[red]{error}[/red]", str(rec.partition), str(rec.offset))
     Console().print(table)
     return 0
+
+
+def _status_value(raw: bytes) -> dict | None:
+    """The decoded node-status record (topic tern.status), or None if ``raw`` is not one."""
+    from tern import codec
+
+    try:
+        return codec.decode_kafka_status_value(raw)
+    except codec.CodecError:
+        return None
 
 
 if __name__ == "__main__":

@@ -539,3 +539,31 @@ def test_cli_bad_config_exits_2_with_one_line(capsys):
     assert cli_main(["run", "--mqtt", "127.0.0.1:1883", "--status-topic", "no good"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "status_topic" in err
+
+
+def test_cli_consume_shows_readings_and_node_status(kafka_bootstrap, kafka_topics, capsys):
+    """`tern-bridge consume` prints a status record as a state, not as an undecodable value."""
+    from aiokafka import AIOKafkaProducer
+
+    reading = codec.Reading("dev-c", BOOT, 7, 1, {"t": 1.5}, site="s1", received_ms=2)
+    event = codec.StatusEvent(site="s1", device="dev-c", state="offline", boot=BOOT, received_ms=3)
+    records = [
+        codec.kafka_record(reading, "gw9", kafka_topics["status"], 4),
+        codec.kafka_status_record(event, "gw9", kafka_topics["status"], 5),
+    ]
+
+    async def produce() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
+        await producer.start()
+        try:
+            for record in records:
+                await producer.send_and_wait(record.topic, record.value, key=record.key, headers=list(record.headers))
+        finally:
+            await producer.stop()
+
+    asyncio.run(produce())
+    assert cli_main(["consume", "--kafka", kafka_bootstrap, "--topic", kafka_topics["status"], "--timeout", "15"]) == 0
+    out = capsys.readouterr().out
+    assert "2 records" in out
+    assert "t=1.5" in out and "offline" in out
+    assert "unknown" not in out  # the old output: "unknown schema" (may wrap at 80 columns)
