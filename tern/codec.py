@@ -12,7 +12,7 @@ import json
 import math
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from tern.errors import CodecError
 from tern.topics import check_id
@@ -334,28 +334,34 @@ def encode_batch(batch: Batch) -> bytes:
     return data
 
 
-def _decode_status_events(obj: Mapping[str, Any], what: str) -> tuple[StatusEvent, ...]:
-    """The envelope's optional ``events`` list; absent means none (older gateways never send it)."""
-    events = obj.get("events", [])
-    if not isinstance(events, list):
-        raise CodecError(f"{what}: 'events' must be a list")
-    out = []
-    for index, item in enumerate(events):
-        where = f"{what} event {index}"
+def _object_list(
+    obj: Mapping[str, Any], key: str, what: str, label: str, *, default: list | None = None
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yield (where, item) for each object in the list ``obj[key]``, rejecting anything else."""
+    items = obj.get(key, default)
+    if not isinstance(items, list):
+        raise CodecError(f"{what}: {key!r} must be a list")
+    for index, item in enumerate(items):
+        where = f"{what} {label} {index}"
         if not isinstance(item, dict):
             raise CodecError(f"{where}: must be an object")
-        out.append(
-            StatusEvent(
-                site=check_id(_text(item, "site", where), "site"),
-                device=check_id(_text(item, "dev", where), "device"),
-                state=_state(item, where),
-                boot=_boot(item, where),
-                fw=_text(item, "fw", where, required=False),
-                reset=_text(item, "reset", where, required=False),
-                received_ms=_int(item, "rx", where),
-            )
+        yield where, item
+
+
+def _decode_status_events(obj: Mapping[str, Any], what: str) -> tuple[StatusEvent, ...]:
+    """The envelope's optional ``events`` list; absent means none (older gateways never send it)."""
+    return tuple(
+        StatusEvent(
+            site=check_id(_text(item, "site", where), "site"),
+            device=check_id(_text(item, "dev", where), "device"),
+            state=_state(item, where),
+            boot=_boot(item, where),
+            fw=_text(item, "fw", where, required=False),
+            reset=_text(item, "reset", where, required=False),
+            received_ms=_int(item, "rx", where),
         )
-    return tuple(out)
+        for where, item in _object_list(obj, "events", what, "event", default=[])
+    )
 
 
 def decode_batch(raw: bytes, *, topic_gateway: str | None = None) -> Batch:
@@ -377,14 +383,8 @@ def decode_batch(raw: bytes, *, topic_gateway: str | None = None) -> Batch:
     gateway = check_id(_text(obj, "gw", what), "gateway")
     if topic_gateway is not None and gateway != topic_gateway:
         raise CodecError(f"{what}: gateway {gateway!r} published on the topic of {topic_gateway!r}")
-    items = obj.get("items")
-    if not isinstance(items, list):
-        raise CodecError(f"{what}: 'items' must be a list")
     readings = []
-    for index, item in enumerate(items):
-        where = f"{what} item {index}"
-        if not isinstance(item, dict):
-            raise CodecError(f"{where}: must be an object")
+    for where, item in _object_list(obj, "items", what, "item"):
         readings.append(
             Reading(
                 device=check_id(_text(item, "dev", where), "device"),
