@@ -199,6 +199,17 @@ def _values(obj: Mapping[str, Any], what: str) -> dict[str, Value]:
 # --- node payloads (node -> gateway) -------------------------------------------------
 
 
+def _node_message(raw: bytes, what: str, topic_device: str | None) -> tuple[dict[str, Any], str]:
+    """Parse a node's JSON message and its device id, which must be the topic's device:
+    per-device topics are what the broker's ACLs protect."""
+    obj = _json_object(raw, MAX_NODE_PAYLOAD, what)
+    _check_version(obj, what)
+    device = check_id(_text(obj, "dev", what), "device")
+    if topic_device is not None and device != topic_device:
+        raise CodecError(f"{what}: device {device!r} published on the topic of {topic_device!r}")
+    return obj, device
+
+
 def encode_reading(reading: Reading) -> bytes:
     """Encode a reading the way the firmware does (used by tests and simulators)."""
     return _dumps(
@@ -220,11 +231,7 @@ def decode_reading(raw: bytes, *, site: str = "", topic_device: str | None = Non
     is rejected, because per-device topics are what the broker's ACLs protect.
     """
     what = "node payload"
-    obj = _json_object(raw, MAX_NODE_PAYLOAD, what)
-    _check_version(obj, what)
-    device = check_id(_text(obj, "dev", what), "device")
-    if topic_device is not None and device != topic_device:
-        raise CodecError(f"{what}: device {device!r} published on the topic of {topic_device!r}")
+    obj, device = _node_message(raw, what, topic_device)
     return Reading(
         device=device,
         boot=_boot(obj, what),
@@ -259,11 +266,7 @@ def decode_status(raw: bytes, *, topic_device: str | None = None) -> Status:
     claiming another device is rejected.
     """
     what = "status"
-    obj = _json_object(raw, MAX_NODE_PAYLOAD, what)
-    _check_version(obj, what)
-    device = check_id(_text(obj, "dev", what), "device")
-    if topic_device is not None and device != topic_device:
-        raise CodecError(f"{what}: device {device!r} published on the topic of {topic_device!r}")
+    obj, device = _node_message(raw, what, topic_device)
     return Status(
         device=device,
         state=_state(obj, what),

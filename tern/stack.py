@@ -236,7 +236,7 @@ class Tansu(ManagedProcess):
         try:
             wait_for_port(self.host, self.port, timeout, self.process)
             asyncio.run(_wait_kafka_ready(self.bootstrap, timeout))
-        except (ServiceError, Exception) as exc:
+        except Exception as exc:  # ServiceError, or whatever aiokafka raised while probing
             self.stop()
             raise ServiceError(f"tansu on {self.bootstrap}: {exc}\n{self.log_tail()}") from None
         return self

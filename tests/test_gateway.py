@@ -49,26 +49,25 @@ def wait_until(predicate: Callable[[], object], timeout: float = DEADLINE, what:
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def outbox_rows(path: Path) -> list[tuple[str, str, int]]:
-    """(device, boot, seq) of pending rows in id order, read through a separate connection."""
+def _pending(path: Path, query: str) -> list[tuple]:
+    """Rows of ``query`` read through a separate connection; none before the outbox exists."""
     if not path.exists():
         return []
     with sqlite3.connect(path, timeout=10) as conn:
         try:
-            return [tuple(r) for r in conn.execute("SELECT device, boot, seq FROM outbox ORDER BY id")]
+            return [tuple(r) for r in conn.execute(query)]
         except sqlite3.OperationalError:  # not created yet
             return []
+
+
+def outbox_rows(path: Path) -> list[tuple[str, str, int]]:
+    """(device, boot, seq) of pending rows in id order."""
+    return _pending(path, "SELECT device, boot, seq FROM outbox ORDER BY id")
 
 
 def status_rows(path: Path) -> list[tuple[str, str, str]]:
     """(device, boot, state) of pending status events in id order."""
-    if not path.exists():
-        return []
-    with sqlite3.connect(path, timeout=10) as conn:
-        try:
-            return [tuple(r) for r in conn.execute("SELECT device, boot, state FROM status_events ORDER BY id")]
-        except sqlite3.OperationalError:  # not created yet
-            return []
+    return _pending(path, "SELECT device, boot, state FROM status_events ORDER BY id")
 
 
 def dead_letters(path: Path) -> list[tuple[str, bytes, str]]:
