@@ -63,12 +63,12 @@ test: setup
 	@$(VPY) -m pytest -p no:cacheprovider $(PYTEST_ARGS)
 
 demo: setup
-	@$(VPY) -m tern.demo
+	@$(VPY) -m tern.harness.demo
 
 bench: setup
-	@if $(VPY) -c 'import importlib.util as u, sys; sys.exit(u.find_spec("tern.bench") is None)'; then \
-	  $(VPY) -m tern.bench; \
-	else echo "bench: tern/bench.py does not exist yet"; exit 1; fi
+	@if $(VPY) -c 'import importlib.util as u, sys; sys.exit(u.find_spec("tern.harness.bench") is None)'; then \
+	  $(VPY) -m tern.harness.bench; \
+	else echo "bench: tern/harness/bench/ does not exist yet"; exit 1; fi
 
 check: $(STAMP)
 	@$(VPY) -m tern.toolchain check

@@ -32,11 +32,11 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import MQTTErrorCode
 
-from cloud.config import BridgeConfig
-from cloud.kafka_sink import KafkaSink, KafkaWriteError
-from tern import codec, topics
-from tern.errors import CodecError, TernError
-from tern.mqtt_session import PersistentSession
+from tern.cloud.config import BridgeConfig
+from tern.cloud.kafka_sink import KafkaSink, KafkaWriteError
+from tern.core import codec, topics
+from tern.core.errors import CodecError, TernError
+from tern.core.mqtt_session import PersistentSession
 
 log = logging.getLogger("tern.bridge")
 

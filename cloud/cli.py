@@ -17,7 +17,7 @@ import signal
 import sys
 from typing import Sequence
 
-from tern.errors import ConfigError, TernError
+from tern.core.errors import ConfigError, TernError
 
 EXIT_RUNTIME = 1
 EXIT_CONFIG = 2
@@ -68,8 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from cloud.bridge import Bridge
-    from cloud.config import BridgeConfig
+    from tern.cloud.bridge import Bridge
+    from tern.cloud.config import BridgeConfig
 
     config = BridgeConfig.from_env(
         mqtt_broker=args.mqtt,
@@ -120,9 +120,9 @@ def _consume(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from cloud.consume import read_records
-    from tern import topics
-    from tern.stack import parse_hostport
+    from tern.cloud.consume import read_records
+    from tern.core import topics
+    from tern.core.hostport import parse_hostport
 
     bootstrap = args.kafka or os.environ.get("KAFKA_BOOTSTRAP", "").strip() or "127.0.0.1:9092"
     for part in bootstrap.split(","):
@@ -152,7 +152,7 @@ def _consume(args: argparse.Namespace) -> int:
 
 def _status_value(raw: bytes) -> dict | None:
     """The decoded node-status record (topic tern.status), or None if ``raw`` is not one."""
-    from tern import codec
+    from tern.core import codec
 
     try:
         return codec.decode_kafka_status_value(raw)

@@ -3,7 +3,7 @@
 Every value has a default that works on one machine; ``BridgeConfig.from_env`` reads the
 deployment's environment (``TERN_CLOUD_BROKER``, ``KAFKA_BOOTSTRAP``, ``TERN_KAFKA_TOPIC``,
 ``TERN_KAFKA_STATUS_TOPIC``, ``TERN_KAFKA_DEADLETTER``, ``TERN_BRIDGE_NAME``). Wrong values raise
-:class:`tern.errors.ConfigError` naming the field and what is wrong with it.
+:class:`tern.core.errors.ConfigError` naming the field and what is wrong with it.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import re
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from tern import topics
-from tern.errors import CodecError, ConfigError
-from tern.stack import parse_hostport
+from tern.core import topics
+from tern.core.errors import CodecError, ConfigError
+from tern.core.hostport import parse_hostport
 
 DEFAULT_MQTT_PORT = 1883
 DEFAULT_KAFKA_PORT = 9092

@@ -13,8 +13,8 @@ from typing import Any, Callable, Sequence
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from tern import codec
-from tern.errors import CodecError, TernError
+from tern.core import codec
+from tern.core.errors import CodecError, TernError
 
 
 class ConsumeError(TernError, RuntimeError):
@@ -25,7 +25,7 @@ class ConsumeError(TernError, RuntimeError):
 class ConsumedRecord:
     """One Kafka record as read back.
 
-    ``value`` is the decoded reading (:func:`tern.codec.decode_kafka_value`) or None when
+    ``value`` is the decoded reading (:func:`tern.core.codec.decode_kafka_value`) or None when
     the raw bytes are not a reading (a dead-letter record, say); ``raw`` always holds them.
     """
 

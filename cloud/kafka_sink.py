@@ -16,9 +16,9 @@ from typing import Iterable, Sequence
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
-from cloud.config import BridgeConfig
-from tern.codec import KafkaRecord
-from tern.errors import TernError
+from tern.cloud.config import BridgeConfig
+from tern.core.codec import KafkaRecord
+from tern.core.errors import TernError
 
 log = logging.getLogger("tern.bridge.kafka")
 

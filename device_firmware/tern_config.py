@@ -48,7 +48,7 @@ class ConfigError(ValueError):
 
 
 def check_id(value, what):
-    # Same rule as tern/topics.py: 1-64 of [A-Za-z0-9_.-], not starting with . _ -
+    # Same rule as tern/core/topics.py: 1-64 of [A-Za-z0-9_.-], not starting with . _ -
     if not isinstance(value, str) or not 1 <= len(value) <= 64 or value[0] in "._-":
         raise ConfigError("invalid %s %r" % (what, value))
     for c in value:

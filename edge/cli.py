@@ -5,8 +5,8 @@
     tern-gateway outbox --outbox /var/lib/tern/outbox.db
 
 Flags fall back to TERN_GATEWAY_ID, TERN_LOCAL_BROKER, TERN_CLOUD_BROKER, TERN_OUTBOX.
-Configuration errors print one line and exit 2; the library (:mod:`edge.service`,
-:mod:`edge.outbox`) does all the work.
+Configuration errors print one line and exit 2; the library (:mod:`tern.edge.service`,
+:mod:`tern.edge.outbox`) does all the work.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import sqlite3
 import sys
 from typing import Sequence
 
-from edge.config import GatewayConfig
-from edge.outbox import now_ms, open_readonly, summarize
-from tern.errors import ConfigError
+from tern.edge.config import GatewayConfig
+from tern.edge.outbox import now_ms, open_readonly, summarize
+from tern.core.errors import ConfigError
 
 PROG = "tern-gateway"
 
@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """``tern-gateway run``."""
-    from edge.service import Gateway
+    from tern.edge.service import Gateway
 
     config = GatewayConfig.from_args(args)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -7,9 +7,9 @@ import os
 from dataclasses import dataclass
 from typing import Mapping
 
-from tern.errors import CodecError, ConfigError
-from tern.stack import parse_hostport
-from tern.topics import check_id
+from tern.core.errors import CodecError, ConfigError
+from tern.core.hostport import parse_hostport
+from tern.core.topics import check_id
 
 DEFAULT_LOCAL_BROKER = "127.0.0.1:1883"
 DEFAULT_MQTT_PORT = 1883

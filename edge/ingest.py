@@ -27,11 +27,11 @@ from typing import Callable
 
 import paho.mqtt.client as mqtt
 
-from edge.config import GatewayConfig
-from edge.outbox import DeadLetter, Outbox, now_ms
-from tern import codec, topics
-from tern.codec import NodeAck, Reading, StatusEvent
-from tern.mqtt_session import PersistentSession
+from tern.edge.config import GatewayConfig
+from tern.edge.outbox import DeadLetter, Outbox, now_ms
+from tern.core import codec, topics
+from tern.core.codec import NodeAck, Reading, StatusEvent
+from tern.core.mqtt_session import PersistentSession
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ from typing import Iterable, Sequence
 
 import sqlite_utils
 
-from tern.codec import Reading, StatusEvent
+from tern.core.codec import Reading, StatusEvent
 
 OUTBOX = "outbox"
 STATUS_EVENTS = "status_events"

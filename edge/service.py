@@ -17,10 +17,10 @@ import signal
 import threading
 from types import TracebackType
 
-from edge.config import GatewayConfig
-from edge.ingest import Ingest
-from edge.outbox import Outbox, now_ms
-from edge.uplink import Uplink
+from tern.edge.config import GatewayConfig
+from tern.edge.ingest import Ingest
+from tern.edge.outbox import Outbox, now_ms
+from tern.edge.uplink import Uplink
 
 log = logging.getLogger(__name__)
 

@@ -21,11 +21,11 @@ import threading
 
 import paho.mqtt.client as mqtt
 
-from edge.config import GatewayConfig
-from edge.outbox import Outbox, OutboxRow, StatusRow, now_ms
-from tern import codec, topics
-from tern.codec import Batch
-from tern.mqtt_session import PersistentSession
+from tern.edge.config import GatewayConfig
+from tern.edge.outbox import Outbox, OutboxRow, StatusRow, now_ms
+from tern.core import codec, topics
+from tern.core.codec import Batch
+from tern.core.mqtt_session import PersistentSession
 
 log = logging.getLogger(__name__)
 

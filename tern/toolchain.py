@@ -11,7 +11,7 @@ Tools and where they come from:
 - qemu-system-xtensa: optional, used where present.
 
 Every locator honours an environment override (``TERN_MICROPYTHON``, ``TERN_UMQTT_PATH``,
-``TERN_TANSU``, ``TERN_CACHE``) and raises :class:`tern.errors.ToolMissing` with a one-line
+``TERN_TANSU``, ``TERN_CACHE``) and raises :class:`tern.core.errors.ToolMissing` with a one-line
 message saying how to get the tool.
 
 CLI: ``python -m tern.toolchain setup|check|env``.
@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
-from tern.errors import TernError, ToolMissing
+from tern.core.errors import TernError, ToolMissing
 
 UMQTT_PROJECT = "micropython-umqtt.simple"
 # The Debian suite whose source package carries MicroPython (bookworm has none).

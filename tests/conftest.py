@@ -13,7 +13,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from tern.stack import Mosquitto, Tansu, ensure_topics, kafka_bootstrap_from_env
+from tern.harness.stack import Mosquitto, Tansu, ensure_topics, kafka_bootstrap_from_env
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""``python -m tern.bench --quick`` runs every benchmark and writes a complete, consistent JSON.
+"""``python -m tern.harness.bench --quick`` runs every benchmark and writes a complete, consistent JSON.
 
 Nothing here judges speed: figures are only checked to be positive and each ratio to be
 figure / baseline (speed and memory targets are the benchmarks' business, not the tests').
@@ -30,7 +30,7 @@ EXPECTED = {
 def run_bench(tmp_path: Path, *args: str, timeout: float = 120) -> tuple[subprocess.CompletedProcess, Path]:
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "tern.bench", "--json", str(out), *args],
+        [sys.executable, "-m", "tern.harness.bench", "--json", str(out), *args],
         cwd=REPO, capture_output=True, text=True, timeout=timeout, env=dict(os.environ, COLUMNS="120"),
     )
     return proc, out
@@ -67,7 +67,7 @@ def test_only_runs_one_benchmark(tmp_path: Path) -> None:
 def test_error_is_one_line_and_exit_2(tmp_path: Path) -> None:
     env_missing = tmp_path / "no-such-micropython"
     proc = subprocess.run(
-        [sys.executable, "-m", "tern.bench", "--quick", "--only", "firmware", "--json", str(tmp_path / "x.json")],
+        [sys.executable, "-m", "tern.harness.bench", "--quick", "--only", "firmware", "--json", str(tmp_path / "x.json")],
         cwd=REPO, capture_output=True, text=True, timeout=60,
         env=dict(os.environ, TERN_MICROPYTHON=str(env_missing)),
     )

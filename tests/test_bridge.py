@@ -20,13 +20,13 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from cloud.bridge import BridgeError, BridgeThread
-from cloud.cli import main as cli_main
-from cloud.config import BridgeConfig
-from cloud.consume import ConsumedRecord, read_all
-from tern import codec, topics
-from tern.errors import ConfigError
-from tern.stack import Mosquitto, Tansu, ensure_topics, free_port
+from tern.cloud.bridge import BridgeError, BridgeThread
+from tern.cloud.cli import main as cli_main
+from tern.cloud.config import BridgeConfig
+from tern.cloud.consume import ConsumedRecord, read_all
+from tern.core import codec, topics
+from tern.core.errors import ConfigError
+from tern.harness.stack import Mosquitto, Tansu, ensure_topics, free_port
 from faultproxy import FaultProxy
 
 BOOT = "a1b2c3d4"

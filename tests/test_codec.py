@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tern import codec, topics
-from tern.errors import CodecError
+from tern.core import codec, topics
+from tern.core.errors import CodecError
 
 ids = st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,20}\Z")
 boots = st.from_regex(r"\A[0-9a-f]{8}\Z")
@@ -46,7 +46,7 @@ status_events = st.builds(
 
 
 def schema(name: str) -> dict:
-    return json.loads(resources.files("tern").joinpath(f"schemas/{name}.schema.json").read_text())
+    return json.loads(resources.files("tern.core").joinpath(f"schemas/{name}.schema.json").read_text())
 
 
 @given(readings)

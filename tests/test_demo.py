@@ -11,7 +11,7 @@ from pathlib import Path
 def test_short_demo_reports_zero_missing(tmp_path: Path) -> None:
     env = {**os.environ, "COLUMNS": "160"}
     proc = subprocess.run(
-        [sys.executable, "-m", "tern.demo", "--nodes", "2", "--duration", "6", "--interval-ms", "200",
+        [sys.executable, "-m", "tern.harness.demo", "--nodes", "2", "--duration", "6", "--interval-ms", "200",
          "--drain", "30", "--workdir", str(tmp_path)],
         capture_output=True, text=True, timeout=180, env=env,
     )

@@ -12,10 +12,10 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
-from tern.codec import NodeAck, decode_reading, encode_node_ack
+from tern.core.codec import NodeAck, decode_reading, encode_node_ack
 from tern.device.emulate import firmware_files
-from tern.stack import Mosquitto
-from tern.topics import ack_topic, parse_node_topic
+from tern.harness.stack import Mosquitto
+from tern.core.topics import ack_topic, parse_node_topic
 from tern.toolchain import umqtt_path
 
 CLI = [sys.executable, "-m", "tern.device.cli"]

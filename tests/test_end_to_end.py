@@ -11,14 +11,14 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
-from cloud.bridge import BridgeThread
-from cloud.config import BridgeConfig
-from cloud.consume import read_all
-from edge.config import GatewayConfig
-from edge.service import Gateway
-from tern import codec, topics
+from tern.cloud.bridge import BridgeThread
+from tern.cloud.config import BridgeConfig
+from tern.cloud.consume import read_all
+from tern.edge.config import GatewayConfig
+from tern.edge.service import Gateway
+from tern.core import codec, topics
 from tern.device.emulate import Fleet
-from tern.observe import BrokerObserver, KafkaTail, reconcile, wait_until
+from tern.harness.observe import BrokerObserver, KafkaTail, reconcile, wait_until
 
 NODES = 3
 READINGS = 200

@@ -13,10 +13,10 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
-from tern.codec import decode_reading, decode_status
+from tern.core.codec import decode_reading, decode_status
 from tern.device import EmulatedNode
-from tern.stack import Mosquitto
-from tern.topics import ack_topic, status_topic, telemetry_topic
+from tern.harness.stack import Mosquitto
+from tern.core.topics import ack_topic, status_topic, telemetry_topic
 from tern.toolchain import micropython_binary, umqtt_path
 
 SITE = "lab"

@@ -1,6 +1,6 @@
 """The gateway end to end on real parts: two private mosquittos (local, cloud), a real SQLite
 outbox, paho "nodes", and a small paho stand-in for the bridge that speaks the batch/confirm
-contract through :mod:`tern.codec` (it is the contract, not a mock of the gateway).
+contract through :mod:`tern.core.codec` (it is the contract, not a mock of the gateway).
 
 Every wait polls a condition under a deadline.
 """
@@ -22,13 +22,13 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge.cli import main as cli_main
-from edge.config import GatewayConfig
-from edge.service import Gateway
-from tern import codec, topics
-from tern.codec import Confirm, Reading
-from tern.errors import ConfigError
-from tern.stack import Mosquitto
+from tern.edge.cli import main as cli_main
+from tern.edge.config import GatewayConfig
+from tern.edge.service import Gateway
+from tern.core import codec, topics
+from tern.core.codec import Confirm, Reading
+from tern.core.errors import ConfigError
+from tern.harness.stack import Mosquitto
 
 GW = "gw1"
 SITE = "site1"
@@ -557,7 +557,7 @@ def test_gateway_killed_between_commit_and_forward_loses_nothing(brokers, outbox
     # The gateway as a real process, with no bridge on the cloud broker: rows are
     # committed (and PUBACKed) but never confirmed. Then SIGKILL it.
     proc = subprocess.Popen(
-        [sys.executable, "-m", "edge.cli", "run", "--gateway-id", GW, "--local", local.address,
+        [sys.executable, "-m", "tern.edge.cli", "run", "--gateway-id", GW, "--local", local.address,
          "--cloud", cloud.address, "--outbox", str(outbox_path), "--log-level", "WARNING"],
         stdout=subprocess.DEVNULL, stderr=open(tmp_path / "gateway.log", "wb"),
     )
@@ -720,7 +720,7 @@ def test_cli_config_error_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
 
 
 def test_cli_outbox_table(tmp_path, capsys):
-    from edge.outbox import DeadLetter, Outbox
+    from tern.edge.outbox import DeadLetter, Outbox
 
     path = tmp_path / "o.db"
     with Outbox(path) as box:

@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from edge.outbox import DEAD_LETTER_PAYLOAD_MAX, DeadLetter, Outbox, open_readonly, summarize
-from tern.codec import Reading, StatusEvent
+from tern.edge.outbox import DEAD_LETTER_PAYLOAD_MAX, DeadLetter, Outbox, open_readonly, summarize
+from tern.core.codec import Reading, StatusEvent
 
 DEVICES = ("dev-a", "dev-b", "dev-c")
 BOOTS = ("b001", "b002")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tern import toolchain
-from tern.errors import ToolMissing
+from tern.core.errors import ToolMissing
 
 
 def run_micropython(code: str, cwd: Path, micropypath: Path | None = None) -> subprocess.CompletedProcess:

@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tern.errors import TernError
+from tern.core.errors import TernError
 
 
 def _heap(text: str) -> str:

@@ -24,7 +24,7 @@ import types
 from types import TracebackType
 from typing import Any
 
-from tern.errors import ConfigError, TernError
+from tern.core.errors import ConfigError, TernError
 from tern.toolchain import micropython_binary, repo_root, umqtt_path
 
 #: machine.reset() on the emulated board exits with this code (hardware/emulated/machine.py).

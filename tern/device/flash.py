@@ -14,7 +14,7 @@ import subprocess
 from pathlib import Path
 
 from tern.device.emulate import check_config, firmware_dir, firmware_files
-from tern.errors import ConfigError, ToolMissing
+from tern.core.errors import ConfigError, ToolMissing
 from tern.toolchain import umqtt_path
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from typing import NamedTuple
 
-from tern.errors import CodecError
+from tern.core.errors import CodecError
 
 ROOT = "tern"
 GATEWAY_ROOT = "tern-gw"

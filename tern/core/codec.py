@@ -1,6 +1,6 @@
 """The wire codec: every payload Tern puts on MQTT or Kafka is encoded and decoded here.
 
-docs/contracts.md describes the formats in prose; the JSON Schemas in ``tern/schemas``
+docs/contracts.md describes the formats in prose; the JSON Schemas in ``tern/core/schemas``
 describe the JSON ones formally; this module is the executable version, shared by the
 gateway (``edge``) and the bridge (``cloud``). Decoders never trust their input: anything
 off-contract raises :class:`CodecError` with a message fit for a dead-letter entry.
@@ -14,8 +14,8 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
 
-from tern.errors import CodecError
-from tern.topics import check_id
+from tern.core.errors import CodecError
+from tern.core.topics import check_id
 
 WIRE_VERSION = 1
 

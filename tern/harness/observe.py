@@ -14,8 +14,8 @@ from typing import Any, Iterable
 
 import paho.mqtt.client as mqtt
 
-from tern import codec, topics
-from tern.errors import CodecError
+from tern.core import codec, topics
+from tern.core.errors import CodecError
 
 Identity = tuple[str, str, int]
 
@@ -186,7 +186,7 @@ class KafkaTail:
     async def _consume(self) -> None:
         from aiokafka import AIOKafkaConsumer
 
-        from cloud.consume import assign_from_beginning
+        from tern.cloud.consume import assign_from_beginning
 
         consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False, auto_offset_reset="earliest")
         await consumer.start()

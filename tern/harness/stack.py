@@ -16,7 +16,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Sequence
 
-from tern.errors import ConfigError, TernError
+from tern.core.errors import TernError
+from tern.core.hostport import parse_hostport
 
 LOOPBACK = "127.0.0.1"
 
@@ -34,18 +35,6 @@ def free_port(host: str = LOOPBACK) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
-
-
-def parse_hostport(text: str, default_port: int | None = None) -> tuple[str, int]:
-    """Parse ``host:port`` (or ``host`` with a default port), raising ConfigError if malformed."""
-    host, sep, port = text.rpartition(":")
-    if not sep:
-        host, port = text, ""
-    if not port and default_port is not None:
-        port = str(default_port)
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"expected HOST:PORT, got {text!r}")
-    return host, int(port)
 
 
 def wait_for_port(host: str, port: int, timeout: float, process: subprocess.Popen | None = None) -> None:

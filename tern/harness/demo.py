@@ -23,10 +23,10 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
-from tern import topics
-from tern.errors import TernError
-from tern.observe import BrokerObserver, KafkaTail, reconcile, wait_until
-from tern.stack import Mosquitto, Tansu, ensure_topics, kafka_bootstrap_from_env
+from tern.core import topics
+from tern.core.errors import TernError
+from tern.harness.observe import BrokerObserver, KafkaTail, reconcile
+from tern.harness.stack import Mosquitto, Tansu, ensure_topics, kafka_bootstrap_from_env
 
 console = Console()
 
@@ -115,10 +115,10 @@ def summary_table(result) -> Table:
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo; returns the exit status."""
-    from cloud.bridge import BridgeThread
-    from cloud.config import BridgeConfig
-    from edge.config import GatewayConfig
-    from edge.service import Gateway
+    from tern.cloud.bridge import BridgeThread
+    from tern.cloud.config import BridgeConfig
+    from tern.edge.config import GatewayConfig
+    from tern.edge.service import Gateway
     from tern.device.emulate import Fleet
 
     stopping = False
@@ -215,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m tern.demo``."""
+    """Entry point of ``python -m tern.harness.demo``."""
     args = parse_args(argv)
     try:
         return run(args)

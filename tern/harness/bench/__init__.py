@@ -1,0 +1,21 @@
+"""``make bench``: Tern's speed and memory figures, each as a ratio to a baseline of the same run.
+
+Machines are noisy (the project's have 2 cores), so no figure here is judged on its own: every
+measurement runs a Tern path and a plain baseline doing the same work on the same parts, in the
+same run, and reports ``ratio = tern / baseline``. For throughputs a ratio of 0.5 means Tern
+moves half as many readings per second as the baseline; for the firmware's free heap it is
+the share of the heap left once the firmware holds a full ring.
+
+Benchmarks (``--only NAME``, repeatable):
+
+``codec``     ``decode_reading`` vs ``json.loads``; batch encode+decode vs zlib+json.
+``outbox``    ``Outbox.add`` in groups of 100 vs raw ``sqlite3`` executemany, same pragmas.
+``gateway``   paho node -> mosquitto -> Gateway (committed) vs paho -> mosquitto -> paho.
+``bridge``    batches on the cloud broker -> BridgeThread -> Kafka (confirmed) vs aiokafka.
+``e2e``       paho node -> gateway -> bridge -> Kafka vs the pub/sub baseline of ``gateway``.
+``firmware``  free heap of the firmware with a full ring vs ``umqtt.simple`` alone (64K heap).
+
+Everything runs on loopback with the project's own runners (``tern.harness.stack``); Kafka is a private
+Tansu unless ``KAFKA_BOOTSTRAP`` names one. Every wait is bounded by a deadline. Results go to a
+``rich`` table and to ``.cache/bench/latest.json``. Errors print one line and exit with 2.
+"""
