@@ -165,6 +165,26 @@ def qemu_binary() -> Path | None:
     return Path(found) if found else None
 
 
+def qemu_esp32() -> tuple[Path | None, str]:
+    """An ESP32-capable QEMU and "", or None and why not.
+
+    Debian's ``qemu-system-misc`` ships a ``qemu-system-xtensa`` without the ``esp32``
+    machine (that lives in Espressif's fork), so the binary alone proves nothing: ask it.
+    """
+    qemu = qemu_binary()
+    if qemu is None:
+        return None, "qemu-system-xtensa is not installed (Espressif's QEMU build is needed for -machine esp32)"
+    try:
+        listed = subprocess.run([str(qemu), "-machine", "help"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return None, f"{qemu} does not run: {exc}"
+    machines = {line.split()[0] for line in listed.stdout.splitlines()[1:] if line.split()}
+    if "esp32" not in machines:
+        return None, (f"{qemu} has no esp32 machine (Debian's build lacks it; "
+                      f"Espressif's qemu-system-xtensa has it)")
+    return qemu, ""
+
+
 # --------------------------------------------------------------------------------------------
 # Small helpers for output and subprocesses
 # --------------------------------------------------------------------------------------------

@@ -2,16 +2,16 @@
 
     tern-device emulate --count N --broker HOST:PORT --site S --interval-ms MS --readings N
                         [--heap 64K] [--workdir DIR] [--exit-when-done]
-    tern-device flash --port /dev/ttyUSB0 [--config FILE] [--dry-run]
-    tern-device qemu --image FLASH.bin
+    tern-device flash --port /dev/ttyUSB0 [--config FILE] [--device-id ID] [--site S]
+                      [--wifi-ssid SSID] [--gateway HOST[:PORT]] [--micropython-image FILE]
+                      [--dry-run]
+    tern-device qemu --image FLASH.bin [--self-test]
 """
 
 from __future__ import annotations
 
 import argparse
 import re
-import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -54,13 +54,27 @@ def build_parser() -> argparse.ArgumentParser:
     em.add_argument("--workdir", type=Path, default=None, help="folder for the nodes' flash and logs")
     em.add_argument("--exit-when-done", action="store_true", help="exit once every node sent all its readings")
 
-    fl = sub.add_parser("flash", help="copy firmware, config.json and umqtt onto a board with mpremote")
+    fl = sub.add_parser("flash", help="copy firmware, config.json and umqtt onto a board with mpremote, verify")
     fl.add_argument("--port", required=True, help="serial port, e.g. /dev/ttyUSB0")
-    fl.add_argument("--config", type=Path, default=None, help="config.json to put on the board (default: the example)")
-    fl.add_argument("--dry-run", action="store_true", help="print the mpremote commands, run nothing")
+    fl.add_argument("--config", type=Path, default=None,
+                    help="base config.json (default: the example); the options below override it")
+    fl.add_argument("--device-id", default=None, help="the node's id (default: esp32-<chip id>)")
+    fl.add_argument("--site", default=None)
+    fl.add_argument("--wifi-ssid", default=None)
+    fl.add_argument("--wifi-password-env", default="TERN_WIFI_PASSWORD", metavar="VAR",
+                    help="environment variable holding the Wi-Fi password (default TERN_WIFI_PASSWORD; "
+                         "kept off the command line so it stays out of shell history)")
+    fl.add_argument("--gateway", default=None, metavar="HOST[:PORT]", help="the Pi's mosquitto")
+    fl.add_argument("--micropython-image", type=Path, default=None, metavar="FILE",
+                    help="first erase the flash and write this MicroPython image with esptool")
+    fl.add_argument("--chip", default="esp32", help="chip for esptool (esp32, esp32s3, ...)")
+    fl.add_argument("--no-reset", action="store_true", help="leave the board in the REPL afterwards")
+    fl.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
 
     qe = sub.add_parser("qemu", help="run a MicroPython flash image under Espressif QEMU (optional)")
     qe.add_argument("--image", type=Path, help="merged 4 MB flash image (esptool merge_bin)")
+    qe.add_argument("--self-test", action="store_true",
+                    help="flash the firmware over the emulated UART, run its config check, stop QEMU")
     return parser
 
 
@@ -128,30 +142,38 @@ def cmd_emulate(args: argparse.Namespace) -> int:
 
 
 def cmd_flash(args: argparse.Namespace) -> int:
-    from tern.device.flash import flash
+    import os
 
-    return flash(args.port, args.config, dry_run=args.dry_run)
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn
+
+    from tern.device.flash import Provision, flash
+
+    provision = Provision(
+        device_id=args.device_id, site=args.site, wifi_ssid=args.wifi_ssid,
+        wifi_password=os.environ.get(args.wifi_password_env) or None, gateway=args.gateway,
+    )
+    if args.dry_run:
+        return flash(args.port, args.config, provision=provision, image=args.micropython_image,
+                     chip=args.chip, dry_run=True, reset=not args.no_reset)
+    console = Console()
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  console=console, transient=not console.is_terminal) as bar:
+        task = bar.add_task("flash", total=1)
+
+        def progress(step: str, done: int, total: int) -> None:
+            bar.update(task, description=f"flash {args.port}: {step}", completed=done, total=total)
+
+        code = flash(args.port, args.config, provision=provision, image=args.micropython_image,
+                     chip=args.chip, reset=not args.no_reset, echo=console.print, progress=progress)
+    console.print(f"flashed {args.port}" + ("" if args.no_reset else "; the board was reset and runs main.py"))
+    return code
 
 
 def cmd_qemu(args: argparse.Namespace) -> int:
-    from tern.toolchain import qemu_binary
+    from tern.device.qemu import run_qemu
 
-    qemu = qemu_binary()
-    if qemu is None:
-        print("tern-device qemu: qemu-system-xtensa is not installed (Espressif QEMU); use `tern-device emulate`")
-        return 2
-    if args.image is None or not args.image.is_file():
-        print("tern-device qemu: --image must name a merged flash image (esptool merge_bin --fill-flash-size 4MB)")
-        return 2
-    # User-mode NAT: the guest reaches the host's broker at 10.0.2.2 (set "broker" so).
-    # Only MicroPython builds with CONFIG_ETH_USE_OPENETH have a network under QEMU.
-    cmd = [
-        str(qemu), "-nographic", "-machine", "esp32",
-        "-drive", f"file={args.image},if=mtd,format=raw",
-        "-nic", "user,model=open_eth",
-    ]
-    print(shlex.join(cmd))
-    return subprocess.run(cmd).returncode
+    return run_qemu(args.image, self_test=args.self_test)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     except TernError as exc:
         print(f"tern-device {args.command}: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":
