@@ -25,7 +25,8 @@ from tern.core.codec import decode_status
 from tern.core.errors import ConfigError
 from tern.device.emulate import firmware_files
 from tern.device.flash import (Provision, build_config, esptool_commands, expected_files, flash, read_config,
-                               tool_command, verify, write_private)
+                               tool_command, verify)
+from tern.security.secret_files import write_private
 from tern.device.repl_board import ReplBoard
 from tern.harness.stack import Mosquitto
 from tern.toolchain import qemu_esp32, umqtt_path

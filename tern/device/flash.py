@@ -32,6 +32,7 @@ from typing import Any, Callable
 from tern.core.errors import ConfigError, TernError, ToolMissing
 from tern.core.hostport import parse_hostport
 from tern.device.emulate import check_config, firmware_dir, firmware_files
+from tern.security.secret_files import write_private
 from tern.toolchain import umqtt_path
 
 #: How long a board has to show the raw REPL prompt when probed.
@@ -106,13 +107,6 @@ def build_config(base: dict[str, Any], provision: Provision) -> dict[str, Any]:
     config.update(provision.extra)
     check_config(config)
     return config
-
-
-def write_private(path: Path, text: str) -> None:
-    """Write ``text`` to a new file readable by its owner only (it holds the Wi-Fi password)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
 
 
 # --- the port ----------------------------------------------------------------------------------

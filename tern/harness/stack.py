@@ -12,12 +12,14 @@ import signal
 import socket
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Sequence
 
 from tern.core.errors import TernError
 from tern.core.hostport import parse_hostport
+from tern.security.mosquitto_auth import mosquitto_conf
 
 LOOPBACK = "127.0.0.1"
 
@@ -123,6 +125,24 @@ class ManagedProcess:
         self.stop()
 
 
+@dataclass(frozen=True)
+class BrokerTls:
+    """Certificate files for a TLS listener; ``require_client_cert`` makes it mutual TLS."""
+
+    cafile: Path
+    certfile: Path
+    keyfile: Path
+    require_client_cert: bool = False
+
+    def listener_lines(self) -> list[str]:
+        """The mosquitto.conf lines for the listener above them."""
+        lines = [f"cafile {self.cafile}", f"certfile {self.certfile}", f"keyfile {self.keyfile}"]
+        if self.require_client_cert:
+            # The certificate's common name becomes the username the ACL sees.
+            lines += ["require_certificate true", "use_identity_as_username true"]
+        return lines
+
+
 class Mosquitto(ManagedProcess):
     """A private mosquitto on a loopback port, with persistence and a raised queue limit.
 
@@ -140,8 +160,12 @@ class Mosquitto(ManagedProcess):
         persistence: bool = True,
         max_queued_messages: int = DEFAULT_MAX_QUEUED,
         extra_conf: str = "",
+        auth_folder: Path | None = None,
+        tls: BrokerTls | None = None,
     ) -> None:
         super().__init__(workdir)
+        self.auth_folder = auth_folder
+        self.tls = tls
         self.host = LOOPBACK
         self.port = port or free_port()
         self.persistence = persistence
@@ -158,7 +182,8 @@ class Mosquitto(ManagedProcess):
         """The mosquitto.conf this broker runs with."""
         lines = [
             f"listener {self.port} {self.host}",
-            "allow_anonymous true",
+            *(self.tls.listener_lines() if self.tls else []),
+            "allow_anonymous true" if self.auth_folder is None else mosquitto_conf(self.auth_folder).rstrip(),
             f"persistence {'true' if self.persistence else 'false'}",
             f"persistence_location {self.workdir}/",
             f"max_queued_messages {self.max_queued_messages}",
@@ -180,6 +205,11 @@ class Mosquitto(ManagedProcess):
         if self.extra_conf:
             lines.append(self.extra_conf)
         return "\n".join(lines) + "\n"
+
+    def reload(self) -> None:
+        """SIGHUP: mosquitto re-reads its password file and ACL (as ``systemctl reload`` does)."""
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGHUP)
 
     def command(self) -> Sequence[str]:
         from tern.toolchain import mosquitto_binary
