@@ -17,6 +17,7 @@ import sqlite3
 import sys
 from typing import Sequence
 
+from tern.edge import accounts
 from tern.edge.config import GatewayConfig
 from tern.edge.outbox import now_ms, open_readonly, summarize
 from tern.core.errors import ConfigError
@@ -41,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     show = sub.add_parser("outbox", help="print pending readings per device, pending status events and dead letters")
     show.add_argument("--outbox", required=True, help="SQLite outbox file")
+    accounts.add_parsers(sub)
     return parser
 
 
@@ -100,6 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "run":
             return cmd_run(args)
+        if args.command in ("devices", "certs"):
+            return accounts.run(args)
         return cmd_outbox(args)
     except ConfigError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)

@@ -8,8 +8,10 @@ messages in order, so once the marker has arrived the forbidden one would have t
 
 from __future__ import annotations
 
+import json
 import ssl
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -234,3 +236,57 @@ def test_mutual_tls_listener(tmp_path: Path) -> None:
         assert Client(broker, "gw-2", tls=_tls_context(ca_crt)).connect() != 0
         assert Client(broker, "gw-3", tls=_tls_context(ca_crt, rogue_crt, rogue_key)).connect() != 0
         assert Client(broker, "gw-4").connect() != 0
+
+
+def _gateway_cli(*args: str) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).with_name("tern-gateway")
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=60)
+
+
+def test_devices_cli_provisions_and_locks_out(tmp_path: Path) -> None:
+    auth_dir = tmp_path / "auth"
+    pid_file = tmp_path / "mosquitto.pid"
+    assert _gateway_cli("devices", "--auth-dir", str(auth_dir), "init").returncode == 0
+    added = _gateway_cli("devices", "--auth-dir", str(auth_dir), "add", "node-7", "--site", SITE,
+                         "--config-out", str(tmp_path / "node-7.json"))
+    assert added.returncode == 0, added.stderr
+    node_config = json.loads((tmp_path / "node-7.json").read_text())
+    assert (tmp_path / "node-7.json").stat().st_mode & 0o777 == 0o600
+    password = node_config["mqtt_password"]
+    gateway_password = (auth_dir / "gateway.secret").read_text().strip()
+    listed = _gateway_cli("devices", "--auth-dir", str(auth_dir), "list")
+    assert "node-7" in listed.stdout and SITE in listed.stdout
+    for out in (added, listed):  # the tool never prints a password
+        assert password not in out.stdout + out.stderr
+        assert gateway_password not in out.stdout + out.stderr
+
+    with Mosquitto(tmp_path / "mq", auth_folder=auth_dir) as broker:
+        pid_file.write_text(f"{broker.process.pid}\n")
+        node = Client(broker, "node-7", "node-7", password)
+        assert node.connect() == 0
+        node.close()
+        assert Client(broker, "gw", "tern-gateway", gateway_password).connect() == 0
+        removed = _gateway_cli("devices", "--auth-dir", str(auth_dir), "--pid-file", str(pid_file),
+                               "remove", "node-7")
+        assert removed.returncode == 0 and "reloaded" in removed.stdout
+        deadline, code = time.monotonic() + WAIT_S, 0
+        while code == 0 and time.monotonic() < deadline:
+            code = Client(broker, "node-7", "node-7", password).connect()
+        assert code in (4, 5, 134, 135)
+    again = _gateway_cli("devices", "--auth-dir", str(auth_dir), "remove", "node-7")
+    assert again.returncode == 2 and "no device 'node-7'" in again.stderr
+
+
+def test_certs_cli_makes_a_working_pki(tmp_path: Path) -> None:
+    out = tmp_path / "pki"
+    made = _gateway_cli("certs", "--out", str(out), "--broker-host", "127.0.0.1", "--gateway", "gw-1")
+    assert made.returncode == 0, made.stderr
+    assert (out / "ca.key").stat().st_mode & 0o777 == 0o600
+    # A second run reuses the CA: certificates for new gateways chain to the same root.
+    assert _gateway_cli("certs", "--out", str(out), "--gateway", "gw-2").returncode == 0
+    broker = Mosquitto(tmp_path / "mq", tls=BrokerTls(out / "ca.crt", out / "broker.crt",
+                                                      out / "broker.key", require_client_cert=True))
+    with broker:
+        for gw in ("gw-1", "gw-2"):
+            ctx = _tls_context(out / "ca.crt", out / f"{gw}.crt", out / f"{gw}.key")
+            assert Client(broker, gw, tls=ctx).connect() == 0

@@ -11,7 +11,7 @@ PRIVATE_MODE = 0o600
 
 
 def write_private(path: Path, data: str | bytes) -> None:
-    """Write ``data`` to ``path`` atomically with mode 0600.
+    """Write ``data`` to ``path`` atomically with mode 0600, keeping an existing file's owner.
 
     The temporary file is created 0600 from the start, so the secret is never readable by
     others, not even for the moment between writing and a chmod.
@@ -22,6 +22,15 @@ def write_private(path: Path, data: str | bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, PRIVATE_MODE)
+        if path.exists():
+            # Keep the owner: mosquitto (running as its own user) must still read a file that
+            # root rewrites with `tern-gateway devices add`.
+            st = path.stat()
+            if (st.st_uid, st.st_gid) != (os.getuid(), os.getgid()):
+                try:
+                    os.fchown(fd, st.st_uid, st.st_gid)
+                except PermissionError:
+                    pass
         with os.fdopen(fd, "wb") as out:
             out.write(raw)
             out.flush()
