@@ -290,3 +290,36 @@ def test_certs_cli_makes_a_working_pki(tmp_path: Path) -> None:
         for gw in ("gw-1", "gw-2"):
             ctx = _tls_context(out / "ca.crt", out / f"{gw}.crt", out / f"{gw}.key")
             assert Client(broker, gw, tls=ctx).connect() == 0
+
+
+def test_cloud_acl_confines_gateways_to_their_topics(tmp_path: Path) -> None:
+    """Gateways by client certificate, the bridge by password, on one TLS listener."""
+    from tern.security.mosquitto_auth import hash_password, render_cloud_acl
+
+    certs = tmp_path / "certs"
+    ca = pki.make_ca()
+    ca_crt, _ = ca.write(certs, "ca")
+    srv_crt, srv_key = pki.issue_server(ca, ["127.0.0.1"]).write(certs, "broker")
+    gw_crt, gw_key = pki.issue_client(ca, "gw-1").write(certs, "gw-1")
+    (tmp_path / "acl").write_text(render_cloud_acl(["tern-bridge"]))
+    (tmp_path / "passwd").write_text(f"tern-bridge:{hash_password('bridge-pw-1')}\n")
+    # Two listeners: gateways with certificates, the bridge with a password (on loopback).
+    bridge_port = Mosquitto(tmp_path / "unused").port
+    broker = Mosquitto(tmp_path / "mq", tls=BrokerTls(ca_crt, srv_crt, srv_key, require_client_cert=True),
+                       auth_folder=tmp_path, extra_conf=f"listener {bridge_port} 127.0.0.1")
+    with broker:
+        bridge_side = Mosquitto(tmp_path / "unused2", port=bridge_port)  # only to address the 2nd listener
+        bridge = Client(bridge_side, "tern-bridge", "tern-bridge", "bridge-pw-1")
+        assert bridge.connect() == 0
+        bridge.subscribe("$share/bridges/tern-gw/+/batch")
+        gw = Client(broker, "gw-1", tls=_tls_context(ca_crt, gw_crt, gw_key))
+        assert gw.connect() == 0
+        gw.subscribe("tern-gw/+/confirm")
+        gw.publish("tern-gw/gw-2/batch", b"as-another-gateway")
+        gw.publish("tern-gw/gw-1/batch", b"own-batch")
+        got = bridge.wait_for(b"own-batch")
+        assert [p for _, p in got] == [b"own-batch"]
+        bridge.publish("tern-gw/gw-2/confirm", b"other-confirm")
+        bridge.publish("tern-gw/gw-1/confirm", b"own-confirm")
+        assert [p for _, p in gw.wait_for(b"own-confirm")] == [b"own-confirm"]
+        assert Client(bridge_side, "anon").connect() != 0

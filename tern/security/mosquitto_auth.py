@@ -179,3 +179,21 @@ def mosquitto_conf(folder: Path) -> str:
         # A node's client id is its device id: another node's id is refused, not a session takeover.
         "use_username_as_clientid true",
     ]) + "\n"
+
+
+def render_cloud_acl(bridge_users: list[str]) -> str:
+    """The cloud broker's ACL: each gateway only its own ``tern-gw/<gw>/...``, bridges all.
+
+    Gateways may read the bridges' status (their birth and last will), not write it.
+    A gateway's username is its id: the common name of its client certificate
+    (``use_identity_as_username``) or its password-file account.
+    """
+    lines = ["# Tern cloud broker ACL. A gateway may publish only its own batches and read only",
+             "# its own confirms; the bridge accounts read every batch and confirm any.", "",
+             "pattern write tern-gw/%u/batch", "pattern read tern-gw/%u/confirm",
+             "pattern read tern-bridge/+/status", ""]
+    for user in bridge_users:
+        check_id(user, "bridge user")
+        lines += [f"user {user}", "topic read tern-gw/+/batch", "topic write tern-gw/+/confirm",
+                  "topic readwrite tern-bridge/+/status", ""]
+    return "\n".join(lines)
