@@ -26,6 +26,9 @@ DEFAULTS = {
     "wdt_ms": 0,             # >0: hardware watchdog, fed from the main loop
     "ntp": True,             # set the clock by NTP when it looks unset (year < 2024)
     "wifi": {"ssid": "", "password": "", "timeout_ms": 20000},
+    # security: the MQTT username is the device id; both are set by `tern-device flash --auth-dir`
+    "mqtt_password": "",     # "" = connect without credentials (an open broker)
+    "tls_ca": "",            # CA file on flash; "" = plain MQTT, else TLS checked against it
     "sensors": [
         {"type": "adc", "name": "adc_mv", "pin": 34},
         {"type": "tmp102", "name": "temp_c", "i2c": 0, "scl": 18, "sda": 19, "addr": 72},
@@ -95,6 +98,9 @@ def validate(cfg):
         raise ConfigError("backoff_max_ms must be >= backoff_min_ms")
     if not isinstance(cfg["ntp"], bool):
         raise ConfigError("ntp must be true or false")
+    for key in ("mqtt_password", "tls_ca"):
+        if not isinstance(cfg[key], str) or len(cfg[key]) > 128:
+            raise ConfigError("%s must be a string of at most 128 characters" % key)
     wifi = cfg["wifi"]
     if not isinstance(wifi, dict) or not isinstance(wifi.get("ssid", ""), str) \
             or not isinstance(wifi.get("password", ""), str):

@@ -15,6 +15,26 @@ ticks_ms = time.ticks_ms
 ticks_diff = time.ticks_diff
 ticks_add = time.ticks_add
 
+# CONNACK refusal codes (MQTT 3.1.1), so a refused node says why on its console.
+_REFUSED = {1: "protocol version", 2: "client id rejected", 3: "broker unavailable",
+            4: "bad username or password", 5: "not authorised"}
+
+
+def tls_params(ca, host):
+    """ssl_params for umqtt: verify the broker against the CA file on flash ("" = no TLS)."""
+    if not ca:
+        return {}
+    with open(ca) as f:
+        return {"cert_reqs": 2, "cadata": f.read(), "server_hostname": host}  # 2 = CERT_REQUIRED
+
+
+def describe_error(e):
+    """One console line for a failed connect; names the cause of a broker's refusal."""
+    code = e.args[0] if e.args else None
+    if type(e).__name__ == "MQTTException" and code in _REFUSED:
+        return "broker refused us: %s (check device id and mqtt_password)" % _REFUSED[code]
+    return "%s %s" % (type(e).__name__, e)
+
 
 class Link:
     fw = "?"
@@ -68,7 +88,10 @@ class Link:
             except OSError:
                 pass
             raise OSError("wifi down")
-        c = MQTTClient(self.device, self.cfg["broker"], self.cfg["port"], keepalive=self.keepalive)
+        pw = self.cfg.get("mqtt_password") or None
+        ca = self.cfg.get("tls_ca")
+        c = MQTTClient(self.device, self.cfg["broker"], self.cfg["port"], user=self.device if pw else None,
+                       password=pw, keepalive=self.keepalive, ssl=bool(ca), ssl_params=tls_params(ca, self.cfg["broker"]))
         c.set_callback(self._on_msg)
         c.set_last_will(self.t_status, self._status("offline"), retain=True, qos=1)
         try:

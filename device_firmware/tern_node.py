@@ -10,7 +10,7 @@ import time
 
 import machine
 
-from tern_link import Link, ticks_add, ticks_diff, ticks_ms
+from tern_link import Link, describe_error, ticks_add, ticks_diff, ticks_ms
 from tern_sensors import Sensors
 from tern_util import dumps, log, now_ms
 
@@ -110,7 +110,7 @@ class Node(Link):
                 try:
                     self.connect()
                 except Exception as e:
-                    log("error connect %s %s" % (type(e).__name__, e))
+                    log("error connect %s" % describe_error(e))
                     self.schedule_retry()
             self.sensors.poll()
             if not self.done and ticks_diff(now, next_read) >= 0:

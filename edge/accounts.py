@@ -107,7 +107,7 @@ def _add(auth: DeviceAuth, args: argparse.Namespace) -> None:
             raise ConfigError(f"--config-in {args.config_in}: {exc}") from None
     password = auth.add_device(args.device, args.site)
     if args.config_out:
-        base.update({"device_id": args.device, "site": args.site, "mqtt_password": password})
+        base.update({"device": args.device, "site": args.site, "mqtt_password": password})
         write_private(Path(args.config_out), json.dumps(base, indent=2) + "\n")
         print(f"added {args.device} at {args.site}: credentials in {args.config_out}")
     else:

@@ -194,3 +194,51 @@ def test_qemu_self_test(tmp_path: Path) -> None:
     out = run_cli("qemu", "--image", image, "--self-test", timeout=600)
     assert out.returncode == 0 and "TERN self-test ok" in out.stdout, out.stdout + out.stderr
 
+
+
+def test_flash_with_credentials_then_the_node_connects_only_with_them(tmp_path: Path) -> None:
+    """--auth-dir gives the node its own account; removed, it is refused, says why, and backs off."""
+    from tern.security.mosquitto_auth import DeviceAuth
+
+    auth = DeviceAuth(tmp_path / "auth")
+    gateway_password = auth.set_gateway("tern-gateway")
+    with Mosquitto(tmp_path / "broker", auth_folder=auth.folder) as broker, \
+            ReplBoard(tmp_path / "flash", link=tmp_path / "ttyBOARD", boot_main=True) as board:
+        births: list[bytes] = []
+        watcher = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="tern-gateway")
+        watcher.username_pw_set("tern-gateway", gateway_password)
+        watcher.on_message = lambda c, u, m: births.append(m.payload)
+        watcher.connect(broker.host, broker.port)
+        watcher.subscribe("tern/farm/node-9/status", 1)
+        watcher.loop_start()
+        try:
+            out = run_cli("flash", "--port", board.port, "--device-id", "node-9", "--site", "farm",
+                          "--gateway", broker.address, "--auth-dir", str(auth.folder))
+            assert out.returncode == 0, out.stdout + out.stderr
+            config = json.loads((tmp_path / "flash" / "config.json").read_text())
+            password = config["mqtt_password"]
+            assert len(password) >= 20 and password not in out.stdout + out.stderr
+            assert [d.device for d in auth.devices()] == ["node-9"]
+            broker.reload()
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and not births:
+                time.sleep(0.1)
+            assert births, board.console.decode(errors="replace")[-2000:]
+            assert decode_status(births[0], topic_device="node-9").state == "online"
+
+            # Locked out: the running node is dropped at its next connect, says why, keeps trying.
+            auth.remove_device("node-9")
+            broker.reload()
+            broker.stop()
+            broker.start()
+            deadline = time.monotonic() + 60
+            refusals = 0
+            while time.monotonic() < deadline and refusals < 2:
+                refusals = board.console.count(b"broker refused us: not authorised")
+                refusals += board.console.count(b"broker refused us: bad username or password")
+                time.sleep(0.2)
+            assert refusals >= 2, board.console.decode(errors="replace")[-2000:]
+            assert board.main_running and board.hard_resets == 1  # backs off, never crash-loops
+        finally:
+            watcher.loop_stop()
+            watcher.disconnect()

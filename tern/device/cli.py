@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     fl.add_argument("--micropython-image", type=Path, default=None, metavar="FILE",
                     help="first erase the flash and write this MicroPython image with esptool")
     fl.add_argument("--chip", default="esp32", help="chip for esptool (esp32, esp32s3, ...)")
+    fl.add_argument("--auth-dir", type=Path, help="the gateway's account folder (tern-gateway devices): give the "
+                    "device its own MQTT account and write its password into its config (needs --device-id)")
+    fl.add_argument("--ca", type=Path, help="CA certificate of the gateway's broker: the node connects with TLS")
     fl.add_argument("--no-reset", action="store_true", help="leave the board in the REPL afterwards")
     fl.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
 
@@ -155,7 +158,8 @@ def cmd_flash(args: argparse.Namespace) -> int:
     )
     if args.dry_run:
         return flash(args.port, args.config, provision=provision, image=args.micropython_image,
-                     chip=args.chip, dry_run=True, reset=not args.no_reset)
+                     chip=args.chip, dry_run=True, reset=not args.no_reset,
+                     auth_dir=args.auth_dir, ca_file=args.ca)
     console = Console()
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   console=console, transient=not console.is_terminal) as bar:
@@ -165,7 +169,8 @@ def cmd_flash(args: argparse.Namespace) -> int:
             bar.update(task, description=f"flash {args.port}: {step}", completed=done, total=total)
 
         code = flash(args.port, args.config, provision=provision, image=args.micropython_image,
-                     chip=args.chip, reset=not args.no_reset, echo=console.print, progress=progress)
+                     chip=args.chip, reset=not args.no_reset, echo=console.print, progress=progress,
+                     auth_dir=args.auth_dir, ca_file=args.ca)
     console.print(f"flashed {args.port}" + ("" if args.no_reset else "; the board was reset and runs main.py"))
     return code
 

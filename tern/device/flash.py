@@ -29,9 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from tern.core.errors import ConfigError, TernError, ToolMissing
+from tern.core.errors import CodecError, ConfigError, TernError, ToolMissing
 from tern.core.hostport import parse_hostport
 from tern.device.emulate import check_config, firmware_dir, firmware_files
+from tern.security.mosquitto_auth import AuthError, DeviceAuth
 from tern.security.secret_files import write_private
 from tern.toolchain import umqtt_path
 
@@ -40,6 +41,8 @@ PROBE_TIMEOUT_S = 5.0
 #: Where MicroPython's image starts in flash, per chip (Espressif's own tables).
 IMAGE_OFFSETS = {"esp32": "0x1000", "esp32s2": "0x1000", "esp32s3": "0x0", "esp32c3": "0x0"}
 MQTT_PORT = 1883
+#: Where the broker's CA certificate goes on the board (config key ``tls_ca`` names it).
+BOARD_CA = "ca.pem"
 
 
 class FlashError(TernError):
@@ -163,25 +166,50 @@ class Step:
     command: list[str]
 
 
-def mpremote_steps(port: str, config_file: Path, mpremote: list[str]) -> list[Step]:
-    """Copy the firmware, umqtt and config.json onto the board, then list what is there."""
+def mpremote_steps(port: str, config_file: Path, mpremote: list[str], ca_file: Path | None = None) -> list[Step]:
+    """Copy the firmware, umqtt, config.json (and the broker's CA) onto the board, then list it."""
     connect = [*mpremote, "connect", port]
     umqtt = umqtt_path() / "umqtt"
-    return [
+    steps = [
         Step("firmware", connect + ["cp", *[str(f) for f in firmware_files()], ":"]),
         Step("umqtt", connect + ["cp", "-r", str(umqtt), ":"]),
         Step("config.json", connect + ["cp", str(config_file), ":config.json"]),
-        Step("list", connect + ["ls", ":", "+", "ls", ":umqtt"]),
     ]
+    if ca_file is not None:
+        steps.append(Step(BOARD_CA, connect + ["cp", str(ca_file), f":{BOARD_CA}"]))
+    return steps + [Step("list", connect + ["ls", ":", "+", "ls", ":umqtt"])]
 
 
-def expected_files(config_file: Path) -> dict[str, Path]:
+def expected_files(config_file: Path, ca_file: Path | None = None) -> dict[str, Path]:
     """Board path -> host file, for everything that is copied."""
     files = {f.name: f for f in firmware_files()}
     for f in sorted((umqtt_path() / "umqtt").glob("*.py")):
         files[f"umqtt/{f.name}"] = f
     files["config.json"] = config_file
+    if ca_file is not None:
+        files[BOARD_CA] = ca_file
     return files
+
+
+def add_credentials(config: dict[str, Any], auth_dir: Path, dry_run: bool = False) -> str:
+    """Provision the device's MQTT account in the gateway's ``auth_dir``; put its password in ``config``.
+
+    Returns the device id. The password exists only in the board's config and, hashed, in
+    the gateway's password file; it is never printed.
+    """
+    device = config.get("device")
+    if not device:
+        raise FlashError("--auth-dir needs --device-id: the account is named after the device")
+    if dry_run:
+        config["mqtt_password"] = "(generated when flashing)"
+    else:
+        try:
+            config["mqtt_password"] = DeviceAuth(auth_dir).add_device(device, config["site"])
+        except (AuthError, CodecError) as exc:
+            raise FlashError(f"--auth-dir {auth_dir}: {exc}") from None
+        except OSError as exc:
+            raise FlashError(f"--auth-dir {auth_dir}: cannot write the password file: {exc.strerror}") from None
+    return device
 
 
 HASH_SCRIPT = """\
@@ -224,13 +252,26 @@ def _last_line(text: str) -> str:
 def flash(port: str, config: Path | None = None, *, provision: Provision | None = None,
           image: Path | None = None, chip: str = "esp32", dry_run: bool = False,
           reset: bool = True, echo: Callable[[str], None] = print,
-          progress: Callable[[str, int, int], None] | None = None) -> int:
+          progress: Callable[[str, int, int], None] | None = None,
+          auth_dir: Path | None = None, ca_file: Path | None = None) -> int:
     """Flash the board on ``port``; with ``dry_run`` only print the commands. Returns an exit code.
 
-    ``progress(step, done, total)`` is called before each step and once at the end.
+    ``progress(step, done, total)`` is called before each step and once at the end. With
+    ``auth_dir`` the device gets its own MQTT account on the gateway (tern.security); with
+    ``ca_file`` it speaks TLS to the gateway's broker, checked against that CA.
     """
     provision = provision or Provision()
     board_config = build_config(read_config(config), provision)
+    if ca_file is not None:
+        if not Path(ca_file).is_file():
+            raise FlashError(f"--ca {ca_file}: no such file")
+        board_config["tls_ca"] = BOARD_CA
+    if auth_dir is not None:
+        device = add_credentials(board_config, Path(auth_dir), dry_run)
+        if not dry_run:
+            echo(f"{device}: MQTT account added in {auth_dir}; reload mosquitto to let it in "
+                 "(systemctl reload mosquitto)")
+    check_config(board_config)
     with tempfile.TemporaryDirectory(prefix="tern-flash-") as tmp:
         config_file = Path(tmp) / "config.json"
         write_private(config_file, json.dumps(board_config, indent=2) + "\n")
@@ -241,7 +282,7 @@ def flash(port: str, config: Path | None = None, *, provision: Provision | None 
                 raise FlashError(f"{image}: no such MicroPython image")
             esptool = ["esptool"] if dry_run else tool_command("esptool")
             steps += [Step("MicroPython image", cmd) for cmd in esptool_commands(port, Path(image), chip, esptool)]
-        steps += mpremote_steps(port, config_file, mpremote)
+        steps += mpremote_steps(port, config_file, mpremote, ca_file)
         if dry_run:
             for step in steps:
                 echo(shlex.join(step.command))
@@ -259,10 +300,11 @@ def flash(port: str, config: Path | None = None, *, provision: Provision | None 
                 echo(done.stdout.rstrip())
         if progress:
             progress("verify", len(steps), total)
-        wrong = verify(port, expected_files(config_file), mpremote)
+        files = expected_files(config_file, ca_file)
+        wrong = verify(port, files, mpremote)
         if wrong:
             raise FlashError(f"verify: {len(wrong)} file(s) differ on the board: {', '.join(wrong)}")
-        echo(f"verified {len(expected_files(config_file))} files by sha256")
+        echo(f"verified {len(files)} files by sha256")
         if reset:
             if progress:
                 progress("reset", len(steps) + 1, total)
