@@ -1,12 +1,17 @@
-"""``tern-gateway``: run the gateway, or look into an outbox.
+"""``tern-gateway``: run the gateway, check a site's setup, or look into an outbox.
 
+    tern-gateway run --config /etc/tern/gateway.toml
     tern-gateway run --gateway-id gw1 --local 127.0.0.1:1883 --cloud 127.0.0.1:1884 \\
         --outbox /var/lib/tern/outbox.db [--batch-size N]
+    tern-gateway check --config /etc/tern/gateway.toml [--repair]
     tern-gateway outbox --outbox /var/lib/tern/outbox.db
 
-Flags fall back to TERN_GATEWAY_ID, TERN_LOCAL_BROKER, TERN_CLOUD_BROKER, TERN_OUTBOX.
-Configuration errors print one line and exit 2; the library (:mod:`tern.edge.service`,
-:mod:`tern.edge.outbox`) does all the work.
+Every setting is a key of the TOML ``--config`` file, a ``TERN_*`` environment variable and a
+flag; flags win over the environment, which wins over the file (see deploy/gateway.toml).
+
+Exit codes: 0 fine; 2 the setup is wrong (a config error, a failed check, a damaged outbox):
+one line says what and where, never a traceback. The unit in deploy/ does not restart the
+service on 2 (RestartPreventExitStatus=2): retrying cannot fix a setup, only a person can.
 """
 
 from __future__ import annotations
@@ -19,10 +24,13 @@ from typing import Sequence
 
 from tern.edge import accounts
 from tern.edge.config import GatewayConfig
+from tern.edge.config_file import add_flags
 from tern.edge.outbox import now_ms, open_readonly, summarize
 from tern.core.errors import ConfigError
 
 PROG = "tern-gateway"
+#: Exit code of a setup a person must fix (config, damaged outbox, failed check).
+EXIT_SETUP = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,14 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the gateway until SIGINT/SIGTERM")
-    run.add_argument("--gateway-id", help="this gateway's id (env TERN_GATEWAY_ID)")
-    run.add_argument("--local", help="local broker HOST:PORT (env TERN_LOCAL_BROKER, default 127.0.0.1:1883)")
-    run.add_argument("--cloud", help="cloud broker HOST:PORT (env TERN_CLOUD_BROKER)")
-    run.add_argument("--outbox", help="SQLite outbox file (env TERN_OUTBOX)")
-    run.add_argument("--batch-size", type=int, help="readings per batch (default 200)")
-    run.add_argument("--max-rows", type=int, help="outbox bound; when full, ingest stops acking (default 5000000)")
-    run.add_argument("--confirm-timeout", type=float, help="seconds to wait for a batch confirm before re-sending (default 15)")
-    run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    run.add_argument("--config", help="TOML config file (keys as in deploy/gateway.toml)")
+    add_flags(run)
+
+    check = sub.add_parser("check", help="validate the config, reach both brokers, check the outbox folder and file")
+    check.add_argument("--config", help="TOML config file (keys as in deploy/gateway.toml)")
+    check.add_argument("--repair", action="store_true", help="salvage a damaged outbox into a fresh one (gateway stopped!)")
+    check.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each broker (default 5)")
+    add_flags(check)
 
     show = sub.add_parser("outbox", help="print pending readings per device, pending status events and dead letters")
     show.add_argument("--outbox", required=True, help="SQLite outbox file")
@@ -46,12 +54,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _config_hint(args: argparse.Namespace) -> str:
+    return f" --config {args.config}" if getattr(args, "config", None) else ""
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """``tern-gateway run``."""
+    from tern.edge import repair
     from tern.edge.service import Gateway
 
     config = GatewayConfig.from_args(args)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # A damaged outbox must stop the service with one line, not crash-loop it.
+    problem = repair.inspect(config.outbox_path)
+    if problem is not None:
+        raise ConfigError(
+            f"outbox {config.outbox_path} is damaged ({problem}): stop the service and run "
+            f"`{PROG} check{_config_hint(args)} --repair`, which keeps the damaged file aside and "
+            "salvages every readable row into a fresh outbox"
+        )
     try:
         gateway = Gateway(config)
     except (OSError, sqlite3.DatabaseError) as exc:
@@ -59,6 +80,35 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError(f"cannot open outbox {config.outbox_path}: {exc}") from None
     gateway.run_forever()
     return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """``tern-gateway check``: one line per check; exit 0 when all pass, else 2."""
+    from tern.edge import repair
+    from tern.edge.check import run_checks
+
+    try:
+        config = GatewayConfig.from_args(args)
+    except ConfigError as exc:
+        print(f"FAIL config: {exc}")
+        return EXIT_SETUP
+    where = f"{args.config}" if args.config else "flags and environment (no --config file)"
+    print(f"ok   config: {where}: gateway {config.gateway_id}, outbox {config.outbox_path}")
+    if args.repair:
+        problem = repair.inspect(config.outbox_path)
+        if problem is None:
+            print(f"ok   repair: {config.outbox_path} is not damaged; nothing to repair")
+        else:
+            try:
+                report = repair.repair(config.outbox_path)
+            except (OSError, sqlite3.Error) as exc:
+                print(f"FAIL repair: {config.outbox_path}: {exc}")
+                return EXIT_SETUP
+            print(f"ok   repair: {report.summary()}")
+    results = run_checks(config, _config_hint(args), timeout=args.timeout)
+    for result in results:
+        print(result.line())
+    return 0 if all(r.ok for r in results) else EXIT_SETUP
 
 
 def cmd_outbox(args: argparse.Namespace) -> int:
@@ -102,12 +152,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "run":
             return cmd_run(args)
+        if args.command == "check":
+            return cmd_check(args)
         if args.command in ("devices", "certs"):
             return accounts.run(args)
         return cmd_outbox(args)
     except ConfigError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_SETUP
 
 
 if __name__ == "__main__":

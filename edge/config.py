@@ -1,4 +1,11 @@
-"""Gateway settings: one validated dataclass, built from CLI arguments or environment variables."""
+"""Gateway settings: one validated dataclass, built from a TOML file, environment variables and flags.
+
+:class:`GatewayConfig` is the one place values are checked. Where they come from (the file,
+``TERN_*`` variables, ``tern-gateway run`` flags, in rising precedence) is
+:mod:`tern.edge.config_file`'s job; it works over this dataclass's fields, so a new field is a
+new file key, environment variable (``TERN_<KEY>`` unless named in :data:`ENV_NAMES`) and flag
+(``--<key>`` unless named in :data:`FLAG_NAMES`) without further code.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +25,9 @@ DEFAULT_BATCH_SIZE = 200
 #: and is days of backlog for a site of a few hundred nodes.
 DEFAULT_MAX_ROWS = 5_000_000
 DEFAULT_CONFIRM_TIMEOUT_S = 15.0
-DEFAULT_RECONNECT_MAX_S = 30.0
+#: A returning link is used within this many seconds (paho's own default cap is 120 s; we
+#: used 30 s and a field engineer watched the uplink stay down 13 s after the link was back).
+DEFAULT_RECONNECT_MAX_S = 5.0
 #: Readings per batch are bounded so one envelope stays far below codec.MAX_BATCH_BYTES.
 MAX_BATCH_SIZE = 5000
 
@@ -29,6 +38,41 @@ ENV_OUTBOX = "TERN_OUTBOX"
 ENV_BATCH_SIZE = "TERN_BATCH_SIZE"
 ENV_MAX_ROWS = "TERN_MAX_ROWS"
 ENV_CONFIRM_TIMEOUT = "TERN_CONFIRM_TIMEOUT"
+
+#: Environment variables that predate the config file; every other key is ``TERN_<KEY>``.
+ENV_NAMES = {
+    "gateway_id": ENV_GATEWAY_ID,
+    "local_broker": ENV_LOCAL_BROKER,
+    "cloud_broker": ENV_CLOUD_BROKER,
+    "outbox_path": ENV_OUTBOX,
+    "batch_size": ENV_BATCH_SIZE,
+    "max_rows": ENV_MAX_ROWS,
+    "confirm_timeout_s": ENV_CONFIRM_TIMEOUT,
+}
+#: ``tern-gateway run`` flags that predate the config file; every other key is ``--<key>``.
+FLAG_NAMES = {
+    "local_broker": "--local",
+    "cloud_broker": "--cloud",
+    "outbox_path": "--outbox",
+    "confirm_timeout_s": "--confirm-timeout",
+}
+#: Keys without a default: the file, the environment or a flag must give them.
+REQUIRED = ("gateway_id", "cloud_broker", "outbox_path")
+
+# --- operations (service, check) ---
+DEFAULT_STOP_TIMEOUT_S = 5.0
+DEFAULT_MIN_FREE_MB = 64
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+class ConfigValueError(ConfigError):
+    """A value of the wrong kind or out of range: names the key, what was expected, what was found."""
+
+    def __init__(self, key: str, expected: str, found: object, note: str = "") -> None:
+        self.key = key
+        self.expected = expected
+        self.found = found
+        super().__init__(f"{key}: expected {expected}, found {found!r}" + (f" ({note})" if note else ""))
 
 
 @dataclass(frozen=True)
@@ -49,31 +93,45 @@ class GatewayConfig:
     reconnect_max_s: float = DEFAULT_RECONNECT_MAX_S
     keepalive_s: int = 30
 
+    # --- operations: shutdown, `tern-gateway check`, logging ---
+    #: On SIGTERM, how long the batch in flight may take to be confirmed before we stop anyway.
+    stop_timeout_s: float = DEFAULT_STOP_TIMEOUT_S
+    #: `tern-gateway check` fails when the outbox's file system has less free space than this.
+    min_free_mb: int = DEFAULT_MIN_FREE_MB
+    log_level: str = "INFO"
+
     def __post_init__(self) -> None:
         try:
             check_id(self.gateway_id, "gateway id")
         except CodecError as exc:
-            raise ConfigError(str(exc)) from None
+            raise ConfigValueError(
+                "gateway_id", "1-64 of [A-Za-z0-9_.-], not starting with . _ or -", self.gateway_id, "invalid gateway id"
+            ) from exc
         for name in ("local_broker", "cloud_broker"):
             value = getattr(self, name)
             if not isinstance(value, str):
-                raise ConfigError(f"{name}: expected HOST:PORT, got {value!r}")
+                raise ConfigValueError(name, "HOST:PORT", value)
             try:
                 parse_hostport(value, DEFAULT_MQTT_PORT)
-            except ConfigError as exc:
-                raise ConfigError(f"{name}: {exc}") from None
+            except ConfigError:
+                raise ConfigValueError(name, "HOST:PORT", value) from None
         if isinstance(self.outbox_path, os.PathLike):
             # Accept pathlib.Path as well; store a str so the config stays simple to print.
             object.__setattr__(self, "outbox_path", os.fspath(self.outbox_path))
         if not isinstance(self.outbox_path, str) or not self.outbox_path.strip():
-            raise ConfigError("outbox path is empty: give the SQLite file the outbox lives in")
+            raise ConfigValueError("outbox_path", "the SQLite file the outbox lives in", self.outbox_path)
         if os.path.isdir(self.outbox_path):
-            raise ConfigError(f"outbox path {self.outbox_path!r} is a directory, expected a file name")
+            raise ConfigValueError("outbox_path", "a file name, not a directory", self.outbox_path)
         _check_int("batch_size", self.batch_size, 1, MAX_BATCH_SIZE)
         _check_int("max_rows", self.max_rows, 1, 2**53 - 1)
         _check_int("keepalive_s", self.keepalive_s, 5, 3600)
         _check_number("confirm_timeout_s", self.confirm_timeout_s, 0.1, 3600)
         _check_number("reconnect_max_s", self.reconnect_max_s, 1, 3600)
+        # --- operations ---
+        _check_number("stop_timeout_s", self.stop_timeout_s, 0, 60)
+        _check_int("min_free_mb", self.min_free_mb, 0, 2**31)
+        if self.log_level not in LOG_LEVELS:
+            raise ConfigValueError("log_level", f"one of {', '.join(LOG_LEVELS)}", self.log_level)
 
     @property
     def local_hostport(self) -> tuple[str, int]:
@@ -97,54 +155,35 @@ class GatewayConfig:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> "GatewayConfig":
-        """Build from ``TERN_*`` environment variables; keyword ``overrides`` win over them."""
-        env = os.environ if env is None else env
-        values: dict[str, object] = {}
-        for key, name, parse in (
-            ("gateway_id", ENV_GATEWAY_ID, str),
-            ("local_broker", ENV_LOCAL_BROKER, str),
-            ("cloud_broker", ENV_CLOUD_BROKER, str),
-            ("outbox_path", ENV_OUTBOX, str),
-            ("batch_size", ENV_BATCH_SIZE, int),
-            ("max_rows", ENV_MAX_ROWS, int),
-            ("confirm_timeout_s", ENV_CONFIRM_TIMEOUT, float),
-        ):
-            raw = env.get(name, "").strip()
-            if raw:
-                try:
-                    values[key] = parse(raw)
-                except ValueError:
-                    raise ConfigError(f"{name}={raw!r} is not a valid {parse.__name__}") from None
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        for key, flag, name in (
-            ("gateway_id", "--gateway-id", ENV_GATEWAY_ID),
-            ("cloud_broker", "--cloud", ENV_CLOUD_BROKER),
-            ("outbox_path", "--outbox", ENV_OUTBOX),
-        ):
-            if not values.get(key):
-                raise ConfigError(f"{key.replace('_', ' ')} is required: pass {flag} or set {name}")
-        return cls(**values)  # type: ignore[arg-type]
+        """Build from ``TERN_*`` environment variables; keyword ``overrides`` (by field name) win over them."""
+        from tern.edge.config_file import resolve
+
+        return resolve(env=env, overrides={k: v for k, v in overrides.items() if v is not None})
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, env: Mapping[str, str] | None = None) -> "GatewayConfig":
-        """Build from parsed ``tern-gateway run`` arguments; unset flags fall back to the environment."""
-        return cls.from_env(
-            env,
-            gateway_id=getattr(args, "gateway_id", None),
-            local_broker=getattr(args, "local", None),
-            cloud_broker=getattr(args, "cloud", None),
-            outbox_path=getattr(args, "outbox", None),
-            batch_size=getattr(args, "batch_size", None),
-            max_rows=getattr(args, "max_rows", None),
-            confirm_timeout_s=getattr(args, "confirm_timeout", None),
-        )
+        """Build from parsed ``tern-gateway run``/``check`` arguments: flags win over the environment,
+        which wins over the ``--config`` file (if one was given)."""
+        from tern.edge.config_file import flag_values, resolve
+
+        return resolve(path=getattr(args, "config", None), env=env, flags=flag_values(args))
+
+
+def env_name(key: str) -> str:
+    """The environment variable that sets ``key``."""
+    return ENV_NAMES.get(key, "TERN_" + key.upper())
+
+
+def flag_name(key: str) -> str:
+    """The ``tern-gateway run`` flag that sets ``key``."""
+    return FLAG_NAMES.get(key, "--" + key.replace("_", "-"))
 
 
 def _check_int(name: str, value: object, low: int, high: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        raise ConfigError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
+        raise ConfigValueError(name, f"an integer in [{low}, {high}]", value)
 
 
 def _check_number(name: str, value: object, low: float, high: float) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= value <= high:
-        raise ConfigError(f"{name} must be a number in [{low}, {high}], got {value!r}")
+        raise ConfigValueError(name, f"a number in [{low}, {high}]", value)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from types import TracebackType
 
 from tern.edge.config import GatewayConfig
@@ -62,24 +63,42 @@ class Gateway:
         """Block until both brokers are connected and subscribed (or ``timeout``)."""
         return self.ingest.wait_connected(timeout) and self.uplink.wait_connected(timeout)
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop ingest (its last group is committed and acked), then the uplink, then the outbox.
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop taking readings (ingest's last group is committed and acked), give the batch in
+        flight until the deadline to be confirmed, then stop the uplink and close the outbox.
 
-        Whatever is not committed stays un-acked on the local broker; whatever is not
-        confirmed stays in the outbox: the next start picks both up.
+        ``timeout`` (default ``config.stop_timeout_s``) bounds the whole stop, give or take a
+        second for the threads to notice. Whatever is not committed stays un-acked on the
+        local broker; whatever is not confirmed stays in the outbox: the next start picks
+        both up, and the bridge de-duplicates a batch that is sent again.
         """
+        budget = self.config.stop_timeout_s if timeout is None else timeout
+        deadline = time.monotonic() + budget
         with self._stop_lock:  # a signal and a `with` block may both ask
             if self._stopped:
                 return
             self._stop_requested.set()
             if self._started:
-                self.ingest.stop(timeout)
-                self.uplink.stop(timeout)
+                self.ingest.stop(max(0.5, deadline - time.monotonic()))
+                self._drain_inflight(deadline)
+                self.uplink.stop(max(0.5, deadline - time.monotonic()))
             # Keep the last levels, so stats() still answers after stop (demo summaries, tests).
             self._final = self._levels()
             self._stopped = True
             self.outbox.close()
         log.info("gateway %s stopped", self.config.gateway_id)
+
+    def _drain_inflight(self, deadline: float) -> None:
+        """Wait (until ``deadline``) for the batch in flight now to be confirmed; a batch the
+        uplink starts after this one stays in the outbox for the next run."""
+        bseq = self.uplink.stats().get("inflight_bseq")
+        if bseq is None or not self.uplink.connected:
+            return
+        log.info("waiting up to %.1f s for the confirm of batch %d", max(0.0, deadline - time.monotonic()), bseq)
+        while time.monotonic() < deadline and self.uplink.stats().get("inflight_bseq") == bseq:
+            time.sleep(0.05)
+        if self.uplink.stats().get("inflight_bseq") == bseq:
+            log.warning("batch %d not confirmed before the stop deadline: it stays in the outbox and is sent again", bseq)
 
     def stats(self) -> dict:
         """Counters and levels: pending, status_pending, dead_letters, nodes_online, nodes_offline,
@@ -104,15 +123,27 @@ class Gateway:
 
     def run_forever(self) -> None:
         """Start (if needed) and block until SIGINT/SIGTERM or :meth:`request_stop`, then stop cleanly."""
+        received: list[str] = []
+
+        def on_signal(signum: int, frame: object) -> None:
+            received.append(signal.Signals(signum).name)
+            self._stop_requested.set()
+
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGINT, signal.SIGTERM):
-                signal.signal(signum, lambda *_: self._stop_requested.set())
+                signal.signal(signum, on_signal)
         if not self._started:
             self.start()
         try:
             # wait() with a timeout so signal handlers get to run promptly.
             while not self._stop_requested.wait(1.0):
                 pass
+            if received:
+                log.info(
+                    "%s: stopping (no new readings; up to %.1f s for the batch in flight)",
+                    received[0],
+                    self.config.stop_timeout_s,
+                )
         finally:
             self.stop()
 

@@ -9,8 +9,12 @@ live here once:
 * a stable client id, ``clean_session=False``, MQTT 3.1.1, optionally ``manual_ack`` (the
   owner PUBACKs only once what it received is durable somewhere else);
 * a raised in-flight window (paho's default of 20 QoS 1 messages caps throughput);
-* ``connect_async`` + ``loop_start`` with a bounded back-off (1 s, doubling, capped), so a
-  broker that is down at start-up is retried like any later outage instead of failing the start;
+* ``connect_async`` + ``loop_start`` with a bounded back-off (1 s, doubling, capped at a few
+  seconds), so a broker that is down at start-up is retried like any later outage instead of
+  failing the start, and a returning link is used within seconds;
+* an outage is said once, at once (which session, which broker, what it means for the data),
+  repeated with a growing gap (:data:`REPORT_FIRST_S` doubling to :data:`REPORT_MAX_S`) while
+  it lasts, and its end is said too, with how long it lasted;
 * re-subscribe on every connect (harmless when the session kept the subscription, needed
   when the broker lost its state), and "connected" means *subscribed*: only then can
   nothing published to us be missed;
@@ -26,7 +30,9 @@ from __future__ import annotations
 
 import logging
 import socket
+import sys
 import threading
+import time
 from typing import Any, Callable, Sequence
 
 import paho.mqtt.client as mqtt
@@ -38,6 +44,13 @@ _log = logging.getLogger(__name__)
 MessageHandler = Callable[[mqtt.MQTTMessage], None]
 #: Called on paho's network thread after each successful connect / each disconnect.
 Hook = Callable[[], None]
+
+#: Cap of the reconnect back-off: a link that comes back is used within this (plus a connect).
+DEFAULT_RECONNECT_MAX_S = 5.0
+#: An outage is logged at once, again after this many seconds, then at doubling gaps ...
+REPORT_FIRST_S = 10.0
+#: ... of at most this.
+REPORT_MAX_S = 300.0
 
 
 class PersistentSession:
@@ -62,7 +75,7 @@ class PersistentSession:
         *,
         manual_ack: bool = False,
         keepalive: int = 30,
-        reconnect_max_s: float = 30,
+        reconnect_max_s: float = DEFAULT_RECONNECT_MAX_S,
         max_inflight: int = 100,
         username: str | None = None,
         password: str | None = None,
@@ -82,7 +95,8 @@ class PersistentSession:
         self.broker = broker or f"{host}:{port}"
         self.subscriptions = list(subscriptions)
         self._filters = ", ".join(topic for topic, _ in self.subscriptions)
-        self._lost_hint = lost_hint
+        self.lost_hint = lost_hint
+        self.reconnect_max_s = max(1, int(reconnect_max_s))
         self._on_message_hook = on_message
         self._on_connect_hook = on_connect
         self._on_disconnect_hook = on_disconnect
@@ -93,6 +107,12 @@ class PersistentSession:
         self._stopping = False
         self._subscribed = threading.Event()
         self._error: str | None = None
+        # Outage bookkeeping, touched only on paho's network thread.
+        self._was_connected = False
+        self._outage_since: float | None = None
+        self._attempts = 0
+        self._report_gap = REPORT_FIRST_S
+        self._next_report = 0.0
 
         self.client = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
@@ -106,8 +126,9 @@ class PersistentSession:
         # paho's default of 20 in-flight QoS 1 messages caps throughput (near 460 msg/s on
         # the gateway) and makes small outgoing acks/confirms queue behind each other.
         self.client.max_inflight_messages_set(max_inflight)
-        self.client.reconnect_delay_set(1, max(1, int(reconnect_max_s)))
+        self.client.reconnect_delay_set(1, self.reconnect_max_s)
         self.client.on_connect = self._on_connect
+        self.client.on_connect_fail = self._on_connect_fail
         self.client.on_subscribe = self._on_subscribe
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
@@ -183,7 +204,7 @@ class PersistentSession:
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         if reason_code.is_failure:
             self._error = str(reason_code)
-            self._log.warning("%s: %s refused the connection: %s", self.name, self.broker, reason_code)
+            self._unreachable(f"it refused the connection: {reason_code}")
             return
         with self._lock:
             self._generation += 1
@@ -192,7 +213,43 @@ class PersistentSession:
         # Re-subscribe on every connect: harmless when the session kept the subscription,
         # needed when the broker lost its state (or on a first start).
         client.subscribe(self.subscriptions)
-        self._log.info("%s connected to %s (session present: %s)", self.name, self.broker, flags.session_present)
+        self._was_connected = True
+        if self._outage_since is not None:
+            self._log.warning(
+                "%s: %s is back after %.0f s (%d failed attempts); session present: %s",
+                self.name, self.broker, time.monotonic() - self._outage_since, self._attempts, flags.session_present,
+            )
+            self._outage_since = None
+            self._attempts = 0
+        else:
+            self._log.info("%s connected to %s (session present: %s)", self.name, self.broker, flags.session_present)
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        # paho calls this from inside its `except OSError:` around the connect: the exception
+        # at hand says why.
+        self._unreachable(describe_error(sys.exc_info()[1]))
+
+    def _unreachable(self, why: str) -> None:
+        """Count a failed connect; log the first at once and later ones at growing gaps."""
+        if self._stopping:
+            return
+        now = time.monotonic()
+        self._attempts += 1
+        if self._outage_since is None:
+            self._outage_since = now
+            self._report_gap = REPORT_FIRST_S
+            self._next_report = now + self._report_gap
+            self._log.warning(
+                "%s: cannot reach %s (%s); %s; retrying every %d s at most",
+                self.name, self.broker, why, self.lost_hint, self.reconnect_max_s,
+            )
+        elif now >= self._next_report:
+            self._report_gap = min(self._report_gap * 2, REPORT_MAX_S)
+            self._next_report = now + self._report_gap
+            self._log.warning(
+                "%s: still cannot reach %s after %.0f s (%d attempts, last: %s); %s",
+                self.name, self.broker, now - self._outage_since, self._attempts, why, self.lost_hint,
+            )
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: Any, properties: Any) -> None:
         if any(rc.is_failure for rc in reason_codes):
@@ -208,8 +265,18 @@ class PersistentSession:
         self._subscribed.clear()
         if self._on_disconnect_hook is not None:
             self._on_disconnect_hook()
-        if not self._stopping:
-            self._log.warning("%s lost %s (%s); %s", self.name, self.broker, reason_code, self._lost_hint)
+        if not self._stopping and self._was_connected:
+            # The outage starts now; failed reconnects report on from here.
+            self._was_connected = False
+            now = time.monotonic()
+            self._outage_since = now
+            self._attempts = 0
+            self._report_gap = REPORT_FIRST_S
+            self._next_report = now + self._report_gap
+            self._log.warning(
+                "%s: lost %s (%s); %s; reconnecting every %d s at most",
+                self.name, self.broker, reason_code, self.lost_hint, self.reconnect_max_s,
+            )
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         self._on_message_hook(message)
@@ -225,3 +292,65 @@ def _no_delay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except (OSError, AttributeError):  # not a TCP socket (e.g. a unix socket or websocket)
         pass
+
+
+def describe_error(exc: BaseException | None) -> str:
+    """A short reason for a failed connect: "connection refused", "timed out", ..."""
+    if exc is None:
+        return "connection failed"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, (TimeoutError, socket.timeout)):
+        return "timed out"
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve the host name: {exc.strerror}"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return str(exc) or type(exc).__name__
+
+
+def probe(
+    host: str,
+    port: int,
+    timeout: float = 5.0,
+    *,
+    client_id: str = "",
+    username: str | None = None,
+    password: str | None = None,
+) -> str | None:
+    """One real MQTT handshake (CONNECT, wait for CONNACK), then disconnect: None if the broker
+    accepted it, else why not.
+
+    A clean session under its own client id: probing must never take over (and so kick off)
+    a running owner's persistent session.
+    """
+    client = mqtt.Client(
+        callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True, protocol=mqtt.MQTTv311
+    )
+    if username:
+        client.username_pw_set(username, password)
+    client.connect_timeout = timeout
+    answer: list[Any] = []
+    client.on_connect = lambda c, u, flags, rc, props: answer.append(rc)
+    try:
+        client.connect(host, port, keepalive=max(5, int(timeout) * 2))
+    except (OSError, ValueError) as exc:
+        return describe_error(exc)
+    deadline = time.monotonic() + timeout
+    try:
+        while not answer and time.monotonic() < deadline:
+            rc = client.loop(0.1)
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS and not answer:
+                return f"the connection closed before CONNACK ({mqtt.error_string(rc)})"
+    finally:
+        if answer and not answer[0].is_failure:
+            client.disconnect()
+            client.loop(0.1)
+        sock = client.socket()
+        if sock is not None:
+            sock.close()
+    if not answer:
+        return f"no CONNACK within {timeout:g} s"
+    if answer[0].is_failure:
+        return f"it refused the connection: {answer[0]}"
+    return None

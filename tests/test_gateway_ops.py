@@ -1,0 +1,303 @@
+"""Running the gateway in the field: the config file, `tern-gateway check`, a damaged outbox and
+its repair, broker outages said at once, bounded log lines, SIGTERM under load.
+
+All on real parts: private mosquittos on loopback, real SQLite files (damaged by overwriting
+real pages), the real `tern-gateway` process where exit codes and signals matter.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from tern.core import mqtt_session
+from tern.core.codec import Reading
+from tern.core.errors import ConfigError
+from tern.core.quoting import quote, shorten
+from tern.edge import repair
+from tern.edge.cli import main as cli_main
+from tern.edge.config import GatewayConfig
+from tern.edge.config_file import keys, resolve
+from tern.edge.outbox import DeadLetter, Outbox
+from tern.edge.service import Gateway
+from tern.harness.stack import Mosquitto, free_port
+
+from test_gateway import BOOT, GW, SITE, BridgeStub, Node, outbox_rows, per_device, wait_until
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "deploy" / "gateway.toml"
+DEADLINE = 60.0
+
+
+def write_config(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def base_toml(tmp_path: Path, cloud: str = "127.0.0.1:1884", extra: str = "") -> str:
+    return f'gateway_id = "{GW}"\ncloud_broker = "{cloud}"\noutbox_path = "{tmp_path / "gw" / "outbox.db"}"\n{extra}'
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    """The real `tern-gateway` in a process of its own (exit codes, stderr, no traceback)."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("TERN_") or k == "TERN_CACHE"}
+    clean.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "tern.edge.cli", *args], capture_output=True, text=True, timeout=timeout, env=clean
+    )
+
+
+@pytest.fixture(autouse=True)
+def no_tern_env(monkeypatch):
+    for name in list(os.environ):
+        if name.startswith("TERN_") and name != "TERN_CACHE":
+            monkeypatch.delenv(name)
+
+
+# --- the config file ------------------------------------------------------------------------
+
+
+def test_file_env_and_flags_in_rising_precedence(tmp_path):
+    path = write_config(tmp_path / "gateway.toml", base_toml(tmp_path, extra="batch_size = 300\nkeepalive_s = 20\n"))
+    cfg = resolve(path, env={})
+    assert (cfg.gateway_id, cfg.batch_size, cfg.keepalive_s, cfg.local_broker) == (GW, 300, 20, "127.0.0.1:1883")
+    cfg = resolve(path, env={"TERN_BATCH_SIZE": "400", "TERN_KEEPALIVE_S": "25"})
+    assert (cfg.batch_size, cfg.keepalive_s) == (400, 25)
+    cfg = resolve(path, env={"TERN_BATCH_SIZE": "400"}, flags={"batch_size": "500"})
+    assert cfg.batch_size == 500
+    # Through the real parser: every key has a flag, older spellings kept.
+    from tern.edge.cli import build_parser
+
+    args = build_parser().parse_args(
+        ["run", "--config", str(path), "--batch-size", "600", "--cloud", "10.0.0.1", "--reconnect-max-s", "2", "--log-level", "DEBUG"]
+    )
+    cfg = GatewayConfig.from_args(args, env={"TERN_BATCH_SIZE": "400"})
+    assert (cfg.batch_size, cfg.cloud_hostport, cfg.reconnect_max_s, cfg.log_level) == (600, ("10.0.0.1", 1883), 2.0, "DEBUG")
+
+
+def test_shipped_example_names_every_key_with_its_default_and_loads(tmp_path):
+    text = EXAMPLE.read_text()
+    data = tomllib.loads(text)
+    for key in keys():
+        if key.required:
+            assert key.name in data, f"{key.name} (required) is not set in {EXAMPLE}"
+            continue
+        default = tomllib.loads(f"v = {key.default!r}".replace("'", '"').replace("True", "true").replace("False", "false"))["v"]
+        line = re.search(rf"^# {key.name} = (.+)$", text, re.M)
+        assert line, f"{key.name} is not in {EXAMPLE}"
+        assert tomllib.loads(f"v = {line.group(1)}")["v"] == default, f"{key.name}: example shows {line.group(1)}, default is {key.default!r}"
+        # Each key is explained: a comment right above it.
+        above = text[: line.start()].rstrip("\n").rsplit("\n", 1)[-1]
+        assert above.startswith("#") and len(above) > 10, f"{key.name} has no explanation"
+    # Uncommented, every example value is a valid config (outbox moved to the test's folder).
+    uncommented = re.sub(r"^# (\w+ = )", r"\1", text, flags=re.M).replace(data["outbox_path"], str(tmp_path / "o.db"))
+    cfg = resolve(write_config(tmp_path / "g.toml", uncommented), env={})
+    assert cfg.gateway_id == "gw1"
+
+
+@pytest.mark.parametrize(
+    "body, expected",
+    [
+        ('batch_sise = 10\n', ["unknown key 'batch_sise'", "did you mean 'batch_size'"]),
+        ('cloud = "x:1"\n', ["unknown key 'cloud'", "did you mean 'cloud_broker'"]),
+        ('batch_size = "200"\n', ["batch_size: expected an integer, found a string '200'"]),
+        ('batch_size = 0\n', ["batch_size: expected an integer in [1, 5000], found 0"]),
+        ('confirm_timeout_s = true\n', ["confirm_timeout_s: expected a number, found a boolean True"]),
+        ('local_broker = "nowhere:99999"\n', ["local_broker: expected HOST:PORT, found 'nowhere:99999'"]),
+        ('log_level = "LOUD"\n', ["log_level: expected one of DEBUG, INFO, WARNING, ERROR, found 'LOUD'"]),
+        ('batch_size = = 3\n', ["not valid TOML"]),
+        ('[gateway]\nbatch_size = 3\n', ["unknown key 'gateway'"]),
+    ],
+)
+def test_config_file_errors_name_file_key_expected_and_found(tmp_path, capsys, body, expected):
+    path = write_config(tmp_path / "gateway.toml", base_toml(tmp_path) + body)
+    assert cli_main(["run", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(f"tern-gateway: error: {path}: "), err
+    for part in expected:
+        assert part in err, err
+
+
+def test_config_errors_from_env_flags_and_missing_file_are_one_line_exit_2(tmp_path):
+    path = write_config(tmp_path / "gateway.toml", base_toml(tmp_path))
+    out = run_cli("run", "--config", str(path), env={"TERN_BATCH_SIZE": "lots"})
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+    assert "batch_size: expected an integer, found 'lots' (from environment TERN_BATCH_SIZE)" in out.stderr
+    out = run_cli("run", "--config", str(path), "--keepalive-s", "1")
+    assert out.returncode == 2 and "keepalive_s: expected an integer in [5, 3600], found 1 (from --keepalive-s)" in out.stderr
+    out = run_cli("run", "--config", str(tmp_path / "missing.toml"))
+    assert out.returncode == 2 and f"{tmp_path / 'missing.toml'}: no such config file" in out.stderr
+    out = run_cli("run", "--config", str(write_config(tmp_path / "empty.toml", "")))
+    assert out.returncode == 2 and "gateway id is required" in out.stderr and "Traceback" not in out.stderr
+
+
+# --- tern-gateway check ---------------------------------------------------------------------
+
+
+def check_lines(out: str) -> dict[str, str]:
+    """{check name: 'ok ...' or 'FAIL ...'} from `tern-gateway check` output."""
+    lines = {}
+    for line in out.splitlines():
+        m = re.match(r"^(ok  |FAIL) ([a-z ]+): (.*)$", line)
+        assert m, f"not a check line: {line!r}"
+        lines[m.group(2)] = f"{m.group(1).strip()} {m.group(3)}"
+    return lines
+
+
+def test_check_passes_on_a_working_site(mosquitto_factory, tmp_path):
+    local, cloud = mosquitto_factory("local"), mosquitto_factory("cloud")
+    path = write_config(tmp_path / "gateway.toml", base_toml(tmp_path, cloud.address, f'local_broker = "{local.address}"\n'))
+    out = run_cli("check", "--config", str(path))
+    lines = check_lines(out.stdout)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert set(lines) == {"config", "local broker", "cloud broker", "outbox folder", "outbox file"}
+    assert all(v.startswith("ok") for v in lines.values()), lines
+    assert "does not exist yet" in lines["outbox file"]
+    assert "MB free" in lines["outbox folder"]
+
+
+def test_check_says_what_fails_and_exits_2(mosquitto_factory, tmp_path):
+    cloud = mosquitto_factory("cloud")
+    refused = free_port()  # nothing listens here
+    # A listener that accepts TCP and never answers: a broker that hangs.
+    mute = socket.socket()
+    mute.bind(("127.0.0.1", 0))
+    mute.listen(5)
+    try:
+        path = write_config(
+            tmp_path / "gateway.toml",
+            f'gateway_id = "{GW}"\ncloud_broker = "127.0.0.1:{mute.getsockname()[1]}"\n'
+            f'local_broker = "127.0.0.1:{refused}"\noutbox_path = "{tmp_path / "gw" / "outbox.db"}"\nmin_free_mb = 2000000000\n',
+        )
+        out = run_cli("check", "--config", str(path), "--timeout", "2")
+    finally:
+        mute.close()
+    lines = check_lines(out.stdout)
+    assert out.returncode == 2
+    assert lines["config"].startswith("ok")
+    assert lines["local broker"] == f"FAIL 127.0.0.1:{refused}: connection refused"
+    assert "no CONNACK within 2 s" in lines["cloud broker"]
+    assert lines["outbox folder"].startswith("FAIL") and "want at least 2000000000 MB (min_free_mb)" in lines["outbox folder"]
+    # An outbox folder that cannot exist (its parent is a file): root can write anywhere else.
+    blocker = tmp_path / "blocker"
+    blocker.write_text("x")
+    path = write_config(tmp_path / "g2.toml", f'gateway_id = "{GW}"\ncloud_broker = "{cloud.address}"\noutbox_path = "{blocker / "outbox.db"}"\n')
+    out = run_cli("check", "--config", str(path), "--timeout", "2")
+    lines = check_lines(out.stdout)
+    assert out.returncode == 2 and lines["cloud broker"].startswith("ok")
+    assert lines["outbox folder"].startswith(f"FAIL {blocker} is not writable")
+    # A config error is the first check's FAIL, still exit 2 and no traceback.
+    out = run_cli("check", "--config", str(write_config(tmp_path / "bad.toml", base_toml(tmp_path) + "batch_size = -1\n")))
+    assert out.returncode == 2 and out.stdout.startswith("FAIL config: ") and "batch_size" in out.stdout
+    assert "Traceback" not in out.stdout + out.stderr
+
+
+# --- a damaged outbox -----------------------------------------------------------------------
+
+
+def fill_outbox(path: Path, readings: int) -> None:
+    """A real outbox with readings from 5 devices, status events, a dead letter and a bseq."""
+    from tern.core.codec import StatusEvent
+
+    with Outbox(path) as box:
+        for start in range(0, readings, 1000):
+            box.add([Reading(f"dev-{i % 5}", BOOT, i, 1_700_000_000_000 + i, {"t": 20.5, "n": i}, site=SITE)
+                     for i in range(start, min(readings, start + 1000))])
+        box.add([], [DeadLetter("tern/x", b"junk", "not JSON")],
+                statuses=[StatusEvent(site=SITE, device="dev-0", state="online", boot=BOOT, fw="1", reset="PWRON", received_ms=0)])
+        for _ in range(7):
+            box.next_bseq()
+
+
+def leaf_pages(path: Path, name: str) -> list[tuple[int, int]]:
+    """(page number, cells) of ``name``'s leaf pages, from SQLite's own dbstat."""
+    with sqlite3.connect(path) as conn:
+        return [tuple(r) for r in conn.execute("SELECT pageno, ncell FROM dbstat WHERE name = ? AND pagetype = 'leaf' ORDER BY pageno", [name])]
+
+
+def overwrite_pages(path: Path, pages: list[int]) -> None:
+    """Damage the file the way a failing SD card does: whole pages of garbage."""
+    with sqlite3.connect(path) as conn:
+        size = conn.execute("PRAGMA page_size").fetchone()[0]
+    with open(path, "r+b") as fh:
+        for page in pages:
+            fh.seek((page - 1) * size)
+            fh.write(os.urandom(size))
+
+
+def test_damaged_outbox_stops_the_service_with_one_line_and_repair_salvages_every_readable_row(tmp_path):
+    outbox = tmp_path / "gw" / "outbox.db"
+    total = 20_000
+    fill_outbox(outbox, total)
+    leaves = leaf_pages(outbox, "outbox")
+    index_leaves = leaf_pages(outbox, "outbox_identity")
+    # Two leaf pages of readings and one page of the identity index: the readings on the two
+    # pages are gone; the index is rebuilt from the rows.
+    hit = [leaves[len(leaves) // 3], leaves[2 * len(leaves) // 3]]
+    lost = sum(cells for _, cells in hit)
+    overwrite_pages(outbox, [p for p, _ in hit] + [index_leaves[len(index_leaves) // 2][0]])
+    assert 0 < lost < 400
+
+    path = write_config(tmp_path / "gateway.toml", base_toml(tmp_path, extra='local_broker = "127.0.0.1:1"\n'))
+    out = run_cli("run", "--config", str(path))
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr, out.stderr
+    assert f"outbox {outbox} is damaged" in out.stderr
+    assert f"tern-gateway check --config {path} --repair" in out.stderr
+    # check says so too, without repairing anything.
+    out = run_cli("check", "--config", str(path), "--timeout", "1")
+    assert out.returncode == 2 and check_lines(out.stdout)["outbox file"].startswith(f"FAIL {outbox} is damaged")
+
+    out = run_cli("check", "--config", str(path), "--timeout", "1", "--repair")
+    lines = check_lines(out.stdout)
+    assert lines["repair"].startswith("ok salvaged outbox"), lines["repair"]
+    assert lines["outbox file"].startswith("ok"), lines  # repaired: it passes quick_check now
+    aside = [p for p in outbox.parent.iterdir() if re.fullmatch(r"outbox\.db\.damaged-\d{8}T\d{6}Z", p.name)]
+    assert len(aside) == 1 and repair.inspect(aside[0]) is not None  # the damaged file, kept as it was
+
+    assert repair.inspect(outbox) is None
+    with sqlite3.connect(outbox) as conn:
+        rows = conn.execute('SELECT device, seq, "values" FROM outbox ORDER BY id').fetchall()
+        statuses = conn.execute("SELECT device, state FROM status_events").fetchall()
+        letters = conn.execute("SELECT topic, payload FROM dead_letters").fetchall()
+        bseq = conn.execute("SELECT value FROM meta WHERE key = 'bseq'").fetchone()
+    # Every row not on an overwritten page is back, unchanged and in arrival order.
+    assert len(rows) == total - lost, f"salvaged {len(rows)} of {total}, {lost} were on the overwritten pages"
+    seqs = [seq for _, seq, _ in rows]
+    assert seqs == sorted(seqs)
+    assert all(device == f"dev-{seq % 5}" and values == f'{{"t":20.5,"n":{seq}}}' for device, seq, values in rows)
+    assert statuses == [("dev-0", "online")] and letters == [("tern/x", b"junk")] and bseq == (7,)
+    # The repaired outbox is a working outbox: the identity index refuses a duplicate again.
+    with Outbox(outbox) as box:
+        assert box.pending() == total - lost
+        first = seqs[0]
+        assert box.add([Reading(f"dev-{first % 5}", BOOT, first, 1, {"t": 1}, site=SITE)]).duplicates == 1
+
+
+def test_a_file_that_is_not_sqlite_is_refused_and_set_aside(tmp_path):
+    outbox = tmp_path / "gw" / "outbox.db"
+    outbox.parent.mkdir()
+    outbox.write_bytes(b"this is a text file, not a database\n" * 200)
+    path = write_config(tmp_path / "gateway.toml", base_toml(tmp_path, extra='local_broker = "127.0.0.1:1"\n'))
+    out = run_cli("run", "--config", str(path))
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+    assert "file is not a database" in out.stderr and "--repair" in out.stderr
+    report = repair.repair(outbox)
+    assert report.copied == 0 and "unreadable" in (report.error or "")
+    assert report.aside.read_bytes().startswith(b"this is a text file")
+    assert repair.inspect(outbox) is None
+    with Outbox(outbox) as box:
+        assert box.pending() == 0
