@@ -63,7 +63,7 @@ test: setup
 	@$(VPY) -m pytest -p no:cacheprovider $(PYTEST_ARGS)
 
 demo: setup
-	@$(VPY) -m tern.harness.demo
+	@$(VPY) -m tern.harness.demo $(DEMO_ARGS)
 
 bench: setup
 	@if $(VPY) -c 'import importlib.util as u, sys; sys.exit(u.find_spec("tern.harness.bench") is None)'; then \

@@ -178,8 +178,7 @@ class Bridge:
             # Outgoing confirms are QoS 1 and small; paho's default window of 20 would make
             # them queue behind each other under load.
             max_inflight=1000,
-            username=cfg.mqtt_username,
-            password=cfg.mqtt_password,
+            **cfg.mqtt_auth(),
             name="bridge",
             broker=f"the MQTT broker {cfg.mqtt_broker}",
             lost_hint="paho reconnects; unacked batches are redelivered",
@@ -284,6 +283,9 @@ class Bridge:
     async def _handle(self, delivery: _Delivery) -> None:
         try:
             gateway = topics.parse_batch_topic(delivery.topic)
+            allowed = self.config.allowed_gateways
+            if allowed is not None and gateway not in allowed:
+                raise CodecError(f"gateway not allowed: {gateway!r} is not in this bridge's allowed_gateways")
             batch = codec.decode_batch(delivery.payload, topic_gateway=gateway)
         except CodecError as exc:
             await self._write_with_retry(delivery, [self._deadletter_record(delivery, str(exc))])

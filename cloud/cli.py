@@ -18,6 +18,7 @@ import sys
 from typing import Sequence
 
 from tern.core.errors import ConfigError, TernError
+from tern.security import redact
 
 EXIT_RUNTIME = 1
 EXIT_CONFIG = 2
@@ -86,6 +87,8 @@ def _run(args: argparse.Namespace) -> int:
     )
     if not args.verbose:
         logging.getLogger("aiokafka").setLevel(logging.WARNING)
+    # Whatever path a secret takes into a log line (an exception text, a URL), it is masked.
+    redact.install(config.secrets())
 
     async def main() -> None:
         stop = asyncio.Event()

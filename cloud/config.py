@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any
 
 from tern.core import topics
 from tern.core.errors import CodecError, ConfigError
 from tern.core.hostport import parse_hostport
+from tern.cloud.kafka_security import KafkaSecurity
+from tern.security.secret_files import exposure_warning
+from tern.security.tls import client_context
 
 DEFAULT_MQTT_PORT = 1883
 DEFAULT_KAFKA_PORT = 9092
@@ -25,6 +29,16 @@ _KAFKA_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 _COMPRESSION = (None, "gzip", "snappy", "lz4", "zstd")
 #: The PyPI package aiokafka needs for each codec (gzip is in the standard library).
 _COMPRESSION_PACKAGE = {"gzip": "", "snappy": "cramjam", "lz4": "cramjam", "zstd": "cramjam"}
+
+
+def _read_secret(path: str, where: str) -> str:
+    warning = exposure_warning(Path(path))
+    if warning:
+        print(warning)
+    try:
+        return Path(path).read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read {path}: {exc.strerror}") from None
 
 
 def _compression_available(name: str) -> bool:
@@ -79,7 +93,19 @@ class BridgeConfig:
     connect_timeout_s: float = 15.0
     mqtt_keepalive_s: int = 30
     mqtt_username: str | None = None
-    mqtt_password: str | None = None
+    mqtt_password: str | None = field(default=None, repr=False)
+
+    # --- security (docs/security.md) ---
+    #: CA of the cloud broker's certificate: TLS to the broker (also on with ``mqtt_tls``).
+    mqtt_ca: str | None = None
+    #: The bridge's client certificate and key, when the broker wants one.
+    mqtt_cert: str | None = None
+    mqtt_key: str | None = None
+    mqtt_tls: bool = False
+    #: Kafka TLS and SASL (``TERN_KAFKA_*`` variables or the config file's [kafka] table).
+    kafka_security: KafkaSecurity = field(default_factory=KafkaSecurity)
+    #: When set, batches from any other gateway are dead-lettered (reason ``gateway not allowed``).
+    allowed_gateways: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -114,6 +140,17 @@ class BridgeConfig:
                 raise ConfigError(f"{field_name}: must be a positive number of seconds, got {value!r}")
         if self.retry_max_s < self.retry_initial_s:
             raise ConfigError("retry_max_s must be >= retry_initial_s")
+        if (self.mqtt_cert is None) != (self.mqtt_key is None):
+            raise ConfigError("mqtt_cert and mqtt_key: give both or neither")
+        if self.allowed_gateways is not None:
+            if isinstance(self.allowed_gateways, str):
+                object.__setattr__(self, "allowed_gateways",
+                                   tuple(g.strip() for g in self.allowed_gateways.split(",") if g.strip()))
+            for gateway in self.allowed_gateways:
+                try:
+                    topics.check_id(gateway, "gateway")
+                except CodecError as exc:
+                    raise ConfigError(f"allowed_gateways: {exc}") from None
 
     #: The Kafka topics the bridge writes to (validated alike, checked at start-up).
     TOPIC_FIELDS = ("readings_topic", "status_topic", "deadletter_topic")
@@ -150,6 +187,17 @@ class BridgeConfig:
             servers.append(f"{host}:{port}")
         return servers
 
+    def mqtt_auth(self) -> dict[str, Any]:
+        """Session keyword arguments (username, password, tls) for the cloud broker."""
+        auth: dict[str, Any] = {"username": self.mqtt_username, "password": self.mqtt_password}
+        if self.mqtt_tls or self.mqtt_ca or self.mqtt_cert:
+            auth["tls"] = client_context(self.mqtt_ca, self.mqtt_cert, self.mqtt_key, what="cloud broker")
+        return auth
+
+    def secrets(self) -> list[str]:
+        """Every secret value in this config, for the log filter."""
+        return [s for s in (self.mqtt_password, self.kafka_security.sasl_password) if s]
+
     def with_(self, **changes: Any) -> "BridgeConfig":
         """A copy with some fields changed (validated again)."""
         return replace(self, **changes)
@@ -166,10 +214,21 @@ class BridgeConfig:
             ("TERN_KAFKA_STATUS_TOPIC", "status_topic"),
             ("TERN_KAFKA_DEADLETTER", "deadletter_topic"),
             ("TERN_BRIDGE_NAME", "name"),
+            ("TERN_BRIDGE_MQTT_USERNAME", "mqtt_username"),
+            ("TERN_BRIDGE_MQTT_CA", "mqtt_ca"),
+            ("TERN_BRIDGE_MQTT_CERT", "mqtt_cert"),
+            ("TERN_BRIDGE_MQTT_KEY", "mqtt_key"),
+            ("TERN_BRIDGE_ALLOWED_GATEWAYS", "allowed_gateways"),
         ):
             value = env.get(var, "").strip()
             if value:
                 values[field_name] = value
+        password_file = env.get("TERN_BRIDGE_MQTT_PASSWORD_FILE", "").strip()
+        if password_file:
+            values["mqtt_password"] = _read_secret(password_file, "TERN_BRIDGE_MQTT_PASSWORD_FILE")
+        if any(name.startswith("TERN_KAFKA_S") or name in ("TERN_KAFKA_CA", "TERN_KAFKA_CERT", "TERN_KAFKA_KEY")
+               for name in env):
+            values["kafka_security"] = KafkaSecurity.from_env(env)
         known = {f.name for f in fields(cls)}
         unknown = set(overrides) - known
         if unknown:

@@ -46,6 +46,7 @@ class KafkaSink:
             linger_ms=cfg.linger_ms,
             max_batch_size=cfg.max_batch_bytes,
             request_timeout_ms=cfg.request_timeout_ms,
+            **cfg.kafka_security.aiokafka_options(),
         )
         what = "connect"
         try:

@@ -33,12 +33,33 @@ class CheckResult:
         return f"{'ok  ' if self.ok else 'FAIL'} {self.name}: {self.detail}"
 
 
-def check_broker(name: str, address: str, hostport: tuple[str, int], client_id: str, timeout: float) -> CheckResult:
-    """A real CONNECT/CONNACK with the broker at ``hostport``."""
-    why = probe(*hostport, timeout=timeout, client_id=client_id)
+def check_broker(name: str, address: str, hostport: tuple[str, int], client_id: str, timeout: float,
+                 auth: dict | None = None) -> CheckResult:
+    """A real CONNECT/CONNACK with the broker at ``hostport`` (with the gateway's TLS and credentials)."""
+    why = probe(*hostport, timeout=timeout, client_id=client_id, **(auth or {}))
     if why is None:
-        return CheckResult(name, True, f"{address} accepted an MQTT connection")
+        how = " over TLS" if (auth or {}).get("tls") else ""
+        return CheckResult(name, True, f"{address} accepted an MQTT connection{how}")
     return CheckResult(name, False, f"{address}: {why}")
+
+
+def check_local_broker(config: GatewayConfig, timeout: float) -> CheckResult:
+    """The Pi's broker. With an account configured, only anonymous refusal is checked: the
+    broker forces client id = username, so a probe with the gateway's own account would take
+    over (and, as a clean session, discard) the running gateway's persistent session."""
+    client_id = f"tern-gw-{config.gateway_id}-check-{os.getpid()}"
+    if config.local_username is None:
+        return check_broker("local broker", config.local_broker, config.local_hostport, client_id, timeout)
+    config.local_auth()  # the password file is readable (else a ConfigError names it)
+    why = probe(*config.local_hostport, timeout=timeout, client_id=client_id)
+    if why is not None and "not authori" in why.lower():
+        return CheckResult("local broker", True, f"{config.local_broker} answers and refuses anonymous clients; "
+                                                 f"the account {config.local_username!r} is not tried, so the "
+                                                 "running gateway's session is left alone")
+    if why is None:
+        return CheckResult("local broker", False, f"{config.local_broker} accepts anonymous clients: "
+                                                  "any device could speak as any other (see docs/security.md)")
+    return CheckResult("local broker", False, f"{config.local_broker}: {why}")
 
 
 def check_folder(outbox_path: str, min_free_mb: int) -> CheckResult:
@@ -74,8 +95,9 @@ def check_outbox_file(outbox_path: str, config_hint: str) -> CheckResult:
 def run_checks(config: GatewayConfig, config_hint: str = "", timeout: float = 5.0) -> list[CheckResult]:
     """Every check, in order (the brokers are tried even when the outbox fails, and so on)."""
     checks: list[Callable[[], CheckResult]] = [
-        lambda: check_broker("local broker", config.local_broker, config.local_hostport, f"tern-gw-{config.gateway_id}-check-{os.getpid()}", timeout),
-        lambda: check_broker("cloud broker", config.cloud_broker, config.cloud_hostport, f"tern-gw-{config.gateway_id}-check-{os.getpid()}", timeout),
+        lambda: check_local_broker(config, timeout),
+        lambda: check_broker("cloud broker", config.cloud_broker, config.cloud_hostport,
+                             f"tern-gw-{config.gateway_id}-check-{os.getpid()}", timeout, config.cloud_auth()),
         lambda: check_folder(config.outbox_path, config.min_free_mb),
         lambda: check_outbox_file(config.outbox_path, config_hint),
     ]

@@ -27,6 +27,7 @@ from tern.edge.config import GatewayConfig
 from tern.edge.config_file import add_flags
 from tern.edge.outbox import now_ms, open_readonly, summarize
 from tern.core.errors import ConfigError
+from tern.security import redact
 
 PROG = "tern-gateway"
 #: Exit code of a setup a person must fix (config, damaged outbox, failed check).
@@ -65,6 +66,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     config = GatewayConfig.from_args(args)
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Whatever path a secret takes into a log line (an exception text, a URL), it is masked.
+    redact.install(config.secrets())
     # A damaged outbox must stop the service with one line, not crash-loop it.
     problem = repair.inspect(config.outbox_path)
     if problem is not None:

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+from pathlib import Path
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Any, Mapping
 
 from tern.core.errors import CodecError, ConfigError
 from tern.core.hostport import parse_hostport
 from tern.core.topics import check_id
+from tern.security.secret_files import exposure_warning
+from tern.security.tls import client_context
 
 DEFAULT_LOCAL_BROKER = "127.0.0.1:1883"
 DEFAULT_MQTT_PORT = 1883
@@ -100,6 +104,22 @@ class GatewayConfig:
     min_free_mb: int = DEFAULT_MIN_FREE_MB
     log_level: str = "INFO"
 
+    # --- security (docs/security.md): credentials and TLS for both brokers ---
+    #: The gateway's account on the Pi's mosquitto (`tern-gateway devices init` makes it).
+    local_username: str | None = None
+    #: File holding that account's password (mode 0600), e.g. /etc/mosquitto/tern/gateway.secret.
+    local_password_file: str | None = None
+    #: CA file of the cloud broker's certificate: TLS on the uplink (also on with cloud_tls).
+    cloud_ca: str | None = None
+    #: The gateway's client certificate and key (`tern-gateway certs`); common name = gateway id.
+    cloud_cert: str | None = None
+    cloud_key: str | None = None
+    #: TLS against the system's CAs, for a cloud broker with a public certificate.
+    cloud_tls: bool = False
+    #: Username/password on the cloud broker instead of (or as well as) a client certificate.
+    cloud_username: str | None = None
+    cloud_password_file: str | None = None
+
     def __post_init__(self) -> None:
         try:
             check_id(self.gateway_id, "gateway id")
@@ -132,6 +152,18 @@ class GatewayConfig:
         _check_int("min_free_mb", self.min_free_mb, 0, 2**31)
         if self.log_level not in LOG_LEVELS:
             raise ConfigValueError("log_level", f"one of {', '.join(LOG_LEVELS)}", self.log_level)
+        # --- security ---
+        for key in ("local_password_file", "cloud_ca", "cloud_cert", "cloud_key", "cloud_password_file"):
+            value = getattr(self, key)
+            if value is not None and not os.path.isfile(value):
+                raise ConfigValueError(key, "an existing file", value)
+        if (self.cloud_cert is None) != (self.cloud_key is None):
+            raise ConfigValueError("cloud_key" if self.cloud_key is None else "cloud_cert",
+                                   "a client certificate and its key together", None)
+        for user, secret in (("local_username", "local_password_file"), ("cloud_username", "cloud_password_file")):
+            if (getattr(self, user) is None) != (getattr(self, secret) is None):
+                raise ConfigValueError(secret if getattr(self, secret) is None else user,
+                                       f"{user} and {secret} together", None)
 
     @property
     def local_hostport(self) -> tuple[str, int]:
@@ -153,6 +185,37 @@ class GatewayConfig:
         """Stable client id on the cloud broker."""
         return f"tern-gw-{self.gateway_id}-uplink"
 
+    @property
+    def cloud_uses_tls(self) -> bool:
+        """True when the uplink speaks TLS to the cloud broker."""
+        return bool(self.cloud_tls or self.cloud_ca or self.cloud_cert)
+
+    def local_auth(self) -> dict[str, Any]:
+        """Session keyword arguments (username, password) for the Pi's broker."""
+        if self.local_username is None:
+            return {}
+        return {"username": self.local_username,
+                "password": read_secret(self.local_password_file, "local_password_file")}
+
+    def cloud_auth(self) -> dict[str, Any]:
+        """Session keyword arguments (username, password, tls) for the cloud broker."""
+        auth: dict[str, Any] = {}
+        if self.cloud_username is not None:
+            auth.update(username=self.cloud_username,
+                        password=read_secret(self.cloud_password_file, "cloud_password_file"))
+        if self.cloud_uses_tls:
+            auth["tls"] = client_context(self.cloud_ca, self.cloud_cert, self.cloud_key, what="cloud broker")
+        return auth
+
+    def secrets(self) -> list[str]:
+        """Every secret value this config gives access to, for the log filter."""
+        found = []
+        for key in ("local_password_file", "cloud_password_file"):
+            path = getattr(self, key)
+            if path is not None:
+                found.append(read_secret(path, key))
+        return found
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> "GatewayConfig":
         """Build from ``TERN_*`` environment variables; keyword ``overrides`` (by field name) win over them."""
@@ -167,6 +230,18 @@ class GatewayConfig:
         from tern.edge.config_file import flag_values, resolve
 
         return resolve(path=getattr(args, "config", None), env=env, flags=flag_values(args))
+
+
+def read_secret(path: str | None, key: str) -> str:
+    """The secret in ``path`` (one line); warns once on stderr when others can read the file."""
+    assert path is not None
+    warning = exposure_warning(Path(path))
+    if warning:
+        print(warning, file=sys.stderr)
+    try:
+        return Path(path).read_text().strip()
+    except OSError as exc:
+        raise ConfigValueError(key, "a readable file", path, exc.strerror or str(exc)) from None
 
 
 def env_name(key: str) -> str:

@@ -114,6 +114,7 @@ class Ingest:
             broker=f"the local broker {config.local_broker}",
             lost_hint="paho reconnects",
             logger=log,
+            **config.local_auth(),
         )
         self.client = self.session.client
 

@@ -71,6 +71,7 @@ class Uplink:
             broker=f"the cloud broker {config.cloud_broker}",
             lost_hint="readings accumulate in the outbox",
             logger=log,
+            **config.cloud_auth(),
         )
         self.client = self.session.client
 

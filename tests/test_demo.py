@@ -19,6 +19,10 @@ def test_short_demo_reports_zero_missing(tmp_path: Path) -> None:
     assert proc.returncode == 0, out[-3000:]
     assert "Summary: readings per node" in out, out[-3000:]
     assert "0 missing" in out
+    # The demo runs the secured setup: accounts and ACLs on the Pi broker, mutual TLS to the cloud.
+    assert "secured: per-device accounts" in out
+    assert "allow_anonymous false" in (tmp_path / "pi-mosquitto" / "mosquitto.conf").read_text()
+    assert "require_certificate true" in (tmp_path / "cloud-mosquitto" / "mosquitto.conf").read_text()
     # Each node published in 6 s at 5 Hz: the summary rows carry real counts, not zeros.
     summary = out.split("Summary: readings per node", 1)[1]
     rows = [line for line in summary.splitlines() if line.strip().startswith("│ node-")]

@@ -79,6 +79,7 @@ class PersistentSession:
         max_inflight: int = 100,
         username: str | None = None,
         password: str | None = None,
+        tls: ssl.SSLContext | None = None,
         name: str = "mqtt",
         broker: str | None = None,
         lost_hint: str = "paho reconnects",
@@ -123,6 +124,8 @@ class PersistentSession:
         )
         if username:
             self.client.username_pw_set(username, password)
+        if tls is not None:
+            self.client.tls_set_context(tls)
         # paho's default of 20 in-flight QoS 1 messages caps throughput (near 460 msg/s on
         # the gateway) and makes small outgoing acks/confirms queue behind each other.
         self.client.max_inflight_messages_set(max_inflight)
@@ -317,6 +320,7 @@ def probe(
     client_id: str = "",
     username: str | None = None,
     password: str | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> str | None:
     """One real MQTT handshake (CONNECT, wait for CONNACK), then disconnect: None if the broker
     accepted it, else why not.
@@ -329,6 +333,8 @@ def probe(
     )
     if username:
         client.username_pw_set(username, password)
+    if tls is not None:
+        client.tls_set_context(tls)
     client.connect_timeout = timeout
     answer: list[Any] = []
     client.on_connect = lambda c, u, flags, rc, props: answer.append(rc)

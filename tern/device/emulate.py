@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 import types
 from types import TracebackType
-from typing import Any
+from typing import Any, Callable
 
 from tern.core.errors import ConfigError, TernError
 from tern.toolchain import micropython_binary, repo_root, umqtt_path
@@ -346,14 +346,19 @@ class EmulatedNode:
 class Fleet:
     """N emulated nodes ``<prefix>-1 .. <prefix>-N``, each in ``workdir/<name>``."""
 
-    def __init__(self, workdir: Path, count: int = 3, *, broker: str, site: str, prefix: str = "node", **node_kwargs: Any) -> None:
+    def __init__(self, workdir: Path, count: int = 3, *, broker: str, site: str, prefix: str = "node",
+                 per_node: Callable[[str], dict] | None = None, **node_kwargs: Any) -> None:
+        """``per_node(device)`` adds config keys of that node's own (its credentials)."""
         if count < 1:
             raise ConfigError("a fleet needs at least one node")
         self.workdir = Path(workdir)
-        self.nodes = [
-            EmulatedNode(self.workdir / f"{prefix}-{i}", device=f"{prefix}-{i}", site=site, broker=broker, **node_kwargs)
-            for i in range(1, count + 1)
-        ]
+        self.nodes = []
+        for i in range(1, count + 1):
+            device = f"{prefix}-{i}"
+            kwargs = dict(node_kwargs)
+            if per_node is not None:
+                kwargs["extra_config"] = {**(kwargs.get("extra_config") or {}), **per_node(device)}
+            self.nodes.append(EmulatedNode(self.workdir / device, device=device, site=site, broker=broker, **kwargs))
 
     def start(self) -> "Fleet":
         """Start every node."""

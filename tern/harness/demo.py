@@ -26,6 +26,7 @@ from rich.table import Table
 from tern.core import topics
 from tern.core.errors import TernError
 from tern.harness.observe import BrokerObserver, KafkaTail, reconcile
+from tern.harness.secure import SecureSite
 from tern.harness.stack import Mosquitto, Tansu, ensure_topics, kafka_bootstrap_from_env
 
 console = Console()
@@ -51,6 +52,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workdir", type=Path, help="where brokers, outbox and node flash live (default: a temp dir)")
     parser.add_argument("--site", default="demo-site")
     parser.add_argument("--gateway-id", default="pi-gw-1")
+    parser.add_argument("--insecure", action="store_true",
+                        help="open brokers: no accounts, no ACLs, no TLS (default: secured, see docs/security.md)")
     args = parser.parse_args(argv)
     if not 1 <= args.nodes <= 100:
         parser.error("--nodes must be between 1 and 100")
@@ -127,11 +130,23 @@ def run(args: argparse.Namespace) -> int:
         nonlocal stopping
         stopping = True
 
+    node_secrets: dict[str, dict] = {}
     with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="tern-demo-") as tmp:
         workdir = args.workdir or Path(tmp)
         console.print(f"[bold]Tern demo[/]: {args.nodes} emulated nodes → Pi mosquitto → gateway → cloud mosquitto → bridge → Kafka")
-        pi_broker = stack.enter_context(Mosquitto(workdir / "pi-mosquitto"))
-        cloud_broker = stack.enter_context(Mosquitto(workdir / "cloud-mosquitto"))
+        if args.insecure:
+            secure = None
+            pi_broker = stack.enter_context(Mosquitto(workdir / "pi-mosquitto"))
+            cloud_broker = stack.enter_context(Mosquitto(workdir / "cloud-mosquitto"))
+        else:
+            # Accounts, certificates and broker configs made by Tern's own tools, as on a site.
+            secure = SecureSite(workdir / "security", args.site, args.gateway_id, bridges=("demo",))
+            for i in range(1, args.nodes + 1):
+                node_secrets[f"node-{i}"] = secure.add_node(f"node-{i}")
+            pi_broker = stack.enter_context(secure.pi_broker(workdir / "pi-mosquitto"))
+            cloud_broker = stack.enter_context(secure.cloud_broker(workdir / "cloud-mosquitto"))
+            console.print("secured: per-device accounts and ACL on the Pi broker, anonymous off; "
+                          "mutual TLS and the cloud ACL on the cloud broker")
         bootstrap = kafka_bootstrap_from_env()
         if bootstrap:
             # A shared cluster may hold earlier runs: a topic of our own keeps the summary honest.
@@ -154,6 +169,7 @@ def run(args: argparse.Namespace) -> int:
                     local_broker=pi_broker.address,
                     cloud_broker=cloud_broker.address,
                     outbox_path=workdir / "outbox.db",
+                    **(secure.gateway_settings() if secure else {}),
                 )
             )
         )
@@ -165,10 +181,16 @@ def run(args: argparse.Namespace) -> int:
                     kafka_bootstrap=bootstrap,
                     readings_topic=kafka_topic,
                     status_topic=status_topic,
+                    **(secure.bridge_settings("demo") if secure else {}),
                 )
             )
         )
-        observer = BrokerObserver(pi_broker.host, pi_broker.port).start()
+        if secure:
+            user, password = secure.monitor_credentials()
+            observer = BrokerObserver(pi_broker.host, pi_broker.port, client_id=user, username=user,
+                                      password=password).start()
+        else:
+            observer = BrokerObserver(pi_broker.host, pi_broker.port).start()
         stack.callback(observer.stop)
         tail = KafkaTail(bootstrap, kafka_topic).start()
         stack.callback(tail.stop)
@@ -180,6 +202,7 @@ def run(args: argparse.Namespace) -> int:
             broker=pi_broker.address,
             interval_ms=args.interval_ms,
             sensors=DEMO_SENSORS,
+            per_node=lambda device: node_secrets.get(device, {}),
         )
         stack.callback(fleet.stop_all)
         previous = signal.signal(signal.SIGINT, interrupt)

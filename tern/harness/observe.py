@@ -27,13 +27,16 @@ class BrokerObserver:
     not for production monitoring.
     """
 
-    def __init__(self, host: str, port: int, client_id: str = "tern-observer") -> None:
+    def __init__(self, host: str, port: int, client_id: str = "tern-observer",
+                 username: str | None = None, password: str | None = None) -> None:
         self._lock = threading.Lock()
         self.sent: dict[str, list[codec.Reading]] = defaultdict(list)
         self.status: dict[str, codec.Status] = {}
         self.rejected = 0
         self._connected = threading.Event()
         self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id)
+        if username is not None:
+            self._client.username_pw_set(username, password)
         self._client.on_connect = self._on_connect
         self._client.on_message = self._on_message
         self._host, self._port = host, port

@@ -162,10 +162,14 @@ class Mosquitto(ManagedProcess):
         extra_conf: str = "",
         auth_folder: Path | None = None,
         tls: BrokerTls | None = None,
+        acl_file: Path | None = None,
     ) -> None:
         super().__init__(workdir)
+        #: A tern.security DeviceAuth folder: password file, ACL, anonymous access off.
         self.auth_folder = auth_folder
         self.tls = tls
+        #: An ACL without a password file (clients known by certificate); anonymous access off.
+        self.acl_file = acl_file
         self.host = LOOPBACK
         self.port = port or free_port()
         self.persistence = persistence
@@ -183,7 +187,7 @@ class Mosquitto(ManagedProcess):
         lines = [
             f"listener {self.port} {self.host}",
             *(self.tls.listener_lines() if self.tls else []),
-            "allow_anonymous true" if self.auth_folder is None else mosquitto_conf(self.auth_folder).rstrip(),
+            *self._auth_lines(),
             f"persistence {'true' if self.persistence else 'false'}",
             f"persistence_location {self.workdir}/",
             f"max_queued_messages {self.max_queued_messages}",
@@ -205,6 +209,13 @@ class Mosquitto(ManagedProcess):
         if self.extra_conf:
             lines.append(self.extra_conf)
         return "\n".join(lines) + "\n"
+
+    def _auth_lines(self) -> list[str]:
+        if self.auth_folder is not None:
+            return mosquitto_conf(self.auth_folder).splitlines()
+        if self.acl_file is not None:
+            return ["allow_anonymous false", f"acl_file {self.acl_file}"]
+        return ["allow_anonymous true"]
 
     def reload(self) -> None:
         """SIGHUP: mosquitto re-reads its password file and ACL (as ``systemctl reload`` does)."""

@@ -141,6 +141,20 @@ class DeviceAuth:
         self._save(reg, hashes)
         return password
 
+    def set_monitor(self, user: str, password: str | None = None) -> str:
+        """Create (or re-key) a read-only account for dashboards and tools; returns its password."""
+        check_id(user, "monitor user")
+        reg, hashes = self._load(), read_password_file(self.passwd_path)
+        if user in reg["devices"] or user == reg.get("gateway_user"):
+            raise AuthError(f"{user!r} is already an account of another kind")
+        password = password or new_password()
+        monitors = set(reg.get("monitors", []))
+        monitors.add(user)
+        reg["monitors"] = sorted(monitors)
+        hashes[user] = hash_password(password)
+        self._save(reg, hashes)
+        return password
+
     def remove_device(self, device: str) -> None:
         """Remove ``device``: its account and ACL entries go; it is refused at its next connect."""
         reg, hashes = self._load(), read_password_file(self.passwd_path)
@@ -157,6 +171,8 @@ def render_acl(registry: dict) -> str:
     gw = registry.get("gateway_user")
     if gw:
         lines += [f"user {gw}", "topic read tern/#", "topic write tern/+/+/ack", ""]
+    for monitor in registry.get("monitors", []):
+        lines += [f"user {monitor}", "topic read tern/#", ""]
     for device, entry in sorted(registry["devices"].items()):
         site = entry["site"]
         lines += [
