@@ -294,3 +294,25 @@ def test_a_command_the_broker_never_took_is_not_committed_and_is_routed_by_the_n
     finally:
         router.stop()
         gw.close()
+
+
+def test_the_command_cli_writes_a_command_and_waits_for_its_outcome(
+    setup, mosquitto: Mosquitto, kafka_bootstrap: str, capsys
+) -> None:
+    from tern.cloud.cli import main as cli_main
+
+    config, settings = setup
+    router = RouterThread(config, settings, mosquitto)
+    try:
+        # No gateway has reported dev-q: the router rejects it, and --wait prints that.
+        code = cli_main(["command", "dev-q", "set_interval", "s=5", "fast=true", "--id", "c-cli",
+                         "--kafka", kafka_bootstrap, "--topic", settings.commands_topic,
+                         "--results-topic", settings.results_topic, "--wait", "20"])
+        lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert lines[0] == {"id": "c-cli", "device": "dev-q", "name": "set_interval", "sent": True}
+        assert lines[-1]["outcome"] == "rejected" and "no gateway" in lines[-1]["detail"]
+        assert code == 1
+    finally:
+        router.stop()
+    assert cli_main(["command", "dev-q", "Bad Name", "--kafka", kafka_bootstrap]) == 2
+    assert "invalid command name" in capsys.readouterr().err
