@@ -2,6 +2,7 @@
 
     tern-bridge run --mqtt 127.0.0.1:1884 --kafka 127.0.0.1:9092 [--topic tern.readings]
     tern-bridge consume --kafka 127.0.0.1:9092 --topic tern.readings [--from-beginning] [--max N]
+    tern-bridge command DEVICE NAME [ARG=VALUE ...] [--wait S]
 
 Unset options fall back to the environment (TERN_CLOUD_BROKER, KAFKA_BOOTSTRAP,
 TERN_KAFKA_TOPIC, TERN_KAFKA_STATUS_TOPIC, ...). A bad setting prints one line and exits with status 2; a broker that
@@ -48,6 +49,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     consume.add_argument("--max", type=int, default=None, metavar="N", help="stop after N records")
     consume.add_argument("--timeout", type=float, default=10.0, metavar="S", help="give up after S seconds")
+
+    from tern.cloud import command_cli
+
+    command_cli.add_parser(sub)
     return parser
 
 
@@ -57,6 +62,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _run(args)
+        if args.command == "command":
+            from tern.cloud import command_cli
+
+            return command_cli.run(args)
         return _consume(args)
     except ConfigError as exc:
         print(f"tern-bridge: configuration error: {exc}", file=sys.stderr)

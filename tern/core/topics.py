@@ -5,11 +5,14 @@ Node side (the Pi's local broker), one set of topics per device::
     tern/<site>/<device>/telemetry   node -> gateway, QoS 1, one reading per message
     tern/<site>/<device>/status      retained; birth ("online") and last will ("offline")
     tern/<site>/<device>/ack         gateway -> node, QoS 1: readings up to seq are in the outbox
+    tern/<site>/<device>/cmd         gateway -> node, QoS 1: a command (see tern.core.commands)
+    tern/<site>/<device>/reply       node -> gateway, QoS 1: the node's answer to a command
 
 Gateway side (the cloud broker), one set of topics per gateway::
 
     tern-gw/<gateway>/batch          gateway -> bridge, QoS 1, a compressed batch envelope
     tern-gw/<gateway>/confirm        bridge -> gateway, QoS 1: batch bseq is in Kafka
+    tern-gw/<gateway>/cmd            bridge -> gateway, QoS 1: a command for one of its nodes
 
 The firmware spells the node topics itself (it cannot import this module); the contract
 tests check that it spells them the same way.
@@ -28,15 +31,20 @@ GATEWAY_ROOT = "tern-gw"
 TELEMETRY = "telemetry"
 STATUS = "status"
 ACK = "ack"
-NODE_KINDS = (TELEMETRY, STATUS, ACK)
+COMMAND = "cmd"
+REPLY = "reply"
+NODE_KINDS = (TELEMETRY, STATUS, ACK, COMMAND, REPLY)
 
 TELEMETRY_FILTER = f"{ROOT}/+/+/{TELEMETRY}"
 STATUS_FILTER = f"{ROOT}/+/+/{STATUS}"
+REPLY_FILTER = f"{ROOT}/+/+/{REPLY}"
 BATCH_FILTER = f"{GATEWAY_ROOT}/+/batch"
 
 KAFKA_READINGS = "tern.readings"
 KAFKA_STATUS = "tern.status"
 KAFKA_DEADLETTER = "tern.deadletter"
+KAFKA_COMMANDS = "tern.commands"
+KAFKA_COMMAND_RESULTS = "tern.command-results"
 
 # Ids become MQTT topic levels, Kafka keys and ACL patterns: keep them to a safe alphabet
 # so that no id can smuggle a wildcard, a level separator or a control character.
@@ -80,6 +88,16 @@ def ack_topic(site: str, device: str) -> str:
     return node_topic(site, device, ACK)
 
 
+def command_topic(site: str, device: str) -> str:
+    """Topic the gateway hands a node its commands on."""
+    return node_topic(site, device, COMMAND)
+
+
+def reply_topic(site: str, device: str) -> str:
+    """Topic a node answers its commands on."""
+    return node_topic(site, device, REPLY)
+
+
 def parse_node_topic(topic: str) -> NodeTopic:
     """Split a per-device topic, raising CodecError for anything else."""
     parts = topic.split("/")
@@ -104,3 +122,8 @@ def parse_batch_topic(topic: str) -> str:
     if len(parts) != 3 or parts[0] != GATEWAY_ROOT or parts[2] != "batch":
         raise CodecError(f"not a tern batch topic: {topic!r}")
     return check_id(parts[1], "gateway")
+
+
+def gateway_command_topic(gateway: str) -> str:
+    """Topic the bridge hands a gateway the commands for its nodes on (cloud broker)."""
+    return f"{GATEWAY_ROOT}/{check_id(gateway, 'gateway')}/cmd"
