@@ -112,7 +112,7 @@ class Ingest:
             reconnect_max_s=config.reconnect_max_s,
             name="ingest",
             broker=f"the local broker {config.local_broker}",
-            lost_hint="paho reconnects",
+            lost_hint="nodes keep their readings until it is back; what the outbox holds still goes to the cloud",
             logger=log,
             **config.local_auth(),
         )
