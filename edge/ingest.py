@@ -32,6 +32,7 @@ from tern.edge.outbox import DeadLetter, Outbox, now_ms
 from tern.core import codec, topics
 from tern.core.codec import NodeAck, Reading, StatusEvent
 from tern.core.mqtt_session import PersistentSession
+from tern.core.quoting import describe, quote, shorten
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +69,11 @@ def decode(topic: str, payload: bytes, received_ms: int = 0) -> Decoded:
             return StatusEvent.from_status(status, where.site)
         raise codec.CodecError(f"not a telemetry or status topic: {topic!r}")
     except codec.CodecError as exc:
-        return DeadLetter(topic=topic, payload=payload, error=str(exc), received_ms=received_ms)
+        # Shortened: the error quotes what it rejects, and that may be a 65,000-character topic.
+        return DeadLetter(topic=topic, payload=payload, error=describe(exc, 1000), received_ms=received_ms)
     except Exception as exc:  # a decoder bug must cost one message a dead letter, not the gateway
-        log.exception("unexpected error decoding %r", topic)
-        return DeadLetter(topic=topic, payload=payload, error=f"internal error: {exc!r}", received_ms=received_ms)
+        log.exception("unexpected error decoding %s", quote(topic))
+        return DeadLetter(topic=topic, payload=payload, error=f"internal error: {describe(exc, 1000)}", received_ms=received_ms)
 
 
 class Ingest:
@@ -220,7 +222,7 @@ class Ingest:
         del held[:count]
         acks = self._send_node_acks(readings)
         for letter in letters:
-            log.warning("dead letter from %r: %s", letter.topic, letter.error)
+            log.warning("dead letter from %s: %s", quote(letter.topic), shorten(letter.error, 300))
         with self._lock:
             self._counts["processed"] += count
             self._counts["committed"] += result.inserted

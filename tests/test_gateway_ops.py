@@ -307,3 +307,125 @@ def test_a_file_that_is_not_sqlite_is_refused_and_set_aside(tmp_path):
     assert repair.inspect(outbox) is None
     with Outbox(outbox) as box:
         assert box.pending() == 0
+
+
+# --- bounded log lines ----------------------------------------------------------------------
+
+
+class Records(logging.Handler):
+    """Every record logged under ``tern`` while installed, rendered as the handler would."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+        self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+@pytest.fixture
+def records():
+    handler = Records()
+    logger = logging.getLogger("tern")
+    old = logger.level
+    logger.setLevel(logging.DEBUG)
+    logger.addHandler(handler)
+    yield handler
+    logger.removeHandler(handler)
+    logger.setLevel(old)
+
+
+LONG = "x" * 65_000
+
+
+def test_a_65000_character_topic_makes_one_short_log_line_and_a_whole_dead_letter(mosquitto_factory, tmp_path, records):
+    from test_gateway import dead_letters, new_client
+
+    local, cloud = mosquitto_factory("local"), mosquitto_factory("cloud")
+    outbox = tmp_path / "gw" / "outbox.db"
+    cfg = GatewayConfig(gateway_id=GW, local_broker=local.address, cloud_broker=cloud.address, outbox_path=outbox)
+    with Gateway(cfg) as gw:
+        assert gw.wait_connected(DEADLINE)
+        node = new_client()
+        node.connect(local.host, local.port)
+        node.loop_start()
+        try:
+            # A device id far over the 64-character limit, and a payload that is no JSON.
+            for topic, payload in ((f"tern/{SITE}/{LONG}/telemetry", b"{}"), (f"tern/{SITE}/dev-a/telemetry", LONG.encode())):
+                info = node.publish(topic, payload, qos=1)
+                info.wait_for_publish(DEADLINE)
+                assert info.is_published()
+        finally:
+            node.disconnect()
+            node.loop_stop()
+        wait_until(lambda: gw.stats()["dead_lettered"] == 2, timeout=DEADLINE, what="two dead letters")
+    letters = dead_letters(outbox)
+    # The dead letter keeps the whole topic and payload (that is its point); its error is short.
+    assert {(t, p) for t, p, _ in letters} == {(f"tern/{SITE}/{LONG}/telemetry", b"{}"), (f"tern/{SITE}/dev-a/telemetry", LONG.encode())}
+    assert all(len(error) <= 1100 for _, _, error in letters)
+    said = [line for line in records.lines if "dead letter from" in line]
+    assert len(said) == 2
+    assert any("(65021 chars)" in line for line in said), said  # the topic is quoted, cut, and its size said
+    assert max(len(line) for line in records.lines) < 1000, max(records.lines, key=len)[:300]
+
+
+def test_the_bridge_quotes_a_65000_character_topic_in_one_short_line(mosquitto, kafka_bootstrap, kafka_topics, records):
+    from tern.cloud.bridge import BridgeThread
+    from tern.cloud.consume import read_all
+    from test_bridge import FakeGateway, bridge_config
+
+    topic = f"tern-gw/{LONG}/batch"
+    with BridgeThread(bridge_config(mosquitto, kafka_bootstrap, kafka_topics)):
+        gw = FakeGateway(mosquitto, "gw2")
+        try:
+            gw.publish_raw(topic, b"not zlib at all")
+            dead = read_all(kafka_bootstrap, kafka_topics["deadletter"], timeout_s=20, expect=1)
+        finally:
+            gw.close()
+    assert [r.headers["source_topic"] for r in dead] == [topic.encode()]
+    said = [line for line in records.lines if "dead-lettered" in line]
+    assert len(said) == 1 and "(65014 chars)" in said[0]
+    assert max(len(line) for line in records.lines) < 1000
+
+
+def test_bounded_lines_cut_any_record_the_cli_logs():
+    """The CLIs' safety net (quoting.bound_log_lines) for a log call that forgot to quote."""
+    from tern.core.quoting import BoundedLines
+
+    logger = logging.getLogger("tern.test.bounded")
+    handler = Records()
+    handler.addFilter(BoundedLines(500))
+    logger.addHandler(handler)
+    try:
+        logger.warning("topic %s", LONG)
+        logger.warning("short %s", "one")
+    finally:
+        logger.removeHandler(handler)
+    assert len(handler.lines[0]) < 600 and handler.lines[0].endswith("(65006 chars)")
+    assert handler.lines[1].endswith("short one")
+
+
+def test_a_persisting_condition_is_one_line_per_interval():
+    """The helper a full disk uses: one line at once, one per interval with a count, one at the end."""
+    from tern.core.lograte import Throttled
+
+    clock = [1000.0]
+    logger = logging.getLogger("tern.test.throttled")
+    handler = Records()
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        throttled = Throttled(logger, interval_s=60, clock=lambda: clock[0])
+        for _ in range(150):  # a retry every second for 150 s
+            throttled.log(logging.ERROR, "disk", "outbox disk full: " + LONG)
+            clock[0] += 1
+        assert throttled.active("disk")
+        assert throttled.clear("disk", "outbox disk has room again")
+        assert not throttled.clear("disk", "said once only")
+    finally:
+        logger.removeHandler(handler)
+    assert len(handler.lines) == 4, handler.lines
+    assert "60 times since the last line" in handler.lines[1] and "still so after 60 s" in handler.lines[1]
+    assert handler.lines[3].endswith("outbox disk has room again (after 150 s)")
+    assert all(len(line) < 700 for line in handler.lines)
