@@ -19,6 +19,7 @@ and queues the rest in our session; nodes keep theirs in their rings. Nothing is
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import queue
 import threading
@@ -50,6 +51,8 @@ class _Incoming:
     received_ms: int
     #: The connection it arrived on: a packet id means nothing on any other connection.
     generation: int
+    #: Sent because we subscribed (a retained message), not because someone published now.
+    retain: bool = False
 
 
 Decoded = Reading | StatusEvent | DeadLetter | None
@@ -98,6 +101,7 @@ class Ingest:
             "node_acks": 0,
             "backpressure_events": 0,
             "commit_errors": 0,
+            "dead_letter_repeats": 0,
         }
         self._blocked = False
         self._held = 0
@@ -159,7 +163,9 @@ class Ingest:
     # --- paho's network thread: keep it short ---------------------------------------------
 
     def _on_message(self, msg: mqtt.MQTTMessage) -> None:
-        self._queue.put(_Incoming(msg.topic, bytes(msg.payload), msg.mid, msg.qos, now_ms(), self.session.generation))
+        self._queue.put(
+            _Incoming(msg.topic, bytes(msg.payload), msg.mid, msg.qos, now_ms(), self.session.generation, bool(msg.retain))
+        )
 
     # --- worker --------------------------------------------------------------------------
 
@@ -193,6 +199,8 @@ class Ingest:
         statuses: list[StatusEvent] = []
         letters: list[DeadLetter] = []
         cleared = 0
+        repeats = 0
+        junk: list[tuple[str, str]] = []
         count = 0
         for item in held:
             result = decode(item.topic, item.payload, item.received_ms)
@@ -204,6 +212,8 @@ class Ingest:
                 (readings if isinstance(result, Reading) else statuses).append(result)
             elif result is None:
                 cleared += 1
+            elif self._repeated_junk(item, junk):
+                repeats += 1
             else:
                 letters.append(result)
             count += 1
@@ -214,6 +224,7 @@ class Ingest:
             self.outbox.wait_for_room(0.5)
             return
         result = self.outbox.add(readings, letters, statuses=statuses)
+        self.outbox.remember_junk(junk)
         # Committed: now, and only now, the PUBACKs (in receive order, as MQTT requires).
         # A message from a lost connection is not acked here: the broker re-delivers it on the
         # new one, where the duplicate is ignored by the outbox and acked under its new id.
@@ -231,10 +242,27 @@ class Ingest:
             self._counts["status_committed"] += result.statuses
             self._counts["status_duplicates"] += result.status_duplicates
             self._counts["status_cleared"] += cleared
+            self._counts["dead_letter_repeats"] += repeats
             self._counts["node_acks"] += acks
         self._note_blocked(full)
         if (result.inserted or result.statuses) and self._on_commit is not None:
             self._on_commit()
+
+    @staticmethod
+    def _junk_key(item: _Incoming) -> tuple[str, str]:
+        return item.topic, hashlib.sha256(item.payload).hexdigest()
+
+    def _repeated_junk(self, item: _Incoming, junk: list[tuple[str, str]]) -> bool:
+        """True for a retained message already dead-lettered (re-delivered by a subscribe):
+        acked, counted, not stored again. Junk on a status topic (always retained by nodes)
+        or delivered as retained is noted in ``junk`` to be remembered once committed."""
+        if not (item.retain or item.topic.endswith("/" + topics.STATUS)):
+            return False
+        key = self._junk_key(item)
+        if item.retain and (key in junk or self.outbox.known_junk(*key)):
+            return True
+        junk.append(key)
+        return False
 
     def _send_node_acks(self, readings: list[Reading]) -> int:
         """One QoS 1 ack per (device, boot) in the group, for the highest seq committed.

@@ -429,3 +429,58 @@ def test_a_persisting_condition_is_one_line_per_interval():
     assert "60 times since the last line" in handler.lines[1] and "still so after 60 s" in handler.lines[1]
     assert handler.lines[3].endswith("outbox disk has room again (after 150 s)")
     assert all(len(line) < 700 for line in handler.lines)
+
+
+# --- retained junk ----------------------------------------------------------------------------
+
+
+def test_retained_junk_status_is_dead_lettered_once_over_reconnects_and_new_gateways(mosquitto_factory, tmp_path):
+    from test_gateway import dead_letters, new_client
+
+    local, cloud = mosquitto_factory("local"), mosquitto_factory("cloud")
+    outbox = tmp_path / "gw" / "outbox.db"
+    topic = f"tern/{SITE}/dev-j/status"
+    node = new_client()
+    node.connect(local.host, local.port)
+    node.loop_start()
+
+    def publish(payload: bytes) -> None:
+        info = node.publish(topic, payload, qos=1, retain=True)
+        info.wait_for_publish(DEADLINE)
+        assert info.is_published()
+
+    try:
+        publish(b"not json at all")
+        cfg = GatewayConfig(gateway_id=GW, local_broker=local.address, cloud_broker=cloud.address, outbox_path=outbox,
+                            reconnect_max_s=1.0)
+        with Gateway(cfg) as gw:
+            assert gw.wait_connected(DEADLINE)
+            wait_until(lambda: gw.stats()["dead_lettered"] == 1, timeout=DEADLINE, what="the junk dead-lettered")
+            # A reconnect: the local broker restarts, the gateway subscribes again and the
+            # broker re-delivers the retained junk.
+            local.stop()
+            local.start()
+            wait_until(lambda: gw.stats()["dead_letter_repeats"] == 1, timeout=DEADLINE, what="the re-delivery seen")
+            assert gw.stats()["dead_lettered"] == 1
+        # Each new gateway run subscribes again (and its session's queue is empty).
+        for run in (2, 3):
+            with Gateway(cfg) as gw:
+                assert gw.wait_connected(DEADLINE)
+                wait_until(lambda: gw.stats()["dead_letter_repeats"] == 1, timeout=DEADLINE, what=f"run {run} saw the junk")
+                assert gw.stats()["dead_lettered"] == 0
+        # Different junk on the same topic is new evidence: stored (once).
+        with Gateway(cfg) as gw:
+            assert gw.wait_connected(DEADLINE)
+            wait_until(lambda: gw.stats()["dead_letter_repeats"] == 1, timeout=DEADLINE, what="the old junk seen")
+            publish(b"{other junk")
+            wait_until(lambda: gw.stats()["dead_lettered"] == 1, timeout=DEADLINE, what="the new junk dead-lettered")
+        with Gateway(cfg) as gw:
+            assert gw.wait_connected(DEADLINE)
+            wait_until(lambda: gw.stats()["dead_letter_repeats"] == 1, timeout=DEADLINE, what="the new junk seen again")
+            assert gw.stats()["dead_lettered"] == 0
+    finally:
+        node.disconnect()
+        node.loop_stop()
+    assert [(t, p) for t, p, _ in dead_letters(outbox)] == [(topic, b"not json at all"), (topic, b"{other junk")]
+    with sqlite3.connect(outbox) as conn:
+        assert conn.execute("SELECT topic, repeats FROM retained_junk").fetchall() == [(topic, 1)]
