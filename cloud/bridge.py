@@ -37,6 +37,7 @@ from tern.cloud.kafka_sink import KafkaSink, KafkaWriteError
 from tern.core import codec, topics
 from tern.core.errors import CodecError, TernError
 from tern.core.mqtt_session import PersistentSession
+from tern.core.quoting import describe, quote
 
 log = logging.getLogger("tern.bridge")
 
@@ -290,7 +291,7 @@ class Bridge:
         except CodecError as exc:
             await self._write_with_retry(delivery, [self._deadletter_record(delivery, str(exc))])
             self._counters["deadlettered"] += 1
-            log.warning("dead-lettered %d bytes from %s: %s", len(delivery.payload), delivery.topic, exc)
+            log.warning("dead-lettered %d bytes from %s: %s", len(delivery.payload), quote(delivery.topic), describe(exc))
             self._ack(delivery)
             return
         now = _now_ms()
@@ -321,7 +322,7 @@ class Bridge:
                 return
             except KafkaWriteError as exc:
                 self._counters["kafka_failures"] += 1
-                log.warning("Kafka write of %d records from %s failed (%s); retrying in %.1f s", len(records), delivery.topic, exc, delay)
+                log.warning("Kafka write of %d records from %s failed (%s); retrying in %.1f s", len(records), quote(delivery.topic), describe(exc), delay)
             await asyncio.sleep(delay)
             self._counters["retries"] += 1
             delay = min(delay * 2, self.config.retry_max_s)

@@ -18,6 +18,7 @@ import signal
 import sys
 from typing import Sequence
 
+from tern.core import quoting
 from tern.core.errors import ConfigError, TernError
 from tern.security import redact
 
@@ -98,6 +99,8 @@ def _run(args: argparse.Namespace) -> int:
         logging.getLogger("aiokafka").setLevel(logging.WARNING)
     # Whatever path a secret takes into a log line (an exception text, a URL), it is masked.
     redact.install(config.secrets())
+    # Untrusted input (topics, payloads) never makes a line longer than a few KB.
+    quoting.bound_log_lines()
 
     async def main() -> None:
         stop = asyncio.Event()

@@ -22,6 +22,7 @@ import sqlite3
 import sys
 from typing import Sequence
 
+from tern.core import quoting
 from tern.edge import accounts
 from tern.edge.config import GatewayConfig
 from tern.edge.config_file import add_flags
@@ -68,6 +69,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Whatever path a secret takes into a log line (an exception text, a URL), it is masked.
     redact.install(config.secrets())
+    # Untrusted input (topics, payloads) never makes a line longer than a few KB.
+    quoting.bound_log_lines()
     # A damaged outbox must stop the service with one line, not crash-loop it.
     problem = repair.inspect(config.outbox_path)
     if problem is not None:

@@ -19,6 +19,7 @@ and queues the rest in our session; nodes keep theirs in their rings. Nothing is
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import queue
 import threading
@@ -32,6 +33,7 @@ from tern.edge.outbox import DeadLetter, Outbox, now_ms
 from tern.core import codec, topics
 from tern.core.codec import NodeAck, Reading, StatusEvent
 from tern.core.mqtt_session import PersistentSession
+from tern.core.quoting import describe, quote, shorten
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,8 @@ class _Incoming:
     received_ms: int
     #: The connection it arrived on: a packet id means nothing on any other connection.
     generation: int
+    #: Sent because we subscribed (a retained message), not because someone published now.
+    retain: bool = False
 
 
 Decoded = Reading | StatusEvent | DeadLetter | None
@@ -68,10 +72,11 @@ def decode(topic: str, payload: bytes, received_ms: int = 0) -> Decoded:
             return StatusEvent.from_status(status, where.site)
         raise codec.CodecError(f"not a telemetry or status topic: {topic!r}")
     except codec.CodecError as exc:
-        return DeadLetter(topic=topic, payload=payload, error=str(exc), received_ms=received_ms)
+        # Shortened: the error quotes what it rejects, and that may be a 65,000-character topic.
+        return DeadLetter(topic=topic, payload=payload, error=describe(exc, 1000), received_ms=received_ms)
     except Exception as exc:  # a decoder bug must cost one message a dead letter, not the gateway
-        log.exception("unexpected error decoding %r", topic)
-        return DeadLetter(topic=topic, payload=payload, error=f"internal error: {exc!r}", received_ms=received_ms)
+        log.exception("unexpected error decoding %s", quote(topic))
+        return DeadLetter(topic=topic, payload=payload, error=f"internal error: {describe(exc, 1000)}", received_ms=received_ms)
 
 
 class Ingest:
@@ -96,6 +101,7 @@ class Ingest:
             "node_acks": 0,
             "backpressure_events": 0,
             "commit_errors": 0,
+            "dead_letter_repeats": 0,
         }
         self._blocked = False
         self._held = 0
@@ -112,7 +118,7 @@ class Ingest:
             reconnect_max_s=config.reconnect_max_s,
             name="ingest",
             broker=f"the local broker {config.local_broker}",
-            lost_hint="paho reconnects",
+            lost_hint="nodes keep their readings until it is back; what the outbox holds still goes to the cloud",
             logger=log,
             **config.local_auth(),
         )
@@ -157,7 +163,9 @@ class Ingest:
     # --- paho's network thread: keep it short ---------------------------------------------
 
     def _on_message(self, msg: mqtt.MQTTMessage) -> None:
-        self._queue.put(_Incoming(msg.topic, bytes(msg.payload), msg.mid, msg.qos, now_ms(), self.session.generation))
+        self._queue.put(
+            _Incoming(msg.topic, bytes(msg.payload), msg.mid, msg.qos, now_ms(), self.session.generation, bool(msg.retain))
+        )
 
     # --- worker --------------------------------------------------------------------------
 
@@ -191,6 +199,8 @@ class Ingest:
         statuses: list[StatusEvent] = []
         letters: list[DeadLetter] = []
         cleared = 0
+        repeats = 0
+        junk: list[tuple[str, str]] = []
         count = 0
         for item in held:
             result = decode(item.topic, item.payload, item.received_ms)
@@ -202,6 +212,8 @@ class Ingest:
                 (readings if isinstance(result, Reading) else statuses).append(result)
             elif result is None:
                 cleared += 1
+            elif self._repeated_junk(item, junk):
+                repeats += 1
             else:
                 letters.append(result)
             count += 1
@@ -212,6 +224,7 @@ class Ingest:
             self.outbox.wait_for_room(0.5)
             return
         result = self.outbox.add(readings, letters, statuses=statuses)
+        self.outbox.remember_junk(junk)
         # Committed: now, and only now, the PUBACKs (in receive order, as MQTT requires).
         # A message from a lost connection is not acked here: the broker re-delivers it on the
         # new one, where the duplicate is ignored by the outbox and acked under its new id.
@@ -220,7 +233,7 @@ class Ingest:
         del held[:count]
         acks = self._send_node_acks(readings)
         for letter in letters:
-            log.warning("dead letter from %r: %s", letter.topic, letter.error)
+            log.warning("dead letter from %s: %s", quote(letter.topic), shorten(letter.error, 300))
         with self._lock:
             self._counts["processed"] += count
             self._counts["committed"] += result.inserted
@@ -229,10 +242,27 @@ class Ingest:
             self._counts["status_committed"] += result.statuses
             self._counts["status_duplicates"] += result.status_duplicates
             self._counts["status_cleared"] += cleared
+            self._counts["dead_letter_repeats"] += repeats
             self._counts["node_acks"] += acks
         self._note_blocked(full)
         if (result.inserted or result.statuses) and self._on_commit is not None:
             self._on_commit()
+
+    @staticmethod
+    def _junk_key(item: _Incoming) -> tuple[str, str]:
+        return item.topic, hashlib.sha256(item.payload).hexdigest()
+
+    def _repeated_junk(self, item: _Incoming, junk: list[tuple[str, str]]) -> bool:
+        """True for a retained message already dead-lettered (re-delivered by a subscribe):
+        acked, counted, not stored again. Junk on a status topic (always retained by nodes)
+        or delivered as retained is noted in ``junk`` to be remembered once committed."""
+        if not (item.retain or item.topic.endswith("/" + topics.STATUS)):
+            return False
+        key = self._junk_key(item)
+        if item.retain and (key in junk or self.outbox.known_junk(*key)):
+            return True
+        junk.append(key)
+        return False
 
     def _send_node_acks(self, readings: list[Reading]) -> int:
         """One QoS 1 ack per (device, boot) in the group, for the highest seq committed.

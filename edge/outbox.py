@@ -40,6 +40,8 @@ STATUS_EVENTS = "status_events"
 NODE_STATUS = "node_status"
 DEAD_LETTERS = "dead_letters"
 META = "meta"
+#: Retained junk already dead-lettered (see Outbox.known_junk).
+RETAINED_JUNK = "retained_junk"
 
 #: Dead letters keep at most this much of a payload (and its full size): an oversized
 #: payload is evidence of a fault, not data, and must not be able to fill the SD card.
@@ -427,6 +429,45 @@ class Outbox:
         """Rows in ``dead_letters``."""
         with self._lock:
             return self.db.execute(f"SELECT COUNT(*) FROM {DEAD_LETTERS}").fetchone()[0]
+
+    # --- retained junk: dead-lettered once, not on every subscribe ----------------------
+    #
+    # The broker re-delivers every retained message on each subscribe (each reconnect, each
+    # new gateway run), so a junk retained status would become a new dead letter every time.
+    # We remember which (topic, payload) has already been dead-lettered, keyed by topic: the
+    # broker keeps one retained message per topic, so this table is as small as the number
+    # of topics holding junk. Clearing the junk instead (an empty retained publish) is not
+    # ours to do: the gateway's ACL only lets it write node ack topics, and the junk is the
+    # evidence the site engineer needs to find the faulty node.
+
+    def _junk_table(self) -> None:
+        if not getattr(self, "_junk_ready", False):
+            self.db[RETAINED_JUNK].create(
+                {"topic": str, "digest": str, "first_ms": int, "repeats": int}, pk="topic", if_not_exists=True
+            )
+            self._junk_ready = True
+
+    def known_junk(self, topic: str, digest: str) -> bool:
+        """True if this exact retained (topic, payload digest) is already a dead letter here;
+        counts the repeat."""
+        with self._lock:
+            self._junk_table()
+            with self.db.atomic():
+                cur = self.db.execute(
+                    f"UPDATE {RETAINED_JUNK} SET repeats = repeats + 1 WHERE topic = ? AND digest = ?", [topic, digest]
+                )
+            return cur.rowcount > 0
+
+    def remember_junk(self, entries: Iterable[tuple[str, str]]) -> None:
+        """Record (topic, payload digest) pairs just dead-lettered (after :meth:`add` committed
+        them: a crash in between costs one extra dead letter, never a missing one)."""
+        rows = [{"topic": t, "digest": d, "first_ms": now_ms(), "repeats": 0} for t, d in entries]
+        if not rows:
+            return
+        with self._lock:
+            self._junk_table()
+            with self.db.atomic():
+                self.db[RETAINED_JUNK].upsert_all(rows, pk="topic")
 
     def oldest_pending_ms(self) -> int | None:
         """Gateway receive time of the oldest pending reading, or None if the outbox is empty."""

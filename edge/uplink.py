@@ -26,6 +26,7 @@ from tern.edge.outbox import Outbox, OutboxRow, StatusRow, now_ms
 from tern.core import codec, topics
 from tern.core.codec import Batch
 from tern.core.mqtt_session import PersistentSession
+from tern.core.quoting import describe, quote
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ class Uplink:
         try:
             confirm = codec.decode_confirm(msg.payload)
         except codec.CodecError as exc:
-            self._ignore(f"garbage on {msg.topic!r}: {exc}")
+            self._ignore(f"garbage on {quote(msg.topic)}: {describe(exc)}")
             return
         with self._cond:
             if confirm.gateway == self.config.gateway_id and confirm.bseq == self._inflight:

@@ -29,6 +29,7 @@ live here once:
 from __future__ import annotations
 
 import logging
+import ssl
 import socket
 import sys
 import threading
@@ -268,7 +269,10 @@ class PersistentSession:
         self._subscribed.clear()
         if self._on_disconnect_hook is not None:
             self._on_disconnect_hook()
-        if not self._stopping and self._was_connected:
+        if self._stopping:
+            return
+        why = describe_disconnect(flags, reason_code)
+        if self._was_connected:
             # The outage starts now; failed reconnects report on from here.
             self._was_connected = False
             now = time.monotonic()
@@ -278,8 +282,13 @@ class PersistentSession:
             self._next_report = now + self._report_gap
             self._log.warning(
                 "%s: lost %s (%s); %s; reconnecting every %d s at most",
-                self.name, self.broker, reason_code, self.lost_hint, self.reconnect_max_s,
+                self.name, self.broker, why, self.lost_hint, self.reconnect_max_s,
             )
+        else:
+            # A reconnect whose TCP connection opened but closed before CONNACK (a proxy or a
+            # load balancer in front of a dead broker, a broker shutting down): paho reports
+            # it as a disconnect, not as a failed connect. It is a failed attempt all the same.
+            self._unreachable(why)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         self._on_message_hook(message)
@@ -295,6 +304,18 @@ def _no_delay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except (OSError, AttributeError):  # not a TCP socket (e.g. a unix socket or websocket)
         pass
+
+
+def describe_disconnect(flags: Any, reason_code: Any) -> str:
+    """A short reason for a lost connection; paho says "Unspecified error" for a reset socket."""
+    name = str(reason_code)
+    if getattr(flags, "is_disconnect_packet_from_server", False):
+        return f"the broker disconnected us: {name}"
+    if name == "Keep alive timeout":
+        return "no answer within the keep-alive period"
+    if name in ("Unspecified error", "Success"):
+        return "the connection dropped"
+    return name
 
 
 def describe_error(exc: BaseException | None) -> str:

@@ -8,6 +8,8 @@ of bounded size and still tells the reader what arrived.
 
 from __future__ import annotations
 
+import logging
+
 #: Characters of an untrusted value shown in a log line by default.
 DEFAULT_LIMIT = 120
 
@@ -33,3 +35,45 @@ def quote(value: str | bytes | bytearray | memoryview | None, limit: int = DEFAU
     if len(value) <= limit:
         return repr(value)
     return f"{value[:limit]!r}… ({len(value)} {unit})"
+
+
+def describe(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message for a log line, shortened: codec errors quote what they reject,
+    and what they reject may be a 65,000-character topic."""
+    return shorten(str(exc) or type(exc).__name__, limit)
+
+
+#: A log line longer than this is cut by :class:`BoundedLines` (a safety net, not the rule:
+#: log calls quote untrusted values themselves).
+MAX_LINE = 4000
+
+
+class BoundedLines(logging.Filter):
+    """A handler filter that cuts every record's message to ``limit`` characters.
+
+    The last line of defence for a log call that forgot to :func:`quote` something. It
+    renders the message once (``msg % args``) and keeps the cut text, so no formatter ever
+    sees the long one.
+    """
+
+    def __init__(self, limit: int = MAX_LINE) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a broken format string: let logging report it as it always does
+            return True
+        if len(message) > self.limit:
+            record.msg = shorten(message, self.limit)
+            record.args = None
+        return True
+
+
+def bound_log_lines(limit: int = MAX_LINE) -> None:
+    """Install :class:`BoundedLines` on every handler of the root logger (call after
+    ``logging.basicConfig``)."""
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, BoundedLines) for f in handler.filters):
+            handler.addFilter(BoundedLines(limit))
