@@ -34,8 +34,9 @@ from tern.edge.outbox import NODE_STATUS, STATUS_EVENTS, AddResult, Outbox, now_
 if TYPE_CHECKING:
     from tern.edge.service import Gateway
 
-#: Drain rate and time to empty are measured over at most this many seconds of samples.
-RATE_WINDOW_S = 60.0
+#: Drain rate and time to empty are measured over the last this-many seconds: long enough to
+#: smooth batch-by-batch steps, short enough to follow a drain that has just begun.
+RATE_WINDOW_S = 10.0
 #: Devices listed at most (status page, status.json): a page must stay readable and small.
 MAX_DEVICES = 1000
 
@@ -223,22 +224,26 @@ class Health:
 
     # --- outputs ---------------------------------------------------------------------------
 
-    def rates(self) -> dict[str, float | None]:
-        """Readings/s leaving (confirmed) and entering the outbox over the last minute, and
-        the time to empty at the net rate (None unless the outbox is shrinking)."""
+    def rates(self, stats: dict | None = None) -> dict[str, float | None]:
+        """Readings/s leaving (confirmed) and entering the outbox over the last
+        :data:`RATE_WINDOW_S` seconds (up to ``stats``, the counters now, when given), and the
+        time to empty at the net rate (None unless the outbox is shrinking; 0 when empty)."""
         with self._lock:
             samples = list(self._samples)
         now = time.monotonic()
+        if stats is not None:
+            samples.append((now, int(stats.get("forwarded", 0)), int(stats.get("committed", 0)), int(stats.get("pending", 0))))
         window = [s for s in samples if now - s[0] <= RATE_WINDOW_S]
+        pending = window[-1][3] if window else None
         if len(window) < 2 or window[-1][0] - window[0][0] <= 0:
-            return {"drain_rate": None, "intake_rate": None, "time_to_empty_s": None}
+            return {"drain_rate": None, "intake_rate": None, "time_to_empty_s": 0.0 if pending == 0 else None}
         (t0, f0, c0, _), (t1, f1, c1, p1) = window[0], window[-1]
         drain, intake = (f1 - f0) / (t1 - t0), (c1 - c0) / (t1 - t0)
         net = drain - intake
         return {
             "drain_rate": drain,
             "intake_rate": intake,
-            "time_to_empty_s": (p1 / net) if net > 0 and p1 > 0 else (0.0 if p1 == 0 else None),
+            "time_to_empty_s": 0.0 if p1 == 0 else (p1 / net) if net > 0 else None,
         }
 
     def _node_rows(self) -> list[dict]:
@@ -325,7 +330,7 @@ class Health:
                 "oldest_age_s": oldest,
                 "dead_letters": int(stats.get("dead_letters", 0)),
                 "drops": drops,
-                **self.rates(),
+                **self.rates(stats),
             },
             "uplink": {
                 "connected": bool(stats.get("cloud_connected")),

@@ -121,3 +121,39 @@ def test_per_device_series_only_when_enabled(tmp_path: Path, mosquitto_factory) 
         assert value(m, "tern_gateway_device_last_seen_timestamp_seconds", **labels) > 1_700_000_000
     assert value(m, "tern_gateway_device_online", site=SITE, device="pd1") == 1
     assert value(m, "tern_gateway_device_online", site=SITE, device="pd2") == 0
+
+
+def test_drain_rate_and_time_to_empty_while_a_backlog_drains(
+    tmp_path: Path, mosquitto_factory, kafka_bootstrap: str, kafka_topics: dict[str, str]
+) -> None:
+    """A backlog built while the cloud side has no bridge drains in small batches once it has
+    one; meanwhile /status.json reports a drain rate and a finite time to empty, and
+    /metrics the backlog shrinking."""
+    pi, cloud = mosquitto_factory("pi"), mosquitto_factory("cloud")
+    backlog = 5000
+    with Gateway(gateway_config(tmp_path, pi, cloud, batch_size=10)) as gw:
+        assert gw.wait_connected(15)
+        node = client(pi)
+        try:
+            publish_all(node, [reading(SITE, "dr1", BOOT, s) for s in range(1, backlog + 1)])
+        finally:
+            node.disconnect()
+            node.loop_stop()
+        wait_for(lambda: status_json(gw)["outbox"]["readings"] == backlog, what="the backlog committed")
+        seen: list[dict] = []
+        with bridge(cloud, kafka_bootstrap, kafka_topics):
+            def drained() -> bool:
+                outbox = status_json(gw)["outbox"]
+                seen.append(outbox)
+                return outbox["readings"] == 0
+
+            wait_for(drained, timeout=120, what="the backlog drained")
+    draining = [o for o in seen if o["readings"] > 0 and o["time_to_empty_s"] is not None]
+    assert draining, f"never saw a time to empty while draining: {seen[:3]} ... {seen[-3:]}"
+    sample = draining[len(draining) // 2]
+    print(f"draining: {len(draining)} snapshots; mid-drain {sample['readings']} waiting, "
+          f"{sample['drain_rate']:.0f} readings/s, time to empty {sample['time_to_empty_s']:.1f} s")
+    assert sample["drain_rate"] > 0 and sample["time_to_empty_s"] > 0
+    # Time to empty is the backlog at the net rate: within reason of what it really took.
+    assert sample["time_to_empty_s"] < 600
+    assert seen[-1]["time_to_empty_s"] == 0.0
