@@ -5,6 +5,9 @@ with what the test sent and with what reached Kafka.
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 from gwobserve import (
@@ -157,3 +160,20 @@ def test_drain_rate_and_time_to_empty_while_a_backlog_drains(
     # Time to empty is the backlog at the net rate: within reason of what it really took.
     assert sample["time_to_empty_s"] < 600
     assert seen[-1]["time_to_empty_s"] == 0.0
+
+
+def test_a_busy_http_port_is_one_clear_setup_error(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config, outbox = tmp_path / "gateway.toml", tmp_path / "o.db"
+        config.write_text(
+            f'gateway_id = "gw-busy"\ncloud_broker = "127.0.0.1:1"\noutbox_path = "{outbox}"\nhttp_port = {port}\n'
+        )
+        result = subprocess.run(
+            [sys.executable, "-m", "tern.edge", "run", "--config", str(config)], capture_output=True, text=True, timeout=60
+        )
+    assert result.returncode == 2
+    assert f"http_port: cannot listen on 127.0.0.1:{port}: Address already in use" in result.stderr
+    assert "Traceback" not in result.stderr

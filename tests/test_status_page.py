@@ -89,6 +89,12 @@ def test_page_shows_nodes_going_offline_and_the_outbox_growing(
                     assert rows_shown(page) == gw.stats()["pending"] + gw.stats()["status_pending"]
                     assert page.inner_text("#outbox-tte") == "not draining"
                     page.screenshot(path=str(shots / "3-uplink-cut.png"), full_page=True)
+
+                    # The service stops: the page says so instead of showing stale figures as live.
+                    gw.stop()
+                    page.wait_for_selector("#updated.stale", timeout=PAGE_WAIT_MS)
+                    assert "gateway not answering" in page.inner_text("#updated")
+                    page.screenshot(path=str(shots / "4-gateway-stopped.png"), full_page=True)
                 finally:
                     browser.close()
         finally:
@@ -96,6 +102,6 @@ def test_page_shows_nodes_going_offline_and_the_outbox_growing(
             steady.loop_stop()
             node.kill()
     assert fetched_elsewhere == [], f"the page fetched from elsewhere: {fetched_elsewhere}"
-    for name in ("1-online.png", "2-node-offline.png", "3-uplink-cut.png"):
+    for name in ("1-online.png", "2-node-offline.png", "3-uplink-cut.png", "4-gateway-stopped.png"):
         shot = shots / name
         assert shot.stat().st_size > 10_000, f"{shot} looks empty"
