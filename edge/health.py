@@ -161,6 +161,18 @@ def per_reason_counts(value: object) -> dict[str, int]:
     return out
 
 
+def batches_in_flight(stats: dict) -> int:
+    """Batches published and not yet confirmed, from the uplink's counters: a count or a
+    collection where the uplink keeps several in flight, else its one ``inflight_bseq``."""
+    for key in ("batches_in_flight", "inflight", "in_flight", "inflight_batches"):
+        value = stats.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, (list, tuple, set, frozenset, dict)):
+            return len(value)
+    return 0 if stats.get("inflight_bseq") is None else 1
+
+
 def file_bytes(path: str | Path) -> int:
     """Bytes the outbox takes on disk: the database and its WAL and shared-memory files."""
     total = 0
@@ -298,11 +310,11 @@ class Health:
         config = gw.config
         drops = per_reason_counts(_optional(gw.outbox, ("drop_counts", "drops_by_reason", "drops")))
         oldest = stats.get("oldest_pending_age_s")
-        in_flight = stats.get("batches_in_flight")
-        if in_flight is None:
-            in_flight = 0 if stats.get("inflight_bseq") is None else 1
+        in_flight = batches_in_flight(stats)
         pending, status_pending = int(stats.get("pending", 0)), int(stats.get("status_pending", 0))
         now = now_ms()
+        devices = self.devices()
+        gaps = [d["gaps"] for d in devices if d["gaps"] is not None]
         return {
             "gateway": {
                 "id": config.gateway_id,
@@ -319,6 +331,8 @@ class Health:
                 "dead_letters": int(stats.get("dead_lettered", 0)),
                 "statuses": int(stats.get("status_committed", 0)),
                 "backpressure": bool(stats.get("backpressure")),
+                # Readings missing in the devices' sequences (None where the outbox keeps no gaps).
+                "missing": sum(gaps) if gaps else None,
             },
             "outbox": {
                 "path": str(config.outbox_path),
@@ -342,7 +356,7 @@ class Health:
                 "last_confirm_rtt_s": self.last_confirm_rtt_s,
             },
             "nodes": {"online": int(stats.get("nodes_online", 0)), "offline": int(stats.get("nodes_offline", 0))},
-            "devices": self.devices(),
+            "devices": devices,
         }
 
     def close(self) -> None:

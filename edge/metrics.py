@@ -50,6 +50,8 @@ class _HealthCollector(Collector):
         for reason, n in sorted(outbox["drops"].items()):
             drops.add_metric([reason], n)
         yield drops
+        if ingest["missing"] is not None:
+            yield gauge("readings_missing", "Readings missing in the devices' sequences (gaps).", ingest["missing"])
         yield counter("batches_confirmed", "Batches confirmed by the cloud.", uplink["batches_confirmed"])
         yield counter("batches_resent", "Batches sent again after a confirm timeout.", uplink["batches_resent"])
 

@@ -229,6 +229,7 @@ def uplink_panel(src: Sources) -> Panel:
     rtt = live["uplink"].get("last_confirm_rtt_s")
     grid.add_row("confirm round trip", "-" if rtt is None else f"{rtt * 1000:.0f} ms")
     grid.add_row("received / duplicates", f"{live['ingest']['received']:,} / {live['ingest']['duplicates']:,}")
+    grid.add_row("missing (gaps)", _num(live["ingest"].get("missing")))
     grid.add_row("forwarded", f"{live['uplink']['forwarded']:,}")
     grid.add_row("nodes online / offline", f"{live['nodes']['online']} / {live['nodes']['offline']}")
     if live["ingest"]["backpressure"]:
