@@ -1,5 +1,5 @@
 # Tern: everyday entry points. `make setup` is idempotent and fast once done.
-#   make setup   system packages (apt), .venv, MicroPython build, umqtt fetch
+#   make setup   system packages (apt, chromium included), .venv, MicroPython build, umqtt fetch
 #   make test    run the test suite
 #   make demo    run the end-to-end demo
 #   make bench   run the benchmarks
@@ -20,6 +20,9 @@ TOOL_CACHE := $(or $(TERN_CACHE),.cache)
 # its ffi module; found by trying: the build fails to link without pkg-config) and venv.
 MQTT_PKGS  := mosquitto mosquitto-clients
 BUILD_PKGS := build-essential pkg-config libffi-dev
+# The status page's browser test drives Debian's chromium with Playwright (never `playwright
+# install`: that downloads a browser build, and there is no internet).
+BROWSER_PKGS := chromium
 
 MAKEFLAGS += --no-print-directory
 .DEFAULT_GOAL := help
@@ -37,6 +40,7 @@ system-deps:
 	have_pkg() { dpkg-query -W -f='$${Status}' "$$1" 2>/dev/null | grep -q 'ok installed'; }; \
 	{ command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ]; } || missing="$$missing mosquitto"; \
 	command -v mosquitto_pub >/dev/null || missing="$$missing mosquitto-clients"; \
+	[ -x /usr/bin/chromium ] || missing="$$missing $(BROWSER_PKGS)"; \
 	if [ -z "$$TERN_MICROPYTHON" ] && [ ! -x "$(TOOL_CACHE)/micropython/micropython" ]; then \
 	  for p in $(BUILD_PKGS); do have_pkg $$p || missing="$$missing $$p"; done; \
 	fi; \

@@ -5,6 +5,7 @@
         --outbox /var/lib/tern/outbox.db [--batch-size N]
     tern-gateway check --config /etc/tern/gateway.toml [--repair]
     tern-gateway outbox --outbox /var/lib/tern/outbox.db
+    tern-gateway status --config /etc/tern/gateway.toml
 
 Every setting is a key of the TOML ``--config`` file, a ``TERN_*`` environment variable and a
 flag; flags win over the environment, which wins over the file (see deploy/gateway.toml).
@@ -23,7 +24,7 @@ import sys
 from typing import Sequence
 
 from tern.core import quoting
-from tern.edge import accounts
+from tern.edge import accounts, status_cli
 from tern.edge.config import GatewayConfig
 from tern.edge.config_file import add_flags
 from tern.edge.outbox import now_ms, open_readonly, summarize
@@ -53,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     show = sub.add_parser("outbox", help="print pending readings per device, pending status events and dead letters")
     show.add_argument("--outbox", required=True, help="SQLite outbox file")
     accounts.add_parsers(sub)
+    status_cli.add_parser(sub)
     return parser
 
 
@@ -160,6 +162,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_run(args)
         if args.command == "check":
             return cmd_check(args)
+        if args.command == "status":
+            return status_cli.run(args)
         if args.command in ("devices", "certs"):
             return accounts.run(args)
         return cmd_outbox(args)

@@ -120,6 +120,14 @@ class GatewayConfig:
     cloud_username: str | None = None
     cloud_password_file: str | None = None
 
+    # --- observing (edge/status_page.py): /metrics, /status.json and the status page ---
+    #: TCP port of the HTTP endpoint (0 = off).
+    http_port: int = 0
+    #: Address it listens on: loopback by default; "0.0.0.0" to see the page from a phone on the site network.
+    http_host: str = "127.0.0.1"
+    #: Per-device series in /metrics (one series per node and counter: mind a large fleet's cardinality).
+    metrics_per_device: bool = False
+
     def __post_init__(self) -> None:
         try:
             check_id(self.gateway_id, "gateway id")
@@ -164,6 +172,12 @@ class GatewayConfig:
             if (getattr(self, user) is None) != (getattr(self, secret) is None):
                 raise ConfigValueError(secret if getattr(self, secret) is None else user,
                                        f"{user} and {secret} together", None)
+        # --- observing ---
+        _check_int("http_port", self.http_port, 0, 65535)
+        if not isinstance(self.http_host, str) or not self.http_host.strip():
+            raise ConfigValueError("http_host", "an address to listen on, e.g. 127.0.0.1", self.http_host)
+        if not isinstance(self.metrics_per_device, bool):
+            raise ConfigValueError("metrics_per_device", "true or false", self.metrics_per_device)
 
     @property
     def local_hostport(self) -> tuple[str, int]:

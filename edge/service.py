@@ -17,11 +17,17 @@ import signal
 import threading
 import time
 from types import TracebackType
+from typing import TYPE_CHECKING
 
+from tern.core.errors import ConfigError
 from tern.edge.config import GatewayConfig
+from tern.edge.health import Health, ObservedOutbox
 from tern.edge.ingest import Ingest
 from tern.edge.outbox import Outbox, now_ms
 from tern.edge.uplink import Uplink
+
+if TYPE_CHECKING:
+    from tern.edge.status_page import StatusServer
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +37,13 @@ class Gateway:
 
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
-        self.outbox = Outbox(config.outbox_path, max_rows=config.max_rows)
+        self.outbox = ObservedOutbox(config.outbox_path, max_rows=config.max_rows)
         self.ingest = Ingest(config, self.outbox)
         self.uplink = Uplink(config, self.outbox)
+        self.health = Health(self)
+        self.uplink.on_confirm_rtt = self.health.note_confirm_rtt
+        #: /metrics, /status.json and the status page (None with http_port = 0).
+        self.status_server: "StatusServer | None" = None
         self._started = False
         self._stopped = False
         self._final: dict = {}
@@ -45,6 +55,7 @@ class Gateway:
         if self._started:
             raise RuntimeError("a Gateway can be started once")
         self._started = True
+        self._start_status_server()
         # Uplink first: anything left in the outbox from an earlier run starts flowing while
         # ingest connects.
         self.uplink.start()
@@ -58,6 +69,21 @@ class Gateway:
             self.outbox.pending(),
         )
         return self
+
+    def _start_status_server(self) -> None:
+        if not self.config.http_port:
+            return
+        from tern.edge.metrics import GatewayMetrics
+        from tern.edge.status_page import StatusServer
+
+        metrics = GatewayMetrics(self.health, per_device=self.config.metrics_per_device)
+        try:
+            self.status_server = StatusServer(self.health, metrics, self.config.http_host, self.config.http_port)
+        except OSError as exc:
+            raise ConfigError(
+                f"http_port: cannot listen on {self.config.http_host}:{self.config.http_port}: {exc.strerror or exc}"
+            ) from None
+        self.status_server.start()
 
     def wait_connected(self, timeout: float = 10.0) -> bool:
         """Block until both brokers are connected and subscribed (or ``timeout``)."""
@@ -85,6 +111,8 @@ class Gateway:
             # Keep the last levels, so stats() still answers after stop (demo summaries, tests).
             self._final = self._levels()
             self._stopped = True
+            if self.status_server is not None:
+                self.status_server.stop()
             self.outbox.close()
         log.info("gateway %s stopped", self.config.gateway_id)
 

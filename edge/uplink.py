@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from typing import Callable
 
 import paho.mqtt.client as mqtt
 
@@ -47,6 +49,8 @@ class Uplink:
         self._cond = threading.Condition()
         self._inflight: int | None = None
         self._confirmed: int | None = None
+        #: Called with the seconds from a batch's (last) publish to its confirm (metrics, status).
+        self.on_confirm_rtt: Callable[[float], None] | None = None
         self._counts = {
             "batches_sent": 0,
             "batches_resent": 0,
@@ -175,6 +179,7 @@ class Uplink:
                 if not self.session.wait_connected(0.5):
                     continue
                 info = self.client.publish(self._topic, payload, qos=1)
+                published = time.monotonic()
                 attempts += 1
                 with self._cond:
                     self._counts["batches_sent" if attempts == 1 else "batches_resent"] += 1
@@ -188,6 +193,8 @@ class Uplink:
                 if confirmed:
                     # The custody rule: only now may these rows go.
                     deleted = self.outbox.delete((r.id for r in rows), (s.id for s in statuses))
+                    if self.on_confirm_rtt is not None:
+                        self.on_confirm_rtt(time.monotonic() - published)
                     with self._cond:
                         self._counts["batches_confirmed"] += 1
                         self._counts["forwarded"] += deleted

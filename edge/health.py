@@ -1,0 +1,367 @@
+"""The gateway's health, collected once for /metrics, /status.json, the status page and
+``tern-gateway status``.
+
+Where each fact comes from:
+
+- devices: online/offline, boot and the time of the latest status from the outbox's
+  ``node_status`` table (durable: it survives restarts); firmware, reset cause, last reading
+  and readings since start from :class:`ObservedOutbox`, which notes what every commit
+  carried (in memory: after a restart a device's firmware is known again with its retained
+  birth, which the broker re-delivers on subscribe);
+- duplicates, gaps and drops per device: from the outbox when it keeps them (read through
+  optional methods, see :func:`_optional`); otherwise only the gateway-wide totals;
+- the outbox: depth from the gateway's counters, bytes from the files on disk (database and
+  WAL), drain rate and time to empty from samples taken once a second (:meth:`Health.sample`);
+- the uplink: connection, batches in flight and the last confirm round-trip time.
+
+Nothing here holds a secret: broker addresses are HOST:PORT, never credentials.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+
+from tern.core.codec import Reading, StatusEvent
+from tern.edge.outbox import NODE_STATUS, STATUS_EVENTS, AddResult, Outbox, now_ms, open_readonly
+
+if TYPE_CHECKING:
+    from tern.edge.service import Gateway
+
+#: Drain rate and time to empty are measured over the last this-many seconds: long enough to
+#: smooth batch-by-batch steps, short enough to follow a drain that has just begun.
+RATE_WINDOW_S = 10.0
+#: Devices listed at most (status page, status.json): a page must stay readable and small.
+MAX_DEVICES = 1000
+
+
+@dataclass(slots=True)
+class DeviceSeen:
+    """What the gateway committed last for one device, since it started."""
+
+    boot: str = ""
+    fw: str = ""
+    reset: str = ""
+    last_seq: int | None = None
+    last_reading_ms: int | None = None
+    #: Readings received since start, duplicates included (the outbox knows which were new).
+    received: int = 0
+
+
+class ObservedOutbox(Outbox):
+    """The outbox, noting per device what each commit carried (firmware, last reading).
+
+    Everything else is the plain :class:`Outbox`; the notes cost one dict update per reading
+    under a lock of their own, never a query.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._seen_lock = threading.Lock()
+        self._seen: dict[tuple[str, str], DeviceSeen] = {}
+
+    def add(self, readings: Sequence[Reading], *args: Any, **kwargs: Any) -> AddResult:  # type: ignore[override]
+        """:meth:`Outbox.add`, then note the devices it carried."""
+        result = super().add(readings, *args, **kwargs)
+        statuses = kwargs.get("statuses", args[2] if len(args) > 2 else ())
+        self._note(readings, statuses)
+        return result
+
+    def _note(self, readings: Iterable[Reading], statuses: Iterable[StatusEvent]) -> None:
+        stamp = now_ms()
+        with self._seen_lock:
+            for event in statuses:
+                seen = self._seen.setdefault((event.site, event.device), DeviceSeen())
+                seen.boot = event.boot
+                seen.fw = event.fw or seen.fw
+                seen.reset = event.reset or seen.reset
+            for reading in readings:
+                seen = self._seen.setdefault((reading.site, reading.device), DeviceSeen())
+                seen.received += 1
+                seen.last_reading_ms = stamp
+                if reading.boot != seen.boot:
+                    seen.boot, seen.last_seq = reading.boot, reading.seq
+                else:
+                    seen.last_seq = reading.seq if seen.last_seq is None else max(seen.last_seq, reading.seq)
+
+    def seen(self) -> dict[tuple[str, str], DeviceSeen]:
+        """A copy of the per-device notes, keyed by (site, device)."""
+        with self._seen_lock:
+            return {key: DeviceSeen(**{f: getattr(v, f) for f in DeviceSeen.__slots__}) for key, v in self._seen.items()}
+
+
+def _optional(obj: object, names: Sequence[str]) -> Any:
+    """The result of the first of ``names`` that ``obj`` has as a method, else None.
+
+    Duplicates per device, gaps and drops are kept by the outbox in versions that have them;
+    reading them this way lets the page show them where they exist and '-' where not.
+    """
+    for name in names:
+        method = getattr(obj, name, None)
+        if callable(method):
+            try:
+                return method()
+            except Exception:  # a fact we cannot read is shown as unknown, never a failed page
+                return None
+    return None
+
+
+def _device_of(key: object) -> str | None:
+    if isinstance(key, str):
+        return key
+    if isinstance(key, tuple) and len(key) >= 2 and isinstance(key[1], str):
+        return key[1]
+    return None
+
+
+def per_device_counts(value: object) -> dict[str, int] | None:
+    """Normalise a per-device count (dict by device or (site, device), or rows with a
+    ``device`` and a count) to {device: n}; None when unknown."""
+    if value is None:
+        return None
+    out: dict[str, int] = {}
+    if isinstance(value, dict):
+        for key, n in value.items():
+            device = _device_of(key)
+            if device is not None and isinstance(n, (int, float)):
+                out[device] = out.get(device, 0) + int(n)
+        return out
+    if isinstance(value, Iterable):
+        for row in value:
+            row = dict(row) if not isinstance(row, dict) else row
+            device = row.get("device")
+            n = next((row[k] for k in ("count", "n", "duplicates", "missing", "dropped") if isinstance(row.get(k), int)), 1)
+            if isinstance(device, str):
+                out[device] = out.get(device, 0) + int(n)
+        return out
+    return None
+
+
+def per_reason_counts(value: object) -> dict[str, int]:
+    """Normalise drop counts ({reason: n}, {(device, reason): n} or rows with a ``reason``) to {reason: n}."""
+    out: dict[str, int] = {}
+    if isinstance(value, dict):
+        for key, n in value.items():
+            reason = key if isinstance(key, str) else key[-1] if isinstance(key, tuple) and key else None
+            if isinstance(reason, str) and isinstance(n, (int, float)):
+                out[reason] = out.get(reason, 0) + int(n)
+    elif value is not None and isinstance(value, Iterable):
+        for row in value:
+            row = dict(row) if not isinstance(row, dict) else row
+            reason = row.get("reason")
+            n = row.get("count", row.get("n", 1))
+            if isinstance(reason, str) and isinstance(n, int):
+                out[reason] = out.get(reason, 0) + n
+    return out
+
+
+def batches_in_flight(stats: dict) -> int:
+    """Batches published and not yet confirmed, from the uplink's counters: a count or a
+    collection where the uplink keeps several in flight, else its one ``inflight_bseq``."""
+    for key in ("batches_in_flight", "inflight", "in_flight", "inflight_batches"):
+        value = stats.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, (list, tuple, set, frozenset, dict)):
+            return len(value)
+    return 0 if stats.get("inflight_bseq") is None else 1
+
+
+def file_bytes(path: str | Path) -> int:
+    """Bytes the outbox takes on disk: the database and its WAL and shared-memory files."""
+    total = 0
+    for suffix in ("", "-wal", "-shm"):
+        try:
+            total += os.stat(f"{path}{suffix}").st_size
+        except OSError:
+            pass
+    return total
+
+
+def read_node_rows(db: Any) -> list[dict]:
+    """Latest status per device from an outbox database (site, device, boot, state, received_ms),
+    with the firmware of a still-pending status event where there is one."""
+    try:
+        rows = [
+            dict(zip(("site", "device", "boot", "state", "status_ms"), r))
+            for r in db.execute(
+                f"SELECT site, device, boot, state, received_ms FROM {NODE_STATUS} ORDER BY site, device LIMIT ?",
+                [MAX_DEVICES],
+            ).fetchall()
+        ]
+        fw = {
+            (r[0], r[1]): (r[2], r[3])
+            for r in db.execute(f"SELECT site, device, fw, reset FROM {STATUS_EVENTS} ORDER BY id").fetchall()
+        }
+    except sqlite3.Error:  # an outbox from before statuses were kept, or one being created
+        return []
+    for row in rows:
+        row["fw"], row["reset"] = fw.get((row["site"], row["device"]), ("", ""))
+    return rows
+
+
+class Health:
+    """Collects the gateway's facts into one JSON-able dict (:meth:`snapshot`)."""
+
+    def __init__(self, gateway: "Gateway") -> None:
+        self.gateway = gateway
+        self.started_ms = now_ms()
+        self._lock = threading.Lock()
+        self._samples: deque[tuple[float, int, int, int]] = deque(maxlen=int(RATE_WINDOW_S) + 5)
+        self._db: Any = None
+        self.last_confirm_rtt_s: float | None = None
+        self.rtt_observers: list[Callable[[float], None]] = []
+
+    # --- inputs ----------------------------------------------------------------------------
+
+    def note_confirm_rtt(self, seconds: float) -> None:
+        """The uplink's hook: a batch was confirmed ``seconds`` after it was published."""
+        self.last_confirm_rtt_s = seconds
+        for observe in self.rtt_observers:
+            observe(seconds)
+
+    def sample(self) -> None:
+        """Remember the counters now (called once a second by the status server)."""
+        stats = self.gateway.stats()
+        with self._lock:
+            self._samples.append(
+                (time.monotonic(), int(stats.get("forwarded", 0)), int(stats.get("committed", 0)), int(stats.get("pending", 0)))
+            )
+
+    # --- outputs ---------------------------------------------------------------------------
+
+    def rates(self, stats: dict | None = None) -> dict[str, float | None]:
+        """Readings/s leaving (confirmed) and entering the outbox over the last
+        :data:`RATE_WINDOW_S` seconds (up to ``stats``, the counters now, when given), and the
+        time to empty at the net rate (None unless the outbox is shrinking; 0 when empty)."""
+        with self._lock:
+            samples = list(self._samples)
+        now = time.monotonic()
+        if stats is not None:
+            samples.append((now, int(stats.get("forwarded", 0)), int(stats.get("committed", 0)), int(stats.get("pending", 0))))
+        window = [s for s in samples if now - s[0] <= RATE_WINDOW_S]
+        pending = window[-1][3] if window else None
+        if len(window) < 2 or window[-1][0] - window[0][0] <= 0:
+            return {"drain_rate": None, "intake_rate": None, "time_to_empty_s": 0.0 if pending == 0 else None}
+        (t0, f0, c0, _), (t1, f1, c1, p1) = window[0], window[-1]
+        drain, intake = (f1 - f0) / (t1 - t0), (c1 - c0) / (t1 - t0)
+        net = drain - intake
+        return {
+            "drain_rate": drain,
+            "intake_rate": intake,
+            "time_to_empty_s": 0.0 if p1 == 0 else (p1 / net) if net > 0 else None,
+        }
+
+    def _node_rows(self) -> list[dict]:
+        """node_status through a read-only connection of our own (WAL: no lock shared with
+        ingest and uplink)."""
+        with self._lock:
+            try:
+                if self._db is None:
+                    self._db = open_readonly(self.gateway.config.outbox_path)
+                return read_node_rows(self._db)
+            except (OSError, sqlite3.Error):
+                self._db = None
+                return []
+
+    def devices(self) -> list[dict]:
+        """One entry per device the gateway knows (latest status or a reading since start)."""
+        outbox = self.gateway.outbox
+        seen = outbox.seen() if isinstance(outbox, ObservedOutbox) else {}
+        duplicates = per_device_counts(_optional(outbox, ("duplicates_by_device", "device_duplicates", "duplicate_counts")))
+        gaps = per_device_counts(_optional(outbox, ("gaps_by_device", "missing_by_device", "gaps", "sequence_gaps")))
+        by_key: dict[tuple[str, str], dict] = {}
+        for row in self._node_rows():
+            by_key[(row["site"], row["device"])] = row
+        now = now_ms()
+        out = []
+        for key in sorted(set(by_key) | set(seen))[:MAX_DEVICES]:
+            row = by_key.get(key, {})
+            note = seen.get(key, DeviceSeen())
+            last = max((t for t in (row.get("status_ms"), note.last_reading_ms) if t is not None), default=None)
+            out.append(
+                {
+                    "site": key[0],
+                    "device": key[1],
+                    "state": row.get("state", "unknown"),
+                    "boot": row.get("boot") or note.boot,
+                    "fw": note.fw or row.get("fw", ""),
+                    "reset": note.reset or row.get("reset", ""),
+                    "last_seen_ms": last,
+                    "last_seen_age_s": None if last is None else max(0.0, (now - last) / 1000),
+                    "last_seq": note.last_seq,
+                    "received": note.received,
+                    "duplicates": None if duplicates is None else duplicates.get(key[1], 0),
+                    "gaps": None if gaps is None else gaps.get(key[1], 0),
+                }
+            )
+        return out
+
+    def snapshot(self) -> dict:
+        """Every fact, as plain JSON types."""
+        gw = self.gateway
+        stats = gw.stats()
+        config = gw.config
+        drops = per_reason_counts(_optional(gw.outbox, ("drop_counts", "drops_by_reason", "drops")))
+        oldest = stats.get("oldest_pending_age_s")
+        in_flight = batches_in_flight(stats)
+        pending, status_pending = int(stats.get("pending", 0)), int(stats.get("status_pending", 0))
+        now = now_ms()
+        devices = self.devices()
+        gaps = [d["gaps"] for d in devices if d["gaps"] is not None]
+        return {
+            "gateway": {
+                "id": config.gateway_id,
+                "local_broker": config.local_broker,
+                "cloud_broker": config.cloud_broker,
+                "now_ms": now,
+                "uptime_s": (now - self.started_ms) / 1000,
+            },
+            "ingest": {
+                "connected": bool(stats.get("local_connected")),
+                "received": int(stats.get("committed", 0)) + int(stats.get("duplicates", 0)),
+                "committed": int(stats.get("committed", 0)),
+                "duplicates": int(stats.get("duplicates", 0)),
+                "dead_letters": int(stats.get("dead_lettered", 0)),
+                "statuses": int(stats.get("status_committed", 0)),
+                "backpressure": bool(stats.get("backpressure")),
+                # Readings missing in the devices' sequences (None where the outbox keeps no gaps).
+                "missing": sum(gaps) if gaps else None,
+            },
+            "outbox": {
+                "path": str(config.outbox_path),
+                "readings": pending,
+                "statuses": status_pending,
+                "rows": pending + status_pending,
+                "max_rows": stats.get("max_rows", config.max_rows),
+                "bytes": file_bytes(config.outbox_path),
+                "oldest_age_s": oldest,
+                "dead_letters": int(stats.get("dead_letters", 0)),
+                "drops": drops,
+                **self.rates(stats),
+            },
+            "uplink": {
+                "connected": bool(stats.get("cloud_connected")),
+                "batches_in_flight": int(in_flight),
+                "batches_confirmed": int(stats.get("batches_confirmed", 0)),
+                "batches_resent": int(stats.get("batches_resent", 0)),
+                "forwarded": int(stats.get("forwarded", 0)),
+                "statuses_forwarded": int(stats.get("status_forwarded", 0)),
+                "last_confirm_rtt_s": self.last_confirm_rtt_s,
+            },
+            "nodes": {"online": int(stats.get("nodes_online", 0)), "offline": int(stats.get("nodes_offline", 0))},
+            "devices": devices,
+        }
+
+    def close(self) -> None:
+        """Close the read-only connection."""
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None

@@ -1,0 +1,88 @@
+"""``tern-gateway status`` as a field engineer runs it: the real command in a subprocess, against
+a running gateway (live endpoint and outbox file) and then a stopped one (file only)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from gwobserve import client, gateway_config, publish_all, reading, status, status_json, wait_for
+from tern.edge.service import Gateway
+
+SITE = "site-s"
+BOOT = "b0042"
+SENT = {"alpha-node": 25, "beta-node": 15}
+
+
+def run_status(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": "160", "NO_COLOR": "1", "TERM": "dumb"}
+    env = {k: v for k, v in env.items() if not k.startswith("TERN_") or k == "TERN_CACHE"}
+    return subprocess.run(
+        [sys.executable, "-m", "tern.edge", "status", *args], capture_output=True, text=True, timeout=60, env=env
+    )
+
+
+def toml(config) -> str:
+    return "\n".join(
+        f'{key} = "{value}"' if isinstance(value, str) else f"{key} = {value}"
+        for key, value in (
+            ("gateway_id", config.gateway_id), ("cloud_broker", config.cloud_broker), ("local_broker", config.local_broker),
+            ("outbox_path", config.outbox_path), ("http_port", config.http_port),
+        )
+    ) + "\n"
+
+
+def test_status_shows_devices_outbox_and_uplink_while_running_and_after(tmp_path: Path, mosquitto_factory) -> None:
+    pi, cloud = mosquitto_factory("pi"), mosquitto_factory("cloud")
+    config = gateway_config(tmp_path, pi, cloud)
+    config_file = tmp_path / "gateway.toml"
+    config_file.write_text(toml(config))
+    total = sum(SENT.values())
+    with Gateway(config) as gw:
+        assert gw.wait_connected(15)
+        node = client(pi)
+        try:
+            # No bridge on the cloud side: the readings wait in the outbox.
+            publish_all(node, [status(SITE, "alpha-node", BOOT, "online", fw="2.0.1")])
+            publish_all(node, [status(SITE, "beta-node", BOOT, "offline", fw="2.0.1")])
+            publish_all(node, [reading(SITE, d, BOOT, s) for d, n in SENT.items() for s in range(1, n + 1)])
+            wait_for(lambda: status_json(gw)["outbox"]["readings"] == total, what="readings in the outbox")
+        finally:
+            node.disconnect()
+            node.loop_stop()
+        live = run_status("--config", str(config_file))
+    assert live.returncode == 0, live.stdout + live.stderr
+    out = live.stdout
+    print(out)
+    assert f"live from http://127.0.0.1:{config.http_port}" in out
+    lines = out.splitlines()
+    alpha = next(line for line in lines if line.lstrip("│┃ ").startswith("alpha-node"))
+    beta = next(line for line in lines if line.lstrip("│┃ ").startswith("beta-node"))
+    assert "online" in alpha and "2.0.1" in alpha and BOOT in alpha and " 25 " in alpha
+    assert "offline" in beta and " 15 " in beta
+    # Waiting: the readings and the two status events.
+    assert any("waiting" in line and f" {total + 2} " in line for line in lines), out
+    assert any("readings / statuses" in line and f"{total} / 2" in line for line in lines), out
+    assert any("cloud uplink" in line and "connected" in line for line in lines), out
+    assert any("batches in flight" in line and "1" in line for line in lines), out
+    assert any("nodes online / offline" in line and "1 / 1" in line for line in lines), out
+
+    # The service is gone: one clear line, and what the outbox file still holds.
+    after = run_status("--config", str(config_file))
+    assert after.returncode == 1, after.stdout + after.stderr
+    print(after.stdout)
+    assert f"service not reachable at http://127.0.0.1:{config.http_port}" in after.stdout
+    assert "connection refused" in after.stdout
+    assert any(line.lstrip("│┃ ").startswith("alpha-node") and "online" in line and " 25 " in line for line in after.stdout.splitlines())
+    assert any("waiting" in line and f" {total + 2} " in line for line in after.stdout.splitlines()), after.stdout
+    assert "Traceback" not in after.stderr
+
+
+def test_status_without_anything_to_read_says_so(tmp_path: Path) -> None:
+    result = run_status("--outbox", str(tmp_path / "missing.db"), "--url", "http://127.0.0.1:9")
+    assert result.returncode == 2
+    assert "service not reachable at http://127.0.0.1:9" in result.stdout
+    assert f"no outbox at {tmp_path / 'missing.db'}" in result.stdout
+    assert "Traceback" not in result.stderr
