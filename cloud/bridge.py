@@ -32,8 +32,10 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import MQTTErrorCode
 
+from tern.cloud import presence
 from tern.cloud.config import BridgeConfig
 from tern.cloud.kafka_sink import KafkaSink, KafkaWriteError
+from tern.cloud.metrics import BridgeMonitor
 from tern.core import codec, topics
 from tern.core.errors import CodecError, TernError
 from tern.core.mqtt_session import PersistentSession
@@ -137,8 +139,11 @@ class Bridge:
             raise BridgeError(str(exc)) from None
         self._sink = sink
         worker: asyncio.Task | None = None
+        monitor: BridgeMonitor | None = None
         try:
             await self._connect_mqtt(stop)
+            if self.config.metrics_port:
+                monitor = await BridgeMonitor(self, sink).start()
             worker = asyncio.create_task(self._work(), name="tern-bridge-worker")
             log.info("bridge %s running: %s -> %s", self.config.name, self.config.mqtt_broker, self.config.kafka_bootstrap)
             if ready is not None:
@@ -158,6 +163,8 @@ class Bridge:
                     await worker
                 except (asyncio.CancelledError, Exception):
                     pass
+            if monitor is not None:
+                await monitor.stop()
             self._disconnect_mqtt()
             await sink.stop()
             self._sink = None
@@ -188,6 +195,7 @@ class Bridge:
             logger=log,
         )
         self._session = session
+        presence.set_will(session.client, cfg.name)  # a dead bridge shows as "offline"
         try:
             session.start()
         except (OSError, ValueError) as exc:
@@ -209,6 +217,8 @@ class Bridge:
         session, self._session = self._session, None
         if session is None:
             return
+        if self._connected.is_set():  # a clean stop has no last will: say goodbye ourselves
+            presence.announce(session.client, self.config.name, "offline", wait_s=presence.GOODBYE_TIMEOUT_S)
         session.stop()  # moves the generation on: nothing received so far may be acked any more
         self._connected.clear()
 
@@ -222,6 +232,9 @@ class Bridge:
     def _on_connect(self) -> None:
         self._counters["mqtt_connects"] += 1
         self._connected.set()
+        session = self._session
+        if session is not None:
+            presence.announce(session.client, self.config.name, "online")
 
     def _on_disconnect(self) -> None:
         self._connected.clear()

@@ -1,8 +1,9 @@
 """``tern-bridge``: run the cloud bridge, or look at what it wrote to Kafka.
 
     tern-bridge run --mqtt 127.0.0.1:1884 --kafka 127.0.0.1:9092 [--topic tern.readings]
-    tern-bridge consume --kafka 127.0.0.1:9092 --topic tern.readings [--from-beginning] [--max N]
     tern-bridge command DEVICE NAME [ARG=VALUE ...] [--wait S]
+    tern-bridge consume --kafka 127.0.0.1:9092 --topic tern.readings,tern.status [--from-beginning]
+        [--group NAME] [--follow] [--format table|json] [--dedup [WINDOW]] [--max N]
 
 Unset options fall back to the environment (TERN_CLOUD_BROKER, KAFKA_BOOTSTRAP,
 TERN_KAFKA_TOPIC, TERN_KAFKA_STATUS_TOPIC, ...). A bad setting prints one line and exits with status 2; a broker that
@@ -19,6 +20,7 @@ import sys
 from typing import Sequence
 
 from tern.core import quoting
+from tern.cloud.reader import DEFAULT_DEDUP_WINDOW
 from tern.core.errors import ConfigError, TernError
 from tern.security import redact
 
@@ -42,14 +44,31 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--stats-every", type=float, default=30.0, metavar="S", help="log counters every S seconds (0: never)")
     run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
-    consume = sub.add_parser("consume", help="print the readings in a Kafka topic as a table")
-    consume.add_argument("--kafka", help="Kafka bootstrap HOST:PORT (env KAFKA_BOOTSTRAP)")
-    consume.add_argument("--topic", help="topic to read (env TERN_KAFKA_TOPIC, default tern.readings)")
-    consume.add_argument(
-        "--from-beginning", action="store_true", help="accepted for familiarity; reading always starts at the beginning"
+    consume = sub.add_parser(
+        "consume",
+        help="print readings, node status and dead letters from Kafka (table or JSON lines)",
+        description="Print what the bridge wrote to Kafka. Like Kafka's console consumer, reading starts at "
+        "the end of each partition (new records only) unless --from-beginning is given; with --group, at the "
+        "group's committed offsets. Without --follow it stops at the end the topics had when it started.",
     )
+    consume.add_argument("--kafka", help="Kafka bootstrap HOST:PORT[,...] (env KAFKA_BOOTSTRAP)")
+    consume.add_argument(
+        "--topic", help="topic(s) to read, comma-separated (env TERN_KAFKA_TOPIC, default tern.readings)"
+    )
+    consume.add_argument("--from-beginning", action="store_true", help="start at the beginning of each partition "
+                         "(with --group: where the group has no committed offset yet)")
+    consume.add_argument("--group", metavar="NAME", help="consumer group: continue from its committed offsets, "
+                         "commit what was printed, share the partitions with the group's other members")
+    consume.add_argument("-f", "--follow", action="store_true", help="keep waiting for new records until interrupted")
+    consume.add_argument("--format", choices=["table", "json"], default="table",
+                         help="a table (default) or one JSON object per line, for piping")
+    consume.add_argument("--dedup", nargs="?", type=int, const=DEFAULT_DEDUP_WINDOW, default=0, metavar="WINDOW",
+                         help="drop repeated readings (device, boot, seq) and status events, remembering the last "
+                         f"WINDOW identities (default {DEFAULT_DEDUP_WINDOW})")
     consume.add_argument("--max", type=int, default=None, metavar="N", help="stop after N records")
-    consume.add_argument("--timeout", type=float, default=10.0, metavar="S", help="give up after S seconds")
+    consume.add_argument("--timeout", type=float, default=10.0, metavar="S",
+                         help="give up when Kafka gives nothing for S seconds before the end is reached "
+                         "(with --follow: only while connecting)")
 
     from tern.cloud import command_cli
 
@@ -132,47 +151,135 @@ async def _report(bridge, every: float, stop: asyncio.Event) -> None:
 def _consume(args: argparse.Namespace) -> int:
     import os
 
-    from rich.console import Console
-    from rich.table import Table
-
-    from tern.cloud.consume import read_records
+    from tern.cloud.kafka_security import KafkaSecurity
+    from tern.cloud.reader import TopicReader
     from tern.core import topics
     from tern.core.hostport import parse_hostport
 
     bootstrap = args.kafka or os.environ.get("KAFKA_BOOTSTRAP", "").strip() or "127.0.0.1:9092"
     for part in bootstrap.split(","):
         parse_hostport(part.strip(), 9092)
-    topic = args.topic or os.environ.get("TERN_KAFKA_TOPIC", "").strip() or topics.KAFKA_READINGS
+    topic_arg = args.topic or os.environ.get("TERN_KAFKA_TOPIC", "").strip() or topics.KAFKA_READINGS
+    names = [t.strip() for t in topic_arg.split(",") if t.strip()]
+    if not names:
+        raise ConfigError(f"--topic: no topic in {topic_arg!r}")
     if args.max is not None and args.max < 1:
         raise ConfigError(f"--max must be at least 1, got {args.max}")
-    records = asyncio.run(read_records(bootstrap, topic, timeout_s=args.timeout, max_records=args.max))
+    if args.dedup < 0:
+        raise ConfigError(f"--dedup window must be at least 1, got {args.dedup}")
+    if not args.timeout > 0:
+        raise ConfigError(f"--timeout must be a positive number of seconds, got {args.timeout}")
+    reader = TopicReader(
+        bootstrap,
+        names,
+        from_beginning=args.from_beginning,
+        group=args.group,
+        follow=args.follow,
+        dedup_window=args.dedup,
+        timeout_s=args.timeout,
+        kafka_options=KafkaSecurity.from_env().aiokafka_options(),
+    )
+    show = _JsonLines() if args.format == "json" else _Table(f"{', '.join(names)} @ {bootstrap}", streaming=args.follow)
 
-    table = Table(title=f"{topic} @ {bootstrap}: {len(records)} records")
-    for column in ("device", "boot", "seq", "readings", "partition", "offset"):
-        table.add_column(column, justify="right" if column in ("seq", "partition", "offset") else "left")
-    for rec in records:
-        if rec.value is not None:
-            readings = ", ".join(f"{k}={v}" for k, v in rec.value["readings"].items())
-            table.add_row(rec.value["device"], rec.value["boot"], str(rec.value["seq"]), readings, str(rec.partition), str(rec.offset))
-        elif (status := _status_value(rec.raw)) is not None:
-            colour = "green" if status["state"] == "online" else "red"
-            detail = " ".join(f"{k}={status[k]}" for k in ("fw", "reset") if status[k])
-            table.add_row(status["device"], status["boot"], "-", f"[{colour}]{status['state']}[/] {detail}".rstrip(), str(rec.partition), str(rec.offset))
-        else:
-            error = rec.headers.get("error", b"").decode(errors="replace") or rec.decode_error or "not a reading"
-            table.add_row(rec.key or "-", "-", "-", f"[red]{error}[/red]", str(rec.partition), str(rec.offset))
-    Console().print(table)
+    async def read() -> None:
+        async with reader:
+            async for record in reader:
+                show.add(record)
+                if args.max is not None and reader.delivered >= args.max:
+                    break
+
+    interrupted = False
+    try:
+        asyncio.run(read())
+    except KeyboardInterrupt:
+        interrupted = True  # --follow ends this way: still say what was shown
+    show.finish(reader)
+    if not (args.follow or interrupted or reader.reached_end or (args.max and reader.delivered >= args.max)):
+        print(f"tern-bridge consume: stopped after {args.timeout:g} s with nothing more from Kafka, "
+              "before the end of the topic", file=sys.stderr)
+        return EXIT_RUNTIME
     return 0
 
 
-def _status_value(raw: bytes) -> dict | None:
-    """The decoded node-status record (topic tern.status), or None if ``raw`` is not one."""
-    from tern.core import codec
+def _cells(record) -> tuple[str, str, str, str, str]:
+    """(device, boot, seq, what, gateway) of a record, as table cells (rich markup in ``what``)."""
+    from rich.markup import escape
 
-    try:
-        return codec.decode_kafka_status_value(raw)
-    except codec.CodecError:
-        return None
+    v = record.value
+    if record.kind == "reading":
+        readings = ", ".join(f"{k}={val}" for k, val in v["readings"].items())
+        return v["device"], v["boot"], str(v["seq"]), escape(readings), v["gateway"]
+    if record.kind == "status":
+        colour = "green" if v["state"] == "online" else "red"
+        detail = " ".join(f"{k}={v[k]}" for k in ("fw", "reset") if v[k])
+        return v["device"], v["boot"], "-", f"[{colour}]{v['state']}[/] {escape(detail)}".rstrip(), v["gateway"]
+    if record.kind == "deadletter":
+        size = record.header("original_bytes") or str(len(record.raw))
+        cut = ", truncated" if record.header("truncated") == "1" else ""
+        what = f"[red]dead letter: {escape(record.error or '')}[/] ({size} bytes from {escape(record.header('source_topic'))}{cut})"
+        return "-", "-", "-", what, "-"
+    return record.key or "-", "-", "-", f"[red]{escape(record.error or 'not a Tern record')}[/]", "-"
+
+
+class _Table:
+    """Rows as a rich table; streamed line by line when following (a table waits for its end)."""
+
+    COLUMNS = ("device", "boot", "seq", "readings / state", "gateway", "partition", "offset")
+
+    def __init__(self, title: str, streaming: bool) -> None:
+        from rich.console import Console
+
+        self.title = title
+        self.streaming = streaming
+        self.console = Console()
+        self.rows: list[tuple[str, ...]] = []
+        if streaming:
+            self.console.print(f"[bold]{title}[/] (following; Ctrl-C to stop)")
+
+    def add(self, record) -> None:
+        row = (*_cells(record), str(record.partition), str(record.offset))
+        if self.streaming:
+            from rich.table import Table
+
+            line = Table.grid(padding=(0, 1))
+            for width in (12, 8, 6, 40, 10, 3, 8):
+                line.add_column(min_width=width)
+            line.add_row(*row)
+            self.console.print(line)
+        else:
+            self.rows.append(row)
+
+    def finish(self, reader) -> None:
+        summary = f"{reader.delivered} records"
+        if reader.dedup is not None:
+            summary += f", {reader.duplicates} duplicates dropped"
+        if self.streaming:
+            self.console.print(summary)
+            return
+        from rich.table import Table
+
+        table = Table(title=f"{self.title}: {summary}")
+        for column in self.COLUMNS:
+            table.add_column(column, justify="right" if column in ("seq", "partition", "offset") else "left")
+        for row in self.rows:
+            table.add_row(*row)
+        self.console.print(table)
+        if not self.rows and not reader.from_beginning and reader.group is None:
+            self.console.print("(only records newer than the start are read: add --from-beginning or --follow)")
+
+
+class _JsonLines:
+    """One JSON object per record on stdout, flushed at once; the summary goes to stderr."""
+
+    def add(self, record) -> None:
+        import json
+
+        sys.stdout.write(json.dumps(record.to_json(), separators=(",", ":"), ensure_ascii=False) + "\n")
+        sys.stdout.flush()
+
+    def finish(self, reader) -> None:
+        note = f", {reader.duplicates} duplicates dropped" if reader.dedup is not None else ""
+        print(f"tern-bridge consume: {reader.delivered} records{note}", file=sys.stderr)
 
 
 if __name__ == "__main__":

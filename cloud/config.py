@@ -2,7 +2,8 @@
 
 Every value has a default that works on one machine; ``BridgeConfig.from_env`` reads the
 deployment's environment (``TERN_CLOUD_BROKER``, ``KAFKA_BOOTSTRAP``, ``TERN_KAFKA_TOPIC``,
-``TERN_KAFKA_STATUS_TOPIC``, ``TERN_KAFKA_DEADLETTER``, ``TERN_BRIDGE_NAME``). Wrong values raise
+``TERN_KAFKA_STATUS_TOPIC``, ``TERN_KAFKA_DEADLETTER``, ``TERN_BRIDGE_NAME``, ``TERN_BRIDGE_METRICS_PORT``,
+``TERN_BRIDGE_METRICS_HOST``). Wrong values raise
 :class:`tern.core.errors.ConfigError` naming the field and what is wrong with it.
 """
 
@@ -107,6 +108,12 @@ class BridgeConfig:
     #: When set, batches from any other gateway are dead-lettered (reason ``gateway not allowed``).
     allowed_gateways: tuple[str, ...] | None = None
 
+    # --- operations (cloud/metrics.py) ---
+    #: Port of the Prometheus /metrics and /healthz endpoint; 0 = off.
+    metrics_port: int = 0
+    #: Address it listens on: loopback by default; 0.0.0.0 in a container that is scraped.
+    metrics_host: str = "127.0.0.1"
+
     def __post_init__(self) -> None:
         try:
             topics.check_id(self.name, "bridge name")
@@ -140,6 +147,12 @@ class BridgeConfig:
                 raise ConfigError(f"{field_name}: must be a positive number of seconds, got {value!r}")
         if self.retry_max_s < self.retry_initial_s:
             raise ConfigError("retry_max_s must be >= retry_initial_s")
+        if isinstance(self.metrics_port, str) and self.metrics_port.strip().isdigit():
+            object.__setattr__(self, "metrics_port", int(self.metrics_port))  # from the environment
+        if not isinstance(self.metrics_port, int) or isinstance(self.metrics_port, bool) or not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"metrics_port: must be a port number 0-65535 (0: off), got {self.metrics_port!r}")
+        if not isinstance(self.metrics_host, str) or not self.metrics_host.strip():
+            raise ConfigError(f"metrics_host: must be a host name or address, got {self.metrics_host!r}")
         if (self.mqtt_cert is None) != (self.mqtt_key is None):
             raise ConfigError("mqtt_cert and mqtt_key: give both or neither")
         if self.allowed_gateways is not None:
@@ -229,6 +242,10 @@ class BridgeConfig:
         if any(name.startswith("TERN_KAFKA_S") or name in ("TERN_KAFKA_CA", "TERN_KAFKA_CERT", "TERN_KAFKA_KEY")
                for name in env):
             values["kafka_security"] = KafkaSecurity.from_env(env)
+        for var, field_name in (("TERN_BRIDGE_METRICS_PORT", "metrics_port"), ("TERN_BRIDGE_METRICS_HOST", "metrics_host")):
+            value = env.get(var, "").strip()
+            if value:
+                values[field_name] = value
         known = {f.name for f in fields(cls)}
         unknown = set(overrides) - known
         if unknown:

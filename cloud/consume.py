@@ -1,7 +1,8 @@
-"""Read a Kafka topic from the beginning: for tests, the demo and ``tern-bridge consume``.
+"""Read a Kafka topic from the beginning, whole: for tests, the demo and the bench.
 
 No consumer group and no offset commits: every call reads the topic afresh, assigning
-all of its partitions itself.
+all of its partitions itself. For following a topic, consumer groups and de-duplication
+(and ``tern-bridge consume``) see :mod:`tern.cloud.reader`.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ class ConsumedRecord:
 
     ``value`` is the decoded reading (:func:`tern.core.codec.decode_kafka_value`) or None when
     the raw bytes are not a reading (a dead-letter record, say); ``raw`` always holds them.
+    ``status`` is the decoded node-status value (:func:`tern.core.codec.decode_kafka_status_value`)
+    of a record on the status topic, else None.
     """
 
     topic: str
@@ -38,6 +41,7 @@ class ConsumedRecord:
     value: dict[str, Any] | None
     timestamp_ms: int
     decode_error: str | None = field(default=None)
+    status: dict[str, Any] | None = field(default=None)
 
     @property
     def identity(self) -> tuple[str, str, int] | None:
@@ -50,11 +54,16 @@ class ConsumedRecord:
 def _convert(msg: Any) -> ConsumedRecord:
     raw = msg.value if msg.value is not None else b""
     value: dict[str, Any] | None = None
+    status: dict[str, Any] | None = None
     error: str | None = None
     try:
         value = codec.decode_kafka_value(raw)
     except CodecError as exc:
         error = str(exc)
+        try:
+            status, error = codec.decode_kafka_status_value(raw), None
+        except CodecError:
+            pass
     return ConsumedRecord(
         topic=msg.topic,
         partition=msg.partition,
@@ -65,6 +74,7 @@ def _convert(msg: Any) -> ConsumedRecord:
         value=value,
         timestamp_ms=msg.timestamp,
         decode_error=error,
+        status=status,
     )
 
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Iterable, Sequence
+import time
+from typing import Callable, Iterable, Sequence
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
@@ -33,6 +34,8 @@ class KafkaSink:
     def __init__(self, config: BridgeConfig) -> None:
         self.config = config
         self._producer: AIOKafkaProducer | None = None
+        #: Told (records, seconds, ok) after every write: the metrics' latency histogram.
+        self.on_write: Callable[[int, float, bool], None] | None = None
 
     async def start(self, check_topics: Sequence[str] = ()) -> None:
         """Connect to Kafka and make sure ``check_topics`` exist; raise KafkaWriteError if not."""
@@ -87,6 +90,7 @@ class KafkaSink:
             raise KafkaWriteError("Kafka producer is not started")
         futures: list[asyncio.Future] = []
         error: BaseException | None = None
+        started = time.monotonic()
         try:
             for record in records:
                 futures.append(
@@ -107,8 +111,20 @@ class KafkaSink:
                 exc = future.exception() if not future.cancelled() else asyncio.CancelledError()
                 if exc is not None and error is None:
                     error = exc
+        if self.on_write is not None:
+            self.on_write(len(futures), time.monotonic() - started, error is None)
         if error is not None:
             raise KafkaWriteError(_describe(error))
+
+    async def reachable(self, timeout: float = 5.0) -> bool:
+        """True if a Kafka broker answered a metadata request within ``timeout`` seconds."""
+        producer = self._producer
+        if producer is None:
+            return False
+        try:
+            return bool(await asyncio.wait_for(producer.client.force_metadata_update(), timeout))
+        except (asyncio.TimeoutError, KafkaError, OSError):
+            return False
 
 
 def _describe(exc: BaseException) -> str:

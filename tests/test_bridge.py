@@ -562,7 +562,7 @@ def test_cli_consume_shows_readings_and_node_status(kafka_bootstrap, kafka_topic
             await producer.stop()
 
     asyncio.run(produce())
-    assert cli_main(["consume", "--kafka", kafka_bootstrap, "--topic", kafka_topics["status"], "--timeout", "15"]) == 0
+    assert cli_main(["consume", "--kafka", kafka_bootstrap, "--topic", kafka_topics["status"], "--from-beginning", "--timeout", "15"]) == 0
     out = capsys.readouterr().out
     assert "2 records" in out
     assert "t=1.5" in out and "offline" in out

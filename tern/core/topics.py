@@ -13,6 +13,7 @@ Gateway side (the cloud broker), one set of topics per gateway::
     tern-gw/<gateway>/batch          gateway -> bridge, QoS 1, a compressed batch envelope
     tern-gw/<gateway>/confirm        bridge -> gateway, QoS 1: batch bseq is in Kafka
     tern-gw/<gateway>/cmd            bridge -> gateway, QoS 1: a command for one of its nodes
+    tern-bridge/<bridge>/status      retained; the bridge's "online" and its last will ("offline")
 
 The firmware spells the node topics itself (it cannot import this module); the contract
 tests check that it spells them the same way.
@@ -127,3 +128,14 @@ def parse_batch_topic(topic: str) -> str:
 def gateway_command_topic(gateway: str) -> str:
     """Topic the bridge hands a gateway the commands for its nodes on (cloud broker)."""
     return f"{GATEWAY_ROOT}/{check_id(gateway, 'gateway')}/cmd"
+
+
+#: Each bridge's presence on the cloud broker: retained "online" while it runs, its last
+#: will "offline" when it dies (gateways and operators may read it; see docs/contracts.md).
+BRIDGE_ROOT = "tern-bridge"
+BRIDGE_STATUS_FILTER = f"{BRIDGE_ROOT}/+/status"
+
+
+def bridge_status_topic(bridge: str) -> str:
+    """Retained status topic of bridge ``bridge`` (its configured name) on the cloud broker."""
+    return f"{BRIDGE_ROOT}/{check_id(bridge, 'bridge name')}/status"
