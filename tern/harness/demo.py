@@ -39,7 +39,7 @@ FAULT_COUNTERS = ("sensor_err", "bad_frames")
 DEMO_SENSORS = [
     {"type": "adc", "name": "adc_mv", "pin": 34},
     {"type": "tmp102", "name": "temp_c", "i2c": 0, "scl": 18, "sda": 19, "addr": 72},
-    {"type": "uart", "uart": 2, "names": ["air_c", "rh"], "sim": {"interval_s": 0.25, "bad_fraction": 0.05}},
+    {"type": "uart", "uart": 2, "protocol": "pms5003", "sim": {"interval_s": 0.25, "bad_fraction": 0.05}},
 ]
 
 
