@@ -201,6 +201,7 @@ def run(args: argparse.Namespace) -> int:
             site=args.site,
             broker=pi_broker.address,
             interval_ms=args.interval_ms,
+            heap="100K",  # an ESP32's ~110 KB of heap (the unix port's objects are twice as big)
             sensors=DEMO_SENSORS,
             per_node=lambda device: node_secrets.get(device, {}),
         )
