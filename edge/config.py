@@ -120,6 +120,11 @@ class GatewayConfig:
     cloud_username: str | None = None
     cloud_password_file: str | None = None
 
+    # --- sensors wired to the Pi (edge/serial_sensors.py) ---
+    #: Comma-separated PATH:BAUD:PROTOCOL:DEVICE[:SITE] (protocol pms5003 or nmea; site
+    #: defaults to the gateway id), e.g. "/dev/ttyUSB0:9600:pms5003:pi-pm".
+    serial_sensors: str = ""
+
     def __post_init__(self) -> None:
         try:
             check_id(self.gateway_id, "gateway id")
@@ -164,6 +169,20 @@ class GatewayConfig:
             if (getattr(self, user) is None) != (getattr(self, secret) is None):
                 raise ConfigValueError(secret if getattr(self, secret) is None else user,
                                        f"{user} and {secret} together", None)
+        # --- sensors wired to the Pi ---
+        if not isinstance(self.serial_sensors, str):
+            raise ConfigValueError("serial_sensors", "PATH:BAUD:PROTOCOL:DEVICE[:SITE],...", self.serial_sensors)
+        try:
+            self.serial_sensor_specs()
+        except ConfigError as exc:
+            raise ConfigValueError("serial_sensors", "PATH:BAUD:PROTOCOL:DEVICE[:SITE],...", self.serial_sensors,
+                                   str(exc)) from None
+
+    def serial_sensor_specs(self) -> list:
+        """The Pi-wired sensors named by ``serial_sensors`` (a list of SerialSensorSpec)."""
+        from tern.edge.serial_sensors import parse_specs
+
+        return parse_specs(self.serial_sensors, self.gateway_id)
 
     @property
     def local_hostport(self) -> tuple[str, int]:

@@ -21,6 +21,7 @@ from types import TracebackType
 from tern.edge.config import GatewayConfig
 from tern.edge.ingest import Ingest
 from tern.edge.outbox import Outbox, now_ms
+from tern.edge.serial_sensors import SerialSensors
 from tern.edge.uplink import Uplink
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,9 @@ class Gateway:
         self.outbox = Outbox(config.outbox_path, max_rows=config.max_rows)
         self.ingest = Ingest(config, self.outbox)
         self.uplink = Uplink(config, self.outbox)
+        # Sensors wired to the Pi itself (none unless `serial_sensors` names some).
+        specs = config.serial_sensor_specs()
+        self.serial = SerialSensors(specs, self.outbox) if specs else None
         self._started = False
         self._stopped = False
         self._final: dict = {}
@@ -49,6 +53,8 @@ class Gateway:
         # ingest connects.
         self.uplink.start()
         self.ingest.start()
+        if self.serial is not None:
+            self.serial.start()
         log.info(
             "gateway %s: local %s, cloud %s, outbox %s (%d pending)",
             self.config.gateway_id,
@@ -79,6 +85,8 @@ class Gateway:
                 return
             self._stop_requested.set()
             if self._started:
+                if self.serial is not None:
+                    self.serial.stop(max(0.5, deadline - time.monotonic()))
                 self.ingest.stop(max(0.5, deadline - time.monotonic()))
                 self._drain_inflight(deadline)
                 self.uplink.stop(max(0.5, deadline - time.monotonic()))
@@ -106,6 +114,8 @@ class Gateway:
         out: dict = {"gateway_id": self.config.gateway_id}
         out.update(self.ingest.stats())
         out.update(self.uplink.stats())
+        if self.serial is not None:
+            out["serial_sensors"] = self.serial.stats()
         out.update(self._final if self._stopped else self._levels())
         return out
 
