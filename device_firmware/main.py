@@ -20,16 +20,23 @@ del sys.modules["tern_config"]
 gc.collect()
 # Compile the big modules one by one, collecting in between: on a small heap, compiling
 # them nested inside one another's import fails for want of a contiguous block.
-_mods = ["tern_util", "tern_ring", "umqtt.simple", "tern_link", "tern_sensors"]
+_mods = ["tern_util", "tern_ring", "umqtt.simple", "tern_link", "tern_sensors", "tern_node"]
+# Then the sensor protocols configured (imported lazily by the drivers, compiled here
+# while the heap is still tidy).
 for _spec in cfg["sensors"]:
-    if _spec["type"] == "uart" and "tern_uart" not in _mods:
-        _mods.append("tern_uart")
+    _need = ()
+    if _spec["type"] == "uart":
+        _need = ("tern_uart", "tern_nmea" if _spec.get("protocol") == "nmea" else "tern_pms")
+    elif _spec["type"] == "sht3x":
+        _need = ("tern_sht3x",)
+    for _name in _need:
+        if _name not in _mods:
+            _mods.append(_name)
 for _name in _mods:
     __import__(_name)
     gc.collect()
 del _mods
 import tern_node  # noqa: E402
-gc.collect()
 
 try:
     tern_node.run(cfg, FW_VERSION)

@@ -42,7 +42,11 @@ _INTS = {
     "backoff_max_ms": (10, 3600000), "offline_reset_s": (0, 86400 * 7),
     "wdt_ms": (0, 3600000),
 }
-SENSOR_TYPES = ("adc", "tmp102", "uart")
+SENSOR_TYPES = ("adc", "tmp102", "uart", "sht3x")
+# Sensors that report several values take "names"; the defaults follow the protocol.
+_MULTI_NAMES = {"pms5003": ["pm1_0", "pm2_5", "pm10"],
+                "nmea": ["lat", "lon", "alt_m", "sats", "fix", "speed_kn"],
+                "sht3x": ["sht_c", "sht_rh"]}
 _ID_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-"
 
 
@@ -66,9 +70,14 @@ def _check_sensor(i, spec):
     kind = spec.get("type")
     if kind not in SENSOR_TYPES:
         raise ConfigError("sensors[%d].type must be one of %s" % (i, ", ".join(SENSOR_TYPES)))
-    names = spec.get("names") if kind == "uart" else [spec.get("name")]
-    if kind == "uart" and names is None:
-        names = ["temp_c", "rh"]
+    names = [spec.get("name")]
+    if kind in ("uart", "sht3x"):
+        proto = spec.get("protocol", "pms5003") if kind == "uart" else kind
+        if proto not in _MULTI_NAMES or proto == "sht3x" and kind == "uart":
+            raise ConfigError("sensors[%d].protocol must be pms5003 or nmea" % i)
+        names = spec.get("names", _MULTI_NAMES[proto])
+        if isinstance(names, list) and len(names) > len(_MULTI_NAMES[proto]):
+            raise ConfigError("sensors[%d]: %s gives at most %d names" % (i, proto, len(_MULTI_NAMES[proto])))
     if not isinstance(names, list) or not names:
         raise ConfigError("sensors[%d] needs a name" % i)
     for n in names:

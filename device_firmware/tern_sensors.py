@@ -1,6 +1,8 @@
 # Tern sensor drivers. Each driver has read(out) that stores its values into the dict
 # `out` and raises OSError/ValueError on failure; the Sensors wrapper counts failures
-# instead of crashing. Drivers poll() between readings (UART drains its input there).
+# instead of crashing and names the failed sensors in the reading ("down"). Drivers
+# poll() between readings (UART drains its input there). The UART protocols (tern_uart,
+# tern_pms, tern_nmea) and the SHT3x (tern_sht3x) are compiled only when configured.
 import machine
 
 
@@ -9,6 +11,7 @@ class ADCSensor:
 
     def __init__(self, spec):
         self.name = spec.get("name", "adc_mv")
+        self.label = self.name
         pin = machine.Pin(spec.get("pin", 34))
         try:
             self.adc = machine.ADC(pin, atten=machine.ADC.ATTN_11DB)
@@ -37,6 +40,7 @@ def tmp102_celsius(b0, b1):
 class TMP102Sensor:
     def __init__(self, spec):
         self.name = spec.get("name", "temp_c")
+        self.label = self.name
         self.addr = spec.get("addr", 0x48)
         self.i2c = machine.I2C(spec.get("i2c", 0), scl=machine.Pin(spec.get("scl", 18)),
                                sda=machine.Pin(spec.get("sda", 19)), freq=100000)
@@ -55,7 +59,13 @@ def _uart(spec):
     return UARTSensor(spec)
 
 
-_DRIVERS = {"adc": ADCSensor, "tmp102": TMP102Sensor, "uart": _uart}
+def _sht3x(spec):
+    from tern_sht3x import SHT3xSensor
+    return SHT3xSensor(spec)
+
+
+_DRIVERS = {"adc": ADCSensor, "tmp102": TMP102Sensor, "uart": _uart, "sht3x": _sht3x}
+DOWN_MAX = 64   # the codec's limit for a text value
 
 
 class Sensors:
@@ -64,6 +74,7 @@ class Sensors:
     def __init__(self, specs, log=None):
         self.drivers = []
         self.errors = 0
+        self.down = 0    # sensors that failed the last read
         self.log = log
         for spec in specs:
             try:
@@ -87,12 +98,23 @@ class Sensors:
         return n
 
     def read(self, out):
-        """Fill `out` with every value that could be read; return how many failed."""
+        """Fill `out` with every value that could be read; return how many failed.
+
+        The failed sensors' labels go into out["down"] ("pms5003,sht3x"), so the reading
+        itself says which sensor stopped answering while the others keep reporting.
+        """
         failed = 0
+        down = ""
         for d in self.drivers:
             try:
                 d.read(out)
             except Exception:
                 failed += 1
+                label = getattr(d, "label", "?")
+                if len(down) + len(label) < DOWN_MAX:
+                    down = label if not down else down + "," + label
         self.errors += failed
+        self.down = failed
+        if down:
+            out["down"] = down
         return failed

@@ -127,6 +127,10 @@ class GatewayConfig:
     http_host: str = "127.0.0.1"
     #: Per-device series in /metrics (one series per node and counter: mind a large fleet's cardinality).
     metrics_per_device: bool = False
+    # --- sensors wired to the Pi (edge/serial_sensors.py) ---
+    #: Comma-separated PATH:BAUD:PROTOCOL:DEVICE[:SITE] (protocol pms5003 or nmea; site
+    #: defaults to the gateway id), e.g. "/dev/ttyUSB0:9600:pms5003:pi-pm".
+    serial_sensors: str = ""
 
     def __post_init__(self) -> None:
         try:
@@ -178,6 +182,20 @@ class GatewayConfig:
             raise ConfigValueError("http_host", "an address to listen on, e.g. 127.0.0.1", self.http_host)
         if not isinstance(self.metrics_per_device, bool):
             raise ConfigValueError("metrics_per_device", "true or false", self.metrics_per_device)
+        # --- sensors wired to the Pi ---
+        if not isinstance(self.serial_sensors, str):
+            raise ConfigValueError("serial_sensors", "PATH:BAUD:PROTOCOL:DEVICE[:SITE],...", self.serial_sensors)
+        try:
+            self.serial_sensor_specs()
+        except ConfigError as exc:
+            raise ConfigValueError("serial_sensors", "PATH:BAUD:PROTOCOL:DEVICE[:SITE],...", self.serial_sensors,
+                                   str(exc)) from None
+
+    def serial_sensor_specs(self) -> list:
+        """The Pi-wired sensors named by ``serial_sensors`` (a list of SerialSensorSpec)."""
+        from tern.edge.serial_sensors import parse_specs
+
+        return parse_specs(self.serial_sensors, self.gateway_id)
 
     @property
     def local_hostport(self) -> tuple[str, int]:

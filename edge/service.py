@@ -24,6 +24,7 @@ from tern.edge.config import GatewayConfig
 from tern.edge.health import Health, ObservedOutbox
 from tern.edge.ingest import Ingest
 from tern.edge.outbox import Outbox, now_ms
+from tern.edge.serial_sensors import SerialSensors
 from tern.edge.uplink import Uplink
 
 if TYPE_CHECKING:
@@ -44,6 +45,9 @@ class Gateway:
         self.uplink.on_confirm_rtt = self.health.note_confirm_rtt
         #: /metrics, /status.json and the status page (None with http_port = 0).
         self.status_server: "StatusServer | None" = None
+        # Sensors wired to the Pi itself (none unless `serial_sensors` names some).
+        specs = config.serial_sensor_specs()
+        self.serial = SerialSensors(specs, self.outbox) if specs else None
         self._started = False
         self._stopped = False
         self._final: dict = {}
@@ -60,6 +64,8 @@ class Gateway:
         # ingest connects.
         self.uplink.start()
         self.ingest.start()
+        if self.serial is not None:
+            self.serial.start()
         log.info(
             "gateway %s: local %s, cloud %s, outbox %s (%d pending)",
             self.config.gateway_id,
@@ -105,6 +111,8 @@ class Gateway:
                 return
             self._stop_requested.set()
             if self._started:
+                if self.serial is not None:
+                    self.serial.stop(max(0.5, deadline - time.monotonic()))
                 self.ingest.stop(max(0.5, deadline - time.monotonic()))
                 self._drain_inflight(deadline)
                 self.uplink.stop(max(0.5, deadline - time.monotonic()))
@@ -134,6 +142,8 @@ class Gateway:
         out: dict = {"gateway_id": self.config.gateway_id}
         out.update(self.ingest.stats())
         out.update(self.uplink.stats())
+        if self.serial is not None:
+            out["serial_sensors"] = self.serial.stats()
         out.update(self._final if self._stopped else self._levels())
         return out
 

@@ -1,9 +1,25 @@
-# Emulated ESP32 peripherals behind `machine` (ADC, I2C with a TMP102, UART); see machine.py.
+# Emulated ESP32 peripherals behind `machine` (ADC, I2C with a TMP102 and an SHT3x, UART);
+# see machine.py. Sensor settings come from the environment or, so the host can change
+# them while a node runs, from the file named by TERN_EMU_CTL (lines NAME=VALUE, which win).
 import math
 import os
 import time
 
 from machine import Pin, _env, _phase, _seconds
+
+
+def _setting(name):
+    path = _env("TERN_EMU_CTL")
+    if path is not None:
+        try:
+            with open(path) as f:
+                for line in f:
+                    key, _, value = line.strip().partition("=")
+                    if key == name:
+                        return value or None
+        except OSError:
+            pass
+    return _env(name)
 
 
 class ADC:
@@ -24,7 +40,7 @@ class ADC:
         pass
 
     def _mv(self):
-        fixed = _env("TERN_EMU_ADC_%s" % self.pin)
+        fixed = _setting("TERN_EMU_ADC_%s" % self.pin)
         if fixed is not None:
             return int(fixed)
         # deterministic: 1650 mV +- 1000 mV sine with a 60 s period, phase per pin
@@ -47,7 +63,7 @@ class _TMP102:
     def register(self, reg):
         if reg != 0:
             return b"\x60\xa0"  # config register power-on value
-        t = _env("TERN_EMU_TMP102")
+        t = _setting("TERN_EMU_TMP102")
         if t == "fail":
             raise OSError(19)  # ENODEV, as when the sensor stops answering
         c = float(t) if t is not None else 21 + 4 * math.sin(2 * math.pi * _seconds() / 120 + _phase())
@@ -55,11 +71,55 @@ class _TMP102:
         return bytes(((raw >> 4) & 0xFF, (raw << 4) & 0xF0))
 
 
+def _crc8(b0, b1):
+    c = 0xFF
+    for b in (b0, b1):
+        c ^= b
+        for _ in range(8):
+            c = ((c << 1) ^ 0x31) & 0xFF if c & 0x80 else (c << 1) & 0xFF
+    return c
+
+
+class _SHT3x:
+    """TERN_EMU_SHT3X: "C,RH" fixed values; "fail" NACKs; "crc" spoils the T word's CRC;
+    default slow curves around 22 C / 45 %RH."""
+
+    def __init__(self):
+        self.pointer = 0
+        self.measured = False
+
+    def command(self, buf):
+        if len(buf) == 2 and buf[0] == 0x24:
+            self.measured = True
+
+    def data(self, n):
+        v = _setting("TERN_EMU_SHT3X")
+        if v == "fail":
+            raise OSError(19)
+        if not self.measured:
+            raise OSError(19)   # no measurement started: the SHT3x NACKs the read header
+        self.measured = False
+        if v is not None and "," in v:
+            c, rh = float(v.split(",")[0]), float(v.split(",")[1])
+        else:
+            c = 22 + 3 * math.sin(2 * math.pi * _seconds() / 150 + _phase())
+            rh = 45 + 10 * math.cos(2 * math.pi * _seconds() / 200 + _phase())
+        out = bytearray(6)
+        for i, raw in ((0, int(round((c + 45) * 65535 / 175))), (3, int(round(rh * 65535 / 100)))):
+            raw = min(0xFFFF, max(0, raw))
+            out[i] = raw >> 8
+            out[i + 1] = raw & 0xFF
+            out[i + 2] = _crc8(out[i], out[i + 1])
+        if v == "crc":
+            out[2] ^= 0x5A
+        return bytes(out[:n])
+
+
 class I2C:
-    """I2C bus with a TMP102 at 0x48; other addresses NACK (OSError ENODEV)."""
+    """I2C bus with a TMP102 at 0x48 and an SHT3x at 0x44; other addresses NACK (OSError ENODEV)."""
 
     def __init__(self, id=0, scl=None, sda=None, freq=400000, timeout=50000):
-        self.devices = {0x48: _TMP102()}
+        self.devices = {0x48: _TMP102(), 0x44: _SHT3x()}
 
     def scan(self):
         return sorted(self.devices)
@@ -80,13 +140,22 @@ class I2C:
 
     def writeto(self, addr, buf, stop=True):
         d = self._dev(addr)
-        if len(buf):
+        if hasattr(d, "command"):
+            d.command(buf)
+        elif len(buf):
             d.pointer = buf[0]
         return len(buf)
 
     def readfrom(self, addr, n, stop=True):
         d = self._dev(addr)
+        if hasattr(d, "data"):
+            return d.data(n)
         return d.register(d.pointer)[:n]
+
+    def readfrom_into(self, addr, buf, stop=True):
+        data = self.readfrom(addr, len(buf), stop)
+        for i in range(len(data)):
+            buf[i] = data[i]
 
     def writeto_mem(self, addr, reg, buf, addrsize=8):
         self._dev(addr)

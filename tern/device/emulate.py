@@ -108,7 +108,7 @@ class EmulatedNode:
                 spec = dict(spec)
                 sim = spec.pop("sim", None)
                 if spec.get("type") == "uart" and sim is not False:
-                    self._sim_specs[int(spec.get("uart", 1))] = dict(sim or {})
+                    self._sim_specs[int(spec.get("uart", 1))] = {"protocol": spec.get("protocol", "pms5003"), **(sim or {})}
                 flash_sensors.append(spec)
         config: dict[str, Any] = {
             "site": site,

@@ -1,9 +1,17 @@
-"""Host-side simulated serial sensor: writes ``$TRN,<v1>,<v2>*HH\\r\\n`` frames into a pty.
+"""Host-side simulated serial sensors on pseudo-terminals: a Plantower PMS5003 and an NMEA GPS.
 
 An emulated node's ``machine.UART(n)`` reads the pty's slave end (its path goes into the
-node's ``TERN_EMU_UART<n>`` environment variable). On request a fraction of the frames is
-broken in one of several ways (bad checksum, truncated, garbage, overlong line, bad
-number), which the firmware must count as ``bad_frames`` and skip.
+node's ``TERN_EMU_UART<n>`` environment variable); the gateway's Pi-wired sensor reader
+opens it by name with pyserial, as it would a USB adapter. Values follow slow curves with
+noise (urban PM2.5 around 12 ug/m3; a GPS fix wandering a few metres around a point).
+On request frames are broken in one of :data:`BREAKAGES`, which the reader must count as
+bad frames and skip:
+
+- ``checksum``: the checksum does not match;
+- ``truncated``: the frame is cut short (the next frame follows at once);
+- ``garbage``: random bytes between two frames;
+- ``wrong_length``: a PMS5003 frame whose length field (and size) is not 28; an NMEA
+  sentence with a valid checksum but fields missing.
 """
 
 from __future__ import annotations
@@ -16,59 +24,56 @@ import threading
 import time
 import tty
 
-BREAKAGES = ("checksum", "truncated", "garbage", "overlong", "nonumber", "nodollar")
+from tern.core.sensor_protocols import PMSFrame, encode_gga, encode_pms, encode_rmc, nmea_checksum, nmea_sentence, pms_checksum
+
+BREAKAGES = ("checksum", "truncated", "garbage", "wrong_length")
+PROTOCOLS = ("pms5003", "nmea")
 
 
-def checksum(body: str) -> int:
-    """NMEA checksum: XOR of the characters between ``$`` and ``*``."""
-    value = 0
-    for char in body.encode():
-        value ^= char
-    return value
-
-
-def make_frame(values: tuple[float, ...] | list[float], *, tag: str = "TRN") -> bytes:
-    """A valid frame for ``values`` (two decimals each)."""
-    body = ",".join([tag] + [f"{v:.2f}" for v in values])
-    return f"${body}*{checksum(body):02X}\r\n".encode()
-
-
-def break_frame(frame: bytes, how: str, rng: random.Random | None = None) -> bytes:
-    """Spoil a valid frame in the way named by ``how`` (one of BREAKAGES)."""
-    rng = rng or random.Random(0)
+def break_frame(frame: bytes, how: str, protocol: str, rng: random.Random) -> bytes:
+    """Spoil one valid frame of ``protocol`` the way named by ``how`` (one of BREAKAGES)."""
     if how == "checksum":
-        star = frame.index(b"*")
+        if protocol == "pms5003":
+            return frame[:-2] + ((int.from_bytes(frame[-2:], "big") + 1 + rng.randrange(0xFFFE)) & 0xFFFF).to_bytes(2, "big")
+        star = frame.rindex(b"*")
         good = int(frame[star + 1 : star + 3], 16)
-        return frame[: star + 1] + f"{good ^ 0x5A:02X}".encode() + b"\r\n"
+        return frame[: star + 1] + f"{good ^ rng.randrange(1, 256):02X}".encode() + b"\r\n"
     if how == "truncated":
-        return frame[: len(frame) // 2] + b"\r\n"
+        return frame[: rng.randrange(1, len(frame) - 4)]
     if how == "garbage":
-        return bytes(rng.randrange(1, 256) for _ in range(20)).replace(b"\n", b"x") + b"\r\n"
-    if how == "overlong":
-        return b"$TRN," + b"9" * 300 + b"*00\r\n"
-    if how == "nonumber":
-        body = "TRN,abc,40.00"
-        return f"${body}*{checksum(body):02X}\r\n".encode()
-    if how == "nodollar":
-        return frame[1:]
+        # Printable noise, as a loose connector or a baud mismatch gives; never a header or newline.
+        return bytes(rng.choice(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,~#") for _ in range(rng.randrange(3, 40)))
+    if how == "wrong_length":
+        if protocol == "pms5003":
+            size = rng.choice((20, 24, 36))
+            body = b"\x42\x4d" + (size - 4).to_bytes(2, "big") + bytes(rng.randrange(0, 256) for _ in range(size - 6))
+            return body + pms_checksum(body).to_bytes(2, "big")
+        body = frame[1 : frame.rindex(b"*")].decode()
+        short = ",".join(body.split(",")[:5])
+        return nmea_sentence(short)
     raise ValueError(f"unknown breakage {how!r}; choose from {', '.join(BREAKAGES)}")
 
 
 class SerialSim:
     """A simulated serial sensor on a pseudo-terminal.
 
-    ``path`` is the slave device for the node's UART. Call :meth:`write_frame` yourself,
-    or :meth:`start` a thread that sends one frame every ``interval_s`` (values follow a
-    slow deterministic curve; ``bad_fraction`` of them are broken). Writes never block:
-    with nobody reading, frames that do not fit are dropped and counted in ``overflowed``.
+    ``path`` is the slave device for the node's UART (or pyserial on the Pi side). Call
+    :meth:`write_frame` yourself, or :meth:`start` a thread that sends one frame every
+    ``interval_s`` (the GPS sends a GGA and an RMC); ``bad_fraction`` of them are broken,
+    each followed by a good one. :meth:`pause` makes the sensor go silent (a sensor that
+    stopped answering). Writes never block: with nobody reading, frames that do not fit are
+    dropped and counted in ``overflowed``.
     """
 
-    def __init__(self, *, interval_s: float = 0.25, bad_fraction: float = 0.0, seed: int = 1, fields: int = 2) -> None:
+    def __init__(self, *, protocol: str = "pms5003", interval_s: float = 0.25, bad_fraction: float = 0.0,
+                 seed: int = 1) -> None:
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
         if not 0.0 <= bad_fraction <= 1.0:
             raise ValueError("bad_fraction must be within [0, 1]")
+        self.protocol = protocol
         self.interval_s = interval_s
         self.bad_fraction = bad_fraction
-        self.fields = fields
         self.rng = random.Random(seed)
         self.master, self.slave = os.openpty()
         tty.setraw(self.slave)  # no echo, no CR/LF translation
@@ -77,15 +82,39 @@ class SerialSim:
         self.sent_good = 0
         self.sent_bad = 0
         self.overflowed = 0
+        self.paused = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._t0 = time.monotonic()
+        self._lat, self._lon = 52.52 + self.rng.uniform(-0.01, 0.01), 13.405 + self.rng.uniform(-0.01, 0.01)
 
-    def values(self) -> tuple[float, ...]:
-        """The current simulated values: temperature-ish and humidity-ish curves."""
+    # --- values ---------------------------------------------------------------------------
+
+    def pms_frame(self) -> PMSFrame:
+        """The current particulate values: PM2.5 ~12 ug/m3 on a slow curve, with noise."""
         t = time.monotonic() - self._t0
-        base = (21.5 + 2 * math.sin(t / 30), 40.0 + 5 * math.cos(t / 45))
-        return tuple(base[i % 2] + i // 2 for i in range(self.fields))
+        pm25 = max(0.0, 12 + 6 * math.sin(t / 40) + self.rng.gauss(0, 1.5))
+        pm1, pm10 = pm25 * 0.7 + self.rng.gauss(0, 0.5), pm25 * 1.4 + self.rng.gauss(0, 1.5)
+        counts = (int(pm25 * 180), int(pm25 * 55), int(pm25 * 10), int(pm25 * 1.2), int(pm25 * 0.3), int(pm25 * 0.1))
+        return PMSFrame(max(0, round(pm1)), round(pm25), max(0, round(pm10)), counts=counts)  # type: ignore[arg-type]
+
+    def gps_fix(self) -> tuple[float, float, float, int]:
+        """(lat, lon, alt_m, sats): a few metres of wander around a point in Berlin."""
+        self._lat += self.rng.gauss(0, 0.000005)
+        self._lon += self.rng.gauss(0, 0.000008)
+        return self._lat, self._lon, 34.0 + self.rng.gauss(0, 1.0), self.rng.randint(7, 11)
+
+    def frames(self) -> list[bytes]:
+        """The next valid frame(s) the sensor sends."""
+        if self.protocol == "pms5003":
+            return [encode_pms(self.pms_frame())]
+        lat, lon, alt, sats = self.gps_fix()
+        utc = time.strftime("%H%M%S.00", time.gmtime())
+        date = time.strftime("%d%m%y", time.gmtime())
+        speed = abs(self.rng.gauss(0, 0.1))
+        return [encode_gga(lat, lon, alt, sats, utc=utc), encode_rmc(lat, lon, speed, utc=utc, date=date)]
+
+    # --- writing --------------------------------------------------------------------------
 
     def write_raw(self, data: bytes) -> bool:
         """Write bytes to the line; False (and counted) if the pty buffer is full."""
@@ -98,11 +127,12 @@ class SerialSim:
                 return False
             raise
 
-    def write_frame(self, values=None, *, broken: str | None = None) -> bytes:
-        """Send one frame (valid, or broken the named way); return the bytes sent."""
-        frame = make_frame(values if values is not None else self.values())
+    def write_frame(self, frame: bytes | None = None, *, broken: str | None = None) -> bytes:
+        """Send one frame (default: the sensor's next one), valid or broken the named way."""
+        if frame is None:
+            frame = self.frames()[0]
         if broken:
-            frame = break_frame(frame, broken, self.rng)
+            frame = break_frame(frame, broken, self.protocol, self.rng)
         if self.write_raw(frame):
             if broken:
                 self.sent_bad += 1
@@ -112,20 +142,29 @@ class SerialSim:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
-            broken = None
-            if self.bad_fraction and self.rng.random() < self.bad_fraction:
-                broken = self.rng.choice(BREAKAGES)
+            if self.paused.is_set():
+                continue
             try:
-                self.write_frame(broken=broken)
+                if self.bad_fraction and self.rng.random() < self.bad_fraction:
+                    self.write_frame(broken=self.rng.choice(BREAKAGES))
+                for frame in self.frames():
+                    self.write_frame(frame)
             except OSError:
                 return
 
     def start(self) -> "SerialSim":
         """Send frames from a background thread until :meth:`stop`."""
         if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="serial-sim", daemon=True)
+            self._thread = threading.Thread(target=self._run, name=f"serial-sim-{self.protocol}", daemon=True)
             self._thread.start()
         return self
+
+    def pause(self, silent: bool = True) -> None:
+        """Make the sensor stop answering (``silent``) or resume."""
+        if silent:
+            self.paused.set()
+        else:
+            self.paused.clear()
 
     def stop(self) -> None:
         """Stop the thread and close the pty."""
@@ -145,3 +184,6 @@ class SerialSim:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+__all__ = ["BREAKAGES", "PROTOCOLS", "SerialSim", "break_frame", "nmea_checksum"]

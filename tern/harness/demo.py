@@ -39,7 +39,7 @@ FAULT_COUNTERS = ("sensor_err", "bad_frames")
 DEMO_SENSORS = [
     {"type": "adc", "name": "adc_mv", "pin": 34},
     {"type": "tmp102", "name": "temp_c", "i2c": 0, "scl": 18, "sda": 19, "addr": 72},
-    {"type": "uart", "uart": 2, "names": ["air_c", "rh"], "sim": {"interval_s": 0.25, "bad_fraction": 0.05}},
+    {"type": "uart", "uart": 2, "protocol": "pms5003", "sim": {"interval_s": 0.25, "bad_fraction": 0.05}},
 ]
 
 
@@ -201,6 +201,7 @@ def run(args: argparse.Namespace) -> int:
             site=args.site,
             broker=pi_broker.address,
             interval_ms=args.interval_ms,
+            heap="100K",  # an ESP32's ~110 KB of heap (the unix port's objects are twice as big)
             sensors=DEMO_SENSORS,
             per_node=lambda device: node_secrets.get(device, {}),
         )
