@@ -21,6 +21,8 @@ gc.collect()
 # Compile the big modules one by one, collecting in between: on a small heap, compiling
 # them nested inside one another's import fails for want of a contiguous block.
 _mods = ["tern_util", "tern_ring", "umqtt.simple", "tern_link", "tern_sensors"]
+if cfg["spill_max"]:
+    _mods.insert(2, "tern_spill")
 for _spec in cfg["sensors"]:
     if _spec["type"] == "uart" and "tern_uart" not in _mods:
         _mods.append("tern_uart")
