@@ -20,7 +20,9 @@ del sys.modules["tern_config"]
 gc.collect()
 # Compile the big modules one by one, collecting in between: on a small heap, compiling
 # them nested inside one another's import fails for want of a contiguous block.
-_mods = ["tern_util", "tern_ring", "umqtt.simple", "tern_link", "tern_sensors", "tern_node"]
+_mods = ["tern_util", "tern_ring", "umqtt.simple", "tern_link", "tern_sensors"]
+if cfg["spill_max"]:
+    _mods.insert(2, "tern_spill")
 # Then the sensor protocols configured (imported lazily by the drivers, compiled here
 # while the heap is still tidy).
 for _spec in cfg["sensors"]:

@@ -33,6 +33,12 @@ DEFAULTS = {
         {"type": "adc", "name": "adc_mv", "pin": 34},
         {"type": "tmp102", "name": "temp_c", "i2c": 0, "scl": 18, "sda": 19, "addr": 72},
     ],
+    # unacked readings on flash (tern_spill.py): they outlive resets, crashes and deep sleep
+    "spill_max": 1024,       # readings kept on flash at most; oldest dropped (and told); 0 = off
+    "spill_seg": 64,         # readings per append-only segment file (deleted whole when acked)
+    "bundle_max": 8,         # readings per MQTT message when replaying a backlog; 1 = one each
+    "sleep_ms": 0,           # >0: battery mode, deep sleep this long between wakes
+    "ack_wait_ms": 5000,     # battery mode: how long a wake waits for the gateway's acks
 }
 
 _INTS = {
@@ -41,6 +47,8 @@ _INTS = {
     "timeout_ms": (100, 120000), "backoff_min_ms": (10, 3600000),
     "backoff_max_ms": (10, 3600000), "offline_reset_s": (0, 86400 * 7),
     "wdt_ms": (0, 3600000),
+    "spill_max": (0, 65536), "spill_seg": (4, 4096), "bundle_max": (1, 32),
+    "sleep_ms": (0, 86400000), "ack_wait_ms": (100, 120000),
 }
 SENSOR_TYPES = ("adc", "tmp102", "uart", "sht3x")
 # Sensors that report several values take "names"; the defaults follow the protocol.
@@ -105,6 +113,8 @@ def validate(cfg):
             raise ConfigError("%s must be an integer in [%d, %d], got %r" % (key, lo, hi, v))
     if cfg["backoff_max_ms"] < cfg["backoff_min_ms"]:
         raise ConfigError("backoff_max_ms must be >= backoff_min_ms")
+    if cfg["bundle_max"] > 1 and cfg["bundle_max"] * (cfg["ring_slot"] + 16) + 128 > 4096:
+        raise ConfigError("bundle_max * (ring_slot + 16) + 128 must fit the 4096-byte node payload")
     if not isinstance(cfg["ntp"], bool):
         raise ConfigError("ntp must be true or false")
     for key in ("mqtt_password", "tls_ca"):

@@ -68,6 +68,13 @@ class Link:
         self.next_try = ticks_ms()
         self.offline_since = ticks_ms()
         self.wlan = None
+        self.spill = None       # unacked readings on flash (tern_spill), if configured
+        if cfg["spill_max"]:
+            from tern_spill import Spill
+            self.spill = Spill(cfg["spill_max"], cfg["spill_seg"])
+        self.bundle = cfg["bundle_max"]
+        self.sbuf = []          # one batch read back from the spill (<= bundle_max items)
+        self.ring_reported = 0  # ring drops already told in a birth message
         shim = SocketShim(_simple.socket, self)
         _simple.socket = shim   # only umqtt.simple sees the shim
 
@@ -78,6 +85,12 @@ class Link:
             d["reset"] = reset_cause_name()
             d["ring"] = self.ring.size
             d["mem"] = gc.mem_free()
+            dr = self.spill.drops() if self.spill is not None else {}
+            n = self.ring.dropped - self.ring_reported
+            if n:
+                dr[self.boot] = dr.get(self.boot, 0) + n
+            if dr:
+                d["dropped"] = dr   # readings lost per boot, told once (see connect)
         return dumps(d).encode()
 
     def connect(self):
@@ -98,7 +111,12 @@ class Link:
             c.connect(True)
             self.client = c
             self.last_rx = self.last_ping = self.up_since = ticks_ms()
+            rd = self.ring.dropped
             c.publish(self.t_status, self._status("online"), True, 1)
+            # The broker holds the birth (retained, QoS 1 acked): the drops are told.
+            self.ring_reported = rd
+            if self.spill is not None:
+                self.spill.clear_drops()
             c.subscribe(self.t_ack, 1)
         except BaseException:
             self.client = None
@@ -108,8 +126,23 @@ class Link:
                 pass
             raise
         self.sent_upto = 0      # resend every unacked reading, oldest first
+        if self.spill is not None:
+            self.spill.rewind()
         self.connects += 1
         log("connected")
+
+    def save(self):
+        """Put every unacked reading of the RAM ring on flash (before a reset, a sleep, or
+        when the link goes down): the spill then holds all that is unacked, in order."""
+        sp = self.spill
+        r = self.ring
+        if sp is None or not r.count:
+            return
+        for k in range(r.count):
+            i = (r.head + k) % r.size
+            sp.append(self.boot, r.seq[i], r.payload(i))
+        log("spilled %d" % r.count)
+        r.clear()
 
     def drop(self, why):
         c = self.client
@@ -123,6 +156,7 @@ class Link:
                 self.fails = 0  # it was a stable connection: start backoff over
             self.offline_since = ticks_ms()
         log("disconnected %s" % why)
+        self.save()
         self.schedule_retry()
 
     def schedule_retry(self):
@@ -142,10 +176,47 @@ class Link:
         return head.encode() + self.ring.payload(i) + b"}"
 
     def _on_msg(self, topic, msg):
-        # Acks for another boot are stale: parse_ack says -1. Applied by the main loop.
-        s = parse_ack(msg, self.boot)
-        if s > self.ack_in:
+        # Our boot's acks are applied by the main loop; an earlier boot's can only be for
+        # records replayed from the spill (else they are stale and ignored).
+        a = parse_ack(msg)
+        if a is None:
+            return
+        b, s = a
+        if self.spill is not None and self.spill.ack(b, s):
+            log("spill_acked %s %d" % (b, s))
+        if b == self.boot and s > self.ack_in:
             self.ack_in = s if s <= self.seq else self.seq
+
+    def replay(self, c):
+        """Publish the next batch from the spill: one v1 message, or a v2 bundle of up to
+        bundle_max readings of one boot. False when nothing can go now."""
+        sp = self.spill
+        if not sp.can_send():
+            return False
+        buf = self.sbuf
+        boot = sp.next_batch(self.bundle, buf)
+        if boot is None:
+            return False
+        if len(buf) == 1:
+            msg = ('{"v":1,"dev":"%s","boot":"%s","seq":%d,' % (self.device, boot, buf[0][0])).encode() + buf[0][1] + b"}"
+        else:
+            parts = [('{"v":2,"dev":"%s","boot":"%s","items":[' % (self.device, boot)).encode()]
+            for k in range(len(buf)):
+                parts.append(('%s{"seq":%d,' % ("," if k else "", buf[k][0])).encode())
+                parts.append(buf[k][1])
+                parts.append(b"}")
+            parts.append(b"]}")
+            msg = b"".join(parts)
+            parts = None
+        first = buf[0][0]
+        last = buf[-1][0]
+        n = len(buf)
+        del buf[:]
+        c.publish(self.t_tel, msg, False, self.qos)
+        if boot == self.boot and last > self.max_sent:
+            self.max_sent = last
+        log("replayed %s %d %d %d" % (boot, first, last, n))
+        return True
 
     def apply_acks(self):
         a = self.ack_in
@@ -166,6 +237,11 @@ class Link:
                     break                 # nothing arrived
             self.apply_acks()
             for _ in range(8):
+                if self.spill is not None and self.spill.pending():
+                    # The spill holds older readings: they go first, the ring waits.
+                    if not self.replay(c):
+                        break
+                    continue
                 i = self.ring.first_after(self.sent_upto)
                 if i < 0:
                     break

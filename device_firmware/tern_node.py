@@ -5,6 +5,8 @@
 #   TERN boot <boot> <device> <fw>    TERN connected            TERN disconnected <why>
 #   TERN sent <seq>    TERN resent <seq>    TERN acked <seq>    TERN dropped <total>
 #   TERN done <n>      TERN stats k=v ...   TERN stopped        TERN error <text>
+#   TERN spilled <n>   TERN replayed <boot> <first> <last> <n>  TERN spill_acked <boot> <seq>
+#   TERN spill_dropped <n>   TERN wake <boot> <seq>   TERN deepsleep <ms> (by machine)
 import gc
 import time
 
@@ -12,7 +14,7 @@ import machine
 
 from tern_link import Link, describe_error, ticks_add, ticks_diff, ticks_ms
 from tern_sensors import Sensors
-from tern_util import dumps, log, now_ms
+from tern_util import dumps, loads, log, now_ms, reset_cause_name
 
 
 class Node(Link):
@@ -22,6 +24,30 @@ class Node(Link):
         self.values = {}
         self.sensors = Sensors(cfg["sensors"], log)
         self.wdt = None
+        self.sleeping = cfg["sleep_ms"] > 0
+        if self.sleeping:
+            self.restore()
+
+    # --- battery mode: counters in RTC memory ---------------------------------------
+
+    def restore(self):
+        """After a deep-sleep wake, continue the same boot and seq (kept in RTC memory)."""
+        if reset_cause_name() != "DEEPSLEEP_RESET":
+            return
+        try:
+            m = machine.RTC().memory()
+            d = loads(m) if m else None
+        except Exception:
+            d = None
+        if isinstance(d, dict) and d.get("dev") == self.device and isinstance(d.get("seq"), int):
+            self.boot = d["boot"]
+            self.seq = d["seq"]
+            self.acked = self.ack_in = d.get("acked", 0)
+            log("wake %s %d" % (self.boot, self.seq))
+
+    def remember(self):
+        machine.RTC().memory(dumps({"dev": self.device, "boot": self.boot, "seq": self.seq,
+                                    "acked": self.acked}).encode())
 
     def wifi_start(self):
         w = self.cfg["wifi"]
@@ -69,12 +95,20 @@ class Node(Link):
         # when it is published (see Link.wire), so a slot is ~100 bytes, not ~200.
         payload = ('"ts":%d,"r":%s' % (now_ms(), dumps(vals))).encode()
         r = self.ring
-        d = r.dropped
-        try:
-            r.push(seq, payload)
-        except ValueError as e:   # names too long for the slot: say so, keep seq gap-free
-            log("error %s" % e)
+        if len(payload) > r.slot:  # names too long for the slot: say so, keep seq gap-free
+            log("error reading of %d bytes > ring_slot" % len(payload))
             return
+        sp = self.spill
+        if sp is not None and self.client is None and not self.sleeping:
+            # Offline: straight to flash, so a watchdog reset or power cut cannot lose it.
+            sp.append(self.boot, seq, payload)
+            self.seq = seq
+            return
+        if sp is not None and r.count == r.size:
+            sp.append(self.boot, r.seq[r.head], r.payload(r.head))  # RAM full: oldest to flash
+            r.pop()
+        d = r.dropped
+        r.push(seq, payload)
         self.seq = seq
         if r.dropped != d:
             log("dropped %d" % r.dropped)
@@ -82,15 +116,44 @@ class Node(Link):
     def stats(self):
         gc.collect()
         log("stats seq=%d sent=%d acked=%d ring=%d dropped=%d sensor_err=%d bad_frames=%d "
-            "connects=%d mem_free=%d" % (self.seq, self.max_sent, self.acked, self.ring.count,
-                                         self.ring.dropped, self.sensors.errors,
-                                         self.sensors.bad_frames(), self.connects, gc.mem_free()))
+            "connects=%d mem_free=%d spill=%d" % (
+                self.seq, self.max_sent, self.acked, self.ring.count, self.ring.dropped,
+                self.sensors.errors, self.sensors.bad_frames(), self.connects, gc.mem_free(),
+                0 if self.spill is None or self.spill.empty() else self.spill.last - self.spill.first + 1))
 
     def feed(self):
         if self.wdt is not None:
             self.wdt.feed()
 
     # --- main loop -----------------------------------------------------------------
+
+    def pending(self):
+        return self.ring.count > 0 or (self.spill is not None and not self.spill.empty())
+
+    def wake(self):
+        """Battery mode, one wake: sample, connect, publish what is pending, wait (bounded)
+        for the acks, put what is still unacked on flash, sleep."""
+        cfg = self.cfg
+        limit = cfg["max_readings"]
+        if not (limit and self.seq >= limit):
+            self.take_reading()
+        if self.pending():
+            try:
+                self.connect()
+            except Exception as e:
+                log("error connect %s" % describe_error(e))
+            t0 = ticks_ms()
+            while self.client is not None and self.pending() and \
+                    ticks_diff(ticks_ms(), t0) < cfg["ack_wait_ms"]:
+                self.feed()
+                self.service()
+                time.sleep_ms(5)
+        if limit and self.seq >= limit and not self.pending():
+            log("done %d" % limit)
+        self.save()
+        self.shutdown()
+        self.remember()
+        machine.deepsleep(cfg["sleep_ms"])
 
     def run(self):
         cfg = self.cfg
@@ -99,6 +162,8 @@ class Node(Link):
             self.wdt = machine.WDT(timeout=cfg["wdt_ms"])
         self.wifi_start()
         self.ntp()
+        if self.sleeping:
+            return self.wake()
         interval = cfg["interval_ms"]
         limit = cfg["max_readings"]
         next_read = ticks_ms()
@@ -132,7 +197,7 @@ class Node(Link):
             else:
                 off = cfg["offline_reset_s"]
                 if off and ticks_diff(ticks_ms(), self.offline_since) > off * 1000:
-                    log("error offline too long, resetting")
+                    log("error offline too long, resetting at seq %d" % self.seq)
                     machine.reset()
             wait = ticks_diff(next_read, ticks_ms()) if not self.done else 50
             time.sleep_ms(max(1, min(wait, 20)))
@@ -144,4 +209,8 @@ def run(cfg, fw="?"):
     try:
         node.run()
     except KeyboardInterrupt:
+        node.save()
         node.shutdown()
+    except Exception:
+        node.save()   # main.py resets the board: keep what is unacked
+        raise

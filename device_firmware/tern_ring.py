@@ -3,16 +3,21 @@
 import json
 
 
-def parse_ack(msg, boot):
-    """Seq of a gateway ack {"v":1,"boot":...,"seq":N} for our boot, else -1."""
+def parse_ack(msg):
+    """(boot, seq) of a gateway ack {"v":1,"boot":...,"seq":N}, or None.
+
+    Any boot: readings of an earlier boot come back from the flash spill."""
     try:
         a = json.loads(msg)
     except ValueError:
-        return -1
-    if not isinstance(a, dict) or a.get("v") != 1 or a.get("boot") != boot:
-        return -1
+        return None
+    if not isinstance(a, dict) or a.get("v") != 1:
+        return None
+    b = a.get("boot")
     s = a.get("seq")
-    return s if isinstance(s, int) and s >= 0 else -1
+    if not isinstance(b, str) or not isinstance(s, int) or s < 0:
+        return None
+    return b, s
 
 
 class Ring:
@@ -54,6 +59,10 @@ class Ring:
     def pop(self):
         self.head = (self.head + 1) % self.size
         self.count -= 1
+
+    def clear(self):
+        self.head = 0
+        self.count = 0
 
     def ack(self, upto):
         """Forget every reading with seq <= upto."""

@@ -34,6 +34,10 @@ def dumps(obj):
         return json.dumps(obj)
 
 
+def loads(s):
+    return json.loads(s)
+
+
 def reset_cause_name():
     try:
         cause = machine.reset_cause()

@@ -55,7 +55,7 @@ class _Incoming:
     retain: bool = False
 
 
-Decoded = Reading | StatusEvent | DeadLetter | None
+Decoded = Reading | list[Reading] | StatusEvent | DeadLetter | None
 
 
 def decode(topic: str, payload: bytes, received_ms: int = 0) -> Decoded:
@@ -64,7 +64,10 @@ def decode(topic: str, payload: bytes, received_ms: int = 0) -> Decoded:
     try:
         where = topics.parse_node_topic(topic)
         if where.kind == topics.TELEMETRY:
-            return codec.decode_reading(payload, site=where.site, topic_device=where.device)
+            # One reading (v1) or a node's bundle of them (v2): a bundle is stored and acked
+            # reading by reading, as if each had come alone.
+            readings = codec.decode_readings(payload, site=where.site, topic_device=where.device)
+            return readings[0] if len(readings) == 1 else list(readings)
         if where.kind == topics.STATUS:
             if not payload:
                 return None
@@ -204,7 +207,11 @@ class Ingest:
         count = 0
         for item in held:
             result = decode(item.topic, item.payload, item.received_ms)
-            if isinstance(result, (Reading, StatusEvent)):
+            if isinstance(result, list):  # a bundle: all of it or none of it in this group
+                if len(readings) + len(statuses) + len(result) > room and (readings or statuses or room <= 0):
+                    break
+                readings.extend(result)
+            elif isinstance(result, (Reading, StatusEvent)):
                 # Both take a row; a status that turns out to be a duplicate only makes this
                 # check conservative.
                 if len(readings) + len(statuses) >= room:

@@ -210,6 +210,10 @@ class Outbox:
                 not_null={"site", "device", "boot", "state", "fw", "reset", "received_ms"},
                 if_not_exists=True,
             )
+            # Readings a node dropped, per boot (JSON {boot: n}, "" for none); added later,
+            # so an older outbox gets the column here.
+            if "dropped" not in self.db[STATUS_EVENTS].columns_dict:
+                self.db[STATUS_EVENTS].add_column("dropped", str, not_null_default="")
             self.db[NODE_STATUS].create(
                 {"site": str, "device": str, "boot": str, "state": str, "received_ms": int},
                 pk=("site", "device"),
@@ -302,13 +306,14 @@ class Outbox:
             latest = self.db.execute(
                 f"SELECT boot, state FROM {NODE_STATUS} WHERE site = ? AND device = ?", [event.site, event.device]
             ).fetchone()
-            if latest == (event.boot, event.state):
-                continue
+            if latest == (event.boot, event.state) and not event.dropped:
+                continue  # (a status telling drops is news even for the same boot and state)
             received = stamp  # like readings: when this gateway committed it
             self.db.execute(
-                f"INSERT INTO {STATUS_EVENTS} (site, device, boot, state, fw, reset, received_ms)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [event.site, event.device, event.boot, event.state, event.fw, event.reset, received],
+                f"INSERT INTO {STATUS_EVENTS} (site, device, boot, state, fw, reset, received_ms, dropped)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [event.site, event.device, event.boot, event.state, event.fw, event.reset, received,
+                 json.dumps(dict(event.dropped)) if event.dropped else ""],
             )
             self.db.execute(
                 f"INSERT INTO {NODE_STATUS} (site, device, boot, state, received_ms) VALUES (?, ?, ?, ?, ?)"
@@ -346,14 +351,16 @@ class Outbox:
         """The oldest ``limit`` pending status events in arrival order (they stay until deleted)."""
         with self._lock:
             cursor = self.db.execute(
-                f"SELECT id, site, device, state, boot, fw, reset, received_ms FROM {STATUS_EVENTS} ORDER BY id LIMIT ?",
+                f"SELECT id, site, device, state, boot, fw, reset, received_ms, dropped FROM {STATUS_EVENTS}"
+                " ORDER BY id LIMIT ?",
                 [limit],
             )
             return [
                 StatusRow(
                     id=row[0],
                     event=StatusEvent(
-                        site=row[1], device=row[2], state=row[3], boot=row[4], fw=row[5], reset=row[6], received_ms=row[7]
+                        site=row[1], device=row[2], state=row[3], boot=row[4], fw=row[5], reset=row[6], received_ms=row[7],
+                        dropped=tuple(json.loads(row[8]).items()) if row[8] else (),
                     ),
                 )
                 for row in cursor.fetchall()

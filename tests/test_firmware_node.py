@@ -134,7 +134,9 @@ def test_readings_birth_and_last_will(tmp_path: Path, broker: Mosquitto) -> None
 
 
 def test_acks_trim_ring_and_unacked_resent_after_broker_restart(tmp_path: Path, broker: Mosquitto) -> None:
-    node = make_node(tmp_path, broker, "fw-acks", interval_ms=100, max_readings=6, keepalive=10)
+    node = make_node(
+        tmp_path, broker, "fw-acks", interval_ms=100, max_readings=6, keepalive=10, extra_config={"bundle_max": 1}
+    )
     watcher = Watcher(broker.port)
     try:
         node.start()
@@ -150,7 +152,7 @@ def test_acks_trim_ring_and_unacked_resent_after_broker_restart(tmp_path: Path, 
         assert node.acked == 3
         watcher.close()
 
-        broker.stop()  # the node loses the broker with 4..6 unacked
+        broker.stop()  # the node loses the broker with 4..6 unacked: they go to the flash spill
         assert node.wait_for(lambda n: "disconnected" in " ".join(n.tail), 15), node.log_text()
         broker.start()
         watcher = Watcher(broker.port)
@@ -159,10 +161,11 @@ def test_acks_trim_ring_and_unacked_resent_after_broker_restart(tmp_path: Path, 
         time.sleep(0.5)
         # Exactly the unacked readings, in order, same boot: acked ones are not resent.
         assert seqs(watcher, node.device, node.boot) == [4, 5, 6]
-        assert node.resent == 3
+        assert node.spilled == 3 and node.replayed == 3, node.log_text()
 
         watcher.publish(ack, json.dumps({"v": 1, "boot": node.boot, "seq": 6}).encode())
-        assert node.wait_for(lambda n: n.acked == 6, 5)
+        assert node.wait_for(lambda n: f"TERN spill_acked {n.boot} 6" in n.tail, 5), node.log_text()
+        assert not list(node.workdir.glob("spill.*")), "an all-acked spill leaves no file"
     finally:
         node.kill()
         watcher.close()
@@ -170,7 +173,7 @@ def test_acks_trim_ring_and_unacked_resent_after_broker_restart(tmp_path: Path, 
 
 def test_ring_is_bounded_and_counts_drops(tmp_path: Path, broker: Mosquitto) -> None:
     node = make_node(
-        tmp_path, broker, "fw-ring", interval_ms=20, max_readings=60, extra_config={"ring_size": 5}
+        tmp_path, broker, "fw-ring", interval_ms=20, max_readings=60, extra_config={"ring_size": 5, "spill_max": 0}
     )
     watcher = Watcher(broker.port)
     try:
@@ -190,12 +193,14 @@ def test_ring_is_bounded_and_counts_drops(tmp_path: Path, broker: Mosquitto) -> 
 
 
 def test_full_ring_at_default_size_fits_small_heap(tmp_path: Path, broker: Mosquitto) -> None:
-    """64 unacked readings in a 100K heap (an ESP32's ~110 KB, with 64-bit objects) with the UART sensor on: no MemoryError."""
+    """64 unacked readings in the emulator's default heap (100K, an ESP32 without PSRAM) with
+    the UART sensor on: no MemoryError."""
     node = make_node(
         tmp_path,
         broker,
         "fw-heap",
         heap="100K",
+        extra_config={"spill_max": 0},
         interval_ms=10,
         max_readings=150,
         sensors=[

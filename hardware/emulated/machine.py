@@ -8,12 +8,17 @@
 #   TERN_EMU_TMP102        temperature in C of the simulated TMP102 at 0x48
 #                          (default a slow sine around 21 C); "fail" -> OSError
 #   TERN_EMU_UART<id>      path (pty, fifo or growing file) the UART reads from
-# reset() exits the process with RESET_EXIT_CODE so the host can "reboot" the node.
+#   TERN_EMU_RTC           file that plays RTC memory (kept over resets and deep sleep,
+#                          cleared by the host at power-on); unset -> RAM only
+# reset() exits the process with RESET_EXIT_CODE, deepsleep(ms) with DEEPSLEEP_EXIT_CODE
+# after printing "TERN deepsleep <ms>", and a starved WDT kills it with SIGALRM (a real
+# timer, so a hung node is reset too): the host boots it again, flash (cwd) kept.
 import os
 import sys
 import time
 
 RESET_EXIT_CODE = 77
+DEEPSLEEP_EXIT_CODE = 78
 
 PWRON_RESET = 1
 HARD_RESET = 2
@@ -53,7 +58,8 @@ def soft_reset():
 
 
 def deepsleep(ms=0):
-    sys.exit(RESET_EXIT_CODE)
+    print("TERN deepsleep %d" % ms)
+    sys.exit(DEEPSLEEP_EXIT_CODE)
 
 
 def lightsleep(ms=0):
@@ -113,24 +119,39 @@ class Pin:
 from _emu_periph import ADC, I2C, SoftI2C, UART  # noqa: E402
 
 
+def _alarm():
+    # alarm(2) from libc: SIGALRM's default action ends the process, as the chip's watchdog
+    # resets it, whatever the firmware is doing (even blocked in a socket call).
+    try:
+        import ffi
+        return ffi.open("libc.so.6").func("I", "alarm", "I")
+    except Exception:
+        return None
+
+
 class WDT:
-    """Watchdog, checked lazily: a feed() after the timeout has passed resets the node."""
+    """Watchdog: not fed within `timeout` ms (rounded up to whole seconds) -> reset."""
 
     def __init__(self, id=0, timeout=5000):
         self.timeout = timeout
         self.last = time.ticks_ms()
+        self._arm = _alarm()
+        self.feed()
 
     def feed(self):
+        if self._arm is not None:
+            self._arm((self.timeout + 999) // 1000)
+            return
+        # No libc timer: check lazily (a feed after the timeout resets the node).
         now = time.ticks_ms()
         if time.ticks_diff(now, self.last) > self.timeout:
             print("TERN error watchdog")
-            os.putenv("TERN_EMU_RESET_CAUSE", "WDT_RESET")
             sys.exit(RESET_EXIT_CODE)
         self.last = now
 
 
 class RTC:
-    _mem = b""
+    _mem = None
 
     def datetime(self, dt=None):
         if dt is None:
@@ -141,6 +162,18 @@ class RTC:
         pass
 
     def memory(self, data=None):
+        path = _env("TERN_EMU_RTC")
         if data is None:
+            if RTC._mem is None:
+                RTC._mem = b""
+                if path is not None:
+                    try:
+                        with open(path, "rb") as f:
+                            RTC._mem = f.read(2048)
+                    except OSError:
+                        pass
             return RTC._mem
         RTC._mem = bytes(data)[:2048]
+        if path is not None:
+            with open(path, "wb") as f:
+                f.write(RTC._mem)

@@ -18,6 +18,12 @@ from tern.core.errors import CodecError
 from tern.core.topics import check_id
 
 WIRE_VERSION = 1
+#: A node's bundle of readings (docs/contracts.md, "Bundles"): the backlog a node replays
+#: after a reconnect or a deep-sleep wake, up to MAX_BUNDLE readings of one boot.
+BUNDLE_VERSION = 2
+MAX_BUNDLE = 32
+#: Boots a node may list in its birth message's "dropped" object.
+MAX_DROPPED_BOOTS = 16
 
 #: Largest node payload accepted. A reading is ~100-300 bytes; the firmware's own buffers
 #: are sized far below this, so anything larger is a fault, not data.
@@ -67,6 +73,8 @@ class Status:
     boot: str
     fw: str = ""
     reset: str = ""
+    #: ((boot, n), ...): readings the node had to drop, per boot, since it last said so.
+    dropped: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,11 +93,12 @@ class StatusEvent:
     fw: str = ""
     reset: str = ""
     received_ms: int = 0
+    dropped: tuple[tuple[str, int], ...] = ()
 
     @classmethod
     def from_status(cls, status: Status, site: str, received_ms: int = 0) -> "StatusEvent":
         """The event for ``status`` seen on ``site``'s topic."""
-        return cls(site, status.device, status.state, status.boot, status.fw, status.reset, received_ms)
+        return cls(site, status.device, status.state, status.boot, status.fw, status.reset, received_ms, status.dropped)
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,6 +251,59 @@ def decode_reading(raw: bytes, *, site: str = "", topic_device: str | None = Non
     )
 
 
+def encode_bundle(readings: "tuple[Reading, ...] | list[Reading]") -> bytes:
+    """Encode readings of one device and boot as a v2 bundle (as the firmware does)."""
+    if not readings or len(readings) > MAX_BUNDLE:
+        raise CodecError(f"a bundle holds 1-{MAX_BUNDLE} readings, got {len(readings)}")
+    first = readings[0]
+    if any(r.device != first.device or r.boot != first.boot for r in readings):
+        raise CodecError("a bundle holds readings of one device and boot")
+    return _dumps(
+        {
+            "v": BUNDLE_VERSION,
+            "dev": first.device,
+            "boot": first.boot,
+            "items": [{"seq": r.seq, "ts": r.ts_ms, "r": dict(r.values)} for r in readings],
+        }
+    )
+
+
+def decode_readings(raw: bytes, *, site: str = "", topic_device: str | None = None) -> tuple[Reading, ...]:
+    """Decode a node's telemetry payload: one reading (v1) or a bundle (v2) of up to
+    :data:`MAX_BUNDLE` readings of one boot, seqs strictly increasing."""
+    what = "node payload"
+    obj = _json_object(raw, MAX_NODE_PAYLOAD, what)
+    if obj.get("v") != BUNDLE_VERSION:
+        return (decode_reading(raw, site=site, topic_device=topic_device),)
+    what = "node bundle"
+    device = check_id(_text(obj, "dev", what), "device")
+    if topic_device is not None and device != topic_device:
+        raise CodecError(f"{what}: device {device!r} published on the topic of {topic_device!r}")
+    boot = _boot(obj, what)
+    items = list(_object_list(obj, "items", what, "item"))
+    if not 1 <= len(items) <= MAX_BUNDLE:
+        raise CodecError(f"{what}: 'items' must hold 1-{MAX_BUNDLE} readings, got {len(items)}")
+    out = []
+    for where, item in items:
+        seq = _int(item, "seq", where)
+        if out and seq <= out[-1].seq:
+            raise CodecError(f"{where}: seq {seq} does not follow {out[-1].seq}")
+        out.append(Reading(device=device, boot=boot, seq=seq, ts_ms=_int(item, "ts", where), values=_values(item, where), site=site))
+    return tuple(out)
+
+
+def _dropped(obj: Mapping[str, Any], what: str) -> tuple[tuple[str, int], ...]:
+    """The optional ``dropped`` object of a status: {boot: readings dropped}."""
+    raw = obj.get("dropped", {})
+    if not isinstance(raw, dict) or len(raw) > MAX_DROPPED_BOOTS:
+        raise CodecError(f"{what}: 'dropped' must be an object of at most {MAX_DROPPED_BOOTS} boots")
+    out = []
+    for boot, n in raw.items():
+        _boot({"boot": boot}, f"{what} dropped")
+        out.append((boot, _int({"n": n}, "n", f"{what} dropped[{boot!r}]")))
+    return tuple(out)
+
+
 def encode_status(status: Status) -> bytes:
     """Encode a birth message or last will."""
     obj: dict[str, Any] = {"v": WIRE_VERSION, "dev": status.device, "state": status.state, "boot": status.boot}
@@ -249,6 +311,8 @@ def encode_status(status: Status) -> bytes:
         obj["fw"] = status.fw
     if status.reset:
         obj["reset"] = status.reset
+    if status.dropped:
+        obj["dropped"] = dict(status.dropped)
     return _dumps(obj)
 
 
@@ -273,6 +337,7 @@ def decode_status(raw: bytes, *, topic_device: str | None = None) -> Status:
         boot=_boot(obj, what),
         fw=_text(obj, "fw", what, required=False),
         reset=_text(obj, "reset", what, required=False),
+        dropped=_dropped(obj, what),
     )
 
 
@@ -311,6 +376,8 @@ def _status_item(event: StatusEvent) -> dict[str, Any]:
         item["fw"] = event.fw
     if event.reset:
         item["reset"] = event.reset
+    if event.dropped:
+        item["dropped"] = dict(event.dropped)
     item["rx"] = event.received_ms
     return item
 
@@ -362,6 +429,7 @@ def _decode_status_events(obj: Mapping[str, Any], what: str) -> tuple[StatusEven
             fw=_text(item, "fw", where, required=False),
             reset=_text(item, "reset", where, required=False),
             received_ms=_int(item, "rx", where),
+            dropped=_dropped(item, where),
         )
         for where, item in _object_list(obj, "events", what, "event", default=[])
     )
@@ -489,6 +557,8 @@ def kafka_status_record(event: StatusEvent, gateway: str, topic: str, bridged_ms
         "gateway_rx_ms": event.received_ms,
         "bridge_ms": bridged_ms,
     }
+    if event.dropped:  # only when the node lost readings: other records stay as they were
+        value["dropped"] = dict(event.dropped)
     headers = (
         ("device", event.device.encode()),
         ("gateway", gateway.encode()),
@@ -512,4 +582,5 @@ def decode_kafka_status_value(raw: bytes) -> dict[str, Any]:
     _state(obj, what)
     _text(obj, "fw", what)
     _text(obj, "reset", what)
+    _dropped(obj, what)
     return obj

@@ -29,6 +29,12 @@ from tern.toolchain import micropython_binary, repo_root, umqtt_path
 
 #: machine.reset() on the emulated board exits with this code (hardware/emulated/machine.py).
 RESET_EXIT_CODE = 77
+#: machine.deepsleep(ms) exits with this code after printing ``TERN deepsleep <ms>``.
+DEEPSLEEP_EXIT_CODE = 78
+#: A starved machine.WDT ends the process with SIGALRM (a real timer on the emulated board).
+WDT_SIGNAL = signal.SIGALRM
+#: The emulated ESP32 has no PSRAM: the firmware gets about as much heap as on the chip.
+DEFAULT_HEAP = "100K"
 #: How many machine.reset() reboots the emulator performs for one start().
 MAX_RESETS = 20
 
@@ -86,7 +92,7 @@ class EmulatedNode:
         interval_ms: int = 1000,
         max_readings: int = 0,
         keepalive: int = 30,
-        heap: str = "64K",
+        heap: str = DEFAULT_HEAP,
         sensors: list | None = None,
         extra_config: dict | None = None,
         env: dict[str, str] | None = None,
@@ -126,6 +132,8 @@ class EmulatedNode:
         check_config(config)
         self.config = config
         self.log_path = self.workdir / "node.log"
+        # RTC memory lives beside the flash folder, not in it: it is no file on the board.
+        self.rtc_path = self.workdir.parent / f".{self.workdir.name}.rtc"
         self.process: subprocess.Popen | None = None
         self._lock = threading.Lock()
         self._reader: threading.Thread | None = None
@@ -135,6 +143,9 @@ class EmulatedNode:
         self._reset_counters()
         self.boots = 0
         self.resets = 0
+        self.wakes = 0  # deep-sleep wake-ups
+        self.reset_causes: collections.deque[str] = collections.deque(maxlen=50)
+        self._wake = threading.Event()
         self.exit_code: int | None = None
         self.errors: collections.deque[str] = collections.deque(maxlen=20)
         self.tail: collections.deque[str] = collections.deque(maxlen=50)
@@ -146,6 +157,10 @@ class EmulatedNode:
         self.acked = 0
         self.dropped = 0
         self.connects = 0
+        self.replayed = 0  # readings re-sent from the flash spill this boot
+        self.replay_messages = 0
+        self.spilled = 0
+        self.spill_dropped = 0
         self.stats: dict[str, int] = {}
         self._done.clear()
 
@@ -169,6 +184,7 @@ class EmulatedNode:
             MICROPYPATH=os.pathsep.join([str(emulated_dir()), str(umqtt_path()), str(self.workdir)]),
             TERN_EMU_UID=uid,
             TERN_EMU_RESET_CAUSE="PWRON_RESET",
+            TERN_EMU_RTC=str(self.rtc_path),
         )
         for uart, sim in zip(self._sim_specs, self.sims):
             env[f"TERN_EMU_UART{uart}"] = sim.path
@@ -188,7 +204,10 @@ class EmulatedNode:
             for uart, opts in self._sim_specs.items():
                 self.sims.append(SerialSim(**opts).start())
         self._stopping = False
+        self._wake.clear()
         self.resets = 0
+        # Power on: RTC memory is lost, flash (the folder) is kept.
+        self.rtc_path.unlink(missing_ok=True)
         self._spawn(self.environment())
         return self
 
@@ -212,6 +231,7 @@ class EmulatedNode:
     def _read(self, process: subprocess.Popen, env: dict[str, str]) -> None:
         assert process.stdout is not None
         cause = "SOFT_RESET"
+        sleep_ms = 0
         log = self._log
         for raw in process.stdout:
             if log is not None:
@@ -221,18 +241,36 @@ class EmulatedNode:
             self.tail.append(line)
             if line == "TERN error watchdog":
                 cause = "WDT_RESET"
+            elif line.startswith("TERN deepsleep "):
+                try:
+                    sleep_ms = int(line.split()[2])
+                except ValueError:
+                    sleep_ms = 0
             self._parse(line)
         code = process.wait()
         self.exit_code = code
         if log is not None:
             log.close()
+        if code == -WDT_SIGNAL:
+            cause = "WDT_RESET"
+        if code == DEEPSLEEP_EXIT_CODE and self.auto_reset:
+            # The timer wakes the chip: RTC memory and flash kept, reset cause DEEPSLEEP_RESET.
+            # (Sleeps are not resets: a node that sleeps forever is not a crash loop.)
+            self._wake.wait(min(sleep_ms, 3_600_000) / 1000)
+            with self._lock:
+                if not self._stopping:
+                    self.wakes += 1
+                    self.reset_causes.append("DEEPSLEEP_RESET")
+                    self._spawn(dict(env, TERN_EMU_RESET_CAUSE="DEEPSLEEP_RESET"))
+            return
         with self._lock:
             # (bounded: a node that crashes at every boot is left down, not respawned forever)
-            if code == RESET_EXIT_CODE and self.auto_reset and not self._stopping and self.resets < MAX_RESETS:
-                # machine.reset(): boot again, as the board would, with the reset cause set.
+            if code in (RESET_EXIT_CODE, -WDT_SIGNAL) and self.auto_reset and not self._stopping and self.resets < MAX_RESETS:
+                # machine.reset() or the watchdog: boot again, as the board would, with the
+                # reset cause set; flash and RTC memory are kept.
                 self.resets += 1
-                env = dict(env, TERN_EMU_RESET_CAUSE=cause)
-                self._spawn(env)
+                self.reset_causes.append(cause)
+                self._spawn(dict(env, TERN_EMU_RESET_CAUSE=cause))
 
     def _parse(self, line: str) -> None:
         parts = line.split()
@@ -258,6 +296,13 @@ class EmulatedNode:
                 self.dropped = int(args[0])
             elif event == "stats":
                 self.stats = {k: int(v) for k, v in (a.split("=", 1) for a in args)}
+            elif event == "replayed":
+                self.replayed += int(args[3])
+                self.replay_messages += 1
+            elif event == "spilled":
+                self.spilled += int(args[0])
+            elif event == "spill_dropped":
+                self.spill_dropped += int(args[0])
             elif event == "done":
                 self._done.set()
             elif event == "error":
@@ -293,6 +338,7 @@ class EmulatedNode:
             return
         with self._lock:
             self._stopping = True
+        self._wake.set()
         if process.poll() is None and signal_sent:
             try:
                 process.wait(timeout)
@@ -371,6 +417,7 @@ class Fleet:
         for node in self.nodes:
             if node.process is not None and node.running:
                 node._stopping = True
+                node._wake.set()
                 try:
                     os.kill(node.process.pid, signal.SIGINT)
                 except ProcessLookupError:

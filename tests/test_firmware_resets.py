@@ -1,0 +1,180 @@
+"""Unacked readings outlive resets: the real firmware (MicroPython unix port) → Pi mosquitto →
+gateway (SQLite outbox) → cloud mosquitto → bridge → Kafka (Tansu), all real.
+
+A fault proxy sits between the node and the Pi broker, so the node loses the gateway while
+everything behind it keeps running. What the node could not deliver goes to its flash spill
+(append-only segment files in its flash folder); these tests check what Kafka ends up with.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from faultproxy import FaultProxy
+from tern.cloud.bridge import BridgeThread
+from tern.cloud.config import BridgeConfig
+from tern.cloud.consume import read_all
+from tern.core import codec
+from tern.device.emulate import EmulatedNode
+from tern.edge.config import GatewayConfig
+from tern.edge.service import Gateway
+from tern.harness.observe import KafkaTail, wait_until
+
+SITE = "site-rst"
+
+
+@pytest.fixture
+def pipeline(tmp_path: Path, mosquitto_factory, kafka_bootstrap: str, kafka_topics: dict[str, str]):
+    """Pi broker behind a fault proxy, cloud broker, gateway, bridge, and a Kafka tail."""
+    pi = mosquitto_factory("pi")
+    cloud = mosquitto_factory("cloud")
+    gateway = Gateway(
+        GatewayConfig(gateway_id="gw-rst", local_broker=pi.address, cloud_broker=cloud.address, outbox_path=tmp_path / "outbox.db")
+    )
+    bridge = BridgeThread(
+        BridgeConfig(
+            name="rst",
+            mqtt_broker=cloud.address,
+            kafka_bootstrap=kafka_bootstrap,
+            readings_topic=kafka_topics["readings"],
+            status_topic=kafka_topics["status"],
+            deadletter_topic=kafka_topics["deadletter"],
+        )
+    )
+    with gateway, bridge, FaultProxy("127.0.0.1", pi.port) as proxy:
+        tail = KafkaTail(kafka_bootstrap, kafka_topics["readings"]).start()
+        try:
+            yield {"proxy": proxy, "tail": tail, "tmp": tmp_path, "kafka": kafka_bootstrap, "status_topic": kafka_topics["status"]}
+        finally:
+            tail.stop()
+
+
+def kafka_seqs(tail: KafkaTail, device: str, boot: str) -> list[int]:
+    """Seqs of one boot of one device in Kafka, in partition order, first occurrences only."""
+    seqs = [identity[2] for identity, _, _ in tail.records() if identity[0] == device and identity[1] == boot]
+    return list(dict.fromkeys(seqs))
+
+
+def kafka_statuses(bootstrap: str, topic: str, device: str) -> list[dict]:
+    records = sorted(read_all(bootstrap, topic, timeout_s=5), key=lambda r: (r.partition, r.offset))
+    values = [codec.decode_kafka_status_value(r.raw) for r in records]
+    return [v for v in values if v["device"] == device]
+
+
+def spilled_seqs(flash: Path, boot: str) -> list[int]:
+    """What the node's flash spill holds for ``boot`` (read while the node is frozen)."""
+    out = []
+    for seg in sorted(flash.glob("spill.[0-9]*"), key=lambda p: int(p.suffix[1:])):
+        for line in seg.read_bytes().splitlines():
+            b, seq, _ = line.split(b" ", 2)
+            if b.decode() == boot:
+                out.append(int(seq))
+    return out
+
+
+def test_watchdog_reset_delivers_unacked_readings_under_their_old_boot(pipeline) -> None:
+    proxy: FaultProxy = pipeline["proxy"]
+    tail: KafkaTail = pipeline["tail"]
+    node = EmulatedNode(
+        pipeline["tmp"] / "wdt-1", device="wdt-1", site=SITE, broker=proxy.address, interval_ms=100, max_readings=80,
+        extra_config={"wdt_ms": 2000, "keepalive": 10},
+    )
+    try:
+        node.start()
+        assert node.wait_for(lambda n: n.acked >= 5, 30), node.log_text()
+        boot1 = node.boot
+        proxy.set_mode("refuse")  # the gateway is gone: what follows is unacked
+        assert node.wait_for(lambda n: any(line.startswith("TERN disconnected") for line in n.tail), 20), node.log_text()
+        assert node.wait_for(lambda n: len(spilled_seqs(n.workdir, boot1)) >= 15, 30), node.log_text()
+
+        # The node hangs (a stuck driver, say) past its watchdog: frozen, nothing runs.
+        os.kill(node.process.pid, signal.SIGSTOP)
+        frozen = spilled_seqs(node.workdir, boot1)
+        time.sleep(2.5)  # the hang itself: longer than wdt_ms
+        proxy.set_mode("pass")
+        os.kill(node.process.pid, signal.SIGCONT)
+        assert node.wait_for(lambda n: n.boots >= 2 and n.boot != boot1, 20), node.log_text()
+        assert list(node.reset_causes) == ["WDT_RESET"], node.log_text()
+        last1 = frozen[-1]
+        assert frozen == list(range(frozen[0], last1 + 1))
+
+        boot2 = node.boot
+        # Every reading of the old boot reaches Kafka under its old (boot, seq), and before
+        # any reading of the new boot (one partition per device: Kafka order is delivery order).
+        assert wait_until(lambda: kafka_seqs(tail, "wdt-1", boot1) == list(range(1, last1 + 1)), 60), (
+            kafka_seqs(tail, "wdt-1", boot1), last1, node.log_text())
+        assert wait_until(lambda: kafka_seqs(tail, "wdt-1", boot2) == list(range(1, 81)), 60), kafka_seqs(tail, "wdt-1", boot2)
+        order = [identity[1] for identity, _, _ in tail.records() if identity[0] == "wdt-1"]
+        last_old = max(i for i, b in enumerate(order) if b == boot1)
+        first_new = order.index(boot2)
+        assert last_old < first_new, "the old boot's backlog must come before the new boot's readings"
+        assert node.replayed >= len(frozen) and node.replay_messages < node.replayed, "a backlog goes in bundles"
+
+        births = [v for v in kafka_statuses(pipeline["kafka"], pipeline["status_topic"], "wdt-1") if v["boot"] == boot2]
+        assert births and births[0]["reset"] == "WDT_RESET" and "dropped" not in births[0]
+        assert wait_until(lambda: not list(node.workdir.glob("spill.[0-9]*")), 10), "acked spill segments are deleted"
+    finally:
+        node.kill()
+
+
+def test_offline_reset_keeps_readings_and_an_overflow_reports_its_drops_to_kafka(pipeline) -> None:
+    proxy: FaultProxy = pipeline["proxy"]
+    tail: KafkaTail = pipeline["tail"]
+    # A tiny spill (4 segments of 4 readings) so a 4 s outage at 20 readings/s overflows it.
+    node = EmulatedNode(
+        pipeline["tmp"] / "off-1", device="off-1", site=SITE, broker=proxy.address, interval_ms=50, max_readings=300,
+        extra_config={"offline_reset_s": 4, "ring_size": 8, "spill_max": 16, "spill_seg": 4, "keepalive": 10,
+                      "backoff_min_ms": 100, "backoff_max_ms": 1000},
+    )
+    try:
+        node.start()
+        assert node.wait_for(lambda n: n.acked >= 5, 30), node.log_text()
+        boot1 = node.boot
+        proxy.set_mode("refuse")
+        assert node.wait_for(lambda n: any("offline too long" in line for line in n.tail), 30), node.log_text()
+        proxy.set_mode("pass")
+        assert node.wait_for(lambda n: n.boot != boot1 and n.connects >= 1, 30), node.log_text()
+        assert list(node.reset_causes) == ["SOFT_RESET"]
+        boot2 = node.boot
+        text = node.log_text()
+        last1 = int(re.search(r"TERN error offline too long, resetting at seq (\d+)", text).group(1))
+        dropped = sum(int(n) for n in re.findall(r"TERN spill_dropped (\d+)", text))
+        assert dropped > 0, text
+
+        # The reset cause and the drop counts reach Kafka in the new boot's birth.
+        def birth() -> dict | None:
+            for v in kafka_statuses(pipeline["kafka"], pipeline["status_topic"], "off-1"):
+                if v["boot"] == boot2 and v["state"] == "online":
+                    return v
+            return None
+
+        assert wait_until(lambda: birth() is not None, 60)
+        told = birth()
+        assert told["reset"] == "SOFT_RESET"
+        assert set(told["dropped"]) <= {boot1, boot2} and sum(told["dropped"].values()) == dropped, (told, dropped)
+        lost1 = told["dropped"][boot1]
+
+        # What survived: every live reading before the outage and the newest of the offline
+        # ones; the oldest offline ones went first, exactly as many as reported.
+        def settled() -> bool:
+            got = kafka_seqs(tail, "off-1", boot1)
+            return bool(got) and got[-1] == last1 and len(got) == last1 - lost1
+
+        assert wait_until(settled, 60), (kafka_seqs(tail, "off-1", boot1), last1, told)
+        got = kafka_seqs(tail, "off-1", boot1)
+        assert got == sorted(got)
+        gaps = [(a, b) for a, b in zip(got, got[1:]) if b != a + 1]
+        assert len(gaps) == 1 and gaps[0][1] - gaps[0][0] - 1 == lost1, gaps
+        # The new boot: whatever it lost before it connected went first, then nothing.
+        first2 = told["dropped"].get(boot2, 0) + 1
+        assert wait_until(lambda: len(kafka_seqs(tail, "off-1", boot2)) >= 20, 60)
+        got2 = kafka_seqs(tail, "off-1", boot2)
+        assert got2 == list(range(first2, first2 + len(got2))), got2
+    finally:
+        node.kill()
