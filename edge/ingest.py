@@ -89,6 +89,8 @@ class Ingest:
             "processed": 0,
             "committed": 0,
             "duplicates": 0,
+            "gaps_opened": 0,
+            "gap_filled": 0,
             "status_committed": 0,
             "status_duplicates": 0,
             "status_cleared": 0,
@@ -225,6 +227,8 @@ class Ingest:
             self._counts["processed"] += count
             self._counts["committed"] += result.inserted
             self._counts["duplicates"] += result.duplicates
+            self._counts["gaps_opened"] += result.gaps
+            self._counts["gap_filled"] += result.gap_filled
             self._counts["dead_lettered"] += result.dead_letters
             self._counts["status_committed"] += result.statuses
             self._counts["status_duplicates"] += result.status_duplicates

@@ -10,6 +10,8 @@ Tables:
   de-duplicates re-delivered retained statuses and what node liveness is counted from.
 - ``dead_letters``: payloads that broke the contract, kept with the reason, never dropped.
 - ``meta``: key/value integers; ``bseq`` is the last batch sequence number handed out.
+- ``seq_high``, ``seq_gaps``: the highest seq committed per (device, boot) and the missing
+  ranges (:mod:`tern.edge.seqtrack`): a re-send of a reading already forwarded is a duplicate.
 
 The outbox is bounded by ``max_rows`` pending rows: readings and status events together (a
 status event is a row on the SD card like any other, and one bound keeps one back-pressure
@@ -34,6 +36,7 @@ from typing import Iterable, Sequence
 import sqlite_utils
 
 from tern.core.codec import Reading, StatusEvent
+from tern.edge import seqtrack
 
 OUTBOX = "outbox"
 STATUS_EVENTS = "status_events"
@@ -87,6 +90,10 @@ class AddResult:
     statuses: int = 0
     #: Statuses equal to the device's latest one (a re-delivered retained message): not stored.
     status_duplicates: int = 0
+    #: Sequence gaps this commit opened (see :mod:`tern.edge.seqtrack`).
+    gaps: int = 0
+    #: Readings that arrived late into an open gap (stored, not duplicates).
+    gap_filled: int = 0
 
 
 @dataclass(frozen=True)
@@ -220,6 +227,7 @@ class Outbox:
                 if_not_exists=True,
             )
             self.db[META].create({"key": str, "value": int}, pk="key", if_not_exists=True)
+            seqtrack.create_tables(self.db)
 
     # --- writes ------------------------------------------------------------------------
 
@@ -237,8 +245,9 @@ class Outbox:
     ) -> AddResult:
         """Commit readings and statuses (stamped ``received_ms``) and dead letters in one durable transaction.
 
-        Readings already pending (same device, boot, seq) are ignored and counted as
-        duplicates. A status equal (boot and state) to the latest one committed for its
+        A reading at or below the highest seq committed for its (device, boot), pending or
+        long forwarded, is ignored and counted as a duplicate; a jump in seq records the
+        missing range (:mod:`tern.edge.seqtrack`). A status equal (boot and state) to the latest one committed for its
         device is ignored too: that is a retained message re-delivered on a (re)subscribe,
         or a QoS 1 re-delivery. Comparing with the *latest* rather than with every pending
         one keeps a real flap (online, offline, online again after a reconnect with the same
@@ -246,6 +255,38 @@ class Outbox:
         drops, so a caller that ignores the bound overshoots it rather than losing data.
         """
         stamp = now_ms() if received_ms is None else received_ms
+        with self._changed:
+            return self._add_locked(readings, dead_letters, stamp, statuses)
+
+    def _add_locked(
+        self,
+        readings: Sequence[Reading],
+        dead_letters: Sequence[DeadLetter],
+        stamp: int,
+        statuses: Sequence[StatusEvent],
+    ) -> AddResult:
+        with self.db.atomic():
+            # Duplicates of readings already committed (pending or long forwarded) go here,
+            # in the same transaction as the rows, so a rollback undoes both.
+            screened = seqtrack.screen(self.db, readings, stamp)
+            inserted = self._insert_readings(screened.fresh, stamp)
+            status_inserted = self._add_statuses(statuses, stamp)
+            letters = self._insert_dead_letters(dead_letters, stamp)
+        self._pending += inserted
+        self._status_pending += status_inserted
+        if inserted or status_inserted:
+            self._changed.notify_all()
+        return AddResult(
+            inserted=inserted,
+            duplicates=len(readings) - inserted,
+            dead_letters=letters,
+            statuses=status_inserted,
+            status_duplicates=len(statuses) - status_inserted,
+            gaps=screened.gaps_opened,
+            gap_filled=screened.gap_filled,
+        )
+
+    def _insert_readings(self, readings: Sequence[Reading], stamp: int) -> int:
         rows = [
             {
                 "site": r.site,
@@ -258,6 +299,15 @@ class Outbox:
             }
             for r in readings
         ]
+        if not rows:
+            return 0
+        before = self.db.conn.total_changes
+        # OR IGNORE: the UNIQUE identity index turns a redelivery into a no-op (seqtrack
+        # already screened them out; this is the second line of defence).
+        self.db[OUTBOX].insert_all(rows, ignore=True)
+        return self.db.conn.total_changes - before
+
+    def _insert_dead_letters(self, dead_letters: Sequence[DeadLetter], stamp: int) -> int:
         letters = [
             {
                 "received_ms": d.received_ms or stamp,
@@ -268,27 +318,9 @@ class Outbox:
             }
             for d in dead_letters
         ]
-        with self._changed:
-            before = self.db.conn.total_changes
-            with self.db.atomic():
-                if rows:
-                    # OR IGNORE: the UNIQUE identity index turns a redelivery into a no-op.
-                    self.db[OUTBOX].insert_all(rows, ignore=True)
-                inserted = self.db.conn.total_changes - before
-                status_inserted = self._add_statuses(statuses, stamp)
-                if letters:
-                    self.db[DEAD_LETTERS].insert_all(letters)
-            self._pending += inserted
-            self._status_pending += status_inserted
-            if inserted or status_inserted:
-                self._changed.notify_all()
-        return AddResult(
-            inserted=inserted,
-            duplicates=len(rows) - inserted,
-            dead_letters=len(letters),
-            statuses=status_inserted,
-            status_duplicates=len(statuses) - status_inserted,
-        )
+        if letters:
+            self.db[DEAD_LETTERS].insert_all(letters)
+        return len(letters)
 
     def _add_statuses(self, statuses: Sequence[StatusEvent], stamp: int) -> int:
         """Insert the statuses that change their device's latest one; inside add()'s transaction.
@@ -433,6 +465,21 @@ class Outbox:
         with self._lock:
             row = self.db.execute(f"SELECT received_ms FROM {OUTBOX} ORDER BY id LIMIT 1").fetchone()
             return row[0] if row else None
+
+    def dedup_totals(self) -> dict[str, int]:
+        """``duplicates_total`` (re-sent readings suppressed, ever), ``gaps_open`` and ``missing_readings``."""
+        with self._lock:
+            return seqtrack.totals(self.db)
+
+    def device_seq_counts(self) -> list[dict]:
+        """Per device: site, duplicates, gaps, missing, boot (latest) and high_seq."""
+        with self._lock:
+            return seqtrack.device_counts(self.db)
+
+    def gaps(self, device: str | None = None, limit: int = 1000) -> list[dict]:
+        """Open sequence gaps, oldest first: site, device, boot, first_seq, last_seq, kind, recorded_ms."""
+        with self._lock:
+            return seqtrack.gap_list(self.db, device, limit)
 
     def summary(self) -> OutboxSummary:
         """The same summary ``tern-gateway outbox`` prints."""
