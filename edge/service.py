@@ -21,6 +21,7 @@ from types import TracebackType
 from tern.edge.config import GatewayConfig
 from tern.edge.ingest import Ingest
 from tern.edge.outbox import Outbox, now_ms
+from tern.edge.retention import RetentionPolicy
 from tern.edge.uplink import Uplink
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ class Gateway:
 
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
-        self.outbox = Outbox(config.outbox_path, max_rows=config.max_rows)
+        self.outbox = Outbox(config.outbox_path, retention=RetentionPolicy.from_config(config))
         self.ingest = Ingest(config, self.outbox)
         self.uplink = Uplink(config, self.outbox)
         self._started = False
