@@ -267,3 +267,78 @@ def test_dropped_readings_are_reported_in_kafka_and_statuses_survive(
     assert sum(d["count"] for d in drops) == dropped_total == 40 - len(forwarded)
     assert not dropped & set(forwarded) and dropped | set(forwarded) == set(range(1, 41))
     assert [r.key for r in status_topic if json.loads(r.raw)["schema"] == "tern.drop/1"] == ["dev-a"] * len(drops)
+
+
+# --- priorities: a status event overtakes the backlog --------------------------------------
+
+
+class BatchSpy:
+    """A plain subscriber on the cloud broker's batch topic: every envelope, decoded, in order."""
+
+    def __init__(self, broker, gateway: str) -> None:
+        from test_gateway import new_client
+        from tern.core import topics
+
+        self.batches: list[Batch] = []
+        subscribed = __import__("threading").Event()
+        self.client = new_client()
+        self.client.on_connect = lambda c, *a: c.subscribe(topics.batch_topic(gateway), qos=1)
+        self.client.on_subscribe = lambda *a: subscribed.set()
+        self.client.on_message = lambda c, u, msg: self.batches.append(codec.decode_batch(msg.payload))
+        self.client.connect(broker.host, broker.port)
+        self.client.loop_start()
+        assert subscribed.wait(20), "spy could not subscribe"
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def test_a_node_dying_behind_a_50000_reading_backlog_is_reported_within_one_batch(
+    mosquitto_factory, tmp_path: Path, kafka_bootstrap: str, kafka_topics: dict[str, str]
+) -> None:
+    backlog = 50_000
+    local, cloud = mosquitto_factory("local"), mosquitto_factory("cloud")
+    outbox = tmp_path / "gw" / "outbox.db"
+    with Outbox(outbox) as box:  # the outage: 50,000 readings waiting, oldest first
+        for start in range(1, backlog + 1, 1000):
+            box.add([reading(s, device=f"dev-{s % 10}") for s in range(start, start + 1000)])
+        assert box.pending() == backlog
+    status_node = StatusNode(local, "dev-dies")
+    spy = BatchSpy(cloud, "gw1")
+    bridge = BridgeThread(
+        BridgeConfig(
+            name="priority",
+            mqtt_broker=cloud.address,
+            kafka_bootstrap=kafka_bootstrap,
+            readings_topic=kafka_topics["readings"],
+            status_topic=kafka_topics["status"],
+            deadletter_topic=kafka_topics["deadletter"],
+        )
+    )
+    try:
+        with bridge, Gateway(config(local, cloud, outbox, batch_size=200)) as gw:
+            assert gw.wait_connected(20)
+            wait_until(lambda: gw.stats()["status_forwarded"] >= 1, what="the birth forwarded")
+            wait_until(lambda: gw.stats()["batches_confirmed"] >= 3, what="the backlog flowing")
+            status_node.kill()  # the node dies now, deep in the backlog
+            wait_until(lambda: gw.stats()["status_forwarded"] == 2, what="the will forwarded")
+            left = gw.stats()["pending"]
+        records = read_all(kafka_bootstrap, kafka_topics["status"], expect=2)
+    finally:
+        spy.close()
+        status_node.close()
+    assert [(json.loads(r.raw)["device"], json.loads(r.raw)["state"]) for r in records] == [
+        ("dev-dies", "online"), ("dev-dies", "offline")
+    ]
+    assert left > backlog // 2, f"the backlog drained ({left} left) before the will went: no overtaking shown"
+    # Which batch carried the will: the first or second encoded after the gateway committed it
+    # (the one being built at that instant may have been taken a moment before).
+    will = next(e for b in spy.batches for e in b.statuses if e.state == "offline")
+    after: list[int] = []
+    for b in spy.batches:
+        if b.sent_ms >= will.received_ms and b.bseq not in after:
+            after.append(b.bseq)
+    carrier = next(b.bseq for b in spy.batches if will in b.statuses)
+    assert carrier in after[:2], (carrier, after[:5])
+    assert all(len(b.readings) == 200 for b in spy.batches if b.bseq == carrier)  # a full batch, not a special one
