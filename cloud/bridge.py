@@ -114,6 +114,7 @@ class Bridge:
                 "stale_dropped",
                 "mqtt_connects",
                 "mqtt_disconnects",
+                "drops_written",
             )
         }
         inflight = list(self._inflight)
@@ -312,8 +313,11 @@ class Bridge:
         statuses = [
             codec.kafka_status_record(e, batch.gateway, self.config.status_topic, now) for e in batch.statuses
         ]
+        # Drop events (readings the gateway's retention policy deleted) share the status topic.
+        drops = [codec.kafka_drop_record(d, batch.gateway, self.config.status_topic, now) for d in batch.drops]
         # One write: the batch is PUBACKed and confirmed only once Kafka holds all of both.
-        await self._write_with_retry(delivery, records + statuses)
+        await self._write_with_retry(delivery, records + statuses + drops)
+        self._counters["drops_written"] += len(drops)
         self._counters["records_written"] += len(records)
         self._counters["status_written"] += len(statuses)
         if self._ack(delivery):

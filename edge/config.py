@@ -131,6 +131,13 @@ class GatewayConfig:
     #: Comma-separated PATH:BAUD:PROTOCOL:DEVICE[:SITE] (protocol pms5003 or nmea; site
     #: defaults to the gateway id), e.g. "/dev/ttyUSB0:9600:pms5003:pi-pm".
     serial_sensors: str = ""
+    # --- retention (edge/retention.py): bounds beyond max_rows, and the telemetry policy ---
+    #: Bytes of live data in the outbox file at most (unset: no byte bound).
+    max_bytes: int | None = None
+    #: Readings older than this many seconds (gateway receive time) are dropped (unset: never).
+    max_age_s: float | None = None
+    #: At the row and byte bounds: "block" (stop acking; nothing dropped) or "drop_oldest".
+    telemetry_policy: str = "block"
 
     def __post_init__(self) -> None:
         try:
@@ -164,6 +171,13 @@ class GatewayConfig:
         _check_int("min_free_mb", self.min_free_mb, 0, 2**31)
         if self.log_level not in LOG_LEVELS:
             raise ConfigValueError("log_level", f"one of {', '.join(LOG_LEVELS)}", self.log_level)
+        # --- retention ---
+        if self.max_bytes is not None:
+            _check_int("max_bytes", self.max_bytes, 64 * 1024, 2**53 - 1)
+        if self.max_age_s is not None:
+            _check_number("max_age_s", self.max_age_s, 1, 10 * 365 * 86400)
+        if self.telemetry_policy not in ("block", "drop_oldest"):
+            raise ConfigValueError("telemetry_policy", "one of block, drop_oldest", self.telemetry_policy)
         # --- security ---
         for key in ("local_password_file", "cloud_ca", "cloud_cert", "cloud_key", "cloud_password_file"):
             value = getattr(self, key)

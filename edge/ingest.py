@@ -23,6 +23,7 @@ import hashlib
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -40,6 +41,10 @@ log = logging.getLogger(__name__)
 #: Messages committed per transaction at most: one fsync per group is what makes SQLite
 #: keep up (~3.4k single-row commits/s, ~110k rows/s in batches).
 GROUP_MAX = 500
+#: Seconds between retention sweeps (readings expire by age even while nothing arrives).
+SWEEP_EVERY_S = 2.0
+#: A condition that lasts (drops by policy, a full disk) is logged at most once per this many seconds.
+LOG_EVERY_S = 60.0
 
 
 @dataclass(slots=True)
@@ -97,6 +102,8 @@ class Ingest:
             "processed": 0,
             "committed": 0,
             "duplicates": 0,
+            "gaps_opened": 0,
+            "gap_filled": 0,
             "status_committed": 0,
             "status_duplicates": 0,
             "status_cleared": 0,
@@ -105,7 +112,11 @@ class Ingest:
             "backpressure_events": 0,
             "commit_errors": 0,
             "dead_letter_repeats": 0,
+            "dropped": 0,
         }
+        self._dropped_since_log: dict[str, int] = {}
+        self._drops_logged_at = float("-inf")
+        self._next_sweep = 0.0
         self._blocked = False
         self._held = 0
         host, port = config.local_hostport
@@ -194,6 +205,34 @@ class Ingest:
                 self._stop.wait(1.0)
             with self._lock:
                 self._held = len(held)
+            self._maybe_sweep()
+
+    def _maybe_sweep(self) -> None:
+        now = time.monotonic()
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + SWEEP_EVERY_S
+        try:
+            self._note_dropped(self.outbox.sweep())
+        except Exception as exc:  # the next sweep tries again; readings are only ever kept longer
+            log.warning("retention sweep failed: %s", exc)
+
+    def _note_dropped(self, dropped: dict[str, int]) -> None:
+        """Count readings dropped by the retention policy and say so, once a minute at most."""
+        with self._lock:
+            for reason, n in dropped.items():
+                self._counts["dropped"] += n
+                self._dropped_since_log[reason] = self._dropped_since_log.get(reason, 0) + n
+            now = time.monotonic()
+            if not self._dropped_since_log or now - self._drops_logged_at < LOG_EVERY_S:
+                return
+            pending, self._dropped_since_log = self._dropped_since_log, {}
+            self._drops_logged_at = now
+        what = ", ".join(f"{n} ({reason})" for reason, n in sorted(pending.items()))
+        log.warning(
+            "retention dropped the oldest readings: %s; each drop is counted per device and reported to the cloud",
+            what,
+        )
 
     def _commit_prefix(self, held: list[_Incoming]) -> None:
         """Commit as long a prefix of ``held`` as fits, ack it, and remove it from ``held``."""
@@ -245,12 +284,15 @@ class Ingest:
             self._counts["processed"] += count
             self._counts["committed"] += result.inserted
             self._counts["duplicates"] += result.duplicates
+            self._counts["gaps_opened"] += result.gaps
+            self._counts["gap_filled"] += result.gap_filled
             self._counts["dead_lettered"] += result.dead_letters
             self._counts["status_committed"] += result.statuses
             self._counts["status_duplicates"] += result.status_duplicates
             self._counts["status_cleared"] += cleared
             self._counts["dead_letter_repeats"] += repeats
             self._counts["node_acks"] += acks
+        self._note_dropped(result.dropped)
         self._note_blocked(full)
         if (result.inserted or result.statuses) and self._on_commit is not None:
             self._on_commit()
@@ -288,9 +330,12 @@ class Ingest:
         with self._lock:
             if blocked and not self._blocked:
                 self._counts["backpressure_events"] += 1
+                policy = self.outbox.retention
+                bounds = f"{policy.max_rows} rows" + (f", {policy.max_bytes} bytes" if policy.max_bytes else "")
                 log.warning(
-                    "outbox full (%d rows): not acking new readings; the broker session holds them",
-                    self.outbox.max_rows,
+                    "outbox full (%s, policy %s): not acking new readings; the broker session holds them",
+                    bounds,
+                    policy.telemetry,
                 )
             elif self._blocked and not blocked:
                 log.info("outbox has room again: acking resumed")

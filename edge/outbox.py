@@ -10,11 +10,16 @@ Tables:
   de-duplicates re-delivered retained statuses and what node liveness is counted from.
 - ``dead_letters``: payloads that broke the contract, kept with the reason, never dropped.
 - ``meta``: key/value integers; ``bseq`` is the last batch sequence number handed out.
+- ``seq_high``, ``seq_gaps``: the highest seq committed per (device, boot) and the missing
+  ranges (:mod:`tern.edge.seqtrack`): a re-send of a reading already forwarded is a duplicate.
 
-The outbox is bounded by ``max_rows`` pending rows: readings and status events together (a
-status event is a row on the SD card like any other, and one bound keeps one back-pressure
-path). It never drops anything to make room: :meth:`Outbox.room` tells ingest how many more
-it may accept, and ingest stops acking when that is zero. One :class:`Outbox` is shared by the ingest and uplink threads; a lock
+The outbox is bounded by its :class:`~tern.edge.retention.RetentionPolicy`: ``max_rows``
+pending rows (readings and status events together: a status event is a row on the SD card
+like any other), optionally bytes on disk and age. With the default ``block`` policy it never
+drops anything to make room: :meth:`Outbox.room` tells ingest how many more it may accept,
+and ingest stops acking when that is zero. With ``drop_oldest`` the oldest readings make room
+and every drop is counted and reported to the cloud (``drop_counts``, ``drop_events``). Status
+events are never dropped. One :class:`Outbox` is shared by the ingest and uplink threads; a lock
 serialises them on one connection (SQLite allows one writer at a time anyway).
 
 :func:`summarize` is the one read path shared by :meth:`Outbox.summary` and
@@ -33,7 +38,10 @@ from typing import Iterable, Sequence
 
 import sqlite_utils
 
-from tern.core.codec import Reading, StatusEvent
+from tern.core.codec import DropEvent, Reading, StatusEvent
+from tern.edge import retention as rtn
+from tern.edge import seqtrack
+from tern.edge.retention import RetentionPolicy
 
 OUTBOX = "outbox"
 STATUS_EVENTS = "status_events"
@@ -89,6 +97,12 @@ class AddResult:
     statuses: int = 0
     #: Statuses equal to the device's latest one (a re-delivered retained message): not stored.
     status_duplicates: int = 0
+    #: Sequence gaps this commit opened (see :mod:`tern.edge.seqtrack`).
+    gaps: int = 0
+    #: Readings that arrived late into an open gap (stored, not duplicates).
+    gap_filled: int = 0
+    #: Readings the retention policy dropped in this commit, per reason.
+    dropped: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -157,10 +171,14 @@ def summarize(db: sqlite_utils.Database) -> OutboxSummary:
 class Outbox:
     """The durable, bounded, ordered store between ingest and uplink. Thread-safe."""
 
-    def __init__(self, path: str | Path, max_rows: int = 5_000_000) -> None:
+    def __init__(self, path: str | Path, max_rows: int = 5_000_000, retention: RetentionPolicy | None = None) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.max_rows = max_rows
+        self.retention = retention if retention is not None else RetentionPolicy(max_rows=max_rows)
+        self.max_rows = self.retention.max_rows
+        # Highest reading id take() ever handed out: rows at or below it may be in a batch in
+        # flight, and retention never drops those (the cloud may already hold them).
+        self._taken_upto = 0
         self._lock = threading.Lock()
         # Signalled on every add/delete, so ingest (waiting for room) and uplink (waiting
         # for rows) wake at once instead of polling.
@@ -173,6 +191,11 @@ class Outbox:
         self._create_schema()
         self._pending = self.db.execute(f"SELECT COUNT(*) FROM {OUTBOX}").fetchone()[0]
         self._status_pending = self.db.execute(f"SELECT COUNT(*) FROM {STATUS_EVENTS}").fetchone()[0]
+        with self.db.atomic():
+            # Nothing is in flight at open: drop events handed to a batch of an earlier run
+            # that was never confirmed go to the next batch.
+            self.db.execute(f"UPDATE {rtn.DROP_EVENTS} SET bseq = NULL WHERE bseq IS NOT NULL")
+        self._drops_unclaimed = rtn.unclaimed_events(self.db)
         self._closed = False
 
     def _create_schema(self) -> None:
@@ -226,13 +249,37 @@ class Outbox:
                 if_not_exists=True,
             )
             self.db[META].create({"key": str, "value": int}, pk="key", if_not_exists=True)
+            seqtrack.create_tables(self.db)
+            rtn.create_tables(self.db)
 
     # --- writes ------------------------------------------------------------------------
 
     def room(self) -> int:
-        """How many more rows (readings or status events) fit before the outbox is full."""
+        """How many more rows (readings or status events) may be committed now: what fits under
+        the row and byte bounds, plus, with ``drop_oldest``, the readings that may be dropped."""
         with self._lock:
-            return max(0, self.max_rows - self._pending - self._status_pending)
+            return self._room_locked()
+
+    def _room_locked(self) -> int:
+        policy = self.retention
+        droppable = self._droppable_locked() if policy.drops_oldest else 0
+        room = policy.max_rows - self._pending - self._status_pending + droppable
+        if policy.max_bytes is not None:
+            used = rtn.used_bytes(self.db)
+            row_bytes = rtn.row_bytes_estimate(self.db, OUTBOX)
+            by_bytes = rtn.rows_for_bytes(policy.max_bytes - used, row_bytes)
+            if policy.drops_oldest:
+                # Dropping frees roughly a row's bytes per row, give or take a page.
+                by_bytes += droppable
+            room = min(room, by_bytes)
+        return max(0, room)
+
+    def _droppable_locked(self) -> int:
+        """Pending readings retention may drop: those no batch in flight can hold."""
+        if not self._taken_upto:
+            return self._pending
+        protected = self.db.execute(f"SELECT COUNT(*) FROM {OUTBOX} WHERE id <= ?", [self._taken_upto]).fetchone()[0]
+        return self._pending - protected
 
     def add(
         self,
@@ -243,8 +290,9 @@ class Outbox:
     ) -> AddResult:
         """Commit readings and statuses (stamped ``received_ms``) and dead letters in one durable transaction.
 
-        Readings already pending (same device, boot, seq) are ignored and counted as
-        duplicates. A status equal (boot and state) to the latest one committed for its
+        A reading at or below the highest seq committed for its (device, boot), pending or
+        long forwarded, is ignored and counted as a duplicate; a jump in seq records the
+        missing range (:mod:`tern.edge.seqtrack`). A status equal (boot and state) to the latest one committed for its
         device is ignored too: that is a retained message re-delivered on a (re)subscribe,
         or a QoS 1 re-delivery. Comparing with the *latest* rather than with every pending
         one keeps a real flap (online, offline, online again after a reconnect with the same
@@ -252,6 +300,93 @@ class Outbox:
         drops, so a caller that ignores the bound overshoots it rather than losing data.
         """
         stamp = now_ms() if received_ms is None else received_ms
+        with self._changed:
+            return self._add_locked(readings, dead_letters, stamp, statuses)
+
+    def _add_locked(
+        self,
+        readings: Sequence[Reading],
+        dead_letters: Sequence[DeadLetter],
+        stamp: int,
+        statuses: Sequence[StatusEvent],
+    ) -> AddResult:
+        with self.db.atomic():
+            # Duplicates of readings already committed (pending or long forwarded) go here,
+            # in the same transaction as the rows, so a rollback undoes both.
+            screened = seqtrack.screen(self.db, readings, stamp)
+            inserted = self._insert_readings(screened.fresh, stamp)
+            status_inserted = self._add_statuses(statuses, stamp)
+            letters = self._insert_dead_letters(dead_letters, stamp)
+            dropped = self._enforce_locked(self._pending + inserted, self._status_pending + status_inserted, stamp)
+        self._pending += inserted - sum(dropped.values())
+        self._status_pending += status_inserted
+        self._note_drops(dropped)
+        if inserted or status_inserted:
+            self._changed.notify_all()
+        return AddResult(
+            inserted=inserted,
+            duplicates=len(readings) - inserted,
+            dead_letters=letters,
+            statuses=status_inserted,
+            status_duplicates=len(statuses) - status_inserted,
+            gaps=screened.gaps_opened,
+            gap_filled=screened.gap_filled,
+            dropped=dropped,
+        )
+
+    def _enforce_locked(self, pending: int, status_pending: int, stamp: int) -> dict[str, int]:
+        """Drop readings as the retention policy says, inside the caller's transaction; returns
+        how many went per reason. ``pending`` counts the transaction's own inserts."""
+        policy = self.retention
+        dropped: dict[str, int] = {}
+
+        def drop(reason: str, count: int, cutoff_ms: int | None = None) -> int:
+            n = rtn.drop_oldest(self.db, OUTBOX, count, self._taken_upto, reason, stamp, cutoff_ms)
+            if n:
+                dropped[reason] = dropped.get(reason, 0) + n
+            return n
+
+        if policy.max_age_s is not None:
+            cutoff = stamp - int(policy.max_age_s * 1000)
+            while drop(rtn.MAX_AGE, rtn.DROP_STEP_MAX, cutoff) == rtn.DROP_STEP_MAX:
+                pass
+        if not policy.drops_oldest:
+            return dropped
+        over = pending - sum(dropped.values()) + status_pending - policy.max_rows
+        if over > 0:
+            drop(rtn.MAX_ROWS, over)
+        if policy.max_bytes is not None:
+            for _ in range(100):  # each step frees at least a page's worth; bounded anyway
+                excess = rtn.used_bytes(self.db) - policy.max_bytes
+                if excess <= 0:
+                    break
+                rows = rtn.rows_for_bytes(excess, rtn.row_bytes_estimate(self.db, OUTBOX))
+                if not drop(rtn.MAX_BYTES, min(rtn.DROP_STEP_MAX, max(1, rows))):
+                    break
+        return dropped
+
+    def _note_drops(self, dropped: dict[str, int]) -> None:
+        if dropped:
+            self._drops_unclaimed = rtn.unclaimed_events(self.db)
+
+    def sweep(self, received_ms: int | None = None) -> dict[str, int]:
+        """Apply the age bound now (ingest calls this every few seconds, so readings expire
+        while no new ones arrive); returns the readings dropped per reason."""
+        if self.retention.max_age_s is None:
+            return {}
+        stamp = now_ms() if received_ms is None else received_ms
+        with self._changed:
+            if self._closed:
+                return {}
+            with self.db.atomic():
+                dropped = self._enforce_locked(self._pending, self._status_pending, stamp)
+            self._pending -= sum(dropped.values())
+            self._note_drops(dropped)
+            if dropped:
+                self._changed.notify_all()
+        return dropped
+
+    def _insert_readings(self, readings: Sequence[Reading], stamp: int) -> int:
         rows = [
             {
                 "site": r.site,
@@ -264,6 +399,15 @@ class Outbox:
             }
             for r in readings
         ]
+        if not rows:
+            return 0
+        before = self.db.conn.total_changes
+        # OR IGNORE: the UNIQUE identity index turns a redelivery into a no-op (seqtrack
+        # already screened them out; this is the second line of defence).
+        self.db[OUTBOX].insert_all(rows, ignore=True)
+        return self.db.conn.total_changes - before
+
+    def _insert_dead_letters(self, dead_letters: Sequence[DeadLetter], stamp: int) -> int:
         letters = [
             {
                 "received_ms": d.received_ms or stamp,
@@ -274,27 +418,9 @@ class Outbox:
             }
             for d in dead_letters
         ]
-        with self._changed:
-            before = self.db.conn.total_changes
-            with self.db.atomic():
-                if rows:
-                    # OR IGNORE: the UNIQUE identity index turns a redelivery into a no-op.
-                    self.db[OUTBOX].insert_all(rows, ignore=True)
-                inserted = self.db.conn.total_changes - before
-                status_inserted = self._add_statuses(statuses, stamp)
-                if letters:
-                    self.db[DEAD_LETTERS].insert_all(letters)
-            self._pending += inserted
-            self._status_pending += status_inserted
-            if inserted or status_inserted:
-                self._changed.notify_all()
-        return AddResult(
-            inserted=inserted,
-            duplicates=len(rows) - inserted,
-            dead_letters=len(letters),
-            statuses=status_inserted,
-            status_duplicates=len(statuses) - status_inserted,
-        )
+        if letters:
+            self.db[DEAD_LETTERS].insert_all(letters)
+        return len(letters)
 
     def _add_statuses(self, statuses: Sequence[StatusEvent], stamp: int) -> int:
         """Insert the statuses that change their device's latest one; inside add()'s transaction.
@@ -331,7 +457,7 @@ class Outbox:
                 f'SELECT id, site, device, boot, seq, ts_ms, received_ms, "values" FROM {OUTBOX} ORDER BY id LIMIT ?',
                 [limit],
             )
-            return [
+            rows = [
                 OutboxRow(
                     id=row[0],
                     reading=Reading(
@@ -346,6 +472,9 @@ class Outbox:
                 )
                 for row in cursor.fetchall()
             ]
+            if rows:
+                self._taken_upto = max(self._taken_upto, rows[-1].id)
+            return rows
 
     def take_statuses(self, limit: int) -> list[StatusRow]:
         """The oldest ``limit`` pending status events in arrival order (they stay until deleted)."""
@@ -366,16 +495,34 @@ class Outbox:
                 for row in cursor.fetchall()
             ]
 
-    def delete(self, ids: Iterable[int], status_ids: Iterable[int] = ()) -> int:
-        """Delete exactly these readings and status events (after the cloud confirmed them), in
-        one transaction; returns how many readings went."""
+    def claim_drops(self, bseq: int) -> list[DropEvent]:
+        """The drop events batch ``bseq`` carries: the oldest not yet in a batch are handed to it
+        (durably), and asking again for the same ``bseq`` (a re-send) returns the same ones.
+        :meth:`delete` with ``drop_bseq`` removes them once the batch is confirmed."""
+        with self._lock:
+            with self.db.atomic():
+                events = rtn.claim_events(self.db, bseq)
+            self._drops_unclaimed = rtn.unclaimed_events(self.db)
+            return events
+
+    def drops_unclaimed(self) -> int:
+        """Drop events waiting for a batch (a reason for the uplink to send one even without readings)."""
+        with self._lock:
+            return self._drops_unclaimed
+
+    def delete(self, ids: Iterable[int], status_ids: Iterable[int] = (), drop_bseq: int | None = None) -> int:
+        """Delete exactly these readings and status events, and the drop events batch
+        ``drop_bseq`` carried (after the cloud confirmed them), in one transaction; returns how
+        many readings went."""
         ids, status_ids = list(ids), list(status_ids)
-        if not ids and not status_ids:
+        if not ids and not status_ids and drop_bseq is None:
             return 0
         with self._changed:
             with self.db.atomic():
                 deleted = self._delete_chunked(OUTBOX, ids)
                 status_deleted = self._delete_chunked(STATUS_EVENTS, status_ids)
+                if drop_bseq is not None:
+                    self.db.execute(f"DELETE FROM {rtn.DROP_EVENTS} WHERE bseq = ?", [drop_bseq])
             self._pending -= deleted
             self._status_pending -= status_deleted
             self._changed.notify_all()
@@ -404,14 +551,12 @@ class Outbox:
     def wait_for_room(self, timeout: float) -> bool:
         """Block until at least one row fits, or ``timeout`` passes; True if there is room."""
         with self._changed:
-            return self._changed.wait_for(
-                lambda: self._closed or self._pending + self._status_pending < self.max_rows, timeout
-            )
+            return self._changed.wait_for(lambda: self._closed or self._room_locked() > 0, timeout)
 
     def wait_for_rows(self, timeout: float) -> bool:
         """Block until readings or status events are pending, or ``timeout`` passes; True if any are."""
         with self._changed:
-            waiting = lambda: self._pending + self._status_pending > 0  # noqa: E731
+            waiting = lambda: self._pending + self._status_pending + self._drops_unclaimed > 0  # noqa: E731
             return self._changed.wait_for(lambda: self._closed or waiting(), timeout) and waiting()
 
     # --- reads -------------------------------------------------------------------------
@@ -481,6 +626,37 @@ class Outbox:
         with self._lock:
             row = self.db.execute(f"SELECT received_ms FROM {OUTBOX} ORDER BY id LIMIT 1").fetchone()
             return row[0] if row else None
+
+    def dedup_totals(self) -> dict[str, int]:
+        """``duplicates_total`` (re-sent readings suppressed, ever), ``gaps_open`` and ``missing_readings``."""
+        with self._lock:
+            return seqtrack.totals(self.db)
+
+    def device_seq_counts(self) -> list[dict]:
+        """Per device: site, duplicates, gaps, missing, boot (latest) and high_seq."""
+        with self._lock:
+            return seqtrack.device_counts(self.db)
+
+    def gaps(self, device: str | None = None, limit: int = 1000) -> list[dict]:
+        """Open sequence gaps, oldest first: site, device, boot, first_seq, last_seq, kind, recorded_ms."""
+        with self._lock:
+            return seqtrack.gap_list(self.db, device, limit)
+
+    def drop_counts(self) -> list[dict]:
+        """Readings dropped by the retention policy, ever, per device and reason:
+        site, device, reason, count, last_ms."""
+        with self._lock:
+            return rtn.counts(self.db)
+
+    def drop_totals(self) -> dict[str, int]:
+        """Readings dropped by the retention policy, ever, per reason (max_rows, max_bytes, max_age)."""
+        with self._lock:
+            return rtn.totals(self.db)
+
+    def used_bytes(self) -> int:
+        """Bytes of live pages in the outbox file (what ``max_bytes`` bounds)."""
+        with self._lock:
+            return rtn.used_bytes(self.db)
 
     def summary(self) -> OutboxSummary:
         """The same summary ``tern-gateway outbox`` prints."""

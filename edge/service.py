@@ -24,6 +24,7 @@ from tern.edge.config import GatewayConfig
 from tern.edge.health import Health, ObservedOutbox
 from tern.edge.ingest import Ingest
 from tern.edge.outbox import Outbox, now_ms
+from tern.edge.retention import RetentionPolicy
 from tern.edge.serial_sensors import SerialSensors
 from tern.edge.uplink import Uplink
 
@@ -38,7 +39,7 @@ class Gateway:
 
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
-        self.outbox = ObservedOutbox(config.outbox_path, max_rows=config.max_rows)
+        self.outbox = ObservedOutbox(config.outbox_path, retention=RetentionPolicy.from_config(config))
         self.ingest = Ingest(config, self.outbox)
         self.uplink = Uplink(config, self.outbox)
         self.health = Health(self)

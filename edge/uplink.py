@@ -144,7 +144,8 @@ class Uplink:
                     continue
                 rows = self.outbox.take(self.config.batch_size)
                 statuses = self.outbox.take_statuses(STATUS_BATCH_MAX)
-                if rows or statuses:
+                # Drop events alone (readings expired by age) are worth a batch too.
+                if rows or statuses or self.outbox.drops_unclaimed():
                     self._forward(rows, statuses)
             except Exception:  # never let the forwarder die; the rows stay in the outbox
                 with self._cond:
@@ -152,12 +153,14 @@ class Uplink:
                 log.exception("forwarding failed; retrying")
                 self._stop.wait(1.0)
 
-    def _encode(self, rows: list[OutboxRow], statuses: list[StatusRow], bseq: int) -> tuple[list[OutboxRow], bytes]:
-        """Encode as many of ``rows`` as fit one envelope with ``statuses`` (halving the readings
-        on the size limit; the few small status events always go)."""
+    def _encode(
+        self, rows: list[OutboxRow], statuses: list[StatusRow], bseq: int, drops: tuple = ()
+    ) -> tuple[list[OutboxRow], bytes]:
+        """Encode as many of ``rows`` as fit one envelope with ``statuses`` and ``drops`` (halving
+        the readings on the size limit; the few small status and drop events always go)."""
         events = tuple(s.event for s in statuses)
         while True:
-            batch = Batch(self.config.gateway_id, bseq, now_ms(), tuple(r.reading for r in rows), events)
+            batch = Batch(self.config.gateway_id, bseq, now_ms(), tuple(r.reading for r in rows), events, drops)
             try:
                 return rows, codec.encode_batch(batch)
             except codec.CodecError:
@@ -168,7 +171,8 @@ class Uplink:
     def _forward(self, rows: list[OutboxRow], statuses: list[StatusRow]) -> None:
         """Publish one batch until it is confirmed (or we are stopping), then delete its rows."""
         bseq = self.outbox.next_bseq()
-        rows, payload = self._encode(rows, statuses, bseq)
+        # Drop events ride along (the drops/1 extension) and go on the same confirm.
+        rows, payload = self._encode(rows, statuses, bseq, tuple(self.outbox.claim_drops(bseq)))
         with self._cond:
             self._inflight = bseq
             self._confirmed = None
@@ -192,7 +196,7 @@ class Uplink:
                     confirmed = self._confirmed == bseq
                 if confirmed:
                     # The custody rule: only now may these rows go.
-                    deleted = self.outbox.delete((r.id for r in rows), (s.id for s in statuses))
+                    deleted = self.outbox.delete((r.id for r in rows), (s.id for s in statuses), drop_bseq=bseq)
                     if self.on_confirm_rtt is not None:
                         self.on_confirm_rtt(time.monotonic() - published)
                     with self._cond:

@@ -30,24 +30,26 @@ def reading(device: str = "dev-a", seq: int = 0, boot: str = "b001", site: str =
 def test_rows_keep_arrival_order_values_and_stamp(tmp_path: Path) -> None:
     with Outbox(tmp_path / "o.db") as box:
         box.add([reading("dev-b", 5), reading("dev-a", 1)], received_ms=1234)
-        box.add([reading("dev-a", 0)], received_ms=1300)
+        box.add([reading("dev-a", 2)], received_ms=1300)
         rows = box.take(10)
-        assert [r.reading.identity for r in rows] == [("dev-b", "b001", 5), ("dev-a", "b001", 1), ("dev-a", "b001", 0)]
+        assert [r.reading.identity for r in rows] == [("dev-b", "b001", 5), ("dev-a", "b001", 1), ("dev-a", "b001", 2)]
         assert rows[0].reading == Reading("dev-b", "b001", 5, 1_700_000_000_005, {"t": 21.5, "ok": True, "s": "x"}, "s1", 1234)
         assert [r.id for r in rows] == sorted(r.id for r in rows)
         assert box.take(2) == rows[:2]
         assert box.oldest_pending_ms() == 1234
 
 
-def test_duplicates_are_ignored_while_pending(tmp_path: Path) -> None:
+def test_duplicates_are_ignored_while_pending_and_after_forwarding(tmp_path: Path) -> None:
     with Outbox(tmp_path / "o.db") as box:
         assert box.add([reading(seq=1), reading(seq=2)]).inserted == 2
         result = box.add([reading(seq=2), reading(seq=3), reading(seq=2, boot="b002")])
         assert (result.inserted, result.duplicates) == (2, 1)
         assert box.pending() == 4
         box.delete([r.id for r in box.take(4)])
-        # Once forwarded and deleted, a late re-delivery is stored again: at least once.
-        assert box.add([reading(seq=2)]).inserted == 1
+        # Once forwarded and deleted, a re-send is still a duplicate: the high mark remembers.
+        result = box.add([reading(seq=2), reading(seq=1)])
+        assert (result.inserted, result.duplicates) == (0, 2)
+        assert box.pending() == 0
 
 
 def test_bound_room_and_delete(tmp_path: Path) -> None:
@@ -162,6 +164,9 @@ class OutboxMachine(RuleBasedStateMachine):
         self.path = Path(self.dir.name) / "o.db"
         self.box = Outbox(self.path, max_rows=1_000)
         self.model: list[tuple[str, str, int]] = []  # pending identities, arrival order
+        # Per (device, boot): highest seq committed and the seqs below it never seen (gaps).
+        self.high: dict[tuple[str, str], int] = {}
+        self.missing: dict[tuple[str, str], set[int]] = {}
         self.taken: list[int] = []  # ids of the last take, like the uplink's in-flight batch
 
     @rule(
@@ -173,9 +178,19 @@ class OutboxMachine(RuleBasedStateMachine):
         result = self.box.add([reading(d, s, b) for d, b, s in items])
         expected_new = 0
         for identity in items:
-            if identity not in self.model:
-                self.model.append(identity)
-                expected_new += 1
+            key, seq = identity[:2], identity[2]
+            high = self.high.get(key)
+            missing = self.missing.setdefault(key, set())
+            if high is None or seq > high:
+                missing.update(range(1 if high is None else high + 1, seq))
+                self.high[key] = seq
+            elif seq in missing:
+                missing.discard(seq)  # late into a gap: stored
+            else:
+                continue  # at or below the high mark: a duplicate
+            assert identity not in self.model
+            self.model.append(identity)
+            expected_new += 1
         assert result.inserted == expected_new
         assert result.duplicates == len(items) - expected_new
 
@@ -206,6 +221,16 @@ class OutboxMachine(RuleBasedStateMachine):
     def counts_match(self) -> None:
         assert self.box.pending() == len(self.model)
         assert self.box.room() == 1_000 - len(self.model)
+
+    @invariant()
+    def gaps_match(self) -> None:
+        recorded: dict[tuple[str, str], set[int]] = {}
+        for gap in self.box.gaps():
+            seqs = recorded.setdefault((gap["device"], gap["boot"]), set())
+            span = set(range(gap["first_seq"], gap["last_seq"] + 1))
+            assert not seqs & span, "gap ranges overlap"
+            seqs |= span
+        assert recorded == {k: v for k, v in self.missing.items() if v}
 
     @invariant()
     def nothing_lost_order_kept(self) -> None:

@@ -109,15 +109,40 @@ class NodeAck:
     seq: int
 
 
+#: Why a gateway dropped readings by policy (docs/contracts.md, "Drop events").
+DROP_REASONS = ("max_rows", "max_bytes", "max_age")
+
+
+@dataclass(frozen=True, slots=True)
+class DropEvent:
+    """Gateway to cloud: ``count`` readings of one (device, boot), seqs ``first_seq``..``last_seq``,
+    were deleted from the outbox by its retention policy and will never arrive.
+
+    ``count`` may be below ``last_seq - first_seq + 1`` when the device's seqs had gaps.
+    ``dropped_ms`` is when the gateway dropped the last of them.
+    """
+
+    site: str
+    device: str
+    boot: str
+    reason: str
+    first_seq: int
+    last_seq: int
+    count: int
+    dropped_ms: int
+
+
 @dataclass(frozen=True, slots=True)
 class Batch:
-    """Gateway to bridge: readings and node status events from one gateway, each in outbox order."""
+    """Gateway to bridge: readings and node status events from one gateway, each in outbox order,
+    and drop events (the ``drops/1`` envelope extension)."""
 
     gateway: str
     bseq: int
     sent_ms: int
     readings: tuple[Reading, ...] = field(default_factory=tuple)
     statuses: tuple[StatusEvent, ...] = field(default_factory=tuple)
+    drops: tuple[DropEvent, ...] = field(default_factory=tuple)
 
 
 @dataclass(frozen=True, slots=True)
@@ -382,6 +407,28 @@ def _status_item(event: StatusEvent) -> dict[str, Any]:
     return item
 
 
+#: Envelope extensions this codec speaks. An envelope lists those it uses in ``ext``; a
+#: decoder refuses an envelope naming one it does not know rather than silently dropping
+#: what it carries.
+DROPS_EXTENSION = "drops/1"
+EXTENSIONS = (DROPS_EXTENSION,)
+#: Drop events per envelope at most (they are coalesced per device, boot and reason).
+MAX_DROPS_PER_BATCH = 1000
+
+
+def _drop_item(drop: DropEvent) -> dict[str, Any]:
+    return {
+        "site": drop.site,
+        "dev": drop.device,
+        "boot": drop.boot,
+        "reason": drop.reason,
+        "first": drop.first_seq,
+        "last": drop.last_seq,
+        "n": drop.count,
+        "at": drop.dropped_ms,
+    }
+
+
 def encode_batch(batch: Batch) -> bytes:
     """Encode a batch envelope: zlib-compressed compact JSON."""
     check_id(batch.gateway, "gateway")
@@ -395,6 +442,11 @@ def encode_batch(batch: Batch) -> bytes:
     # Only when there are any: a batch of readings alone stays byte-identical to before.
     if batch.statuses:
         doc["events"] = [_status_item(e) for e in batch.statuses]
+    if batch.drops:
+        if len(batch.drops) > MAX_DROPS_PER_BATCH:
+            raise CodecError(f"{len(batch.drops)} drop events, over the limit of {MAX_DROPS_PER_BATCH} per batch")
+        doc["ext"] = [DROPS_EXTENSION]
+        doc["drops"] = [_drop_item(d) for d in batch.drops]
     data = zlib.compress(_dumps(doc), 6)
     if len(data) > MAX_BATCH_BYTES:
         raise CodecError(
@@ -435,6 +487,49 @@ def _decode_status_events(obj: Mapping[str, Any], what: str) -> tuple[StatusEven
     )
 
 
+def _decode_extensions(obj: Mapping[str, Any], what: str) -> tuple[str, ...]:
+    """The envelope's optional ``ext`` list, every entry one this codec speaks."""
+    ext = obj.get("ext", [])
+    if not isinstance(ext, list) or not all(isinstance(e, str) for e in ext):
+        raise CodecError(f"{what}: 'ext' must be a list of extension names")
+    unknown = [e for e in ext if e not in EXTENSIONS]
+    if unknown:
+        raise CodecError(f"{what}: unsupported extension {unknown[0]!r}, this codec speaks {list(EXTENSIONS)}")
+    return tuple(ext)
+
+
+def _decode_drops(obj: Mapping[str, Any], what: str, ext: tuple[str, ...]) -> tuple[DropEvent, ...]:
+    """The envelope's ``drops`` list; only with the ``drops/1`` extension named in ``ext``."""
+    if "drops" not in obj:
+        return ()
+    if DROPS_EXTENSION not in ext:
+        raise CodecError(f"{what}: 'drops' present without {DROPS_EXTENSION!r} in 'ext'")
+    drops = []
+    for where, item in _object_list(obj, "drops", what, "drop"):
+        if len(drops) >= MAX_DROPS_PER_BATCH:
+            raise CodecError(f"{what}: over {MAX_DROPS_PER_BATCH} drop events")
+        reason = item.get("reason")
+        if reason not in DROP_REASONS:
+            raise CodecError(f"{where}: 'reason' must be one of {DROP_REASONS}, got {reason!r}")
+        first, last = _int(item, "first", where), _int(item, "last", where)
+        count = _int(item, "n", where, minimum=1)
+        if last < first or count > last - first + 1:
+            raise CodecError(f"{where}: {count} readings do not fit seqs {first}..{last}")
+        drops.append(
+            DropEvent(
+                site=check_id(_text(item, "site", where), "site"),
+                device=check_id(_text(item, "dev", where), "device"),
+                boot=_boot(item, where),
+                reason=reason,
+                first_seq=first,
+                last_seq=last,
+                count=count,
+                dropped_ms=_int(item, "at", where),
+            )
+        )
+    return tuple(drops)
+
+
 def decode_batch(raw: bytes, *, topic_gateway: str | None = None) -> Batch:
     """Decode a batch envelope, refusing oversized, zip-bomb or off-contract input."""
     what = "batch"
@@ -451,6 +546,7 @@ def decode_batch(raw: bytes, *, topic_gateway: str | None = None) -> Batch:
         raise CodecError(f"{what} is truncated zlib data")
     obj = _json_object(text, MAX_BATCH_INFLATED, what)
     _check_version(obj, what)
+    ext = _decode_extensions(obj, what)
     gateway = check_id(_text(obj, "gw", what), "gateway")
     if topic_gateway is not None and gateway != topic_gateway:
         raise CodecError(f"{what}: gateway {gateway!r} published on the topic of {topic_gateway!r}")
@@ -473,6 +569,7 @@ def decode_batch(raw: bytes, *, topic_gateway: str | None = None) -> Batch:
         sent_ms=_int(obj, "sent", what),
         readings=tuple(readings),
         statuses=_decode_status_events(obj, what),
+        drops=_decode_drops(obj, what, ext),
     )
 
 
@@ -583,4 +680,49 @@ def decode_kafka_status_value(raw: bytes) -> dict[str, Any]:
     _text(obj, "fw", what)
     _text(obj, "reset", what)
     _dropped(obj, what)
+    return obj
+
+
+KAFKA_DROP_SCHEMA_ID = "tern.drop/1"
+
+
+def kafka_drop_record(drop: DropEvent, gateway: str, topic: str, bridged_ms: int) -> KafkaRecord:
+    """Map one drop event to its Kafka record (on the status topic): key = device id, so it
+    sits in order with the device's statuses."""
+    value = {
+        "schema": KAFKA_DROP_SCHEMA_ID,
+        "site": drop.site,
+        "device": drop.device,
+        "gateway": gateway,
+        "boot": drop.boot,
+        "reason": drop.reason,
+        "first_seq": drop.first_seq,
+        "last_seq": drop.last_seq,
+        "count": drop.count,
+        "dropped_ms": drop.dropped_ms,
+        "bridge_ms": bridged_ms,
+    }
+    headers = (
+        ("device", drop.device.encode()),
+        ("gateway", gateway.encode()),
+        ("boot", drop.boot.encode()),
+        ("reason", drop.reason.encode()),
+    )
+    return KafkaRecord(topic=topic, key=drop.device.encode(), value=_dumps(value), headers=headers)
+
+
+def decode_kafka_drop_value(raw: bytes) -> dict[str, Any]:
+    """Decode and check a Kafka drop value (for consumers and tests)."""
+    what = "kafka drop value"
+    obj = _json_object(raw, MAX_NODE_PAYLOAD, what)
+    if obj.get("schema") != KAFKA_DROP_SCHEMA_ID:
+        raise CodecError(f"{what}: unknown schema {obj.get('schema')!r}")
+    for key in ("first_seq", "last_seq", "dropped_ms", "bridge_ms"):
+        _int(obj, key, what)
+    _int(obj, "count", what, minimum=1)
+    for key in ("site", "device", "gateway"):
+        check_id(_text(obj, key, what), key)
+    _boot(obj, what)
+    if obj.get("reason") not in DROP_REASONS:
+        raise CodecError(f"{what}: 'reason' must be one of {DROP_REASONS}, got {obj.get('reason')!r}")
     return obj

@@ -1,0 +1,344 @@
+"""Retention: each bound (rows, bytes, age) and policy (block, drop_oldest) on a real SQLite outbox;
+statuses never dropped; drop events in the envelope and, through the real bridge, in Kafka."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from tern.cloud.bridge import BridgeThread
+from tern.cloud.config import BridgeConfig
+from tern.cloud.consume import read_all
+from tern.core import codec
+from tern.core.codec import Batch, DropEvent, Reading, StatusEvent
+from tern.core.errors import CodecError
+from tern.edge.config import GatewayConfig
+from tern.edge.outbox import Outbox
+from tern.edge.retention import RetentionError, RetentionPolicy
+from tern.edge.service import Gateway
+
+from test_gateway import BOOT, SITE, Node, StatusNode, config, wait_until
+
+
+def reading(seq: int, device: str = "dev-a", boot: str = "b001", size: int = 1) -> Reading:
+    return Reading(device, boot, seq, 1_700_000_000_000 + seq, {"t": seq, "pad": "x" * size}, site="s1")
+
+
+def status(device: str, state: str = "online") -> StatusEvent:
+    return StatusEvent("s1", device, state, "b001")
+
+
+def seqs(box: Outbox) -> list[int]:
+    """Pending seqs in order, read without take() (which would mark them as in flight)."""
+    return [row[0] for row in box.db.execute("SELECT seq FROM outbox ORDER BY id")]
+
+
+def test_block_is_the_default_and_never_drops(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "o.db", max_rows=5) as box:
+        assert box.retention.telemetry == "block"
+        box.add([reading(s) for s in range(1, 6)])
+        assert box.room() == 0
+        # A caller that ignores room() overshoots the bound rather than losing anything.
+        result = box.add([reading(6)], statuses=[status("dev-s")])
+        assert result.dropped == {} and box.pending() == 6 and box.status_pending() == 1
+        assert box.drop_totals() == {"max_rows": 0, "max_bytes": 0, "max_age": 0}
+
+
+def test_drop_oldest_at_the_row_bound_counts_and_reports_per_device(tmp_path: Path) -> None:
+    policy = RetentionPolicy(max_rows=5, telemetry="drop_oldest")
+    with Outbox(tmp_path / "o.db", retention=policy) as box:
+        assert box.room() == 5
+        box.add([reading(s) for s in range(1, 4)] + [reading(1, "dev-b")])
+        assert box.room() == 5  # every pending reading may make room
+        result = box.add([reading(4), reading(5), reading(2, "dev-b")])
+        assert result.dropped == {"max_rows": 2}
+        assert seqs(box) == [3, 1, 4, 5, 2]  # dev-a 1 and 2 went, oldest first
+        # More: the three in flight (taken above) are never dropped; dev-b's 1 went before.
+        box.take(3)
+        result = box.add([reading(6), reading(7)])
+        assert result.dropped == {"max_rows": 2}
+        assert [(r.reading.device, r.reading.seq) for r in box.take(10)] == [
+            ("dev-a", 3), ("dev-b", 1), ("dev-a", 4), ("dev-a", 6), ("dev-a", 7)
+        ]
+        counts = {(d["device"], d["reason"]): d["count"] for d in box.drop_counts()}
+        assert counts == {("dev-a", "max_rows"): 3, ("dev-b", "max_rows"): 1}
+        # Drop events not yet in a batch merge per (device, boot, reason): one per device here.
+        events = box.claim_drops(bseq=7)
+        assert sorted((e.device, e.first_seq, e.last_seq, e.count, e.reason) for e in events) == [
+            ("dev-a", 1, 5, 3, "max_rows"),
+            ("dev-b", 2, 2, 1, "max_rows"),
+        ]
+
+
+def test_statuses_are_never_dropped_and_can_block_telemetry(tmp_path: Path) -> None:
+    policy = RetentionPolicy(max_rows=4, telemetry="drop_oldest")
+    with Outbox(tmp_path / "o.db", retention=policy) as box:
+        box.add([reading(s) for s in range(1, 4)])
+        result = box.add([], statuses=[status(f"dev-{i}") for i in range(6)])
+        assert result.statuses == 6 and result.dropped == {"max_rows": 3}
+        assert box.pending() == 0 and box.status_pending() == 6
+        assert box.room() == 0  # nothing droppable: statuses block like the block policy
+        assert len(box.take_statuses(10)) == 6
+
+
+def test_claimed_drop_events_are_resent_whole_deleted_on_confirm_and_unclaimed_on_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "o.db"
+    policy = RetentionPolicy(max_rows=2, telemetry="drop_oldest")
+    with Outbox(path, retention=policy) as box:
+        box.add([reading(s) for s in range(1, 5)])
+        assert box.drops_unclaimed() == 1 and box.wait_for_rows(0.01)
+        first = box.claim_drops(bseq=1)
+        assert [(e.first_seq, e.last_seq, e.count) for e in first] == [(1, 2, 2)] and box.drops_unclaimed() == 0
+        # More drops while batch 1 is in flight: a new event, batch 1's stays as sent.
+        box.add([reading(5)])
+        assert box.claim_drops(bseq=1) == first + box.claim_drops(bseq=1)[1:]
+        assert [(e.first_seq, e.count) for e in box.claim_drops(bseq=1)] == [(1, 2), (3, 1)]
+        box.add([reading(6)])
+        assert box.drops_unclaimed() == 1
+    with Outbox(path, retention=policy) as box:  # a restart: batch 1 never confirmed
+        events = box.claim_drops(bseq=2)
+        assert [(e.first_seq, e.last_seq, e.count) for e in events] == [(1, 2, 2), (3, 3, 1), (4, 4, 1)]
+        box.delete([], drop_bseq=2)
+        assert box.claim_drops(bseq=3) == [] and box.drops_unclaimed() == 0
+        assert {d["reason"]: d["count"] for d in box.drop_counts()} == {"max_rows": 4}  # counts are kept
+
+
+def test_byte_bound_blocks_or_drops_oldest(tmp_path: Path) -> None:
+    limit = 256 * 1024
+    with Outbox(tmp_path / "block.db", retention=RetentionPolicy(max_bytes=limit)) as box:
+        seq = 0
+        while box.room() > 0:
+            room = box.room()
+            box.add([reading(s, size=500) for s in range(seq + 1, seq + 1 + min(room, 50))])
+            seq += min(room, 50)
+        assert limit - 8192 < box.used_bytes() <= limit + 8192  # the estimate is good to a couple of pages
+        assert box.pending() == seq and box.drop_totals()["max_bytes"] == 0
+    policy = RetentionPolicy(max_bytes=limit, telemetry="drop_oldest")
+    with Outbox(tmp_path / "drop.db", retention=policy) as box:
+        for start in range(1, 2001, 100):
+            box.add([reading(s, size=500) for s in range(start, start + 100)])
+            assert box.used_bytes() <= limit
+        kept = seqs(box)
+        dropped = box.drop_totals()["max_bytes"]
+        assert dropped > 1000 and len(kept) + dropped == 2000
+        assert kept == list(range(2001 - len(kept), 2001))  # the newest survive, in order
+
+
+def test_age_bound_expires_readings_under_either_policy(tmp_path: Path) -> None:
+    for telemetry in ("block", "drop_oldest"):
+        policy = RetentionPolicy(max_age_s=60, telemetry=telemetry)
+        with Outbox(tmp_path / f"{telemetry}.db", retention=policy) as box:
+            box.add([reading(1), reading(2)], statuses=[status("dev-s")], received_ms=1_000_000)
+            box.add([reading(3)], received_ms=1_050_000)
+            assert box.sweep(received_ms=1_055_000) == {}
+            assert box.sweep(received_ms=1_061_000) == {"max_age": 2}
+            assert seqs(box) == [3] and box.status_pending() == 1
+            # A commit applies the bound too.
+            assert box.add([reading(4)], received_ms=1_200_000).dropped == {"max_age": 1}
+            assert [d["count"] for d in box.drop_counts()] == [3]
+
+
+def test_bad_retention_settings_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(RetentionError, match="telemetry policy"):
+        RetentionPolicy(telemetry="drop_newest")
+    with pytest.raises(RetentionError, match="max_bytes"):
+        RetentionPolicy(max_bytes=1000)
+    base = {"gateway_id": "gw1", "cloud_broker": "127.0.0.1:1", "outbox_path": str(tmp_path / "o.db")}
+    with pytest.raises(ValueError, match="telemetry_policy: expected one of block, drop_oldest"):
+        GatewayConfig(**base, telemetry_policy="drop")
+    with pytest.raises(ValueError, match="max_age_s"):
+        GatewayConfig(**base, max_age_s=0)
+    cfg = GatewayConfig(**base, max_bytes=1 << 20, max_age_s=3600, telemetry_policy="drop_oldest")
+    assert RetentionPolicy.from_config(cfg) == RetentionPolicy(5_000_000, 1 << 20, 3600, "drop_oldest")
+
+
+# --- the envelope extension and the Kafka record ----------------------------------------------
+
+
+def drop_event(**changes) -> DropEvent:
+    values = dict(site="s1", device="dev-a", boot="b001", reason="max_rows", first_seq=3, last_seq=9, count=7, dropped_ms=5)
+    values.update(changes)
+    return DropEvent(**values)
+
+
+def test_drops_travel_in_the_envelope_under_a_named_extension() -> None:
+    batch = Batch("gw1", 4, 10, (reading(1),), (), (drop_event(), drop_event(device="dev-b", count=2)))
+    raw = codec.encode_batch(batch)
+    assert codec.decode_batch(raw) == batch
+    doc = json.loads(__import__("zlib").decompress(raw))
+    assert doc["v"] == 1 and doc["ext"] == ["drops/1"]
+    # Without drops the envelope is byte for byte what it was.
+    plain = Batch("gw1", 4, 10, (reading(1),))
+    assert "ext" not in json.loads(__import__("zlib").decompress(codec.encode_batch(plain)))
+
+    def envelope(**doc_changes) -> bytes:
+        d = dict(doc)
+        d.update(doc_changes)
+        return __import__("zlib").compress(json.dumps(d).encode())
+
+    with pytest.raises(CodecError, match="unsupported extension 'drops/2'"):
+        codec.decode_batch(envelope(ext=["drops/2"]))
+    with pytest.raises(CodecError, match="without 'drops/1'"):
+        codec.decode_batch(envelope(ext=[]))
+    with pytest.raises(CodecError, match="do not fit"):
+        codec.decode_batch(envelope(drops=[dict(doc["drops"][0], n=8)]))
+    with pytest.raises(CodecError, match="'reason' must be one of"):
+        codec.decode_batch(envelope(drops=[dict(doc["drops"][0], reason="bored")]))
+
+
+def test_kafka_drop_record_matches_its_schema_and_keys_by_device() -> None:
+    record = codec.kafka_drop_record(drop_event(), "gw1", "tern.status", 99)
+    value = json.loads(record.value)
+    schema = json.loads(resources.files("tern.core").joinpath("schemas/kafka-drop.schema.json").read_text())
+    jsonschema.validate(value, schema)
+    assert record.key == b"dev-a" and dict(record.headers)["reason"] == b"max_rows"
+    assert codec.decode_kafka_drop_value(record.value)["count"] == 7
+    with pytest.raises(CodecError, match="unknown schema"):
+        codec.decode_kafka_drop_value(codec.kafka_status_record(status("dev-a"), "gw1", "t", 1).value)
+
+
+# --- on real parts: drops reach Kafka --------------------------------------------------------
+
+
+def test_dropped_readings_are_reported_in_kafka_and_statuses_survive(
+    mosquitto_factory, tmp_path: Path, kafka_bootstrap: str, kafka_topics: dict[str, str]
+) -> None:
+    local, cloud = mosquitto_factory("local"), mosquitto_factory("cloud")
+    outbox = tmp_path / "gw" / "outbox.db"
+    gw = Gateway(config(local, cloud, outbox, max_rows=10, batch_size=5, telemetry_policy="drop_oldest"))
+    nodes = []
+    try:
+        gw.start()
+        assert gw.wait_connected(20)
+        # No bridge yet: the first batch waits for its confirm, everything else piles up.
+        status_node = StatusNode(local, "dev-s")
+        nodes.append(status_node)
+        node = Node(local, "dev-a")
+        nodes.append(node)
+        for seq in range(1, 41):
+            node.send(seq)
+        wait_until(lambda: node.acked_seq() == 40, what="all 40 acked (drop_oldest never blocks)")
+        wait_until(lambda: gw.stats()["nodes_online"] == 1, what="the birth committed")
+        stats = gw.stats()
+        assert stats["pending"] + stats["status_pending"] <= 10 and stats["status_pending"] == 1
+        assert stats["dropped"] == 40 - stats["pending"] and not stats["backpressure"]
+        status_node.kill()  # dies while the outbox is full: its will must still go
+        wait_until(lambda: gw.stats()["status_pending"] == 2, what="the will committed")
+
+        bridge = BridgeThread(
+            BridgeConfig(
+                name="retention",
+                mqtt_broker=cloud.address,
+                kafka_bootstrap=kafka_bootstrap,
+                readings_topic=kafka_topics["readings"],
+                status_topic=kafka_topics["status"],
+                deadletter_topic=kafka_topics["deadletter"],
+            )
+        )
+        with bridge:
+            wait_until(
+                lambda: gw.stats()["pending"] == 0 and gw.stats()["status_pending"] == 0
+                and gw.outbox.drops_unclaimed() == 0 and gw.stats()["inflight_bseq"] is None,
+                what="outbox drained",
+            )
+            dropped_total = gw.stats()["dropped"]
+    finally:
+        for n in nodes:
+            n.close()
+        gw.stop()
+    readings = read_all(kafka_bootstrap, kafka_topics["readings"], expect=40 - dropped_total)
+    forwarded = sorted({r.identity[2] for r in readings})
+    status_topic = read_all(kafka_bootstrap, kafka_topics["status"], expect=1)
+    values = [json.loads(r.raw) for r in status_topic]
+    drops = [v for v in values if v["schema"] == "tern.drop/1"]
+    states = [(v["device"], v["state"]) for v in values if v["schema"] == "tern.status/1"]
+    assert states == [("dev-s", "online"), ("dev-s", "offline")]
+    dropped = set()
+    for d in drops:
+        codec.decode_kafka_drop_value(json.dumps(d).encode())
+        assert (d["device"], d["boot"], d["reason"], d["site"]) == ("dev-a", BOOT, "max_rows", SITE)
+        dropped |= set(range(d["first_seq"], d["last_seq"] + 1))
+        assert d["count"] == d["last_seq"] - d["first_seq"] + 1
+    # Every reading is accounted for exactly once: in Kafka, or reported dropped.
+    assert sum(d["count"] for d in drops) == dropped_total == 40 - len(forwarded)
+    assert not dropped & set(forwarded) and dropped | set(forwarded) == set(range(1, 41))
+    assert [r.key for r in status_topic if json.loads(r.raw)["schema"] == "tern.drop/1"] == ["dev-a"] * len(drops)
+
+
+# --- priorities: a status event overtakes the backlog --------------------------------------
+
+
+class BatchSpy:
+    """A plain subscriber on the cloud broker's batch topic: every envelope, decoded, in order."""
+
+    def __init__(self, broker, gateway: str) -> None:
+        from test_gateway import new_client
+        from tern.core import topics
+
+        self.batches: list[Batch] = []
+        subscribed = __import__("threading").Event()
+        self.client = new_client()
+        self.client.on_connect = lambda c, *a: c.subscribe(topics.batch_topic(gateway), qos=1)
+        self.client.on_subscribe = lambda *a: subscribed.set()
+        self.client.on_message = lambda c, u, msg: self.batches.append(codec.decode_batch(msg.payload))
+        self.client.connect(broker.host, broker.port)
+        self.client.loop_start()
+        assert subscribed.wait(20), "spy could not subscribe"
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def test_a_node_dying_behind_a_50000_reading_backlog_is_reported_within_one_batch(
+    mosquitto_factory, tmp_path: Path, kafka_bootstrap: str, kafka_topics: dict[str, str]
+) -> None:
+    backlog = 50_000
+    local, cloud = mosquitto_factory("local"), mosquitto_factory("cloud")
+    outbox = tmp_path / "gw" / "outbox.db"
+    with Outbox(outbox) as box:  # the outage: 50,000 readings waiting, oldest first
+        for start in range(1, backlog + 1, 1000):
+            box.add([reading(s, device=f"dev-{s % 10}") for s in range(start, start + 1000)])
+        assert box.pending() == backlog
+    status_node = StatusNode(local, "dev-dies")
+    spy = BatchSpy(cloud, "gw1")
+    bridge = BridgeThread(
+        BridgeConfig(
+            name="priority",
+            mqtt_broker=cloud.address,
+            kafka_bootstrap=kafka_bootstrap,
+            readings_topic=kafka_topics["readings"],
+            status_topic=kafka_topics["status"],
+            deadletter_topic=kafka_topics["deadletter"],
+        )
+    )
+    try:
+        with bridge, Gateway(config(local, cloud, outbox, batch_size=200)) as gw:
+            assert gw.wait_connected(20)
+            wait_until(lambda: gw.stats()["status_forwarded"] >= 1, what="the birth forwarded")
+            wait_until(lambda: gw.stats()["batches_confirmed"] >= 3, what="the backlog flowing")
+            status_node.kill()  # the node dies now, deep in the backlog
+            wait_until(lambda: gw.stats()["status_forwarded"] == 2, what="the will forwarded")
+            left = gw.stats()["pending"]
+        records = read_all(kafka_bootstrap, kafka_topics["status"], expect=2)
+    finally:
+        spy.close()
+        status_node.close()
+    assert [(json.loads(r.raw)["device"], json.loads(r.raw)["state"]) for r in records] == [
+        ("dev-dies", "online"), ("dev-dies", "offline")
+    ]
+    assert left > backlog // 2, f"the backlog drained ({left} left) before the will went: no overtaking shown"
+    # Which batch carried the will: the first or second encoded after the gateway committed it
+    # (the one being built at that instant may have been taken a moment before).
+    will = next(e for b in spy.batches for e in b.statuses if e.state == "offline")
+    after: list[int] = []
+    for b in spy.batches:
+        if b.sent_ms >= will.received_ms and b.bseq not in after:
+            after.append(b.bseq)
+    carrier = next(b.bseq for b in spy.batches if will in b.statuses)
+    assert carrier in after[:2], (carrier, after[:5])
+    assert all(len(b.readings) == 200 for b in spy.batches if b.bseq == carrier)  # a full batch, not a special one
