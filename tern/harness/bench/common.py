@@ -17,7 +17,7 @@ from tern.core import codec, topics
 from tern.core.codec import Batch, Reading
 from tern.core.errors import TernError
 
-BENCHMARKS = ("codec", "outbox", "gateway", "bridge", "e2e", "firmware", "drain")
+BENCHMARKS = ("codec", "outbox", "gateway", "bridge", "e2e", "firmware", "drain", "live", "latency", "scaleout")
 SITE = "bench"
 BOOT = "b0b0cafe"
 #: Readings per batch envelope, as the gateway sends them by default.
@@ -68,7 +68,7 @@ QUICK = Sizes(decode_loops=5_000, batch_loops=25, repeats=3, outbox_rows=5_000, 
 FULL = Sizes(decode_loops=50_000, batch_loops=250, repeats=5, outbox_rows=20_000, outbox_repeats=3,
              readings=20_000, bridge_batches=200, network_repeats=2, deadline_s=300.0,
              naive_readings=4_000, drain_readings=1_000_000, raw_readings=200_000, live_readings=30_000,
-             connections=50, latency_s=10.0, scale_readings=50_000, rounds=3, stage_budget_s=200.0)
+             connections=50, latency_s=8.0, scale_readings=50_000, rounds=3, stage_budget_s=150.0)
 
 
 @dataclass
@@ -114,7 +114,7 @@ class Measurement:
             "unit": self.unit,
             "figure": self.figure,
             "baseline": self.baseline,
-            "ratio": self.ratio,
+            "ratio": None if math.isnan(self.ratio) else self.ratio,
             "what": self.what,
             "baseline_what": self.baseline_what,
             "count": self.count,
