@@ -2,7 +2,7 @@
 #   make setup   system packages (apt, chromium included), .venv, MicroPython build, umqtt fetch
 #   make test    run the test suite
 #   make demo    run the end-to-end demo
-#   make bench   run the benchmarks
+#   make bench   run the benchmarks, write docs/benchmarks.md (exit 1 if a target is missed)
 #   make check   show which tools are found, where, which version
 #   make clean   remove .venv and .cache
 
@@ -71,7 +71,7 @@ demo: setup
 
 bench: setup
 	@if $(VPY) -c 'import importlib.util as u, sys; sys.exit(u.find_spec("tern.harness.bench") is None)'; then \
-	  $(VPY) -m tern.harness.bench; \
+	  $(VPY) -m tern.harness.bench $(BENCH_ARGS); \
 	else echo "bench: tern/harness/bench/ does not exist yet"; exit 1; fi
 
 check: $(STAMP)

@@ -14,6 +14,16 @@ Benchmarks (``--only NAME``, repeatable):
 ``bridge``    batches on the cloud broker -> BridgeThread -> Kafka (confirmed) vs aiokafka.
 ``e2e``       paho node -> gateway -> bridge -> Kafka vs the pub/sub baseline of ``gateway``.
 ``firmware``  free heap of the firmware with a full ring vs ``umqtt.simple`` alone (64K heap).
+``drain``     a backlog filled through ``Outbox.add``, drained by gateway and bridge processes
+              into Kafka, vs the naive per-message bridge and raw aiokafka; CPU and RSS.
+``live``      many node connections -> gateway -> bridge -> Kafka (processes) vs plain pub/sub
+              and vs the naive bridge; bytes on the uplink per reading vs per-message JSON.
+``latency``   node -> Kafka at a steady 50 % of live capacity: p50/p99/max.
+``scaleout``  1, 2, 3 bridge processes on a shared subscription (skipped, with the reason,
+              while the bridge has no ``share_group`` setting).
+
+Issue 13's targets are judged on the ratios; a full run exits 1 when one is missed and writes
+``docs/benchmarks.md``, ``docs/benchmark-history.md`` and the PNGs (``--docs DIR`` elsewhere).
 
 Everything runs on loopback with the project's own runners (``tern.harness.stack``); Kafka is a private
 Tansu unless ``KAFKA_BOOTSTRAP`` names one. Every wait is bounded by a deadline. Results go to a

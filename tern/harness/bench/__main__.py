@@ -18,7 +18,7 @@ from tern.core.errors import TernError
 from tern.harness import bench as bench_package
 from tern.harness.bench.common import BENCHMARKS, FULL, QUICK, Measurement, Sizes
 from tern.harness.bench.lab import Lab
-from tern.harness.bench.report import legend, render_table, report
+from tern.harness.bench.report import legend, missed, render_table, report
 from tern.toolchain import cache_dir
 
 
@@ -29,8 +29,12 @@ def runner(name: str) -> Callable[[Lab], list[Measurement]]:
     return getattr(module, f"bench_{name}")
 
 
-def run_benchmarks(names: Sequence[str], sizes: Sizes, workdir: Path, progress: Callable[[str], None]) -> tuple[list[Measurement], str]:
-    """Run the named benchmarks in order; return their measurements and which Kafka was used."""
+REPO = Path(__file__).resolve().parents[3]
+
+
+def run_benchmarks(names: Sequence[str], sizes: Sizes, workdir: Path, progress: Callable[[str], None]) -> tuple[list[Measurement], str, dict]:
+    """Run the named benchmarks in order; return their measurements, which Kafka was used and
+    the series for the figures."""
     lab = Lab(sizes, workdir)
     results: list[Measurement] = []
     try:
@@ -39,7 +43,7 @@ def run_benchmarks(names: Sequence[str], sizes: Sizes, workdir: Path, progress: 
             results.extend(runner(name)(lab))
     finally:
         lab.close()
-    return results, lab.kafka_kind
+    return results, lab.kafka_kind, lab.series
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -49,6 +53,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--only", action="append", choices=BENCHMARKS, metavar="NAME",
                         help=f"run only this benchmark (repeatable): {', '.join(BENCHMARKS)}")
     parser.add_argument("--json", type=Path, default=None, help="where to write the JSON (default .cache/bench/latest.json)")
+    parser.add_argument("--docs", type=Path, default=None,
+                        help="folder to write benchmarks.md, benchmark-history.md and the PNGs into "
+                             "(default: the repository's docs/ for a full run of every benchmark; none for --quick or --only)")
+    parser.add_argument("--no-docs", action="store_true", help="write no docs at all")
+    parser.add_argument("--enforce", choices=("yes", "no", "auto"), default="auto",
+                        help="exit 1 when a target is missed (auto: yes for a full run, no for --quick)")
     return parser.parse_args(argv)
 
 
@@ -68,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         bench_root.mkdir(parents=True, exist_ok=True)
         # On the repository's disk, not a tmpfs: the outbox's fsyncs must cost what they cost.
         with tempfile.TemporaryDirectory(prefix="run-", dir=bench_root) as workdir:
-            results, kafka = run_benchmarks(names, sizes, Path(workdir), lambda n: console.print(f"[dim]bench: {n}…[/dim]"))
+            results, kafka, series = run_benchmarks(names, sizes, Path(workdir), lambda n: console.print(f"[dim]bench: {n}…[/dim]"))
     except KeyboardInterrupt:
         print("bench: interrupted", file=sys.stderr)
         return 130
@@ -86,6 +96,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         console.print(f"  {line}", highlight=False, soft_wrap=True)
     console.print(f"ratio = Tern / baseline, both measured in this run (Kafka: {kafka or 'not used'}). JSON: {out_path}",
                   highlight=False, soft_wrap=True)
+    docs_dir = None if args.no_docs else args.docs
+    if docs_dir is None and not args.no_docs and not args.quick and not args.only:
+        docs_dir = REPO / "docs"
+    if docs_dir is not None:
+        from tern.harness.bench.docs import write_docs
+
+        for path in write_docs(docs_dir, doc, results, series, legend(results)):
+            console.print(f"[dim]wrote {path}[/dim]", highlight=False)
+    failed = missed(results)
+    for m in failed:
+        console.print(f"[bold red]target missed[/bold red]: {m.name}: {m.target} "
+                      f"(figure {m.figure:,.2f}, ratio {m.ratio:.2f})", highlight=False, soft_wrap=True)
+    enforce = args.enforce == "yes" or (args.enforce == "auto" and not args.quick)
+    if failed and enforce:
+        print(f"bench: {len(failed)} target(s) missed: {', '.join(m.name for m in failed)}", file=sys.stderr)
+        return 1
     return 0
 
 

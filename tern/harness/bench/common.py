@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import statistics
 import threading
 import time
 import uuid
@@ -15,7 +17,7 @@ from tern.core import codec, topics
 from tern.core.codec import Batch, Reading
 from tern.core.errors import TernError
 
-BENCHMARKS = ("codec", "outbox", "gateway", "bridge", "e2e", "firmware")
+BENCHMARKS = ("codec", "outbox", "gateway", "bridge", "e2e", "firmware", "drain", "live", "latency", "scaleout")
 SITE = "bench"
 BOOT = "b0b0cafe"
 #: Readings per batch envelope, as the gateway sends them by default.
@@ -47,14 +49,26 @@ class Sizes:
     outbox_repeats: int
     readings: int  # gateway ingest and end to end (same count: they share a baseline)
     bridge_batches: int
-    network_repeats: int  # rounds of gateway, bridge, e2e and pub/sub; the best of each counts
+    network_repeats: int  # rounds of gateway, bridge, e2e and pub/sub; the median counts
     deadline_s: float
+    # --- issue 13: processes of their own, many connections, a big backlog ---
+    naive_readings: int = 1_000  # per round of the naive per-message bridge (live and drain)
+    drain_readings: int = 20_000  # the backlog, filled through Outbox.add
+    raw_readings: int = 20_000  # at most this many of the backlog's records for raw aiokafka
+    live_readings: int = 5_000
+    connections: int = 20  # node connections publishing at once
+    latency_s: float = 2.0  # seconds of steady load in the latency stage
+    scale_readings: int = 10_000  # per gateway, three gateways, for the scale-out stage
+    rounds: int = 1  # rounds of the issue-13 stages (min, median, max reported)
+    stage_budget_s: float = 120.0  # no new round of a stage starts after this long
 
 
 QUICK = Sizes(decode_loops=5_000, batch_loops=25, repeats=3, outbox_rows=5_000, outbox_repeats=1,
-              readings=2_000, bridge_batches=20, network_repeats=1, deadline_s=20.0)
+              readings=2_000, bridge_batches=20, network_repeats=1, deadline_s=30.0)
 FULL = Sizes(decode_loops=50_000, batch_loops=250, repeats=5, outbox_rows=20_000, outbox_repeats=3,
-             readings=20_000, bridge_batches=200, network_repeats=2, deadline_s=60.0)
+             readings=20_000, bridge_batches=200, network_repeats=2, deadline_s=300.0,
+             naive_readings=4_000, drain_readings=1_000_000, raw_readings=200_000, live_readings=30_000,
+             connections=50, latency_s=8.0, scale_readings=50_000, rounds=3, stage_budget_s=150.0)
 
 
 @dataclass
@@ -70,11 +84,27 @@ class Measurement:
     baseline_what: str
     count: int
     details: dict[str, Any] = field(default_factory=dict)
+    #: The figure of every round (the figure itself is their median), and the baseline's.
+    rounds: list[float] = field(default_factory=list)
+    baseline_rounds: list[float] = field(default_factory=list)
+    #: ``"ratio >= 40"``, ``"figure <= 250"``...: what issue 13 asks; None when nothing is asked.
+    target: str | None = None
+    #: Why the stage did not run (then figure and baseline are 0 and no target is judged).
+    skipped: str | None = None
 
     @property
     def ratio(self) -> float:
-        """figure / baseline."""
+        """figure / baseline (NaN when the stage was skipped)."""
+        if self.skipped or not self.baseline:
+            return math.nan
         return self.figure / self.baseline
+
+    @property
+    def met(self) -> bool | None:
+        """Whether the target is met; None without a target or when skipped."""
+        if self.target is None or self.skipped:
+            return None
+        return target_met(self.target, self.figure, self.ratio)
 
     def as_json(self) -> dict[str, Any]:
         """The JSON form written to latest.json."""
@@ -84,12 +114,57 @@ class Measurement:
             "unit": self.unit,
             "figure": self.figure,
             "baseline": self.baseline,
-            "ratio": self.ratio,
+            "ratio": None if math.isnan(self.ratio) else self.ratio,
             "what": self.what,
             "baseline_what": self.baseline_what,
             "count": self.count,
             "details": self.details,
+            "rounds": spread(self.rounds),
+            "baseline_rounds": spread(self.baseline_rounds),
+            "target": self.target,
+            "met": self.met,
+            "skipped": self.skipped,
         }
+
+
+def target_met(target: str, figure: float, ratio: float) -> bool:
+    """Judge ``"<figure|ratio> <op> <number>"`` (op ``>=`` or ``<=``)."""
+    subject, op, number = target.split()
+    value = figure if subject == "figure" else ratio
+    if math.isnan(value):
+        return False
+    return value >= float(number) if op == ">=" else value <= float(number)
+
+
+def spread(values: Sequence[float]) -> dict[str, Any]:
+    """min, median, max and every value of a list of round figures (empty dict for none)."""
+    if not values:
+        return {}
+    return {"n": len(values), "min": min(values), "median": statistics.median(values), "max": max(values),
+            "all": [round(v, 3) for v in values]}
+
+
+def median(values: Sequence[float]) -> float:
+    """The median of ``values`` (the headline figure of a stage run in rounds)."""
+    return float(statistics.median(values))
+
+
+def skipped(name: str, benchmark: str, unit: str, what: str, baseline_what: str, reason: str,
+            target: str | None = None) -> Measurement:
+    """A measurement that could not be taken, with the visible reason why."""
+    return Measurement(name=name, benchmark=benchmark, unit=unit, figure=0.0, baseline=0.0, what=what,
+                       baseline_what=baseline_what, count=0, target=target, skipped=reason)
+
+
+def run_rounds(lab_sizes: "Sizes", one: Callable[[int], Any]) -> list[Any]:
+    """``one(round_index)`` for ``lab_sizes.rounds`` rounds, starting no new one after the stage budget."""
+    started = time.monotonic()
+    out = [one(0)]
+    for index in range(1, lab_sizes.rounds):
+        if time.monotonic() - started > lab_sizes.stage_budget_s:
+            break
+        out.append(one(index))
+    return out
 
 
 def rate(count: int, seconds: float) -> float:

@@ -34,6 +34,10 @@ class Lab:
         self._bootstrap: str | None = None
         self.kafka_kind = ""
         self._pubsub: dict[int, float] = {}
+        #: Baselines and figures one stage measures and a later one reuses (naive rates, capacity).
+        self.cache: dict[str, object] = {}
+        #: Series for the figures of docs/ (drain progress, latency samples), by name.
+        self.series: dict[str, object] = {}
 
     def folder(self, name: str) -> Path:
         """A fresh sub-folder of the working folder."""

@@ -1,0 +1,188 @@
+"""docs/benchmarks.md, docs/benchmark-history.md and the PNGs: written by the bench, never by hand.
+
+``benchmarks.md`` is rewritten on every run that writes docs: the prose in
+:data:`INTRO` and :data:`METHOD`, then this run's table (rounds, targets), the legend, and
+the figures. ``benchmark-history.md`` gets one line per run appended.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+from tern.harness.bench.common import Measurement
+from tern.harness.bench.report import format_figure, format_rounds, ratio_text, status
+
+INTRO = """# Benchmarks
+
+*This file is written by `make bench` (`python -m tern.harness.bench`); do not edit it by hand.
+Every run appends a line to [benchmark-history.md](benchmark-history.md).*
+
+Speed and memory targets are checked by benchmarks, not by timed tests. The machines this
+project runs on are small and noisy (2 cores), so no figure is judged on its own: every
+measurement runs a Tern path **and a baseline doing the same work on the same parts, in the
+same run**, and reports the ratio `Tern / baseline`. Stages that run in rounds report every
+round (min / median / max); the figure is the median. `make bench` exits non-zero when a
+target of issue 13 is missed, and says which.
+
+```sh
+make bench                                      # full run, writes this file (limit: 10 minutes)
+.venv/bin/python -m tern.harness.bench --quick  # small counts, writes no docs unless --docs DIR
+.venv/bin/python -m tern.harness.bench --only drain --only live
+KAFKA_BOOTSTRAP=host:9092 make bench            # a real Kafka instead of a private Tansu
+```
+"""
+
+METHOD = """## How the issue-13 stages measure
+
+- **Processes.** Gateway, bridge, the naive bridge and the plain subscriber each run in a
+  process of their own (`tern.harness.bench.proc`), as in production; the node connections
+  publish from the bench process. CPU seconds (user + system, counted from the moment the part
+  is running) and peak RSS (`VmHWM`) come from `/proc`.
+- **Naive bridge** (baseline): a paho subscriber that, per message, decodes the reading, writes
+  it with one aiokafka `send_and_wait` (acks=all), then PUBACKs it by hand (`manual_ack`).
+  *Live*: the node fleet publishes while it runs. *Drain*: the readings wait in its persistent
+  session on the broker, and it is timed from its start to the last write.
+- **Backlog drain.** The outbox is filled **directly through the outbox's own API**
+  (`Outbox.add`, 10,000 readings per transaction), not through MQTT, then copied for each round.
+  A bridge and a gateway start on fresh brokers; the round is timed from the gateway's start
+  until its outbox is empty (the last confirm). Every reading is read back from Kafka: all
+  there, each device's readings in order, duplicates counted.
+- **Raw aiokafka** (baseline): one producer with the bridge's settings (acks=all) sending the
+  backlog's first records, then waiting for every ack.
+- **Live** from many node connections: the fleet publishes per-reading JSON at QoS 1 into the
+  gateway's local mosquitto; timed until the bridge has Kafka's ack for the last one. Baseline:
+  the same fleet into a mosquitto with one plain paho QoS 1 subscriber (a process of its own).
+- **Latency** at a steady 50 % of the live capacity measured in the same run: each reading
+  carries its send time; a consumer tailing the topic stamps its arrival (an upper bound on
+  node -> Kafka: it includes the consumer's fetch). Baseline: the same load to a plain subscriber.
+- **Bytes on the uplink**: a counting TCP relay between the gateway and the cloud broker, and
+  one between the node connections and the local broker (per-message JSON over MQTT), both ways.
+- **Scale-out**: 1, 2 and 3 bridge processes on the shared subscription draining the backlog of
+  three gateways; on 2 cores, three bridges, three gateways, two brokers and Kafka share them.
+"""
+
+
+def markdown_table(results: Sequence[Measurement]) -> list[str]:
+    """The table as Markdown rows."""
+    rows = ["| measurement | Tern | baseline | ratio | rounds n: min / median / max | target |",
+            "|---|---:|---:|---:|---:|---|"]
+    for m in results:
+        if m.skipped:
+            rows.append(f"| `{m.name}` | - | - | - | - | skipped: {m.skipped} |")
+            continue
+        target = f"{m.target} **{status(m)}**" if m.target else ""
+        rows.append(f"| `{m.name}` | {format_figure(m.figure, m.unit)} | {format_figure(m.baseline, m.unit)} | "
+                    f"{ratio_text(m)} | {format_rounds(m)} | {target} |")
+    return rows
+
+
+def plot_drain(series: Sequence[Sequence[tuple[float, int]]], path: Path) -> bool:
+    """Readings delivered against time, one line per drain round."""
+    if not series:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, points in enumerate(series):
+        if points:
+            ax.plot([p[0] for p in points], [p[1] for p in points], label=f"round {i + 1}")
+    ax.set_xlabel("seconds since the gateway started")
+    ax.set_ylabel("readings confirmed (deleted from the outbox)")
+    ax.set_title("Backlog drain")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
+def plot_latency(samples: dict[str, Sequence[float]], path: Path) -> bool:
+    """Latency distributions (ms) as empirical CDFs, Tern and baseline."""
+    if not any(samples.values()):
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, values in samples.items():
+        values = sorted(values)
+        if values:
+            ax.plot(values, [(i + 1) / len(values) for i in range(len(values))], label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("latency, ms (log scale)")
+    ax.set_ylabel("share of readings")
+    ax.set_title("Latency at 50 % of live capacity")
+    ax.axvline(250, color="grey", linestyle=":", label="target p99 250 ms")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
+def write_docs(folder: Path, doc: dict[str, Any], results: Sequence[Measurement], series: dict[str, Any],
+               legend_lines: Sequence[str]) -> list[Path]:
+    """Write benchmarks.md and the PNGs into ``folder``, append to benchmark-history.md; the paths written."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    pictures = []
+    drain_png = folder / "benchmark-drain.png"
+    if plot_drain(series.get("drain_progress", []), drain_png):
+        pictures.append(("Backlog drain, readings confirmed against time (every round)", drain_png.name))
+        written.append(drain_png)
+    latency_png = folder / "benchmark-latency.png"
+    if plot_latency(series.get("latency", {}), latency_png):
+        pictures.append(("Latency distribution at 50 % of capacity", latency_png.name))
+        written.append(latency_png)
+    info = doc["machine"]
+    lines = [INTRO, "## This run", "",
+             f"{doc['date']}, {doc['mode']} run, {doc['elapsed_s']:.0f} s: {info['cpus']} cores ({info['cpu'] or 'unknown CPU'}), "
+             f"{info['platform']}, Python {info['python']}, Kafka: {doc['kafka'] or 'not used'}.", ""]
+    lines += markdown_table(results)
+    lines += [""]
+    missed = [m.name for m in results if m.met is False]
+    lines.append(f"Targets missed: {', '.join(f'`{n}`' for n in missed)}." if missed else "Every target met.")
+    lines += ["", "### What each figure measures", ""]
+    lines += [f"- {line}" for line in legend_lines]
+    lines += [""]
+    for title, name in pictures:
+        lines += [f"### {title}", "", f"![{title}]({name})", ""]
+    lines.append(METHOD)
+    (folder / "benchmarks.md").write_text("\n".join(lines))
+    written.append(folder / "benchmarks.md")
+    written.append(append_history(folder / "benchmark-history.md", doc, results))
+    return written
+
+
+def append_history(path: Path, doc: dict[str, Any], results: Sequence[Measurement]) -> Path:
+    """One line per run: date, mode, seconds, then name=ratio for every measurement."""
+    if not path.exists():
+        path.write_text("# Benchmark history\n\n*Appended by `make bench`, one line per run; never edited by hand.*\n"
+                        "Each entry: date, mode, duration, missed targets, then `name figure (ratio)`.\n\n")
+    parts = []
+    for m in results:
+        if m.skipped:
+            parts.append(f"{m.name} skipped")
+        else:
+            ratio = "" if math.isnan(m.ratio) else f" ({m.ratio:.2f})"
+            parts.append(f"{m.name} {short_figure(m)}{ratio}")
+    missed = [m.name for m in results if m.met is False]
+    line = (f"- {doc['date']} {doc['mode']} {doc['elapsed_s']:.0f}s, missed: {', '.join(missed) or 'none'}; "
+            + "; ".join(parts) + "\n")
+    with path.open("a") as f:
+        f.write(line)
+    return path
+
+
+def short_figure(m: Measurement) -> str:
+    """The figure, compact."""
+    return f"{m.figure:,.0f}" if abs(m.figure) >= 100 else f"{m.figure:.2f}"

@@ -1,0 +1,134 @@
+"""Latency node -> Kafka at a steady 50 % of the live capacity measured in the same run.
+
+The fleet publishes at a fixed rate, each reading stamped with its send time (``ts``, wall
+clock ms). A consumer in the bench process tails the readings topic (``fetch_max_wait_ms``
+10) and stamps each record's arrival, so a figure is an upper bound on node -> Kafka: it
+includes the consumer's fetch. Baseline: the same load into a mosquitto with a plain
+subscriber process that stamps each reading on arrival the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from contextlib import ExitStack
+from typing import Any
+
+from tern.harness.bench.common import BenchError, Measurement, median, run_rounds
+from tern.harness.bench.lab import Lab
+from tern.harness.bench.live import devices, live_capacity, start_pipeline
+from tern.harness.bench.nodes import NodeFleet
+from tern.harness.bench.proc import Child
+
+
+class TopicTail:
+    """A consumer on its own thread and loop, keeping arrival - ts (ms) of every reading."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        self.latencies: list[int] = []
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run(bootstrap, topic)), daemon=True)
+        self._thread.start()
+        if not self._ready.wait(30):
+            raise BenchError(f"latency: no consumer on {topic} within 30 s")
+        if self._error is not None:
+            raise BenchError(f"latency: consumer failed: {self._error}")
+
+    async def _run(self, bootstrap: str, topic: str) -> None:
+        from aiokafka import AIOKafkaConsumer
+
+        from tern.cloud.consume import assign_from_beginning
+
+        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
+                                    auto_offset_reset="earliest", fetch_max_wait_ms=10)
+        try:
+            await consumer.start()
+            await assign_from_beginning(consumer, topic, 15)
+        except BaseException as exc:  # reported to the constructor
+            self._error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        try:
+            while not self._stop.is_set():
+                batches = await consumer.getmany(timeout_ms=50)
+                now = time.time_ns() // 1_000_000
+                for records in batches.values():
+                    for record in records:
+                        self.latencies.append(now - json.loads(record.value)["ts_ms"])
+        finally:
+            await consumer.stop()
+
+    def close(self) -> None:
+        """Stop the consumer."""
+        self._stop.set()
+        self._thread.join(10)
+
+
+def percentiles(values: list[int]) -> dict[str, float]:
+    """p50, p99 and max of latencies in ms."""
+    ordered = sorted(values)
+    if not ordered:
+        raise BenchError("latency: no samples")
+    pick = lambda q: float(ordered[min(len(ordered) - 1, int(q * len(ordered)))])  # noqa: E731
+    return {"p50": pick(0.50), "p99": pick(0.99), "max": float(ordered[-1]), "n": len(ordered)}
+
+
+def tern_round(lab: Lab, rate: float) -> list[int]:
+    """Latencies of one paced run through gateway and bridge into Kafka."""
+    with ExitStack() as stack:
+        local, _, _, bridge, topic = start_pipeline(lab, stack, "latency")
+        tail = TopicTail(lab.kafka(), topic)
+        stack.callback(tail.close)
+        fleet = NodeFleet(local.host, local.port, lab.sizes.connections)
+        stack.callback(fleet.close)
+        sent = fleet.publish_paced(rate, lab.sizes.latency_s, devices(lab))
+        deadline = time.monotonic() + lab.sizes.deadline_s
+        while len(tail.latencies) < sent:
+            if time.monotonic() > deadline:
+                raise BenchError(f"latency: {len(tail.latencies)} of {sent} readings reached Kafka in time")
+            time.sleep(0.02)
+        return list(tail.latencies)
+
+
+def pubsub_round(lab: Lab, rate: float) -> list[int]:
+    """Latencies of the same paced run into a plain subscriber."""
+    with ExitStack() as stack:
+        broker = lab.mosquitto(stack, "latency-pubsub")
+        subscriber = Child("subscriber", {"mqtt_host": broker.host, "mqtt_port": broker.port, "latency": True,
+                                          "client_id": f"bench-lat-{time.time_ns() % 10**8}"})
+        fleet = NodeFleet(broker.host, broker.port, lab.sizes.connections)
+        stack.callback(fleet.close)
+        sent = fleet.publish_paced(rate, lab.sizes.latency_s, devices(lab))
+        subscriber.wait_for(lambda s: s.get("received", 0) >= sent, lab.sizes.deadline_s, "latency baseline")
+        subscriber.stop()
+        return list(subscriber.final.get("latencies_ms", []))
+
+
+def bench_latency(lab: Lab) -> list[Measurement]:
+    """p50/p99/max node -> Kafka at half the live capacity (target p99 <= 250 ms) vs plain pub/sub."""
+    capacity = live_capacity(lab)
+    rate = capacity / 2
+    rounds = run_rounds(lab.sizes, lambda i: (pubsub_round(lab, rate), tern_round(lab, rate)))
+    tern = [percentiles(t) for _, t in rounds]
+    base = [percentiles(b) for b, _ in rounds]
+    # The figures of docs/: every sample of the last round.
+    lab.series["latency"] = {"Tern, node -> Kafka": rounds[-1][1], "plain pub/sub": rounds[-1][0]}
+    count = sum(p["n"] for p in tern)
+    what = f"node -> gateway -> bridge -> Kafka at {rate:,.0f} readings/s (50 % of live capacity {capacity:,.0f}/s)"
+    base_what = f"node -> mosquitto -> plain subscriber process at the same {rate:,.0f} readings/s"
+    details: dict[str, Any] = {"rate": rate, "capacity": capacity, "seconds": lab.sizes.latency_s,
+                               "tern": tern, "baseline": base}
+    out = []
+    for key, target in (("p50", None), ("p99", "figure <= 250"), ("max", None)):
+        figures = [p[key] for p in tern]
+        baselines = [p[key] for p in base]
+        out.append(Measurement(name=f"latency.{key}", benchmark="latency", unit="ms", figure=median(figures),
+                               baseline=max(median(baselines), 0.5), what=f"{key}, {what}", baseline_what=f"{key}, {base_what}",
+                               count=count, details=details if key == "p99" else {}, rounds=figures,
+                               baseline_rounds=baselines, target=target))
+    return out

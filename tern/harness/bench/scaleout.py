@@ -1,0 +1,91 @@
+"""Scale-out: 1, 2 and 3 bridge processes on one shared subscription, draining three gateways.
+
+Each round starts ``k`` bridge processes in one share group (``$share/<group>/...``, the
+bridge's ``share_group`` setting) and three gateway processes, each on its own copy of a
+``scale_readings`` backlog; timed from the first gateway's start until every outbox is empty,
+then every reading is read back (per gateway, each device in order).
+
+On the 2-core machines of this project, ``k`` bridges, three gateways, four brokers and Kafka
+share two cores, so the figure shows whether the share group splits the work without loss,
+not how far it scales on real hardware.
+
+Skipped, with the reason shown, while :class:`tern.cloud.config.BridgeConfig` has no
+``share_group`` field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from contextlib import ExitStack
+from typing import Any
+
+from tern.harness.bench.common import Measurement, skipped
+from tern.harness.bench.drain import bridge_config, copy_outbox, fill_outbox, gateway_config
+from tern.harness.bench.kafka_check import check_topic
+from tern.harness.bench.lab import Lab
+from tern.harness.bench.proc import Child
+
+GATEWAYS = 3
+SHARE_KEY = "share_group"
+
+
+def has_share_group() -> bool:
+    """True when the bridge can join a shared subscription."""
+    from tern.cloud.config import BridgeConfig
+
+    return SHARE_KEY in {f.name for f in dataclasses.fields(BridgeConfig)}
+
+
+def scale_round(lab: Lab, bridges: int) -> dict[str, Any]:
+    """One drain of three gateways' backlogs through ``bridges`` bridge processes."""
+    count = lab.sizes.scale_readings
+    total = count * GATEWAYS
+    if "scale_template" not in lab.cache:
+        path = lab.folder("scale-template") / "outbox.db"
+        fill_outbox(path, count)
+        lab.cache["scale_template"] = path
+    readings, status, deadletter = lab.kafka_topics(f"scale{bridges}", f"scale{bridges}-status", f"scale{bridges}-dl")
+    group = f"bench-{uuid.uuid4().hex[:6]}"
+    with ExitStack() as stack:
+        cloud = lab.mosquitto(stack, "cloud")
+        children = []
+        for i in range(bridges):
+            child = Child("bridge", bridge_config(lab, cloud, f"scale{i}", readings, status, deadletter, **{SHARE_KEY: group}))
+            stack.callback(child.stop)
+            children.append(child)
+        gateways = []
+        for i in range(GATEWAYS):
+            local = lab.mosquitto(stack, f"local{i}")
+            outbox = copy_outbox(lab.cache["scale_template"], lab.folder(f"scale-gw{i}"))  # type: ignore[arg-type]
+            gateway = Child("gateway", gateway_config(lab, local, cloud, outbox, f"scale{i}"))
+            stack.callback(gateway.stop)
+            gateways.append(gateway)
+        ends = [g.wait_for(lambda s: s.get("pending", 1) == 0 and s.get("inflight_bseq") is None,
+                           lab.sizes.deadline_s, f"scale-out drain ({bridges} bridges)") for g in gateways]
+        start = min(g.ready_t for g in gateways)
+        split = [c.stats.get("records_written", 0) for c in children]
+    check = check_topic(lab.kafka(), readings, total, lab.sizes.deadline_s)
+    check.require(total, f"scale-out with {bridges} bridges")
+    seconds = max(max(ends) - start, 1e-6)
+    return {"rate": total / seconds, "seconds": round(seconds, 3), "records_per_bridge": split, **check.as_json()}
+
+
+def bench_scaleout(lab: Lab) -> list[Measurement]:
+    """Drain rate with 2 and 3 bridges on a shared subscription vs 1 bridge."""
+    what = "3 gateways' backlogs -> cloud mosquitto -> {k} bridge processes on $share/<group> -> Kafka"
+    base_what = "the same with 1 bridge process"
+    if not has_share_group():
+        reason = ("BridgeConfig has no share_group setting yet (issue 13's shared subscription is not in this "
+                  "tree), so several bridges would each take every batch")
+        return [skipped(f"scaleout.{k}_bridges", "scaleout", "readings/s", what.format(k=k), base_what, reason)
+                for k in (2, 3)]
+    results = {k: scale_round(lab, k) for k in (1, 2, 3)}
+    count = lab.sizes.scale_readings * GATEWAYS
+    details = {str(k): v for k, v in results.items()}
+    return [Measurement(name=f"scaleout.{k}_bridges", benchmark="scaleout", unit="readings/s",
+                        figure=results[k]["rate"], baseline=results[1]["rate"], what=what.format(k=k),
+                        baseline_what=base_what, count=count, details=details if k == 3 else {},
+                        rounds=[results[k]["rate"]], baseline_rounds=[results[1]["rate"]])
+            for k in (2, 3)]
+
