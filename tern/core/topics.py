@@ -11,6 +11,9 @@ Gateway side (the cloud broker), one set of topics per gateway::
     tern-gw/<gateway>/batch          gateway -> bridge, QoS 1, a compressed batch envelope
     tern-gw/<gateway>/confirm        bridge -> gateway, QoS 1: batch bseq is in Kafka
 
+N bridges split the batches with a shared subscription, ``$share/<group>/tern-gw/+/batch``
+(:func:`shared_filter`): the broker hands each batch to one member of the group.
+
 The firmware spells the node topics itself (it cannot import this module); the contract
 tests check that it spells them the same way.
 """
@@ -104,3 +107,19 @@ def parse_batch_topic(topic: str) -> str:
     if len(parts) != 3 or parts[0] != GATEWAY_ROOT or parts[2] != "batch":
         raise CodecError(f"not a tern batch topic: {topic!r}")
     return check_id(parts[1], "gateway")
+
+
+#: MQTT 5 / mosquitto shared subscriptions: ``$share/<group>/<filter>``.
+SHARE_PREFIX = "$share"
+
+
+def check_share_group(group: str) -> str:
+    """Return ``group`` if it can name a shared subscription group, else raise CodecError."""
+    if not isinstance(group, str) or not _ID.match(group):
+        raise CodecError(f"invalid share group {group!r}: want 1-64 of [A-Za-z0-9_.-], not starting with . _ or -")
+    return group
+
+
+def shared_filter(group: str, topic_filter: str) -> str:
+    """``$share/<group>/<topic_filter>``: members of ``group`` each get a share of the messages."""
+    return f"{SHARE_PREFIX}/{check_share_group(group)}/{topic_filter}"
