@@ -6,10 +6,19 @@ it and redelivers it if the bridge dies, so a crash, a Kafka outage or a restart
 most duplicates, never data.
 
 Threads: paho runs its network thread (``loop_start``) and only enqueues received messages
-onto the asyncio loop (``call_soon_threadsafe``). The asyncio side owns the Kafka producer
-and handles batches strictly one at a time, in receive order, so PUBACKs leave in receive
-order as MQTT requires. In-flight work is bounded by the broker: it sends a client at most
-``max_inflight_messages`` unacknowledged QoS 1 messages, and we do not ack until done.
+onto the asyncio loop (``call_soon_threadsafe``). The asyncio side owns the Kafka producer.
+It takes batches in receive order and starts each one's Kafka write at once, without waiting
+for the ones before (at most ``max_inflight_records`` readings are being written at a time):
+each batch's confirm is published as soon as Kafka has acknowledged all of it, while PUBACKs
+still leave strictly in receive order, as MQTT requires (a batch done early waits, already
+confirmed, for the ones received before it). Per-device order needs nothing more: a gateway
+never has two batches holding one device in flight at once.
+
+A gateway re-sends a batch whose confirm it has not seen in a long while (the bridge holding
+it may have died). The bridge remembers the last ``dedup_window`` batches it wrote, by
+(gateway, bseq, payload digest): a copy is confirmed again without being written, and
+counted as ``duplicates_received``. With ``share_group`` set, N bridges split the batches on a
+shared subscription; a copy then may reach another bridge, which writes it (at-least-once).
 
 Poison input (a payload that is not a valid batch, a topic that is not a batch topic) is
 written raw to the dead-letter topic with its MQTT metadata and then acknowledged: it can
@@ -24,7 +33,7 @@ import hashlib
 import logging
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -39,7 +48,7 @@ from tern.cloud.metrics import BridgeMonitor
 from tern.core import codec, topics
 from tern.core.errors import CodecError, TernError
 from tern.core.mqtt_session import PersistentSession
-from tern.core.quoting import describe, quote
+from tern.core.quoting import describe, quote, shorten
 
 log = logging.getLogger("tern.bridge")
 
@@ -65,6 +74,14 @@ class _Delivery:
     generation: int
     received_ms: int
     received_mono: float
+    #: Set once the delivery is settled (written, dead-lettered, a known copy, or given up).
+    done: bool = False
+    #: Whether it may be PUBACKed once settled (False: given up, the broker must redeliver it).
+    ackable: bool = False
+
+
+#: On a graceful stop, batches being written get this long to finish (and be acked, confirmed).
+STOP_DRAIN_S = 5.0
 
 
 def _now_ms() -> int:
@@ -88,6 +105,13 @@ class Bridge:
         self._queue: asyncio.Queue[_Delivery] | None = None
         self._session: PersistentSession | None = None
         self._sink: KafkaSink | None = None
+        # Receive order, for PUBACKs: the head leaves once it is done.
+        self._ack_queue: deque[_Delivery] = deque()
+        self._tasks: set[asyncio.Task] = set()
+        self._records_inflight = 0
+        self._room: asyncio.Condition | None = None
+        # (gateway, bseq, digest) -> future set True once written (False: given up, not written).
+        self._written: OrderedDict[tuple[str, int, bytes], asyncio.Future] = OrderedDict()
         # A PUBACK names a packet id, and ids are only meaningful on the connection that
         # delivered the message: after a reconnect the broker resends unacked messages and
         # may reuse an acked id for another message. So every delivery remembers the
@@ -112,6 +136,7 @@ class Bridge:
                 "kafka_failures",
                 "duplicates_received",
                 "stale_dropped",
+                "mqtt_dup_flags",
                 "mqtt_connects",
                 "mqtt_disconnects",
                 "drops_written",
@@ -122,6 +147,8 @@ class Bridge:
         snapshot["inflight"] = len(inflight)
         snapshot["oldest_unacked_age_s"] = round(time.monotonic() - inflight[0].received_mono, 3) if inflight else 0.0
         snapshot["mqtt_connected"] = self._connected.is_set()
+        snapshot["records_inflight"] = self._records_inflight
+        snapshot["batches_writing"] = len(self._tasks)
         return snapshot
 
     async def run(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
@@ -133,6 +160,7 @@ class Bridge:
         """
         self._loop = asyncio.get_running_loop()
         self._queue = asyncio.Queue()
+        self._room = asyncio.Condition()
         sink = KafkaSink(self.config)
         try:
             await sink.start(check_topics=self.config.kafka_topics)
@@ -164,6 +192,7 @@ class Bridge:
                     await worker
                 except (asyncio.CancelledError, Exception):
                     pass
+            await self._drain(STOP_DRAIN_S)
             if monitor is not None:
                 await monitor.stop()
             self._disconnect_mqtt()
@@ -179,7 +208,7 @@ class Bridge:
             cfg.client_id,
             host,
             port,
-            [(topics.BATCH_FILTER, 1)],
+            [(cfg.batch_filter, 1)],
             self._on_message,
             manual_ack=True,
             keepalive=cfg.mqtt_keepalive_s,
@@ -270,32 +299,45 @@ class Bridge:
         assert self._queue is not None
         self._counters["matched"] += 1
         if delivery.dup:
-            self._counters["duplicates_received"] += 1
+            self._counters["mqtt_dup_flags"] += 1
         self._inflight.append(delivery)
         self._queue.put_nowait(delivery)
 
     # --- the worker (asyncio) -------------------------------------------------------
 
     async def _work(self) -> None:
-        assert self._queue is not None
+        """Take deliveries in receive order and start each one's write without waiting for it."""
+        assert self._queue is not None and self._room is not None
         while True:
             delivery = await self._queue.get()
-            try:
-                if delivery.generation != self._generation():
-                    # Arrived on a connection that is gone: the broker redelivers it on
-                    # the current one, and acking its old packet id could ack another.
-                    self._counters["stale_dropped"] += 1
-                    continue
-                await self._handle(delivery)
-            except _Stale:
+            if delivery.generation != self._generation():
+                # Arrived on a connection that is gone: the broker redelivers it on the
+                # current one, and acking its old packet id could ack another.
                 self._counters["stale_dropped"] += 1
-            finally:
-                try:
-                    self._inflight.remove(delivery)
-                except ValueError:
-                    pass
+                self._forget(delivery)
+                continue
+            job = self._prepare(delivery)
+            count = len(job[1]) if job[1] is not None else 1
+            async with self._room:
+                # A batch larger than the whole bound still goes, alone.
+                await self._room.wait_for(
+                    lambda: self._records_inflight == 0
+                    or self._records_inflight + count <= self.config.max_inflight_records
+                )
+                self._records_inflight += count
+            self._ack_queue.append(delivery)
+            task = asyncio.create_task(self._settle(delivery, job, count))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
-    async def _handle(self, delivery: _Delivery) -> None:
+    def _forget(self, delivery: _Delivery) -> None:
+        try:
+            self._inflight.remove(delivery)
+        except ValueError:
+            pass
+
+    def _prepare(self, delivery: _Delivery) -> tuple[codec.Batch | None, list[codec.KafkaRecord] | None, str | None]:
+        """Decode ``delivery``: (batch, its records, None), or (None, None, why it is poison)."""
         try:
             gateway = topics.parse_batch_topic(delivery.topic)
             allowed = self.config.allowed_gateways
@@ -303,11 +345,7 @@ class Bridge:
                 raise CodecError(f"gateway not allowed: {gateway!r} is not in this bridge's allowed_gateways")
             batch = codec.decode_batch(delivery.payload, topic_gateway=gateway)
         except CodecError as exc:
-            await self._write_with_retry(delivery, [self._deadletter_record(delivery, str(exc))])
-            self._counters["deadlettered"] += 1
-            log.warning("dead-lettered %d bytes from %s: %s", len(delivery.payload), quote(delivery.topic), describe(exc))
-            self._ack(delivery)
-            return
+            return None, None, str(exc)
         now = _now_ms()
         records = [codec.kafka_record(r, batch.gateway, self.config.readings_topic, now) for r in batch.readings]
         statuses = [
@@ -315,15 +353,95 @@ class Bridge:
         ]
         # Drop events (readings the gateway's retention policy deleted) share the status topic.
         drops = [codec.kafka_drop_record(d, batch.gateway, self.config.status_topic, now) for d in batch.drops]
-        # One write: the batch is PUBACKed and confirmed only once Kafka holds all of both.
-        await self._write_with_retry(delivery, records + statuses + drops)
-        self._counters["drops_written"] += len(drops)
-        self._counters["records_written"] += len(records)
-        self._counters["status_written"] += len(statuses)
-        if self._ack(delivery):
-            # n counts readings, as the contract always said; the gateway deletes the batch's
-            # status events on the same confirm.
-            self._confirm(codec.Confirm(batch.gateway, batch.bseq, len(records)))
+        return batch, records + statuses + drops, None
+
+    async def _settle(self, delivery: _Delivery, job: tuple, count: int) -> None:
+        """Write one delivery (or recognise it as a copy), confirm it, then let acks flow."""
+        try:
+            batch, records, poison = job
+            if batch is None:
+                await self._write_with_retry(delivery, [self._deadletter_record(delivery, poison)])
+                self._counters["deadlettered"] += 1
+                log.warning("dead-lettered %d bytes from %s: %s", len(delivery.payload), quote(delivery.topic),
+                            shorten(poison))
+            else:
+                await self._write_batch(delivery, batch, records)
+            delivery.ackable = True
+        except _Stale:
+            self._counters["stale_dropped"] += 1
+        finally:
+            delivery.done = True
+            assert self._room is not None
+            async with self._room:
+                self._records_inflight -= count
+                self._room.notify_all()
+            self._flush_acks()
+
+    async def _write_batch(self, delivery: _Delivery, batch: codec.Batch, records: list[codec.KafkaRecord]) -> None:
+        key = (batch.gateway, batch.bseq, hashlib.blake2b(delivery.payload, digest_size=16).digest())
+        earlier = self._written.get(key)
+        if earlier is not None:
+            self._written.move_to_end(key)
+            # A copy (the gateway re-sent it): wait for the first one's write, if it is still
+            # under way; if that one was written, this one only needs confirming again.
+            if await asyncio.shield(earlier):
+                self._counters["duplicates_received"] += 1
+                log.info("batch %s/%d is a copy of one already in Kafka: confirmed again, not written",
+                         batch.gateway, batch.bseq)
+                self._confirm(codec.Confirm(batch.gateway, batch.bseq, len(batch.readings)))
+                return
+        assert self._loop is not None
+        written: asyncio.Future = self._loop.create_future()
+        self._remember(key, written)
+        try:
+            # One write: the batch is confirmed (and PUBACKed) only once Kafka holds all of it.
+            await self._write_with_retry(delivery, records)
+        except BaseException:
+            written.set_result(False)
+            if self._written.get(key) is written:
+                del self._written[key]
+            raise
+        written.set_result(True)
+        self._counters["records_written"] += len(batch.readings)
+        self._counters["status_written"] += len(batch.statuses)
+        self._counters["drops_written"] += len(batch.drops)
+        # n counts readings, as the contract always said; the gateway deletes the batch's
+        # status events on the same confirm. Kafka holds it all: confirm now, even if this
+        # delivery's PUBACK must still wait for earlier ones (or its connection is gone).
+        self._confirm(codec.Confirm(batch.gateway, batch.bseq, len(batch.readings)))
+
+    def _remember(self, key: tuple[str, int, bytes], written: asyncio.Future) -> None:
+        if self.config.dedup_window <= 0:
+            return
+        self._written[key] = written
+        self._written.move_to_end(key)
+        while len(self._written) > self.config.dedup_window:
+            self._written.popitem(last=False)
+
+    def _flush_acks(self) -> None:
+        """PUBACK, in receive order, every settled delivery at the head of the queue."""
+        queue = self._ack_queue
+        while queue and queue[0].done:
+            if not queue[0].ackable and queue[0].generation == self._generation():
+                # Given up on a live connection (only when stopping): acking anything after
+                # it would break the receive order, and it must be redelivered.
+                return
+            delivery = queue.popleft()
+            if delivery.ackable:
+                self._ack(delivery)
+            self._forget(delivery)
+
+    async def _drain(self, timeout: float) -> None:
+        """Let the writes under way finish (bounded), so their acks and confirms go out."""
+        tasks = set(self._tasks)
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=timeout)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=1.0)
+                log.warning("stopped with %d batches unwritten: the broker redelivers them", len(pending))
+        self._ack_queue.clear()
 
     async def _write_with_retry(self, delivery: _Delivery, records: list[codec.KafkaRecord]) -> None:
         """Write until Kafka acknowledges all of ``records``; only cancellation stops it."""

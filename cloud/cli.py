@@ -41,6 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--name", help="bridge name; MQTT client id is tern-bridge-NAME (default main)")
     run.add_argument("--idempotence", action="store_true", default=None, help="idempotent producer (real Kafka; Tansu rejects it)")
     run.add_argument("--compression", choices=["gzip", "snappy", "lz4", "zstd"], help="Kafka compression")
+    run.add_argument("--share-group", help="split batches with other bridges on $share/GROUP/... (env TERN_BRIDGE_SHARE_GROUP)")
     run.add_argument("--stats-every", type=float, default=30.0, metavar="S", help="log counters every S seconds (0: never)")
     run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
@@ -110,6 +111,7 @@ def _run(args: argparse.Namespace) -> int:
         name=args.name,
         enable_idempotence=args.idempotence,
         compression=args.compression,
+        share_group=args.share_group,
     )
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -3,7 +3,7 @@
 Every value has a default that works on one machine; ``BridgeConfig.from_env`` reads the
 deployment's environment (``TERN_CLOUD_BROKER``, ``KAFKA_BOOTSTRAP``, ``TERN_KAFKA_TOPIC``,
 ``TERN_KAFKA_STATUS_TOPIC``, ``TERN_KAFKA_DEADLETTER``, ``TERN_BRIDGE_NAME``, ``TERN_BRIDGE_METRICS_PORT``,
-``TERN_BRIDGE_METRICS_HOST``). Wrong values raise
+``TERN_BRIDGE_METRICS_HOST``, ``TERN_BRIDGE_SHARE_GROUP``, ...). Wrong values raise
 :class:`tern.core.errors.ConfigError` naming the field and what is wrong with it.
 """
 
@@ -113,6 +113,16 @@ class BridgeConfig:
     metrics_port: int = 0
     #: Address it listens on: loopback by default; 0.0.0.0 in a container that is scraped.
     metrics_host: str = "127.0.0.1"
+    # --- throughput and scale-out ---
+    #: Readings (Kafka records) being written at once, over all the batches in flight; a
+    #: batch larger than this is still taken, alone.
+    max_inflight_records: int = 20_000
+    #: Batches remembered by (gateway, bseq, payload digest) once written, so a re-sent copy
+    #: is confirmed again without writing it twice (least recently seen forgotten first).
+    dedup_window: int = 10_000
+    #: When set, subscribe as ``$share/<group>/tern-gw/+/batch``: every bridge of the group
+    #: (each with its own ``name``) takes a share of the gateways' batches.
+    share_group: str | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -164,6 +174,15 @@ class BridgeConfig:
                     topics.check_id(gateway, "gateway")
                 except CodecError as exc:
                     raise ConfigError(f"allowed_gateways: {exc}") from None
+        for field_name, low in (("max_inflight_records", 1), ("dedup_window", 0)):
+            value = getattr(self, field_name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ConfigError(f"{field_name}: must be an integer >= {low}, got {value!r}")
+        if self.share_group is not None:
+            try:
+                topics.check_share_group(self.share_group)
+            except CodecError as exc:
+                raise ConfigError(f"share_group: {exc}") from None
 
     #: The Kafka topics the bridge writes to (validated alike, checked at start-up).
     TOPIC_FIELDS = ("readings_topic", "status_topic", "deadletter_topic")
@@ -172,6 +191,13 @@ class BridgeConfig:
     def kafka_topics(self) -> tuple[str, ...]:
         """Every Kafka topic this bridge writes to."""
         return tuple(getattr(self, name) for name in self.TOPIC_FIELDS)
+
+    @property
+    def batch_filter(self) -> str:
+        """The subscription the bridge takes gateways' batches on (shared with ``share_group``)."""
+        if self.share_group:
+            return topics.shared_filter(self.share_group, topics.BATCH_FILTER)
+        return topics.BATCH_FILTER
 
     @property
     def client_id(self) -> str:
@@ -232,6 +258,7 @@ class BridgeConfig:
             ("TERN_BRIDGE_MQTT_CERT", "mqtt_cert"),
             ("TERN_BRIDGE_MQTT_KEY", "mqtt_key"),
             ("TERN_BRIDGE_ALLOWED_GATEWAYS", "allowed_gateways"),
+            ("TERN_BRIDGE_SHARE_GROUP", "share_group"),
         ):
             value = env.get(var, "").strip()
             if value:

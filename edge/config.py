@@ -34,6 +34,13 @@ DEFAULT_CONFIRM_TIMEOUT_S = 15.0
 DEFAULT_RECONNECT_MAX_S = 5.0
 #: Readings per batch are bounded so one envelope stays far below codec.MAX_BATCH_BYTES.
 MAX_BATCH_SIZE = 5000
+#: Batches in flight on the uplink (see uplink_window).
+DEFAULT_UPLINK_WINDOW = 8
+MAX_UPLINK_WINDOW = 64
+DEFAULT_BATCH_LINGER_MS = 50
+DEFAULT_BATCH_MAX_BYTES = 256 * 1024
+#: codec.MAX_BATCH_BYTES (the bridge refuses larger envelopes).
+MAX_BATCH_MAX_BYTES = 1 << 20
 
 ENV_GATEWAY_ID = "TERN_GATEWAY_ID"
 ENV_LOCAL_BROKER = "TERN_LOCAL_BROKER"
@@ -138,6 +145,15 @@ class GatewayConfig:
     max_age_s: float | None = None
     #: At the row and byte bounds: "block" (stop acking; nothing dropped) or "drop_oldest".
     telemetry_policy: str = "block"
+    # --- uplink pipelining (tern.edge.uplink) ---
+    #: Batches in flight at once. Devices are spread over this many lanes by a stable hash of
+    #: their id, each lane with at most one batch in flight, so a device's order holds.
+    uplink_window: int = DEFAULT_UPLINK_WINDOW
+    #: A lane's batch waits at most this long for more readings before it leaves (a quiet site
+    #: forwards within about this; a backlog fills batches at once and never waits).
+    batch_linger_ms: int = DEFAULT_BATCH_LINGER_MS
+    #: Upper bound of one batch envelope on the wire (compressed), next to ``batch_size``.
+    batch_max_bytes: int = DEFAULT_BATCH_MAX_BYTES
 
     def __post_init__(self) -> None:
         try:
@@ -210,6 +226,10 @@ class GatewayConfig:
         from tern.edge.serial_sensors import parse_specs
 
         return parse_specs(self.serial_sensors, self.gateway_id)
+        # --- uplink pipelining ---
+        _check_int("uplink_window", self.uplink_window, 1, MAX_UPLINK_WINDOW)
+        _check_int("batch_linger_ms", self.batch_linger_ms, 0, 60_000)
+        _check_int("batch_max_bytes", self.batch_max_bytes, 1024, MAX_BATCH_MAX_BYTES)
 
     @property
     def local_hostport(self) -> tuple[str, int]:

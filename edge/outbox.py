@@ -450,12 +450,14 @@ class Outbox:
             inserted += 1
         return inserted
 
-    def take(self, limit: int) -> list[OutboxRow]:
-        """The oldest ``limit`` pending readings in arrival order (they stay until deleted)."""
+    def take(self, limit: int, after_id: int = 0) -> list[OutboxRow]:
+        """The oldest ``limit`` pending readings with an id above ``after_id``, in arrival order
+        (they stay until deleted)."""
         with self._lock:
             cursor = self.db.execute(
-                f'SELECT id, site, device, boot, seq, ts_ms, received_ms, "values" FROM {OUTBOX} ORDER BY id LIMIT ?',
-                [limit],
+                f'SELECT id, site, device, boot, seq, ts_ms, received_ms, "values" FROM {OUTBOX}'
+                " WHERE id > ? ORDER BY id LIMIT ?",
+                [after_id, limit],
             )
             rows = [
                 OutboxRow(

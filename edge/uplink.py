@@ -1,17 +1,36 @@
 """Uplink: outbox rows to the cloud broker in batches, deleted only once the bridge confirms them.
 
-A batch carries the oldest pending readings (up to ``batch_size``) and the oldest pending node
-status events (up to :data:`STATUS_BATCH_MAX`); the confirm covers both, and both are deleted
-in one transaction. A batch may hold status events and no reading (a node died, nothing else
-is happening), or readings and no status event (the usual case).
+Pipelined: up to ``uplink_window`` (W) batches are in flight at once. Devices are spread over W
+*lanes* by a stable hash of their id (CRC-32, the same on every run and machine), and a lane
+has at most one batch in flight, so a device's readings are never in two in-flight batches:
+whichever bridge writes which batch, and in whatever order the confirms come back, each
+device's readings reach Kafka in order. A confirm deletes exactly its batch's rows and frees
+its lane.
 
-One batch is in flight at a time, so batches leave (and are confirmed) in outbox order and
-per-device order needs no further bookkeeping. A batch that is not confirmed within
-``confirm_timeout_s`` is published again (same rows, same bseq); the bridge and Kafka
-consumers de-duplicate on each reading's (device, boot, seq).
+Rows are read from the outbox in arrival order into small per-lane queues (bounded). A lane's
+batch leaves when it has ``batch_size`` readings, or about ``batch_max_bytes`` of envelope, or
+its oldest reading has waited ``batch_linger_ms``: a quiet site forwards within about the
+linger, a backlog goes out in full envelopes on every lane at once.
+
+Node status events travel with the batches too: at most one batch carrying status events is in
+flight at a time (so their order holds), it takes the oldest pending ones (up to
+:data:`STATUS_BATCH_MAX`) and leaves at once, with a lane's readings if one is ready or alone.
+
+Re-sending. QoS 1 on a persistent session already re-delivers what the broker has not
+acknowledged (paho re-sends it on reconnect), so re-publishing on a timer while the link or
+the bridge is down would only queue copies that are all delivered later. A batch is
+published again only when it can really have been lost:
+
+* the broker had no session for us on a reconnect (it restarted without its state, or the
+  session expired) and it had already acknowledged the batch: what it held may be gone;
+* ``confirm_timeout_s`` passed since the broker's PUBACK while we stayed connected (a bridge
+  died holding it, a confirm got lost); the wait doubles on each further attempt.
+
+A re-sent batch keeps its bseq, so the bridge recognises it and confirms it again without
+writing it a second time.
 
 ``bseq`` comes from the outbox's ``meta`` table, so it keeps increasing across restarts: a
-confirm for a batch of an earlier run can never be mistaken for the current one.
+confirm for a batch of an earlier run can never be mistaken for one of this run.
 """
 
 from __future__ import annotations
@@ -19,6 +38,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import zlib
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Callable
 
 import paho.mqtt.client as mqtt
@@ -36,6 +58,48 @@ log = logging.getLogger(__name__)
 #: ~150 bytes each, so this never crowds the readings out of an envelope; a fleet rebooting
 #: at once drains in a few batches.
 STATUS_BATCH_MAX = 100
+#: Re-sends after a PUBACK wait ``confirm_timeout_s``, doubling up to this many times that.
+RESEND_BACKOFF_MAX = 8
+#: Rows read ahead into the lane queues, in batches' worth per lane.
+STAGING_BATCHES = 2
+#: How often the forwarder looks for new rows and PUBACKs when it has nothing else to wait for.
+POLL_S = 0.01
+#: First guess of a reading's size in a compressed envelope, refined by every encoding.
+BYTES_PER_READING_GUESS = 60.0
+
+
+def lane_of(device: str, lanes: int) -> int:
+    """The lane of ``device``: a stable hash (CRC-32 of its id), unlike Python's salted hash()."""
+    return zlib.crc32(device.encode()) % lanes
+
+
+@dataclass(slots=True, eq=False)
+class _InFlight:
+    """One published, unconfirmed batch."""
+
+    bseq: int
+    lane: int | None  # None: a batch of status events only
+    rows: list[OutboxRow]
+    statuses: list[StatusRow]
+    payload: bytes
+    info: mqtt.MQTTMessageInfo
+    #: PersistentSession.new_sessions when (re)published.
+    sessions: int
+    #: When the broker's PUBACK was seen (monotonic), None until then.
+    puback_at: float | None = None
+    wait_s: float = 0.0
+    attempts: int = 1
+    #: Drop events it carries (deleted with its confirm).
+    drops: int = 0
+    #: When it was last published (monotonic), for the confirm round-trip time.
+    published_at: float = field(default_factory=time.monotonic)
+
+
+@dataclass(slots=True)
+class _Lane:
+    queue: deque[OutboxRow] = field(default_factory=deque)
+    since: float = 0.0  # monotonic time the queue last went from empty to non-empty
+    busy: bool = False
 
 
 class Uplink:
@@ -45,10 +109,17 @@ class Uplink:
         self.config = config
         self.outbox = outbox
         self._stop = threading.Event()
-        # Guards _inflight/_confirmed; signalled when a matching confirm arrives.
+        # Guards _confirms, _counts and _inflight's keys (read by stats()); signalled on a confirm.
         self._cond = threading.Condition()
-        self._inflight: int | None = None
-        self._confirmed: int | None = None
+        self._confirms: list[codec.Confirm] = []
+        self._inflight: dict[int, _InFlight] = {}
+        self._lanes = [_Lane() for _ in range(config.uplink_window)]
+        self._staged = 0
+        # Every outbox row with an id up to the cursor is held here (staged or in flight).
+        self._cursor = 0
+        self._status_batch: int | None = None
+        self._bytes_per_reading = BYTES_PER_READING_GUESS
+        self._generation = -1
         #: Called with the seconds from a batch's (last) publish to its confirm (metrics, status).
         self.on_confirm_rtt: Callable[[float], None] | None = None
         self._counts = {
@@ -72,6 +143,8 @@ class Uplink:
             self._on_message,
             keepalive=config.keepalive_s,
             reconnect_max_s=config.reconnect_max_s,
+            # W batches plus the confirms' PUBACKs; paho's own window must not be the limit.
+            max_inflight=max(100, 4 * config.uplink_window),
             name="uplink",
             broker=f"the cloud broker {config.cloud_broker}",
             lost_hint="readings accumulate in the outbox",
@@ -106,10 +179,12 @@ class Uplink:
         return self.session.wait_connected(timeout)
 
     def stats(self) -> dict:
-        """Counters since start."""
+        """Counters since start; ``inflight_bseq`` is the oldest batch in flight (None if none)."""
         with self._cond:
             out = dict(self._counts)
-            out["inflight_bseq"] = self._inflight
+            inflight = list(self._inflight)
+        out["inflight_bseq"] = min(inflight) if inflight else None
+        out["inflight_batches"] = len(inflight)
         out["cloud_connected"] = self.connected
         return out
 
@@ -122,13 +197,8 @@ class Uplink:
             self._ignore(f"garbage on {quote(msg.topic)}: {describe(exc)}")
             return
         with self._cond:
-            if confirm.gateway == self.config.gateway_id and confirm.bseq == self._inflight:
-                self._confirmed = confirm.bseq
-                self._cond.notify_all()
-                return
-            inflight = self._inflight
-        # Late confirms of a batch already re-sent under a newer bseq, or of another gateway.
-        self._ignore(f"confirm for {confirm.gateway}/{confirm.bseq} while {inflight} is in flight")
+            self._confirms.append(confirm)
+            self._cond.notify_all()
 
     def _ignore(self, why: str) -> None:
         with self._cond:
@@ -140,79 +210,231 @@ class Uplink:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                if not self.outbox.wait_for_rows(0.5) or self._stop.is_set():
-                    continue
-                rows = self.outbox.take(self.config.batch_size)
-                statuses = self.outbox.take_statuses(STATUS_BATCH_MAX)
-                # Drop events alone (readings expired by age) are worth a batch too.
-                if rows or statuses or self.outbox.drops_unclaimed():
-                    self._forward(rows, statuses)
+                self._step()
             except Exception:  # never let the forwarder die; the rows stay in the outbox
                 with self._cond:
                     self._counts["publish_errors"] += 1
                 log.exception("forwarding failed; retrying")
                 self._stop.wait(1.0)
 
+    def _step(self) -> None:
+        """One round: apply confirms, read new rows, re-send what may be lost, send what is ready,
+        then sleep until the next thing can happen."""
+        self._apply_confirms()
+        self._refill()
+        connected = self.session.connected
+        now = time.monotonic()
+        wake = now + 0.5
+        if connected:
+            wake = min(wake, self._check_resends(now))
+            wake = min(wake, self._send_ready(now))
+        # New rows and PUBACKs are polled for (cheap: two counters and a flag per batch).
+        poll = connected and (
+            (self._staged < self._staging_cap() and self._unread())
+            or any(b.puback_at is None for b in self._inflight.values())
+        )
+        if poll:
+            wake = min(wake, now + POLL_S)
+        with self._cond:
+            if self._confirms or self._stop.is_set():
+                return
+            self._cond.wait(max(0.0, wake - time.monotonic()))
+
+    def _unread(self) -> bool:
+        """True if the outbox holds rows or status events this uplink has not read yet."""
+        held = self._staged + sum(len(b.rows) for b in self._inflight.values())
+        held_status = len(self._inflight[self._status_batch].statuses) if self._status_batch in self._inflight else 0
+        return self.outbox.pending() > held or self.outbox.status_pending() > held_status
+
+    def _apply_confirms(self) -> None:
+        with self._cond:
+            confirms, self._confirms = self._confirms, []
+        for confirm in confirms:
+            batch = self._inflight.get(confirm.bseq) if confirm.gateway == self.config.gateway_id else None
+            if batch is None:
+                # A late confirm of a re-sent batch, one from an earlier run, another gateway's.
+                self._ignore(f"confirm for {confirm.gateway}/{confirm.bseq}, not in flight")
+                continue
+            # The custody rule: only now may these rows go.
+            deleted = self.outbox.delete((r.id for r in batch.rows), (s.id for s in batch.statuses),
+                                         drop_bseq=batch.bseq if batch.drops else None)
+            if self.on_confirm_rtt is not None:
+                self.on_confirm_rtt(time.monotonic() - batch.published_at)
+            with self._cond:
+                del self._inflight[batch.bseq]
+                self._counts["batches_confirmed"] += 1
+                self._counts["forwarded"] += deleted
+                self._counts["status_forwarded"] += len(batch.statuses)
+            if batch.lane is not None:
+                self._lanes[batch.lane].busy = False
+            if self._status_batch == batch.bseq:
+                self._status_batch = None
+            log.debug("batch %d confirmed: %d readings, %d status events", batch.bseq, deleted, len(batch.statuses))
+        if confirms:
+            self._reset_cursor()
+
+    def _reset_cursor(self) -> None:
+        """Lower the read cursor to the highest id still held.
+
+        SQLite hands a new row the highest id in the table plus one, so once the highest rows
+        are deleted, new rows may get ids at or below ids read before; every row still held
+        keeps its id, so new rows always land above the highest of those.
+        """
+        top = 0
+        for lane in self._lanes:
+            if lane.queue:
+                top = max(top, lane.queue[-1].id)
+        for batch in self._inflight.values():
+            if batch.rows:
+                top = max(top, batch.rows[-1].id)
+        self._cursor = top
+
+    def _staging_cap(self) -> int:
+        return len(self._lanes) * self.config.batch_size * STAGING_BATCHES
+
+    def _refill(self) -> None:
+        room = self._staging_cap() - self._staged
+        if room <= 0 or not self._unread():
+            return
+        rows = self.outbox.take(room, after_id=self._cursor)
+        now = time.monotonic()
+        for row in rows:
+            lane = self._lanes[lane_of(row.reading.device, len(self._lanes))]
+            if not lane.queue:
+                lane.since = now
+            lane.queue.append(row)
+        if rows:
+            self._staged += len(rows)
+            self._cursor = rows[-1].id
+
+    def _ready(self, lane: _Lane, now: float) -> float | None:
+        """None if ``lane``'s batch should leave now, else when it will (monotonic)."""
+        if len(lane.queue) >= self.config.batch_size:
+            return None
+        if len(lane.queue) * self._bytes_per_reading >= self.config.batch_max_bytes:
+            return None
+        linger = self.config.batch_linger_ms / 1000
+        # The oldest reading's own age counts too: a backlog never lingers.
+        age = max(now - lane.since, (now_ms() - lane.queue[0].reading.received_ms) / 1000)
+        if age >= linger:
+            return None
+        return now + linger - age
+
+    def _send_ready(self, now: float) -> float:
+        """Publish a batch on every free lane that is ready; the next time one will be."""
+        wake = now + 0.5
+        statuses_due = self._status_batch is None and self.outbox.status_pending() > 0
+        for index, lane in enumerate(self._lanes):
+            if lane.busy or not lane.queue:
+                continue
+            when = self._ready(lane, now)
+            if when is not None:
+                wake = min(wake, when)
+                continue
+            statuses = self._take_statuses() if statuses_due else []
+            statuses_due = False
+            self._publish_lane(index, lane, statuses)
+        if statuses_due:
+            statuses = self._take_statuses()
+            if statuses:
+                self._publish_new(None, [], statuses)
+        elif not self._inflight and self.outbox.drops_unclaimed():
+            # Drop events alone (readings expired by age on an idle site) are worth a batch too.
+            self._publish_new(None, [], [])
+        return wake
+
+    def _take_statuses(self) -> list[StatusRow]:
+        # Only one status-carrying batch is ever in flight, so the oldest pending are free.
+        return self.outbox.take_statuses(STATUS_BATCH_MAX)
+
+    def _publish_lane(self, index: int, lane: _Lane, statuses: list[StatusRow]) -> None:
+        count = min(len(lane.queue), self.config.batch_size)
+        count = max(1, min(count, int(self.config.batch_max_bytes / self._bytes_per_reading)))
+        rows = [lane.queue[i] for i in range(count)]
+        sent = self._publish_new(index, rows, statuses)
+        for _ in range(sent):
+            lane.queue.popleft()
+        self._staged -= sent
+        lane.since = time.monotonic()
+
     def _encode(
         self, rows: list[OutboxRow], statuses: list[StatusRow], bseq: int, drops: tuple = ()
     ) -> tuple[list[OutboxRow], bytes]:
-        """Encode as many of ``rows`` as fit one envelope with ``statuses`` and ``drops`` (halving
-        the readings on the size limit; the few small status and drop events always go)."""
+        """Encode as many of ``rows`` as fit ``batch_max_bytes`` with ``statuses`` and ``drops``
+        (shrinking the readings; the few small status and drop events always go)."""
         events = tuple(s.event for s in statuses)
+        limit = self.config.batch_max_bytes
         while True:
             batch = Batch(self.config.gateway_id, bseq, now_ms(), tuple(r.reading for r in rows), events, drops)
             try:
-                return rows, codec.encode_batch(batch)
+                payload = codec.encode_batch(batch)
             except codec.CodecError:
                 if len(rows) <= 1:
                     raise
                 rows = rows[: len(rows) // 2]
+                continue
+            if rows:
+                per = len(payload) / len(rows)
+                self._bytes_per_reading = 0.8 * self._bytes_per_reading + 0.2 * per
+            if len(payload) <= limit or len(rows) <= 1:
+                return rows, payload
+            rows = rows[: max(1, int(len(rows) * limit / len(payload) * 0.9))]
 
-    def _forward(self, rows: list[OutboxRow], statuses: list[StatusRow]) -> None:
-        """Publish one batch until it is confirmed (or we are stopping), then delete its rows."""
+    def _publish_new(self, lane: int | None, rows: list[OutboxRow], statuses: list[StatusRow]) -> int:
+        """Publish a new batch of ``rows`` (a prefix of them if the envelope is full) and
+        ``statuses``; returns how many rows it took."""
         bseq = self.outbox.next_bseq()
-        # Drop events ride along (the drops/1 extension) and go on the same confirm.
-        rows, payload = self._encode(rows, statuses, bseq, tuple(self.outbox.claim_drops(bseq)))
+        # Drop events ride along (the drops/1 extension) and go on the same confirm; the
+        # cached count spares an outbox transaction per batch when there are none.
+        drops = tuple(self.outbox.claim_drops(bseq)) if self.outbox.drops_unclaimed() else ()
+        rows, payload = self._encode(rows, statuses, bseq, drops)
+        info = self.client.publish(self._topic, payload, qos=1)
+        batch = _InFlight(bseq, lane, rows, statuses, payload, info, self.session.new_sessions,
+                          wait_s=self.config.confirm_timeout_s, drops=len(drops))
         with self._cond:
-            self._inflight = bseq
-            self._confirmed = None
-        attempts = 0
-        try:
-            while not self._stop.is_set():
-                # Publishing while disconnected would only pile copies up in paho's queue.
-                if not self.session.wait_connected(0.5):
-                    continue
-                info = self.client.publish(self._topic, payload, qos=1)
-                published = time.monotonic()
-                attempts += 1
-                with self._cond:
-                    self._counts["batches_sent" if attempts == 1 else "batches_resent"] += 1
-                if info.rc != mqtt.MQTT_ERR_SUCCESS:
-                    log.warning("publishing batch %d failed (%s); retrying", bseq, mqtt.error_string(info.rc))
-                with self._cond:
-                    confirmed = self._cond.wait_for(
-                        lambda: self._confirmed == bseq or self._stop.is_set(), self.config.confirm_timeout_s
-                    )
-                    confirmed = self._confirmed == bseq
-                if confirmed:
-                    # The custody rule: only now may these rows go.
-                    deleted = self.outbox.delete((r.id for r in rows), (s.id for s in statuses), drop_bseq=bseq)
-                    if self.on_confirm_rtt is not None:
-                        self.on_confirm_rtt(time.monotonic() - published)
-                    with self._cond:
-                        self._counts["batches_confirmed"] += 1
-                        self._counts["forwarded"] += deleted
-                        self._counts["status_forwarded"] += len(statuses)
-                    log.debug("batch %d confirmed: %d readings, %d status events", bseq, deleted, len(statuses))
-                    return
-                if not self._stop.is_set():
-                    log.warning(
-                        "no confirm for batch %d (%d readings, %d status events) within %.1f s; re-sending",
-                        bseq,
-                        len(rows),
-                        len(statuses),
-                        self.config.confirm_timeout_s,
-                    )
-        finally:
+            self._inflight[bseq] = batch
+            self._counts["batches_sent"] += 1
+        if lane is not None:
+            self._lanes[lane].busy = True
+        if statuses:
+            self._status_batch = bseq
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            # paho keeps it queued and sends it on reconnect.
+            log.warning("publishing batch %d: %s; paho sends it on reconnect", bseq, mqtt.error_string(info.rc))
+        return len(rows)
+
+    def _check_resends(self, now: float) -> float:
+        """Re-publish the batches that may have been lost; the next time one may need it."""
+        wake = now + 0.5
+        generation = self.session.generation
+        reconnected = generation != self._generation
+        self._generation = generation
+        sessions = self.session.new_sessions
+        for batch in list(self._inflight.values()):
+            if batch.puback_at is None and batch.info.is_published():
+                batch.puback_at = now
+            if batch.puback_at is None:
+                # Not acknowledged by the broker: paho holds it and re-sends it on reconnect.
+                batch.sessions = sessions
+                continue
+            if batch.sessions != sessions:
+                why = "the broker lost our session after acknowledging it"
+            elif now - batch.puback_at >= batch.wait_s:
+                why = f"no confirm {batch.wait_s:.1f} s after the broker acknowledged it"
+            else:
+                if reconnected:
+                    # The session survived: a confirm held for us arrives now; time from here.
+                    batch.puback_at = max(batch.puback_at, now - batch.wait_s / 2)
+                wake = min(wake, batch.puback_at + batch.wait_s)
+                continue
+            log.warning("re-sending batch %d (%d readings, %d status events): %s",
+                        batch.bseq, len(batch.rows), len(batch.statuses), why)
+            batch.info = self.client.publish(self._topic, batch.payload, qos=1)
+            batch.published_at = now
+            batch.sessions = sessions
+            batch.puback_at = None
+            batch.attempts += 1
+            batch.wait_s = min(batch.wait_s * 2, self.config.confirm_timeout_s * RESEND_BACKOFF_MAX)
             with self._cond:
-                self._inflight = None
+                self._counts["batches_resent"] += 1
+        return wake

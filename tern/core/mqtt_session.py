@@ -109,6 +109,10 @@ class PersistentSession:
         self._stopping = False
         self._subscribed = threading.Event()
         self._error: str | None = None
+        # Counts connects on which the broker had no session for us (the first one included):
+        # whatever it had acknowledged and still held for us (queued messages) may be gone.
+        self._new_sessions = 0
+        self._session_present: bool | None = None
         # Outage bookkeeping, touched only on paho's network thread.
         self._was_connected = False
         self._outage_since: float | None = None
@@ -187,6 +191,21 @@ class PersistentSession:
         return self._generation
 
     @property
+    def new_sessions(self) -> int:
+        """How many connects found no session of ours on the broker (a fresh one was made).
+
+        A change means the broker may have lost what it acknowledged earlier and had not yet
+        passed on (messages queued for a subscriber, our own undelivered messages): an owner
+        that re-sends on a lost session compares this with the value it saw when sending.
+        """
+        return self._new_sessions
+
+    @property
+    def session_present(self) -> bool | None:
+        """The last CONNACK's session-present flag (None before the first connect)."""
+        return self._session_present
+
+    @property
     def error(self) -> str | None:
         """Why the broker last refused our connection or subscription, if it ever did."""
         return self._error
@@ -212,6 +231,9 @@ class PersistentSession:
             return
         with self._lock:
             self._generation += 1
+            self._session_present = bool(flags.session_present)
+            if not flags.session_present:
+                self._new_sessions += 1
         if self._on_connect_hook is not None:
             self._on_connect_hook()
         # Re-subscribe on every connect: harmless when the session kept the subscription,

@@ -15,6 +15,9 @@ Gateway side (the cloud broker), one set of topics per gateway::
     tern-gw/<gateway>/cmd            bridge -> gateway, QoS 1: a command for one of its nodes
     tern-bridge/<bridge>/status      retained; the bridge's "online" and its last will ("offline")
 
+N bridges split the batches with a shared subscription, ``$share/<group>/tern-gw/+/batch``
+(:func:`shared_filter`): the broker hands each batch to one member of the group.
+
 The firmware spells the node topics itself (it cannot import this module); the contract
 tests check that it spells them the same way.
 """
@@ -139,3 +142,19 @@ BRIDGE_STATUS_FILTER = f"{BRIDGE_ROOT}/+/status"
 def bridge_status_topic(bridge: str) -> str:
     """Retained status topic of bridge ``bridge`` (its configured name) on the cloud broker."""
     return f"{BRIDGE_ROOT}/{check_id(bridge, 'bridge name')}/status"
+
+
+#: MQTT 5 / mosquitto shared subscriptions: ``$share/<group>/<filter>``.
+SHARE_PREFIX = "$share"
+
+
+def check_share_group(group: str) -> str:
+    """Return ``group`` if it can name a shared subscription group, else raise CodecError."""
+    if not isinstance(group, str) or not _ID.match(group):
+        raise CodecError(f"invalid share group {group!r}: want 1-64 of [A-Za-z0-9_.-], not starting with . _ or -")
+    return group
+
+
+def shared_filter(group: str, topic_filter: str) -> str:
+    """``$share/<group>/<topic_filter>``: members of ``group`` each get a share of the messages."""
+    return f"{SHARE_PREFIX}/{check_share_group(group)}/{topic_filter}"
