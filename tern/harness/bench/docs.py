@@ -34,6 +34,23 @@ KAFKA_BOOTSTRAP=host:9092 make bench            # a real Kafka instead of a priv
 ```
 """
 
+EARLIER = """## How the first six benchmarks measure
+
+| measurement | Tern figure | baseline |
+|---|---|---|
+| `codec.decode_reading` | node readings/s through `codec.decode_reading` (JSON parse + contract checks), 133-byte payloads like the firmware's | `json.loads` of the same bytes |
+| `codec.batch_roundtrip` | readings/s through `encode_batch` + `decode_batch` of 200-reading envelopes | `zlib.compress(json.dumps(doc))` + `json.loads(zlib.decompress(...))` of the same envelope as a dict |
+| `outbox.add` | readings/s committed by `Outbox.add`, 100 readings per call (one transaction each) | `sqlite3` `executemany` of the same rows into the same table and unique index, 100 per transaction, `journal_mode=WAL`, `synchronous=FULL`; timed from `Reading` objects, JSON-encoding the values, as `Outbox.add` does |
+| `gateway.ingest` | QoS 1 readings/s from one paho "node" client (10 devices, in-flight window 100) through mosquitto into a running `Gateway`, timed until ingest reports all of them committed. The uplink runs against a paho **stand-in** for the bridge that decodes batches and confirms them on the cloud broker (like `tests/test_gateway.py`'s `BridgeStub`), so this measures ingest, not Kafka; the run only counts once the stand-in has confirmed the outbox empty | the same publisher and messages through a fresh mosquitto to a plain paho QoS 1 subscriber, timed until it has received them all |
+| `bridge.kafka` | records/s: 200-reading batches published (pre-encoded) to the cloud mosquitto, timed until the real `BridgeThread` has confirmed every batch, i.e. Kafka (Tansu) acknowledged every record with `acks=all`. Read back from Kafka afterwards: all distinct readings must be there | a raw `aiokafka` producer with the bridge's settings (`acks=all`, linger 0, 256 KiB batches, no idempotence) sending the same records (same keys, headers and values) to a fresh topic: send all, then wait for all acks |
+| `e2e.node_to_kafka` | readings/s from the paho node through mosquitto, `Gateway` (outbox, uplink), the cloud mosquitto, `BridgeThread` and Tansu, timed until the bridge has Kafka's ack for all of them; read back from Kafka afterwards | the pub/sub baseline of `gateway.ingest` (same run, same count) |
+| `firmware.heap_free` | bytes free (`gc.mem_free()` after `gc.collect()`) on the unix port with `-X heapsize=64K`, after importing the firmware modules in `main.py`'s order, building the node (`tern_node.Node`, default config: ADC + TMP102, ring of 64 × 128 bytes) and taking 200 readings without a broker, so the ring is full and has dropped 136 | bytes free after importing only `umqtt.simple` on the same heap |
+
+The firmware driver runs with `MICROPYPATH=<repo>/hardware/emulated:<umqtt>:<repo>/device_firmware`
+and a temporary folder as its working directory (holding its `config.json`), as
+`tests/test_sensors.py` and `tern.device.emulate` do.
+"""
+
 METHOD = """## How the issue-13 stages measure
 
 - **Processes.** Gateway, bridge, the naive bridge and the plain subscriber each run in a
@@ -157,6 +174,7 @@ def write_docs(folder: Path, doc: dict[str, Any], results: Sequence[Measurement]
     for title, name in pictures:
         lines += [f"### {title}", "", f"![{title}]({name})", ""]
     lines.append(METHOD)
+    lines.append(EARLIER)
     (folder / "benchmarks.md").write_text("\n".join(lines))
     written.append(folder / "benchmarks.md")
     written.append(append_history(folder / "benchmark-history.md", doc, results))
