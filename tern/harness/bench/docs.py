@@ -130,7 +130,8 @@ def plot_latency(samples: dict[str, Sequence[float]], path: Path) -> bool:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for label, values in samples.items():
-        values = sorted(values)
+        # Clamped to 0.5 ms: a log axis has no 0, and the clock's resolution is 1 ms.
+        values = sorted(max(v, 0.5) for v in values)
         if values:
             ax.plot(values, [(i + 1) / len(values) for i in range(len(values))], label=label)
     ax.set_xscale("log")

@@ -26,7 +26,6 @@ import asyncio
 import dataclasses
 import json
 import os
-import queue
 import signal
 import subprocess
 import sys
@@ -238,7 +237,6 @@ def run_naive(config: dict[str, Any]) -> None:
     host, port = config["mqtt_host"], config["mqtt_port"]
     kafka_topic = config["topic"]
     counts = {"written": 0, "received": 0}
-    inbox: queue.Queue = queue.Queue()
 
     async def main() -> None:
         producer = AIOKafkaProducer(bootstrap_servers=config["bootstrap"], acks="all", enable_idempotence=False, linger_ms=0)
@@ -250,17 +248,19 @@ def run_naive(config: dict[str, Any]) -> None:
         client.on_connect = lambda c, u, f, rc, p: c.subscribe(topics.TELEMETRY_FILTER, qos=1)
         client.on_subscribe = lambda *a: subscribed.set()
 
+        loop = asyncio.get_running_loop()
+        inbox: asyncio.Queue = asyncio.Queue()
+
         def on_message(c: Any, u: Any, msg: Any) -> None:
             counts["received"] += 1
-            inbox.put(msg)
+            loop.call_soon_threadsafe(inbox.put_nowait, msg)
 
         client.on_message = on_message
         started = time.time()
         client.connect(host, port)
         client.loop_start()
-        if not subscribed.wait(10):
+        if not await loop.run_in_executor(None, subscribed.wait, 10):
             raise BenchError("naive bridge: not subscribed within 10 s")
-        loop = asyncio.get_running_loop()
         closed = threading.Event()
         threading.Thread(target=lambda: (sys.stdin.read(), closed.set()), daemon=True).start()
 
@@ -274,8 +274,8 @@ def run_naive(config: dict[str, Any]) -> None:
         try:
             while not closed.is_set():
                 try:
-                    msg = await loop.run_in_executor(None, inbox.get, True, 0.2)
-                except queue.Empty:
+                    msg = await asyncio.wait_for(inbox.get(), 0.2)
+                except asyncio.TimeoutError:
                     continue
                 topic = topics.parse_node_topic(msg.topic)
                 reading = codec.decode_reading(msg.payload, site=topic.site, topic_device=topic.device)
