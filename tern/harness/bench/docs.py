@@ -23,8 +23,9 @@ Speed and memory targets are checked by benchmarks, not by timed tests. The mach
 project runs on are small and noisy (2 cores), so no figure is judged on its own: every
 measurement runs a Tern path **and a baseline doing the same work on the same parts, in the
 same run**, and reports the ratio `Tern / baseline`. Stages that run in rounds report every
-round (min / median / max); the figure is the median. `make bench` exits non-zero when a
-target of issue 13 is missed, and says which.
+round (min / median / max); the figure is the median. The codec and outbox micro-benchmarks
+alternate Tern and baseline and keep the best round of each (noise only ever slows them).
+`make bench` exits non-zero when a target of issue 13 is missed, and says which.
 
 ```sh
 make bench                                      # full run, writes this file (limit: 10 minutes)

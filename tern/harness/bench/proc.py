@@ -170,6 +170,17 @@ def _known(cls: type, config: dict[str, Any]) -> tuple[dict[str, Any], list[str]
     return {k: v for k, v in config.items() if k in names}, sorted(k for k in config if k not in names)
 
 
+def _settings(config: Any) -> dict[str, Any]:
+    """The part's effective settings, for the report (nothing that could be a secret)."""
+    out = {}
+    for f in dataclasses.fields(config):
+        if any(word in f.name for word in ("password", "secret", "key", "cert", "security")):
+            continue
+        value = getattr(config, f.name)
+        out[f.name] = value if isinstance(value, (int, float, str, bool, type(None))) else str(value)
+    return out
+
+
 def _emit(doc: dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(doc) + "\n")
     sys.stdout.flush()
@@ -195,7 +206,8 @@ def run_gateway(config: dict[str, Any]) -> None:
     from tern.edge.service import Gateway
 
     known, dropped = _known(GatewayConfig, config)
-    gateway = Gateway(GatewayConfig(**known))
+    settings = GatewayConfig(**known)
+    gateway = Gateway(settings)
     started = time.time()
     gateway.start()
 
@@ -206,7 +218,7 @@ def run_gateway(config: dict[str, Any]) -> None:
         return out
 
     try:
-        _serve(stats, dropped, started)
+        _serve(stats, dropped, started, {"settings": _settings(settings)})
     finally:
         gateway.stop(5)
 
@@ -219,9 +231,10 @@ def run_bridge(config: dict[str, Any]) -> None:
     if "allowed_gateways" in known and known["allowed_gateways"] is not None:
         known["allowed_gateways"] = tuple(known["allowed_gateways"])
     started = time.time()
-    bridge = BridgeThread(BridgeConfig(**known)).start()
+    settings = BridgeConfig(**known)
+    bridge = BridgeThread(settings).start()
     try:
-        _serve(bridge.stats, dropped, started)
+        _serve(bridge.stats, dropped, started, {"settings": _settings(settings)})
     finally:
         bridge.stop()
 
