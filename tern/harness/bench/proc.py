@@ -66,6 +66,9 @@ class Child:
         if not self._ready.wait(timeout) or not self.ready_info:
             self.kill()
             raise BenchError(f"bench child {kind} did not start within {timeout:.0f} s: {self.stderr_tail()}")
+        deadline = time.monotonic() + 5
+        while not self.stats_t and time.monotonic() < deadline and self.process.poll() is None:
+            time.sleep(PERIOD_S / 2)
         # Start-up (imports, connecting) is not part of any figure: CPU is counted from here.
         self._cpu_at_ready = self.resources()["cpu_s"]
 
@@ -210,6 +213,9 @@ def run_gateway(config: dict[str, Any]) -> None:
     gateway = Gateway(settings)
     started = time.time()
     gateway.start()
+    # Connected to both brokers before the bench starts publishing (a drain is already under
+    # way by then: its clock starts at ``started``).
+    connected = gateway.wait_connected(30)
 
     def stats() -> dict[str, Any]:
         out = dict(gateway.uplink.stats())
@@ -218,7 +224,7 @@ def run_gateway(config: dict[str, Any]) -> None:
         return out
 
     try:
-        _serve(stats, dropped, started, {"settings": _settings(settings)})
+        _serve(stats, dropped, started, {"settings": _settings(settings), "connected": connected})
     finally:
         gateway.stop(5)
 
