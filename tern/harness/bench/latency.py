@@ -101,6 +101,7 @@ def pubsub_round(lab: Lab, rate: float) -> list[int]:
         broker = lab.mosquitto(stack, "latency-pubsub")
         subscriber = Child("subscriber", {"mqtt_host": broker.host, "mqtt_port": broker.port, "latency": True,
                                           "client_id": f"bench-lat-{time.time_ns() % 10**8}"})
+        stack.callback(subscriber.stop)
         fleet = NodeFleet(broker.host, broker.port, lab.sizes.connections)
         stack.callback(fleet.close)
         sent = fleet.publish_paced(rate, lab.sizes.latency_s, devices(lab))
