@@ -164,7 +164,7 @@ def write_docs(folder: Path, doc: dict[str, Any], results: Sequence[Measurement]
         written.append(latency_png)
     info = doc["machine"]
     lines = [INTRO, "## This run", "",
-             f"{doc['date']}, {doc['mode']} run, {doc['elapsed_s']:.0f} s: {info['cpus']} cores ({info['cpu'] or 'unknown CPU'}), "
+             f"{doc['date']}, {doc['mode']} run of commit `{doc.get('commit') or 'unknown'}`, {doc['elapsed_s']:.0f} s: {info['cpus']} cores ({info['cpu'] or 'unknown CPU'}), "
              f"{info['platform']}, Python {info['python']}, Kafka: {doc['kafka'] or 'not used'}.", ""]
     lines += markdown_table(results)
     lines += [""]
@@ -196,7 +196,7 @@ def append_history(path: Path, doc: dict[str, Any], results: Sequence[Measuremen
             ratio = "" if math.isnan(m.ratio) else f" ({m.ratio:.2f})"
             parts.append(f"{m.name} {short_figure(m)}{ratio}")
     missed = [m.name for m in results if m.met is False]
-    line = (f"- {doc['date']} {doc['mode']} {doc['elapsed_s']:.0f}s, missed: {', '.join(missed) or 'none'}; "
+    line = (f"- {doc['date']} {doc['mode']} `{doc.get('commit') or 'unknown'}` {doc['elapsed_s']:.0f}s, missed: {', '.join(missed) or 'none'}; "
             + "; ".join(parts) + "\n")
     with path.open("a") as f:
         f.write(line)
