@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import time
 import uuid
 from contextlib import ExitStack
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import Any
 
 from tern.core import codec
 from tern.harness.bench.bridge import produce_seconds
-from tern.harness.bench.common import Measurement, median, rate, run_rounds
+from tern.harness.bench.common import BenchError, Measurement, median, rate, run_rounds
 from tern.harness.bench.kafka_check import check_topic
 from tern.harness.bench.lab import Lab
 from tern.harness.bench.naive import naive_rate, naive_rates
@@ -38,8 +39,6 @@ RECEIVED_MS = 1_795_456_737_500
 
 def fill_outbox(path: Path, count: int) -> float:
     """Write ``count`` readings into a new outbox at ``path`` through ``Outbox.add``; seconds taken."""
-    import time
-
     from tern.edge.outbox import Outbox
 
     start = time.perf_counter()
@@ -48,8 +47,6 @@ def fill_outbox(path: Path, count: int) -> float:
             group = [fleet_reading(i, DEVICES) for i in range(first, min(first + FILL_GROUP, count))]
             outbox.add(group, received_ms=RECEIVED_MS)
         if outbox.pending() != count:
-            from tern.harness.bench.common import BenchError
-
             raise BenchError(f"drain: outbox holds {outbox.pending()} readings after adding {count}")
     return time.perf_counter() - start
 
