@@ -194,3 +194,22 @@ def test_missed_target_exits_1_and_names_it(tmp_path: Path, monkeypatch: pytest.
     assert bench_main.main(["--quick", "--enforce", "yes", *args]) == 1
     results[0] = _measurement("drain.vs_naive", 41_000, 1_000, "ratio >= 40")
     assert bench_main.main(args) == 0
+
+
+def test_scaleout_round_drains_three_gateways_through_one_bridge(tmp_path: Path) -> None:
+    """The scale-out stage's round, with one bridge (it runs with 2 and 3 once the bridge has a
+    share group): three gateway processes' backlogs all in Kafka, each device in order."""
+    import dataclasses
+
+    from tern.harness.bench.common import QUICK
+    from tern.harness.bench.lab import Lab
+    from tern.harness.bench.scaleout import GATEWAYS, scale_round
+
+    lab = Lab(dataclasses.replace(QUICK, scale_readings=2_000), tmp_path)
+    try:
+        result = scale_round(lab, 1, "share_group")
+    finally:
+        lab.close()
+    assert result["distinct_in_kafka"] == 2_000 * GATEWAYS and result["out_of_order"] == 0
+    assert result["records_per_bridge"] == [result["records_in_kafka"]]
+    assert result["rate"] > 0
