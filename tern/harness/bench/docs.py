@@ -74,7 +74,9 @@ METHOD = """## How the issue-13 stages measure
   the same fleet into a mosquitto with one plain paho QoS 1 subscriber (a process of its own).
 - **Latency** at a steady 50 % of the live capacity measured in the same run: each reading
   carries its send time; a consumer tailing the topic stamps its arrival (an upper bound on
-  node -> Kafka: it includes the consumer's fetch). Baseline: the same load to a plain subscriber.
+  node -> Kafka: it includes the consumer's fetch). The record's CreateTime, stamped by the
+  bridge's producer, gives a lower bound (in the JSON's details and the latency figure).
+  Baseline: the same load to a plain subscriber.
 - **Bytes on the uplink**: a counting TCP relay between the gateway and the cloud broker, and
   one between the node connections and the local broker (per-message JSON over MQTT), both ways.
 - **Scale-out**: 1, 2 and 3 bridge processes on the shared subscription draining the backlog of
