@@ -137,3 +137,79 @@ def test_error_is_one_line_and_exit_2(tmp_path: Path) -> None:
     errors = [line for line in proc.stderr.splitlines() if line.startswith("bench: error:")]
     assert len(errors) == 1, proc.stderr
     assert not (tmp_path / "x.json").exists()
+
+
+def _measurement(name: str, figure: float, baseline: float, target: str | None, rounds: list[float] | None = None):
+    from tern.harness.bench.common import Measurement
+
+    return Measurement(name=name, benchmark=name.split(".")[0], unit="readings/s", figure=figure, baseline=baseline,
+                       what="w", baseline_what="b", count=10, rounds=rounds or [], target=target)
+
+
+def test_targets_are_judged_on_ratio_or_figure() -> None:
+    from tern.harness.bench.common import skipped
+    from tern.harness.bench.report import missed
+
+    fast = _measurement("drain.vs_naive", 41_000, 1_000, "ratio >= 40")
+    slow = _measurement("drain.vs_raw_kafka", 20_000, 50_000, "ratio >= 0.5")
+    small = _measurement("live.uplink_bytes", 20, 100, "ratio <= 0.25")
+    quick = _measurement("latency.p99", 251, 10, "figure <= 250")
+    free = _measurement("live.vs_naive", 1, 1_000, None)
+    gone = skipped("scaleout.2_bridges", "scaleout", "readings/s", "w", "b", "no share_group", "ratio >= 1")
+    assert (fast.met, slow.met, small.met, quick.met, free.met, gone.met) == (True, False, True, False, None, None)
+    assert [m.name for m in missed([fast, slow, small, quick, free, gone])] == ["drain.vs_raw_kafka", "latency.p99"]
+    assert math.isnan(gone.ratio) and gone.as_json()["ratio"] is None
+
+
+def test_docs_are_written_where_asked_and_history_grows(tmp_path: Path) -> None:
+    from tern.harness.bench.docs import write_docs
+    from tern.harness.bench.report import legend, report
+
+    results = [_measurement("drain.vs_naive", 30_000, 1_000, "ratio >= 40", rounds=[29_000, 30_000, 35_000])]
+    series = {"drain_progress": [[(0.0, 0), (1.0, 500), (2.0, 1000)]],
+              "latency": {"Tern": [0, 5, 20, 300], "plain": [1, 2]}}
+    doc = report(results, "full", "tansu", 12.0)
+    for _ in range(2):
+        write_docs(tmp_path, doc, results, series, legend(results))
+    text = (tmp_path / "benchmarks.md").read_text()
+    assert "| `drain.vs_naive` | 30,000/s | 1,000/s | 30.00 | 3: 29,000 / 30,000 / 35,000 | ratio >= 40 **MISSED** |" in text
+    assert "Targets missed: `drain.vs_naive`." in text
+    history = (tmp_path / "benchmark-history.md").read_text().splitlines()
+    assert [line.count("drain.vs_naive 30,000 (30.00)") for line in history if line.startswith("- ")] == [1, 1]
+    for png in ("benchmark-drain.png", "benchmark-latency.png"):
+        assert (tmp_path / png).stat().st_size > 1000
+
+
+def test_missed_target_exits_1_and_names_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    from tern.harness.bench import __main__ as bench_main
+
+    results = [_measurement("drain.vs_naive", 30_000, 1_000, "ratio >= 40"),
+               _measurement("live.vs_pubsub", 9_500, 10_000, "ratio >= 0.9")]
+    monkeypatch.setattr(bench_main, "run_benchmarks", lambda names, sizes, workdir, progress: (results, "tansu", {}))
+    args = ["--json", str(tmp_path / "b.json"), "--docs", str(tmp_path / "docs")]
+    assert bench_main.main(args) == 1  # a full run enforces
+    err = capsys.readouterr().err
+    assert "1 target(s) missed: drain.vs_naive" in err
+    assert bench_main.main(["--quick", *args]) == 0  # --quick reports, does not enforce
+    assert bench_main.main(["--quick", "--enforce", "yes", *args]) == 1
+    results[0] = _measurement("drain.vs_naive", 41_000, 1_000, "ratio >= 40")
+    assert bench_main.main(args) == 0
+
+
+def test_scaleout_round_drains_three_gateways_through_one_bridge(tmp_path: Path) -> None:
+    """The scale-out stage's round, with one bridge (it runs with 2 and 3 once the bridge has a
+    share group): three gateway processes' backlogs all in Kafka, each device in order."""
+    import dataclasses
+
+    from tern.harness.bench.common import QUICK
+    from tern.harness.bench.lab import Lab
+    from tern.harness.bench.scaleout import GATEWAYS, scale_round
+
+    lab = Lab(dataclasses.replace(QUICK, scale_readings=2_000), tmp_path)
+    try:
+        result = scale_round(lab, 1, "share_group")
+    finally:
+        lab.close()
+    assert result["distinct_in_kafka"] == 2_000 * GATEWAYS and result["out_of_order"] == 0
+    assert result["records_per_bridge"] == [result["records_in_kafka"]]
+    assert result["rate"] > 0

@@ -69,6 +69,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     console = Console()
+    if not console.is_terminal:
+        # Piped (make, CI logs): the table is read afterwards, not on an 80-column screen.
+        console = Console(width=max(console.width, 160))
     names = [n for n in BENCHMARKS if not args.only or n in args.only]
     sizes, mode = (QUICK, "quick") if args.quick else (FULL, "full")
     bench_root = cache_dir() / "bench"

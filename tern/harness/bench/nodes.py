@@ -7,14 +7,11 @@ leave in order on one connection, like a real node's.
 from __future__ import annotations
 
 import time
-from typing import Iterator, Sequence
+from typing import Sequence
 
 from tern.core import codec, topics
 from tern.core.codec import Reading
 from tern.harness.bench.common import BOOT, SITE, BenchError, MqttPeer
-
-TELEMETRY_VALUES = {"adc_mv": 1234, "temp_c": 21.75, "rh": 40.25, "sensor_err": 0}
-
 
 def device_name(k: int) -> str:
     """The name of the fleet's ``k``-th device."""
@@ -81,7 +78,7 @@ class NodeFleet:
         count = int(rate * seconds)
         start = time.perf_counter()
         sent = 0
-        for index in self._schedule(count):
+        for index in range(count):
             due = start + index / rate
             delay = due - time.perf_counter()
             if delay > 0.005:
@@ -90,10 +87,6 @@ class NodeFleet:
             self.publish(index % devices, topics.telemetry_topic(r.site, r.device), codec.encode_reading(r))
             sent += 1
         return sent
-
-    @staticmethod
-    def _schedule(count: int) -> Iterator[int]:
-        return iter(range(count))
 
     def close(self) -> None:
         """Disconnect every client."""

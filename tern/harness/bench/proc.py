@@ -26,7 +26,6 @@ import asyncio
 import dataclasses
 import json
 import os
-import queue
 import signal
 import subprocess
 import sys
@@ -67,6 +66,9 @@ class Child:
         if not self._ready.wait(timeout) or not self.ready_info:
             self.kill()
             raise BenchError(f"bench child {kind} did not start within {timeout:.0f} s: {self.stderr_tail()}")
+        deadline = time.monotonic() + 5
+        while not self.stats_t and time.monotonic() < deadline and self.process.poll() is None:
+            time.sleep(PERIOD_S / 2)
         # Start-up (imports, connecting) is not part of any figure: CPU is counted from here.
         self._cpu_at_ready = self.resources()["cpu_s"]
 
@@ -171,6 +173,17 @@ def _known(cls: type, config: dict[str, Any]) -> tuple[dict[str, Any], list[str]
     return {k: v for k, v in config.items() if k in names}, sorted(k for k in config if k not in names)
 
 
+def _settings(config: Any) -> dict[str, Any]:
+    """The part's effective settings, for the report (nothing that could be a secret)."""
+    out = {}
+    for f in dataclasses.fields(config):
+        if any(word in f.name for word in ("password", "secret", "key", "cert", "security")):
+            continue
+        value = getattr(config, f.name)
+        out[f.name] = value if isinstance(value, (int, float, str, bool, type(None))) else str(value)
+    return out
+
+
 def _emit(doc: dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(doc) + "\n")
     sys.stdout.flush()
@@ -196,9 +209,13 @@ def run_gateway(config: dict[str, Any]) -> None:
     from tern.edge.service import Gateway
 
     known, dropped = _known(GatewayConfig, config)
-    gateway = Gateway(GatewayConfig(**known))
+    settings = GatewayConfig(**known)
+    gateway = Gateway(settings)
     started = time.time()
     gateway.start()
+    # Connected to both brokers before the bench starts publishing (a drain is already under
+    # way by then: its clock starts at ``started``).
+    connected = gateway.wait_connected(30)
 
     def stats() -> dict[str, Any]:
         out = dict(gateway.uplink.stats())
@@ -207,7 +224,7 @@ def run_gateway(config: dict[str, Any]) -> None:
         return out
 
     try:
-        _serve(stats, dropped, started)
+        _serve(stats, dropped, started, {"settings": _settings(settings), "connected": connected})
     finally:
         gateway.stop(5)
 
@@ -220,9 +237,10 @@ def run_bridge(config: dict[str, Any]) -> None:
     if "allowed_gateways" in known and known["allowed_gateways"] is not None:
         known["allowed_gateways"] = tuple(known["allowed_gateways"])
     started = time.time()
-    bridge = BridgeThread(BridgeConfig(**known)).start()
+    settings = BridgeConfig(**known)
+    bridge = BridgeThread(settings).start()
     try:
-        _serve(bridge.stats, dropped, started)
+        _serve(bridge.stats, dropped, started, {"settings": _settings(settings)})
     finally:
         bridge.stop()
 
@@ -238,7 +256,6 @@ def run_naive(config: dict[str, Any]) -> None:
     host, port = config["mqtt_host"], config["mqtt_port"]
     kafka_topic = config["topic"]
     counts = {"written": 0, "received": 0}
-    inbox: queue.Queue = queue.Queue()
 
     async def main() -> None:
         producer = AIOKafkaProducer(bootstrap_servers=config["bootstrap"], acks="all", enable_idempotence=False, linger_ms=0)
@@ -250,17 +267,19 @@ def run_naive(config: dict[str, Any]) -> None:
         client.on_connect = lambda c, u, f, rc, p: c.subscribe(topics.TELEMETRY_FILTER, qos=1)
         client.on_subscribe = lambda *a: subscribed.set()
 
+        loop = asyncio.get_running_loop()
+        inbox: asyncio.Queue = asyncio.Queue()
+
         def on_message(c: Any, u: Any, msg: Any) -> None:
             counts["received"] += 1
-            inbox.put(msg)
+            loop.call_soon_threadsafe(inbox.put_nowait, msg)
 
         client.on_message = on_message
         started = time.time()
         client.connect(host, port)
         client.loop_start()
-        if not subscribed.wait(10):
+        if not await loop.run_in_executor(None, subscribed.wait, 10):
             raise BenchError("naive bridge: not subscribed within 10 s")
-        loop = asyncio.get_running_loop()
         closed = threading.Event()
         threading.Thread(target=lambda: (sys.stdin.read(), closed.set()), daemon=True).start()
 
@@ -274,8 +293,8 @@ def run_naive(config: dict[str, Any]) -> None:
         try:
             while not closed.is_set():
                 try:
-                    msg = await loop.run_in_executor(None, inbox.get, True, 0.2)
-                except queue.Empty:
+                    msg = await asyncio.wait_for(inbox.get(), 0.2)
+                except asyncio.TimeoutError:
                     continue
                 topic = topics.parse_node_topic(msg.topic)
                 reading = codec.decode_reading(msg.payload, site=topic.site, topic_device=topic.device)

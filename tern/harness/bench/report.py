@@ -15,6 +15,22 @@ if TYPE_CHECKING:
     from rich.table import Table
 
 
+def source_version() -> str:
+    """The git commit measured (``+dirty`` with uncommitted changes), or empty outside a checkout."""
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[3]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo, capture_output=True,
+                               text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    if head.returncode != 0:
+        return ""
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
 def machine_info() -> dict[str, Any]:
     """What the figures were measured on."""
     model = ""
@@ -111,6 +127,7 @@ def report(results: Sequence[Measurement], mode: str, kafka: str, elapsed: float
         "schema": "tern.harness.bench/2",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "mode": mode,
+        "commit": source_version(),
         "elapsed_s": round(elapsed, 2),
         "machine": machine_info(),
         "kafka": kafka,
