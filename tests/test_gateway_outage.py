@@ -122,9 +122,10 @@ def test_cloud_outage_is_said_at_once_repeated_with_backoff_and_the_link_is_used
     assert back and proxy.address in back[0][1], "the end of the outage is said"
     reconnected = back[0][0] - restored
     print(f"\nlink restored -> uplink reconnected in {reconnected:.2f} s, 50-reading backlog confirmed in {drained:.2f} s")
-    # The back-off is capped at 5 s: the link is used again within it (plus a connect and a batch round trip).
-    assert reconnected <= DEFAULT_RECONNECT_MAX_S + 1.5
-    assert drained <= DEFAULT_RECONNECT_MAX_S + 5
+    # The back-off is capped at 5 s: the link is used again within it, plus a connect and a batch
+    # round trip (with slack for a machine shared by many test runs).
+    assert reconnected <= DEFAULT_RECONNECT_MAX_S + 3
+    assert drained <= DEFAULT_RECONNECT_MAX_S + 8
     # Nothing lost, nothing out of order: every reading confirmed by the bridge, outbox empty.
     assert per_device(bridge.delivered()) == {"dev-a": list(range(60))}
 
@@ -190,5 +191,5 @@ def test_a_hung_link_is_noticed_within_the_keepalive_and_used_again_when_it_retu
     wait_until(lambda: not outbox_rows(outbox), timeout=DEADLINE, what="outbox drained after the link returned")
     drained = time.monotonic() - restored
     print(f"\nhung link noticed after {noticed:.1f} s (keep-alive 5 s); backlog confirmed {drained:.2f} s after it returned")
-    assert drained <= DEFAULT_RECONNECT_MAX_S + 5
+    assert drained <= DEFAULT_RECONNECT_MAX_S + 8
     assert per_device(bridge.delivered()) == {"dev-a": list(range(20))}
