@@ -193,3 +193,57 @@ def test_a_hung_link_is_noticed_within_the_keepalive_and_used_again_when_it_retu
     print(f"\nhung link noticed after {noticed:.1f} s (keep-alive 5 s); backlog confirmed {drained:.2f} s after it returned")
     assert drained <= DEFAULT_RECONNECT_MAX_S + 8
     assert per_device(bridge.delivered()) == {"dev-a": list(range(20))}
+
+
+def test_sigterm_while_the_cloud_link_hangs_exits_0_within_10_s_and_keeps_the_batch(mosquitto_factory, tmp_path, cleanup):
+    """The worst case for a stop: a batch in flight on a link that neither answers nor breaks.
+    The gateway gives it stop_timeout_s (5 s), then exits 0; the batch stays in the outbox."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    local, cloud = mosquitto_factory("local"), mosquitto_factory("cloud")
+    proxy = FaultProxy(cloud.host, cloud.port).start()
+    cleanup(proxy)
+    bridge = BridgeStub(cloud)
+    cleanup(bridge)
+    outbox = tmp_path / "gw" / "outbox.db"
+    log_path = tmp_path / "gateway.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TERN_") or k == "TERN_CACHE"}
+    args = ["run", "--gateway-id", GW, "--local", local.address, "--cloud", proxy.address, "--outbox", str(outbox),
+            "--batch-size", "20"]
+    with open(log_path, "w") as log_file:
+        gateway = subprocess.Popen([sys.executable, "-m", "tern.edge.cli", *args], stdout=log_file,
+                                   stderr=subprocess.STDOUT, env=env)
+        try:
+            wait_until(lambda: "uplink connected" in log_path.read_text() and "ingest connected" in log_path.read_text(),
+                       timeout=DEADLINE, what="gateway up")
+            node = Node(local, "dev-a")
+            cleanup(node)
+            proxy.set_mode("blackhole")
+            for seq in range(30):
+                node.send(seq)
+            wait_until(lambda: node.acked_seq() == 29, timeout=DEADLINE, what="30 readings committed")
+            signalled = time.monotonic()
+            gateway.send_signal(signal.SIGTERM)
+            code = gateway.wait(15)
+            took = time.monotonic() - signalled
+        finally:
+            if gateway.poll() is None:
+                gateway.kill()
+                gateway.wait(10)
+    text = log_path.read_text()
+    print(f"\nSIGTERM with a hung cloud link: exit {code} after {took:.2f} s")
+    assert code == 0 and took < 10, text[-3000:]
+    assert "not confirmed before the stop deadline: it stays in the outbox" in text
+    assert "Traceback" not in text
+    assert len(outbox_rows(outbox)) == 30
+    # The link returns, the gateway runs again: everything arrives.
+    proxy.set_mode("pass")
+    gw = Gateway(GatewayConfig(gateway_id=GW, local_broker=local.address, cloud_broker=proxy.address,
+                               outbox_path=outbox, batch_size=20))
+    cleanup(gw)
+    gw.start()
+    wait_until(lambda: not outbox_rows(outbox), timeout=DEADLINE, what="outbox drained after the restart")
+    assert per_device(bridge.delivered()) == {"dev-a": list(range(30))}
