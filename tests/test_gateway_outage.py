@@ -9,6 +9,7 @@ real SQLite outbox. Every wait polls a real outcome under a deadline.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from pathlib import Path
@@ -247,3 +248,37 @@ def test_sigterm_while_the_cloud_link_hangs_exits_0_within_10_s_and_keeps_the_ba
     gw.start()
     wait_until(lambda: not outbox_rows(outbox), timeout=DEADLINE, what="outbox drained after the restart")
     assert per_device(bridge.delivered()) == {"dev-a": list(range(30))}
+
+
+def test_a_broker_refusing_our_account_is_said_at_once_with_the_reason_and_attempts_counted_once(
+    mosquitto_factory, tmp_path, lines, cleanup, monkeypatch
+):
+    from tern.security.mosquitto_auth import DeviceAuth
+
+    monkeypatch.setattr(mqtt_session, "REPORT_FIRST_S", 1.0)
+    auth = DeviceAuth(tmp_path / "auth")
+    auth.set_gateway("tern-gateway")
+    (tmp_path / "wrong.secret").write_text("not-the-password\n")
+    local = mosquitto_factory("local", auth_folder=auth.folder)
+    proxy = FaultProxy(local.host, local.port).start()  # only to count the connection attempts
+    cleanup(proxy)
+    gw = Gateway(
+        GatewayConfig(
+            gateway_id=GW, local_broker=proxy.address, cloud_broker=f"127.0.0.1:{free_port()}",
+            outbox_path=tmp_path / "gw" / "outbox.db", reconnect_max_s=1.0,
+            local_username="tern-gateway", local_password_file=str(tmp_path / "wrong.secret"),
+        )
+    )
+    cleanup(gw)
+    started = time.monotonic()
+    gw.start()
+    wait_until(lambda: lines.matching("cannot reach the local broker"), timeout=5, what="the refusal line")
+    at, line = lines.matching("cannot reach the local broker")[0]
+    assert at - started < 3.0 and proxy.address in line and "refused the connection" in line
+    assert "Not authorized" in line or "Bad user name or password" in line, line
+    wait_until(lambda: len(lines.matching("still cannot reach the local broker")) >= 2, timeout=DEADLINE,
+               what="the refusal repeated")
+    _, last = lines.matching("still cannot reach the local broker")[-1]
+    attempts = int(re.search(r"\((\d+) attempts", last).group(1))
+    # One attempt is one connection: counted once, not once for the CONNACK and again for the close.
+    assert attempts <= proxy.connections_total <= attempts + 1, (attempts, proxy.connections_total)
