@@ -226,6 +226,8 @@ def test_sigterm_while_the_cloud_link_hangs_exits_0_within_10_s_and_keeps_the_ba
             for seq in range(30):
                 node.send(seq)
             wait_until(lambda: node.acked_seq() == 29, timeout=DEADLINE, what="30 readings committed")
+            # A batch went into the hung link (a keep-alive ping is 2 bytes; a batch is hundreds).
+            wait_until(lambda: proxy.dropped_from_clients > 100, timeout=DEADLINE, what="a batch sent into the hung link")
             signalled = time.monotonic()
             gateway.send_signal(signal.SIGTERM)
             code = gateway.wait(15)
