@@ -57,9 +57,11 @@ def test_unit_runs_the_gateway_as_its_own_user_with_state_and_restart_policy():
     assert s["Service.User"] == ["tern"] and "root" not in s.get("Service.Group", [])
     assert s["Service.StateDirectory"] == ["tern"] and s["Service.ConfigurationDirectory"] == ["tern"]
     assert s["Service.Restart"] == ["on-failure"] and s["Service.RestartPreventExitStatus"] == ["2"]
-    for key in ("NoNewPrivileges", "ProtectHome", "PrivateTmp", "PrivateDevices", "RestrictSUIDSGID"):
+    for key in ("NoNewPrivileges", "ProtectHome", "PrivateTmp", "RestrictSUIDSGID"):
         assert s[f"Service.{key}"] == ["yes"], key
     assert s["Service.ProtectSystem"] == ["strict"] and s["Service.CapabilityBoundingSet"] == [""]
+    # Devices: serial ports only (sensors wired to the Pi), nothing else.
+    assert s["Service.DevicePolicy"] == ["closed"] and all(d.startswith("char-tty") for d in s["Service.DeviceAllow"])
     # systemd's stop budget leaves room for the gateway's own (stop_timeout_s, 5 s by default).
     assert int(s["Service.TimeoutStopSec"][0]) >= 10
     # The shipped example config puts the outbox in the unit's state directory, and the
