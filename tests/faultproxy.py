@@ -66,6 +66,8 @@ class FaultProxy:
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self.connections_total = 0
+        #: Bytes clients sent that a blackhole dropped (a test can wait for "a batch went in").
+        self.dropped_from_clients = 0
 
     @property
     def address(self) -> str:
@@ -169,6 +171,8 @@ class FaultProxy:
                 conn.abort()
                 return
             if conn.blackholed:
+                if not to_client:
+                    self.dropped_from_clients += len(data)
                 continue  # dropped on the floor
             target = conn.client if to_client else conn.upstream
             if target is None:

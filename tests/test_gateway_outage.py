@@ -9,6 +9,7 @@ real SQLite outbox. Every wait polls a real outcome under a deadline.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from pathlib import Path
@@ -122,9 +123,10 @@ def test_cloud_outage_is_said_at_once_repeated_with_backoff_and_the_link_is_used
     assert back and proxy.address in back[0][1], "the end of the outage is said"
     reconnected = back[0][0] - restored
     print(f"\nlink restored -> uplink reconnected in {reconnected:.2f} s, 50-reading backlog confirmed in {drained:.2f} s")
-    # The back-off is capped at 5 s: the link is used again within it (plus a connect and a batch round trip).
-    assert reconnected <= DEFAULT_RECONNECT_MAX_S + 1.5
-    assert drained <= DEFAULT_RECONNECT_MAX_S + 5
+    # The back-off is capped at 5 s: the link is used again within it, plus a connect and a batch
+    # round trip (with slack for a machine shared by many test runs).
+    assert reconnected <= DEFAULT_RECONNECT_MAX_S + 3
+    assert drained <= DEFAULT_RECONNECT_MAX_S + 8
     # Nothing lost, nothing out of order: every reading confirmed by the bridge, outbox empty.
     assert per_device(bridge.delivered()) == {"dev-a": list(range(60))}
 
@@ -190,5 +192,95 @@ def test_a_hung_link_is_noticed_within_the_keepalive_and_used_again_when_it_retu
     wait_until(lambda: not outbox_rows(outbox), timeout=DEADLINE, what="outbox drained after the link returned")
     drained = time.monotonic() - restored
     print(f"\nhung link noticed after {noticed:.1f} s (keep-alive 5 s); backlog confirmed {drained:.2f} s after it returned")
-    assert drained <= DEFAULT_RECONNECT_MAX_S + 5
+    assert drained <= DEFAULT_RECONNECT_MAX_S + 8
     assert per_device(bridge.delivered()) == {"dev-a": list(range(20))}
+
+
+def test_sigterm_while_the_cloud_link_hangs_exits_0_within_10_s_and_keeps_the_batch(mosquitto_factory, tmp_path, cleanup):
+    """The worst case for a stop: a batch in flight on a link that neither answers nor breaks.
+    The gateway gives it stop_timeout_s (5 s), then exits 0; the batch stays in the outbox."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    local, cloud = mosquitto_factory("local"), mosquitto_factory("cloud")
+    proxy = FaultProxy(cloud.host, cloud.port).start()
+    cleanup(proxy)
+    bridge = BridgeStub(cloud)
+    cleanup(bridge)
+    outbox = tmp_path / "gw" / "outbox.db"
+    log_path = tmp_path / "gateway.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TERN_") or k == "TERN_CACHE"}
+    args = ["run", "--gateway-id", GW, "--local", local.address, "--cloud", proxy.address, "--outbox", str(outbox),
+            "--batch-size", "20"]
+    with open(log_path, "w") as log_file:
+        gateway = subprocess.Popen([sys.executable, "-m", "tern.edge.cli", *args], stdout=log_file,
+                                   stderr=subprocess.STDOUT, env=env)
+        try:
+            wait_until(lambda: "uplink connected" in log_path.read_text() and "ingest connected" in log_path.read_text(),
+                       timeout=DEADLINE, what="gateway up")
+            node = Node(local, "dev-a")
+            cleanup(node)
+            proxy.set_mode("blackhole")
+            for seq in range(30):
+                node.send(seq)
+            wait_until(lambda: node.acked_seq() == 29, timeout=DEADLINE, what="30 readings committed")
+            # A batch went into the hung link (a keep-alive ping is 2 bytes; a batch is hundreds).
+            wait_until(lambda: proxy.dropped_from_clients > 100, timeout=DEADLINE, what="a batch sent into the hung link")
+            signalled = time.monotonic()
+            gateway.send_signal(signal.SIGTERM)
+            code = gateway.wait(15)
+            took = time.monotonic() - signalled
+        finally:
+            if gateway.poll() is None:
+                gateway.kill()
+                gateway.wait(10)
+    text = log_path.read_text()
+    print(f"\nSIGTERM with a hung cloud link: exit {code} after {took:.2f} s")
+    assert code == 0 and took < 10, text[-3000:]
+    assert "not confirmed before the stop deadline: it stays in the outbox" in text
+    assert "Traceback" not in text
+    assert len(outbox_rows(outbox)) == 30
+    # The link returns, the gateway runs again: everything arrives.
+    proxy.set_mode("pass")
+    gw = Gateway(GatewayConfig(gateway_id=GW, local_broker=local.address, cloud_broker=proxy.address,
+                               outbox_path=outbox, batch_size=20))
+    cleanup(gw)
+    gw.start()
+    wait_until(lambda: not outbox_rows(outbox), timeout=DEADLINE, what="outbox drained after the restart")
+    assert per_device(bridge.delivered()) == {"dev-a": list(range(30))}
+
+
+def test_a_broker_refusing_our_account_is_said_at_once_with_the_reason_and_attempts_counted_once(
+    mosquitto_factory, tmp_path, lines, cleanup, monkeypatch
+):
+    from tern.security.mosquitto_auth import DeviceAuth
+
+    monkeypatch.setattr(mqtt_session, "REPORT_FIRST_S", 1.0)
+    auth = DeviceAuth(tmp_path / "auth")
+    auth.set_gateway("tern-gateway")
+    (tmp_path / "wrong.secret").write_text("not-the-password\n")
+    local = mosquitto_factory("local", auth_folder=auth.folder)
+    proxy = FaultProxy(local.host, local.port).start()  # only to count the connection attempts
+    cleanup(proxy)
+    gw = Gateway(
+        GatewayConfig(
+            gateway_id=GW, local_broker=proxy.address, cloud_broker=f"127.0.0.1:{free_port()}",
+            outbox_path=tmp_path / "gw" / "outbox.db", reconnect_max_s=1.0,
+            local_username="tern-gateway", local_password_file=str(tmp_path / "wrong.secret"),
+        )
+    )
+    cleanup(gw)
+    started = time.monotonic()
+    gw.start()
+    wait_until(lambda: lines.matching("cannot reach the local broker"), timeout=5, what="the refusal line")
+    at, line = lines.matching("cannot reach the local broker")[0]
+    assert at - started < 3.0 and proxy.address in line and "refused the connection" in line
+    assert "Not authorized" in line or "Bad user name or password" in line, line
+    wait_until(lambda: len(lines.matching("still cannot reach the local broker")) >= 2, timeout=DEADLINE,
+               what="the refusal repeated")
+    _, last = lines.matching("still cannot reach the local broker")[-1]
+    attempts = int(re.search(r"\((\d+) attempts", last).group(1))
+    # One attempt is one connection: counted once, not once for the CONNACK and again for the close.
+    assert attempts <= proxy.connections_total <= attempts + 1, (attempts, proxy.connections_total)

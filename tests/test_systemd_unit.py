@@ -57,10 +57,12 @@ def test_unit_runs_the_gateway_as_its_own_user_with_state_and_restart_policy():
     assert s["Service.User"] == ["tern"] and "root" not in s.get("Service.Group", [])
     assert s["Service.StateDirectory"] == ["tern"] and s["Service.ConfigurationDirectory"] == ["tern"]
     assert s["Service.Restart"] == ["on-failure"] and s["Service.RestartPreventExitStatus"] == ["2"]
-    for key in ("NoNewPrivileges", "ProtectHome", "PrivateTmp", "PrivateDevices", "RestrictSUIDSGID"):
+    for key in ("NoNewPrivileges", "ProtectHome", "PrivateTmp", "RestrictSUIDSGID"):
         assert s[f"Service.{key}"] == ["yes"], key
     assert s["Service.ProtectSystem"] == ["strict"] and s["Service.CapabilityBoundingSet"] == [""]
-    # The stop budget leaves room for the gateway's own (stop_timeout_s, at most 60 s... default 5 s).
+    # Devices: serial ports only (sensors wired to the Pi), nothing else.
+    assert s["Service.DevicePolicy"] == ["closed"] and all(d.startswith("char-tty") for d in s["Service.DeviceAllow"])
+    # systemd's stop budget leaves room for the gateway's own (stop_timeout_s, 5 s by default).
     assert int(s["Service.TimeoutStopSec"][0]) >= 10
     # The shipped example config puts the outbox in the unit's state directory, and the
     # user named in the unit is the one deploy/tern-sysusers.conf creates.
@@ -96,3 +98,21 @@ def test_systemd_analyze_security_scores_the_unit_well(tmp_path):
     assert found, out.stdout[-2000:] + out.stderr
     # 0 is fully locked down, 10 is a default unit; systemd calls below 2 "OK".
     assert float(found.group(1)) < 2.0, out.stdout[-3000:]
+
+
+def test_execstart_arguments_are_a_valid_gateway_command_with_the_shipped_config():
+    """The unit's command line, with the shipped example in place of /etc/tern/gateway.toml,
+    parses and resolves to a config whose outbox is in the unit's StateDirectory."""
+    import shlex
+
+    from tern.edge.cli import build_parser
+    from tern.edge.config import GatewayConfig
+
+    s = unit_settings(UNIT.read_text())
+    argv = shlex.split(s["Service.ExecStart"][0])
+    assert argv[0] == SHIPPED_BINARY and argv[1:3] == ["run", "--config"]
+    argv[argv.index("/etc/tern/gateway.toml")] = str(ROOT / "deploy" / "gateway.toml")
+    cfg = GatewayConfig.from_args(build_parser().parse_args(argv[1:]), env={})
+    assert Path(cfg.outbox_path).parent == Path("/var/lib") / s["Service.StateDirectory"][0]
+    # The stop budget the gateway takes on SIGTERM fits well inside systemd's.
+    assert cfg.stop_timeout_s * 2 <= int(s["Service.TimeoutStopSec"][0])

@@ -119,6 +119,7 @@ class PersistentSession:
         self._attempts = 0
         self._report_gap = REPORT_FIRST_S
         self._next_report = 0.0
+        self._refused = False
 
         self.client = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
@@ -228,7 +229,10 @@ class PersistentSession:
         if reason_code.is_failure:
             self._error = str(reason_code)
             self._unreachable(f"it refused the connection: {reason_code}")
+            # paho reports the closed connection next: the same attempt, already counted.
+            self._refused = True
             return
+        self._refused = False
         with self._lock:
             self._generation += 1
             self._session_present = bool(flags.session_present)
@@ -306,6 +310,8 @@ class PersistentSession:
                 "%s: lost %s (%s); %s; reconnecting every %d s at most",
                 self.name, self.broker, why, self.lost_hint, self.reconnect_max_s,
             )
+        elif self._refused:
+            self._refused = False
         else:
             # A reconnect whose TCP connection opened but closed before CONNACK (a proxy or a
             # load balancer in front of a dead broker, a broker shutting down): paho reports
