@@ -197,7 +197,10 @@ def read_node_rows(db: Any) -> list[dict]:
         ]
         fw = {
             (r[0], r[1]): (r[2], r[3])
-            for r in db.execute(f"SELECT site, device, fw, reset FROM {STATUS_EVENTS} ORDER BY id").fetchall()
+            for r in db.execute(
+                f"SELECT site, device, fw, reset FROM {STATUS_EVENTS}"
+                f" WHERE id IN (SELECT MAX(id) FROM {STATUS_EVENTS} GROUP BY site, device)"
+            ).fetchall()
         }
     except sqlite3.Error:  # an outbox from before statuses were kept, or one being created
         return []
