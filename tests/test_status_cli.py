@@ -14,6 +14,7 @@ from tern.edge.service import Gateway
 SITE = "site-s"
 BOOT = "b0042"
 SENT = {"alpha-node": 25, "beta-node": 15}
+SECRET = "cloud-pw-never-shown-91c"
 
 
 def run_status(*args: str) -> subprocess.CompletedProcess:
@@ -30,13 +31,18 @@ def toml(config) -> str:
         for key, value in (
             ("gateway_id", config.gateway_id), ("cloud_broker", config.cloud_broker), ("local_broker", config.local_broker),
             ("outbox_path", config.outbox_path), ("http_port", config.http_port),
+            ("cloud_username", config.cloud_username), ("cloud_password_file", config.cloud_password_file),
         )
     ) + "\n"
 
 
 def test_status_shows_devices_outbox_and_uplink_while_running_and_after(tmp_path: Path, mosquitto_factory) -> None:
     pi, cloud = mosquitto_factory("pi"), mosquitto_factory("cloud")
-    config = gateway_config(tmp_path, pi, cloud)
+    secret = tmp_path / "cloud.secret"
+    secret.write_text(SECRET + "\n")
+    secret.chmod(0o600)
+    # The cloud broker takes any password; the status output must never show it.
+    config = gateway_config(tmp_path, pi, cloud, cloud_username="gw-obs", cloud_password_file=str(secret))
     config_file = tmp_path / "gateway.toml"
     config_file.write_text(toml(config))
     total = sum(SENT.values())
@@ -78,6 +84,7 @@ def test_status_shows_devices_outbox_and_uplink_while_running_and_after(tmp_path
     assert any(line.lstrip("│┃ ").startswith("alpha-node") and "online" in line and " 25 " in line for line in after.stdout.splitlines())
     assert any("waiting" in line and f" {total + 2} " in line for line in after.stdout.splitlines()), after.stdout
     assert "Traceback" not in after.stderr
+    assert SECRET not in live.stdout + live.stderr + after.stdout + after.stderr
 
 
 def test_status_without_anything_to_read_says_so(tmp_path: Path) -> None:
