@@ -93,3 +93,25 @@ def test_status_without_anything_to_read_says_so(tmp_path: Path) -> None:
     assert "service not reachable at http://127.0.0.1:9" in result.stdout
     assert f"no outbox at {tmp_path / 'missing.db'}" in result.stdout
     assert "Traceback" not in result.stderr
+
+
+def test_status_keeps_to_one_screen_with_offline_devices_first(tmp_path: Path) -> None:
+    from tern.core.codec import Reading, StatusEvent
+    from tern.edge.outbox import Outbox
+    from tern.edge.status_cli import DEVICE_ROWS
+
+    devices = [f"n{i:03d}" for i in range(DEVICE_ROWS + 20)]
+    dead = set(devices[-3:])  # sorted last by name: they must still be on the screen
+    with Outbox(tmp_path / "outbox.db") as outbox:
+        outbox.add(
+            [Reading(device=d, boot="b1", seq=1, ts_ms=1, values={"t": 1}, site=SITE) for d in devices],
+            statuses=[StatusEvent(SITE, d, "offline" if d in dead else "online", "b1", "1.0", "power") for d in devices],
+        )
+    result = run_status("--outbox", str(tmp_path / "outbox.db"), "--url", "http://127.0.0.1:9")
+    assert result.returncode == 1, result.stdout + result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.lstrip("│┃ ").startswith("n")]
+    assert len(rows) == DEVICE_ROWS
+    assert all("offline" in row for row in rows[:3]) and {row.split()[1] for row in rows[:3]} == dead
+    assert "and 20 more devices (--all lists every one)" in result.stdout
+    everything = run_status("--outbox", str(tmp_path / "outbox.db"), "--url", "http://127.0.0.1:9", "--all")
+    assert len([line for line in everything.stdout.splitlines() if line.lstrip("│┃ ").startswith("n")]) == len(devices)
