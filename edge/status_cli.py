@@ -176,22 +176,23 @@ def devices_table(src: Sources, limit: int | None = DEVICE_ROWS) -> Table:
         if row.get("last_seq") is None:  # the service is not answering: the outbox file knows this much
             row["last_seq"] = d["last_seq"]
     table = Table(title="devices", title_justify="left", expand=False)
-    for column in ("device", "state", "last seen", "last seq", "firmware", "boot", "gaps", "dupl.", "waiting", "site"):
-        table.add_column(column, justify="right" if column in ("last seq", "gaps", "dupl.", "waiting") else "left")
+    numeric = ("last seq", "missing", "dupl.", "dropped", "waiting")
+    for column in ("device", "state", "last seen", "last seq", "firmware", "boot", "missing", "dupl.", "dropped", "waiting", "site"):
+        table.add_column(column, justify="right" if column in numeric else "left")
     order = {"offline": 0, "unknown": 1}
     ranked = sorted(rows.items(), key=lambda item: (order.get(item[1].get("state", "unknown"), 2), item[0]))
     shown = ranked if limit is None else ranked[:limit]
     for (site, device), d in shown:
         table.add_row(
             device, _state(d.get("state", "unknown")), _age(d.get("last_seen_age_s")), _num(d.get("last_seq")),
-            d.get("fw") or "-", d.get("boot") or "-", _num(d.get("gaps")), _num(d.get("duplicates")),
-            _num(pending.get((site, device), 0)), site,
+            d.get("fw") or "-", d.get("boot") or "-", _num(d.get("missing")), _num(d.get("duplicates")),
+            _num(d.get("dropped")), _num(pending.get((site, device), 0)), site,
         )
     if len(shown) < len(ranked):
         table.caption = f"… and {len(ranked) - len(shown)} more devices (--all lists every one)"
         table.caption_justify = "left"
     if not rows:
-        table.add_row("(no device yet)", "", "", "", "", "", "", "", "", "")
+        table.add_row("(no device yet)", *[""] * 10)
     return table
 
 
@@ -239,7 +240,8 @@ def uplink_panel(src: Sources) -> Panel:
     rtt = live["uplink"].get("last_confirm_rtt_s")
     grid.add_row("confirm round trip", "-" if rtt is None else f"{rtt * 1000:.0f} ms")
     grid.add_row("received / duplicates", f"{live['ingest']['received']:,} / {live['ingest']['duplicates']:,}")
-    grid.add_row("missing (gaps)", _num(live["ingest"].get("missing")))
+    gaps_open = live["ingest"].get("gaps_open")
+    grid.add_row("missing (open gaps)", f"{_num(live['ingest'].get('missing'))} ({_num(gaps_open)})")
     grid.add_row("forwarded", f"{live['uplink']['forwarded']:,}")
     grid.add_row("nodes online / offline", f"{live['nodes']['online']} / {live['nodes']['offline']}")
     if live["ingest"]["backpressure"]:
