@@ -101,8 +101,9 @@ class ObservedOutbox(Outbox):
 def _optional(obj: object, names: Sequence[str]) -> Any:
     """The result of the first of ``names`` that ``obj`` has as a method, else None.
 
-    Duplicates per device, gaps and drops are kept by the outbox in versions that have them;
-    reading them this way lets the page show them where they exist and '-' where not.
+    Duplicates, gaps and drops are kept by outboxes that track sequences and retention;
+    reading them this way shows them where they exist and '-' where not (an older outbox, or
+    one closing as the service stops).
     """
     for name in names:
         method = getattr(obj, name, None)
@@ -146,14 +147,11 @@ def per_reason_counts(value: object) -> dict[str, int]:
 
 
 def batches_in_flight(stats: dict) -> int:
-    """Batches published and not yet confirmed, from the uplink's counters: a count or a
-    collection where the uplink keeps several in flight, else its one ``inflight_bseq``."""
-    for key in ("batches_in_flight", "inflight", "in_flight", "inflight_batches"):
-        value = stats.get(key)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, (list, tuple, set, frozenset, dict)):
-            return len(value)
+    """Batches published and not yet confirmed, from the uplink's counters: its
+    ``inflight_batches`` (pipelined uplink), else whether its one ``inflight_bseq`` is set."""
+    value = stats.get("inflight_batches")
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
     return 0 if stats.get("inflight_bseq") is None else 1
 
 
