@@ -8,8 +8,10 @@ Where each fact comes from:
   and readings since start from :class:`ObservedOutbox`, which notes what every commit
   carried (in memory: after a restart a device's firmware is known again with its retained
   birth, which the broker re-delivers on subscribe);
-- duplicates, gaps and drops per device: from the outbox when it keeps them (read through
-  optional methods, see :func:`_optional`); otherwise only the gateway-wide totals;
+- duplicates, sequence gaps and drops per device: from the outbox's sequence tracking and
+  retention tables (``Outbox.device_seq_counts``, ``dedup_totals``, ``drop_counts``,
+  ``drop_totals``), read through :func:`_optional` so that an outbox without them shows
+  "unknown" instead of failing;
 - the outbox: depth from the gateway's counters, bytes from the files on disk (database and
   WAL), drain rate and time to empty from samples taken once a second (:meth:`Health.sample`);
 - the uplink: connection, batches in flight and the last confirm round-trip time.
@@ -99,8 +101,9 @@ class ObservedOutbox(Outbox):
 def _optional(obj: object, names: Sequence[str]) -> Any:
     """The result of the first of ``names`` that ``obj`` has as a method, else None.
 
-    Duplicates per device, gaps and drops are kept by the outbox in versions that have them;
-    reading them this way lets the page show them where they exist and '-' where not.
+    Duplicates, gaps and drops are kept by outboxes that track sequences and retention;
+    reading them this way shows them where they exist and '-' where not (an older outbox, or
+    one closing as the service stops).
     """
     for name in names:
         method = getattr(obj, name, None)
@@ -112,64 +115,43 @@ def _optional(obj: object, names: Sequence[str]) -> Any:
     return None
 
 
-def _device_of(key: object) -> str | None:
-    if isinstance(key, str):
-        return key
-    if isinstance(key, tuple) and len(key) >= 2 and isinstance(key[1], str):
-        return key[1]
-    return None
-
-
-def per_device_counts(value: object) -> dict[str, int] | None:
-    """Normalise a per-device count (dict by device or (site, device), or rows with a
-    ``device`` and a count) to {device: n}; None when unknown."""
-    if value is None:
-        return None
-    out: dict[str, int] = {}
-    if isinstance(value, dict):
-        for key, n in value.items():
-            device = _device_of(key)
-            if device is not None and isinstance(n, (int, float)):
-                out[device] = out.get(device, 0) + int(n)
-        return out
-    if isinstance(value, Iterable):
-        for row in value:
-            row = dict(row) if not isinstance(row, dict) else row
-            device = row.get("device")
-            n = next((row[k] for k in ("count", "n", "duplicates", "missing", "dropped") if isinstance(row.get(k), int)), 1)
-            if isinstance(device, str):
-                out[device] = out.get(device, 0) + int(n)
-        return out
-    return None
-
-
-def per_reason_counts(value: object) -> dict[str, int]:
-    """Normalise drop counts ({reason: n}, {(device, reason): n} or rows with a ``reason``) to {reason: n}."""
-    out: dict[str, int] = {}
-    if isinstance(value, dict):
-        for key, n in value.items():
-            reason = key if isinstance(key, str) else key[-1] if isinstance(key, tuple) and key else None
-            if isinstance(reason, str) and isinstance(n, (int, float)):
-                out[reason] = out.get(reason, 0) + int(n)
-    elif value is not None and isinstance(value, Iterable):
-        for row in value:
-            row = dict(row) if not isinstance(row, dict) else row
-            reason = row.get("reason")
-            n = row.get("count", row.get("n", 1))
-            if isinstance(reason, str) and isinstance(n, int):
-                out[reason] = out.get(reason, 0) + n
+def seq_counts_by_device(rows: object) -> dict[tuple[str, str], dict]:
+    """``Outbox.device_seq_counts()`` rows keyed by (site, device)."""
+    out: dict[tuple[str, str], dict] = {}
+    for row in rows if isinstance(rows, list) else []:
+        if isinstance(row, dict) and isinstance(row.get("device"), str):
+            out[(str(row.get("site", "")), row["device"])] = row
     return out
 
 
+def drops_by_device(rows: object) -> dict[tuple[str, str], dict[str, int]]:
+    """``Outbox.drop_counts()`` rows (site, device, reason, count) as {(site, device): {reason: n}}."""
+    out: dict[tuple[str, str], dict[str, int]] = {}
+    for row in rows if isinstance(rows, list) else []:
+        if isinstance(row, dict) and isinstance(row.get("device"), str) and isinstance(row.get("count"), int):
+            reasons = out.setdefault((str(row.get("site", "")), row["device"]), {})
+            reasons[str(row.get("reason"))] = reasons.get(str(row.get("reason")), 0) + row["count"]
+    return out
+
+
+def _known(value: object, kept: object) -> int | None:
+    """None when the outbox keeps no such count (``kept`` is None), else the count (0 if absent)."""
+    return None if kept is None else int(value or 0)  # type: ignore[call-overload]
+
+
+def per_reason_counts(value: object) -> dict[str, int]:
+    """Drop totals as {reason: n}, from ``Outbox.drop_totals()`` ({reason: n})."""
+    if not isinstance(value, dict):
+        return {}
+    return {str(k): int(v) for k, v in value.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
 def batches_in_flight(stats: dict) -> int:
-    """Batches published and not yet confirmed, from the uplink's counters: a count or a
-    collection where the uplink keeps several in flight, else its one ``inflight_bseq``."""
-    for key in ("batches_in_flight", "inflight", "in_flight", "inflight_batches"):
-        value = stats.get(key)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, (list, tuple, set, frozenset, dict)):
-            return len(value)
+    """Batches published and not yet confirmed, from the uplink's counters: its
+    ``inflight_batches`` (pipelined uplink), else whether its one ``inflight_bseq`` is set."""
+    value = stats.get("inflight_batches")
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
     return 0 if stats.get("inflight_bseq") is None else 1
 
 
@@ -197,7 +179,10 @@ def read_node_rows(db: Any) -> list[dict]:
         ]
         fw = {
             (r[0], r[1]): (r[2], r[3])
-            for r in db.execute(f"SELECT site, device, fw, reset FROM {STATUS_EVENTS} ORDER BY id").fetchall()
+            for r in db.execute(
+                f"SELECT site, device, fw, reset FROM {STATUS_EVENTS}"
+                f" WHERE id IN (SELECT MAX(id) FROM {STATUS_EVENTS} GROUP BY site, device)"
+            ).fetchall()
         }
     except sqlite3.Error:  # an outbox from before statuses were kept, or one being created
         return []
@@ -274,16 +259,20 @@ class Health:
         """One entry per device the gateway knows (latest status or a reading since start)."""
         outbox = self.gateway.outbox
         seen = outbox.seen() if isinstance(outbox, ObservedOutbox) else {}
-        duplicates = per_device_counts(_optional(outbox, ("duplicates_by_device", "device_duplicates", "duplicate_counts")))
-        gaps = per_device_counts(_optional(outbox, ("gaps_by_device", "missing_by_device", "gaps", "sequence_gaps")))
+        seq_rows = _optional(outbox, ("device_seq_counts",))
+        seq = seq_counts_by_device(seq_rows)
+        drop_rows = _optional(outbox, ("drop_counts",))
+        drops = drops_by_device(drop_rows)
         by_key: dict[tuple[str, str], dict] = {}
         for row in self._node_rows():
             by_key[(row["site"], row["device"])] = row
         now = now_ms()
         out = []
-        for key in sorted(set(by_key) | set(seen))[:MAX_DEVICES]:
+        for key in sorted(set(by_key) | set(seen) | set(seq))[:MAX_DEVICES]:
             row = by_key.get(key, {})
             note = seen.get(key, DeviceSeen())
+            counts = seq.get(key, {})
+
             last = max((t for t in (row.get("status_ms"), note.last_reading_ms) if t is not None), default=None)
             out.append(
                 {
@@ -295,10 +284,13 @@ class Health:
                     "reset": note.reset or row.get("reset", ""),
                     "last_seen_ms": last,
                     "last_seen_age_s": None if last is None else max(0.0, (now - last) / 1000),
-                    "last_seq": note.last_seq,
+                    "last_seq": note.last_seq if note.last_seq is not None else counts.get("high_seq"),
                     "received": note.received,
-                    "duplicates": None if duplicates is None else duplicates.get(key[1], 0),
-                    "gaps": None if gaps is None else gaps.get(key[1], 0),
+                    "duplicates": _known(counts.get("duplicates"), seq_rows),
+                    "gaps": _known(counts.get("gaps"), seq_rows),
+                    "missing": _known(counts.get("missing"), seq_rows),
+                    "dropped": None if drop_rows is None else sum(drops.get(key, {}).values()),
+                    "dropped_by_reason": drops.get(key, {}),
                 }
             )
         return out
@@ -308,13 +300,14 @@ class Health:
         gw = self.gateway
         stats = gw.stats()
         config = gw.config
-        drops = per_reason_counts(_optional(gw.outbox, ("drop_counts", "drops_by_reason", "drops")))
+        drops = per_reason_counts(_optional(gw.outbox, ("drop_totals",)))
+        dedup = _optional(gw.outbox, ("dedup_totals",))
+        dedup = dedup if isinstance(dedup, dict) else {}
         oldest = stats.get("oldest_pending_age_s")
         in_flight = batches_in_flight(stats)
         pending, status_pending = int(stats.get("pending", 0)), int(stats.get("status_pending", 0))
         now = now_ms()
         devices = self.devices()
-        gaps = [d["gaps"] for d in devices if d["gaps"] is not None]
         return {
             "gateway": {
                 "id": config.gateway_id,
@@ -331,8 +324,10 @@ class Health:
                 "dead_letters": int(stats.get("dead_lettered", 0)),
                 "statuses": int(stats.get("status_committed", 0)),
                 "backpressure": bool(stats.get("backpressure")),
-                # Readings missing in the devices' sequences (None where the outbox keeps no gaps).
-                "missing": sum(gaps) if gaps else None,
+                # Ever, from the outbox's sequence tracking (None where the outbox keeps none).
+                "duplicates_total": dedup.get("duplicates_total"),
+                "gaps_open": dedup.get("gaps_open"),
+                "missing": dedup.get("missing_readings"),
             },
             "outbox": {
                 "path": str(config.outbox_path),

@@ -51,7 +51,8 @@ class _HealthCollector(Collector):
             drops.add_metric([reason], n)
         yield drops
         if ingest["missing"] is not None:
-            yield gauge("readings_missing", "Readings missing in the devices' sequences (gaps).", ingest["missing"])
+            yield gauge("readings_missing", "Readings missing in the devices' sequences (open gaps).", ingest["missing"])
+            yield gauge("sequence_gaps_open", "Open gaps in the devices' sequences.", ingest["gaps_open"] or 0)
         yield counter("batches_confirmed", "Batches confirmed by the cloud.", uplink["batches_confirmed"])
         yield counter("batches_resent", "Batches sent again after a confirm timeout.", uplink["batches_resent"])
 
@@ -84,6 +85,9 @@ class _HealthCollector(Collector):
         )
         duplicates = CounterMetricFamily(f"{PREFIX}_device_duplicates", "Duplicate readings of the device.", labels=labels)
         gaps = GaugeMetricFamily(f"{PREFIX}_device_missing_readings", "Readings missing in the device's sequence.", labels=labels)
+        dropped = CounterMetricFamily(
+            f"{PREFIX}_device_readings_dropped", "Readings of the device dropped by a retention policy.", labels=[*labels, "reason"]
+        )
         for d in devices:
             key = [d["site"], d["device"]]
             online.add_metric(key, 1 if d["state"] == "online" else 0)
@@ -92,9 +96,11 @@ class _HealthCollector(Collector):
             received.add_metric(key, d["received"])
             if d["duplicates"] is not None:
                 duplicates.add_metric(key, d["duplicates"])
-            if d["gaps"] is not None:
-                gaps.add_metric(key, d["gaps"])
-        yield from (online, seen, received, duplicates, gaps)
+            if d["missing"] is not None:
+                gaps.add_metric(key, d["missing"])
+            for reason, n in sorted(d["dropped_by_reason"].items()):
+                dropped.add_metric([*key, reason], n)
+        yield from (online, seen, received, duplicates, gaps, dropped)
 
 
 class GatewayMetrics:

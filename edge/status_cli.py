@@ -34,6 +34,8 @@ from tern.edge.health import file_bytes, read_node_rows
 from tern.edge.outbox import OutboxSummary, now_ms, open_readonly, summarize
 
 EXIT_OK, EXIT_UNREACHABLE, EXIT_SETUP = 0, 1, 2
+#: Device rows on the screen unless --all: offline devices first, so none is hidden.
+DEVICE_ROWS = 30
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -42,6 +44,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     status.add_argument("--config", help="TOML config file (keys as in deploy/gateway.toml)")
     status.add_argument("--url", help="base URL of the gateway's HTTP endpoint (default: from http_host/http_port)")
     status.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the service (default 3)")
+    status.add_argument("--all", action="store_true", help=f"list every device (default: {DEVICE_ROWS}, offline ones first)")
     add_flags(status)
 
 
@@ -155,9 +158,10 @@ def _up(flag: bool) -> Text:
     return Text("connected", style="bold green") if flag else Text("DOWN", style="bold red")
 
 
-def devices_table(src: Sources) -> Table:
-    """One row per device: live facts where the service answered, else the outbox file's."""
-    pending = {d["device"]: d["pending"] for d in (src.summary.devices if src.summary else [])}
+def devices_table(src: Sources, limit: int | None = DEVICE_ROWS) -> Table:
+    """One row per device (live facts where the service answered, else the outbox file's),
+    offline ones first; at most ``limit`` rows, so the screen stays one screen."""
+    pending = {(d["site"], d["device"]): d["pending"] for d in (src.summary.devices if src.summary else [])}
     now = now_ms()
     rows: dict[tuple[str, str], dict] = {}
     for node in src.nodes:
@@ -172,16 +176,23 @@ def devices_table(src: Sources) -> Table:
         if row.get("last_seq") is None:  # the service is not answering: the outbox file knows this much
             row["last_seq"] = d["last_seq"]
     table = Table(title="devices", title_justify="left", expand=False)
-    for column in ("device", "state", "last seen", "last seq", "firmware", "boot", "gaps", "dupl.", "waiting", "site"):
-        table.add_column(column, justify="right" if column in ("last seq", "gaps", "dupl.", "waiting") else "left")
-    for (site, device), d in sorted(rows.items()):
+    numeric = ("last seq", "missing", "dupl.", "dropped", "waiting")
+    for column in ("device", "state", "last seen", "last seq", "firmware", "boot", "missing", "dupl.", "dropped", "waiting", "site"):
+        table.add_column(column, justify="right" if column in numeric else "left")
+    order = {"offline": 0, "unknown": 1}
+    ranked = sorted(rows.items(), key=lambda item: (order.get(item[1].get("state", "unknown"), 2), item[0]))
+    shown = ranked if limit is None else ranked[:limit]
+    for (site, device), d in shown:
         table.add_row(
             device, _state(d.get("state", "unknown")), _age(d.get("last_seen_age_s")), _num(d.get("last_seq")),
-            d.get("fw") or "-", d.get("boot") or "-", _num(d.get("gaps")), _num(d.get("duplicates")),
-            _num(pending.get(device, 0)), site,
+            d.get("fw") or "-", d.get("boot") or "-", _num(d.get("missing")), _num(d.get("duplicates")),
+            _num(d.get("dropped")), _num(pending.get((site, device), 0)), site,
         )
+    if len(shown) < len(ranked):
+        table.caption = f"… and {len(ranked) - len(shown)} more devices (--all lists every one)"
+        table.caption_justify = "left"
     if not rows:
-        table.add_row("(no device yet)", "", "", "", "", "", "", "", "", "")
+        table.add_row("(no device yet)", *[""] * 10)
     return table
 
 
@@ -229,7 +240,8 @@ def uplink_panel(src: Sources) -> Panel:
     rtt = live["uplink"].get("last_confirm_rtt_s")
     grid.add_row("confirm round trip", "-" if rtt is None else f"{rtt * 1000:.0f} ms")
     grid.add_row("received / duplicates", f"{live['ingest']['received']:,} / {live['ingest']['duplicates']:,}")
-    grid.add_row("missing (gaps)", _num(live["ingest"].get("missing")))
+    gaps_open = live["ingest"].get("gaps_open")
+    grid.add_row("missing (open gaps)", f"{_num(live['ingest'].get('missing'))} ({_num(gaps_open)})")
     grid.add_row("forwarded", f"{live['uplink']['forwarded']:,}")
     grid.add_row("nodes online / offline", f"{live['nodes']['online']} / {live['nodes']['offline']}")
     if live["ingest"]["backpressure"]:
@@ -237,7 +249,7 @@ def uplink_panel(src: Sources) -> Panel:
     return Panel(grid, title="links", subtitle=f"up {_age(gw.get('uptime_s'))}", subtitle_align="left", expand=False)
 
 
-def render(src: Sources, console: Console) -> None:
+def render(src: Sources, console: Console, limit: int | None = DEVICE_ROWS) -> None:
     """Print the screen."""
     gid = (src.live or {}).get("gateway", {}).get("id") or src.gateway_id
     head = Text.assemble(("tern gateway ", "bold"), (gid or "", "bold cyan"))
@@ -248,7 +260,7 @@ def render(src: Sources, console: Console) -> None:
         console.print(Text(src.live_error + (" (showing the outbox file)" if src.summary else ""), style="bold yellow"), soft_wrap=True)
     if src.outbox_error:
         console.print(Text(src.outbox_error, style="bold red"), soft_wrap=True)
-    console.print(devices_table(src))
+    console.print(devices_table(src, limit))
     console.print(Group(outbox_panel(src), uplink_panel(src)))
 
 
@@ -261,5 +273,5 @@ def run(args: argparse.Namespace, console: Console | None = None) -> int:
             if line:
                 console.print(Text(line, style="bold red"), soft_wrap=True)
         return EXIT_SETUP
-    render(src, console)
+    render(src, console, None if getattr(args, "all", False) else DEVICE_ROWS)
     return EXIT_OK if src.live is not None else EXIT_UNREACHABLE

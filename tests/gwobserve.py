@@ -77,6 +77,8 @@ def gateway_config(tmp: Path, pi: Mosquitto, cloud: Mosquitto, **extra: Any) -> 
         outbox_path=tmp / "outbox.db",
         http_port=free_port(),
         confirm_timeout_s=2.0,
+        # Most of these tests leave a batch unconfirmed on purpose: do not wait 5 s for it at stop.
+        stop_timeout_s=1.0,
     )
     values.update(extra)
     return GatewayConfig(**values)

@@ -9,11 +9,13 @@ import sys
 from pathlib import Path
 
 from gwobserve import client, gateway_config, publish_all, reading, status, status_json, wait_for
+from tern.edge.health import batches_in_flight
 from tern.edge.service import Gateway
 
 SITE = "site-s"
 BOOT = "b0042"
 SENT = {"alpha-node": 25, "beta-node": 15}
+SECRET = "cloud-pw-never-shown-91c"
 
 
 def run_status(*args: str) -> subprocess.CompletedProcess:
@@ -30,13 +32,18 @@ def toml(config) -> str:
         for key, value in (
             ("gateway_id", config.gateway_id), ("cloud_broker", config.cloud_broker), ("local_broker", config.local_broker),
             ("outbox_path", config.outbox_path), ("http_port", config.http_port),
+            ("cloud_username", config.cloud_username), ("cloud_password_file", config.cloud_password_file),
         )
     ) + "\n"
 
 
 def test_status_shows_devices_outbox_and_uplink_while_running_and_after(tmp_path: Path, mosquitto_factory) -> None:
     pi, cloud = mosquitto_factory("pi"), mosquitto_factory("cloud")
-    config = gateway_config(tmp_path, pi, cloud)
+    secret = tmp_path / "cloud.secret"
+    secret.write_text(SECRET + "\n")
+    secret.chmod(0o600)
+    # The cloud broker takes any password; the status output must never show it.
+    config = gateway_config(tmp_path, pi, cloud, cloud_username="gw-obs", cloud_password_file=str(secret))
     config_file = tmp_path / "gateway.toml"
     config_file.write_text(toml(config))
     total = sum(SENT.values())
@@ -52,7 +59,12 @@ def test_status_shows_devices_outbox_and_uplink_while_running_and_after(tmp_path
         finally:
             node.disconnect()
             node.loop_stop()
+        # No bridge: what the uplink publishes stays in flight. Let it get there, then the
+        # command must show what the uplink counts (before or after it ran, if that moved).
+        wait_for(lambda: batches_in_flight(gw.uplink.stats()) >= 1, what="a batch in flight")
+        before = batches_in_flight(gw.uplink.stats())
         live = run_status("--config", str(config_file))
+        in_flight = {before, batches_in_flight(gw.uplink.stats())}
     assert live.returncode == 0, live.stdout + live.stderr
     out = live.stdout
     print(out)
@@ -66,7 +78,8 @@ def test_status_shows_devices_outbox_and_uplink_while_running_and_after(tmp_path
     assert any("waiting" in line and f" {total + 2} " in line for line in lines), out
     assert any("readings / statuses" in line and f"{total} / 2" in line for line in lines), out
     assert any("cloud uplink" in line and "connected" in line for line in lines), out
-    assert any("batches in flight" in line and "1" in line for line in lines), out
+    shown = next(int(line.rstrip(" │").split()[-1]) for line in lines if "batches in flight" in line)
+    assert shown in in_flight and shown >= 1, (shown, in_flight)
     assert any("nodes online / offline" in line and "1 / 1" in line for line in lines), out
 
     # The service is gone: one clear line, and what the outbox file still holds.
@@ -78,6 +91,7 @@ def test_status_shows_devices_outbox_and_uplink_while_running_and_after(tmp_path
     assert any(line.lstrip("│┃ ").startswith("alpha-node") and "online" in line and " 25 " in line for line in after.stdout.splitlines())
     assert any("waiting" in line and f" {total + 2} " in line for line in after.stdout.splitlines()), after.stdout
     assert "Traceback" not in after.stderr
+    assert SECRET not in live.stdout + live.stderr + after.stdout + after.stderr
 
 
 def test_status_without_anything_to_read_says_so(tmp_path: Path) -> None:
@@ -86,3 +100,25 @@ def test_status_without_anything_to_read_says_so(tmp_path: Path) -> None:
     assert "service not reachable at http://127.0.0.1:9" in result.stdout
     assert f"no outbox at {tmp_path / 'missing.db'}" in result.stdout
     assert "Traceback" not in result.stderr
+
+
+def test_status_keeps_to_one_screen_with_offline_devices_first(tmp_path: Path) -> None:
+    from tern.core.codec import Reading, StatusEvent
+    from tern.edge.outbox import Outbox
+    from tern.edge.status_cli import DEVICE_ROWS
+
+    devices = [f"n{i:03d}" for i in range(DEVICE_ROWS + 20)]
+    dead = set(devices[-3:])  # sorted last by name: they must still be on the screen
+    with Outbox(tmp_path / "outbox.db") as outbox:
+        outbox.add(
+            [Reading(device=d, boot="b1", seq=1, ts_ms=1, values={"t": 1}, site=SITE) for d in devices],
+            statuses=[StatusEvent(SITE, d, "offline" if d in dead else "online", "b1", "1.0", "power") for d in devices],
+        )
+    result = run_status("--outbox", str(tmp_path / "outbox.db"), "--url", "http://127.0.0.1:9")
+    assert result.returncode == 1, result.stdout + result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.lstrip("│┃ ").startswith("n")]
+    assert len(rows) == DEVICE_ROWS
+    assert all("offline" in row for row in rows[:3]) and {row.split()[1] for row in rows[:3]} == dead
+    assert "and 20 more devices (--all lists every one)" in result.stdout
+    everything = run_status("--outbox", str(tmp_path / "outbox.db"), "--url", "http://127.0.0.1:9", "--all")
+    assert len([line for line in everything.stdout.splitlines() if line.lstrip("│┃ ").startswith("n")]) == len(devices)

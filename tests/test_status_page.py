@@ -43,10 +43,11 @@ def test_page_shows_nodes_going_offline_and_the_outbox_growing(
         assert gw.wait_connected(15) and gw.status_server is not None
         url = gw.status_server.url + "/"
         node = EmulatedNode(tmp_path / "fw-node", device="fw-node", site=SITE, broker=pi.address, interval_ms=300).start()
-        # A second node, a plain MQTT client with a last will, that stays up and sends on demand.
-        steady = client(pi, will=status(SITE, "steady-node", "b0002", "offline")[:2])
+        # A second node, a plain MQTT client with a last will, that stays up and sends on demand
+        # (named to sort before the first: the page must still list the dead one on top).
+        steady = client(pi, will=status(SITE, "a-steady-node", "b0002", "offline")[:2])
         try:
-            publish_all(steady, [status(SITE, "steady-node", "b0002", "online", fw="0.9.0")])
+            publish_all(steady, [status(SITE, "a-steady-node", "b0002", "online", fw="0.9.0")])
             with sync_api.sync_playwright() as pw:
                 browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
                 try:
@@ -56,7 +57,7 @@ def test_page_shows_nodes_going_offline_and_the_outbox_growing(
 
                     # Both nodes online, with the emulated board's firmware version and boot.
                     fw_row = page.wait_for_selector('tr[data-device="fw-node"][data-state="online"]', timeout=PAGE_WAIT_MS)
-                    page.wait_for_selector('tr[data-device="steady-node"][data-state="online"]', timeout=PAGE_WAIT_MS)
+                    page.wait_for_selector('tr[data-device="a-steady-node"][data-state="online"]', timeout=PAGE_WAIT_MS)
                     assert node.wait_connected(30) and node.boot
                     page.wait_for_function(
                         "b => document.querySelector('tr[data-device=\"fw-node\"]').innerText.includes(b)", arg=node.boot,
@@ -73,6 +74,8 @@ def test_page_shows_nodes_going_offline_and_the_outbox_growing(
                     node.kill()
                     page.wait_for_selector('tr[data-device="fw-node"][data-state="offline"]', timeout=PAGE_WAIT_MS)
                     page.wait_for_function("() => document.getElementById('nodes-offline').textContent === '1'", timeout=PAGE_WAIT_MS)
+                    # The dead node heads the list, above the one still alive.
+                    assert page.eval_on_selector("#devices tr", "r => r.dataset.device") == "fw-node"
                     assert page.inner_text("#nodes-online") == "1"
                     page.screenshot(path=str(shots / "2-node-offline.png"), full_page=True)
 
@@ -81,7 +84,7 @@ def test_page_shows_nodes_going_offline_and_the_outbox_growing(
                     # ...and grows once it is cut: readings keep coming, nothing leaves.
                     cloud.stop()
                     page.wait_for_function("() => document.getElementById('uplink-state').textContent === 'down'", timeout=PAGE_WAIT_MS)
-                    publish_all(steady, [reading(SITE, "steady-node", "b0002", s) for s in range(1, 151)])
+                    publish_all(steady, [reading(SITE, "a-steady-node", "b0002", s) for s in range(1, 151)])
                     page.wait_for_function(
                         "() => Number(document.getElementById('outbox-rows').textContent.replace(/,/g, '')) >= 150",
                         timeout=PAGE_WAIT_MS,
