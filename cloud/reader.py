@@ -225,6 +225,12 @@ class TopicReader:
         """Repeats dropped so far (0 without de-duplication)."""
         return self.dedup.duplicates if self.dedup is not None else 0
 
+    @property
+    def assignment(self) -> set[TopicPartition]:
+        """The partitions this reader holds now (with a group: its share, once it joined)."""
+        consumer = self._consumer
+        return set(consumer.assignment()) if consumer is not None else set()
+
     async def start(self) -> "TopicReader":
         """Connect, find the topics and position the reader; raise ReaderError if Kafka or a topic is missing."""
         deadline = time.monotonic() + self.timeout_s

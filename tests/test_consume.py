@@ -231,6 +231,50 @@ def test_group_resumes_where_it_stopped(pipeline, kafka_bootstrap, kafka_topics)
     assert list(read_tern(kafka_bootstrap, topic, group=group + "-new", timeout_s=30)) == []
 
 
+def test_two_readers_in_one_group_split_the_partitions(pipeline, kafka_bootstrap, kafka_topics):
+    bridge, gateway = pipeline
+    topic = kafka_topics["readings"]
+    items: tuple[codec.Reading, ...] = ()
+    for n in range(8):
+        items += readings(f"dev-{n}", range(1, 4))
+    group = f"split-{uuid.uuid4().hex[:6]}"
+
+    async def scenario() -> dict[str, list]:
+        got: dict[str, list] = {"a": [], "b": []}
+        members = {name: await TopicReader(kafka_bootstrap, topic, group=group, from_beginning=True, follow=True,
+                                           timeout_s=30).start() for name in got}
+
+        async def take(name: str) -> None:
+            async for r in members[name]:
+                got[name].append(r)
+
+        async def until(what: str, done) -> None:
+            deadline = time.monotonic() + 60
+            while not done():
+                assert time.monotonic() < deadline, f"{what}: {[len(v) for v in got.values()]}"
+                await asyncio.sleep(0.2)
+
+        tasks = [asyncio.create_task(take(name)) for name in got]
+        try:
+            # Both joined and the group settled: then the bridge writes.
+            await until("both members hold partitions", lambda: all(m.assignment for m in members.values()))
+            assert not members["a"].assignment & members["b"].assignment
+            await asyncio.get_running_loop().run_in_executor(None, gateway.send, batch(1, items))
+            await until("every record read", lambda: sum(map(len, got.values())) >= len(items))
+        finally:
+            for task in tasks:
+                task.cancel()
+            for member in members.values():
+                await member.close()
+        return got
+
+    got = asyncio.run(scenario())
+    partitions = {name: {r.partition for r in records} for name, records in got.items()}
+    assert not partitions["a"] & partitions["b"], partitions
+    seen = [(r.value["device"], r.value["seq"]) for records in got.values() for r in records]
+    assert sorted(seen) == sorted((r.device, r.seq) for r in items)
+
+
 # --- tern-bridge consume ----------------------------------------------------------------------
 
 
