@@ -322,14 +322,16 @@ def test_cli_without_from_beginning_says_why_nothing_shows(pipeline, kafka_boots
     assert "0 records" in out and "--from-beginning" in out
 
 
-def test_cli_follow_streams_until_interrupted(pipeline, kafka_bootstrap, kafka_topics):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_cli_follow_streams_until_stopped_and_commits(pipeline, kafka_bootstrap, kafka_topics, stop):
     bridge, gateway = pipeline
     topic = kafka_topics["readings"]
+    group = f"follow-{uuid.uuid4().hex[:6]}"
     gateway.send(batch(1, readings("dev-a", range(1, 2))))
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
         [sys.executable, "-m", "tern.cloud", "consume", "--kafka", kafka_bootstrap, "--topic", topic,
-         "--from-beginning", "--follow", "--format", "json", "--dedup"],
+         "--from-beginning", "--follow", "--format", "json", "--dedup", "--group", group, "--timeout", "30"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
     )
     lines: list[dict] = []
@@ -353,14 +355,14 @@ def test_cli_follow_streams_until_interrupted(pipeline, kafka_bootstrap, kafka_t
                 got.wait(min(left, 0.5))
 
     try:
-        wait_lines(1, 30)  # the old record: the consumer is up and reading
+        wait_lines(1, 60)  # the old record: the consumer is in its group and reading
         gateway.send(batch(2, readings("dev-a", range(2, 5))))
         gateway.send(batch(3, readings("dev-a", range(3, 5))))  # a repeat: dropped by --dedup
         gateway.send(batch(4, readings("dev-a", range(5, 6))))
         wait_lines(5, 30)
         assert proc.poll() is None  # still following
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=20)
+        proc.send_signal(stop)
+        _, err = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -369,6 +371,9 @@ def test_cli_follow_streams_until_interrupted(pipeline, kafka_bootstrap, kafka_t
     assert [line["seq"] for line in lines] == [1, 2, 3, 4, 5]
     assert proc.returncode == 0, err
     assert "5 records, 2 duplicates dropped" in err
+    # The group's offsets were committed on the way out: the next run sees only what is new.
+    gateway.send(batch(5, readings("dev-a", range(6, 7))))
+    assert [r.value["seq"] for r in read_tern(kafka_bootstrap, topic, group=group, timeout_s=30)] == [6]
 
 
 def test_cli_missing_topic_and_bad_options(kafka_bootstrap, capsys):
