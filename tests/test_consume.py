@@ -12,6 +12,7 @@ import base64
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -376,7 +377,42 @@ def test_cli_follow_streams_until_stopped_and_commits(pipeline, kafka_bootstrap,
     assert [r.value["seq"] for r in read_tern(kafka_bootstrap, topic, group=group, timeout_s=30)] == [6]
 
 
+def test_foreign_record_is_shown_as_invalid(kafka_bootstrap, kafka_topics, capsys):
+    """A record on a Tern topic that no Tern part wrote: kind ``invalid``, with the codec's reason."""
+    from aiokafka import AIOKafkaProducer
+
+    async def produce() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
+        await producer.start()
+        try:
+            await producer.send_and_wait(kafka_topics["readings"], b'{"schema":"other/1"}', key=b"k1")
+            await producer.send_and_wait(kafka_topics["readings"], b"\xff\xfe", key=None)
+        finally:
+            await producer.stop()
+
+    asyncio.run(produce())
+    items = list(read_tern(kafka_bootstrap, kafka_topics["readings"], from_beginning=True, dedup_window=10, timeout_s=15))
+    assert [(r.kind, r.key) for r in sorted(items, key=lambda r: r.offset)] == [("invalid", "k1"), ("invalid", None)]
+    assert all(r.error and r.value is None and r.identity is None for r in items)
+    by_key = {r.key: r for r in items}
+    assert "unknown schema 'other/1'" in by_key["k1"].error
+    assert "not JSON" in by_key[None].error
+    assert cli_main(["consume", "--kafka", kafka_bootstrap, "--topic", kafka_topics["readings"], "--from-beginning",
+                     "--format", "json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert sorted(base64.b64decode(line["payload_b64"]) for line in lines) == [b'{"schema":"other/1"}', b"\xff\xfe"]
+    assert {line["kind"] for line in lines} == {"invalid"}
+
+
 def test_cli_missing_topic_and_bad_options(kafka_bootstrap, capsys):
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+    try:
+        assert cli_main(["consume", "--kafka", f"127.0.0.1:{dead.getsockname()[1]}", "--timeout", "3"]) == 1
+    finally:
+        dead.close()
+    err = capsys.readouterr().err
+    assert "cannot reach Kafka" in err and len(err.strip().splitlines()) == 1
     assert cli_main(["consume", "--kafka", kafka_bootstrap, "--topic", f"nope.{uuid.uuid4().hex[:6]}", "--timeout", "2"]) == 1
     err = capsys.readouterr().err
     assert "not found" in err and len(err.strip().splitlines()) == 1
