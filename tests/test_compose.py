@@ -261,6 +261,17 @@ def test_gateway_service_is_what_the_gateway_reads(services):
     assert nodes[nodes.index("--broker") + 1] == config.local_broker
 
 
+def test_prometheus_scrapes_every_bridge_replica(services):
+    prometheus = services["prometheus"]
+    conf = yaml.safe_load((REPO / mounts(prometheus)["/etc/prometheus/prometheus.yml"]).read_text())
+    (job,) = conf["scrape_configs"]
+    (sd,) = job["dns_sd_configs"]
+    # The service name resolves to every replica; the port is the one the bridge serves on.
+    assert sd["names"] == ["bridge"] and sd["type"] == "A"
+    assert sd["port"] == BridgeConfig.from_env(env_of(services["bridge"])).metrics_port
+    assert published(prometheus) == {9090: 9090}
+
+
 def test_readme_says_how_to_scale():
     readme = (REPO / "README.md").read_text()
     assert "docker compose up --build --scale bridge=3" in readme
