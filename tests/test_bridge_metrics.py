@@ -170,6 +170,7 @@ def test_metrics_agree_with_kafka(mosquitto, kafka_bootstrap, kafka_topics):
     assert metric(samples, "tern_bridge_records_written_total", kind="status") == len(statuses)
     assert metric(samples, "tern_bridge_deadlettered_total") == len(dead)
     assert metric(samples, "tern_bridge_retried_total") == 0
+    assert metric(samples, "tern_bridge_duplicates_total") == 0  # nothing was sent twice
     assert metric(samples, "tern_bridge_inflight") == 0
     assert metric(samples, "tern_bridge_oldest_unacked_age_seconds") == 0
     assert metric(samples, "tern_bridge_mqtt_connected") == 1
