@@ -183,18 +183,29 @@ def _consume(args: argparse.Namespace) -> int:
     )
     show = _JsonLines() if args.format == "json" else _Table(f"{', '.join(names)} @ {bootstrap}", streaming=args.follow)
 
+    terminated = asyncio.Event()
+
     async def read() -> None:
-        async with reader:
-            async for record in reader:
-                show.add(record)
-                if args.max is not None and reader.delivered >= args.max:
-                    break
+        # SIGTERM (docker stop, systemd) ends a --follow like Ctrl-C: the group's offsets are
+        # committed on the way out and the summary is printed.
+        task = asyncio.current_task()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, lambda: (terminated.set(), task.cancel()))
+        try:
+            async with reader:
+                async for record in reader:
+                    show.add(record)
+                    if args.max is not None and reader.delivered >= args.max:
+                        break
+        except asyncio.CancelledError:
+            if not terminated.is_set():
+                raise
 
     interrupted = False
     try:
         asyncio.run(read())
     except KeyboardInterrupt:
         interrupted = True  # --follow ends this way: still say what was shown
+    interrupted = interrupted or terminated.is_set()
     show.finish(reader)
     if not (args.follow or interrupted or reader.reached_end or (args.max and reader.delivered >= args.max)):
         print(f"tern-bridge consume: stopped after {args.timeout:g} s with nothing more from Kafka, "

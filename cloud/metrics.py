@@ -2,7 +2,7 @@
 
 ``GET /metrics`` serves the bridge's counters in the Prometheus text format, named after
 EMQX's data-integration (action) metrics: batches matched, records written (by kind),
-batches confirmed, dead-lettered, retried, duplicates received, Kafka failures, messages in
+batches confirmed, dead-lettered, retried, duplicates, Kafka failures, messages and records in
 flight and the age of the oldest unacknowledged one, plus a histogram of Kafka write
 latency (one write = one batch's records, from hand-over to the producer to the last
 acknowledgement). ``GET /healthz`` answers 200 when the bridge is connected to the MQTT broker
@@ -55,7 +55,9 @@ COUNTERS: dict[str, tuple[str, str, dict[str, str]]] = {
     "deadlettered": ("deadlettered", "messages written to the dead-letter topic", {}),
     "retries": ("retried", "Kafka writes retried after a failure", {}),
     "kafka_failures": ("kafka_failures", "Kafka writes that failed", {}),
-    "duplicates_received": ("duplicates_received", "MQTT messages redelivered by the broker (DUP flag)", {}),
+    "drops_written": ("records_written", "records Kafka acknowledged, by kind", {"kind": "drop"}),
+    "duplicates_received": ("duplicates", "batches already in Kafka (re-sent or redelivered), confirmed again without writing", {}),
+    "mqtt_dup_flags": ("mqtt_redelivered", "MQTT messages the broker flagged as redeliveries (DUP)", {}),
     "stale_dropped": ("stale_dropped", "deliveries given up because their connection was gone (redelivered)", {}),
     "mqtt_connects": ("mqtt_connects", "connections made to the MQTT broker", {}),
     "mqtt_disconnects": ("mqtt_disconnects", "connections to the MQTT broker lost or closed", {}),
@@ -64,6 +66,8 @@ GAUGES: dict[str, tuple[str, str]] = {
     "inflight": ("inflight", "MQTT messages received and not yet acknowledged"),
     "oldest_unacked_age_s": ("oldest_unacked_age_seconds", "age of the oldest message not yet acknowledged"),
     "mqtt_connected": ("mqtt_connected", "1 while connected to the MQTT broker"),
+    "records_inflight": ("records_inflight", "records handed to Kafka and not yet acknowledged"),
+    "batches_writing": ("batches_writing", "batches being written to Kafka now"),
 }
 #: stats() keys that repeat another one under an older name.
 ALIASES = {"batches_received"}

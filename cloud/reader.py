@@ -225,6 +225,12 @@ class TopicReader:
         """Repeats dropped so far (0 without de-duplication)."""
         return self.dedup.duplicates if self.dedup is not None else 0
 
+    @property
+    def assignment(self) -> set[TopicPartition]:
+        """The partitions this reader holds now (with a group: its share, once it joined)."""
+        consumer = self._consumer
+        return set(consumer.assignment()) if consumer is not None else set()
+
     async def start(self) -> "TopicReader":
         """Connect, find the topics and position the reader; raise ReaderError if Kafka or a topic is missing."""
         deadline = time.monotonic() + self.timeout_s
@@ -314,13 +320,14 @@ class TopicReader:
     async def _commit(self, consumer: AIOKafkaConsumer) -> None:
         if self.group is None:
             return
-        offsets = {tp: off for tp, off in self._handed.items() if self._committed.get(tp) != off}
+        held = consumer.assignment()  # a partition a rebalance took away is its new owner's to commit
+        offsets = {tp: off for tp, off in self._handed.items() if tp in held and self._committed.get(tp) != off}
         if not offsets:
             return
         try:
             await consumer.commit(offsets)
             self._committed.update(offsets)
-        except KafkaError as exc:  # a rebalance took the partition: its new owner re-reads from the last commit
+        except KafkaError as exc:  # a rebalance under way: the new owner re-reads from the last commit
             log.warning("could not commit offsets of group %s: %s", self.group, exc)
 
 

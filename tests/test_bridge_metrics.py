@@ -170,15 +170,18 @@ def test_metrics_agree_with_kafka(mosquitto, kafka_bootstrap, kafka_topics):
     assert metric(samples, "tern_bridge_records_written_total", kind="status") == len(statuses)
     assert metric(samples, "tern_bridge_deadlettered_total") == len(dead)
     assert metric(samples, "tern_bridge_retried_total") == 0
+    assert metric(samples, "tern_bridge_duplicates_total") == 0  # nothing was sent twice
     assert metric(samples, "tern_bridge_inflight") == 0
     assert metric(samples, "tern_bridge_oldest_unacked_age_seconds") == 0
     assert metric(samples, "tern_bridge_mqtt_connected") == 1
     assert metric(samples, "tern_bridge_kafka_connected") == 1
     assert metric(samples, "tern_bridge_up") == 1
-    # One Kafka write per message (five batches, one dead letter), each timed.
-    assert metric(samples, "tern_bridge_kafka_write_seconds_count") == 6
+    # Every Kafka write is timed: today one per message (five batches, one dead letter); a
+    # bridge that groups or splits writes differently changes the count, not its presence.
+    writes = metric(samples, "tern_bridge_kafka_write_seconds_count")
+    assert 1 <= writes <= 6 + len(readings) + len(statuses)
     assert 0 < metric(samples, "tern_bridge_kafka_write_seconds_sum") < 60
-    assert metric(samples, "tern_bridge_kafka_write_seconds_bucket", le="+Inf") == 6
+    assert metric(samples, "tern_bridge_kafka_write_seconds_bucket", le="+Inf") == writes
 
 
 def test_healthz_follows_the_brokers(mosquitto, tmp_path):

@@ -12,6 +12,7 @@ import base64
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -231,6 +232,50 @@ def test_group_resumes_where_it_stopped(pipeline, kafka_bootstrap, kafka_topics)
     assert list(read_tern(kafka_bootstrap, topic, group=group + "-new", timeout_s=30)) == []
 
 
+def test_two_readers_in_one_group_split_the_partitions(pipeline, kafka_bootstrap, kafka_topics):
+    bridge, gateway = pipeline
+    topic = kafka_topics["readings"]
+    items: tuple[codec.Reading, ...] = ()
+    for n in range(8):
+        items += readings(f"dev-{n}", range(1, 4))
+    group = f"split-{uuid.uuid4().hex[:6]}"
+
+    async def scenario() -> dict[str, list]:
+        got: dict[str, list] = {"a": [], "b": []}
+        members = {name: await TopicReader(kafka_bootstrap, topic, group=group, from_beginning=True, follow=True,
+                                           timeout_s=30).start() for name in got}
+
+        async def take(name: str) -> None:
+            async for r in members[name]:
+                got[name].append(r)
+
+        async def until(what: str, done) -> None:
+            deadline = time.monotonic() + 60
+            while not done():
+                assert time.monotonic() < deadline, f"{what}: {[len(v) for v in got.values()]}"
+                await asyncio.sleep(0.2)
+
+        tasks = [asyncio.create_task(take(name)) for name in got]
+        try:
+            # Both joined and the group settled: then the bridge writes.
+            await until("both members hold partitions", lambda: all(m.assignment for m in members.values()))
+            assert not members["a"].assignment & members["b"].assignment
+            await asyncio.get_running_loop().run_in_executor(None, gateway.send, batch(1, items))
+            await until("every record read", lambda: sum(map(len, got.values())) >= len(items))
+        finally:
+            for task in tasks:
+                task.cancel()
+            for member in members.values():
+                await member.close()
+        return got
+
+    got = asyncio.run(scenario())
+    partitions = {name: {r.partition for r in records} for name, records in got.items()}
+    assert not partitions["a"] & partitions["b"], partitions
+    seen = [(r.value["device"], r.value["seq"]) for records in got.values() for r in records]
+    assert sorted(seen) == sorted((r.device, r.seq) for r in items)
+
+
 # --- tern-bridge consume ----------------------------------------------------------------------
 
 
@@ -278,14 +323,16 @@ def test_cli_without_from_beginning_says_why_nothing_shows(pipeline, kafka_boots
     assert "0 records" in out and "--from-beginning" in out
 
 
-def test_cli_follow_streams_until_interrupted(pipeline, kafka_bootstrap, kafka_topics):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_cli_follow_streams_until_stopped_and_commits(pipeline, kafka_bootstrap, kafka_topics, stop):
     bridge, gateway = pipeline
     topic = kafka_topics["readings"]
+    group = f"follow-{uuid.uuid4().hex[:6]}"
     gateway.send(batch(1, readings("dev-a", range(1, 2))))
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
         [sys.executable, "-m", "tern.cloud", "consume", "--kafka", kafka_bootstrap, "--topic", topic,
-         "--from-beginning", "--follow", "--format", "json", "--dedup"],
+         "--from-beginning", "--follow", "--format", "json", "--dedup", "--group", group, "--timeout", "30"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
     )
     lines: list[dict] = []
@@ -309,14 +356,14 @@ def test_cli_follow_streams_until_interrupted(pipeline, kafka_bootstrap, kafka_t
                 got.wait(min(left, 0.5))
 
     try:
-        wait_lines(1, 30)  # the old record: the consumer is up and reading
+        wait_lines(1, 60)  # the old record: the consumer is in its group and reading
         gateway.send(batch(2, readings("dev-a", range(2, 5))))
         gateway.send(batch(3, readings("dev-a", range(3, 5))))  # a repeat: dropped by --dedup
         gateway.send(batch(4, readings("dev-a", range(5, 6))))
         wait_lines(5, 30)
         assert proc.poll() is None  # still following
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=20)
+        proc.send_signal(stop)
+        _, err = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -325,9 +372,47 @@ def test_cli_follow_streams_until_interrupted(pipeline, kafka_bootstrap, kafka_t
     assert [line["seq"] for line in lines] == [1, 2, 3, 4, 5]
     assert proc.returncode == 0, err
     assert "5 records, 2 duplicates dropped" in err
+    # The group's offsets were committed on the way out: the next run sees only what is new.
+    gateway.send(batch(5, readings("dev-a", range(6, 7))))
+    assert [r.value["seq"] for r in read_tern(kafka_bootstrap, topic, group=group, timeout_s=30)] == [6]
+
+
+def test_foreign_record_is_shown_as_invalid(kafka_bootstrap, kafka_topics, capsys):
+    """A record on a Tern topic that no Tern part wrote: kind ``invalid``, with the codec's reason."""
+    from aiokafka import AIOKafkaProducer
+
+    async def produce() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
+        await producer.start()
+        try:
+            await producer.send_and_wait(kafka_topics["readings"], b'{"schema":"other/1"}', key=b"k1")
+            await producer.send_and_wait(kafka_topics["readings"], b"\xff\xfe", key=None)
+        finally:
+            await producer.stop()
+
+    asyncio.run(produce())
+    items = list(read_tern(kafka_bootstrap, kafka_topics["readings"], from_beginning=True, dedup_window=10, timeout_s=15))
+    assert [(r.kind, r.key) for r in sorted(items, key=lambda r: r.offset)] == [("invalid", "k1"), ("invalid", None)]
+    assert all(r.error and r.value is None and r.identity is None for r in items)
+    by_key = {r.key: r for r in items}
+    assert "unknown schema 'other/1'" in by_key["k1"].error
+    assert "not JSON" in by_key[None].error
+    assert cli_main(["consume", "--kafka", kafka_bootstrap, "--topic", kafka_topics["readings"], "--from-beginning",
+                     "--format", "json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert sorted(base64.b64decode(line["payload_b64"]) for line in lines) == [b'{"schema":"other/1"}', b"\xff\xfe"]
+    assert {line["kind"] for line in lines} == {"invalid"}
 
 
 def test_cli_missing_topic_and_bad_options(kafka_bootstrap, capsys):
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+    try:
+        assert cli_main(["consume", "--kafka", f"127.0.0.1:{dead.getsockname()[1]}", "--timeout", "3"]) == 1
+    finally:
+        dead.close()
+    err = capsys.readouterr().err
+    assert "cannot reach Kafka" in err and len(err.strip().splitlines()) == 1
     assert cli_main(["consume", "--kafka", kafka_bootstrap, "--topic", f"nope.{uuid.uuid4().hex[:6]}", "--timeout", "2"]) == 1
     err = capsys.readouterr().err
     assert "not found" in err and len(err.strip().splitlines()) == 1
