@@ -44,6 +44,7 @@ def firmware_module(name: str) -> types.ModuleType:
 
 tern_pms = firmware_module("tern_pms")
 tern_nmea = firmware_module("tern_nmea")
+tern_sht3x = firmware_module("tern_sht3x")
 
 u16 = st.integers(0, 999)
 pms_frames = st.builds(PMSFrame, u16, u16, u16, counts=st.tuples(*[st.integers(0, 9999)] * 6))
@@ -195,4 +196,23 @@ def test_sht3x_round_trip_and_any_single_bit_flip_is_caught(celsius, rh, byte, b
 
 
 def test_sht3x_crc_datasheet_example() -> None:
-    assert sht_crc8(b"\xbe\xef") == 0x92
+    assert sht_crc8(b"\xbe\xef") == 0x92 == tern_sht3x.sht_crc8(b"\xbe\xef")
+
+
+def _sht_words(words: tuple[int, int]) -> bytes:
+    out = b""
+    for w in words:
+        out += w.to_bytes(2, "big") + bytes([sht_crc8(w.to_bytes(2, "big"))])
+    return out
+
+
+@SETTINGS
+@given(st.one_of(st.binary(min_size=6, max_size=6), st.tuples(st.integers(0, 0xFFFF), st.integers(0, 0xFFFF)).map(_sht_words)))
+def test_firmware_sht3x_decoder_agrees_with_the_host_on_any_six_bytes(raw) -> None:
+    try:
+        want = decode_sht3x(raw)
+    except ProtocolError:
+        with pytest.raises(ValueError):
+            tern_sht3x.sht_decode(raw)
+        return
+    assert tern_sht3x.sht_decode(raw) == pytest.approx(want, abs=0.006)
