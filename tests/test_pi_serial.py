@@ -184,3 +184,31 @@ def test_pi_wired_sensor_readings_and_liveness_reach_kafka(tmp_path: Path, mosqu
         assert [s["state"] for s in states if s["device"] == "pi-gps"] == ["online", "offline"]
     finally:
         sim.stop()
+
+
+def test_simulator_command_line_feeds_pyserial(tmp_path: Path) -> None:
+    """`python -m tern.device.serial_sim` (for trying a gateway by hand): a pty that pyserial reads."""
+    import subprocess
+    import sys
+
+    import serial
+
+    from tern.core.sensor_protocols import PMSStream
+
+    link = tmp_path / "ttyFAKE"
+    proc = subprocess.Popen([sys.executable, "-m", "tern.device.serial_sim", "--protocol", "pms5003", "--interval", "0.05",
+                             "--seconds", "20", "--link", str(link)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == str(link)
+        stream = PMSStream()
+        frames = []
+        with serial.Serial(str(link), 9600, timeout=0.2) as port:
+            deadline = time.monotonic() + 15
+            while len(frames) < 5 and time.monotonic() < deadline:
+                frames += stream.feed(port.read(64))
+        assert len(frames) >= 5 and stream.bad <= 1  # (a first frame may be caught half-way)
+        assert all(0 <= f.pm2_5 < 100 for f in frames)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert proc.returncode == 0 and not os.path.lexists(link), proc.stderr.read()
