@@ -84,7 +84,8 @@ class Node(Link):
         log("stats seq=%d sent=%d acked=%d ring=%d dropped=%d sensor_err=%d bad_frames=%d "
             "connects=%d mem_free=%d" % (self.seq, self.max_sent, self.acked, self.ring.count,
                                          self.ring.dropped, self.sensors.errors,
-                                         self.sensors.bad_frames(), self.connects, gc.mem_free()))
+                                         self.sensors.bad_frames(), self.connects, gc.mem_free())
+            + " sensors_down=%d" % self.sensors.down)   # sensors that failed the last reading
 
     def feed(self):
         if self.wdt is not None:

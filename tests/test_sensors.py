@@ -316,11 +316,14 @@ def test_node_publishes_every_protocol_and_names_a_sensor_that_stops(tmp_path: P
             down = next(r for r in readings[mark:] if r.values.get("down") == "pms5003,sht3x")
             assert "pm2_5" not in down.values and "air_c" not in down.values
             assert {"lat", "lon", "temp_c"} <= set(down.values)  # the others keep going
+            # ...and the node's status line (every 10th reading) counts them.
+            assert node.wait_for(lambda n: n.stats.get("sensors_down") == 2, 15), node.stats
 
             pms.pause(False)
             ctl.write_text("")
             mark = len(readings)
             assert wait(lambda: any("down" not in r.values and "pm2_5" in r.values for r in readings[mark:]))
+            assert node.wait_for(lambda n: n.stats.get("sensors_down") == 0, 15), node.stats
             assert node.boots == 1 and not [e for e in node.errors if "Error" in e], node.log_text()[-2000:]
         finally:
             node.kill()

@@ -30,6 +30,7 @@ from tern.core.sensor_protocols import (
 )
 from tern.device.emulate import firmware_dir
 from tern.device.serial_sim import BREAKAGES, break_frame
+from tern.edge.serial_sensors import _NMEALines
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -143,6 +144,11 @@ def test_nmea_stream_finds_every_good_sentence_and_counts_every_broken_one(items
         assert out[key] == pytest.approx(value, abs=1e-9), key
     la, lo = items[-1][0][:2]
     assert out["lat"] == pytest.approx(la, abs=2e-6) and out["lon"] == pytest.approx(lo, abs=2e-6)
+    # The Pi's reader (edge/serial_sensors.py) agrees: one fix per GGA, the same bad count.
+    host = _NMEALines()
+    fixes = [f for chunk in chunked(stream, cuts) for f in host.feed(chunk)]
+    assert len(fixes) == len(items) and host.bad == broken and host.good == good
+    assert fixes[-1]["lat"] == pytest.approx(out["lat"], abs=1e-9)
 
 
 @SETTINGS
