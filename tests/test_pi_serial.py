@@ -212,3 +212,24 @@ def test_simulator_command_line_feeds_pyserial(tmp_path: Path) -> None:
         proc.terminate()
         proc.wait(10)
     assert proc.returncode == 0 and not os.path.lexists(link), proc.stderr.read()
+
+
+def test_full_outbox_counts_what_it_cannot_store(tmp_path: Path) -> None:
+    """A sensor cannot be told to wait: readings that find the outbox full are counted and logged."""
+    link = tmp_path / "ttyPM"
+    outbox = Outbox(tmp_path / "outbox.db", max_rows=4)
+    spec = parse_specs(f"{link}:9600:pms5003:pi-pm", "gw1")[0]
+    with SerialSim(protocol="pms5003", interval_s=0.03) as sim:
+        plug(link, sim)
+        sim.start()
+        reader = SerialSensor(spec, outbox, retry_s=0.1).start()
+        try:
+            assert wait(lambda: reader.stats()["dropped_full"] >= 3), reader.stats()
+        finally:
+            reader.stop()
+    stored = rows(outbox, spec.device)
+    # One row went to the "online" status event; the room check keeps one row spare for "offline".
+    assert len(stored) == 2 and [s for _, s, _ in stored] == [1, 2]
+    assert statuses(outbox, spec.device) == ["online", "offline"]
+    assert reader.stats()["readings"] == 2
+    outbox.close()
