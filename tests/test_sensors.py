@@ -329,3 +329,33 @@ def test_node_publishes_every_protocol_and_names_a_sensor_that_stops(tmp_path: P
             node.kill()
             sub.loop_stop()
             sub.disconnect()
+
+
+def test_every_sensor_with_a_full_ring_fits_a_100k_heap(tmp_path: Path) -> None:
+    """The heaviest node (PMS5003 + GPS with broken frames, SHT3x, TMP102, ADC; 64 unacked
+    readings of up to 320 bytes) on the heap of an ESP32 without PSRAM: no MemoryError."""
+    from tern.device import EmulatedNode
+    from tern.harness.stack import Mosquitto
+
+    with Mosquitto(tmp_path / "broker") as broker:
+        node = EmulatedNode(
+            tmp_path / "node", device="fw-full", site="lab", broker=broker.address, interval_ms=10, max_readings=150,
+            heap="100K", extra_config={"ring_slot": 320},
+            sensors=[
+                {"type": "adc", "name": "batt_mv", "pin": 34},
+                {"type": "tmp102", "name": "temp_c"},
+                {"type": "sht3x"},
+                {"type": "uart", "uart": 2, "protocol": "pms5003", "sim": {"interval_s": 0.02, "bad_fraction": 0.2}},
+                {"type": "uart", "uart": 1, "protocol": "nmea", "sim": {"interval_s": 0.05, "bad_fraction": 0.2}},
+            ],
+        )
+        try:
+            node.start()
+            assert node.wait_done(40), node.log_text()[-3000:]
+            assert node.wait_for(lambda n: n.stats.get("seq") == 150, 5)
+            assert node.stats["ring"] == 64 and node.stats["bad_frames"] > 0, node.stats
+            assert node.boots == 1 and node.resets == 0, node.log_text()[-3000:]
+            assert not [e for e in node.errors if "MemoryError" in e], node.log_text()[-3000:]
+            assert node.stats["mem_free"] > 8000, node.stats
+        finally:
+            node.kill()
