@@ -359,3 +359,24 @@ def test_every_sensor_with_a_full_ring_fits_a_100k_heap(tmp_path: Path) -> None:
             assert node.stats["mem_free"] > 8000, node.stats
         finally:
             node.kill()
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"type": "uart", "uart": 2, "protocol": "sds011"}, r"sensors\[0\]\.protocol must be pms5003 or nmea"),
+        ({"type": "uart", "uart": 2, "protocol": ["nmea"]}, r"sensors\[0\]\.protocol must be pms5003 or nmea"),
+        ({"type": "uart", "uart": 2, "protocol": "sht3x"}, r"sensors\[0\]\.protocol must be pms5003 or nmea"),
+        ({"type": "uart", "uart": 2, "protocol": "pms5003", "names": ["a", "b", "c", "d"]}, "pms5003 gives at most 3 names"),
+        ({"type": "sht3x", "names": []}, r"sensors\[0\] needs a name"),
+        ({"type": "sht3x", "addr": -1}, r"sensors\[0\]\.addr must be a non-negative integer"),
+    ],
+)
+def test_sensor_config_errors_name_the_sensor(spec: dict, message: str) -> None:
+    from tern.core.errors import ConfigError
+    from tern.device.emulate import check_config
+
+    with pytest.raises(ConfigError, match=message):
+        check_config({"sensors": [spec]})
+    good = check_config({"sensors": [{"type": "sht3x"}, {"type": "uart", "protocol": "nmea", "names": ["la", "lo"]}]})
+    assert [s["type"] for s in good["sensors"]] == ["sht3x", "uart"]
