@@ -81,7 +81,7 @@ def _check_sensor(i, spec):
     names = [spec.get("name")]
     if kind in ("uart", "sht3x"):
         proto = spec.get("protocol", "pms5003") if kind == "uart" else kind
-        if proto not in _MULTI_NAMES or proto == "sht3x" and kind == "uart":
+        if not isinstance(proto, str) or proto not in _MULTI_NAMES or proto == "sht3x" and kind == "uart":
             raise ConfigError("sensors[%d].protocol must be pms5003 or nmea" % i)
         names = spec.get("names", _MULTI_NAMES[proto])
         if isinstance(names, list) and len(names) > len(_MULTI_NAMES[proto]):

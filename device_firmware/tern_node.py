@@ -119,7 +119,8 @@ class Node(Link):
             "connects=%d mem_free=%d spill=%d" % (
                 self.seq, self.max_sent, self.acked, self.ring.count, self.ring.dropped,
                 self.sensors.errors, self.sensors.bad_frames(), self.connects, gc.mem_free(),
-                0 if self.spill is None or self.spill.empty() else self.spill.last - self.spill.first + 1))
+                0 if self.spill is None or self.spill.empty() else self.spill.last - self.spill.first + 1)
+            + " sensors_down=%d" % self.sensors.down)   # sensors that failed the last reading
 
     def feed(self):
         if self.wdt is not None:

@@ -316,13 +316,67 @@ def test_node_publishes_every_protocol_and_names_a_sensor_that_stops(tmp_path: P
             down = next(r for r in readings[mark:] if r.values.get("down") == "pms5003,sht3x")
             assert "pm2_5" not in down.values and "air_c" not in down.values
             assert {"lat", "lon", "temp_c"} <= set(down.values)  # the others keep going
+            # ...and the node's status line (every 10th reading) counts them.
+            assert node.wait_for(lambda n: n.stats.get("sensors_down") == 2, 15), node.stats
 
             pms.pause(False)
             ctl.write_text("")
             mark = len(readings)
             assert wait(lambda: any("down" not in r.values and "pm2_5" in r.values for r in readings[mark:]))
+            assert node.wait_for(lambda n: n.stats.get("sensors_down") == 0, 15), node.stats
             assert node.boots == 1 and not [e for e in node.errors if "Error" in e], node.log_text()[-2000:]
         finally:
             node.kill()
             sub.loop_stop()
             sub.disconnect()
+
+
+def test_every_sensor_with_a_full_ring_fits_a_100k_heap(tmp_path: Path) -> None:
+    """The heaviest node (PMS5003 + GPS with broken frames, SHT3x, TMP102, ADC; 64 unacked
+    readings of up to 320 bytes) on the heap of an ESP32 without PSRAM: no MemoryError."""
+    from tern.device import EmulatedNode
+    from tern.harness.stack import Mosquitto
+
+    with Mosquitto(tmp_path / "broker") as broker:
+        node = EmulatedNode(
+            tmp_path / "node", device="fw-full", site="lab", broker=broker.address, interval_ms=10, max_readings=150,
+            heap="100K", extra_config={"ring_slot": 320},
+            sensors=[
+                {"type": "adc", "name": "batt_mv", "pin": 34},
+                {"type": "tmp102", "name": "temp_c"},
+                {"type": "sht3x"},
+                {"type": "uart", "uart": 2, "protocol": "pms5003", "sim": {"interval_s": 0.02, "bad_fraction": 0.2}},
+                {"type": "uart", "uart": 1, "protocol": "nmea", "sim": {"interval_s": 0.05, "bad_fraction": 0.2}},
+            ],
+        )
+        try:
+            node.start()
+            assert node.wait_done(40), node.log_text()[-3000:]
+            assert node.wait_for(lambda n: n.stats.get("seq") == 150, 5)
+            assert node.stats["ring"] == 64 and node.stats["bad_frames"] > 0, node.stats
+            assert node.boots == 1 and node.resets == 0, node.log_text()[-3000:]
+            assert not [e for e in node.errors if "MemoryError" in e], node.log_text()[-3000:]
+            assert node.stats["mem_free"] > 8000, node.stats
+        finally:
+            node.kill()
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"type": "uart", "uart": 2, "protocol": "sds011"}, r"sensors\[0\]\.protocol must be pms5003 or nmea"),
+        ({"type": "uart", "uart": 2, "protocol": ["nmea"]}, r"sensors\[0\]\.protocol must be pms5003 or nmea"),
+        ({"type": "uart", "uart": 2, "protocol": "sht3x"}, r"sensors\[0\]\.protocol must be pms5003 or nmea"),
+        ({"type": "uart", "uart": 2, "protocol": "pms5003", "names": ["a", "b", "c", "d"]}, "pms5003 gives at most 3 names"),
+        ({"type": "sht3x", "names": []}, r"sensors\[0\] needs a name"),
+        ({"type": "sht3x", "addr": -1}, r"sensors\[0\]\.addr must be a non-negative integer"),
+    ],
+)
+def test_sensor_config_errors_name_the_sensor(spec: dict, message: str) -> None:
+    from tern.core.errors import ConfigError
+    from tern.device.emulate import check_config
+
+    with pytest.raises(ConfigError, match=message):
+        check_config({"sensors": [spec]})
+    good = check_config({"sensors": [{"type": "sht3x"}, {"type": "uart", "protocol": "nmea", "names": ["la", "lo"]}]})
+    assert [s["type"] for s in good["sensors"]] == ["sht3x", "uart"]

@@ -30,6 +30,7 @@ from tern.core.sensor_protocols import (
 )
 from tern.device.emulate import firmware_dir
 from tern.device.serial_sim import BREAKAGES, break_frame
+from tern.edge.serial_sensors import _NMEALines
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -44,6 +45,7 @@ def firmware_module(name: str) -> types.ModuleType:
 
 tern_pms = firmware_module("tern_pms")
 tern_nmea = firmware_module("tern_nmea")
+tern_sht3x = firmware_module("tern_sht3x")
 
 u16 = st.integers(0, 999)
 pms_frames = st.builds(PMSFrame, u16, u16, u16, counts=st.tuples(*[st.integers(0, 9999)] * 6))
@@ -142,6 +144,11 @@ def test_nmea_stream_finds_every_good_sentence_and_counts_every_broken_one(items
         assert out[key] == pytest.approx(value, abs=1e-9), key
     la, lo = items[-1][0][:2]
     assert out["lat"] == pytest.approx(la, abs=2e-6) and out["lon"] == pytest.approx(lo, abs=2e-6)
+    # The Pi's reader (edge/serial_sensors.py) agrees: one fix per GGA, the same bad count.
+    host = _NMEALines()
+    fixes = [f for chunk in chunked(stream, cuts) for f in host.feed(chunk)]
+    assert len(fixes) == len(items) and host.bad == broken and host.good == good
+    assert fixes[-1]["lat"] == pytest.approx(out["lat"], abs=1e-9)
 
 
 @SETTINGS
@@ -195,4 +202,23 @@ def test_sht3x_round_trip_and_any_single_bit_flip_is_caught(celsius, rh, byte, b
 
 
 def test_sht3x_crc_datasheet_example() -> None:
-    assert sht_crc8(b"\xbe\xef") == 0x92
+    assert sht_crc8(b"\xbe\xef") == 0x92 == tern_sht3x.sht_crc8(b"\xbe\xef")
+
+
+def _sht_words(words: tuple[int, int]) -> bytes:
+    out = b""
+    for w in words:
+        out += w.to_bytes(2, "big") + bytes([sht_crc8(w.to_bytes(2, "big"))])
+    return out
+
+
+@SETTINGS
+@given(st.one_of(st.binary(min_size=6, max_size=6), st.tuples(st.integers(0, 0xFFFF), st.integers(0, 0xFFFF)).map(_sht_words)))
+def test_firmware_sht3x_decoder_agrees_with_the_host_on_any_six_bytes(raw) -> None:
+    try:
+        want = decode_sht3x(raw)
+    except ProtocolError:
+        with pytest.raises(ValueError):
+            tern_sht3x.sht_decode(raw)
+        return
+    assert tern_sht3x.sht_decode(raw) == pytest.approx(want, abs=0.006)

@@ -32,6 +32,7 @@ from typing import Any, Callable
 from tern.core.errors import CodecError, ConfigError, TernError, ToolMissing
 from tern.core.hostport import parse_hostport
 from tern.device.emulate import check_config, firmware_dir, firmware_files
+from tern.device.pins import check_pins
 from tern.security.mosquitto_auth import AuthError, DeviceAuth
 from tern.security.secret_files import write_private
 from tern.toolchain import umqtt_path
@@ -272,6 +273,7 @@ def flash(port: str, config: Path | None = None, *, provision: Provision | None 
             echo(f"{device}: MQTT account added in {auth_dir}; reload mosquitto to let it in "
                  "(systemctl reload mosquitto)")
     check_config(board_config)
+    check_pins(board_config, chip=chip)  # every pin against the board's map (hardware/pinmaps.json)
     with tempfile.TemporaryDirectory(prefix="tern-flash-") as tmp:
         config_file = Path(tmp) / "config.json"
         write_private(config_file, json.dumps(board_config, indent=2) + "\n")

@@ -187,3 +187,54 @@ class SerialSim:
 
 
 __all__ = ["BREAKAGES", "PROTOCOLS", "SerialSim", "break_frame", "nmea_checksum"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tern.device.serial_sim``: a simulated sensor on a pty until Ctrl-C or --seconds.
+
+    Prints the pty's path first, so a gateway (``serial_sensors``) or an emulated node
+    (``TERN_EMU_UART<n>``) can be pointed at it by hand.
+    """
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m tern.device.serial_sim", description=main.__doc__.splitlines()[0])
+    parser.add_argument("--protocol", choices=PROTOCOLS, default="pms5003")
+    parser.add_argument("--interval", type=float, default=1.0, help="seconds between frames (default 1)")
+    parser.add_argument("--bad-fraction", type=float, default=0.0, help="share of broken frames, 0-1")
+    parser.add_argument("--seconds", type=float, default=0.0, help="stop after this long (default: run until Ctrl-C)")
+    parser.add_argument("--link", help="also make this symlink to the pty (as udev does under /dev/serial/by-id)")
+    args = parser.parse_args(argv)
+    try:
+        sim = SerialSim(protocol=args.protocol, interval_s=args.interval, bad_fraction=args.bad_fraction)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.link:
+        if os.path.lexists(args.link):
+            os.unlink(args.link)
+        os.symlink(sim.path, args.link)
+    print(args.link or sim.path, flush=True)
+
+    def on_term(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # SIGTERM stops as cleanly as Ctrl-C (the symlink goes too)
+
+    import signal
+
+    signal.signal(signal.SIGTERM, on_term)
+    sim.start()
+    try:
+        deadline = time.monotonic() + args.seconds if args.seconds > 0 else None
+        while deadline is None or time.monotonic() < deadline:
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sim.stop()
+        if args.link and os.path.islink(args.link):
+            os.unlink(args.link)
+    print(f"sent {sim.sent_good} good and {sim.sent_bad} broken frames", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
