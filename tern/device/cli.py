@@ -1,7 +1,7 @@
 """``tern-device``: run emulated nodes, flash a real board, or (optionally) QEMU.
 
     tern-device emulate --count N --broker HOST:PORT --site S --interval-ms MS --readings N
-                        [--heap 64K] [--workdir DIR] [--exit-when-done]
+                        [--heap 100K] [--workdir DIR] [--exit-when-done]
     tern-device flash --port /dev/ttyUSB0 [--config FILE] [--device-id ID] [--site S]
                       [--wifi-ssid SSID] [--gateway HOST[:PORT]] [--micropython-image FILE]
                       [--dry-run]
@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     em.add_argument("--site", default="site1")
     em.add_argument("--interval-ms", type=_positive, default=1000)
     em.add_argument("--readings", type=_non_negative, default=0, help="readings per node (0 = forever)")
-    em.add_argument("--heap", type=_heap, default="64K")
+    em.add_argument("--heap", type=_heap, default="100K")  # an ESP32 without PSRAM (emulate.DEFAULT_HEAP)
     em.add_argument("--keepalive", type=_positive, default=30)
     em.add_argument("--prefix", default="node", help="nodes are named PREFIX-1..PREFIX-N")
     em.add_argument("--workdir", type=Path, default=None, help="folder for the nodes' flash and logs")
