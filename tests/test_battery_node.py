@@ -94,6 +94,7 @@ def test_deep_sleep_keeps_seq_boot_and_unsent_readings_over_sleep_cycles(pipelin
         assert len(boots) == 1, boots  # one boot id over every wake
         boot = boots.pop()
         assert set(node.reset_causes) == {"DEEPSLEEP_RESET"} and node.resets == 0
+        assert node.wakes >= total - 1, node.wakes  # one reading per wake: power-on, then wakes
         assert wait_until(lambda: len(kafka_seqs(tail, "bat-1", boot)) >= total, 60), kafka_seqs(tail, "bat-1", boot)
         every = [identity[2] for identity, _, _ in tail.records() if identity[0] == "bat-1"]
         # Nothing lost, nothing repeated, in order: Kafka's per-device seqs strictly increase.
