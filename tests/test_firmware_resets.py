@@ -178,3 +178,30 @@ def test_offline_reset_keeps_readings_and_an_overflow_reports_its_drops_to_kafka
         assert got2 == list(range(first2, first2 + len(got2))), got2
     finally:
         node.kill()
+
+
+def test_power_cut_keeps_the_offline_readings_on_flash(pipeline) -> None:
+    proxy: FaultProxy = pipeline["proxy"]
+    tail: KafkaTail = pipeline["tail"]
+    node = EmulatedNode(
+        pipeline["tmp"] / "pwr-1", device="pwr-1", site=SITE, broker=proxy.address, interval_ms=100, max_readings=40,
+        extra_config={"keepalive": 10},
+    )
+    try:
+        node.start()
+        assert node.wait_for(lambda n: n.acked >= 3, 30), node.log_text()
+        boot1 = node.boot
+        proxy.set_mode("refuse")
+        assert node.wait_for(lambda n: len(spilled_seqs(n.workdir, boot1)) >= 10, 30), node.log_text()
+        node.kill()  # the battery falls out: no code runs, RTC memory is gone
+        on_flash = spilled_seqs(node.workdir, boot1)
+        proxy.set_mode("pass")
+        node.start()  # power on: same flash folder
+        assert node.wait_for(lambda n: n.boot != boot1 and n.connects >= 1, 30), node.log_text()
+        assert wait_until(lambda: set(on_flash) <= set(kafka_seqs(tail, "pwr-1", boot1)), 60), (on_flash, node.log_text())
+        got = kafka_seqs(tail, "pwr-1", boot1)
+        assert got == list(range(1, on_flash[-1] + 1)), got
+        births = [v for v in kafka_statuses(pipeline["kafka"], pipeline["status_topic"], "pwr-1") if v["boot"] == node.boot]
+        assert births and births[0]["reset"] == "PWRON_RESET"
+    finally:
+        node.kill()
