@@ -139,7 +139,10 @@ class Spill:
                     line = f.readline()
                     if not line:
                         break
-                    b = line[:line.find(b" ")].decode()
+                    sp = line.find(b" ")
+                    if not 4 <= sp <= 32:
+                        continue                # torn by a power cut: no boot to blame
+                    b = line[:sp].decode()
                     if b not in d and len(d) >= MAX_DROP_BOOTS:
                         b = sorted(d)[0]        # bounded: lump into one boot already listed
                     d[b] = d.get(b, 0) + 1

@@ -178,3 +178,70 @@ def test_offline_reset_keeps_readings_and_an_overflow_reports_its_drops_to_kafka
         assert got2 == list(range(first2, first2 + len(got2))), got2
     finally:
         node.kill()
+
+
+def test_power_cut_keeps_the_offline_readings_on_flash(pipeline) -> None:
+    proxy: FaultProxy = pipeline["proxy"]
+    tail: KafkaTail = pipeline["tail"]
+    node = EmulatedNode(
+        pipeline["tmp"] / "pwr-1", device="pwr-1", site=SITE, broker=proxy.address, interval_ms=100, max_readings=40,
+        extra_config={"keepalive": 10},
+    )
+    try:
+        node.start()
+        assert node.wait_for(lambda n: n.acked >= 3, 30), node.log_text()
+        boot1 = node.boot
+        proxy.set_mode("refuse")
+        assert node.wait_for(lambda n: len(spilled_seqs(n.workdir, boot1)) >= 10, 30), node.log_text()
+        node.kill()  # the battery falls out: no code runs, RTC memory is gone
+        on_flash = spilled_seqs(node.workdir, boot1)
+        proxy.set_mode("pass")
+        node.start()  # power on: same flash folder
+        assert node.wait_for(lambda n: n.boot != boot1 and n.connects >= 1, 30), node.log_text()
+        assert wait_until(lambda: set(on_flash) <= set(kafka_seqs(tail, "pwr-1", boot1)), 60), (on_flash, node.log_text())
+        got = kafka_seqs(tail, "pwr-1", boot1)
+        assert got == list(range(1, on_flash[-1] + 1)), got
+        births = [v for v in kafka_statuses(pipeline["kafka"], pipeline["status_topic"], "pwr-1") if v["boot"] == node.boot]
+        assert births and births[0]["reset"] == "PWRON_RESET"
+    finally:
+        node.kill()
+
+
+def test_crash_puts_the_ram_ring_on_flash_and_the_next_boot_resends_it(tmp_path: Path, mosquitto) -> None:
+    """No gateway, so nothing is acked: the readings sit in the RAM ring when the firmware
+    crashes; main.py resets the board, and the new boot sends them under the old boot."""
+    import paho.mqtt.client as mqtt
+
+    fault = tmp_path / "fault"
+    seen: list[codec.Reading] = []
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    client.on_message = lambda c, u, msg: seen.extend(codec.decode_readings(msg.payload, topic_device="crash-1"))
+    client.connect(mosquitto.host, mosquitto.port)
+    client.subscribe("tern/+/crash-1/telemetry", 1)
+    client.loop_start()
+    node = EmulatedNode(
+        tmp_path / "crash-1", device="crash-1", site=SITE, broker=mosquitto.address, interval_ms=100, max_readings=12,
+        extra_config={"wdt_ms": 30000}, env={"TERN_EMU_FAULT": str(fault)},
+    )
+    try:
+        node.start()
+        assert node.wait_for(lambda n: n.sent >= 12, 30), node.log_text()
+        boot1 = node.boot
+        assert node.stats.get("ring", 0) >= 10 or node.wait_for(lambda n: n.stats.get("ring", 0) >= 10, 5), node.stats
+        fault.write_text("crash")
+        assert node.wait_for(lambda n: n.boot != boot1 and n.boots >= 2, 30), node.log_text()
+        assert list(node.reset_causes) == ["SOFT_RESET"] and "TERN error crash: RuntimeError" in node.log_text()
+        # The new boot replays boot1's 12 readings (in bundles), before any reading of its own.
+        def replayed() -> list[int]:
+            first = next(i for i, r in enumerate(seen) if r.seq == 12 and r.boot == boot1)
+            return [r.seq for r in seen[first + 1:] if r.boot == boot1]
+
+        assert wait_until(lambda: replayed() == list(range(1, 13)), 20), (replayed(), node.log_text())
+        boot2 = node.boot
+        assert wait_until(lambda: any(r.boot == boot2 for r in seen), 20), node.log_text()
+        order = [r.boot for r in seen]
+        assert max(i for i, b in enumerate(order) if b == boot1) < order.index(boot2)
+    finally:
+        node.kill()
+        client.loop_stop()
+        client.disconnect()

@@ -8,6 +8,8 @@
 #   TERN_EMU_TMP102        temperature in C of the simulated TMP102 at 0x48
 #                          (default a slow sine around 21 C); "fail" -> OSError
 #   TERN_EMU_UART<id>      path (pty, fifo or growing file) the UART reads from
+#   TERN_EMU_FAULT         path: once a file appears there, the next WDT.feed() removes it
+#                          and raises RuntimeError (a firmware crash, injected by a test)
 #   TERN_EMU_RTC           file that plays RTC memory (kept over resets and deep sleep,
 #                          cleared by the host at power-on); unset -> RAM only
 # reset() exits the process with RESET_EXIT_CODE, deepsleep(ms) with DEEPSLEEP_EXIT_CODE
@@ -139,6 +141,14 @@ class WDT:
         self.feed()
 
     def feed(self):
+        fault = _env("TERN_EMU_FAULT")
+        if fault is not None:
+            try:
+                os.remove(fault)
+            except OSError:
+                pass
+            else:
+                raise RuntimeError("emulated fault")
         if self._arm is not None:
             self._arm((self.timeout + 999) // 1000)
             return

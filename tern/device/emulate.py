@@ -6,6 +6,12 @@ there (never edited) with a generated ``config.json``, and the node runs as
 ``MICROPYPATH=<repo>/hardware/emulated:<umqtt>:<folder>``, so ``machine`` and ``network``
 come from the emulated board. The node's stdout goes to ``node.log``; a reader thread
 parses its ``TERN <event>`` lines into counters (bounded memory: counters, not lines).
+
+Resets as on the chip: ``machine.reset()`` and a starved ``machine.WDT`` (a real SIGALRM timer)
+end the process and the host boots it again with ``SOFT_RESET``/``WDT_RESET``;
+``machine.deepsleep(ms)`` ends it and the host wakes it after ``ms`` with ``DEEPSLEEP_RESET``.
+Flash (the folder) survives all of them and a power cycle (stop/start); RTC memory (a file
+beside the folder) survives resets and deep sleep and is cleared at power-on (``start()``).
 """
 
 from __future__ import annotations

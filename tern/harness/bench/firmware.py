@@ -1,15 +1,20 @@
-"""Stage 6, firmware: free heap with a full ring vs ``umqtt.simple`` alone."""
+"""Stage 6, firmware: free heap of the real firmware over 10,000 acked publishes on a 100K heap
+(an ESP32 without PSRAM) vs ``umqtt.simple`` alone on the same heap."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import statistics
 import subprocess
+import threading
+from contextlib import ExitStack
 from pathlib import Path
 
 from tern.harness.bench.common import (
-    FIRMWARE_HEAP,
     FIRMWARE_READINGS,
+    QUICK,
     SITE,
     BenchError,
     Measurement,
@@ -17,6 +22,8 @@ from tern.harness.bench.common import (
 from tern.harness.bench.lab import Lab
 from tern.toolchain import micropython_binary, repo_root, umqtt_path
 
+#: The emulated ESP32's heap (tern.device.emulate.DEFAULT_HEAP): no PSRAM.
+RUN_HEAP = "100K"
 #: Mirrors device_firmware/main.py's import order (one module at a time, collecting in
 #: between), then takes readings without a broker: the ring fills and drops the oldest.
 FIRMWARE_DRIVER = """\
@@ -54,8 +61,8 @@ print("BENCH %d" % gc.mem_free())
 """
 
 
-def run_micropython(folder: Path, script: str, timeout: float) -> list[int]:
-    """Run ``script`` on the unix port (64K heap, emulated board, firmware on the path); its BENCH numbers."""
+def run_micropython(folder: Path, script: str, timeout: float, heap: str = RUN_HEAP) -> list[int]:
+    """Run ``script`` on the unix port (emulated board, firmware on the path); its BENCH numbers."""
     path = folder / "driver.py"
     path.write_text(script)
     root = repo_root()
@@ -63,7 +70,7 @@ def run_micropython(folder: Path, script: str, timeout: float) -> list[int]:
         [str(root / "hardware" / "emulated"), str(umqtt_path()), str(root / "device_firmware")]))
     try:
         out = subprocess.run(
-            [str(micropython_binary()), "-X", f"heapsize={FIRMWARE_HEAP}", str(path)],
+            [str(micropython_binary()), "-X", f"heapsize={heap}", str(path)],
             cwd=folder, env=env, capture_output=True, text=True, timeout=timeout,
         )
     except subprocess.TimeoutExpired:
@@ -75,23 +82,95 @@ def run_micropython(folder: Path, script: str, timeout: float) -> list[int]:
     return [int(x) for x in lines[-1].split()[1:]]
 
 
+#: The long run: the whole firmware (main.py) on the emulated board, acked by a plain subscriber.
+RUN_PUBLISHES = 10_000
+RUN_PUBLISHES_QUICK = 300
+RUN_INTERVAL_MS = 10
+_STATS = re.compile(r"^TERN stats seq=(\d+) .*mem_free=(\d+)")
+
+
+class _Acker:
+    """Acks every telemetry message like the gateway would (highest seq of its boot)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        from tern.harness.bench.common import new_client
+
+        self.ready = threading.Event()
+        self.client = new_client("bench-acker")
+        self.client.on_connect = lambda c, u, f, r, p: c.subscribe("tern/+/+/telemetry", 1)
+        self.client.on_subscribe = lambda *a: self.ready.set()
+        self.client.on_message = self._on_message
+        self.client.connect(host, port)
+        self.client.loop_start()
+
+    def _on_message(self, client, userdata, msg) -> None:
+        from tern.core import codec, topics
+
+        where = topics.parse_node_topic(msg.topic)
+        last = codec.decode_readings(msg.payload, site=where.site, topic_device=where.device)[-1]
+        client.publish(topics.ack_topic(where.site, where.device), codec.encode_node_ack(codec.NodeAck(last.boot, last.seq)), qos=1)
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def heap_run(lab: Lab, publishes: int) -> dict:
+    """Run main.py for ``publishes`` acked publishes on a 100K heap; free heap over time."""
+    from tern.device.emulate import EmulatedNode
+
+    with ExitStack() as stack:
+        broker = lab.mosquitto(stack, "fw-broker")
+        acker = _Acker(broker.host, broker.port)
+        stack.callback(acker.close)
+        if not acker.ready.wait(10):
+            raise BenchError("firmware: the acker could not subscribe")
+        node = EmulatedNode(lab.folder("fw-node") / "node", device="bench-node", site=SITE, broker=broker.address,
+                            interval_ms=RUN_INTERVAL_MS, max_readings=publishes, heap=RUN_HEAP)
+        node.start()
+        stack.callback(node.kill)
+        deadline = publishes * RUN_INTERVAL_MS / 1000 * 10 + 120  # a loaded 2-core box runs it at ~25/s
+        if not node.wait_for(lambda n: (n.wait_done(0) and n.acked >= publishes) or not n.running, deadline, 0.2):
+            raise BenchError(f"firmware: {publishes} publishes not acked within {deadline:.0f} s (sent {node.sent})")
+        text = node.log_text()
+    if "MemoryError" in text or node.boots != 1:
+        raise BenchError(f"firmware: MemoryError or reboot in the {RUN_HEAP} run: {list(node.errors)[-1:]}")
+    if node.acked < publishes:
+        raise BenchError(f"firmware: only {node.acked} of {publishes} publishes acked")
+    series = [(int(m.group(1)), int(m.group(2))) for m in map(_STATS.match, text.splitlines()) if m]
+    if len(series) < 10:
+        raise BenchError("firmware: too few heap samples")
+    tenth = max(1, len(series) // 10)
+    warm = statistics.median(f for _, f in series[tenth:2 * tenth])    # after warm-up (10-20 %)
+    end = statistics.median(f for _, f in series[-tenth:])             # the last 10 %
+    step = max(1, len(series) // 20)
+    return {"publishes": publishes, "acked": node.acked, "free_after_warmup": int(warm), "free_at_end": int(end),
+            "growth_after_warmup": int(warm - end), "free_min": min(f for _, f in series),
+            "samples": len(series), "free_over_time": series[::step] + series[-1:]}
+
+
 def bench_firmware(lab: Lab) -> list[Measurement]:
-    """Free heap with the firmware loaded and a full ring vs with only umqtt.simple imported."""
+    """Free heap of the running firmware at the end of the long run, and with a full ring,
+    vs with only umqtt.simple imported on the same heap."""
     folder = lab.folder("firmware")
     (folder / "config.json").write_text(json.dumps(
-        {"site": SITE, "device": "bench-node", "broker": "127.0.0.1", "port": 1883, "ntp": False}))
+        {"site": SITE, "device": "bench-node", "broker": "127.0.0.1", "port": 1883, "ntp": False,
+         "spill_max": 0}))  # RAM ring only: it must fill and drop
     timeout = lab.sizes.deadline_s
-    tern_free, ring_count, ring_size, dropped = run_micropython(folder, FIRMWARE_DRIVER, timeout)
+    tern_free, ring_count, ring_size, dropped = run_micropython(folder, FIRMWARE_DRIVER, timeout, heap=RUN_HEAP)
     if ring_count != ring_size or dropped != FIRMWARE_READINGS - ring_size:
         raise BenchError(f"firmware: ring not full after {FIRMWARE_READINGS} readings ({ring_count}/{ring_size}, {dropped} dropped)")
-    (umqtt_free,) = run_micropython(folder, UMQTT_DRIVER, timeout)
-    (empty_free,) = run_micropython(folder, EMPTY_DRIVER, timeout)
+    (umqtt_free,) = run_micropython(folder, UMQTT_DRIVER, timeout, heap=RUN_HEAP)
+    (empty_free,) = run_micropython(folder, EMPTY_DRIVER, timeout, heap=RUN_HEAP)
+    run = heap_run(lab, RUN_PUBLISHES_QUICK if lab.sizes == QUICK else RUN_PUBLISHES)
     return [Measurement(
         name="firmware.heap_free", benchmark="firmware", unit="bytes free",
-        figure=float(tern_free), baseline=float(umqtt_free),
-        what=f"gc.mem_free() after the firmware's imports + {FIRMWARE_READINGS} readings, ring full ({ring_size})",
-        baseline_what="gc.mem_free() after importing only umqtt.simple",
-        count=FIRMWARE_READINGS,
-        details={"heap": FIRMWARE_HEAP, "empty_heap_free": empty_free, "firmware_used": empty_free - tern_free,
-                 "umqtt_used": empty_free - umqtt_free, "ring_size": ring_size, "dropped": dropped},
+        figure=float(run["free_at_end"]), baseline=float(umqtt_free),
+        what=f"gc.mem_free() of main.py at the end of {run['publishes']} acked publishes ({RUN_HEAP} heap, median of the last 10 %)",
+        baseline_what=f"gc.mem_free() after importing only umqtt.simple ({RUN_HEAP} heap)",
+        count=run["publishes"],
+        details={"heap": RUN_HEAP, **{k: v for k, v in run.items() if k != "publishes"},
+                 "full_ring": {"heap": RUN_HEAP, "free": tern_free, "empty_heap_free": empty_free,
+                               "firmware_used": empty_free - tern_free, "umqtt_used": empty_free - umqtt_free,
+                               "ring_size": ring_size, "dropped": dropped, "readings": FIRMWARE_READINGS}},
     )]
