@@ -123,6 +123,18 @@ class OutboxSummary:
         return max(0.0, ((now if now is not None else now_ms()) - self.oldest_pending_ms) / 1000)
 
 
+def is_disk_full(exc: BaseException) -> bool:
+    """True if ``exc`` is SQLite saying the disk (or the page limit) is full: SQLITE_FULL."""
+    if not isinstance(exc, sqlite3.OperationalError):
+        return False
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code == sqlite3.SQLITE_FULL if code is not None else "disk is full" in str(exc)
+
+
+#: SQLite's own ceiling for max_page_count: setting it "lifts" a simulated full disk.
+_NO_PAGE_LIMIT = 4294967294
+
+
 def _connect(path: str | Path, *, readonly: bool = False) -> sqlite_utils.Database:
     if readonly:
         uri = Path(path).resolve().as_uri() + "?mode=ro"
@@ -578,6 +590,24 @@ class Outbox:
         with self._lock:
             row = self.db.execute(f"SELECT received_ms FROM {OUTBOX} ORDER BY id LIMIT 1").fetchone()
             return row[0] if row else None
+
+    def limit_pages(self, pages: int | None) -> int:
+        """Cap the database at ``pages`` pages (None lifts the cap); returns the cap now in force.
+
+        This is how the tests fill the disk, honestly: with ``PRAGMA max_page_count`` SQLite
+        fails every write that needs a page beyond the cap with SQLITE_FULL, the very error
+        (through the very code path) a file system without free space gives. Pages freed by
+        deleting confirmed rows are reused under the cap, and lifting it is space coming back.
+        The cap lives in this connection only: a restart forgets it.
+        """
+        with self._lock:
+            wanted = _NO_PAGE_LIMIT if pages is None else pages
+            return self.db.execute(f"PRAGMA max_page_count = {int(wanted)}").fetchone()[0]
+
+    def page_count(self) -> int:
+        """Pages in the database file now (for :meth:`limit_pages`)."""
+        with self._lock:
+            return self.db.execute("PRAGMA page_count").fetchone()[0]
 
     def dedup_totals(self) -> dict[str, int]:
         """``duplicates_total`` (re-sent readings suppressed, ever), ``gaps_open`` and ``missing_readings``."""

@@ -4,6 +4,7 @@ statuses never dropped; drop events in the envelope and, through the real bridge
 from __future__ import annotations
 
 import json
+import time
 from importlib import resources
 from pathlib import Path
 
@@ -342,3 +343,117 @@ def test_a_node_dying_behind_a_50000_reading_backlog_is_reported_within_one_batc
     carrier = next(b.bseq for b in spy.batches if will in b.statuses)
     assert carrier in after[:2], (carrier, after[:5])
     assert all(len(b.readings) == 200 for b in spy.batches if b.bseq == carrier)  # a full batch, not a special one
+
+
+# --- a full disk, and the MQTT sessions while acks are withheld -----------------------------
+
+
+def bridge_for(cloud, kafka_bootstrap: str, kafka_topics: dict[str, str], name: str) -> BridgeThread:
+    return BridgeThread(
+        BridgeConfig(
+            name=name,
+            mqtt_broker=cloud.address,
+            kafka_bootstrap=kafka_bootstrap,
+            readings_topic=kafka_topics["readings"],
+            status_topic=kafka_topics["status"],
+            deadletter_topic=kafka_topics["deadletter"],
+        )
+    )
+
+
+def test_disk_full_stops_acking_logs_one_line_and_recovers_losing_nothing(
+    mosquitto_factory, tmp_path: Path, kafka_bootstrap: str, kafka_topics: dict[str, str], caplog
+) -> None:
+    import logging
+
+    caplog.set_level(logging.INFO, logger="tern.edge.ingest")
+    local, cloud = mosquitto_factory("local"), mosquitto_factory("cloud")
+    outbox = tmp_path / "gw" / "outbox.db"
+    total = 400
+    with Gateway(config(local, cloud, outbox)) as gw:
+        assert gw.wait_connected(20)
+        node = Node(local, "dev-a")
+        try:
+            for seq in range(1, 11):
+                node.send(seq)
+            wait_until(lambda: node.acked_seq() == 10, what="10 acked before the disk fills")
+            # The disk fills: a few pages left, then every write that needs one fails with SQLITE_FULL.
+            gw.outbox.limit_pages(gw.outbox.page_count() + 4)
+            for seq in range(11, total + 1):
+                node.send(seq)
+            wait_until(lambda: gw.stats()["disk_full"], what="ingest noticing the full disk")
+            wait_until(lambda: gw.stats()["disk_full_retries"] >= 4, what="4 retries on the full disk")
+            acked_while_full = node.acked_seq()
+            assert 10 <= acked_while_full < total and gw.stats()["held"] > 0
+            time.sleep(0.1)
+            assert node.acked_seq() == acked_while_full  # not acking
+            full_lines = [r for r in caplog.records if "disk full" in r.getMessage()]
+            assert len(full_lines) == 1, [r.getMessage() for r in full_lines]
+            message = full_lines[0].getMessage()
+            assert str(outbox) in message and "not acking" in message and "\n" not in message
+            assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+            committed_rows = gw.stats()["pending"]
+
+            gw.outbox.limit_pages(None)  # space returns
+            wait_until(lambda: node.acked_seq() == total, what="every reading acked once space returned")
+            assert not gw.stats()["disk_full"] and gw.stats()["disk_full_events"] == 1
+            assert any("writable again" in r.getMessage() for r in caplog.records)
+            assert committed_rows == acked_while_full  # what was acked was committed, nothing more
+            with bridge_for(cloud, kafka_bootstrap, kafka_topics, "diskfull"):
+                wait_until(lambda: gw.stats()["forwarded"] == total, what="everything forwarded")
+        finally:
+            node.close()
+    records = read_all(kafka_bootstrap, kafka_topics["readings"], expect=total)
+    assert sorted({r.identity[2] for r in records}) == list(range(1, total + 1))
+
+
+def test_pings_are_answered_while_acks_are_withheld(mosquitto_factory, tmp_path: Path) -> None:
+    """Many keep-alive periods of a full disk, then of a full outbox (block): the brokers never
+    drop the gateway's connections, and once acking resumes nothing is lost."""
+    from test_gateway import BridgeStub
+
+    keepalive = 5  # mosquitto drops a client silent for 1.5 x this
+    total = 100
+    local, cloud = mosquitto_factory("local"), mosquitto_factory("cloud")
+    outbox = tmp_path / "gw" / "outbox.db"
+
+    def hold(seconds: float, condition: str) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            assert gw.stats()[condition] and gw.ingest.connected and gw.uplink.connected
+            time.sleep(0.2)
+
+    with Gateway(config(local, cloud, outbox, max_rows=60, keepalive_s=keepalive)) as gw:
+        assert gw.wait_connected(20)
+        generations = (gw.ingest.session.generation, gw.uplink.session.generation)
+        # No room for a new page: the first page split (~30 of these rows) hits SQLITE_FULL.
+        gw.outbox.limit_pages(gw.outbox.page_count())
+        node = Node(local, "dev-a")
+        try:
+            for seq in range(1, total + 1):
+                reading = Reading("dev-a", BOOT, seq, 1_700_000_000_000 + seq, {"n": seq, "pad": "x" * 60})
+                node.publish_raw(f"tern/{SITE}/dev-a/telemetry", codec.encode_reading(reading))
+            wait_until(lambda: gw.stats()["disk_full"], what="the full disk")
+            hold(2 * keepalive, "disk_full")
+            acked = node.acked_seq()
+            assert 0 < acked < 60, acked
+            gw.outbox.limit_pages(None)  # space returns; the outbox fills up to max_rows
+            wait_until(lambda: gw.stats()["backpressure"] and not gw.stats()["disk_full"], what="the outbox full")
+            hold(2 * keepalive, "backpressure")
+            assert node.acked_seq() < total
+            assert (gw.ingest.session.generation, gw.uplink.session.generation) == generations
+            bridge = BridgeStub(cloud)
+            try:
+                wait_until(lambda: node.acked_seq() == total, what="acking resumed")
+                wait_until(lambda: len({r.seq for r in bridge.delivered()}) == total, what="everything forwarded")
+            finally:
+                bridge.close()
+            assert (gw.ingest.session.generation, gw.uplink.session.generation) == generations
+        finally:
+            node.close()
+    local.stop()  # mosquitto flushes its log at exit
+    cloud.stop()
+    logs = local.log_path.read_text() + cloud.log_path.read_text()
+    assert "exceeded timeout" not in logs, "a broker dropped a client for missed pings"
+    for client_id in ("tern-gw-gw1-ingest", "tern-gw-gw1-uplink"):
+        assert logs.count(f" as {client_id} ") == 1, f"{client_id} did not connect exactly once"
