@@ -127,6 +127,8 @@ class GatewayConfig:
     max_age_s: float | None = None
     #: At the row and byte bounds: "block" (stop acking; nothing dropped) or "drop_oldest".
     telemetry_policy: str = "block"
+    #: Cap on what the uplink sends, for metered links: "500 readings/s" or "20 kB/s" (unset: none).
+    uplink_rate_limit: str | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -167,6 +169,15 @@ class GatewayConfig:
             _check_number("max_age_s", self.max_age_s, 1, 10 * 365 * 86400)
         if self.telemetry_policy not in ("block", "drop_oldest"):
             raise ConfigValueError("telemetry_policy", "one of block, drop_oldest", self.telemetry_policy)
+        if self.uplink_rate_limit is not None:
+            from tern.edge.ratelimit import RateLimitError, parse_rate
+
+            try:
+                parse_rate(self.uplink_rate_limit)
+            except RateLimitError:
+                raise ConfigValueError(
+                    "uplink_rate_limit", "'<number> readings/s' or '<number> bytes/s' (kB/s, MB/s)", self.uplink_rate_limit
+                ) from None
         # --- security ---
         for key in ("local_password_file", "cloud_ca", "cloud_cert", "cloud_key", "cloud_password_file"):
             value = getattr(self, key)

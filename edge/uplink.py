@@ -23,6 +23,7 @@ import paho.mqtt.client as mqtt
 
 from tern.edge.config import GatewayConfig
 from tern.edge.outbox import Outbox, OutboxRow, StatusRow, now_ms
+from tern.edge.ratelimit import READINGS, TokenBucket, parse_rate
 from tern.core import codec, topics
 from tern.core.codec import Batch
 from tern.core.mqtt_session import PersistentSession
@@ -58,6 +59,9 @@ class Uplink:
         self._topic = topics.batch_topic(config.gateway_id)
         self._confirm_topic = topics.confirm_topic(config.gateway_id)
         self._thread = threading.Thread(target=self._run, name=f"tern-uplink-{config.gateway_id}", daemon=True)
+        # Metered links: the optional uplink_rate_limit, consulted before each publish.
+        limit = getattr(config, "uplink_rate_limit", None)
+        self._limiter = TokenBucket(parse_rate(limit)) if limit else None
         host, port = config.cloud_hostport
         self.session = PersistentSession(
             config.uplink_client_id,
@@ -105,6 +109,8 @@ class Uplink:
         with self._cond:
             out = dict(self._counts)
             out["inflight_bseq"] = self._inflight
+        if self._limiter is not None:
+            out.update(self._limiter.stats())
         out["cloud_connected"] = self.connected
         return out
 
@@ -177,6 +183,11 @@ class Uplink:
                 # Publishing while disconnected would only pile copies up in paho's queue.
                 if not self.session.wait_connected(0.5):
                     continue
+                if self._limiter is not None:
+                    # Readings or bytes, as the limit counts; status events ride free.
+                    cost = len(rows) if self._limiter.rate.unit == READINGS else len(payload)
+                    if not self._limiter.acquire(cost, self._stop):
+                        break
                 info = self.client.publish(self._topic, payload, qos=1)
                 attempts += 1
                 with self._cond:

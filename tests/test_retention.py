@@ -457,3 +457,56 @@ def test_pings_are_answered_while_acks_are_withheld(mosquitto_factory, tmp_path:
     assert "exceeded timeout" not in logs, "a broker dropped a client for missed pings"
     for client_id in ("tern-gw-gw1-ingest", "tern-gw-gw1-uplink"):
         assert logs.count(f" as {client_id} ") == 1, f"{client_id} did not connect exactly once"
+
+
+# --- the uplink rate limit ------------------------------------------------------------------
+
+
+def test_token_bucket_holds_the_rate_over_time() -> None:
+    import threading
+
+    from tern.edge.ratelimit import RateLimitError, TokenBucket, parse_rate
+
+    assert str(parse_rate("500 readings/s")) == "500 readings/s"
+    assert parse_rate("20 kB/s").per_second == 20_000 and parse_rate("1.5 MB/s").unit == "bytes"
+    for bad in ("fast", "0 readings/s", "-3 bytes/s", "10 packets/s", ""):
+        with pytest.raises(RateLimitError):
+            parse_rate(bad)
+    now = [0.0]
+    bucket = TokenBucket(parse_rate("100 readings/s"), clock=lambda: now[0])
+    assert bucket.delay() == 0
+    bucket.take(250)  # a batch bigger than the bucket goes, and puts it in debt
+    assert bucket.delay() == pytest.approx(1.5)
+    now[0] += 1.0
+    assert bucket.delay() == pytest.approx(0.5)
+    now[0] += 0.5
+    assert bucket.delay() == 0
+    stop = threading.Event()
+    stop.set()
+    bucket.take(1)
+    assert bucket.acquire(1, stop) is False  # a stopping uplink does not wait
+
+
+def test_uplink_rate_limit_paces_a_returning_backlog(mosquitto_factory, tmp_path: Path) -> None:
+    from test_gateway import BridgeStub
+
+    with pytest.raises(ValueError, match="uplink_rate_limit"):
+        GatewayConfig(gateway_id="gw1", cloud_broker="127.0.0.1:1", outbox_path=str(tmp_path / "x.db"), uplink_rate_limit="lots")
+    local, cloud = mosquitto_factory("local"), mosquitto_factory("cloud")
+    outbox = tmp_path / "gw" / "outbox.db"
+    with Outbox(outbox) as box:  # back from an outage with 600 readings
+        box.add([reading(s) for s in range(1, 601)])
+    bridge = BridgeStub(cloud)
+    try:
+        with Gateway(config(local, cloud, outbox, batch_size=50, uplink_rate_limit="200 readings/s")) as gw:
+            started = time.monotonic()
+            wait_until(lambda: gw.stats()["pending"] == 0, timeout=60, what="the backlog drained")
+            elapsed = time.monotonic() - started
+            stats = gw.stats()
+    finally:
+        bridge.close()
+    # 600 readings at 200/s with one second's burst: at least (600 - 200 - 50) / 200 s.
+    assert elapsed >= 1.7, f"drained in {elapsed:.2f} s: the limit did not hold"
+    assert stats["rate_limit"] == "200 readings/s" and stats["rate_limited_s"] > 1.0
+    assert stats["rate_limit_sent"] >= 600
+    assert sorted(r.seq for r in bridge.delivered()) == list(range(1, 601))
