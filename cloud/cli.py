@@ -146,6 +146,10 @@ def _consume(args: argparse.Namespace) -> int:
             colour = "green" if status["state"] == "online" else "red"
             detail = " ".join(f"{k}={status[k]}" for k in ("fw", "reset") if status[k])
             table.add_row(status["device"], status["boot"], "-", f"[{colour}]{status['state']}[/] {detail}".rstrip(), str(rec.partition), str(rec.offset))
+        elif (drop := _drop_value(rec.raw)) is not None:
+            span = f"{drop['first_seq']}-{drop['last_seq']}"
+            what = f"[yellow]dropped by the gateway: {drop['count']} ({drop['reason']})[/]"
+            table.add_row(drop["device"], drop["boot"], span, what, str(rec.partition), str(rec.offset))
         else:
             error = rec.headers.get("error", b"").decode(errors="replace") or rec.decode_error or "not a reading"
             table.add_row(rec.key or "-", "-", "-", f"[red]{error}[/red]", str(rec.partition), str(rec.offset))
@@ -159,6 +163,16 @@ def _status_value(raw: bytes) -> dict | None:
 
     try:
         return codec.decode_kafka_status_value(raw)
+    except codec.CodecError:
+        return None
+
+
+def _drop_value(raw: bytes) -> dict | None:
+    """The decoded drop record (on the status topic), or None if ``raw`` is not one."""
+    from tern.core import codec
+
+    try:
+        return codec.decode_kafka_drop_value(raw)
     except codec.CodecError:
         return None
 

@@ -184,8 +184,9 @@ class Uplink:
                 if not self.session.wait_connected(0.5):
                     continue
                 if self._limiter is not None:
-                    # Readings or bytes, as the limit counts; status events ride free.
-                    cost = len(rows) if self._limiter.rate.unit == READINGS else len(payload)
+                    # Readings or bytes, as the limit counts; a batch of status (and drop)
+                    # events alone rides free: a node that died is reported at once.
+                    cost = 0 if not rows else len(rows) if self._limiter.rate.unit == READINGS else len(payload)
                     if not self._limiter.acquire(cost, self._stop):
                         break
                 info = self.client.publish(self._topic, payload, qos=1)

@@ -206,7 +206,7 @@ def test_kafka_drop_record_matches_its_schema_and_keys_by_device() -> None:
 
 
 def test_dropped_readings_are_reported_in_kafka_and_statuses_survive(
-    mosquitto_factory, tmp_path: Path, kafka_bootstrap: str, kafka_topics: dict[str, str]
+    mosquitto_factory, tmp_path: Path, kafka_bootstrap: str, kafka_topics: dict[str, str], capsys
 ) -> None:
     local, cloud = mosquitto_factory("local"), mosquitto_factory("cloud")
     outbox = tmp_path / "gw" / "outbox.db"
@@ -268,6 +268,13 @@ def test_dropped_readings_are_reported_in_kafka_and_statuses_survive(
     assert sum(d["count"] for d in drops) == dropped_total == 40 - len(forwarded)
     assert not dropped & set(forwarded) and dropped | set(forwarded) == set(range(1, 41))
     assert [r.key for r in status_topic if json.loads(r.raw)["schema"] == "tern.drop/1"] == ["dev-a"] * len(drops)
+    # `tern-bridge consume` shows them for what they are.
+    from tern.cloud.cli import main as bridge_cli
+
+    capsys.readouterr()
+    assert bridge_cli(["consume", "--kafka", kafka_bootstrap, "--topic", kafka_topics["status"], "--timeout", "15"]) == 0
+    out = capsys.readouterr().out
+    assert "dropped by the gateway" in out and "unknown schema" not in out
 
 
 # --- priorities: a status event overtakes the backlog --------------------------------------
