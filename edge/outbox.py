@@ -115,6 +115,12 @@ class OutboxSummary:
     devices: list[dict] = field(default_factory=list)
     #: Status events waiting for the cloud.
     status_pending: int = 0
+    #: Re-sent readings suppressed, open sequence gaps and the readings missing in them.
+    duplicates_total: int = 0
+    gaps_open: int = 0
+    missing_readings: int = 0
+    #: Readings dropped by the retention policy, ever, per reason.
+    dropped: dict = field(default_factory=dict)
 
     def oldest_pending_age_s(self, now: int | None = None) -> float | None:
         """Age in seconds of the oldest pending reading (by gateway receive time)."""
@@ -175,6 +181,8 @@ def summarize(db: sqlite_utils.Database) -> OutboxSummary:
         last_bseq=bseq[0] if bseq else 0,
         devices=devices,
         status_pending=statuses,
+        **seqtrack.totals(db),
+        dropped=rtn.totals(db),
     )
 
 
@@ -189,6 +197,7 @@ class Outbox:
         # Highest reading id take() ever handed out: rows at or below it may be in a batch in
         # flight, and retention never drops those (the cloud may already hold them).
         self._taken_upto = 0
+        self._forgot_at_ms = 0  # last seqtrack.forget_old_boots
         self._lock = threading.Lock()
         # Signalled on every add/delete, so ingest (waiting for room) and uplink (waiting
         # for rows) wake at once instead of polling.
@@ -377,15 +386,20 @@ class Outbox:
 
     def sweep(self, received_ms: int | None = None) -> dict[str, int]:
         """Apply the age bound now (ingest calls this every few seconds, so readings expire
-        while no new ones arrive); returns the readings dropped per reason."""
-        if self.retention.max_age_s is None:
-            return {}
+        while no new ones arrive) and, once an hour, forget the sequence tracking of boots
+        long gone; returns the readings dropped per reason."""
         stamp = now_ms() if received_ms is None else received_ms
+        forget = stamp - self._forgot_at_ms >= 3_600_000
+        if self.retention.max_age_s is None and not forget:
+            return {}
         with self._changed:
             if self._closed:
                 return {}
             with self.db.atomic():
                 dropped = self._enforce_locked(self._pending, self._status_pending, stamp)
+                if forget:
+                    seqtrack.forget_old_boots(self.db, stamp)
+                    self._forgot_at_ms = stamp
             self._pending -= sum(dropped.values())
             self._note_drops(dropped)
             if dropped:
