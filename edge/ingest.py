@@ -184,6 +184,7 @@ class Ingest:
                 try:
                     held.append(self._queue.get(timeout=0.2))
                 except queue.Empty:
+                    self._maybe_sweep()  # readings expire by age while nothing arrives too
                     continue
             while len(held) < GROUP_MAX:
                 try:

@@ -517,3 +517,33 @@ def test_uplink_rate_limit_paces_a_returning_backlog(mosquitto_factory, tmp_path
     assert stats["rate_limit"] == "200 readings/s" and stats["rate_limited_s"] > 1.0
     assert stats["rate_limit_sent"] >= 600
     assert sorted(r.seq for r in bridge.delivered()) == list(range(1, 601))
+
+
+def test_readings_expire_by_age_on_an_idle_gateway_and_the_drop_alone_makes_a_batch(mosquitto_factory, tmp_path: Path) -> None:
+    from test_gateway import BridgeStub
+
+    local, cloud = mosquitto_factory("local"), mosquitto_factory("cloud")
+    bridge = BridgeStub(cloud, confirm=False)
+    try:
+        with Gateway(config(local, cloud, tmp_path / "gw" / "o.db", batch_size=2, max_age_s=1)) as gw:
+            assert gw.wait_connected(20)
+            node = Node(local, "dev-a")
+            try:
+                for seq in range(1, 7):
+                    node.send(seq)
+                wait_until(lambda: node.acked_seq() == 6, what="all acked")
+                # Nothing more arrives; the readings not in the batch in flight expire.
+                wait_until(lambda: gw.stats()["dropped"] > 0 and gw.stats()["pending"] <= 2, what="expiry while idle")
+                bridge.start_confirming()
+                wait_until(lambda: any(b.drops for b in bridge.batches) and gw.outbox.drops_unclaimed() == 0
+                           and gw.stats()["pending"] == 0 and gw.stats()["inflight_bseq"] is None, what="the drops sent")
+            finally:
+                node.close()
+    finally:
+        bridge.close()
+    delivered = {r.seq for r in bridge.delivered()}
+    drops = [d for b in bridge.batches if b.bseq in bridge.confirmed for d in b.drops]
+    assert {d.reason for d in drops} == {"max_age"} and all(d.device == "dev-a" for d in drops)
+    dropped = {s for d in drops for s in range(d.first_seq, d.last_seq + 1)}
+    assert delivered | dropped == set(range(1, 7)) and not delivered & dropped
+    assert any(b.drops and not b.readings and not b.statuses for b in bridge.batches)  # a batch of drops alone
