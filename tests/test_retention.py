@@ -549,3 +549,104 @@ def test_readings_expire_by_age_on_an_idle_gateway_and_the_drop_alone_makes_a_ba
     dropped = {s for d in drops for s in range(d.first_seq, d.last_seq + 1)}
     assert delivered | dropped == set(range(1, 7)) and not delivered & dropped
     assert any(b.drops and not b.readings and not b.statuses for b in bridge.batches)  # a batch of drops alone
+
+
+# --- every reading accounted for exactly once (property test) -------------------------------
+
+from hypothesis import HealthCheck, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule  # noqa: E402
+
+
+class RetentionMachine(RuleBasedStateMachine):
+    """Ingest (respecting room), an uplink taking, confirming and claiming drops, restarts and
+    statuses, under drop_oldest with a row bound and a byte-free policy: every reading ever
+    committed is pending, forwarded, or inside exactly one confirmed-or-pending drop event."""
+
+    MAX_ROWS = 12
+
+    def __init__(self) -> None:
+        super().__init__()
+        import tempfile
+
+        self.dir = tempfile.TemporaryDirectory()
+        self.path = Path(self.dir.name) / "o.db"
+        self.policy = RetentionPolicy(max_rows=self.MAX_ROWS, telemetry="drop_oldest")
+        self.box = Outbox(self.path, retention=self.policy)
+        self.next_seq = {"dev-a": 1, "dev-b": 1}
+        self.committed: set[tuple[str, int]] = set()
+        self.forwarded: set[tuple[str, int]] = set()
+        self.reported: list[DropEvent] = []  # drop events of confirmed batches
+        self.inflight: tuple[list[int], list[tuple[str, int]], list[int], int] | None = None
+        self.bseq = 0
+
+    @rule(devices=st.lists(st.sampled_from(["dev-a", "dev-b"]), min_size=1, max_size=8), statuses=st.integers(0, 2))
+    def ingest(self, devices: list[str], statuses: int) -> None:
+        room = self.box.room()
+        batch = []
+        for device in devices[: max(0, room - statuses)]:
+            batch.append(reading(self.next_seq[device], device))
+            self.next_seq[device] += 1
+        events = [status(f"dev-s{self.bseq}-{i}", "online" if i % 2 else "offline") for i in range(min(statuses, room))]
+        result = self.box.add(batch, statuses=events)
+        assert result.inserted == len(batch)
+        self.committed |= {(r.device, r.seq) for r in batch}
+
+    @precondition(lambda self: self.inflight is None)
+    @rule(limit=st.integers(1, 6))
+    def take(self, limit: int) -> None:
+        rows = self.box.take(limit)
+        statuses = self.box.take_statuses(3)
+        self.bseq = self.box.next_bseq()
+        self.box.claim_drops(self.bseq)
+        self.inflight = ([r.id for r in rows], [(r.reading.device, r.reading.seq) for r in rows], [s.id for s in statuses], self.bseq)
+
+    @precondition(lambda self: self.inflight is not None)
+    @rule()
+    def confirm(self) -> None:
+        ids, identities, status_ids, bseq = self.inflight
+        drops = self.box.claim_drops(bseq)  # what the (re-sent) batch carries
+        assert self.box.delete(ids, status_ids, drop_bseq=bseq) == len(ids)
+        self.forwarded |= set(identities)
+        self.reported += drops
+        self.inflight = None
+
+    @rule()
+    def restart(self) -> None:
+        self.box.close()
+        self.box = Outbox(self.path, retention=self.policy)
+        self.inflight = None  # the batch was never confirmed: its rows and drops go again
+
+    def pending_identities(self) -> set[tuple[str, int]]:
+        return {(d, s) for d, s in self.box.db.execute("SELECT device, seq FROM outbox")}
+
+    @invariant()
+    def bound_holds(self) -> None:
+        assert self.box.pending() + self.box.status_pending() <= self.MAX_ROWS
+
+    @invariant()
+    def every_reading_accounted_for_once(self) -> None:
+        pending = self.pending_identities()
+        open_events = [DropEvent(*row) for row in self.box.db.execute(
+            "SELECT site, device, boot, reason, first_seq, last_seq, count, dropped_ms FROM drop_events")]
+        dropped: list[tuple[str, int]] = []
+        for event in self.reported + open_events:
+            inside = [(event.device, s) for s in range(event.first_seq, event.last_seq + 1)]
+            assert all(i in self.committed for i in inside), "a drop range covers a reading never committed"
+            assert len(inside) == event.count
+            dropped += inside
+        assert len(dropped) == len(set(dropped)), "a reading reported dropped twice"
+        assert not set(dropped) & self.forwarded and not set(dropped) & pending and not pending & self.forwarded
+        assert pending | self.forwarded | set(dropped) == self.committed
+        totals = sum(d["count"] for d in self.box.drop_counts())
+        assert totals == len(dropped)
+
+    def teardown(self) -> None:
+        self.box.close()
+        self.dir.cleanup()
+
+
+RetentionMachine.TestCase.settings = settings(
+    max_examples=60, stateful_step_count=30, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+test_retention_accounting = RetentionMachine.TestCase
