@@ -154,6 +154,8 @@ class GatewayConfig:
     batch_linger_ms: int = DEFAULT_BATCH_LINGER_MS
     #: Upper bound of one batch envelope on the wire (compressed), next to ``batch_size``.
     batch_max_bytes: int = DEFAULT_BATCH_MAX_BYTES
+    #: Cap on what the uplink sends, for metered links: "500 readings/s" or "20 kB/s" (unset: none).
+    uplink_rate_limit: str | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -194,6 +196,15 @@ class GatewayConfig:
             _check_number("max_age_s", self.max_age_s, 1, 10 * 365 * 86400)
         if self.telemetry_policy not in ("block", "drop_oldest"):
             raise ConfigValueError("telemetry_policy", "one of block, drop_oldest", self.telemetry_policy)
+        if self.uplink_rate_limit is not None:
+            from tern.edge.ratelimit import RateLimitError, parse_rate
+
+            try:
+                parse_rate(self.uplink_rate_limit)
+            except RateLimitError:
+                raise ConfigValueError(
+                    "uplink_rate_limit", "'<number> readings/s' or '<number> bytes/s' (kB/s, MB/s)", self.uplink_rate_limit
+                ) from None
         # --- security ---
         for key in ("local_password_file", "cloud_ca", "cloud_cert", "cloud_key", "cloud_password_file"):
             value = getattr(self, key)

@@ -30,7 +30,7 @@ from typing import Callable
 import paho.mqtt.client as mqtt
 
 from tern.edge.config import GatewayConfig
-from tern.edge.outbox import DeadLetter, Outbox, now_ms
+from tern.edge.outbox import DeadLetter, Outbox, is_disk_full, now_ms
 from tern.core import codec, topics
 from tern.core.codec import NodeAck, Reading, StatusEvent
 from tern.core.mqtt_session import PersistentSession
@@ -113,7 +113,11 @@ class Ingest:
             "commit_errors": 0,
             "dead_letter_repeats": 0,
             "dropped": 0,
+            "disk_full_events": 0,
+            "disk_full_retries": 0,
         }
+        self._disk_full = False
+        self._disk_full_logged_at = float("-inf")
         self._dropped_since_log: dict[str, int] = {}
         self._drops_logged_at = float("-inf")
         self._next_sweep = 0.0
@@ -170,6 +174,7 @@ class Ingest:
         with self._lock:
             out = dict(self._counts)
             out["backpressure"] = self._blocked
+            out["disk_full"] = self._disk_full
             out["held"] = self._held
         out["local_connected"] = self.connected
         return out
@@ -190,6 +195,7 @@ class Ingest:
                 try:
                     held.append(self._queue.get(timeout=0.2))
                 except queue.Empty:
+                    self._maybe_sweep()  # readings expire by age while nothing arrives too
                     continue
             while len(held) < GROUP_MAX:
                 try:
@@ -198,14 +204,45 @@ class Ingest:
                     break
             try:
                 self._commit_prefix(held)
-            except Exception:  # never let the worker die: the messages stay un-acked and retried
+            except Exception as exc:  # never let the worker die: the messages stay un-acked and retried
                 with self._lock:
                     self._counts["commit_errors"] += 1
-                log.exception("committing %d messages failed; retrying", len(held))
+                if is_disk_full(exc):
+                    self._note_disk_full(len(held))
+                else:
+                    log.exception("committing %d messages failed; retrying", len(held))
                 self._stop.wait(1.0)
             with self._lock:
                 self._held = len(held)
             self._maybe_sweep()
+
+    def _note_disk_full(self, held: int) -> None:
+        """A full disk lasts: one clear line when it starts and once a minute while it lasts,
+        never a traceback per retry."""
+        with self._lock:
+            self._counts["disk_full_retries"] += 1
+            started = not self._disk_full
+            if started:
+                self._counts["disk_full_events"] += 1
+            self._disk_full = True
+            now = time.monotonic()
+            if not started and now - self._disk_full_logged_at < LOG_EVERY_S:
+                return
+            self._disk_full_logged_at = now
+            retries = self._counts["disk_full_retries"]
+        log.error(
+            "outbox disk full (%s): not acking new readings (%d held, the local broker keeps the rest);"
+            " retrying every second, %d tries so far; free space on its file system",
+            self.outbox.path,
+            held,
+            retries,
+        )
+
+    def _note_disk_ok(self) -> None:
+        with self._lock:
+            was_full, self._disk_full = self._disk_full, False
+        if was_full:
+            log.warning("outbox %s writable again: acking resumed", self.outbox.path)
 
     def _maybe_sweep(self) -> None:
         now = time.monotonic()
@@ -215,7 +252,8 @@ class Ingest:
         try:
             self._note_dropped(self.outbox.sweep())
         except Exception as exc:  # the next sweep tries again; readings are only ever kept longer
-            log.warning("retention sweep failed: %s", exc)
+            if not is_disk_full(exc):  # a full disk is reported by the commit path, once a minute
+                log.warning("retention sweep failed: %s", exc)
 
     def _note_dropped(self, dropped: dict[str, int]) -> None:
         """Count readings dropped by the retention policy and say so, once a minute at most."""
@@ -271,6 +309,7 @@ class Ingest:
             return
         result = self.outbox.add(readings, letters, statuses=statuses)
         self.outbox.remember_junk(junk)
+        self._note_disk_ok()
         # Committed: now, and only now, the PUBACKs (in receive order, as MQTT requires).
         # A message from a lost connection is not acked here: the broker re-delivers it on the
         # new one, where the duplicate is ignored by the outbox and acked under its new id.

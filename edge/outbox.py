@@ -117,12 +117,30 @@ class OutboxSummary:
     devices: list[dict] = field(default_factory=list)
     #: Status events waiting for the cloud.
     status_pending: int = 0
+    #: Re-sent readings suppressed, open sequence gaps and the readings missing in them.
+    duplicates_total: int = 0
+    gaps_open: int = 0
+    missing_readings: int = 0
+    #: Readings dropped by the retention policy, ever, per reason.
+    dropped: dict = field(default_factory=dict)
 
     def oldest_pending_age_s(self, now: int | None = None) -> float | None:
         """Age in seconds of the oldest pending reading (by gateway receive time)."""
         if self.oldest_pending_ms is None:
             return None
         return max(0.0, ((now if now is not None else now_ms()) - self.oldest_pending_ms) / 1000)
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True if ``exc`` is SQLite saying the disk (or the page limit) is full: SQLITE_FULL."""
+    if not isinstance(exc, sqlite3.OperationalError):
+        return False
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code == sqlite3.SQLITE_FULL if code is not None else "disk is full" in str(exc)
+
+
+#: SQLite's own ceiling for max_page_count: setting it "lifts" a simulated full disk.
+_NO_PAGE_LIMIT = 4294967294
 
 
 def _connect(path: str | Path, *, readonly: bool = False) -> sqlite_utils.Database:
@@ -165,6 +183,8 @@ def summarize(db: sqlite_utils.Database) -> OutboxSummary:
         last_bseq=bseq[0] if bseq else 0,
         devices=devices,
         status_pending=statuses,
+        **seqtrack.totals(db),
+        dropped=rtn.totals(db),
     )
 
 
@@ -179,6 +199,7 @@ class Outbox:
         # Highest reading id take() ever handed out: rows at or below it may be in a batch in
         # flight, and retention never drops those (the cloud may already hold them).
         self._taken_upto = 0
+        self._forgot_at_ms = 0  # last seqtrack.forget_old_boots
         self._lock = threading.Lock()
         # Signalled on every add/delete, so ingest (waiting for room) and uplink (waiting
         # for rows) wake at once instead of polling.
@@ -371,15 +392,20 @@ class Outbox:
 
     def sweep(self, received_ms: int | None = None) -> dict[str, int]:
         """Apply the age bound now (ingest calls this every few seconds, so readings expire
-        while no new ones arrive); returns the readings dropped per reason."""
-        if self.retention.max_age_s is None:
-            return {}
+        while no new ones arrive) and, once an hour, forget the sequence tracking of boots
+        long gone; returns the readings dropped per reason."""
         stamp = now_ms() if received_ms is None else received_ms
+        forget = stamp - self._forgot_at_ms >= 3_600_000
+        if self.retention.max_age_s is None and not forget:
+            return {}
         with self._changed:
             if self._closed:
                 return {}
             with self.db.atomic():
                 dropped = self._enforce_locked(self._pending, self._status_pending, stamp)
+                if forget:
+                    seqtrack.forget_old_boots(self.db, stamp)
+                    self._forgot_at_ms = stamp
             self._pending -= sum(dropped.values())
             self._note_drops(dropped)
             if dropped:
@@ -628,6 +654,24 @@ class Outbox:
         with self._lock:
             row = self.db.execute(f"SELECT received_ms FROM {OUTBOX} ORDER BY id LIMIT 1").fetchone()
             return row[0] if row else None
+
+    def limit_pages(self, pages: int | None) -> int:
+        """Cap the database at ``pages`` pages (None lifts the cap); returns the cap now in force.
+
+        This is how the tests fill the disk, honestly: with ``PRAGMA max_page_count`` SQLite
+        fails every write that needs a page beyond the cap with SQLITE_FULL, the very error
+        (through the very code path) a file system without free space gives. Pages freed by
+        deleting confirmed rows are reused under the cap, and lifting it is space coming back.
+        The cap lives in this connection only: a restart forgets it.
+        """
+        with self._lock:
+            wanted = _NO_PAGE_LIMIT if pages is None else pages
+            return self.db.execute(f"PRAGMA max_page_count = {int(wanted)}").fetchone()[0]
+
+    def page_count(self) -> int:
+        """Pages in the database file now (for :meth:`limit_pages`)."""
+        with self._lock:
+            return self.db.execute("PRAGMA page_count").fetchone()[0]
 
     def dedup_totals(self) -> dict[str, int]:
         """``duplicates_total`` (re-sent readings suppressed, ever), ``gaps_open`` and ``missing_readings``."""

@@ -23,8 +23,9 @@ be reported dropped.
 Every drop is counted per device and reason (``drop_counts``, kept) and becomes a drop event
 (``drop_events``) that the uplink carries to the cloud in the batch envelope (the ``drops/1``
 extension, docs/contracts.md) and deletes on the confirm. Events of one (device, boot,
-reason) not yet handed to a batch are merged, so their number stays bounded by the number of
-devices however long the outbox overflows.
+reason) not yet handed to a batch are merged while the uplink takes nothing new (an outage), so
+their number stays bounded by the number of devices however long the outbox overflows, and
+each event's seq range holds dropped readings only.
 
 Everything here runs inside the caller's transaction, on the caller's connection.
 """
@@ -117,6 +118,8 @@ def create_tables(db: sqlite_utils.Database) -> None:
             "dropped_ms": int,
             # The batch carrying it; NULL until the uplink hands it to one.
             "bseq": int,
+            # The outbox's take watermark when it was last extended (see _record_event).
+            "taken_upto": int,
         },
         pk="id",
         not_null={"site", "device", "boot", "reason", "first_seq", "last_seq", "count", "dropped_ms"},
@@ -166,7 +169,7 @@ def drop_oldest(
         groups.setdefault((site, device, boot), []).append(seq)
     per_device: dict[tuple[str, str], int] = {}
     for (site, device, boot), seqs in groups.items():
-        _record_event(db, site, device, boot, reason, min(seqs), max(seqs), len(seqs), stamp)
+        _record_event(db, site, device, boot, reason, min(seqs), max(seqs), len(seqs), stamp, after_id)
         per_device[(site, device)] = per_device.get((site, device), 0) + len(seqs)
     for (site, device), n in per_device.items():
         db.execute(
@@ -179,14 +182,26 @@ def drop_oldest(
 
 
 def _record_event(
-    db: sqlite_utils.Database, site: str, device: str, boot: str, reason: str, first: int, last: int, n: int, stamp: int
+    db: sqlite_utils.Database,
+    site: str,
+    device: str,
+    boot: str,
+    reason: str,
+    first: int,
+    last: int,
+    n: int,
+    stamp: int,
+    taken_upto: int,
 ) -> None:
-    # Merge only into an event no batch has taken yet: a batch in flight carries exactly
-    # what its event said when it was taken.
+    # Merge only into an event no batch has taken yet (a batch in flight carries exactly what
+    # its event said when it was taken), and only while the uplink has taken nothing new since
+    # the event was last extended: then no reading of the device between the two ranges can
+    # have been forwarded, and the merged range still holds dropped readings only (and seqs
+    # that never arrived).
     open_event = db.execute(
         f"SELECT id FROM {DROP_EVENTS} WHERE bseq IS NULL AND device = ? AND boot = ? AND reason = ?"
-        " ORDER BY id DESC LIMIT 1",
-        [device, boot, reason],
+        " AND taken_upto = ? ORDER BY id DESC LIMIT 1",
+        [device, boot, reason, taken_upto],
     ).fetchone()
     if open_event:
         db.execute(
@@ -196,9 +211,9 @@ def _record_event(
         )
     else:
         db.execute(
-            f"INSERT INTO {DROP_EVENTS} (site, device, boot, reason, first_seq, last_seq, count, dropped_ms)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            [site, device, boot, reason, first, last, n, stamp],
+            f"INSERT INTO {DROP_EVENTS} (site, device, boot, reason, first_seq, last_seq, count, dropped_ms, taken_upto)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [site, device, boot, reason, first, last, n, stamp, taken_upto],
         )
 
 

@@ -205,6 +205,28 @@ def _insert_gap(
     )
 
 
+#: A boot that is not its device's latest and has not been seen for this long is forgotten
+#: (its high mark, duplicate count and gaps), so the tables stay bounded on a gateway that
+#: runs for years. A node cannot re-send a reading of an older boot after a month: its ring
+#: is in RAM and a reboot starts a new boot.
+FORGET_AFTER_MS = 30 * 86400 * 1000
+
+
+def forget_old_boots(db: sqlite_utils.Database, now_ms: int, after_ms: int = FORGET_AFTER_MS) -> int:
+    """Delete the tracking of boots unseen since ``now_ms - after_ms`` that are not their
+    device's latest; inside the caller's transaction. Returns how many boots went."""
+    cutoff = now_ms - after_ms
+    old = db.execute(
+        f"SELECT device, boot FROM {SEQ_HIGH} h WHERE updated_ms < ? AND updated_ms <"
+        f" (SELECT MAX(updated_ms) FROM {SEQ_HIGH} l WHERE l.device = h.device)",
+        [cutoff],
+    ).fetchall()
+    for device, boot in old:
+        db.execute(f"DELETE FROM {SEQ_HIGH} WHERE device = ? AND boot = ?", [device, boot])
+        db.execute(f"DELETE FROM {SEQ_GAPS} WHERE device = ? AND boot = ?", [device, boot])
+    return len(old)
+
+
 def device_counts(db: sqlite_utils.Database) -> list[dict]:
     """Per device: site, duplicates, open gaps, missing readings, last boot seen and its high seq."""
     if not db[SEQ_HIGH].exists():

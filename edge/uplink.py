@@ -47,6 +47,7 @@ import paho.mqtt.client as mqtt
 
 from tern.edge.config import GatewayConfig
 from tern.edge.outbox import Outbox, OutboxRow, StatusRow, now_ms
+from tern.edge.ratelimit import READINGS, TokenBucket, parse_rate
 from tern.core import codec, topics
 from tern.core.codec import Batch
 from tern.core.mqtt_session import PersistentSession
@@ -134,6 +135,9 @@ class Uplink:
         self._topic = topics.batch_topic(config.gateway_id)
         self._confirm_topic = topics.confirm_topic(config.gateway_id)
         self._thread = threading.Thread(target=self._run, name=f"tern-uplink-{config.gateway_id}", daemon=True)
+        # Metered links: the optional uplink_rate_limit, consulted before each publish.
+        limit = getattr(config, "uplink_rate_limit", None)
+        self._limiter = TokenBucket(parse_rate(limit)) if limit else None
         host, port = config.cloud_hostport
         self.session = PersistentSession(
             config.uplink_client_id,
@@ -185,6 +189,8 @@ class Uplink:
             inflight = list(self._inflight)
         out["inflight_bseq"] = min(inflight) if inflight else None
         out["inflight_batches"] = len(inflight)
+        if self._limiter is not None:
+            out.update(self._limiter.stats())
         out["cloud_connected"] = self.connected
         return out
 
@@ -331,6 +337,10 @@ class Uplink:
             if when is not None:
                 wake = min(wake, when)
                 continue
+            if self._limiter is not None and (wait := self._limiter.delay()) > 0:
+                # Metered link: readings wait for the bucket; status events still go alone below.
+                wake = min(wake, now + wait)
+                break
             statuses = self._take_statuses() if statuses_due else []
             statuses_due = False
             self._publish_lane(index, lane, statuses)
@@ -388,6 +398,10 @@ class Uplink:
         # cached count spares an outbox transaction per batch when there are none.
         drops = tuple(self.outbox.claim_drops(bseq)) if self.outbox.drops_unclaimed() else ()
         rows, payload = self._encode(rows, statuses, bseq, drops)
+        if self._limiter is not None and rows:
+            # Readings or bytes, as the limit counts; a batch of status (and drop) events alone
+            # rides free: a node that died is reported at once.
+            self._limiter.take(len(rows) if self._limiter.rate.unit == READINGS else len(payload))
         info = self.client.publish(self._topic, payload, qos=1)
         batch = _InFlight(bseq, lane, rows, statuses, payload, info, self.session.new_sessions,
                           wait_s=self.config.confirm_timeout_s, drops=len(drops))

@@ -99,3 +99,30 @@ def test_a_resent_reading_reaches_kafka_once_and_a_gap_is_recorded(
     seqs = sorted(r.identity[2] for r in records)
     assert seqs == [1, 2, 3, 4, 5, 6, 9], seqs  # each once: the re-sends never left the gateway
     assert all(r.value["site"] == SITE for r in records)
+
+
+def test_boots_long_gone_are_forgotten_but_each_device_keeps_its_latest(tmp_path: Path) -> None:
+    day = 86400 * 1000
+    with Outbox(tmp_path / "o.db") as box:
+        box.add([reading(1, boot="b001"), reading(5, boot="b001")], received_ms=1 * day)
+        box.add([reading(3, boot="b002")], received_ms=2 * day)
+        box.add([reading(2, device="dev-b", boot="b001")], received_ms=1 * day)
+        box.sweep(received_ms=20 * day)  # within a month: everything kept
+        assert len(box.gaps()) == 3
+        box.sweep(received_ms=40 * day)  # dev-a's old boot goes; each device's latest stays
+        assert sorted((g["device"], g["boot"]) for g in box.gaps()) == [("dev-a", "b002"), ("dev-b", "b001")]
+        assert box.add([reading(3, boot="b002"), reading(2, device="dev-b")]).duplicates == 2
+
+
+def test_summary_read_only_counts_duplicates_gaps_and_drops(tmp_path: Path) -> None:
+    from tern.edge.outbox import open_readonly, summarize
+    from tern.edge.retention import RetentionPolicy
+
+    path = tmp_path / "o.db"
+    with Outbox(path, retention=RetentionPolicy(max_rows=2, telemetry="drop_oldest")) as box:
+        box.add([reading(1), reading(2), reading(4), reading(2)])
+        db = open_readonly(path)
+        summary = summarize(db)
+        db.close()
+    assert (summary.duplicates_total, summary.gaps_open, summary.missing_readings) == (1, 1, 1)
+    assert summary.dropped == {"max_rows": 1, "max_bytes": 0, "max_age": 0} and summary.pending == 2

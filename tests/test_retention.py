@@ -4,6 +4,7 @@ statuses never dropped; drop events in the envelope and, through the real bridge
 from __future__ import annotations
 
 import json
+import time
 from importlib import resources
 from pathlib import Path
 
@@ -57,19 +58,21 @@ def test_drop_oldest_at_the_row_bound_counts_and_reports_per_device(tmp_path: Pa
         result = box.add([reading(4), reading(5), reading(2, "dev-b")])
         assert result.dropped == {"max_rows": 2}
         assert seqs(box) == [3, 1, 4, 5, 2]  # dev-a 1 and 2 went, oldest first
-        # More: the three in flight (taken above) are never dropped; dev-b's 1 went before.
+        # More: the three taken (in a batch in flight) are never dropped; dev-a 5 and dev-b 2 go.
         box.take(3)
         result = box.add([reading(6), reading(7)])
         assert result.dropped == {"max_rows": 2}
-        assert [(r.reading.device, r.reading.seq) for r in box.take(10)] == [
-            ("dev-a", 3), ("dev-b", 1), ("dev-a", 4), ("dev-a", 6), ("dev-a", 7)
-        ]
+        assert seqs(box) == [3, 1, 4, 6, 7]
+        # Nothing taken since: the next drop extends dev-a's open event (5 -> 5..6).
+        assert box.add([reading(8)]).dropped == {"max_rows": 1}
         counts = {(d["device"], d["reason"]): d["count"] for d in box.drop_counts()}
-        assert counts == {("dev-a", "max_rows"): 3, ("dev-b", "max_rows"): 1}
-        # Drop events not yet in a batch merge per (device, boot, reason): one per device here.
+        assert counts == {("dev-a", "max_rows"): 4, ("dev-b", "max_rows"): 1}
+        # Events not yet in a batch merge per (device, boot, reason) while nothing new is taken;
+        # dev-a 1..2 and 5..6 stay apart (3 and 4, between them, are in flight).
         events = box.claim_drops(bseq=7)
         assert sorted((e.device, e.first_seq, e.last_seq, e.count, e.reason) for e in events) == [
-            ("dev-a", 1, 5, 3, "max_rows"),
+            ("dev-a", 1, 2, 2, "max_rows"),
+            ("dev-a", 5, 6, 2, "max_rows"),
             ("dev-b", 2, 2, 1, "max_rows"),
         ]
 
@@ -205,7 +208,7 @@ def test_kafka_drop_record_matches_its_schema_and_keys_by_device() -> None:
 
 
 def test_dropped_readings_are_reported_in_kafka_and_statuses_survive(
-    mosquitto_factory, tmp_path: Path, kafka_bootstrap: str, kafka_topics: dict[str, str]
+    mosquitto_factory, tmp_path: Path, kafka_bootstrap: str, kafka_topics: dict[str, str], capsys
 ) -> None:
     local, cloud = mosquitto_factory("local"), mosquitto_factory("cloud")
     outbox = tmp_path / "gw" / "outbox.db"
@@ -267,6 +270,13 @@ def test_dropped_readings_are_reported_in_kafka_and_statuses_survive(
     assert sum(d["count"] for d in drops) == dropped_total == 40 - len(forwarded)
     assert not dropped & set(forwarded) and dropped | set(forwarded) == set(range(1, 41))
     assert [r.key for r in status_topic if json.loads(r.raw)["schema"] == "tern.drop/1"] == ["dev-a"] * len(drops)
+    # `tern-bridge consume` shows them for what they are.
+    from tern.cloud.cli import main as bridge_cli
+
+    capsys.readouterr()
+    assert bridge_cli(["consume", "--kafka", kafka_bootstrap, "--topic", kafka_topics["status"], "--timeout", "15"]) == 0
+    out = capsys.readouterr().out
+    assert "dropped by the gateway" in out and "unknown schema" not in out
 
 
 # --- priorities: a status event overtakes the backlog --------------------------------------
@@ -342,3 +352,301 @@ def test_a_node_dying_behind_a_50000_reading_backlog_is_reported_within_one_batc
     carrier = next(b.bseq for b in spy.batches if will in b.statuses)
     assert carrier in after[:2], (carrier, after[:5])
     assert all(len(b.readings) == 200 for b in spy.batches if b.bseq == carrier)  # a full batch, not a special one
+
+
+# --- a full disk, and the MQTT sessions while acks are withheld -----------------------------
+
+
+def bridge_for(cloud, kafka_bootstrap: str, kafka_topics: dict[str, str], name: str) -> BridgeThread:
+    return BridgeThread(
+        BridgeConfig(
+            name=name,
+            mqtt_broker=cloud.address,
+            kafka_bootstrap=kafka_bootstrap,
+            readings_topic=kafka_topics["readings"],
+            status_topic=kafka_topics["status"],
+            deadletter_topic=kafka_topics["deadletter"],
+        )
+    )
+
+
+def test_disk_full_stops_acking_logs_one_line_and_recovers_losing_nothing(
+    mosquitto_factory, tmp_path: Path, kafka_bootstrap: str, kafka_topics: dict[str, str], caplog
+) -> None:
+    import logging
+
+    caplog.set_level(logging.INFO, logger="tern.edge.ingest")
+    local, cloud = mosquitto_factory("local"), mosquitto_factory("cloud")
+    outbox = tmp_path / "gw" / "outbox.db"
+    total = 400
+    with Gateway(config(local, cloud, outbox)) as gw:
+        assert gw.wait_connected(20)
+        node = Node(local, "dev-a")
+        try:
+            for seq in range(1, 11):
+                node.send(seq)
+            wait_until(lambda: node.acked_seq() == 10, what="10 acked before the disk fills")
+            # The disk fills: a few pages left, then every write that needs one fails with SQLITE_FULL.
+            gw.outbox.limit_pages(gw.outbox.page_count() + 4)
+            for seq in range(11, total + 1):
+                node.send(seq)
+            wait_until(lambda: gw.stats()["disk_full"], what="ingest noticing the full disk")
+            wait_until(lambda: gw.stats()["disk_full_retries"] >= 4, what="4 retries on the full disk")
+            acked_while_full = node.acked_seq()
+            assert 10 <= acked_while_full < total and gw.stats()["held"] > 0
+            time.sleep(0.1)
+            assert node.acked_seq() == acked_while_full  # not acking
+            full_lines = [r for r in caplog.records if "disk full" in r.getMessage()]
+            assert len(full_lines) == 1, [r.getMessage() for r in full_lines]
+            message = full_lines[0].getMessage()
+            assert str(outbox) in message and "not acking" in message and "\n" not in message
+            assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+            committed_rows = gw.stats()["pending"]
+
+            gw.outbox.limit_pages(None)  # space returns
+            wait_until(lambda: node.acked_seq() == total, what="every reading acked once space returned")
+            assert not gw.stats()["disk_full"] and gw.stats()["disk_full_events"] == 1
+            assert any("writable again" in r.getMessage() for r in caplog.records)
+            assert committed_rows == acked_while_full  # what was acked was committed, nothing more
+            with bridge_for(cloud, kafka_bootstrap, kafka_topics, "diskfull"):
+                wait_until(lambda: gw.stats()["forwarded"] == total, what="everything forwarded")
+        finally:
+            node.close()
+    records = read_all(kafka_bootstrap, kafka_topics["readings"], expect=total)
+    assert sorted({r.identity[2] for r in records}) == list(range(1, total + 1))
+
+
+def test_pings_are_answered_while_acks_are_withheld(mosquitto_factory, tmp_path: Path) -> None:
+    """Many keep-alive periods of a full disk, then of a full outbox (block): the brokers never
+    drop the gateway's connections, and once acking resumes nothing is lost."""
+    from test_gateway import BridgeStub
+
+    keepalive = 5  # mosquitto drops a client silent for 1.5 x this
+    total = 100
+    local, cloud = mosquitto_factory("local"), mosquitto_factory("cloud")
+    outbox = tmp_path / "gw" / "outbox.db"
+
+    def hold(seconds: float, condition: str) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            assert gw.stats()[condition] and gw.ingest.connected and gw.uplink.connected
+            time.sleep(0.2)
+
+    with Gateway(config(local, cloud, outbox, max_rows=60, keepalive_s=keepalive)) as gw:
+        assert gw.wait_connected(20)
+        generations = (gw.ingest.session.generation, gw.uplink.session.generation)
+        # No room for a new page: the first page split (~30 of these rows) hits SQLITE_FULL.
+        gw.outbox.limit_pages(gw.outbox.page_count())
+        node = Node(local, "dev-a")
+        try:
+            for seq in range(1, total + 1):
+                reading = Reading("dev-a", BOOT, seq, 1_700_000_000_000 + seq, {"n": seq, "pad": "x" * 60})
+                node.publish_raw(f"tern/{SITE}/dev-a/telemetry", codec.encode_reading(reading))
+            wait_until(lambda: gw.stats()["disk_full"], what="the full disk")
+            hold(2 * keepalive, "disk_full")
+            acked = node.acked_seq()
+            assert 0 < acked < 60, acked
+            gw.outbox.limit_pages(None)  # space returns; the outbox fills up to max_rows
+            wait_until(lambda: gw.stats()["backpressure"] and not gw.stats()["disk_full"], what="the outbox full")
+            hold(2 * keepalive, "backpressure")
+            assert node.acked_seq() < total
+            assert (gw.ingest.session.generation, gw.uplink.session.generation) == generations
+            bridge = BridgeStub(cloud)
+            try:
+                wait_until(lambda: node.acked_seq() == total, what="acking resumed")
+                wait_until(lambda: len({r.seq for r in bridge.delivered()}) == total, what="everything forwarded")
+            finally:
+                bridge.close()
+            assert (gw.ingest.session.generation, gw.uplink.session.generation) == generations
+        finally:
+            node.close()
+    local.stop()  # mosquitto flushes its log at exit
+    cloud.stop()
+    logs = local.log_path.read_text() + cloud.log_path.read_text()
+    assert "exceeded timeout" not in logs, "a broker dropped a client for missed pings"
+    for client_id in ("tern-gw-gw1-ingest", "tern-gw-gw1-uplink"):
+        assert logs.count(f" as {client_id} ") == 1, f"{client_id} did not connect exactly once"
+
+
+# --- the uplink rate limit ------------------------------------------------------------------
+
+
+def test_token_bucket_holds_the_rate_over_time() -> None:
+    import threading
+
+    from tern.edge.ratelimit import RateLimitError, TokenBucket, parse_rate
+
+    assert str(parse_rate("500 readings/s")) == "500 readings/s"
+    assert parse_rate("20 kB/s").per_second == 20_000 and parse_rate("1.5 MB/s").unit == "bytes"
+    for bad in ("fast", "0 readings/s", "-3 bytes/s", "10 packets/s", ""):
+        with pytest.raises(RateLimitError):
+            parse_rate(bad)
+    now = [0.0]
+    bucket = TokenBucket(parse_rate("100 readings/s"), clock=lambda: now[0])
+    assert bucket.delay() == 0
+    bucket.take(250)  # a batch bigger than the bucket goes, and puts it in debt
+    assert bucket.delay() == pytest.approx(1.5)
+    now[0] += 1.0
+    assert bucket.delay() == pytest.approx(0.5)
+    now[0] += 0.5
+    assert bucket.delay() == 0
+    stop = threading.Event()
+    stop.set()
+    bucket.take(1)
+    assert bucket.acquire(1, stop) is False  # a stopping uplink does not wait
+
+
+def test_uplink_rate_limit_paces_a_returning_backlog(mosquitto_factory, tmp_path: Path) -> None:
+    from test_gateway import BridgeStub
+
+    with pytest.raises(ValueError, match="uplink_rate_limit"):
+        GatewayConfig(gateway_id="gw1", cloud_broker="127.0.0.1:1", outbox_path=str(tmp_path / "x.db"), uplink_rate_limit="lots")
+    local, cloud = mosquitto_factory("local"), mosquitto_factory("cloud")
+    outbox = tmp_path / "gw" / "outbox.db"
+    with Outbox(outbox) as box:  # back from an outage with 600 readings
+        box.add([reading(s) for s in range(1, 601)])
+    bridge = BridgeStub(cloud)
+    try:
+        with Gateway(config(local, cloud, outbox, batch_size=50, uplink_rate_limit="200 readings/s")) as gw:
+            started = time.monotonic()
+            wait_until(lambda: gw.stats()["pending"] == 0, timeout=60, what="the backlog drained")
+            elapsed = time.monotonic() - started
+            stats = gw.stats()
+    finally:
+        bridge.close()
+    # 600 readings at 200/s with one second's burst: at least (600 - 200 - 50) / 200 s.
+    assert elapsed >= 1.7, f"drained in {elapsed:.2f} s: the limit did not hold"
+    assert stats["rate_limit"] == "200 readings/s" and stats["rate_limited_s"] > 1.0
+    assert stats["rate_limit_sent"] >= 600
+    assert sorted(r.seq for r in bridge.delivered()) == list(range(1, 601))
+
+
+def test_readings_expire_by_age_on_an_idle_gateway_and_the_drop_alone_makes_a_batch(mosquitto_factory, tmp_path: Path) -> None:
+    from test_gateway import BridgeStub
+
+    local, cloud = mosquitto_factory("local"), mosquitto_factory("cloud")
+    bridge = BridgeStub(cloud, confirm=False)
+    try:
+        with Gateway(config(local, cloud, tmp_path / "gw" / "o.db", batch_size=2, max_age_s=1)) as gw:
+            assert gw.wait_connected(20)
+            node = Node(local, "dev-a")
+            try:
+                for seq in range(1, 7):
+                    node.send(seq)
+                wait_until(lambda: node.acked_seq() == 6, what="all acked")
+                # Nothing more arrives; the readings not in the batch in flight expire.
+                wait_until(lambda: gw.stats()["dropped"] > 0 and gw.stats()["pending"] <= 2, what="expiry while idle")
+                bridge.start_confirming()
+                wait_until(lambda: any(b.drops for b in bridge.batches) and gw.outbox.drops_unclaimed() == 0
+                           and gw.stats()["pending"] == 0 and gw.stats()["inflight_bseq"] is None, what="the drops sent")
+            finally:
+                node.close()
+    finally:
+        bridge.close()
+    delivered = {r.seq for r in bridge.delivered()}
+    drops = [d for b in bridge.batches if b.bseq in bridge.confirmed for d in b.drops]
+    assert {d.reason for d in drops} == {"max_age"} and all(d.device == "dev-a" for d in drops)
+    dropped = {s for d in drops for s in range(d.first_seq, d.last_seq + 1)}
+    assert delivered | dropped == set(range(1, 7)) and not delivered & dropped
+    assert any(b.drops and not b.readings and not b.statuses for b in bridge.batches)  # a batch of drops alone
+
+
+# --- every reading accounted for exactly once (property test) -------------------------------
+
+from hypothesis import HealthCheck, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule  # noqa: E402
+
+
+class RetentionMachine(RuleBasedStateMachine):
+    """Ingest (respecting room), an uplink taking, confirming and claiming drops, restarts and
+    statuses, under drop_oldest with a row bound and a byte-free policy: every reading ever
+    committed is pending, forwarded, or inside exactly one confirmed-or-pending drop event."""
+
+    MAX_ROWS = 12
+
+    def __init__(self) -> None:
+        super().__init__()
+        import tempfile
+
+        self.dir = tempfile.TemporaryDirectory()
+        self.path = Path(self.dir.name) / "o.db"
+        self.policy = RetentionPolicy(max_rows=self.MAX_ROWS, telemetry="drop_oldest")
+        self.box = Outbox(self.path, retention=self.policy)
+        self.next_seq = {"dev-a": 1, "dev-b": 1}
+        self.committed: set[tuple[str, int]] = set()
+        self.forwarded: set[tuple[str, int]] = set()
+        self.reported: list[DropEvent] = []  # drop events of confirmed batches
+        self.inflight: tuple[list[int], list[tuple[str, int]], list[int], int] | None = None
+        self.bseq = 0
+
+    @rule(devices=st.lists(st.sampled_from(["dev-a", "dev-b"]), min_size=1, max_size=8), statuses=st.integers(0, 2))
+    def ingest(self, devices: list[str], statuses: int) -> None:
+        room = self.box.room()
+        batch = []
+        for device in devices[: max(0, room - statuses)]:
+            batch.append(reading(self.next_seq[device], device))
+            self.next_seq[device] += 1
+        events = [status(f"dev-s{self.bseq}-{i}", "online" if i % 2 else "offline") for i in range(min(statuses, room))]
+        result = self.box.add(batch, statuses=events)
+        assert result.inserted == len(batch)
+        self.committed |= {(r.device, r.seq) for r in batch}
+
+    @precondition(lambda self: self.inflight is None)
+    @rule(limit=st.integers(1, 6))
+    def take(self, limit: int) -> None:
+        rows = self.box.take(limit)
+        statuses = self.box.take_statuses(3)
+        self.bseq = self.box.next_bseq()
+        self.box.claim_drops(self.bseq)
+        self.inflight = ([r.id for r in rows], [(r.reading.device, r.reading.seq) for r in rows], [s.id for s in statuses], self.bseq)
+
+    @precondition(lambda self: self.inflight is not None)
+    @rule()
+    def confirm(self) -> None:
+        ids, identities, status_ids, bseq = self.inflight
+        drops = self.box.claim_drops(bseq)  # what the (re-sent) batch carries
+        assert self.box.delete(ids, status_ids, drop_bseq=bseq) == len(ids)
+        self.forwarded |= set(identities)
+        self.reported += drops
+        self.inflight = None
+
+    @rule()
+    def restart(self) -> None:
+        self.box.close()
+        self.box = Outbox(self.path, retention=self.policy)
+        self.inflight = None  # the batch was never confirmed: its rows and drops go again
+
+    def pending_identities(self) -> set[tuple[str, int]]:
+        return {(d, s) for d, s in self.box.db.execute("SELECT device, seq FROM outbox")}
+
+    @invariant()
+    def bound_holds(self) -> None:
+        assert self.box.pending() + self.box.status_pending() <= self.MAX_ROWS
+
+    @invariant()
+    def every_reading_accounted_for_once(self) -> None:
+        pending = self.pending_identities()
+        open_events = [DropEvent(*row) for row in self.box.db.execute(
+            "SELECT site, device, boot, reason, first_seq, last_seq, count, dropped_ms FROM drop_events")]
+        dropped: list[tuple[str, int]] = []
+        for event in self.reported + open_events:
+            inside = [(event.device, s) for s in range(event.first_seq, event.last_seq + 1)]
+            assert all(i in self.committed for i in inside), "a drop range covers a reading never committed"
+            assert len(inside) == event.count
+            dropped += inside
+        assert len(dropped) == len(set(dropped)), "a reading reported dropped twice"
+        assert not set(dropped) & self.forwarded and not set(dropped) & pending and not pending & self.forwarded
+        assert pending | self.forwarded | set(dropped) == self.committed
+        totals = sum(d["count"] for d in self.box.drop_counts())
+        assert totals == len(dropped)
+
+    def teardown(self) -> None:
+        self.box.close()
+        self.dir.cleanup()
+
+
+RetentionMachine.TestCase.settings = settings(
+    max_examples=60, stateful_step_count=30, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+test_retention_accounting = RetentionMachine.TestCase
