@@ -202,6 +202,11 @@ class Bridge:
             [(cfg.batch_filter, 1)],
             self._on_message,
             manual_ack=True,
+            # In a share group, a member's session must end with its connection: mosquitto
+            # keeps handing a disconnected persistent member its share of the batches, so a
+            # bridge killed for good would hold a third of them forever. What a dead member
+            # held unacknowledged is re-sent by the gateways (confirm timeout) to the others.
+            clean_session=bool(cfg.share_group),
             keepalive=cfg.mqtt_keepalive_s,
             reconnect_max_s=30,
             # Outgoing confirms are QoS 1 and small; paho's default window of 20 would make
