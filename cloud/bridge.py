@@ -78,6 +78,8 @@ class _Delivery:
     done: bool = False
     #: Whether it may be PUBACKed once settled (False: given up, the broker must redeliver it).
     ackable: bool = False
+    #: True while its Kafka write is waiting to be retried.
+    retrying: bool = False
 
 
 #: On a graceful stop, batches being written get this long to finish (and be acked, confirmed).
@@ -211,6 +213,11 @@ class Bridge:
             [(cfg.batch_filter, 1)],
             self._on_message,
             manual_ack=True,
+            # In a share group, a member's session must end with its connection: mosquitto
+            # keeps handing a disconnected persistent member its share of the batches, so a
+            # bridge killed for good would hold a third of them forever. What a dead member
+            # held unacknowledged is re-sent by the gateways (confirm timeout) to the others.
+            clean_session=bool(cfg.share_group),
             keepalive=cfg.mqtt_keepalive_s,
             reconnect_max_s=30,
             # Outgoing confirms are QoS 1 and small; paho's default window of 20 would make
@@ -356,7 +363,8 @@ class Bridge:
         return batch, records + statuses + drops, None
 
     async def _settle(self, delivery: _Delivery, job: tuple, count: int) -> None:
-        """Write one delivery (or recognise it as a copy), confirm it, then let acks flow."""
+        """Write one delivery (or recognise it as a copy), let acks flow, then confirm it."""
+        confirm: codec.Confirm | None = None
         try:
             batch, records, poison = job
             if batch is None:
@@ -365,19 +373,25 @@ class Bridge:
                 log.warning("dead-lettered %d bytes from %s: %s", len(delivery.payload), quote(delivery.topic),
                             shorten(poison))
             else:
-                await self._write_batch(delivery, batch, records)
+                confirm = await self._write_batch(delivery, batch, records)
             delivery.ackable = True
         except _Stale:
             self._counters["stale_dropped"] += 1
         finally:
             delivery.done = True
+            # PUBACK first when it can go now (nothing received earlier still pending): then
+            # whoever sees the confirm sees the batch acknowledged. Otherwise the confirm does
+            # not wait for it: Kafka holds the batch.
+            self._flush_acks()
+            if confirm is not None:
+                self._confirm(confirm)
             assert self._room is not None
             async with self._room:
                 self._records_inflight -= count
                 self._room.notify_all()
-            self._flush_acks()
 
-    async def _write_batch(self, delivery: _Delivery, batch: codec.Batch, records: list[codec.KafkaRecord]) -> None:
+    async def _write_batch(self, delivery: _Delivery, batch: codec.Batch, records: list[codec.KafkaRecord]) -> codec.Confirm:
+        """Write ``batch`` unless it is a copy of one already written; the confirm it earns."""
         key = (batch.gateway, batch.bseq, hashlib.blake2b(delivery.payload, digest_size=16).digest())
         earlier = self._written.get(key)
         if earlier is not None:
@@ -388,8 +402,7 @@ class Bridge:
                 self._counters["duplicates_received"] += 1
                 log.info("batch %s/%d is a copy of one already in Kafka: confirmed again, not written",
                          batch.gateway, batch.bseq)
-                self._confirm(codec.Confirm(batch.gateway, batch.bseq, len(batch.readings)))
-                return
+                return codec.Confirm(batch.gateway, batch.bseq, len(batch.readings))
         assert self._loop is not None
         written: asyncio.Future = self._loop.create_future()
         self._remember(key, written)
@@ -406,9 +419,9 @@ class Bridge:
         self._counters["status_written"] += len(batch.statuses)
         self._counters["drops_written"] += len(batch.drops)
         # n counts readings, as the contract always said; the gateway deletes the batch's
-        # status events on the same confirm. Kafka holds it all: confirm now, even if this
+        # status events on the same confirm. Kafka holds it all: it is confirmed even if this
         # delivery's PUBACK must still wait for earlier ones (or its connection is gone).
-        self._confirm(codec.Confirm(batch.gateway, batch.bseq, len(batch.readings)))
+        return codec.Confirm(batch.gateway, batch.bseq, len(batch.readings))
 
     def _remember(self, key: tuple[str, int, bytes], written: asyncio.Future) -> None:
         if self.config.dedup_window <= 0:
@@ -435,7 +448,14 @@ class Bridge:
         """Let the writes under way finish (bounded), so their acks and confirms go out."""
         tasks = set(self._tasks)
         if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=timeout)
+            # Kafka failing: nothing will finish in time, and a stop must stay prompt.
+            failures = self._counters["kafka_failures"]
+            deadline = time.monotonic() + timeout
+            pending = tasks
+            while pending and time.monotonic() < deadline and self._counters["kafka_failures"] == failures:
+                if any(d.generation == self._generation() and not d.done and d.retrying for d in self._ack_queue):
+                    break
+                _, pending = await asyncio.wait(pending, timeout=0.05)
             for task in pending:
                 task.cancel()
             if pending:
@@ -458,7 +478,11 @@ class Bridge:
             except KafkaWriteError as exc:
                 self._counters["kafka_failures"] += 1
                 log.warning("Kafka write of %d records from %s failed (%s); retrying in %.1f s", len(records), quote(delivery.topic), describe(exc), delay)
-            await asyncio.sleep(delay)
+            delivery.retrying = True
+            try:
+                await asyncio.sleep(delay)
+            finally:
+                delivery.retrying = False
             self._counters["retries"] += 1
             delay = min(delay * 2, self.config.retry_max_s)
 

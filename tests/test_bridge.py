@@ -264,6 +264,11 @@ def test_poison_is_deadlettered_and_the_bridge_keeps_going(mosquitto, kafka_boot
             gw.publish_raw(topic, payload)
         gw.publish(make_batch("gw2", 1, ["dev-y"], per_device=3, first_seq=0))
         gw.wait_confirms([1], timeout=15)
+        # Batches are written concurrently and a confirm leaves as soon as its own batch is in
+        # Kafka: the dead-letter writes received before it may still be settling.
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and (bridge.stats()["deadlettered"] < 4 or bridge.stats()["inflight"]):
+            time.sleep(0.05)
         stats = bridge.stats()
 
     dead = read_all(kafka_bootstrap, kafka_topics["deadletter"], timeout_s=10, expect=4)

@@ -75,6 +75,7 @@ class PersistentSession:
         on_message: MessageHandler,
         *,
         manual_ack: bool = False,
+        clean_session: bool = False,
         keepalive: int = 30,
         reconnect_max_s: float = DEFAULT_RECONNECT_MAX_S,
         max_inflight: int = 100,
@@ -124,7 +125,9 @@ class PersistentSession:
         self.client = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=client_id,
-            clean_session=False,
+            # Persistent unless the owner says otherwise (a member of a shared subscription
+            # group: a dead member's persistent session would keep taking its share).
+            clean_session=clean_session,
             protocol=mqtt.MQTTv311,
             manual_ack=manual_ack,
         )
