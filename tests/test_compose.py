@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import re
 import shlex
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +28,9 @@ from tern.edge.config import DEFAULT_MQTT_PORT
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE = REPO / "docker-compose.yml"
 #: Bridge settings the compose file may set before the bridge reads them: the shared
-#: subscription group comes with the concurrent bridge (issue 13); once BridgeConfig reads it,
-#: the mutation check below covers it like every other variable.
-PENDING_BRIDGE_VARS = {"TERN_BRIDGE_SHARE_GROUP"}
+#: subscription group comes with the concurrent bridge (issue 13). Excused only while
+#: BridgeConfig has no such field; once it has, the mutation check covers it like the rest.
+PENDING_BRIDGE_VARS = set() if "share_group" in {f.name for f in fields(BridgeConfig)} else {"TERN_BRIDGE_SHARE_GROUP"}
 
 
 def expand(value: Any) -> str:
