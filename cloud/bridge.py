@@ -36,7 +36,7 @@ import time
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import MQTTErrorCode
@@ -49,6 +49,9 @@ from tern.core import codec, topics
 from tern.core.errors import CodecError, TernError
 from tern.core.mqtt_session import PersistentSession
 from tern.core.quoting import describe, quote, shorten
+
+if TYPE_CHECKING:
+    from tern.cloud.command_router import CommandRouter
 
 log = logging.getLogger("tern.bridge")
 
@@ -111,6 +114,8 @@ class Bridge:
         self._ack_queue: deque[_Delivery] = deque()
         self._tasks: set[asyncio.Task] = set()
         self._records_inflight = 0
+        #: The command router (with ``config.commands``), else None.
+        self.router: "CommandRouter | None" = None
         self._room: asyncio.Condition | None = None
         # (gateway, bseq, digest) -> future set True once written (False: given up, not written).
         self._written: OrderedDict[tuple[str, int, bytes], asyncio.Future] = OrderedDict()
@@ -151,6 +156,8 @@ class Bridge:
         snapshot["mqtt_connected"] = self._connected.is_set()
         snapshot["records_inflight"] = self._records_inflight
         snapshot["batches_writing"] = len(self._tasks)
+        if self.router is not None:
+            snapshot.update(self.router.counts)
         return snapshot
 
     async def run(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
@@ -170,18 +177,25 @@ class Bridge:
             raise BridgeError(str(exc)) from None
         self._sink = sink
         worker: asyncio.Task | None = None
+        router_task: asyncio.Task | None = None
         monitor: BridgeMonitor | None = None
         try:
             await self._connect_mqtt(stop)
             if self.config.metrics_port:
                 monitor = await BridgeMonitor(self, sink).start()
             worker = asyncio.create_task(self._work(), name="tern-bridge-worker")
+            if self.config.commands:
+                router_task = await self._start_router(stop)
             log.info("bridge %s running: %s -> %s", self.config.name, self.config.mqtt_broker, self.config.kafka_bootstrap)
             if ready is not None:
                 ready.set()
             stopper = asyncio.create_task(stop.wait())
-            await asyncio.wait({worker, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({worker, stopper} | ({router_task} if router_task else set()),
+                               return_when=asyncio.FIRST_COMPLETED)
             stopper.cancel()
+            if router_task is not None and router_task.done() and not stop.is_set():
+                router_task.result()
+                raise BridgeError("command router ended unexpectedly")
             if worker.done():
                 worker.result()  # a crash of the worker is a bug: surface it
                 raise BridgeError("bridge worker ended unexpectedly")
@@ -195,11 +209,35 @@ class Bridge:
                 except (asyncio.CancelledError, Exception):
                     pass
             await self._drain(STOP_DRAIN_S)
+            if router_task is not None:
+                # Its consumed-but-unpublished command keeps its offset: the next router takes it.
+                router_task.cancel()
+                await asyncio.gather(router_task, return_exceptions=True)
             if monitor is not None:
                 await monitor.stop()
             self._disconnect_mqtt()
             await sink.stop()
             self._sink = None
+
+    async def _start_router(self, stop: asyncio.Event) -> asyncio.Task:
+        """Start routing commands (Kafka -> gateways) over this bridge's MQTT session."""
+        from tern.cloud.command_router import CommandRouter, CommandSettings, paho_publisher
+
+        assert self._session is not None
+        self.router = CommandRouter(self.config, CommandSettings.from_config(self.config),
+                                    paho_publisher(self._session.client))
+        ready = asyncio.Event()
+        task = asyncio.create_task(self.router.run(stop, ready), name="tern-bridge-commands")
+        waiter = asyncio.create_task(ready.wait())
+        await asyncio.wait({task, waiter}, timeout=self.config.connect_timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        if task.done():
+            exc = task.exception()
+            raise BridgeError(f"command router could not start: {exc}")
+        if not ready.is_set():
+            task.cancel()
+            raise BridgeError(f"command router: no Kafka consumer within {self.config.connect_timeout_s:.0f} s")
+        return task
 
     # --- MQTT (paho's thread) -------------------------------------------------------
 
@@ -418,6 +456,10 @@ class Bridge:
         self._counters["records_written"] += len(batch.readings)
         self._counters["status_written"] += len(batch.statuses)
         self._counters["drops_written"] += len(batch.drops)
+        if self.router is not None:
+            # The freshest word on which gateway serves a device, before the status topic's.
+            for event in batch.statuses:
+                self.router.directory.learn(event.device, batch.gateway)
         # n counts readings, as the contract always said; the gateway deletes the batch's
         # status events on the same confirm. Kafka holds it all: it is confirmed even if this
         # delivery's PUBACK must still wait for earlier ones (or its connection is gone).

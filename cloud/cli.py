@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from typing import Sequence
@@ -43,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--compression", choices=["gzip", "snappy", "lz4", "zstd"], help="Kafka compression")
     run.add_argument("--share-group", help="split batches with other bridges on $share/GROUP/... (env TERN_BRIDGE_SHARE_GROUP)")
     run.add_argument("--stats-every", type=float, default=30.0, metavar="S", help="log counters every S seconds (0: never)")
+    run.add_argument("--no-commands", action="store_true",
+                     help="do not route commands from Kafka to the gateways (env TERN_BRIDGE_COMMANDS=0)")
     run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
     consume = sub.add_parser(
@@ -112,6 +115,8 @@ def _run(args: argparse.Namespace) -> int:
         enable_idempotence=args.idempotence,
         compression=args.compression,
         share_group=args.share_group,
+        # On unless turned off by flag or by TERN_BRIDGE_COMMANDS (the library's default is off).
+        commands=False if args.no_commands else (None if os.environ.get("TERN_BRIDGE_COMMANDS", "").strip() else True),
     )
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"

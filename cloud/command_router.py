@@ -63,6 +63,12 @@ class CommandSettings:
                 raise ConfigError(f"{name}: must be a positive number of seconds, got {value!r}")
 
     @classmethod
+    def from_config(cls, config: BridgeConfig) -> "CommandSettings":
+        """The settings a bridge's config names."""
+        return cls(commands_topic=config.commands_topic, results_topic=config.command_results_topic,
+                   group=config.command_group)
+
+    @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "CommandSettings":
         """Settings from the environment, defaults for what is unset."""
         env = os.environ if env is None else env

@@ -124,6 +124,15 @@ class BridgeConfig:
     #: (each with its own ``name``) takes a share of the gateways' batches.
     share_group: str | None = None
 
+    # --- commands to nodes (cloud/command_router.py) ---
+    #: Route commands from ``commands_topic`` to the gateways (off by default in the library;
+    #: ``tern-bridge run`` turns it on unless ``--no-commands``).
+    commands: bool = False
+    commands_topic: str = topics.KAFKA_COMMANDS
+    command_results_topic: str = topics.KAFKA_COMMAND_RESULTS
+    #: Consumer group of the command router: bridges sharing it split the commands.
+    command_group: str = "tern-bridge-commands"
+
     def __post_init__(self) -> None:
         try:
             topics.check_id(self.name, "bridge name")
@@ -259,6 +268,9 @@ class BridgeConfig:
             ("TERN_BRIDGE_MQTT_KEY", "mqtt_key"),
             ("TERN_BRIDGE_ALLOWED_GATEWAYS", "allowed_gateways"),
             ("TERN_BRIDGE_SHARE_GROUP", "share_group"),
+            ("TERN_KAFKA_COMMANDS_TOPIC", "commands_topic"),
+            ("TERN_KAFKA_COMMAND_RESULTS_TOPIC", "command_results_topic"),
+            ("TERN_BRIDGE_COMMAND_GROUP", "command_group"),
         ):
             value = env.get(var, "").strip()
             if value:
@@ -273,6 +285,11 @@ class BridgeConfig:
             value = env.get(var, "").strip()
             if value:
                 values[field_name] = value
+        commands = env.get("TERN_BRIDGE_COMMANDS", "").strip().lower()
+        if commands:
+            if commands not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                raise ConfigError(f"TERN_BRIDGE_COMMANDS: expected 1/0 or true/false, got {commands!r}")
+            values["commands"] = commands in ("1", "true", "yes", "on")
         known = {f.name for f in fields(cls)}
         unknown = set(overrides) - known
         if unknown:

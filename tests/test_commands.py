@@ -316,3 +316,34 @@ def test_the_command_cli_writes_a_command_and_waits_for_its_outcome(
         router.stop()
     assert cli_main(["command", "dev-q", "Bad Name", "--kafka", kafka_bootstrap]) == 2
     assert "invalid command name" in capsys.readouterr().err
+
+
+def test_the_bridge_routes_commands_and_learns_gateways_from_its_own_batches(
+    setup, mosquitto: Mosquitto, kafka_bootstrap: str
+) -> None:
+    """The router inside a running bridge: a gateway's batch tells the bridge which gateway
+    serves a device, and a command for it then reaches that gateway's session."""
+    from tern.cloud.bridge import BridgeThread
+
+    config, settings = setup
+    config = config.with_(commands=True, commands_topic=settings.commands_topic,
+                          command_results_topic=settings.results_topic, command_group=settings.group)
+    gw = GatewayCommandSession(mosquitto, "gw-7")
+    with BridgeThread(config) as bridge:
+        publisher = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="gw-7-uplink")
+        publisher.connect(mosquitto.host, mosquitto.port)
+        publisher.loop_start()
+        try:
+            event = codec.StatusEvent("site-1", "dev-7", "online", "a1b2c3d4", "fw", "POWERON", 1)
+            batch = codec.Batch("gw-7", 1, 1, (), (event,))
+            publisher.publish(topics.batch_topic("gw-7"), codec.encode_batch(batch), qos=1).wait_for_publish(5)
+            wait_until(lambda: bridge.stats()["status_written"] == 1, what="the batch written")
+            produce(kafka_bootstrap, settings.commands_topic,
+                    [(b"dev-7", commands.encode_command(Command("c-70", "dev-7", "ping", {})))])
+            wait_until(lambda: [c.id for c in gw.commands()] == ["c-70"], what="the command at gw-7")
+            assert gw.commands()[0].gateway == "gw-7"
+            wait_until(lambda: bridge.stats()["commands_routed"] == 1, what="the router's count")
+        finally:
+            publisher.loop_stop()
+            publisher.disconnect()
+            gw.close()
