@@ -167,6 +167,29 @@ def test_reader_decodes_readings_statuses_and_dead_letters(pipeline, kafka_boots
     assert len(reader_items) == 6 + 2 + 1
 
 
+@pytest.mark.skipif(not hasattr(codec, "DropEvent"),
+                    reason="drop events come with the outbox's retention policies (issue 14), not in this codec yet")
+def test_drop_events_decoded_and_deduplicated(pipeline, kafka_bootstrap, kafka_topics, capsys, monkeypatch):
+    bridge, gateway = pipeline
+    drop = codec.DropEvent(site="site1", device="dev-a", boot=BOOT, reason="max_rows", first_seq=1, last_seq=5,
+                           count=5, dropped_ms=77)
+    gateway.send(codec.Batch(GATEWAY, 1, int(time.time() * 1000), drops=(drop,)))
+    gateway.send(codec.Batch(GATEWAY, 2, int(time.time() * 1000), drops=(drop,)))  # the same event, re-sent
+    topic = kafka_topics["status"]
+    assert len(read_all(kafka_bootstrap, topic, timeout_s=15, expect=2)) == 2
+
+    everything = list(read_tern(kafka_bootstrap, topic, from_beginning=True, timeout_s=15))
+    assert [r.kind for r in everything] == ["drop", "drop"]
+    (once,) = read_tern(kafka_bootstrap, topic, from_beginning=True, dedup_window=100, timeout_s=15)
+    assert (once.value["device"], once.value["first_seq"], once.value["last_seq"], once.value["count"]) == ("dev-a", 1, 5, 5)
+    assert once.value["reason"] == "max_rows" and once.value["gateway"] == GATEWAY
+
+    monkeypatch.setenv("COLUMNS", "250")
+    assert cli_main(["consume", "--kafka", kafka_bootstrap, "--topic", topic, "--from-beginning", "--dedup"]) == 0
+    out = capsys.readouterr().out
+    assert "5 readings dropped (max_rows)" in out and "1 records, 1 duplicates dropped" in out
+
+
 def test_deduplicator_window_is_bounded():
     dedup = Deduplicator(window=2)
     assert [dedup.seen(k) for k in ("a", "b", "a", "c", "b", "a")] == [False, False, True, False, False, False]
