@@ -211,7 +211,9 @@ def _cells(record) -> tuple[str, str, str, str, str]:
     if record.kind == "status":
         colour = "green" if v["state"] == "online" else "red"
         detail = " ".join(f"{k}={v[k]}" for k in ("fw", "reset") if v[k])
-        return v["device"], v["boot"], "-", f"[{colour}]{v['state']}[/] {escape(detail)}".rstrip(), v["gateway"]
+        if v.get("dropped"):  # readings the node itself had to drop, per boot
+            detail += " dropped " + ",".join(f"{boot}:{n}" for boot, n in v["dropped"].items())
+        return v["device"], v["boot"], "-", f"[{colour}]{v['state']}[/] {escape(detail.strip())}".rstrip(), v["gateway"]
     if record.kind == "drop":
         seqs = f"{v['first_seq']}-{v['last_seq']}"
         return v["device"], v["boot"], seqs, f"[yellow]{v['count']} readings dropped ({escape(v['reason'])})[/]", v["gateway"]

@@ -173,21 +173,25 @@ def test_drop_events_decoded_and_deduplicated(pipeline, kafka_bootstrap, kafka_t
     bridge, gateway = pipeline
     drop = codec.DropEvent(site="site1", device="dev-a", boot=BOOT, reason="max_rows", first_seq=1, last_seq=5,
                            count=5, dropped_ms=77)
-    gateway.send(codec.Batch(GATEWAY, 1, int(time.time() * 1000), drops=(drop,)))
+    # A node that says in its birth message that it lost readings itself.
+    birth = codec.StatusEvent(site="site1", device="dev-b", state="online", boot=BOOT, received_ms=9, dropped=((BOOT, 3),))
+    gateway.send(codec.Batch(GATEWAY, 1, int(time.time() * 1000), statuses=(birth,), drops=(drop,)))
     gateway.send(codec.Batch(GATEWAY, 2, int(time.time() * 1000), drops=(drop,)))  # the same event, re-sent
     topic = kafka_topics["status"]
-    assert len(read_all(kafka_bootstrap, topic, timeout_s=15, expect=2)) == 2
+    assert len(read_all(kafka_bootstrap, topic, timeout_s=15, expect=3)) == 3
 
     everything = list(read_tern(kafka_bootstrap, topic, from_beginning=True, timeout_s=15))
-    assert [r.kind for r in everything] == ["drop", "drop"]
-    (once,) = read_tern(kafka_bootstrap, topic, from_beginning=True, dedup_window=100, timeout_s=15)
+    assert sorted(r.kind for r in everything) == ["drop", "drop", "status"]
+    items = list(read_tern(kafka_bootstrap, topic, from_beginning=True, dedup_window=100, timeout_s=15))
+    (once,) = [r for r in items if r.kind == "drop"]
     assert (once.value["device"], once.value["first_seq"], once.value["last_seq"], once.value["count"]) == ("dev-a", 1, 5, 5)
     assert once.value["reason"] == "max_rows" and once.value["gateway"] == GATEWAY
 
     monkeypatch.setenv("COLUMNS", "250")
     assert cli_main(["consume", "--kafka", kafka_bootstrap, "--topic", topic, "--from-beginning", "--dedup"]) == 0
     out = capsys.readouterr().out
-    assert "5 readings dropped (max_rows)" in out and "1 records, 1 duplicates dropped" in out
+    assert "5 readings dropped (max_rows)" in out and "2 records, 1 duplicates dropped" in out
+    assert f"dropped {BOOT}:3" in out
 
 
 def test_deduplicator_window_is_bounded():
