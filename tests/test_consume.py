@@ -419,7 +419,8 @@ def test_foreign_record_is_shown_as_invalid(kafka_bootstrap, kafka_topics, capsy
 
     asyncio.run(produce())
     items = list(read_tern(kafka_bootstrap, kafka_topics["readings"], from_beginning=True, dedup_window=10, timeout_s=15))
-    assert [(r.kind, r.key) for r in sorted(items, key=lambda r: r.offset)] == [("invalid", "k1"), ("invalid", None)]
+    # Two partitions, likely: no order between them.
+    assert sorted((r.kind, r.key or "") for r in items) == [("invalid", ""), ("invalid", "k1")]
     assert all(r.error and r.value is None and r.identity is None for r in items)
     by_key = {r.key: r for r in items}
     assert "unknown schema 'other/1'" in by_key["k1"].error
