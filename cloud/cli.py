@@ -50,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
 
     consume = sub.add_parser(
         "consume",
-        help="print readings, node status and dead letters from Kafka (table or JSON lines)",
+        help="print readings, node status, drop events and dead letters from Kafka (table or JSON lines)",
         description="Print what the bridge wrote to Kafka. Like Kafka's console consumer, reading starts at "
         "the end of each partition (new records only) unless --from-beginning is given; with --group, at the "
         "group's committed offsets. Without --follow it stops at the end the topics had when it started.",
@@ -230,7 +230,12 @@ def _cells(record) -> tuple[str, str, str, str, str]:
     if record.kind == "status":
         colour = "green" if v["state"] == "online" else "red"
         detail = " ".join(f"{k}={v[k]}" for k in ("fw", "reset") if v[k])
-        return v["device"], v["boot"], "-", f"[{colour}]{v['state']}[/] {escape(detail)}".rstrip(), v["gateway"]
+        if v.get("dropped"):  # readings the node itself had to drop, per boot
+            detail += " dropped " + ",".join(f"{boot}:{n}" for boot, n in v["dropped"].items())
+        return v["device"], v["boot"], "-", f"[{colour}]{v['state']}[/] {escape(detail.strip())}".rstrip(), v["gateway"]
+    if record.kind == "drop":
+        seqs = f"{v['first_seq']}-{v['last_seq']}"
+        return v["device"], v["boot"], seqs, f"[yellow]{v['count']} readings dropped ({escape(v['reason'])})[/]", v["gateway"]
     if record.kind == "deadletter":
         size = record.header("original_bytes") or str(len(record.raw))
         cut = ", truncated" if record.header("truncated") == "1" else ""

@@ -25,7 +25,8 @@ Delivery from Kafka is at least once (a gateway re-sends a batch whose confirm i
 bridge re-writes a batch whose Kafka write failed half way), so the reader can drop repeats:
 readings on ``(device, boot, seq)``, status events on ``(device, boot, state, gateway_rx_ms)``
 (a node may go online, offline and online again within one boot, but the gateway stamps each
-event when it commits it), remembered over a bounded window of the most recent identities.
+event when it commits it), drop events on ``(device, boot, first_seq, last_seq, dropped_ms)``,
+remembered over a bounded window of the most recent identities.
 """
 
 from __future__ import annotations
@@ -48,9 +49,18 @@ from tern.core.errors import CodecError, TernError
 
 log = logging.getLogger("tern.reader")
 
-#: What a record is: a reading, a node status event, a dead letter the bridge wrote (its
+#: What a record is: a reading, a node status event, a drop event (readings a gateway's
+#: retention policy deleted: they will never arrive), a dead letter the bridge wrote (its
 #: headers say why), or something on a Tern topic that is none of these.
-KINDS = ("reading", "status", "deadletter", "invalid")
+KINDS = ("reading", "status", "drop", "deadletter", "invalid")
+
+#: (kind, the codec's decoder for it). Looked up by name: a codec without drop events (older
+#: than the gateway's retention policies) simply never yields kind ``drop``.
+_DECODERS = (
+    ("reading", "decode_kafka_value"),
+    ("status", "decode_kafka_status_value"),
+    ("drop", "decode_kafka_drop_value"),
+)
 
 #: Identities remembered by default: ~15 MB (measured with tracemalloc), many batches' worth of re-sends from
 #: thousands of gateways.
@@ -65,8 +75,8 @@ class ReaderError(TernError, RuntimeError):
 class TernRecord:
     """One Kafka record, decoded.
 
-    ``value`` is the decoded reading or status value (``tern.reading/1`` or ``tern.status/1``,
-    see docs/contracts.md) and None for the other kinds; ``error`` is the dead letter's reason
+    ``value`` is the decoded reading, status or drop value (``tern.reading/1``, ``tern.status/1``,
+    ``tern.drop/1``, see docs/contracts.md) and None for the other kinds; ``error`` is the dead letter's reason
     (its ``error`` header) or why an ``invalid`` record did not decode.
     """
 
@@ -89,6 +99,8 @@ class TernRecord:
             return None
         if self.kind == "reading":
             return ("reading", v["device"], v["boot"], v["seq"])
+        if self.kind == "drop":
+            return ("drop", v["device"], v["boot"], v["first_seq"], v["last_seq"], v["dropped_ms"])
         return ("status", v["device"], v["boot"], v["state"], v["gateway_rx_ms"])
 
     def header(self, name: str) -> str:
@@ -137,7 +149,10 @@ def decode_record(topic: str, partition: int, offset: int, key: bytes | None, va
         raw=raw,
     )
     errors = []
-    for kind, decode in (("reading", codec.decode_kafka_value), ("status", codec.decode_kafka_status_value)):
+    for kind, name in _DECODERS:
+        decode = getattr(codec, name, None)
+        if decode is None:
+            continue
         try:
             return TernRecord(kind=kind, value=decode(raw), **common)
         except CodecError as exc:
