@@ -23,9 +23,8 @@ be reported dropped.
 Every drop is counted per device and reason (``drop_counts``, kept) and becomes a drop event
 (``drop_events``) that the uplink carries to the cloud in the batch envelope (the ``drops/1``
 extension, docs/contracts.md) and deletes on the confirm. Events of one (device, boot,
-reason) not yet handed to a batch are merged while the uplink takes nothing new (an outage), so
-their number stays bounded by the number of devices however long the outbox overflows, and
-each event's seq range holds dropped readings only.
+reason) not yet handed to a batch are merged while their seqs run on, so their number stays
+small however long the outbox overflows, and each event is one exact run of dropped seqs.
 
 Everything here runs inside the caller's transaction, on the caller's connection.
 """
@@ -118,8 +117,6 @@ def create_tables(db: sqlite_utils.Database) -> None:
             "dropped_ms": int,
             # The batch carrying it; NULL until the uplink hands it to one.
             "bseq": int,
-            # The outbox's take watermark when it was last extended (see _record_event).
-            "taken_upto": int,
         },
         pk="id",
         not_null={"site", "device", "boot", "reason", "first_seq", "last_seq", "count", "dropped_ms"},
@@ -169,7 +166,8 @@ def drop_oldest(
         groups.setdefault((site, device, boot), []).append(seq)
     per_device: dict[tuple[str, str], int] = {}
     for (site, device, boot), seqs in groups.items():
-        _record_event(db, site, device, boot, reason, min(seqs), max(seqs), len(seqs), stamp, after_id)
+        for first, last in _runs(seqs):
+            _record_event(db, site, device, boot, reason, first, last, stamp)
         per_device[(site, device)] = per_device.get((site, device), 0) + len(seqs)
     for (site, device), n in per_device.items():
         db.execute(
@@ -181,39 +179,39 @@ def drop_oldest(
     return len(rows)
 
 
+def _runs(seqs: list[int]) -> list[tuple[int, int]]:
+    """``seqs`` as maximal runs of consecutive numbers: [1, 2, 3, 7, 9, 10] -> (1, 3), (7, 7), (9, 10)."""
+    runs: list[tuple[int, int]] = []
+    for seq in sorted(seqs):
+        if runs and seq == runs[-1][1] + 1:
+            runs[-1] = (runs[-1][0], seq)
+        else:
+            runs.append((seq, seq))
+    return runs
+
+
 def _record_event(
-    db: sqlite_utils.Database,
-    site: str,
-    device: str,
-    boot: str,
-    reason: str,
-    first: int,
-    last: int,
-    n: int,
-    stamp: int,
-    taken_upto: int,
+    db: sqlite_utils.Database, site: str, device: str, boot: str, reason: str, first: int, last: int, stamp: int
 ) -> None:
-    # Merge only into an event no batch has taken yet (a batch in flight carries exactly what
-    # its event said when it was taken), and only while the uplink has taken nothing new since
-    # the event was last extended: then no reading of the device between the two ranges can
-    # have been forwarded, and the merged range still holds dropped readings only (and seqs
-    # that never arrived).
+    # An event is one run of consecutive seqs, all dropped: exact, whatever was forwarded,
+    # dropped earlier or never arrived around it. A run that continues an event no batch has
+    # taken yet (a batch in flight carries exactly what its event said when it was taken)
+    # extends it, which keeps one event per device during a long overflow.
     open_event = db.execute(
         f"SELECT id FROM {DROP_EVENTS} WHERE bseq IS NULL AND device = ? AND boot = ? AND reason = ?"
-        " AND taken_upto = ? ORDER BY id DESC LIMIT 1",
-        [device, boot, reason, taken_upto],
+        " AND last_seq = ? ORDER BY id DESC LIMIT 1",
+        [device, boot, reason, first - 1],
     ).fetchone()
     if open_event:
         db.execute(
-            f"UPDATE {DROP_EVENTS} SET first_seq = MIN(first_seq, ?), last_seq = MAX(last_seq, ?),"
-            " count = count + ?, dropped_ms = ?, site = ? WHERE id = ?",
-            [first, last, n, stamp, site, open_event[0]],
+            f"UPDATE {DROP_EVENTS} SET last_seq = ?, count = count + ?, dropped_ms = ?, site = ? WHERE id = ?",
+            [last, last - first + 1, stamp, site, open_event[0]],
         )
     else:
         db.execute(
-            f"INSERT INTO {DROP_EVENTS} (site, device, boot, reason, first_seq, last_seq, count, dropped_ms, taken_upto)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [site, device, boot, reason, first, last, n, stamp, taken_upto],
+            f"INSERT INTO {DROP_EVENTS} (site, device, boot, reason, first_seq, last_seq, count, dropped_ms)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [site, device, boot, reason, first, last, last - first + 1, stamp],
         )
 
 

@@ -115,11 +115,11 @@ DROP_REASONS = ("max_rows", "max_bytes", "max_age")
 
 @dataclass(frozen=True, slots=True)
 class DropEvent:
-    """Gateway to cloud: ``count`` readings of one (device, boot), seqs ``first_seq``..``last_seq``,
-    were deleted from the outbox by its retention policy and will never arrive.
+    """Gateway to cloud: the ``count`` readings of one (device, boot) with seqs ``first_seq`` to
+    ``last_seq`` were deleted from the outbox by its retention policy and will never arrive.
 
-    ``count`` may be below ``last_seq - first_seq + 1`` when the device's seqs had gaps.
-    ``dropped_ms`` is when the gateway dropped the last of them.
+    The gateway sends runs of consecutive seqs (``count == last_seq - first_seq + 1``); the
+    decoder accepts a smaller count. ``dropped_ms`` is when the gateway dropped the last of them.
     """
 
     site: str
