@@ -716,6 +716,13 @@ class Outbox:
                 return
             self._closed = True
             self._changed.notify_all()
+            try:
+                # Fold the WAL into the database file and empty it: a clean stop leaves one
+                # self-contained file (to copy, to inspect) even if a statement of another
+                # thread keeps the connection from closing at once.
+                self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error:  # a reader elsewhere holds it: SQLite recovers the WAL on open
+                pass
             self.db.close()
 
     def __enter__(self) -> "Outbox":
