@@ -46,11 +46,12 @@ from typing import Callable
 import paho.mqtt.client as mqtt
 
 from tern.edge.config import GatewayConfig
-from tern.edge.outbox import Outbox, OutboxRow, StatusRow, now_ms
+from tern.edge.outbox import Outbox, OutboxRow, StatusRow, is_disk_full, now_ms
 from tern.edge.ratelimit import READINGS, TokenBucket, parse_rate
 from tern.core import codec, topics
 from tern.core.codec import Batch
 from tern.core.mqtt_session import PersistentSession
+from tern.core.lograte import Throttled
 from tern.core.quoting import describe, quote
 
 log = logging.getLogger(__name__)
@@ -121,6 +122,8 @@ class Uplink:
         self._status_batch: int | None = None
         self._bytes_per_reading = BYTES_PER_READING_GUESS
         self._generation = -1
+        self._throttle = Throttled(log, 60.0)
+        self._failing = False
         #: Called with the seconds from a batch's (last) publish to its confirm (metrics, status).
         self.on_confirm_rtt: Callable[[float], None] | None = None
         self._counts = {
@@ -217,10 +220,21 @@ class Uplink:
         while not self._stop.is_set():
             try:
                 self._step()
-            except Exception:  # never let the forwarder die; the rows stay in the outbox
+                if self._failing:
+                    self._failing = False
+                    self._throttle.clear("step", "forwarding works again")
+            except Exception as exc:  # never let the forwarder die; the rows stay in the outbox
                 with self._cond:
                     self._counts["publish_errors"] += 1
-                log.exception("forwarding failed; retrying")
+                self._failing = True
+                # A persisting fault (a full disk: confirmed rows cannot be deleted) is one line
+                # a minute, not a traceback a second; the batches are re-sent and de-duplicated.
+                if is_disk_full(exc):
+                    why = f"the outbox {self.outbox.path} is full: confirmed batches cannot be deleted yet"
+                else:
+                    why = f"forwarding failed: {describe(exc)}"
+                if self._throttle.log(logging.ERROR, "step", f"{why}; retrying every second, nothing is lost"):
+                    log.debug("forwarding failure", exc_info=True)
                 self._stop.wait(1.0)
 
     def _step(self) -> None:
