@@ -234,7 +234,8 @@ class Uplink:
                 else:
                     why = f"forwarding failed: {describe(exc)}"
                 if self._throttle.log(logging.ERROR, "step", f"{why}; retrying every second, nothing is lost"):
-                    log.debug("forwarding failure", exc_info=True)
+                    # A bug's traceback is worth a line a minute; a full disk's is not.
+                    log.log(logging.DEBUG if is_disk_full(exc) else logging.ERROR, "the failure:", exc_info=True)
                 self._stop.wait(1.0)
 
     def _step(self) -> None:
