@@ -384,13 +384,22 @@ class Outbox:
 
     def next_bseq(self) -> int:
         """Allocate the next batch sequence number, durably (it only ever increases)."""
+        return self.reserve_bseqs(1)[0]
+
+    def reserve_bseqs(self, count: int) -> range:
+        """Allocate the next ``count`` batch sequence numbers in one durable transaction.
+
+        Numbers reserved and not used before a restart are skipped, never reused.
+        """
         with self._lock:
             with self.db.atomic():
                 self.db.execute(
-                    f"INSERT INTO {META} (key, value) VALUES ('bseq', 1)"
-                    " ON CONFLICT(key) DO UPDATE SET value = value + 1"
+                    f"INSERT INTO {META} (key, value) VALUES ('bseq', ?)"
+                    " ON CONFLICT(key) DO UPDATE SET value = value + ?",
+                    [count, count],
                 )
-                return self.db.execute(f"SELECT value FROM {META} WHERE key = 'bseq'").fetchone()[0]
+                last = self.db.execute(f"SELECT value FROM {META} WHERE key = 'bseq'").fetchone()[0]
+                return range(last - count + 1, last + 1)
 
     # --- waits -------------------------------------------------------------------------
 

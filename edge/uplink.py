@@ -62,6 +62,8 @@ RESEND_BACKOFF_MAX = 8
 STAGING_BATCHES = 2
 #: How often the forwarder looks for new rows and PUBACKs when it has nothing else to wait for.
 POLL_S = 0.01
+#: bseqs reserved per durable write (numbers left unused at a stop are skipped, never reused).
+BSEQ_BLOCK = 64
 #: First guess of a reading's size in a compressed envelope, refined by every encoding.
 BYTES_PER_READING_GUESS = 60.0
 
@@ -113,6 +115,8 @@ class Uplink:
         self._cursor = 0
         self._status_batch: int | None = None
         self._bytes_per_reading = BYTES_PER_READING_GUESS
+        self._bseqs = None  # an iterator over reserved bseqs, None when used up
+        self._bseqs_left = 0
         self._generation = -1
         self._counts = {
             "batches_sent": 0,
@@ -241,26 +245,34 @@ class Uplink:
     def _apply_confirms(self) -> None:
         with self._cond:
             confirms, self._confirms = self._confirms, []
+        done: dict[int, _InFlight] = {}
         for confirm in confirms:
             batch = self._inflight.get(confirm.bseq) if confirm.gateway == self.config.gateway_id else None
-            if batch is None:
+            if batch is None or confirm.bseq in done:
                 # A late confirm of a re-sent batch, one from an earlier run, another gateway's.
                 self._ignore(f"confirm for {confirm.gateway}/{confirm.bseq}, not in flight")
                 continue
-            # The custody rule: only now may these rows go.
-            deleted = self.outbox.delete((r.id for r in batch.rows), (s.id for s in batch.statuses))
-            with self._cond:
-                del self._inflight[batch.bseq]
-                self._counts["batches_confirmed"] += 1
-                self._counts["forwarded"] += deleted
-                self._counts["status_forwarded"] += len(batch.statuses)
+            done[confirm.bseq] = batch
+        if not done:
+            return
+        # The custody rule: only now may these rows go. One transaction for all the batches
+        # confirmed since the last round (one fsync, not one per batch).
+        deleted = self.outbox.delete(
+            (r.id for b in done.values() for r in b.rows), (s.id for b in done.values() for s in b.statuses)
+        )
+        with self._cond:
+            for bseq in done:
+                del self._inflight[bseq]
+            self._counts["batches_confirmed"] += len(done)
+            self._counts["forwarded"] += deleted
+            self._counts["status_forwarded"] += sum(len(b.statuses) for b in done.values())
+        for batch in done.values():
             if batch.lane is not None:
                 self._lanes[batch.lane].busy = False
             if self._status_batch == batch.bseq:
                 self._status_batch = None
-            log.debug("batch %d confirmed: %d readings, %d status events", batch.bseq, deleted, len(batch.statuses))
-        if confirms:
-            self._reset_cursor()
+            log.debug("batch %d confirmed: %d readings, %d status events", batch.bseq, len(batch.rows), len(batch.statuses))
+        self._reset_cursor()
 
     def _reset_cursor(self) -> None:
         """Lower the read cursor to the highest id still held.
@@ -367,7 +379,7 @@ class Uplink:
     def _publish_new(self, lane: int | None, rows: list[OutboxRow], statuses: list[StatusRow]) -> int:
         """Publish a new batch of ``rows`` (a prefix of them if the envelope is full) and
         ``statuses``; returns how many rows it took."""
-        bseq = self.outbox.next_bseq()
+        bseq = self._next_bseq()
         rows, payload = self._encode(rows, statuses, bseq)
         info = self.client.publish(self._topic, payload, qos=1)
         batch = _InFlight(bseq, lane, rows, statuses, payload, info, self.session.new_sessions,
@@ -383,6 +395,17 @@ class Uplink:
             # paho keeps it queued and sends it on reconnect.
             log.warning("publishing batch %d: %s; paho sends it on reconnect", bseq, mqtt.error_string(info.rc))
         return len(rows)
+
+    def _next_bseq(self) -> int:
+        # Reserved a window's worth at a time: one durable write per W batches, not per batch.
+        if not self._bseqs:
+            self._bseqs = iter(self.outbox.reserve_bseqs(BSEQ_BLOCK))
+            self._bseqs_left = BSEQ_BLOCK
+        self._bseqs_left -= 1
+        bseq = next(self._bseqs)
+        if self._bseqs_left == 0:
+            self._bseqs = None
+        return bseq
 
     def _check_resends(self, now: float) -> float:
         """Re-publish the batches that may have been lost; the next time one may need it."""
