@@ -105,6 +105,7 @@ class Uplink:
         self.config = config
         self.outbox = outbox
         self._stop = threading.Event()
+        self._draining = threading.Event()  # stopping: confirms still count, no new batches
         # Guards _confirms, _counts and _inflight's keys (read by stats()); signalled on a confirm.
         self._cond = threading.Condition()
         self._confirms: list[codec.Confirm] = []
@@ -157,7 +158,16 @@ class Uplink:
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop forwarding and disconnect; unconfirmed rows simply stay in the outbox."""
+        """Stop forwarding and disconnect; unconfirmed rows simply stay in the outbox.
+
+        Batches in flight get most of ``timeout`` to be confirmed first (no new ones leave
+        meanwhile): a batch confirmed now is not sent again, under a new bseq, by the next run.
+        """
+        deadline = time.monotonic() + timeout
+        self._draining.set()
+        if self._thread.is_alive() and self.session.connected:
+            with self._cond:
+                self._cond.wait_for(lambda: not self._inflight, max(0.0, deadline - time.monotonic() - 0.5))
         self._stop.set()
         with self._cond:
             self._cond.notify_all()
@@ -223,7 +233,8 @@ class Uplink:
         wake = now + 0.5
         if connected:
             wake = min(wake, self._check_resends(now))
-            wake = min(wake, self._send_ready(now))
+            if not self._draining.is_set():
+                wake = min(wake, self._send_ready(now))
         # New rows and PUBACKs are polled for (cheap: two counters and a flag per batch).
         poll = connected and (
             (self._staged < self._staging_cap() and self._unread())
@@ -266,6 +277,7 @@ class Uplink:
             self._counts["batches_confirmed"] += len(done)
             self._counts["forwarded"] += deleted
             self._counts["status_forwarded"] += sum(len(b.statuses) for b in done.values())
+            self._cond.notify_all()  # stop() may be waiting for the last batch in flight
         for batch in done.values():
             if batch.lane is not None:
                 self._lanes[batch.lane].busy = False

@@ -394,6 +394,42 @@ def test_batches_in_flight_hold_one_lane_each_and_confirms_in_any_order_delete_e
     assert per_device(bridge.delivered()) == {d: [0, 1, 2] for d in devices}
 
 
+def test_a_graceful_stop_waits_for_every_batch_in_flight(brokers, outbox_path, cleanup):
+    local, cloud = brokers
+    window = 4
+    by_lane: dict[int, str] = {}
+    for i in range(100):
+        by_lane.setdefault(lane_of(f"dev-{i}", window), f"dev-{i}")
+    bridge = BridgeStub(cloud, confirm=False)
+    cleanup(bridge)
+    gw = Gateway(config(local, cloud, outbox_path, uplink_window=window, confirm_timeout_s=60))
+    cleanup(gw)
+    gw.start()
+    assert gw.wait_connected(DEADLINE)
+    nodes = [Node(local, by_lane[lane]) for lane in range(window)]
+    for node in nodes:
+        cleanup(node)
+        node.send(0)
+    wait_until(lambda: gw.stats()["inflight_batches"] == window, what=f"{window} batches in flight")
+    stopper = threading.Thread(target=gw.stop, kwargs={"timeout": 15})
+    stopper.start()
+    # The stop is under way; the oldest batch's confirm comes in, and the others only once its
+    # rows are gone (a stop that waited for one batch only would be over by then).
+    wait_until(lambda: not gw.ingest.stats()["local_connected"], what="the stop under way (ingest stopped)")
+    batches = sorted({b.bseq: b for b in bridge.batches}.values(), key=lambda b: b.bseq)
+    with bridge._lock:
+        bridge._confirm(batches[0])
+    wait_until(lambda: len(outbox_rows(outbox_path)) == window - 1, what="the oldest batch deleted")
+    for batch in batches[1:]:
+        with bridge._lock:
+            bridge._confirm(batch)
+    stopper.join(20)
+    assert not stopper.is_alive()
+    # Every batch was confirmed before the uplink let go: nothing left to send again.
+    assert outbox_rows(outbox_path) == []
+    assert gw.stats()["batches_confirmed"] == window
+
+
 @pytest.mark.parametrize("persistence", [True, False])
 def test_a_batch_is_resent_after_a_broker_restart_only_if_the_session_was_lost(mosquitto_factory, outbox_path, cleanup, persistence):
     local = mosquitto_factory("local")
