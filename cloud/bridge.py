@@ -93,7 +93,10 @@ class Bridge:
     Counters (see :meth:`stats`) follow EMQX's data-integration metrics: ``matched`` batches
     received, ``records_written`` (readings), ``status_written`` (node status events),
     ``batches_confirmed``, ``deadlettered``, ``retries`` of
-    failed Kafka writes, ``inflight`` messages received but not yet acknowledged.
+    failed Kafka writes, ``inflight`` messages received but not yet acknowledged,
+    ``duplicates_received`` copies of batches already written (confirmed again, not written),
+    ``records_inflight`` and ``batches_writing`` for the Kafka writes under way,
+    ``mqtt_dup_flags`` messages the broker marked as redelivered.
     """
 
     def __init__(self, config: BridgeConfig) -> None:
