@@ -99,7 +99,10 @@ class Bridge:
     Counters (see :meth:`stats`) follow EMQX's data-integration metrics: ``matched`` batches
     received, ``records_written`` (readings), ``status_written`` (node status events),
     ``batches_confirmed``, ``deadlettered``, ``retries`` of
-    failed Kafka writes, ``inflight`` messages received but not yet acknowledged.
+    failed Kafka writes, ``inflight`` messages received but not yet acknowledged,
+    ``duplicates_received`` copies of batches already written (confirmed again, not written),
+    ``records_inflight`` and ``batches_writing`` for the Kafka writes under way,
+    ``mqtt_dup_flags`` messages the broker marked as redelivered.
     """
 
     def __init__(self, config: BridgeConfig) -> None:
@@ -476,8 +479,13 @@ class Bridge:
     def _flush_acks(self) -> None:
         """PUBACK, in receive order, every settled delivery at the head of the queue."""
         queue = self._ack_queue
+        generation = self._generation()
+        while queue and queue[0].generation != generation:
+            # From a connection that is gone: it can never be acked (the broker redelivers
+            # it), so it must not hold back the PUBACKs of what came after the reconnect.
+            self._forget(queue.popleft())
         while queue and queue[0].done:
-            if not queue[0].ackable and queue[0].generation == self._generation():
+            if not queue[0].ackable and queue[0].generation == generation:
                 # Given up on a live connection (only when stopping): acking anything after
                 # it would break the receive order, and it must be redelivered.
                 return

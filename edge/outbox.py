@@ -538,19 +538,21 @@ class Outbox:
         with self._lock:
             return self._drops_unclaimed
 
-    def delete(self, ids: Iterable[int], status_ids: Iterable[int] = (), drop_bseq: int | None = None) -> int:
-        """Delete exactly these readings and status events, and the drop events batch
+    def delete(self, ids: Iterable[int], status_ids: Iterable[int] = (),
+               drop_bseq: int | Iterable[int] | None = None) -> int:
+        """Delete exactly these readings and status events, and the drop events the batch(es)
         ``drop_bseq`` carried (after the cloud confirmed them), in one transaction; returns how
         many readings went."""
         ids, status_ids = list(ids), list(status_ids)
-        if not ids and not status_ids and drop_bseq is None:
+        drop_bseqs = [] if drop_bseq is None else [drop_bseq] if isinstance(drop_bseq, int) else list(drop_bseq)
+        if not ids and not status_ids and not drop_bseqs:
             return 0
         with self._changed:
             with self.db.atomic():
                 deleted = self._delete_chunked(OUTBOX, ids)
                 status_deleted = self._delete_chunked(STATUS_EVENTS, status_ids)
-                if drop_bseq is not None:
-                    self.db.execute(f"DELETE FROM {rtn.DROP_EVENTS} WHERE bseq = ?", [drop_bseq])
+                for bseq in drop_bseqs:
+                    self.db.execute(f"DELETE FROM {rtn.DROP_EVENTS} WHERE bseq = ?", [bseq])
             self._pending -= deleted
             self._status_pending -= status_deleted
             self._changed.notify_all()
@@ -566,13 +568,22 @@ class Outbox:
 
     def next_bseq(self) -> int:
         """Allocate the next batch sequence number, durably (it only ever increases)."""
+        return self.reserve_bseqs(1)[0]
+
+    def reserve_bseqs(self, count: int) -> range:
+        """Allocate the next ``count`` batch sequence numbers in one durable transaction.
+
+        Numbers reserved and not used before a restart are skipped, never reused.
+        """
         with self._lock:
             with self.db.atomic():
                 self.db.execute(
-                    f"INSERT INTO {META} (key, value) VALUES ('bseq', 1)"
-                    " ON CONFLICT(key) DO UPDATE SET value = value + 1"
+                    f"INSERT INTO {META} (key, value) VALUES ('bseq', ?)"
+                    " ON CONFLICT(key) DO UPDATE SET value = value + ?",
+                    [count, count],
                 )
-                return self.db.execute(f"SELECT value FROM {META} WHERE key = 'bseq'").fetchone()[0]
+                last = self.db.execute(f"SELECT value FROM {META} WHERE key = 'bseq'").fetchone()[0]
+                return range(last - count + 1, last + 1)
 
     # --- waits -------------------------------------------------------------------------
 

@@ -66,6 +66,8 @@ RESEND_BACKOFF_MAX = 8
 STAGING_BATCHES = 2
 #: How often the forwarder looks for new rows and PUBACKs when it has nothing else to wait for.
 POLL_S = 0.01
+#: bseqs reserved per durable write (numbers left unused at a stop are skipped, never reused).
+BSEQ_BLOCK = 64
 #: First guess of a reading's size in a compressed envelope, refined by every encoding.
 BYTES_PER_READING_GUESS = 60.0
 
@@ -111,6 +113,7 @@ class Uplink:
         self.config = config
         self.outbox = outbox
         self._stop = threading.Event()
+        self._draining = threading.Event()  # stopping: confirms still count, no new batches
         # Guards _confirms, _counts and _inflight's keys (read by stats()); signalled on a confirm.
         self._cond = threading.Condition()
         self._confirms: list[codec.Confirm] = []
@@ -121,6 +124,8 @@ class Uplink:
         self._cursor = 0
         self._status_batch: int | None = None
         self._bytes_per_reading = BYTES_PER_READING_GUESS
+        self._bseqs = None  # an iterator over reserved bseqs, None when used up
+        self._bseqs_left = 0
         self._generation = -1
         self._throttle = Throttled(log, 60.0)
         self._failing = False
@@ -168,7 +173,16 @@ class Uplink:
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop forwarding and disconnect; unconfirmed rows simply stay in the outbox."""
+        """Stop forwarding and disconnect; unconfirmed rows simply stay in the outbox.
+
+        Batches in flight get most of ``timeout`` to be confirmed first (no new ones leave
+        meanwhile): a batch confirmed now is not sent again, under a new bseq, by the next run.
+        """
+        deadline = time.monotonic() + timeout
+        self._draining.set()
+        if self._thread.is_alive() and self.session.connected:
+            with self._cond:
+                self._cond.wait_for(lambda: not self._inflight, max(0.0, deadline - time.monotonic() - 0.5))
         self._stop.set()
         with self._cond:
             self._cond.notify_all()
@@ -248,7 +262,8 @@ class Uplink:
         wake = now + 0.5
         if connected:
             wake = min(wake, self._check_resends(now))
-            wake = min(wake, self._send_ready(now))
+            if not self._draining.is_set():
+                wake = min(wake, self._send_ready(now))
         # New rows and PUBACKs are polled for (cheap: two counters and a flag per batch).
         poll = connected and (
             (self._staged < self._staging_cap() and self._unread())
@@ -270,29 +285,40 @@ class Uplink:
     def _apply_confirms(self) -> None:
         with self._cond:
             confirms, self._confirms = self._confirms, []
+        done: dict[int, _InFlight] = {}
         for confirm in confirms:
             batch = self._inflight.get(confirm.bseq) if confirm.gateway == self.config.gateway_id else None
-            if batch is None:
+            if batch is None or confirm.bseq in done:
                 # A late confirm of a re-sent batch, one from an earlier run, another gateway's.
                 self._ignore(f"confirm for {confirm.gateway}/{confirm.bseq}, not in flight")
                 continue
-            # The custody rule: only now may these rows go.
-            deleted = self.outbox.delete((r.id for r in batch.rows), (s.id for s in batch.statuses),
-                                         drop_bseq=batch.bseq if batch.drops else None)
-            if self.on_confirm_rtt is not None:
-                self.on_confirm_rtt(time.monotonic() - batch.published_at)
-            with self._cond:
-                del self._inflight[batch.bseq]
-                self._counts["batches_confirmed"] += 1
-                self._counts["forwarded"] += deleted
-                self._counts["status_forwarded"] += len(batch.statuses)
+            done[confirm.bseq] = batch
+        if not done:
+            return
+        # The custody rule: only now may these rows go. One transaction for all the batches
+        # confirmed since the last round (one fsync, not one per batch).
+        deleted = self.outbox.delete(
+            (r.id for b in done.values() for r in b.rows), (s.id for b in done.values() for s in b.statuses),
+            drop_bseq=[b.bseq for b in done.values() if b.drops],
+        )
+        if self.on_confirm_rtt is not None:
+            now = time.monotonic()
+            for batch in done.values():
+                self.on_confirm_rtt(now - batch.published_at)
+        with self._cond:
+            for bseq in done:
+                del self._inflight[bseq]
+            self._counts["batches_confirmed"] += len(done)
+            self._counts["forwarded"] += deleted
+            self._counts["status_forwarded"] += sum(len(b.statuses) for b in done.values())
+            self._cond.notify_all()  # stop() may be waiting for the last batch in flight
+        for batch in done.values():
             if batch.lane is not None:
                 self._lanes[batch.lane].busy = False
             if self._status_batch == batch.bseq:
                 self._status_batch = None
-            log.debug("batch %d confirmed: %d readings, %d status events", batch.bseq, deleted, len(batch.statuses))
-        if confirms:
-            self._reset_cursor()
+            log.debug("batch %d confirmed: %d readings, %d status events", batch.bseq, len(batch.rows), len(batch.statuses))
+        self._reset_cursor()
 
     def _reset_cursor(self) -> None:
         """Lower the read cursor to the highest id still held.
@@ -408,7 +434,7 @@ class Uplink:
     def _publish_new(self, lane: int | None, rows: list[OutboxRow], statuses: list[StatusRow]) -> int:
         """Publish a new batch of ``rows`` (a prefix of them if the envelope is full) and
         ``statuses``; returns how many rows it took."""
-        bseq = self.outbox.next_bseq()
+        bseq = self._next_bseq()
         # Drop events ride along (the drops/1 extension) and go on the same confirm; the
         # cached count spares an outbox transaction per batch when there are none.
         drops = tuple(self.outbox.claim_drops(bseq)) if self.outbox.drops_unclaimed() else ()
@@ -431,6 +457,17 @@ class Uplink:
             # paho keeps it queued and sends it on reconnect.
             log.warning("publishing batch %d: %s; paho sends it on reconnect", bseq, mqtt.error_string(info.rc))
         return len(rows)
+
+    def _next_bseq(self) -> int:
+        # Reserved a window's worth at a time: one durable write per W batches, not per batch.
+        if not self._bseqs:
+            self._bseqs = iter(self.outbox.reserve_bseqs(BSEQ_BLOCK))
+            self._bseqs_left = BSEQ_BLOCK
+        self._bseqs_left -= 1
+        bseq = next(self._bseqs)
+        if self._bseqs_left == 0:
+            self._bseqs = None
+        return bseq
 
     def _check_resends(self, now: float) -> float:
         """Re-publish the batches that may have been lost; the next time one may need it."""

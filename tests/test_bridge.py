@@ -202,6 +202,39 @@ def test_batches_land_in_kafka_keyed_ordered_then_confirmed(mosquitto, kafka_boo
     assert stats["inflight"] == 0 and stats["deadlettered"] == 0
 
 
+def test_a_resent_batch_is_confirmed_again_and_not_written_twice(mosquitto, kafka_bootstrap, kafka_topics, gateway_factory):
+    """The gateway re-sends a batch whose confirm it has not seen: same bseq, same bytes. The
+    bridge remembers what it wrote, confirms the copy again, writes nothing and counts it."""
+    devices = ["dev-a", "dev-b"]
+    with BridgeThread(bridge_config(mosquitto, kafka_bootstrap, kafka_topics, max_inflight_records=50)) as bridge:
+        gw = gateway_factory(mosquitto, "gw9")
+        batches = [make_batch("gw9", bseq, devices, per_device=10, first_seq=(bseq - 1) * 10) for bseq in range(1, 6)]
+        payloads = [codec.encode_batch(b) for b in batches]
+        for payload in payloads:
+            gw.publish_raw(topics.batch_topic("gw9"), payload)
+        # Copies: some while the first is still being written, some after.
+        for payload in payloads[:3]:
+            gw.publish_raw(topics.batch_topic("gw9"), payload)
+        gw.wait_confirms(range(1, 6), timeout=20)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and sum(len(c) for c in gw.confirms.values()) < 8:
+            time.sleep(0.05)
+        # The same bseq with other content (a gateway whose outbox was recreated) is not a copy.
+        other = make_batch("gw9", 1, ["dev-c"], per_device=2, first_seq=0)
+        gw.publish(other)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and len(gw.confirms[1]) < 3:
+            time.sleep(0.05)
+        stats = bridge.stats()
+    assert [len(gw.confirms[b]) for b in range(1, 6)] == [3, 2, 2, 1, 1]
+    assert stats["duplicates_received"] == 3 and stats["records_written"] == 100 + 2, stats
+    records = read_all(kafka_bootstrap, kafka_topics["readings"], timeout_s=10, expect=102)
+    assert sorted(r.identity for r in records) == sorted(
+        [(d, BOOT, s) for d in devices for s in range(50)] + [("dev-c", BOOT, 0), ("dev-c", BOOT, 1)]
+    )
+    assert_per_device_order(records)
+
+
 def test_status_events_land_in_the_status_topic_keyed_by_device(mosquitto, kafka_bootstrap, kafka_topics, gateway_factory):
     """Status events travel in the batch with the readings; the confirm means Kafka holds both."""
     births = [codec.StatusEvent("site1", dev, "online", BOOT, fw="0.1.0", reset="PWRON_RESET", received_ms=11)
@@ -523,6 +556,17 @@ def test_config_validation_and_env():
     )
     assert (config.mqtt_address, config.kafka_servers, config.readings_topic) == (("127.0.0.1", 1884), ["127.0.0.1:9093"], "x.readings")
     assert config.client_id == "tern-bridge-n1" and config.enable_idempotence is False
+    # Scale-out and pipelining settings.
+    assert BridgeConfig().batch_filter == topics.BATCH_FILTER == "tern-gw/+/batch"
+    shared = BridgeConfig.from_env({"TERN_BRIDGE_SHARE_GROUP": "bridges"})
+    assert shared.share_group == "bridges" and shared.batch_filter == "$share/bridges/tern-gw/+/batch"
+    for bad in ("a/b", "+", "#", "", "-x"):
+        with pytest.raises(ConfigError, match="share_group"):
+            BridgeConfig(share_group=bad)
+    with pytest.raises(ConfigError, match="max_inflight_records"):
+        BridgeConfig(max_inflight_records=0)
+    with pytest.raises(ConfigError, match="dedup_window"):
+        BridgeConfig(dedup_window=-1)
 
 
 @pytest.mark.parametrize("name", ["gzip", "lz4", "zstd", "snappy"])

@@ -25,6 +25,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from tern.edge.cli import main as cli_main
 from tern.edge.config import GatewayConfig
 from tern.edge.service import Gateway
+from tern.edge.uplink import lane_of
 from tern.core import codec, topics
 from tern.core.codec import Confirm, Reading
 from tern.core.errors import ConfigError
@@ -345,6 +346,117 @@ def test_unconfirmed_batch_stays_and_is_resent(brokers, outbox_path, cleanup):
     bridge.start_confirming()
     wait_until(lambda: not outbox_rows(outbox_path), what="outbox drained")
     assert per_device(bridge.delivered()) == {"dev-a": [0, 1, 2, 3, 4]}
+
+
+def test_batches_in_flight_hold_one_lane_each_and_confirms_in_any_order_delete_exactly_theirs(brokers, outbox_path, cleanup):
+    local, cloud = brokers
+    window = 4
+    # One device per lane, so every lane has a batch in flight.
+    by_lane: dict[int, str] = {}
+    for i in range(100):
+        by_lane.setdefault(lane_of(f"dev-{i}", window), f"dev-{i}")
+    devices = [by_lane[lane] for lane in range(window)]
+    bridge = BridgeStub(cloud, confirm=False)
+    cleanup(bridge)
+    gw = Gateway(config(local, cloud, outbox_path, uplink_window=window, confirm_timeout_s=60))
+    cleanup(gw)
+    gw.start()
+    assert gw.wait_connected(DEADLINE)
+    nodes = [Node(local, device) for device in devices]
+    for node in nodes:
+        cleanup(node)
+    for seq in range(3):
+        for node in nodes:
+            node.send(seq)
+    wait_until(lambda: len(outbox_rows(outbox_path)) == 12, what="12 committed rows")
+    wait_until(lambda: len({b.bseq for b in bridge.batches}) >= window, what=f"{window} batches in flight")
+    first = {}
+    for batch in bridge.batches:
+        first.setdefault(batch.bseq, batch)
+    inflight = sorted(first.values(), key=lambda b: b.bseq)[:window]
+    assert gw.stats()["inflight_batches"] == window
+    # A batch holds the devices of one lane only, and each lane one batch.
+    lanes = [{lane_of(r.device, window) for r in b.readings} for b in inflight]
+    assert all(len(lane) == 1 for lane in lanes) and len(set().union(*lanes)) == window
+
+    # Confirm newest first: each confirm deletes exactly its own batch's rows.
+    remaining = set(outbox_rows(outbox_path))
+    for batch in reversed(inflight):
+        with bridge._lock:
+            bridge._confirm(batch)
+        mine = {r.identity for r in batch.readings}
+        wait_until(lambda: not mine & set(outbox_rows(outbox_path)), what=f"rows of batch {batch.bseq} deleted")
+        remaining -= mine
+        assert remaining <= set(outbox_rows(outbox_path))
+    assert gw.stats()["batches_resent"] == 0  # the broker acknowledged each: no copies
+    bridge.start_confirming()
+    wait_until(lambda: not outbox_rows(outbox_path), what="outbox drained")
+    assert per_device(bridge.delivered()) == {d: [0, 1, 2] for d in devices}
+
+
+def test_a_graceful_stop_waits_for_every_batch_in_flight(brokers, outbox_path, cleanup):
+    local, cloud = brokers
+    window = 4
+    by_lane: dict[int, str] = {}
+    for i in range(100):
+        by_lane.setdefault(lane_of(f"dev-{i}", window), f"dev-{i}")
+    bridge = BridgeStub(cloud, confirm=False)
+    cleanup(bridge)
+    gw = Gateway(config(local, cloud, outbox_path, uplink_window=window, confirm_timeout_s=60))
+    cleanup(gw)
+    gw.start()
+    assert gw.wait_connected(DEADLINE)
+    nodes = [Node(local, by_lane[lane]) for lane in range(window)]
+    for node in nodes:
+        cleanup(node)
+        node.send(0)
+    wait_until(lambda: gw.stats()["inflight_batches"] == window, what=f"{window} batches in flight")
+    stopper = threading.Thread(target=gw.stop, kwargs={"timeout": 15})
+    stopper.start()
+    # The stop is under way; the oldest batch's confirm comes in, and the others only once its
+    # rows are gone (a stop that waited for one batch only would be over by then).
+    wait_until(lambda: not gw.ingest.stats()["local_connected"], what="the stop under way (ingest stopped)")
+    batches = sorted({b.bseq: b for b in bridge.batches}.values(), key=lambda b: b.bseq)
+    with bridge._lock:
+        bridge._confirm(batches[0])
+    wait_until(lambda: len(outbox_rows(outbox_path)) == window - 1, what="the oldest batch deleted")
+    for batch in batches[1:]:
+        with bridge._lock:
+            bridge._confirm(batch)
+    stopper.join(20)
+    assert not stopper.is_alive()
+    # Every batch was confirmed before the uplink let go: nothing left to send again.
+    assert outbox_rows(outbox_path) == []
+    assert gw.stats()["batches_confirmed"] == window
+
+
+@pytest.mark.parametrize("persistence", [True, False])
+def test_a_batch_is_resent_after_a_broker_restart_only_if_the_session_was_lost(mosquitto_factory, outbox_path, cleanup, persistence):
+    local = mosquitto_factory("local")
+    cloud = mosquitto_factory("cloud", persistence=persistence)
+    bridge = BridgeStub(cloud, confirm=False)
+    cleanup(bridge)
+    gw = Gateway(config(local, cloud, outbox_path, confirm_timeout_s=60))
+    cleanup(gw)
+    gw.start()
+    assert gw.wait_connected(DEADLINE)
+    node = Node(local, "dev-a")
+    cleanup(node)
+    node.send(0)
+    wait_until(lambda: bridge.batches, what="a batch on the cloud broker")
+    cloud.stop()
+    wait_until(lambda: not gw.stats()["cloud_connected"], what="uplink noticing the restart")
+    cloud.start()
+    wait_until(lambda: gw.stats()["cloud_connected"], what="uplink back")
+    if persistence:
+        # The broker kept our session and the batch in it: nothing to re-send.
+        time.sleep(2)
+        assert gw.stats()["batches_resent"] == 0
+    else:
+        # A fresh session: what the broker had acknowledged may be gone, so it goes again
+        # at once (long before the 60 s confirm timeout).
+        wait_until(lambda: gw.stats()["batches_resent"] == 1, timeout=10, what="the batch re-sent")
+    assert len(outbox_rows(outbox_path)) == 1
 
 
 def test_cloud_outage_accumulates_then_flows_in_order(brokers, outbox_path, cleanup):
@@ -689,6 +801,11 @@ def test_local_broker_restart_while_readings_are_held_loses_nothing(brokers, out
         ({"max_rows": -1}, "max_rows"),
         ({"confirm_timeout_s": 0}, "confirm_timeout_s"),
         ({"outbox_path": ""}, "outbox"),
+        ({"uplink_window": 0}, "uplink_window"),
+        ({"uplink_window": 65}, "uplink_window"),
+        ({"batch_linger_ms": -1}, "batch_linger_ms"),
+        ({"batch_max_bytes": 100}, "batch_max_bytes"),
+        ({"batch_max_bytes": 2 << 20}, "batch_max_bytes"),
     ],
 )
 def test_bad_config_is_a_config_error(options, message, tmp_path):
