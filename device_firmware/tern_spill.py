@@ -121,10 +121,9 @@ class Spill:
                     self.ack_seg, self.ack_off = self.first, 0
                     self._save_pos()
                 self.rewind()                  # in-flight records may have gone
+        line = ("%s %d " % (boot, seq)).encode() + bytes(payload) + b"\n"   # (payload may be a memoryview)
         with open(self._name(self.last), "ab") as f:
-            f.write(("%s %d " % (boot, seq)).encode())
-            f.write(payload)
-            f.write(b"\n")
+            f.write(line)   # one write: a power cut tears at most this line
         self.count += 1
 
     def _drop_segment(self, n):

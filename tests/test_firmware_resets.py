@@ -71,7 +71,9 @@ def spilled_seqs(flash: Path, boot: str) -> list[int]:
     """What the node's flash spill holds for ``boot`` (read while the node is frozen)."""
     out = []
     for seg in sorted(flash.glob("spill.[0-9]*"), key=lambda p: int(p.suffix[1:])):
-        for line in seg.read_bytes().splitlines():
+        for line in seg.read_bytes().splitlines(keepends=True):
+            if not line.endswith(b"\n"):
+                continue  # being written (the firmware skips a torn line too)
             b, seq, _ = line.split(b" ", 2)
             if b.decode() == boot:
                 out.append(int(seq))
