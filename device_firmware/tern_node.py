@@ -199,6 +199,7 @@ class Node(Link):
                 off = cfg["offline_reset_s"]
                 if off and ticks_diff(ticks_ms(), self.offline_since) > off * 1000:
                     log("error offline too long, resetting at seq %d" % self.seq)
+                    self.save()   # (offline, the ring is already on flash: this is a no-op then)
                     machine.reset()
             wait = ticks_diff(next_read, ticks_ms()) if not self.done else 50
             time.sleep_ms(max(1, min(wait, 20)))

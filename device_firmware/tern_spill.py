@@ -121,10 +121,9 @@ class Spill:
                     self.ack_seg, self.ack_off = self.first, 0
                     self._save_pos()
                 self.rewind()                  # in-flight records may have gone
+        line = ("%s %d " % (boot, seq)).encode() + bytes(payload) + b"\n"   # (payload may be a memoryview)
         with open(self._name(self.last), "ab") as f:
-            f.write(("%s %d " % (boot, seq)).encode())
-            f.write(payload)
-            f.write(b"\n")
+            f.write(line)   # one write: a power cut tears at most this line
         self.count += 1
 
     def _drop_segment(self, n):
@@ -215,12 +214,17 @@ class Spill:
 
     def ack(self, boot, seq):
         """A gateway ack (boot, seq): everything of that boot up to seq is committed."""
-        moved = False
-        while self.inflight and self.inflight[0][0] == boot and self.inflight[0][1] <= seq:
-            _, _, self.ack_seg, self.ack_off = self.inflight.pop(0)
-            moved = True
-        if not moved:
+        # The gateway handles one node's messages in order, so an ack for a later message
+        # also settles the ones before it (even one it dead-lettered and never acked).
+        k = -1
+        for i in range(len(self.inflight)):
+            e = self.inflight[i]
+            if e[0] == boot and e[1] <= seq:
+                k = i
+        if k < 0:
             return False
+        _, _, self.ack_seg, self.ack_off = self.inflight[k]
+        del self.inflight[:k + 1]
         # Whole segments behind the ack point go; the one in progress stays.
         while self.first < self.ack_seg:
             _remove(self._name(self.first))

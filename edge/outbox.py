@@ -264,6 +264,9 @@ class Outbox:
                 not_null={"boot", "state", "received_ms"},
                 if_not_exists=True,
             )
+            # The latest status's drop report, so a re-delivered retained birth is not told twice.
+            if "dropped" not in self.db[NODE_STATUS].columns_dict:
+                self.db[NODE_STATUS].add_column("dropped", str, not_null_default="")
             self.db[DEAD_LETTERS].create(
                 {"id": int, "received_ms": int, "topic": str, "payload": bytes, "size": int, "error": str},
                 pk="id",
@@ -455,23 +458,24 @@ class Outbox:
         """
         inserted = 0
         for event in statuses:
+            dropped = json.dumps(dict(event.dropped)) if event.dropped else ""
             latest = self.db.execute(
-                f"SELECT boot, state FROM {NODE_STATUS} WHERE site = ? AND device = ?", [event.site, event.device]
+                f"SELECT boot, state, dropped FROM {NODE_STATUS} WHERE site = ? AND device = ?", [event.site, event.device]
             ).fetchone()
-            if latest == (event.boot, event.state) and not event.dropped:
-                continue  # (a status telling drops is news even for the same boot and state)
+            # (a status with a new drop report is news even for the same boot and state)
+            if latest == (event.boot, event.state, dropped):
+                continue
             received = stamp  # like readings: when this gateway committed it
             self.db.execute(
                 f"INSERT INTO {STATUS_EVENTS} (site, device, boot, state, fw, reset, received_ms, dropped)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                [event.site, event.device, event.boot, event.state, event.fw, event.reset, received,
-                 json.dumps(dict(event.dropped)) if event.dropped else ""],
+                [event.site, event.device, event.boot, event.state, event.fw, event.reset, received, dropped],
             )
             self.db.execute(
-                f"INSERT INTO {NODE_STATUS} (site, device, boot, state, received_ms) VALUES (?, ?, ?, ?, ?)"
+                f"INSERT INTO {NODE_STATUS} (site, device, boot, state, received_ms, dropped) VALUES (?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT(site, device) DO UPDATE SET boot = excluded.boot, state = excluded.state,"
-                " received_ms = excluded.received_ms",
-                [event.site, event.device, event.boot, event.state, received],
+                " received_ms = excluded.received_ms, dropped = excluded.dropped",
+                [event.site, event.device, event.boot, event.state, received, dropped],
             )
             inserted += 1
         return inserted

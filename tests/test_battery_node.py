@@ -140,3 +140,21 @@ def test_wifi_outage_of_60_s_replays_in_bundles_with_nothing_lost(pipeline) -> N
         assert node.replay_messages <= node.replayed / 4, (node.replay_messages, node.replayed)
     finally:
         node.kill()
+
+
+def test_outbox_forwards_a_drop_report_once(tmp_path: Path) -> None:
+    """A retained birth is re-delivered on every resubscribe: its drop report is stored once,
+    while a new report for the same boot and state is news."""
+    from tern.edge.outbox import Outbox
+
+    outbox = Outbox(tmp_path / "outbox.db")
+    try:
+        told = codec.StatusEvent("s", "bat-1", "online", "0a0b0c0d", "0.1.0", "SOFT_RESET", 0, (("deadbeef", 3),))
+        assert outbox.add([], [], statuses=[told]).statuses == 1
+        assert outbox.add([], [], statuses=[told]).statuses == 0  # the retained copy again
+        again = codec.StatusEvent("s", "bat-1", "online", "0a0b0c0d", "0.1.0", "SOFT_RESET", 0, (("0a0b0c0d", 5),))
+        assert outbox.add([], [], statuses=[again]).statuses == 1
+        rows = outbox.take_statuses(10)
+        assert [r.event.dropped for r in rows] == [(("deadbeef", 3),), (("0a0b0c0d", 5),)]
+    finally:
+        outbox.close()

@@ -71,7 +71,9 @@ def spilled_seqs(flash: Path, boot: str) -> list[int]:
     """What the node's flash spill holds for ``boot`` (read while the node is frozen)."""
     out = []
     for seg in sorted(flash.glob("spill.[0-9]*"), key=lambda p: int(p.suffix[1:])):
-        for line in seg.read_bytes().splitlines():
+        for line in seg.read_bytes().splitlines(keepends=True):
+            if not line.endswith(b"\n"):
+                continue  # being written (the firmware skips a torn line too)
             b, seq, _ = line.split(b" ", 2)
             if b.decode() == boot:
                 out.append(int(seq))
@@ -126,9 +128,9 @@ def test_watchdog_reset_delivers_unacked_readings_under_their_old_boot(pipeline)
 def test_offline_reset_keeps_readings_and_an_overflow_reports_its_drops_to_kafka(pipeline) -> None:
     proxy: FaultProxy = pipeline["proxy"]
     tail: KafkaTail = pipeline["tail"]
-    # A tiny spill (4 segments of 4 readings) so a 4 s outage at 20 readings/s overflows it.
+    # A tiny spill (4 segments of 4 readings) so a 4 s outage at 10 readings/s overflows it.
     node = EmulatedNode(
-        pipeline["tmp"] / "off-1", device="off-1", site=SITE, broker=proxy.address, interval_ms=50, max_readings=300,
+        pipeline["tmp"] / "off-1", device="off-1", site=SITE, broker=proxy.address, interval_ms=100, max_readings=300,
         extra_config={"offline_reset_s": 4, "ring_size": 8, "spill_max": 16, "spill_seg": 4, "keepalive": 10,
                       "backoff_min_ms": 100, "backoff_max_ms": 1000},
     )
@@ -161,16 +163,19 @@ def test_offline_reset_keeps_readings_and_an_overflow_reports_its_drops_to_kafka
         lost1 = told["dropped"][boot1]
 
         # What survived: every live reading before the outage and the newest of the offline
-        # ones; the oldest offline ones went first, exactly as many as reported.
+        # ones; the oldest offline ones went first, exactly as many as reported. (On a slow
+        # machine the new boot's own offline readings may push out all of the old boot's.)
         def settled() -> bool:
-            got = kafka_seqs(tail, "off-1", boot1)
-            return bool(got) and got[-1] == last1 and len(got) == last1 - lost1
+            return len(kafka_seqs(tail, "off-1", boot1)) == last1 - lost1
 
         assert wait_until(settled, 60), (kafka_seqs(tail, "off-1", boot1), last1, told)
         got = kafka_seqs(tail, "off-1", boot1)
-        assert got == sorted(got)
+        assert got == sorted(got) and got[0] == 1 and got[-1] <= last1
         gaps = [(a, b) for a, b in zip(got, got[1:]) if b != a + 1]
-        assert len(gaps) == 1 and gaps[0][1] - gaps[0][0] - 1 == lost1, gaps
+        if got[-1] == last1:
+            assert len(gaps) == 1 and gaps[0][1] - gaps[0][0] - 1 == lost1, gaps
+        else:  # every offline reading of the old boot went: one run from 1
+            assert not gaps and got[-1] == last1 - lost1, got
         # The new boot: whatever it lost before it connected went first, then nothing.
         first2 = told["dropped"].get(boot2, 0) + 1
         assert wait_until(lambda: len(kafka_seqs(tail, "off-1", boot2)) >= 20, 60)

@@ -4,7 +4,7 @@ Machines are noisy (the project's have 2 cores), so no figure here is judged on 
 measurement runs a Tern path and a plain baseline doing the same work on the same parts, in the
 same run, and reports ``ratio = tern / baseline``. For throughputs a ratio of 0.5 means Tern
 moves half as many readings per second as the baseline; for the firmware's free heap it is
-the share of the heap left once the firmware holds a full ring.
+the share of the heap left while the firmware runs (after 10,000 acked publishes).
 
 Benchmarks (``--only NAME``, repeatable):
 
