@@ -305,15 +305,5 @@ class _JsonLines:
         print(f"tern-bridge consume: {reader.delivered} records{note}", file=sys.stderr)
 
 
-def _drop_value(raw: bytes) -> dict | None:
-    """The decoded drop record (on the status topic), or None if ``raw`` is not one."""
-    from tern.core import codec
-
-    try:
-        return codec.decode_kafka_drop_value(raw)
-    except codec.CodecError:
-        return None
-
-
 if __name__ == "__main__":
     sys.exit(main())

@@ -199,6 +199,8 @@ class Outbox:
         # Highest reading id take() ever handed out: rows at or below it may be in a batch in
         # flight, and retention never drops those (the cloud may already hold them).
         self._taken_upto = 0
+        #: Bumped whenever retention drops readings: rows read without protection may be gone.
+        self._drop_generation = 0
         self._forgot_at_ms = 0  # last seqtrack.forget_old_boots
         self._lock = threading.Lock()
         # Signalled on every add/delete, so ingest (waiting for room) and uplink (waiting
@@ -368,6 +370,7 @@ class Outbox:
             n = rtn.drop_oldest(self.db, OUTBOX, count, self._taken_upto, reason, stamp, cutoff_ms)
             if n:
                 dropped[reason] = dropped.get(reason, 0) + n
+                self._drop_generation += 1
             return n
 
         if policy.max_age_s is not None:
@@ -480,9 +483,26 @@ class Outbox:
             inserted += 1
         return inserted
 
-    def take(self, limit: int, after_id: int = 0) -> list[OutboxRow]:
+    @property
+    def drop_generation(self) -> int:
+        """Changes whenever retention drops readings (see :meth:`protect`)."""
+        with self._lock:
+            return self._drop_generation
+
+    def protect(self, upto_id: int, generation: int) -> bool:
+        """Protect every reading up to ``upto_id`` from retention (a batch holding them is about
+        to leave), unless retention dropped readings since ``generation``: then False, and the
+        caller reads its unprotected rows again (some may be gone)."""
+        with self._lock:
+            if generation != self._drop_generation:
+                return False
+            self._taken_upto = max(self._taken_upto, upto_id)
+            return True
+
+    def take(self, limit: int, after_id: int = 0, protect: bool = True) -> list[OutboxRow]:
         """The oldest ``limit`` pending readings with an id above ``after_id``, in arrival order
-        (they stay until deleted)."""
+        (they stay until deleted). ``protect`` keeps them from retention at once; a reader that
+        stages rows ahead protects them with :meth:`protect` when they leave."""
         with self._lock:
             cursor = self.db.execute(
                 f'SELECT id, site, device, boot, seq, ts_ms, received_ms, "values" FROM {OUTBOX}'
@@ -504,7 +524,7 @@ class Outbox:
                 )
                 for row in cursor.fetchall()
             ]
-            if rows:
+            if rows and protect:
                 self._taken_upto = max(self._taken_upto, rows[-1].id)
             return rows
 

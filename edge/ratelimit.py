@@ -92,6 +92,11 @@ class TokenBucket:
             with self._lock:
                 self._waited_s += self._clock() - started
 
+    def note_waited(self, seconds: float) -> None:
+        """Count time a caller that polls :meth:`delay` (instead of :meth:`acquire`) spent held back."""
+        with self._lock:
+            self._waited_s += max(0.0, seconds)
+
     def stats(self) -> dict:
         """The limit, the time spent waiting for it and what went through it."""
         with self._lock:

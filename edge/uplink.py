@@ -128,6 +128,8 @@ class Uplink:
         self._bseqs_left = 0
         self._generation = -1
         self._throttle = Throttled(log, 60.0)
+        self._staged_generation = outbox.drop_generation
+        self._held_since: float | None = None  # since when the rate limit holds readings back
         self._failing = False
         #: Called with the seconds from a batch's (last) publish to its confirm (metrics, status).
         self.on_confirm_rtt: Callable[[float], None] | None = None
@@ -340,19 +342,44 @@ class Uplink:
         return len(self._lanes) * self.config.batch_size * STAGING_BATCHES
 
     def _refill(self) -> None:
+        if self.outbox.drop_generation != self._staged_generation:
+            self._restage()
         room = self._staging_cap() - self._staged
         if room <= 0 or not self._unread():
             return
-        rows = self.outbox.take(room, after_id=self._cursor)
+        # Staged rows are not protected from retention until they leave (protect() in
+        # _publish_lane): read-ahead must not make a full outbox undroppable.
+        rows = self.outbox.take(room, after_id=self._cursor, protect=False)
+        self._stage(rows)
+        if rows:
+            self._cursor = rows[-1].id
+
+    def _stage(self, rows: list[OutboxRow]) -> None:
         now = time.monotonic()
         for row in rows:
             lane = self._lanes[lane_of(row.reading.device, len(self._lanes))]
             if not lane.queue:
                 lane.since = now
             lane.queue.append(row)
-        if rows:
-            self._staged += len(rows)
-            self._cursor = rows[-1].id
+        self._staged += len(rows)
+
+    def _restage(self) -> None:
+        """Retention dropped readings, maybe staged ones: read the staged rows again.
+
+        Everything up to the cursor was held before; after the drop, what is still there up to
+        the cursor is the rows in flight (protected, untouched) plus what is left of the staged
+        ones, which are read again in order, so the cursor's promise holds again.
+        """
+        self._staged_generation = self.outbox.drop_generation
+        in_flight = {r.id for b in self._inflight.values() for r in b.rows}
+        for lane in self._lanes:
+            lane.queue.clear()
+        limit = self._staged + len(in_flight)
+        self._staged = 0
+        if not limit:
+            return
+        rows = self.outbox.take(limit, after_id=0, protect=False)
+        self._stage([r for r in rows if r.id <= self._cursor and r.id not in in_flight])
 
     def _ready(self, lane: _Lane, now: float) -> float | None:
         """None if ``lane``'s batch should leave now, else when it will (monotonic)."""
@@ -378,13 +405,21 @@ class Uplink:
             if when is not None:
                 wake = min(wake, when)
                 continue
-            if self._limiter is not None and (wait := self._limiter.delay()) > 0:
-                # Metered link: readings wait for the bucket; status events still go alone below.
-                wake = min(wake, now + wait)
-                break
+            if self._limiter is not None:
+                wait = self._limiter.delay()
+                if wait > 0:
+                    # Metered link: readings wait for the bucket; status events still go alone below.
+                    if self._held_since is None:
+                        self._held_since = now
+                    wake = min(wake, now + wait)
+                    break
+                if self._held_since is not None:
+                    self._limiter.note_waited(now - self._held_since)
+                    self._held_since = None
             statuses = self._take_statuses() if statuses_due else []
+            if not self._publish_lane(index, lane, statuses):
+                break  # the lanes were read again: their readiness is judged next round
             statuses_due = False
-            self._publish_lane(index, lane, statuses)
         if statuses_due:
             statuses = self._take_statuses()
             if statuses:
@@ -398,15 +433,20 @@ class Uplink:
         # Only one status-carrying batch is ever in flight, so the oldest pending are free.
         return self.outbox.take_statuses(STATUS_BATCH_MAX)
 
-    def _publish_lane(self, index: int, lane: _Lane, statuses: list[StatusRow]) -> None:
+    def _publish_lane(self, index: int, lane: _Lane, statuses: list[StatusRow]) -> bool:
         count = min(len(lane.queue), self.config.batch_size)
         count = max(1, min(count, int(self.config.batch_max_bytes / self._bytes_per_reading)))
         rows = [lane.queue[i] for i in range(count)]
+        if not self.outbox.protect(rows[-1].id, self._staged_generation):
+            # Retention dropped readings since they were read: read again, send next round.
+            self._restage()
+            return False
         sent = self._publish_new(index, rows, statuses)
         for _ in range(sent):
             lane.queue.popleft()
         self._staged -= sent
         lane.since = time.monotonic()
+        return True
 
     def _encode(
         self, rows: list[OutboxRow], statuses: list[StatusRow], bseq: int, drops: tuple = ()
