@@ -231,16 +231,16 @@ class GatewayConfig:
         except ConfigError as exc:
             raise ConfigValueError("serial_sensors", "PATH:BAUD:PROTOCOL:DEVICE[:SITE],...", self.serial_sensors,
                                    str(exc)) from None
+        # --- uplink pipelining ---
+        _check_int("uplink_window", self.uplink_window, 1, MAX_UPLINK_WINDOW)
+        _check_int("batch_linger_ms", self.batch_linger_ms, 0, 60_000)
+        _check_int("batch_max_bytes", self.batch_max_bytes, 1024, MAX_BATCH_MAX_BYTES)
 
     def serial_sensor_specs(self) -> list:
         """The Pi-wired sensors named by ``serial_sensors`` (a list of SerialSensorSpec)."""
         from tern.edge.serial_sensors import parse_specs
 
         return parse_specs(self.serial_sensors, self.gateway_id)
-        # --- uplink pipelining ---
-        _check_int("uplink_window", self.uplink_window, 1, MAX_UPLINK_WINDOW)
-        _check_int("batch_linger_ms", self.batch_linger_ms, 0, 60_000)
-        _check_int("batch_max_bytes", self.batch_max_bytes, 1024, MAX_BATCH_MAX_BYTES)
 
     @property
     def local_hostport(self) -> tuple[str, int]:
