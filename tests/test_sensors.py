@@ -340,7 +340,7 @@ def test_every_sensor_with_a_full_ring_fits_a_100k_heap(tmp_path: Path) -> None:
     with Mosquitto(tmp_path / "broker") as broker:
         node = EmulatedNode(
             tmp_path / "node", device="fw-full", site="lab", broker=broker.address, interval_ms=10, max_readings=150,
-            heap="100K", extra_config={"ring_slot": 320},
+            heap="100K", extra_config={"ring_slot": 320, "spill_max": 0},
             sensors=[
                 {"type": "adc", "name": "batt_mv", "pin": 34},
                 {"type": "tmp102", "name": "temp_c"},
