@@ -147,6 +147,7 @@ class Bridge:
                 "mqtt_connects",
                 "mqtt_disconnects",
                 "drops_written",
+                "outcomes_written",
             )
         }
         inflight = list(self._inflight)
@@ -398,7 +399,10 @@ class Bridge:
         ]
         # Drop events (readings the gateway's retention policy deleted) share the status topic.
         drops = [codec.kafka_drop_record(d, batch.gateway, self.config.status_topic, now) for d in batch.drops]
-        return batch, records + statuses + drops, None
+        # What became of commands (the outcomes/1 extension): the results topic, keyed by device.
+        outcomes = [codec.kafka_outcome_record(o, batch.gateway, self.config.command_results_topic)
+                    for o in batch.outcomes]
+        return batch, records + statuses + drops + outcomes, None
 
     async def _settle(self, delivery: _Delivery, job: tuple, count: int) -> None:
         """Write one delivery (or recognise it as a copy), let acks flow, then confirm it."""
@@ -456,6 +460,7 @@ class Bridge:
         self._counters["records_written"] += len(batch.readings)
         self._counters["status_written"] += len(batch.statuses)
         self._counters["drops_written"] += len(batch.drops)
+        self._counters["outcomes_written"] += len(batch.outcomes)
         if self.router is not None:
             # The freshest word on which gateway serves a device, before the status topic's.
             for event in batch.statuses:
