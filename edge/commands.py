@@ -112,7 +112,9 @@ class CommandDesk:
             keepalive=config.keepalive_s,
             reconnect_max_s=config.reconnect_max_s,
             name="commands",
-            broker=f"the cloud broker {config.cloud_broker}",
+            # Not "the cloud broker ...": that is how the uplink's lines read, and an operator
+            # (or a log watch) looking for the readings' link must find that one.
+            broker=f"{config.cloud_broker} (cloud broker, command session)",
             lost_hint="the broker holds commands for this gateway until it is back",
             logger=log,
             **config.cloud_auth(),

@@ -287,6 +287,18 @@ def test_a_repeated_command_is_stored_once_and_a_malformed_one_is_rejected(stack
     assert gw.stats()["commands_duplicate"] == 1
     assert [r[0] for r in command_rows(stack["outbox"])] == ["c-r"]
     assert dev.got() == ["c-r"]
+    # A node cannot answer another node's command: not on its own topic, not as the other.
+    publisher.publish(topic, commands.encode_command(Command("c-z", "dev-z", "reboot", {}, gateway=GW)),
+                      qos=1).wait_for_publish(5)
+    wait_until(lambda: "c-z" in [r[0] for r in command_rows(stack["outbox"])], what="c-z taken")
+    reply_topic = topics.reply_topic(SITE, "dev-r")
+    dev.client.publish(reply_topic, json.dumps({"v": 1, "dev": "dev-r", "id": "c-z", "ok": True}), qos=1)
+    dev.client.publish(reply_topic, json.dumps({"v": 1, "dev": "dev-z", "id": "c-z", "ok": True}), qos=1)
+    wait_until(lambda: gw.stats()["replies_ignored"] == 2, what="both forged replies ignored")
+    assert gw.stats()["commands_pending_by_device"] == {"dev-z": 1}
+    with sqlite3.connect(stack["outbox"]) as conn:
+        letters = conn.execute("SELECT topic, error FROM dead_letters").fetchall()
+    assert len(letters) == 1 and letters[0][0] == reply_topic and "replied on the topic of" in letters[0][1]
 
 
 def test_a_command_for_an_offline_node_waits_for_its_birth_and_one_that_expires_first_ends_expired(stack, capsys) -> None:
