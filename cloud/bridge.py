@@ -465,6 +465,9 @@ class Bridge:
             # The freshest word on which gateway serves a device, before the status topic's.
             for event in batch.statuses:
                 self.router.directory.learn(event.device, batch.gateway)
+            for outcome in batch.outcomes:  # a gateway whose node took a command serves it
+                if outcome.outcome in ("delivered", "done"):
+                    self.router.directory.learn(outcome.device, batch.gateway)
         # n counts readings, as the contract always said; the gateway deletes the batch's
         # status events on the same confirm. Kafka holds it all: it is confirmed even if this
         # delivery's PUBACK must still wait for earlier ones (or its connection is gone).
