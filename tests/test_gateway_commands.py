@@ -393,3 +393,60 @@ def test_a_reply_sent_while_the_gateway_is_down_ends_the_command_after_its_resta
     # At least once: a batch unconfirmed at the stop goes again after the restart.
     assert set(outcomes_of(results, "c-s")) == {"delivered", "done"} and outcomes_of(results, "c-s")[-1] == "done"
     assert dev.executed == ["c-s"] and dev.got().count("c-s") >= 1
+
+
+# --- custody of outcomes -----------------------------------------------------------------
+
+
+def test_the_store_hands_outcomes_to_one_batch_and_gives_them_again_after_a_restart(tmp_path: Path) -> None:
+    from tern.edge.command_store import CommandStore
+
+    path = tmp_path / "outbox.db"
+    store = CommandStore(path)
+    assert store.accept(Command("c-1", "dev-a", "ping", {}), now_ms())
+    assert not store.accept(Command("c-1", "dev-a", "ping", {}), now_ms())  # a repeat: not stored twice
+    assert store.accept(Command("c-old", "dev-a", "ping", {}, expires_ms=1), now_ms())  # expired on arrival
+    assert store.finish("c-1", "dev-b", commands.DONE, now_ms()) is False  # not dev-b's command
+    assert store.finish("c-1", "dev-a", commands.DONE, now_ms(), reply={"pong": 1})
+    assert store.finish("c-1", "dev-a", commands.DONE, now_ms()) is False  # finished once
+    first = store.claim_outcomes(5, 100)
+    assert [(o.id, o.outcome) for o in first] == [("c-old", "expired"), ("c-1", "delivered"), ("c-1", "done")]
+    assert store.claim_outcomes(5, 100) == first and store.outcomes_unclaimed() == 0  # a re-send: the same ones
+    store.close()
+    store = CommandStore(path)  # a restart: batch 5 was never confirmed
+    assert store.outcomes_unclaimed() == 3
+    assert store.claim_outcomes(6, 2) == first[:2] and store.delete_outcomes(6) == 2
+    assert store.claim_outcomes(7, 100) == first[2:] and store.pending_by_device() == {}
+    store.close()
+
+
+def test_outcomes_stay_in_the_outbox_until_their_batch_is_confirmed(mosquitto_factory, tmp_path: Path) -> None:
+    from test_gateway import BridgeStub
+
+    local, cloud = mosquitto_factory("local"), mosquitto_factory("cloud")
+    bridge = BridgeStub(cloud, confirm=False)
+    outbox = tmp_path / "gw" / "outbox.db"
+    gw = Gateway(GatewayConfig(gateway_id=GW, local_broker=local.address, cloud_broker=cloud.address,
+                               outbox_path=outbox, confirm_timeout_s=60))
+    try:
+        gw.start()
+        assert gw.wait_connected(DEADLINE) and gw.commands.wait_connected(DEADLINE)
+        publisher = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="a-bridge")
+        publisher.connect(cloud.host, cloud.port)
+        publisher.publish(topics.gateway_command_topic(GW), b"not a command", qos=1).wait_for_publish(5)
+        publisher.disconnect()
+        wait_until(lambda: any(b.outcomes for b in bridge.batches), what="a batch carrying the outcome")
+        sent = next(b for b in bridge.batches if b.outcomes)
+        assert [(o.outcome, o.device) for o in sent.outcomes] == [("rejected", "unknown")]
+        assert "not JSON" in sent.outcomes[0].detail
+
+        def kept() -> list[tuple]:
+            with sqlite3.connect(outbox) as conn:
+                return conn.execute("SELECT outcome, bseq FROM command_outcomes").fetchall()
+
+        assert kept() == [("rejected", sent.bseq)]  # published, not confirmed: kept
+        bridge.start_confirming()
+        wait_until(lambda: not kept(), what="the outcome deleted on the confirm")
+    finally:
+        gw.stop()
+        bridge.close()
