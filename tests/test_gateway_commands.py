@@ -450,3 +450,22 @@ def test_outcomes_stay_in_the_outbox_until_their_batch_is_confirmed(mosquitto_fa
     finally:
         gw.stop()
         bridge.close()
+
+
+def test_repairing_a_damaged_outbox_keeps_its_commands_and_outcomes(tmp_path: Path) -> None:
+    from tern.edge.command_store import CommandStore
+    from tern.edge.outbox import Outbox
+    from tern.edge.repair import repair
+
+    path = tmp_path / "outbox.db"
+    Outbox(path).close()
+    store = CommandStore(path)
+    store.accept(Command("c-1", "dev-a", "set_interval", {"s": 5}), 5)
+    store.reject("", "unknown", "not JSON", 6)
+    store.close()
+    report = repair(path, now=time.time())
+    assert report.tables["commands"].copied == 1 and report.tables["command_outcomes"].copied == 1
+    store = CommandStore(path)
+    assert [(s.command.id, dict(s.command.args)) for s in store.unfinished()] == [("c-1", {"s": 5})]
+    assert store.outcomes_unclaimed() == 1
+    store.close()
