@@ -150,6 +150,7 @@ class Bridge:
                 "mqtt_connects",
                 "mqtt_disconnects",
                 "drops_written",
+                "outcomes_written",
             )
         }
         inflight = list(self._inflight)
@@ -401,7 +402,10 @@ class Bridge:
         ]
         # Drop events (readings the gateway's retention policy deleted) share the status topic.
         drops = [codec.kafka_drop_record(d, batch.gateway, self.config.status_topic, now) for d in batch.drops]
-        return batch, records + statuses + drops, None
+        # What became of commands (the outcomes/1 extension): the results topic, keyed by device.
+        outcomes = [codec.kafka_outcome_record(o, batch.gateway, self.config.command_results_topic)
+                    for o in batch.outcomes]
+        return batch, records + statuses + drops + outcomes, None
 
     async def _settle(self, delivery: _Delivery, job: tuple, count: int) -> None:
         """Write one delivery (or recognise it as a copy), let acks flow, then confirm it."""
@@ -459,10 +463,14 @@ class Bridge:
         self._counters["records_written"] += len(batch.readings)
         self._counters["status_written"] += len(batch.statuses)
         self._counters["drops_written"] += len(batch.drops)
+        self._counters["outcomes_written"] += len(batch.outcomes)
         if self.router is not None:
             # The freshest word on which gateway serves a device, before the status topic's.
             for event in batch.statuses:
                 self.router.directory.learn(event.device, batch.gateway)
+            for outcome in batch.outcomes:  # a gateway whose node took a command serves it
+                if outcome.outcome in ("delivered", "done"):
+                    self.router.directory.learn(outcome.device, batch.gateway)
         # n counts readings, as the contract always said; the gateway deletes the batch's
         # status events on the same confirm. Kafka holds it all: it is confirmed even if this
         # delivery's PUBACK must still wait for earlier ones (or its connection is gone).

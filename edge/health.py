@@ -14,7 +14,8 @@ Where each fact comes from:
   "unknown" instead of failing;
 - the outbox: depth from the gateway's counters, bytes from the files on disk (database and
   WAL), drain rate and time to empty from samples taken once a second (:meth:`Health.sample`);
-- the uplink: connection, batches in flight and the last confirm round-trip time.
+- the uplink: connection, batches in flight and the last confirm round-trip time;
+- commands: unfinished ones per device, from the command desk (:mod:`tern.edge.commands`).
 
 Nothing here holds a secret: broker addresses are HOST:PORT, never credentials.
 """
@@ -351,6 +352,11 @@ class Health:
                 "last_confirm_rtt_s": self.last_confirm_rtt_s,
             },
             "nodes": {"online": int(stats.get("nodes_online", 0)), "offline": int(stats.get("nodes_offline", 0))},
+            "commands": {
+                "connected": bool(stats.get("commands_connected")),
+                "pending": int(stats.get("commands_pending", 0)),
+                "by_device": dict(stats.get("commands_pending_by_device") or {}),
+            },
             "devices": devices,
         }
 

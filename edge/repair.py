@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from tern.edge.command_store import CommandStore
 from tern.edge.outbox import Outbox
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,7 @@ def repair(path: str | os.PathLike[str], now: float | None = None) -> RepairRepo
     for leftover in _with_sidecars(fresh):
         leftover.unlink(missing_ok=True)
     Outbox(fresh).close()  # the current schema, empty
+    CommandStore(fresh).close()  # and the command tables that share the file
 
     dst = sqlite3.connect(str(fresh))
     try:

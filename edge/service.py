@@ -1,4 +1,5 @@
-"""The gateway service: one outbox, an ingest on the local broker, an uplink to the cloud.
+"""The gateway service: one outbox, an ingest on the local broker, an uplink to the cloud, and
+the command desk (commands from the cloud to the nodes, their outcomes back).
 
 Library use (tests, the demo)::
 
@@ -20,6 +21,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING
 
 from tern.core.errors import ConfigError
+from tern.edge.commands import CommandDesk
 from tern.edge.config import GatewayConfig
 from tern.edge.health import Health, ObservedOutbox
 from tern.edge.ingest import Ingest
@@ -40,8 +42,12 @@ class Gateway:
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
         self.outbox = ObservedOutbox(config.outbox_path, retention=RetentionPolicy.from_config(config))
-        self.ingest = Ingest(config, self.outbox)
+        self.ingest = Ingest(config, self.outbox, on_reply=self._on_reply)
         self.uplink = Uplink(config, self.outbox)
+        # Commands go out and replies come in on the ingest's local session; their outcomes
+        # ride the uplink's batches.
+        self.commands = CommandDesk(config, self.outbox, self.ingest.session, on_outcome=self.uplink.nudge)
+        self.uplink.commands = self.commands.store
         self.health = Health(self)
         self.uplink.on_confirm_rtt = self.health.note_confirm_rtt
         #: /metrics, /status.json and the status page (None with http_port = 0).
@@ -65,6 +71,7 @@ class Gateway:
         # ingest connects.
         self.uplink.start()
         self.ingest.start()
+        self.commands.start()
         if self.serial is not None:
             self.serial.start()
         log.info(
@@ -96,6 +103,9 @@ class Gateway:
         """Block until both brokers are connected and subscribed (or ``timeout``)."""
         return self.ingest.wait_connected(timeout) and self.uplink.wait_connected(timeout)
 
+    def _on_reply(self, msg: object, generation: int) -> None:
+        self.commands.on_reply(msg, generation)  # type: ignore[arg-type]
+
     def stop(self, timeout: float | None = None) -> None:
         """Stop taking readings (ingest's last group is committed and acked), give the batch in
         flight until the deadline to be confirmed, then stop the uplink and close the outbox.
@@ -114,11 +124,17 @@ class Gateway:
             if self._started:
                 if self.serial is not None:
                     self.serial.stop(max(0.5, deadline - time.monotonic()))
+                # Commands first: no outcome is recorded after the ingest's session is gone.
+                commands_final = self.commands.stats()
+                self.commands.stop(max(0.5, deadline - time.monotonic()))
                 self.ingest.stop(max(0.5, deadline - time.monotonic()))
                 self._drain_inflight(deadline)
                 self.uplink.stop(max(0.5, deadline - time.monotonic()))
             # Keep the last levels, so stats() still answers after stop (demo summaries, tests).
             self._final = self._levels()
+            if self._started:
+                self._final.update(commands_final)
+            self.commands.store.close()  # after the uplink: its last confirms delete outcomes
             self._stopped = True
             if self.status_server is not None:
                 self.status_server.stop()
@@ -143,6 +159,8 @@ class Gateway:
         out: dict = {"gateway_id": self.config.gateway_id}
         out.update(self.ingest.stats())
         out.update(self.uplink.stats())
+        if not self._stopped:
+            out.update(self.commands.stats())
         if self.serial is not None:
             out["serial_sensors"] = self.serial.stats()
         out.update(self._final if self._stopped else self._levels())

@@ -29,6 +29,7 @@ from rich.text import Text
 
 from tern.core.errors import ConfigError
 from tern.edge.config import GatewayConfig
+from tern.edge.command_store import pending_commands
 from tern.edge.config_file import add_flags
 from tern.edge.health import file_bytes, read_node_rows
 from tern.edge.outbox import OutboxSummary, now_ms, open_readonly, summarize
@@ -60,6 +61,8 @@ class Sources:
     summary: OutboxSummary | None = None
     nodes: list[dict] = field(default_factory=list)
     outbox_error: str | None = None
+    #: Unfinished commands per device, from the outbox file.
+    commands: dict[str, int] = field(default_factory=dict)
 
 
 def endpoint_url(config: GatewayConfig) -> str | None:
@@ -118,6 +121,7 @@ def gather(args: argparse.Namespace) -> Sources:
             try:
                 src.summary = summarize(db)
                 src.nodes = read_node_rows(db)
+                src.commands = pending_commands(db)
             finally:
                 db.close()
         except (OSError, sqlite3.Error) as exc:
@@ -221,8 +225,21 @@ def outbox_panel(src: Sources) -> Panel:
         drops = live.get("drops") or {}
         grid.add_row("dropped", ", ".join(f"{r} {n:,}" for r, n in sorted(drops.items())) or "0")
     grid.add_row("dead letters", f"{dead:,}")
+    grid.add_row("commands pending", commands_line(src))
     grid.add_row("file", src.outbox_path or "-")
     return Panel(grid, title="outbox", expand=False)
+
+
+def commands_line(src: Sources, shown: int = 5) -> str:
+    """Unfinished commands in all and for the first few devices: "3 (dev-a 2, dev-b 1)"."""
+    live = (src.live or {}).get("commands")
+    by_device = dict(live["by_device"]) if live is not None else src.commands
+    total = sum(by_device.values())
+    if not total:
+        return "0"
+    parts = [f"{device} {n}" for device, n in sorted(by_device.items())[:shown]]
+    more = " …" if len(by_device) > shown else ""
+    return f"{total:,} ({', '.join(parts)}{more})"
 
 
 def uplink_panel(src: Sources) -> Panel:

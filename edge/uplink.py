@@ -12,6 +12,10 @@ batch leaves when it has ``batch_size`` readings, or about ``batch_max_bytes`` o
 its oldest reading has waited ``batch_linger_ms``: a quiet site forwards within about the
 linger, a backlog goes out in full envelopes on every lane at once.
 
+Command outcomes (:mod:`tern.edge.commands`) ride along like drop events, in the ``outcomes/1``
+envelope extension: at most one batch carrying outcomes is in flight (so a command's
+``delivered`` never overtakes its ``done``), and they are deleted only on its confirm.
+
 Node status events travel with the batches too: at most one batch carrying status events is in
 flight at a time (so their order holds), it takes the oldest pending ones (up to
 :data:`STATUS_BATCH_MAX`) and leaves at once, with a lane's readings if one is ready or alone.
@@ -41,7 +45,7 @@ import time
 import zlib
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import paho.mqtt.client as mqtt
 
@@ -53,6 +57,9 @@ from tern.core.codec import Batch
 from tern.core.mqtt_session import PersistentSession
 from tern.core.lograte import Throttled
 from tern.core.quoting import describe, quote
+
+if TYPE_CHECKING:
+    from tern.edge.command_store import CommandStore
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +104,8 @@ class _InFlight:
     drops: int = 0
     #: When it was last published (monotonic), for the confirm round-trip time.
     published_at: float = field(default_factory=time.monotonic)
+    #: Command outcomes it carries (deleted with its confirm).
+    outcomes: int = 0
 
 
 @dataclass(slots=True)
@@ -133,6 +142,9 @@ class Uplink:
         self._failing = False
         #: Called with the seconds from a batch's (last) publish to its confirm (metrics, status).
         self.on_confirm_rtt: Callable[[float], None] | None = None
+        #: Where command outcomes wait (set by the service; None: this uplink carries none).
+        self.commands: "CommandStore | None" = None
+        self._outcome_batch: int | None = None
         self._counts = {
             "batches_sent": 0,
             "batches_resent": 0,
@@ -173,6 +185,11 @@ class Uplink:
         """Connect (in the background) to the cloud broker and start forwarding."""
         self.session.start()
         self._thread.start()
+
+    def nudge(self) -> None:
+        """Something new to send (a command outcome): look now rather than at the next poll."""
+        with self._cond:
+            self._cond.notify_all()
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop forwarding and disconnect; unconfirmed rows simply stay in the outbox.
@@ -303,6 +320,10 @@ class Uplink:
             (r.id for b in done.values() for r in b.rows), (s.id for b in done.values() for s in b.statuses),
             drop_bseq=[b.bseq for b in done.values() if b.drops],
         )
+        if self.commands is not None:
+            for batch in done.values():
+                if batch.outcomes:
+                    self.commands.delete_outcomes(batch.bseq)
         if self.on_confirm_rtt is not None:
             now = time.monotonic()
             for batch in done.values():
@@ -319,6 +340,8 @@ class Uplink:
                 self._lanes[batch.lane].busy = False
             if self._status_batch == batch.bseq:
                 self._status_batch = None
+            if self._outcome_batch == batch.bseq:
+                self._outcome_batch = None
             log.debug("batch %d confirmed: %d readings, %d status events", batch.bseq, len(batch.rows), len(batch.statuses))
         self._reset_cursor()
 
@@ -424,10 +447,15 @@ class Uplink:
             statuses = self._take_statuses()
             if statuses:
                 self._publish_new(None, [], statuses)
-        elif not self._inflight and self.outbox.drops_unclaimed():
-            # Drop events alone (readings expired by age on an idle site) are worth a batch too.
+        elif not self._inflight and (self.outbox.drops_unclaimed() or self._outcomes_due()):
+            # Drop events alone (readings expired by age on an idle site) are worth a batch
+            # too, and so are command outcomes.
             self._publish_new(None, [], [])
         return wake
+
+    def _outcomes_due(self) -> bool:
+        """True if command outcomes wait and no batch carrying outcomes is in flight."""
+        return self.commands is not None and self._outcome_batch is None and self.commands.outcomes_unclaimed() > 0
 
     def _take_statuses(self) -> list[StatusRow]:
         # Only one status-carrying batch is ever in flight, so the oldest pending are free.
@@ -449,14 +477,15 @@ class Uplink:
         return True
 
     def _encode(
-        self, rows: list[OutboxRow], statuses: list[StatusRow], bseq: int, drops: tuple = ()
+        self, rows: list[OutboxRow], statuses: list[StatusRow], bseq: int, drops: tuple = (), outcomes: tuple = ()
     ) -> tuple[list[OutboxRow], bytes]:
         """Encode as many of ``rows`` as fit ``batch_max_bytes`` with ``statuses`` and ``drops``
         (shrinking the readings; the few small status and drop events always go)."""
         events = tuple(s.event for s in statuses)
         limit = self.config.batch_max_bytes
         while True:
-            batch = Batch(self.config.gateway_id, bseq, now_ms(), tuple(r.reading for r in rows), events, drops)
+            batch = Batch(self.config.gateway_id, bseq, now_ms(), tuple(r.reading for r in rows), events, drops,
+                          outcomes)
             try:
                 payload = codec.encode_batch(batch)
             except codec.CodecError:
@@ -478,14 +507,18 @@ class Uplink:
         # Drop events ride along (the drops/1 extension) and go on the same confirm; the
         # cached count spares an outbox transaction per batch when there are none.
         drops = tuple(self.outbox.claim_drops(bseq)) if self.outbox.drops_unclaimed() else ()
-        rows, payload = self._encode(rows, statuses, bseq, drops)
+        outcomes: tuple = ()
+        if self._outcomes_due():
+            assert self.commands is not None
+            outcomes = tuple(self.commands.claim_outcomes(bseq, codec.MAX_OUTCOMES_PER_BATCH))
+        rows, payload = self._encode(rows, statuses, bseq, drops, outcomes)
         if self._limiter is not None and rows:
             # Readings or bytes, as the limit counts; a batch of status (and drop) events alone
             # rides free: a node that died is reported at once.
             self._limiter.take(len(rows) if self._limiter.rate.unit == READINGS else len(payload))
         info = self.client.publish(self._topic, payload, qos=1)
         batch = _InFlight(bseq, lane, rows, statuses, payload, info, self.session.new_sessions,
-                          wait_s=self.config.confirm_timeout_s, drops=len(drops))
+                          wait_s=self.config.confirm_timeout_s, drops=len(drops), outcomes=len(outcomes))
         with self._cond:
             self._inflight[bseq] = batch
             self._counts["batches_sent"] += 1
@@ -493,6 +526,8 @@ class Uplink:
             self._lanes[lane].busy = True
         if statuses:
             self._status_batch = bseq
+        if outcomes:
+            self._outcome_batch = bseq
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             # paho keeps it queued and sends it on reconnect.
             log.warning("publishing batch %d: %s; paho sends it on reconnect", bseq, mqtt.error_string(info.rc))

@@ -14,6 +14,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
 
+from tern.core.commands import MAX_REPLY_BYTES, OUTCOMES, Outcome, encode_outcome
 from tern.core.errors import CodecError
 from tern.core.topics import check_id
 
@@ -135,7 +136,7 @@ class DropEvent:
 @dataclass(frozen=True, slots=True)
 class Batch:
     """Gateway to bridge: readings and node status events from one gateway, each in outbox order,
-    and drop events (the ``drops/1`` envelope extension)."""
+    drop events (the ``drops/1`` envelope extension) and command outcomes (``outcomes/1``)."""
 
     gateway: str
     bseq: int
@@ -143,6 +144,8 @@ class Batch:
     readings: tuple[Reading, ...] = field(default_factory=tuple)
     statuses: tuple[StatusEvent, ...] = field(default_factory=tuple)
     drops: tuple[DropEvent, ...] = field(default_factory=tuple)
+    #: What became of commands sent to this gateway's nodes, in the order it recorded them.
+    outcomes: tuple[Outcome, ...] = field(default_factory=tuple)
 
 
 @dataclass(frozen=True, slots=True)
@@ -411,9 +414,14 @@ def _status_item(event: StatusEvent) -> dict[str, Any]:
 #: decoder refuses an envelope naming one it does not know rather than silently dropping
 #: what it carries.
 DROPS_EXTENSION = "drops/1"
-EXTENSIONS = (DROPS_EXTENSION,)
+OUTCOMES_EXTENSION = "outcomes/1"
+EXTENSIONS = (DROPS_EXTENSION, OUTCOMES_EXTENSION)
 #: Drop events per envelope at most (they are coalesced per device, boot and reason).
 MAX_DROPS_PER_BATCH = 1000
+#: Command outcomes per envelope at most (a node reply is at most ~1 KB).
+MAX_OUTCOMES_PER_BATCH = 100
+#: Longest outcome detail carried (a rejection's reason, a node's error).
+MAX_OUTCOME_DETAIL = 200
 
 
 def _drop_item(drop: DropEvent) -> dict[str, Any]:
@@ -426,6 +434,19 @@ def _drop_item(drop: DropEvent) -> dict[str, Any]:
         "last": drop.last_seq,
         "n": drop.count,
         "at": drop.dropped_ms,
+    }
+
+
+def _outcome_item(outcome: Outcome) -> dict[str, Any]:
+    if outcome.outcome not in OUTCOMES:
+        raise CodecError(f"unknown command outcome {outcome.outcome!r}")
+    return {
+        "id": outcome.id,
+        "dev": outcome.device,
+        "outcome": outcome.outcome,
+        "detail": outcome.detail[:MAX_OUTCOME_DETAIL],
+        "reply": dict(outcome.reply) if outcome.reply is not None else None,
+        "at": outcome.ms,
     }
 
 
@@ -445,8 +466,13 @@ def encode_batch(batch: Batch) -> bytes:
     if batch.drops:
         if len(batch.drops) > MAX_DROPS_PER_BATCH:
             raise CodecError(f"{len(batch.drops)} drop events, over the limit of {MAX_DROPS_PER_BATCH} per batch")
-        doc["ext"] = [DROPS_EXTENSION]
+        doc.setdefault("ext", []).append(DROPS_EXTENSION)
         doc["drops"] = [_drop_item(d) for d in batch.drops]
+    if batch.outcomes:
+        if len(batch.outcomes) > MAX_OUTCOMES_PER_BATCH:
+            raise CodecError(f"{len(batch.outcomes)} command outcomes, over the limit of {MAX_OUTCOMES_PER_BATCH} per batch")
+        doc.setdefault("ext", []).append(OUTCOMES_EXTENSION)
+        doc["outcomes"] = [_outcome_item(o) for o in batch.outcomes]
     data = zlib.compress(_dumps(doc), 6)
     if len(data) > MAX_BATCH_BYTES:
         raise CodecError(
@@ -530,6 +556,45 @@ def _decode_drops(obj: Mapping[str, Any], what: str, ext: tuple[str, ...]) -> tu
     return tuple(drops)
 
 
+def _decode_outcomes(obj: Mapping[str, Any], what: str, ext: tuple[str, ...], gateway: str) -> tuple[Outcome, ...]:
+    """The envelope's ``outcomes`` list; only with the ``outcomes/1`` extension named in ``ext``."""
+    if "outcomes" not in obj:
+        return ()
+    if OUTCOMES_EXTENSION not in ext:
+        raise CodecError(f"{what}: 'outcomes' present without {OUTCOMES_EXTENSION!r} in 'ext'")
+    out = []
+    for where, item in _object_list(obj, "outcomes", what, "outcome"):
+        if len(out) >= MAX_OUTCOMES_PER_BATCH:
+            raise CodecError(f"{what}: over {MAX_OUTCOMES_PER_BATCH} command outcomes")
+        outcome = item.get("outcome")
+        if outcome not in OUTCOMES:
+            raise CodecError(f"{where}: 'outcome' must be one of {OUTCOMES}, got {outcome!r:.40}")
+        # A malformed command's id may be unknown (""): its rejection is reported all the same.
+        command_id = _text(item, "id", where)
+        if command_id:
+            check_id(command_id, "command id")
+        detail = item.get("detail", "")
+        if not isinstance(detail, str) or len(detail) > MAX_OUTCOME_DETAIL:
+            raise CodecError(f"{where}: 'detail' must be a string of at most {MAX_OUTCOME_DETAIL} characters")
+        reply = item.get("reply")
+        if reply is not None and not isinstance(reply, dict):
+            raise CodecError(f"{where}: 'reply' must be an object or null")
+        if reply is not None and len(_dumps(reply)) > MAX_REPLY_BYTES:
+            raise CodecError(f"{where}: 'reply' is over {MAX_REPLY_BYTES} bytes")
+        out.append(
+            Outcome(
+                id=command_id,
+                device=check_id(_text(item, "dev", where), "device"),
+                outcome=outcome,
+                gateway=gateway,
+                detail=detail,
+                reply=reply,
+                ms=_int(item, "at", where),
+            )
+        )
+    return tuple(out)
+
+
 def decode_batch(raw: bytes, *, topic_gateway: str | None = None) -> Batch:
     """Decode a batch envelope, refusing oversized, zip-bomb or off-contract input."""
     what = "batch"
@@ -570,6 +635,7 @@ def decode_batch(raw: bytes, *, topic_gateway: str | None = None) -> Batch:
         readings=tuple(readings),
         statuses=_decode_status_events(obj, what),
         drops=_decode_drops(obj, what, ext),
+        outcomes=_decode_outcomes(obj, what, ext, gateway),
     )
 
 
@@ -681,6 +747,20 @@ def decode_kafka_status_value(raw: bytes) -> dict[str, Any]:
     _text(obj, "reset", what)
     _dropped(obj, what)
     return obj
+
+
+def kafka_outcome_record(outcome: Outcome, gateway: str, topic: str) -> KafkaRecord:
+    """Map one command outcome to its Kafka record (the results topic): key = device id, so a
+    device's outcomes stay in order; the value is :func:`tern.core.commands.encode_outcome`'s."""
+    value = encode_outcome(Outcome(outcome.id, outcome.device, outcome.outcome, gateway, outcome.detail,
+                                   outcome.reply, outcome.ms))
+    headers = (
+        ("device", outcome.device.encode()),
+        ("gateway", gateway.encode()),
+        ("command", outcome.id.encode()),
+        ("outcome", outcome.outcome.encode()),
+    )
+    return KafkaRecord(topic=topic, key=outcome.device.encode(), value=value, headers=headers)
 
 
 KAFKA_DROP_SCHEMA_ID = "tern.drop/1"
