@@ -189,7 +189,7 @@ class Bridge:
                 monitor = await BridgeMonitor(self, sink).start()
             worker = asyncio.create_task(self._work(), name="tern-bridge-worker")
             if self.config.commands:
-                router_task = await self._start_router(stop)
+                router_task = self._start_router(stop)
             log.info("bridge %s running: %s -> %s", self.config.name, self.config.mqtt_broker, self.config.kafka_bootstrap)
             if ready is not None:
                 ready.set()
@@ -223,25 +223,19 @@ class Bridge:
             await sink.stop()
             self._sink = None
 
-    async def _start_router(self, stop: asyncio.Event) -> asyncio.Task:
-        """Start routing commands (Kafka -> gateways) over this bridge's MQTT session."""
+    def _start_router(self, stop: asyncio.Event) -> asyncio.Task:
+        """Start routing commands (Kafka -> gateways) over this bridge's MQTT session.
+
+        It runs beside the bridge rather than before it: joining its consumer group takes a few
+        seconds, which the readings need not wait for (the group's committed offsets keep every
+        command that arrives meanwhile).
+        """
         from tern.cloud.command_router import CommandRouter, CommandSettings, paho_publisher
 
         assert self._session is not None
         self.router = CommandRouter(self.config, CommandSettings.from_config(self.config),
                                     paho_publisher(self._session.client))
-        ready = asyncio.Event()
-        task = asyncio.create_task(self.router.run(stop, ready), name="tern-bridge-commands")
-        waiter = asyncio.create_task(ready.wait())
-        await asyncio.wait({task, waiter}, timeout=self.config.connect_timeout_s, return_when=asyncio.FIRST_COMPLETED)
-        waiter.cancel()
-        if task.done():
-            exc = task.exception()
-            raise BridgeError(f"command router could not start: {exc}")
-        if not ready.is_set():
-            task.cancel()
-            raise BridgeError(f"command router: no Kafka consumer within {self.config.connect_timeout_s:.0f} s")
-        return task
+        return asyncio.create_task(self.router.run(stop), name="tern-bridge-commands")
 
     # --- MQTT (paho's thread) -------------------------------------------------------
 
