@@ -17,10 +17,11 @@ except tern_config.ConfigError as e:
 FW_VERSION = tern_config.FW_VERSION
 del tern_config
 del sys.modules["tern_config"]
+del sys.modules["tern_rules"]   # tern_cmd compiles it again for a set_config command
 gc.collect()
 # Compile the big modules one by one, collecting in between: on a small heap, compiling
 # them nested inside one another's import fails for want of a contiguous block.
-_mods = ["tern_util", "tern_ring", "umqtt.simple", "tern_link", "tern_sensors"]
+_mods = ["tern_util", "tern_ring", "umqtt.simple", "tern_cmd", "tern_link", "tern_sensors"]
 if cfg["spill_max"]:
     _mods.insert(2, "tern_spill")
 # Then the sensor protocols configured (imported lazily by the drivers, compiled here

@@ -8,6 +8,7 @@ import time
 import umqtt.simple as _simple
 from umqtt.simple import MQTTClient
 
+from tern_cmd import Commands
 from tern_ring import Ring, parse_ack
 from tern_util import SocketShim, dumps, log, reset_cause_name
 
@@ -49,6 +50,9 @@ class Link:
         self.t_tel = base + "telemetry"
         self.t_status = base + "status"
         self.t_ack = base + "ack"
+        self.t_cmd = base + "cmd"       # commands for this node (tern_cmd), QoS 1
+        self.t_reply = base + "reply"
+        self.b_cmd = self.t_cmd.encode()  # umqtt hands the callback the topic as bytes
         self.qos = cfg["qos"]
         self.keepalive = cfg["keepalive"]
         self.timeout_s = cfg["timeout_ms"] / 1000
@@ -75,6 +79,7 @@ class Link:
         self.bundle = cfg["bundle_max"]
         self.sbuf = []          # one batch read back from the spill (<= bundle_max items)
         self.ring_reported = 0  # ring drops already told in a birth message
+        self.cmds = Commands(self)
         shim = SocketShim(_simple.socket, self)
         _simple.socket = shim   # only umqtt.simple sees the shim
 
@@ -118,6 +123,10 @@ class Link:
             if self.spill is not None:
                 self.spill.clear_drops()
             c.subscribe(self.t_ack, 1)
+            try:
+                c.subscribe(self.t_cmd, 1)
+            except _simple.MQTTException:   # refused by the broker's ACL: run without commands
+                log("error cmd subscribe refused")
         except BaseException:
             self.client = None
             try:
@@ -176,6 +185,9 @@ class Link:
         return head.encode() + self.ring.payload(i) + b"}"
 
     def _on_msg(self, topic, msg):
+        if topic == self.b_cmd:
+            self.cmds.receive(msg)
+            return
         # Our boot's acks are applied by the main loop; an earlier boot's can only be for
         # records replayed from the spill (else they are stale and ignored).
         a = parse_ack(msg)
@@ -236,6 +248,7 @@ class Link:
                 if self.rx_count == before:
                     break                 # nothing arrived
             self.apply_acks()
+            self.cmds.flush(c)            # command replies (and a rebirth or reboot)
             for _ in range(8):
                 if self.spill is not None and self.spill.pending():
                     # The spill holds older readings: they go first, the ring waits.
