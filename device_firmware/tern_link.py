@@ -3,12 +3,12 @@
 # pings, dead-broker detection and reconnect with exponential backoff + jitter.
 import gc
 import os
+import sys
 import time
 
 import umqtt.simple as _simple
 from umqtt.simple import MQTTClient
 
-from tern_cmd import Commands
 from tern_ring import Ring, parse_ack
 from tern_util import SocketShim, dumps, log, reset_cause_name
 
@@ -56,6 +56,9 @@ class Link:
         self.qos = cfg["qos"]
         self.keepalive = cfg["keepalive"]
         self.timeout_s = cfg["timeout_ms"] / 1000
+        # Commands (tern_cmd), if main.py had the heap to compile them.
+        cmd = sys.modules.get("tern_cmd")
+        self.cmds = cmd.Commands(self) if cmd is not None else None
         self.ring = Ring(cfg["ring_size"], cfg["ring_slot"])  # unacked readings, oldest first
         self.seq = 0            # last seq taken this boot
         self.sent_upto = 0      # highest seq published on the current connection
@@ -79,7 +82,6 @@ class Link:
         self.bundle = cfg["bundle_max"]
         self.sbuf = []          # one batch read back from the spill (<= bundle_max items)
         self.ring_reported = 0  # ring drops already told in a birth message
-        self.cmds = Commands(self)
         shim = SocketShim(_simple.socket, self)
         _simple.socket = shim   # only umqtt.simple sees the shim
 
@@ -123,10 +125,11 @@ class Link:
             if self.spill is not None:
                 self.spill.clear_drops()
             c.subscribe(self.t_ack, 1)
-            try:
-                c.subscribe(self.t_cmd, 1)
-            except _simple.MQTTException:   # refused by the broker's ACL: run without commands
-                log("error cmd subscribe refused")
+            if self.cmds is not None:
+                try:
+                    c.subscribe(self.t_cmd, 1)
+                except _simple.MQTTException:   # refused by the broker's ACL: no commands
+                    log("error cmd subscribe refused")
         except BaseException:
             self.client = None
             try:
@@ -185,7 +188,7 @@ class Link:
         return head.encode() + self.ring.payload(i) + b"}"
 
     def _on_msg(self, topic, msg):
-        if topic == self.b_cmd:
+        if topic == self.b_cmd and self.cmds is not None:
             self.cmds.receive(msg)
             return
         # Our boot's acks are applied by the main loop; an earlier boot's can only be for
@@ -248,7 +251,8 @@ class Link:
                 if self.rx_count == before:
                     break                 # nothing arrived
             self.apply_acks()
-            self.cmds.flush(c)            # command replies (and a rebirth or reboot)
+            if self.cmds is not None:
+                self.cmds.flush(c)        # command replies (and a rebirth or reboot)
             for _ in range(8):
                 if self.spill is not None and self.spill.pending():
                     # The spill holds older readings: they go first, the ring waits.

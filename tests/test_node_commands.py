@@ -191,8 +191,8 @@ def test_bad_commands_get_error_replies(tmp_path: Path, broker: Mosquitto) -> No
         # Without a usable id there is nobody to answer: the node says so on its console.
         gw.send_raw(dev, b"not json at all")
         gw.send_raw(dev, b'{"v":1,"name":"ping"}')
-        assert node.wait_for(lambda n: "TERN error cmd not JSON (15 bytes)" in n.tail
-                             and "TERN error cmd without a valid id" in n.tail, 10), node.log_text()
+        assert node.wait_for(lambda n: "TERN error cmd without a valid id (15 bytes)" in n.tail
+                             and "TERN error cmd without a valid id (21 bytes)" in n.tail, 10), node.log_text()
         # None of that changed the flash config or the node: it still answers, still reads.
         assert _flash_config(node) == flash_before
         pong = gw.call(dev, "b-30", "ping")
@@ -271,6 +271,25 @@ def test_config_rebirth_and_reboot(tmp_path: Path, broker: Mosquitto) -> None:
         assert gw.raw_replies(dev, "x-1") == [first, first]
         pong = gw.call(dev, "p-3", "ping")
         assert pong.result["boot"] == node.boot and node.boots == 2 and node.resets == 1
+    finally:
+        node.kill()
+        gw.close()
+
+
+def test_node_without_heap_for_commands_runs_without_them(tmp_path: Path, broker: Mosquitto) -> None:
+    """A ring too big to leave room for commands in the 100K heap: the node runs without them,
+    sends readings, and says so."""
+    gw = Gateway(broker.port)
+    node = EmulatedNode(tmp_path / "cmd-full", device="cmd-full", site=SITE, broker=broker.address,
+                        interval_ms=100, extra_config={"ring_size": 200, "ring_slot": 128, "spill_max": 0})
+    try:
+        node.start()
+        assert node.wait_connected(WAIT_S), node.log_text()
+        assert node.wait_for(lambda n: any("no memory for commands" in e for e in n.errors), 5), node.log_text()
+        gw.send(node.device, "f-1", "ping")
+        assert gw.wait(lambda g: len(g.readings(node.device)) >= 10), node.log_text()
+        assert gw.replies(node.device) == [] and "f-1" not in node.log_text()
+        assert node.boots == 1 and not [e for e in node.errors if "MemoryError" in e]
     finally:
         node.kill()
         gw.close()
