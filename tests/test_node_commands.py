@@ -197,6 +197,14 @@ def test_bad_commands_get_error_replies(tmp_path: Path, broker: Mosquitto) -> No
         assert _flash_config(node) == flash_before
         pong = gw.call(dev, "b-30", "ping")
         assert pong.ok and pong.result["boot"] == node.boot and node.boots == 1 and node.resets == 0
+        # A read-only command's reply is not kept: a redelivery is answered with a new one (not
+        # logged as a new command); the same id for a command that changes something is refused.
+        again = gw.call(dev, "b-30", "ping")
+        assert again.ok and again.result["boot"] == node.boot
+        refused = gw.call(dev, "b-30", "set_interval", s=1)
+        assert not refused.ok and "was used by a read-only command" in refused.error
+        assert node.log_text().count("TERN cmd b-30 ") == 1 and node.log_text().count("TERN cmd_dup b-30") == 2
+        assert _flash_config(node) == flash_before
         assert not [e for e in node.errors if "Traceback" in e or "MemoryError" in e], node.log_text()
     finally:
         node.kill()
