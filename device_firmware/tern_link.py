@@ -92,6 +92,8 @@ class Link:
             d["reset"] = reset_cause_name()
             d["ring"] = self.ring.size
             d["mem"] = gc.mem_free()
+            if self.cmds is not None:
+                d["cmd"] = 1        # this node takes commands on its cmd topic (tern_cmd)
             dr = self.spill.drops() if self.spill is not None else {}
             n = self.ring.dropped - self.ring_reported
             if n:

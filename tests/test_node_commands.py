@@ -253,6 +253,7 @@ def test_config_rebirth_and_reboot(tmp_path: Path, broker: Mosquitto) -> None:
         assert reply.ok and reply.result == {"boot": boot1}
         assert gw.wait(lambda g: len(births(g)) > n_births)
         assert births(gw)[-1].state == "online" and births(gw)[-1].boot == boot1
+        assert json.loads(gw.on(status_topic(SITE, dev))[-1])["cmd"] == 1   # "I take commands"
 
         # ping: small-heap budget after all that (the emulator's 100K heap).
         pong = gw.call(dev, "p-1", "ping")
@@ -297,6 +298,8 @@ def test_node_without_heap_for_commands_runs_without_them(tmp_path: Path, broker
         gw.send(node.device, "f-1", "ping")
         assert gw.wait(lambda g: len(g.readings(node.device)) >= 10), node.log_text()
         assert gw.replies(node.device) == [] and "f-1" not in node.log_text()
+        births = [json.loads(p) for p in gw.on(status_topic(SITE, node.device))]
+        assert births and all("cmd" not in b for b in births)   # the gateway can tell
         assert node.boots == 1 and not [e for e in node.errors if "MemoryError" in e]
     finally:
         node.kill()
