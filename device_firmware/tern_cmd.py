@@ -149,18 +149,19 @@ class Commands:
             self.save()
 
     def flush(self, client):
-        """(Connected.) The birth if asked, then every unsent reply (QoS 1), then reboot if asked."""
+        """(Connected.) Every unsent reply (QoS 1), then the birth if asked, then reboot if asked.
+        Replies first: a gateway that sees a new birth re-sends the commands it has no reply to."""
         node = self.node
-        if self.rebirth:
-            client.publish(node.t_status, node._status("online"), True, 1)
-            self.rebirth = False
-            log("rebirth")
         for i in range(SEEN):
             if self.unsent[i]:
                 client.publish(node.t_reply, self.replies[i], False, 1)
                 if self.unsent[i] == 2:
                     self.replies[i] = None   # read-only: built again if redelivered
                 self.unsent[i] = 0
+        if self.rebirth:
+            client.publish(node.t_status, node._status("online"), True, 1)
+            self.rebirth = False
+            log("rebirth")
         if self.reboot:
             log("reboot by command")
             node.save()        # unacked readings to flash first

@@ -254,6 +254,16 @@ def test_config_rebirth_and_reboot(tmp_path: Path, broker: Mosquitto) -> None:
         assert gw.wait(lambda g: len(births(g)) > n_births)
         assert births(gw)[-1].state == "online" and births(gw)[-1].boot == boot1
         assert json.loads(gw.on(status_topic(SITE, dev))[-1])["cmd"] == 1   # "I take commands"
+        # The reply goes out before the birth (a gateway re-sends unanswered commands on a
+        # birth), and the same command again is answered without another birth.
+        with gw.cond:
+            order = [t for t, p in gw.messages if t == status_topic(SITE, dev)
+                     or (t == reply_topic(SITE, dev) and json.loads(p)["id"] == "r-1")]
+        assert order[-2:] == [reply_topic(SITE, dev), status_topic(SITE, dev)], order
+        n_births = len(births(gw))
+        gw.send(dev, "r-1", "rebirth")
+        assert gw.wait(lambda g: len(g.replies(dev, "r-1")) == 2)
+        assert gw.call(dev, "r-2", "ping").ok and len(births(gw)) == n_births
 
         # ping: small-heap budget after all that (the emulator's 100K heap).
         pong = gw.call(dev, "p-1", "ping")
