@@ -4,6 +4,11 @@
 # reuse load()/validate() to check a config before flashing it).
 import json
 
+# The rules for single values live in tern_rules (small: a running node checks a set_config
+# command with them); the ranges of the integer keys are tern_rules.INTS.
+from tern_rules import INTS as _INTS
+from tern_rules import ConfigError, check_together, check_value
+
 FW_VERSION = "0.1.0"
 CONFIG_FILE = "config.json"
 
@@ -41,35 +46,11 @@ DEFAULTS = {
     "ack_wait_ms": 5000,     # battery mode: how long a wake waits for the gateway's acks
 }
 
-_INTS = {
-    "port": (1, 65535), "keepalive": (5, 65535), "interval_ms": (10, 86400000),
-    "max_readings": (0, 1 << 30), "ring_size": (1, 4096), "ring_slot": (64, 4096), "qos": (0, 1),
-    "timeout_ms": (100, 120000), "backoff_min_ms": (10, 3600000),
-    "backoff_max_ms": (10, 3600000), "offline_reset_s": (0, 86400 * 7),
-    "wdt_ms": (0, 3600000),
-    "spill_max": (0, 65536), "spill_seg": (4, 4096), "bundle_max": (1, 32),
-    "sleep_ms": (0, 86400000), "ack_wait_ms": (100, 120000),
-}
 SENSOR_TYPES = ("adc", "tmp102", "uart", "sht3x")
 # Sensors that report several values take "names"; the defaults follow the protocol.
 _MULTI_NAMES = {"pms5003": ["pm1_0", "pm2_5", "pm10"],
                 "nmea": ["lat", "lon", "alt_m", "sats", "fix", "speed_kn"],
                 "sht3x": ["sht_c", "sht_rh"]}
-_ID_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-"
-
-
-class ConfigError(ValueError):
-    pass
-
-
-def check_id(value, what):
-    # Same rule as tern/core/topics.py: 1-64 of [A-Za-z0-9_.-], not starting with . _ -
-    if not isinstance(value, str) or not 1 <= len(value) <= 64 or value[0] in "._-":
-        raise ConfigError("invalid %s %r" % (what, value))
-    for c in value:
-        if c not in _ID_CHARS:
-            raise ConfigError("invalid %s %r" % (what, value))
-    return value
 
 
 def _check_sensor(i, spec):
@@ -101,25 +82,16 @@ def validate(cfg):
     for key in cfg:
         if key not in DEFAULTS:
             raise ConfigError("unknown config key %r" % key)
-    check_id(cfg["site"], "site")
+    check_value("site", cfg["site"])
     if cfg["device"] is not None:
-        check_id(cfg["device"], "device")
-    if not isinstance(cfg["broker"], str) or not cfg["broker"]:
-        raise ConfigError("broker must be a host name or address")
+        check_value("device", cfg["device"])
+    check_value("broker", cfg["broker"])
     for key in _INTS:
-        v = cfg[key]
-        lo, hi = _INTS[key]
-        if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
-            raise ConfigError("%s must be an integer in [%d, %d], got %r" % (key, lo, hi, v))
-    if cfg["backoff_max_ms"] < cfg["backoff_min_ms"]:
-        raise ConfigError("backoff_max_ms must be >= backoff_min_ms")
-    if cfg["bundle_max"] > 1 and cfg["bundle_max"] * (cfg["ring_slot"] + 16) + 128 > 4096:
-        raise ConfigError("bundle_max * (ring_slot + 16) + 128 must fit the 4096-byte node payload")
-    if not isinstance(cfg["ntp"], bool):
-        raise ConfigError("ntp must be true or false")
+        check_value(key, cfg[key])
+    check_together(cfg)
+    check_value("ntp", cfg["ntp"])
     for key in ("mqtt_password", "tls_ca"):
-        if not isinstance(cfg[key], str) or len(cfg[key]) > 128:
-            raise ConfigError("%s must be a string of at most 128 characters" % key)
+        check_value(key, cfg[key])
     wifi = cfg["wifi"]
     if not isinstance(wifi, dict) or not isinstance(wifi.get("ssid", ""), str) \
             or not isinstance(wifi.get("password", ""), str):

@@ -3,6 +3,7 @@
 # pings, dead-broker detection and reconnect with exponential backoff + jitter.
 import gc
 import os
+import sys
 import time
 
 import umqtt.simple as _simple
@@ -49,9 +50,15 @@ class Link:
         self.t_tel = base + "telemetry"
         self.t_status = base + "status"
         self.t_ack = base + "ack"
+        self.t_cmd = base + "cmd"       # commands for this node (tern_cmd), QoS 1
+        self.t_reply = base + "reply"
+        self.b_cmd = self.t_cmd.encode()  # umqtt hands the callback the topic as bytes
         self.qos = cfg["qos"]
         self.keepalive = cfg["keepalive"]
         self.timeout_s = cfg["timeout_ms"] / 1000
+        # Commands (tern_cmd), if main.py had the heap to compile them.
+        cmd = sys.modules.get("tern_cmd")
+        self.cmds = cmd.Commands(self) if cmd is not None else None
         self.ring = Ring(cfg["ring_size"], cfg["ring_slot"])  # unacked readings, oldest first
         self.seq = 0            # last seq taken this boot
         self.sent_upto = 0      # highest seq published on the current connection
@@ -85,6 +92,8 @@ class Link:
             d["reset"] = reset_cause_name()
             d["ring"] = self.ring.size
             d["mem"] = gc.mem_free()
+            if self.cmds is not None:
+                d["cmd"] = 1        # this node takes commands on its cmd topic (tern_cmd)
             dr = self.spill.drops() if self.spill is not None else {}
             n = self.ring.dropped - self.ring_reported
             if n:
@@ -118,6 +127,11 @@ class Link:
             if self.spill is not None:
                 self.spill.clear_drops()
             c.subscribe(self.t_ack, 1)
+            if self.cmds is not None:
+                try:
+                    c.subscribe(self.t_cmd, 1)
+                except _simple.MQTTException:   # refused by the broker's ACL: no commands
+                    log("error cmd subscribe refused")
         except BaseException:
             self.client = None
             try:
@@ -176,6 +190,9 @@ class Link:
         return head.encode() + self.ring.payload(i) + b"}"
 
     def _on_msg(self, topic, msg):
+        if topic == self.b_cmd and self.cmds is not None:
+            self.cmds.receive(msg)
+            return
         # Our boot's acks are applied by the main loop; an earlier boot's can only be for
         # records replayed from the spill (else they are stale and ignored).
         a = parse_ack(msg)
@@ -236,6 +253,8 @@ class Link:
                 if self.rx_count == before:
                     break                 # nothing arrived
             self.apply_acks()
+            if self.cmds is not None:
+                self.cmds.flush(c)        # command replies (and a rebirth or reboot)
             for _ in range(8):
                 if self.spill is not None and self.spill.pending():
                     # The spill holds older readings: they go first, the ring waits.

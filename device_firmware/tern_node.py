@@ -165,9 +165,8 @@ class Node(Link):
         self.ntp()
         if self.sleeping:
             return self.wake()
-        interval = cfg["interval_ms"]
         limit = cfg["max_readings"]
-        next_read = ticks_ms()
+        self.next_read = ticks_ms()   # an attribute: a set_interval command moves it (tern_cmd)
         said_done = False
         while True:
             self.feed()
@@ -179,10 +178,11 @@ class Node(Link):
                     log("error connect %s" % describe_error(e))
                     self.schedule_retry()
             self.sensors.poll()
-            if not self.done and ticks_diff(now, next_read) >= 0:
-                next_read = ticks_add(next_read, interval)
-                if ticks_diff(now, next_read) > 0:   # fell behind: don't burst
-                    next_read = ticks_add(now, interval)
+            if not self.done and ticks_diff(now, self.next_read) >= 0:
+                interval = cfg["interval_ms"]
+                self.next_read = ticks_add(self.next_read, interval)
+                if ticks_diff(now, self.next_read) > 0:   # fell behind: don't burst
+                    self.next_read = ticks_add(now, interval)
                 self.take_reading()
                 if self.seq % 10 == 0:
                     self.stats()
@@ -201,7 +201,7 @@ class Node(Link):
                     log("error offline too long, resetting at seq %d" % self.seq)
                     self.save()   # (offline, the ring is already on flash: this is a no-op then)
                     machine.reset()
-            wait = ticks_diff(next_read, ticks_ms()) if not self.done else 50
+            wait = ticks_diff(self.next_read, ticks_ms()) if not self.done else 50
             time.sleep_ms(max(1, min(wait, 20)))
 
 

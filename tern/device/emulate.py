@@ -63,9 +63,23 @@ def firmware_files() -> list[Path]:
 def _firmware_config_module():
     """The firmware's own tern_config module, loaded under CPython to validate configs."""
     # Compiled by hand so no __pycache__ appears among the files that go onto a board.
+    # tern_config imports its value rules from tern_rules: lent to it for the import only.
+    import sys
+
+    rules = types.ModuleType("tern_rules")
+    rules_path = firmware_dir() / "tern_rules.py"
+    exec(compile(rules_path.read_text(), str(rules_path), "exec"), rules.__dict__)
     path = firmware_dir() / "tern_config.py"
     module = types.ModuleType("_tern_fw_config")
-    exec(compile(path.read_text(), str(path), "exec"), module.__dict__)
+    saved = sys.modules.get("tern_rules")
+    sys.modules["tern_rules"] = rules
+    try:
+        exec(compile(path.read_text(), str(path), "exec"), module.__dict__)
+    finally:
+        if saved is None:
+            del sys.modules["tern_rules"]
+        else:
+            sys.modules["tern_rules"] = saved
     return module
 
 

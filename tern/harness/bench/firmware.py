@@ -35,7 +35,7 @@ cfg = tern_config.load()
 del tern_config
 del sys.modules["tern_config"]
 gc.collect()
-for _name in ("tern_util", "tern_ring", "umqtt.simple", "tern_link", "tern_sensors"):
+for _name in ("tern_util", "tern_ring", "umqtt.simple", "tern_cmd", "tern_link", "tern_sensors"):
     __import__(_name)
     gc.collect()
 import tern_node
