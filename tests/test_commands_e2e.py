@@ -28,6 +28,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from faultproxy import FaultProxy
+from test_commands import committed
 from tern.cloud.bridge import BridgeThread
 from tern.cloud.config import BridgeConfig
 from tern.cloud.consume import assign_from_beginning
@@ -101,14 +102,16 @@ class OutcomeTail:
         return next(((t, o) for t, o in self.of(command_id) if o.outcome == kind), None)
 
 
-def produce(bootstrap: str, topic: str, *items: Command) -> float:
-    """Write commands as the cloud team does (key = device id); returns when Kafka had them."""
+def produce(bootstrap: str, topic: str, *items: Command | tuple[bytes, bytes]) -> float:
+    """Write commands as the cloud team does (key = device id; or a raw (key, value) record);
+    returns when Kafka had them."""
     async def go() -> None:
         producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
         await producer.start()
         try:
-            for command in items:
-                await producer.send_and_wait(topic, commands.encode_command(command), key=command.device.encode())
+            for item in items:
+                key, value = item if isinstance(item, tuple) else (item.device.encode(), commands.encode_command(item))
+                await producer.send_and_wait(topic, value, key=key)
         finally:
             await producer.stop()
 
@@ -225,15 +228,25 @@ def test_a_command_for_an_offline_node_waits_for_it_and_one_that_expires_first_e
         node.stop()  # says offline and disconnects
         assert wait_until(lambda: gateway.stats()["nodes_offline"] == 1, 20), gateway.stats()
 
+        # A malformed record: a rejected outcome with the reason, keyed by its device. (It also
+        # shows the router has joined its group and is consuming, before the expiry clock runs.)
+        malformed = (b"away-1", b'{"schema": "tern.command/1", "id": "c-bad", "device": "away-1", "name": "Reboot Now!"}')
+        produce(stack["kafka"], stack["commands"], malformed)
+        assert wait_until(lambda: outcomes.first("c-bad", "rejected") is not None, 30), outcomes.kinds("c-bad")
+        assert "invalid command name" in outcomes.first("c-bad", "rejected")[1].detail
+
         later = Command("c-later", "away-1", "set_config", {"key": "bundle_max", "value": 4}, expires_ms=expiry(120))
         soon = Command("c-soon", "away-1", "set_interval", {"ms": 300}, expires_ms=expiry(4))
         sent = produce(stack["kafka"], stack["commands"], later, soon)
+        # Both reach the gateway, which holds them for the absent node.
+        assert wait_until(lambda: gateway.stats()["commands_received"] == 2, 4), gateway.stats()
         assert wait_until(lambda: outcomes.first("c-soon", "expired") is not None, 30), outcomes.kinds("c-soon")
         expired_at, _ = outcomes.first("c-soon", "expired")
         # Both reached the gateway and waited there; neither went to the absent node.
         assert outcomes.kinds("c-soon") == ["expired"]
         assert outcomes.kinds("c-later") == []
         pending = gateway.stats()
+        assert pending["commands_expired"] == 1 and pending["commands_pending"] == 1, pending  # the gateway expired it
         back = time.monotonic()
         node.start()
         assert wait_until(lambda: outcomes.first("c-later", "done") is not None, DEADLINE), (
@@ -336,6 +349,7 @@ def test_bridge_and_gateway_killed_with_sigkill_still_deliver_every_command_once
                 bridge.log()[-3000:])
             bridge.kill()
             assert stored(outbox, "c-kill-b") is None and executions(node, "c-kill-b") == 0
+            assert committed(kafka_bootstrap, names["group"], names["commands"]) == 0  # consumed, never committed
             proxy.set_mode("pass")
             restarted = time.monotonic()
             bridge = bridge_process(tmp_path, 2, proxy.address, names, kafka_bootstrap)
@@ -343,6 +357,7 @@ def test_bridge_and_gateway_killed_with_sigkill_still_deliver_every_command_once
             assert wait_until(lambda: outcomes.first("c-kill-b", "done") is not None, DEADLINE), (
                 outcomes.kinds("c-kill-b"), bridge.log()[-3000:], node.log_text()[-3000:])
             bridge_latency = outcomes.first("c-kill-b", "done")[0] - restarted
+            assert wait_until(lambda: committed(kafka_bootstrap, names["group"], names["commands"]) == 1, 20)
 
             # (b) The gateway: killed as soon as the command is committed in its outbox (its
             # PUBACK may or may not have left; the broker keeps it until one does).
@@ -364,6 +379,7 @@ def test_bridge_and_gateway_killed_with_sigkill_still_deliver_every_command_once
                 assert "delivered" in kinds and kinds.count("done") >= 1 and set(kinds) <= {"delivered", "done"}, kinds
                 assert dict(outcomes.first(cid, "done")[1].reply)["value"] == value
                 assert executions(node, cid) == 1, node.log_text()
+            assert "Traceback" not in bridge.log() + gateway.log(), (bridge.log()[-2000:], gateway.log()[-2000:])
             assert json.loads((node.workdir / "config.json").read_text())["bundle_max"] == 6
             dups = node.log_text().count("TERN cmd_dup")
             print(f"\nkill -9: bridge -> done {bridge_latency:.2f} s after the new bridge started; gateway killed "
