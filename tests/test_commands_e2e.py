@@ -373,18 +373,39 @@ def test_bridge_and_gateway_killed_with_sigkill_still_deliver_every_command_once
                 outcomes.kinds("c-kill-g"), gateway.log()[-3000:], node.log_text()[-3000:])
             gateway_latency = outcomes.first("c-kill-g", "done")[0] - restarted
 
+            # (c) The gateway again, killed after the local broker took the command for the node
+            # but before the node's reply came back: the node is frozen meanwhile (the command
+            # waits in its socket). The restarted gateway sends it again; the node runs it once.
+            os.kill(node.process.pid, signal.SIGSTOP)
+            try:
+                three = Command("c-kill-r", "kill-1", "set_config", {"key": "bundle_max", "value": 7},
+                                expires_ms=expiry(300))
+                produce(kafka_bootstrap, names["commands"], three)
+                assert wait_until(lambda: (stored(outbox, "c-kill-r") or (0, None))[1] is not None, DEADLINE), (
+                    gateway.log()[-3000:])
+                gateway.kill()
+            finally:
+                os.kill(node.process.pid, signal.SIGCONT)
+            restarted = time.monotonic()
+            gateway = gateway_process(tmp_path, 3, pi, cloud)
+            procs.append(gateway)
+            assert wait_until(lambda: outcomes.first("c-kill-r", "done") is not None, DEADLINE), (
+                outcomes.kinds("c-kill-r"), gateway.log()[-3000:], node.log_text()[-3000:])
+            reply_latency = outcomes.first("c-kill-r", "done")[0] - restarted
+
             # Every command delivered, each executed exactly once by the node.
-            for cid, value in (("c-kill-b", 5), ("c-kill-g", 6)):
+            for cid, value in (("c-kill-b", 5), ("c-kill-g", 6), ("c-kill-r", 7)):
                 kinds = outcomes.kinds(cid)
                 assert "delivered" in kinds and kinds.count("done") >= 1 and set(kinds) <= {"delivered", "done"}, kinds
                 assert dict(outcomes.first(cid, "done")[1].reply)["value"] == value
                 assert executions(node, cid) == 1, node.log_text()
             assert "Traceback" not in bridge.log() + gateway.log(), (bridge.log()[-2000:], gateway.log()[-2000:])
-            assert json.loads((node.workdir / "config.json").read_text())["bundle_max"] == 6
+            assert json.loads((node.workdir / "config.json").read_text())["bundle_max"] == 7
             dups = node.log_text().count("TERN cmd_dup")
             print(f"\nkill -9: bridge -> done {bridge_latency:.2f} s after the new bridge started; gateway killed "
                   f"with the command stored (delivered_ms={at_kill[1]}), done {gateway_latency:.2f} s after "
-                  f"the restart; node redeliveries answered as duplicates: {dups}")
+                  f"the restart; killed between delivery and reply: done {reply_latency:.2f} s after the restart; "
+                  f"node redeliveries answered as duplicates: {dups}")
         finally:
             node.stop()
             for proc in procs:
