@@ -120,18 +120,20 @@ class Link:
             c.connect(True)
             self.client = c
             self.last_rx = self.last_ping = self.up_since = ticks_ms()
-            rd = self.ring.dropped
-            c.publish(self.t_status, self._status("online"), True, 1)
-            # The broker holds the birth (retained, QoS 1 acked): the drops are told.
-            self.ring_reported = rd
-            if self.spill is not None:
-                self.spill.clear_drops()
+            # Subscribe before the birth: a clean session gets only what is published after
+            # its SUBACK, and the gateway sends waiting commands as soon as it sees the birth.
             c.subscribe(self.t_ack, 1)
             if self.cmds is not None:
                 try:
                     c.subscribe(self.t_cmd, 1)
                 except _simple.MQTTException:   # refused by the broker's ACL: no commands
                     log("error cmd subscribe refused")
+            rd = self.ring.dropped
+            c.publish(self.t_status, self._status("online"), True, 1)
+            # The broker holds the birth (retained, QoS 1 acked): the drops are told.
+            self.ring_reported = rd
+            if self.spill is not None:
+                self.spill.clear_drops()
         except BaseException:
             self.client = None
             try:

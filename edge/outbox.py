@@ -32,9 +32,10 @@ import json
 import sqlite3
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import sqlite_utils
 
@@ -143,6 +144,33 @@ def is_disk_full(exc: BaseException) -> bool:
 _NO_PAGE_LIMIT = 4294967294
 
 
+@contextmanager
+def _write_tx(db: sqlite_utils.Database) -> Iterator[None]:
+    """A write transaction that takes the write lock at its start (BEGIN IMMEDIATE).
+
+    The command store writes to the same file on a connection of its own: a deferred
+    transaction that reads and then writes fails at once with "database is locked" when that
+    connection committed in between, whereas BEGIN IMMEDIATE waits (the busy timeout) for it.
+    """
+    if db.conn.in_transaction:
+        with db.atomic():
+            yield
+        return
+    db.conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        if db.conn.in_transaction:
+            db.conn.execute("ROLLBACK")
+        raise
+    try:
+        db.conn.execute("COMMIT")
+    except BaseException:
+        if db.conn.in_transaction:
+            db.conn.execute("ROLLBACK")
+        raise
+
+
 def _connect(path: str | Path, *, readonly: bool = False) -> sqlite_utils.Database:
     if readonly:
         uri = Path(path).resolve().as_uri() + "?mode=ro"
@@ -214,7 +242,7 @@ class Outbox:
         self._create_schema()
         self._pending = self.db.execute(f"SELECT COUNT(*) FROM {OUTBOX}").fetchone()[0]
         self._status_pending = self.db.execute(f"SELECT COUNT(*) FROM {STATUS_EVENTS}").fetchone()[0]
-        with self.db.atomic():
+        with _write_tx(self.db):
             # Nothing is in flight at open: drop events handed to a batch of an earlier run
             # that was never confirmed go to the next batch.
             self.db.execute(f"UPDATE {rtn.DROP_EVENTS} SET bseq = NULL WHERE bseq IS NOT NULL")
@@ -222,7 +250,7 @@ class Outbox:
         self._closed = False
 
     def _create_schema(self) -> None:
-        with self.db.atomic():
+        with _write_tx(self.db):
             self.db[OUTBOX].create(
                 {
                     "id": int,
@@ -336,7 +364,7 @@ class Outbox:
         stamp: int,
         statuses: Sequence[StatusEvent],
     ) -> AddResult:
-        with self.db.atomic():
+        with _write_tx(self.db):
             # Duplicates of readings already committed (pending or long forwarded) go here,
             # in the same transaction as the rows, so a rollback undoes both.
             screened = seqtrack.screen(self.db, readings, stamp)
@@ -407,7 +435,7 @@ class Outbox:
         with self._changed:
             if self._closed:
                 return {}
-            with self.db.atomic():
+            with _write_tx(self.db):
                 dropped = self._enforce_locked(self._pending, self._status_pending, stamp)
                 if forget:
                     seqtrack.forget_old_boots(self.db, stamp)
@@ -552,7 +580,7 @@ class Outbox:
         (durably), and asking again for the same ``bseq`` (a re-send) returns the same ones.
         :meth:`delete` with ``drop_bseq`` removes them once the batch is confirmed."""
         with self._lock:
-            with self.db.atomic():
+            with _write_tx(self.db):
                 events = rtn.claim_events(self.db, bseq)
             self._drops_unclaimed = rtn.unclaimed_events(self.db)
             return events
@@ -572,7 +600,7 @@ class Outbox:
         if not ids and not status_ids and not drop_bseqs:
             return 0
         with self._changed:
-            with self.db.atomic():
+            with _write_tx(self.db):
                 deleted = self._delete_chunked(OUTBOX, ids)
                 status_deleted = self._delete_chunked(STATUS_EVENTS, status_ids)
                 for bseq in drop_bseqs:
@@ -600,7 +628,7 @@ class Outbox:
         Numbers reserved and not used before a restart are skipped, never reused.
         """
         with self._lock:
-            with self.db.atomic():
+            with _write_tx(self.db):
                 self.db.execute(
                     f"INSERT INTO {META} (key, value) VALUES ('bseq', ?)"
                     " ON CONFLICT(key) DO UPDATE SET value = value + ?",
@@ -667,7 +695,7 @@ class Outbox:
         counts the repeat."""
         with self._lock:
             self._junk_table()
-            with self.db.atomic():
+            with _write_tx(self.db):
                 cur = self.db.execute(
                     f"UPDATE {RETAINED_JUNK} SET repeats = repeats + 1 WHERE topic = ? AND digest = ?", [topic, digest]
                 )
@@ -681,7 +709,7 @@ class Outbox:
             return
         with self._lock:
             self._junk_table()
-            with self.db.atomic():
+            with _write_tx(self.db):
                 self.db[RETAINED_JUNK].upsert_all(rows, pk="topic")
 
     def oldest_pending_ms(self) -> int | None:
