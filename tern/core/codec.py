@@ -8,7 +8,6 @@ off-contract raises :class:`CodecError` with a message fit for a dead-letter ent
 
 from __future__ import annotations
 
-import json
 import math
 import zlib
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from typing import Any, Iterator, Mapping
 
 from tern.core.commands import MAX_REPLY_BYTES, OUTCOMES, Outcome, encode_outcome
 from tern.core.errors import CodecError
+from tern.core.jsonwire import dumps as _dumps, json_object as _json_object
 from tern.core.topics import check_id
 
 WIRE_VERSION = 1
@@ -168,22 +168,6 @@ class KafkaRecord:
 
 
 # --- helpers -------------------------------------------------------------------------
-
-
-def _json_object(raw: bytes | str, limit: int, what: str) -> dict[str, Any]:
-    if len(raw) > limit:
-        raise CodecError(f"{what} is {len(raw)} bytes, over the {limit}-byte limit")
-    try:
-        obj = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CodecError(f"{what} is not JSON: {exc}") from None
-    if not isinstance(obj, dict):
-        raise CodecError(f"{what} must be a JSON object, got {type(obj).__name__}")
-    return obj
-
-
-def _dumps(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 
 
 def _int(obj: Mapping[str, Any], key: str, what: str, *, minimum: int = 0) -> int:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from tern.core.errors import CodecError
+from tern.core.jsonwire import dumps as _dumps, json_object as _json_object
 from tern.core.topics import check_id
 
 COMMAND_SCHEMA_ID = "tern.command/1"
@@ -97,22 +98,6 @@ class NodeReply:
     error: str = ""
 
 
-def _dumps(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
-
-
-def _object(raw: bytes | str, limit: int, what: str) -> dict[str, Any]:
-    if len(raw) > limit:
-        raise CodecError(f"{what} is {len(raw)} bytes, over the {limit}-byte limit")
-    try:
-        obj = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CodecError(f"{what} is not JSON: {exc}") from None
-    if not isinstance(obj, dict):
-        raise CodecError(f"{what} must be a JSON object, got {type(obj).__name__}")
-    return obj
-
-
 def _text(obj: Mapping[str, Any], key: str, what: str, *, required: bool = True, limit: int = MAX_TEXT) -> str:
     value = obj.get(key, None if required else "")
     if not isinstance(value, str) or len(value) > limit:
@@ -183,7 +168,7 @@ def decode_command(raw: bytes, *, key: bytes | None = None) -> Command:
     command cannot be routed by one device id and addressed to another.
     """
     what = "command"
-    obj = _object(raw, MAX_COMMAND_BYTES, what)
+    obj = _json_object(raw, MAX_COMMAND_BYTES, what)
     if obj.get("schema") != COMMAND_SCHEMA_ID:
         raise CodecError(f"{what}: unknown schema {obj.get('schema')!r:.80}, want {COMMAND_SCHEMA_ID!r}")
     command = Command(
@@ -253,7 +238,7 @@ def encode_outcome(outcome: Outcome) -> bytes:
 def decode_outcome(raw: bytes) -> Outcome:
     """Decode an outcome record (for consumers, ``tern-bridge command --wait`` and tests)."""
     what = "command result"
-    obj = _object(raw, MAX_COMMAND_BYTES + MAX_REPLY_BYTES, what)
+    obj = _json_object(raw, MAX_COMMAND_BYTES + MAX_REPLY_BYTES, what)
     if obj.get("schema") != RESULT_SCHEMA_ID:
         raise CodecError(f"{what}: unknown schema {obj.get('schema')!r:.80}")
     outcome = _text(obj, "outcome", what)
@@ -284,7 +269,7 @@ def encode_node_command(command: Command) -> bytes:
 def decode_node_reply(raw: bytes, *, topic_device: str | None = None) -> NodeReply:
     """Decode a node's reply, which must come from the device whose topic it is on."""
     what = "command reply"
-    obj = _object(raw, MAX_REPLY_BYTES, what)
+    obj = _json_object(raw, MAX_REPLY_BYTES, what)
     if obj.get("v") != NODE_VERSION:
         raise CodecError(f"{what}: unsupported version v={obj.get('v')!r:.20}")
     device = check_id(_text(obj, "dev", what), "device")
