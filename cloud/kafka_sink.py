@@ -1,10 +1,16 @@
 """The bridge's Kafka producer: writes a group of records and reports all-or-error.
 
-``write`` pipelines: it hands every record to aiokafka (which batches them per partition
-with a short linger) and only then waits for the acknowledgements, instead of a round trip
-per record. It returns only when Kafka has acknowledged every record (``acks=all``) and
-raises :class:`KafkaWriteError` otherwise. A failed write may have stored some of the
-records: the caller retries the whole group, so delivery is at-least-once.
+``write`` builds Kafka record batches itself, one per partition (aiokafka's
+``create_batch``/``send_batch``), hands them all to the producer and only then waits for the
+acknowledgements. A gateway batch already arrives grouped, so there is nothing for the
+producer's per-record path (``send``: one call, one future, one accumulator look-up per
+record) to gather: building the batches directly carried about three times the records per
+second on the same broker. Records go to the partition ``send`` would pick (the default
+partitioner: murmur2 of the key), so a device stays in one partition, in order.
+
+It returns only when Kafka has acknowledged every record (``acks=all``) and raises
+:class:`KafkaWriteError` otherwise. A failed write may have stored some of the records: the
+caller retries the whole group, so delivery is at-least-once.
 """
 
 from __future__ import annotations
@@ -12,10 +18,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Callable, Iterable, Sequence
+from collections import deque
+from typing import Any, Callable, Iterable, Sequence
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
+from aiokafka.partitioner import DefaultPartitioner
 
 from tern.cloud.config import BridgeConfig
 from tern.core.codec import KafkaRecord
@@ -34,6 +42,9 @@ class KafkaSink:
     def __init__(self, config: BridgeConfig) -> None:
         self.config = config
         self._producer: AIOKafkaProducer | None = None
+        # The partitioner ``send`` uses (murmur2 of the key): same partition as before.
+        self._partitioner = DefaultPartitioner()
+        self._queues: dict[tuple[str, int], _PartitionQueue] = {}
         #: Told (records, seconds, ok) after every write: the metrics' latency histogram.
         self.on_write: Callable[[int, float, bool], None] | None = None
 
@@ -67,6 +78,9 @@ class KafkaSink:
     async def stop(self, timeout: float = 5.0) -> None:
         """Flush and close the producer, waiting at most ``timeout`` seconds."""
         producer, self._producer = self._producer, None
+        queues, self._queues = self._queues, {}
+        for queue in queues.values():
+            await queue.close(timeout)
         if producer is not None:
             await self._close(producer, timeout)
 
@@ -91,11 +105,9 @@ class KafkaSink:
         futures: list[asyncio.Future] = []
         error: BaseException | None = None
         started = time.monotonic()
+        count = 0
         try:
-            for record in records:
-                futures.append(
-                    await producer.send(record.topic, record.value, key=record.key, headers=list(record.headers))
-                )
+            count = await self._hand_over(producer, records, futures)
         except (KafkaError, OSError, asyncio.TimeoutError) as exc:
             error = exc
         if futures:
@@ -106,15 +118,46 @@ class KafkaSink:
             for future in pending:
                 future.cancel()
             if pending and error is None:
-                error = asyncio.TimeoutError(f"{len(pending)} records unacknowledged after {deadline:.0f} s")
+                error = asyncio.TimeoutError(f"{len(pending)} record batches unacknowledged after {deadline:.0f} s")
             for future in done:
                 exc = future.exception() if not future.cancelled() else asyncio.CancelledError()
                 if exc is not None and error is None:
                     error = exc
         if self.on_write is not None:
-            self.on_write(len(futures), time.monotonic() - started, error is None)
+            self.on_write(count, time.monotonic() - started, error is None)
         if error is not None:
             raise KafkaWriteError(_describe(error))
+
+    async def _hand_over(self, producer: AIOKafkaProducer, records: Iterable[KafkaRecord],
+                         futures: list[asyncio.Future]) -> int:
+        """Append ``records`` to their partitions' open record batches, in order, and start
+        each partition's pump; append the futures of the batches they went into to
+        ``futures``; how many records."""
+        partitions: dict[str, list[int]] = {}
+        touched: dict[tuple[str, int], _PartitionQueue] = {}
+        handles: set[asyncio.Future] = set()
+        count = 0
+        for record in records:
+            count += 1
+            topic = record.topic
+            known = partitions.get(topic)
+            if known is None:
+                # The producer's current metadata (kept fresh by aiokafka), as send() uses;
+                # waiting for it only for a topic not seen yet.
+                current = producer.client.cluster.partitions_for_topic(topic)
+                if not current:
+                    current = await producer.partitions_for(topic)
+                known = partitions[topic] = sorted(current)
+            where = (topic, self._partitioner(record.key, known, known))
+            queue = self._queues.get(where)
+            if queue is None:
+                queue = self._queues[where] = _PartitionQueue(producer, where)
+            handles.add(queue.append(record))
+            touched[where] = queue
+        for queue in touched.values():
+            queue.pump()
+        futures.extend(handles)
+        return count
 
     async def reachable(self, timeout: float = 5.0) -> bool:
         """True if a Kafka broker answered a metadata request within ``timeout`` seconds."""
@@ -125,6 +168,100 @@ class KafkaSink:
             return bool(await asyncio.wait_for(producer.client.force_metadata_update(), timeout))
         except (asyncio.TimeoutError, KafkaError, OSError):
             return False
+
+
+class _PartitionQueue:
+    """One partition's record batches on their way into the producer, strictly in order.
+
+    aiokafka takes a new batch for a partition only once the one before has been drained into
+    a produce request, and sends one request per broker at a time. So while a batch waits,
+    records keep going into the open one: under load the batches grow by themselves
+    (hundreds of records each), and on a quiet bridge a record waits for nothing. One pump
+    task per partition hands the batches over, so they reach Kafka in the order appended.
+    """
+
+    def __init__(self, producer: AIOKafkaProducer, where: tuple[str, int]) -> None:
+        self.producer = producer
+        self.topic, self.partition = where
+        self._open: Any = None  # the BatchBuilder being filled
+        self._open_done: asyncio.Future | None = None
+        self._full: deque[tuple[Any, asyncio.Future]] = deque()
+        self._task: asyncio.Task | None = None
+
+    def append(self, record: KafkaRecord) -> asyncio.Future:
+        """Add ``record`` to the open batch; the future of the batch it went into."""
+        headers = list(record.headers)
+        if self._open is not None and self._open.append(
+                key=record.key, value=record.value, timestamp=None, headers=headers) is not None:
+            assert self._open_done is not None
+            return self._open_done
+        if self._open is not None:  # full: it queues whole, a new one opens
+            self._seal()
+        self._open = self.producer.create_batch()
+        self._open_done = asyncio.get_running_loop().create_future()
+        # An empty batch takes its first record whatever its size (one over the broker's
+        # limit is refused by Kafka, failing the write, as it should).
+        self._open.append(key=record.key, value=record.value, timestamp=None, headers=headers)
+        return self._open_done
+
+    def _seal(self) -> None:
+        assert self._open is not None and self._open_done is not None
+        self._full.append((self._open, self._open_done))
+        self._open, self._open_done = None, None
+
+    def pump(self) -> None:
+        """Make sure the pump runs (it ends by itself once everything is handed over)."""
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name=f"tern-kafka-{self.topic}-{self.partition}")
+
+    async def _run(self) -> None:
+        while True:
+            if not self._full:
+                if self._open is None or self._open.record_count() == 0:
+                    return
+                self._seal()
+            batch, done = self._full.popleft()
+            batch.close()
+            try:
+                # Returns once the partition's previous batch has gone into a request;
+                # meanwhile the open batch fills.
+                future = await self.producer.send_batch(batch, self.topic, partition=self.partition)
+            except asyncio.CancelledError:
+                _fail(done, KafkaWriteError("the Kafka producer stopped"))
+                raise
+            except Exception as exc:  # KafkaTimeoutError, ProducerClosed, metadata errors
+                _fail(done, exc)
+                continue
+            future.add_done_callback(lambda f, done=done: _settle(done, f))
+
+    async def close(self, timeout: float) -> None:
+        """Stop pumping; batches not yet handed over fail their writes."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.wait({task}, timeout=timeout)
+        if self._open is not None:
+            self._seal()
+        while self._full:
+            _, done = self._full.popleft()
+            _fail(done, KafkaWriteError("the Kafka producer stopped"))
+
+
+def _fail(done: asyncio.Future, exc: BaseException) -> None:
+    if not done.done():
+        done.set_exception(exc)
+
+
+def _settle(done: asyncio.Future, future: asyncio.Future) -> None:
+    """Copy the producer's outcome for a batch onto the future its writes wait on."""
+    if done.done():
+        return
+    if future.cancelled():
+        done.set_exception(KafkaWriteError("the batch was cancelled"))
+    elif future.exception() is not None:
+        done.set_exception(future.exception())
+    else:
+        done.set_result(None)
 
 
 def _describe(exc: BaseException) -> str:

@@ -250,3 +250,31 @@ def test_topics_round_trip_and_reject_wrong_topics() -> None:
         topics.parse_batch_topic("tern-gw/gw-1/confirm")
     with pytest.raises(CodecError):
         topics.telemetry_topic("site", "#")
+
+
+def test_ids_with_a_trailing_newline_are_refused() -> None:
+    # A regex "$" also matches before a final newline: ids are matched whole.
+    from tern.core.topics import check_id, check_share_group
+
+    for bad in ("dev-1\n", "dev-1\r\n", "a\nb"):
+        with pytest.raises(CodecError):
+            check_id(bad, "device")
+        with pytest.raises(CodecError):
+            check_share_group(bad)
+    with pytest.raises(CodecError, match="device"):
+        codec.decode_reading(json.dumps({**GOOD, "dev": "node-1\n"}).encode(), topic_device=None)
+
+
+def test_the_fast_path_of_decode_batch_gives_the_same_verdicts_as_the_full_checks() -> None:
+    # A batch whose later items repeat an id already proved valid takes the fast path: a bad
+    # value there must still be refused with the full check's message.
+    good = codec.Reading("node-1", "0badcafe", 1, 1_700_000_000_000, {"t": 21.5}, "site-a", 1_700_000_000_100)
+    for bad_values, message in (({"t": float("inf")}, "not finite"), ({"t": [1]}, "number"),
+                                ({"x" * 33: 1}, "1-32 characters"), ({"t": "y" * 65}, "longer than")):
+        raw = codec.encode_batch(codec.Batch("gw-1", 1, 1, (good, good)))
+        doc = json.loads(zlib.decompress(raw))
+        doc["items"][1]["r"] = bad_values
+        with pytest.raises(CodecError, match=message):
+            codec.decode_batch(zlib.compress(json.dumps(doc).encode()))
+    batch = codec.decode_batch(codec.encode_batch(codec.Batch("gw-1", 1, 1, (good, good))))
+    assert batch.readings == (good, good)

@@ -52,7 +52,8 @@ KAFKA_COMMAND_RESULTS = "tern.command-results"
 
 # Ids become MQTT topic levels, Kafka keys and ACL patterns: keep them to a safe alphabet
 # so that no id can smuggle a wildcard, a level separator or a control character.
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# fullmatch, not match with "$": "$" also matches before a trailing newline.
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 class NodeTopic(NamedTuple):
@@ -65,7 +66,7 @@ class NodeTopic(NamedTuple):
 
 def check_id(value: str, what: str = "id") -> str:
     """Return ``value`` if it is a valid site, device or gateway id, else raise CodecError."""
-    if not isinstance(value, str) or not _ID.match(value):
+    if not isinstance(value, str) or not _ID.fullmatch(value):
         raise CodecError(f"invalid {what} {value!r}: want 1-64 of [A-Za-z0-9_.-], not starting with . _ or -")
     return value
 
@@ -150,7 +151,7 @@ SHARE_PREFIX = "$share"
 
 def check_share_group(group: str) -> str:
     """Return ``group`` if it can name a shared subscription group, else raise CodecError."""
-    if not isinstance(group, str) or not _ID.match(group):
+    if not isinstance(group, str) or not _ID.fullmatch(group):
         raise CodecError(f"invalid share group {group!r}: want 1-64 of [A-Za-z0-9_.-], not starting with . _ or -")
     return group
 
