@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
+import orjson
 import sqlite_utils
 
 from tern.core.codec import DropEvent, Reading, StatusEvent
@@ -455,7 +456,7 @@ class Outbox:
                 "seq": r.seq,
                 "ts_ms": r.ts_ms,
                 "received_ms": stamp,
-                "values": json.dumps(dict(r.values), separators=(",", ":"), ensure_ascii=False),
+                "values": orjson.dumps(dict(r.values)).decode(),  # finite: the codec checked them
             }
             for r in readings
         ]
@@ -538,18 +539,9 @@ class Outbox:
                 [after_id, limit],
             )
             rows = [
-                OutboxRow(
-                    id=row[0],
-                    reading=Reading(
-                        site=row[1],
-                        device=row[2],
-                        boot=row[3],
-                        seq=row[4],
-                        ts_ms=row[5],
-                        received_ms=row[6],
-                        values=json.loads(row[7]),
-                    ),
-                )
+                # Positional, and orjson for the values this outbox wrote itself: reading the
+                # rows back was a quarter of the gateway's time in a backlog drain.
+                OutboxRow(row[0], Reading(row[2], row[3], row[4], row[5], orjson.loads(row[7]), row[1], row[6]))
                 for row in cursor.fetchall()
             ]
             if rows and protect:
