@@ -106,3 +106,48 @@ def test_two_devices_statuses_travel_at_once_but_one_devices_wait_for_its_confir
         assert [s for d, s in delivered if d == device] == states, delivered
     stats = gw.stats()
     assert stats["status_pending"] == 0 and stats["status_forwarded"] == 4 and stats["status_batches_in_flight"] == 0
+
+
+def test_statuses_in_flight_when_the_broker_loses_the_session_go_again_unchanged(
+    mosquitto_factory, outbox_path: Path, cleanup
+) -> None:
+    local, cloud = mosquitto_factory("local"), mosquitto_factory("cloud", persistence=False)
+    bridge = BridgeStub(cloud, confirm=False)
+    cleanup(bridge)
+    gw = Gateway(config(local, cloud, outbox_path, confirm_timeout_s=60))
+    cleanup(gw)
+    gw.start()
+    assert gw.wait_connected(DEADLINE)
+
+    def sent() -> dict[int, list]:
+        out: dict[int, list] = {}
+        for batch in list(bridge.batches):
+            out.setdefault(batch.bseq, []).append([(e.device, e.state) for e in batch.statuses])
+        return out
+
+    nodes = {}
+    for count, device in enumerate(("dev-a", "dev-b"), 1):
+        nodes[device] = StatusNode(local, device)
+        cleanup(nodes[device])
+        wait_until(lambda n=count: gw.stats()["status_batches_in_flight"] == n, what=f"{count} births in flight")
+    wait_until(lambda: len(sent()) == 2 and all(b.statuses for b in bridge.batches), what="both on the cloud broker")
+    first = sent()
+    # The broker restarts without its state: what it acknowledged may be gone.
+    cloud.stop()
+    wait_until(lambda: not gw.stats()["cloud_connected"], what="uplink noticing the restart")
+    nodes["dev-a"].kill()  # its will is committed during the outage
+    wait_until(lambda: ("dev-a", BOOT, "offline") in status_rows(outbox_path), what="dev-a's will committed")
+    cloud.start()
+    wait_until(lambda: gw.stats()["cloud_connected"], what="uplink back")
+    wait_until(lambda: gw.stats()["batches_resent"] >= 2, timeout=10, what="both batches re-sent")
+    wait_until(lambda: all(len(sent()[bseq]) >= 2 for bseq in first), what="both copies on the cloud broker")
+    again = sent()
+    # Same bseqs, same events; dev-a's will still waits for its birth's confirm.
+    assert all(copies == [first[bseq][0]] * len(copies) for bseq, copies in again.items() if bseq in first), again
+    assert set(again) == set(first), again
+
+    bridge.start_confirming()
+    wait_until(lambda: not status_rows(outbox_path), what="every status confirmed")
+    delivered = [(e.device, e.state) for e in bridge.delivered_statuses()]
+    assert [s for d, s in delivered if d == "dev-a"] == ["online", "offline"], delivered
+    assert [s for d, s in delivered if d == "dev-b"] == ["online"], delivered
