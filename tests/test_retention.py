@@ -349,16 +349,17 @@ def test_a_node_dying_behind_a_50000_reading_backlog_is_reported_within_one_batc
     # just before it is encoded (under the outbox lock, which the commit holds while it stamps
     # the will's received_ms), and this device had nothing else in flight (its birth was
     # confirmed). One race is allowed: the uplink thread is single, so at most one batch can have
-    # taken its statuses in the instant before the commit and read the clock just after it
-    # (within the same millisecond, or during the commit's fsync); that batch may precede the
-    # carrier, no other may. bseqs are handed out in encoding order.
+    # taken its statuses in the instant before the commit and read the clock for its sent_ms
+    # just after the commit stamped the will (seen: the same millisecond; a few more if the thread
+    # is preempted between the two, hence the bound below); that batch may precede the carrier,
+    # no other may. bseqs are handed out in encoding order.
     will = next(e for b in spy.batches for e in b.statuses if e.state == "offline")
     after = sorted({b.bseq for b in spy.batches if b.sent_ms >= will.received_ms})
     carrier = next(b.bseq for b in spy.batches if will in b.statuses)
     assert carrier in after[:2], (carrier, after[:3])
     if carrier != after[0]:
         first = next(b for b in spy.batches if b.bseq == after[0])
-        assert first.sent_ms - will.received_ms < 1000, "a batch encoded well after the will did not carry it"
+        assert first.sent_ms - will.received_ms < 250, "a batch encoded well after the will did not carry it"
 
 
 # --- a full disk, and the MQTT sessions while acks are withheld -----------------------------
