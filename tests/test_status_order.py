@@ -151,3 +151,76 @@ def test_statuses_in_flight_when_the_broker_loses_the_session_go_again_unchanged
     delivered = [(e.device, e.state) for e in bridge.delivered_statuses()]
     assert [s for d, s in delivered if d == "dev-a"] == ["online", "offline"], delivered
     assert [s for d, s in delivered if d == "dev-b"] == ["online"], delivered
+
+
+# --- the rule as a model: several status batches in flight, confirmed in any order ---------
+
+import tempfile  # noqa: E402
+
+from hypothesis import HealthCheck, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule  # noqa: E402
+
+DEVICES = ["a", "b", "c", "d"]
+
+
+class StatusFlightMachine(RuleBasedStateMachine):
+    """Statuses committed, taken into batches the way the uplink takes them (skipping devices
+    with a status in flight), confirmed in any order: every device's statuses reach the
+    "cloud" in the order they were committed, and none is ever in two batches at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dir = tempfile.TemporaryDirectory()
+        self.box = Outbox(Path(self.dir.name) / "o.db")
+        self.flip = dict.fromkeys(DEVICES, 0)
+        self.committed: dict[str, list[str]] = {d: [] for d in DEVICES}
+        self.delivered: dict[str, list[str]] = {d: [] for d in DEVICES}
+        self.inflight: list[list] = []  # each batch: its StatusRows
+
+    @rule(devices=st.lists(st.sampled_from(DEVICES), min_size=1, max_size=5))
+    def commit(self, devices: list[str]) -> None:
+        events = []
+        for device in devices:
+            self.flip[device] += 1  # alternate states so that none is a duplicate of the latest
+            state = "online" if self.flip[device] % 2 else "offline"
+            events.append(event(device, state))
+            self.committed[device].append(state)
+        assert self.box.add([], statuses=events).statuses == len(events)
+
+    @rule(limit=st.integers(1, 4))
+    def send(self, limit: int) -> None:
+        busy = {r.event.device for batch in self.inflight for r in batch}
+        rows = self.box.take_statuses(limit, busy=busy)
+        assert len(rows) <= limit and not {r.event.device for r in rows} & busy
+        if rows:
+            self.inflight.append(rows)
+
+    @precondition(lambda self: self.inflight)
+    @rule(data=st.data())
+    def confirm(self, data) -> None:
+        batch = self.inflight.pop(data.draw(st.integers(0, len(self.inflight) - 1)))
+        for row in batch:
+            self.delivered[row.event.device].append(row.event.state)
+        self.box.delete([], [r.id for r in batch])
+
+    @invariant()
+    def each_device_in_order(self) -> None:
+        for device in DEVICES:
+            assert self.delivered[device] == self.committed[device][: len(self.delivered[device])]
+
+    @invariant()
+    def accounting(self) -> None:
+        held = sum(len(b) for b in self.inflight)
+        undelivered = sum(len(self.committed[d]) - len(self.delivered[d]) for d in DEVICES)
+        assert self.box.status_pending() == undelivered >= held
+
+    def teardown(self) -> None:
+        self.box.close()
+        self.dir.cleanup()
+
+
+StatusFlightMachine.TestCase.settings = settings(
+    max_examples=40, stateful_step_count=30, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+test_status_flight_model = StatusFlightMachine.TestCase
