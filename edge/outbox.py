@@ -28,6 +28,7 @@ serialises them on one connection (SQLite allows one writer at a time anyway).
 
 from __future__ import annotations
 
+import itertools
 import json
 import sqlite3
 import threading
@@ -35,7 +36,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Collection, Iterable, Iterator, Sequence
 
 import orjson
 import sqlite_utils
@@ -249,6 +250,9 @@ class Outbox:
             self.db.execute(f"UPDATE {rtn.DROP_EVENTS} SET bseq = NULL WHERE bseq IS NOT NULL")
         self._drops_unclaimed = rtn.unclaimed_events(self.db)
         self._closed = False
+        #: Called (no lock held) after a commit that stored status events: the uplink sends
+        #: them at once rather than at its next look.
+        self.on_status: Callable[[], None] | None = None
 
     def _create_schema(self) -> None:
         with _write_tx(self.db):
@@ -354,9 +358,14 @@ class Outbox:
         boot) whole. The caller checks :meth:`room` first; ``add`` itself never refuses or
         drops, so a caller that ignores the bound overshoots it rather than losing data.
         """
-        stamp = now_ms() if received_ms is None else received_ms
         with self._changed:
-            return self._add_locked(readings, dead_letters, stamp, statuses)
+            # Stamped under the lock: a batch encoded after this stamp took its status events
+            # after this commit, or in the instant before it (the uplink's race, see its tests).
+            stamp = now_ms() if received_ms is None else received_ms
+            result = self._add_locked(readings, dead_letters, stamp, statuses)
+        if result.statuses and self.on_status is not None:
+            self.on_status()
+        return result
 
     def _add_locked(
         self,
@@ -548,15 +557,24 @@ class Outbox:
                 self._taken_upto = max(self._taken_upto, rows[-1].id)
             return rows
 
-    def take_statuses(self, limit: int) -> list[StatusRow]:
-        """The oldest ``limit`` pending status events in arrival order (they stay until deleted)."""
+    def take_statuses(self, limit: int, busy: Collection[str] = ()) -> list[StatusRow]:
+        """The oldest ``limit`` pending status events in arrival order (they stay until deleted),
+        leaving out every event of the devices in ``busy``.
+
+        The uplink passes the devices that have a status in a batch in flight: a device's events
+        are then never in two batches in flight at once, and what is taken of a device is always
+        the oldest of its pending events, so its order holds whichever batch reaches Kafka first,
+        while the other devices' events need not wait for that batch.
+        """
         with self._lock:
             cursor = self.db.execute(
                 f"SELECT id, site, device, state, boot, fw, reset, received_ms, dropped FROM {STATUS_EVENTS}"
-                " ORDER BY id LIMIT ?",
-                [limit],
+                " ORDER BY id"
             )
-            return [
+            # Filtered here rather than in SQL: the busy set may outgrow SQLite's host parameter
+            # limit. The scan stops at ``limit`` rows taken (status rows are few: births, wills).
+            picked = itertools.islice((row for row in cursor if row[2] not in busy), limit)
+            rows = [
                 StatusRow(
                     id=row[0],
                     event=StatusEvent(
@@ -564,8 +582,10 @@ class Outbox:
                         dropped=tuple(json.loads(row[8]).items()) if row[8] else (),
                     ),
                 )
-                for row in cursor.fetchall()
+                for row in picked
             ]
+            cursor.close()  # a scan left unfinished would hold its read snapshot open
+            return rows
 
     def claim_drops(self, bseq: int) -> list[DropEvent]:
         """The drop events batch ``bseq`` carries: the oldest not yet in a batch are handed to it

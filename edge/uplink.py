@@ -16,9 +16,14 @@ Command outcomes (:mod:`tern.edge.commands`) ride along like drop events, in the
 envelope extension: at most one batch carrying outcomes is in flight (so a command's
 ``delivered`` never overtakes its ``done``), and they are deleted only on its confirm.
 
-Node status events travel with the batches too: at most one batch carrying status events is in
-flight at a time (so their order holds), it takes the oldest pending ones (up to
-:data:`STATUS_BATCH_MAX`) and leaves at once, with a lane's readings if one is ready or alone.
+Node status events travel with the batches too, and never wait behind the backlog or behind
+another device's status. Their ordering rule is per device, like the lanes for readings: a
+device's status events are never in two batches in flight at once (so its births and wills
+reach Kafka in order whichever bridge writes which batch). Every other device's pending events
+go in the very next batch published: the next lane batch leaving takes them (the oldest
+pending, up to :data:`STATUS_BATCH_MAX`), and if no lane batch leaves in that round (none
+ready, none free, or the rate limit holding readings back) they leave at once in a batch of
+their own. A device whose earlier status is still in flight waits for that batch's confirm.
 
 Re-sending. QoS 1 on a persistent session already re-delivers what the broker has not
 acknowledged (paho re-sends it on reconnect), so re-publishing on a timer while the link or
@@ -131,7 +136,12 @@ class Uplink:
         self._staged = 0
         # Every outbox row with an id up to the cursor is held here (staged or in flight).
         self._cursor = 0
-        self._status_batch: int | None = None
+        # Devices with a status event in a batch in flight, and how many events those batches hold.
+        self._status_devices: set[str] = set()
+        self._statuses_held = 0
+        # status_pending() when a take last found nothing it may send (all pending belong to
+        # busy devices): no need to look again until that count or the busy set changes.
+        self._status_idle: int | None = None
         self._bytes_per_reading = BYTES_PER_READING_GUESS
         self._bseqs = None  # an iterator over reserved bseqs, None when used up
         self._bseqs_left = 0
@@ -178,6 +188,8 @@ class Uplink:
             **config.cloud_auth(),
         )
         self.client = self.session.client
+        # A status committed wakes the forwarder: it leaves now, not at the next poll.
+        outbox.on_status = self.nudge
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -187,7 +199,7 @@ class Uplink:
         self._thread.start()
 
     def nudge(self) -> None:
-        """Something new to send (a command outcome): look now rather than at the next poll."""
+        """Something new to send (a command outcome, a status event): look now rather than at the next poll."""
         with self._cond:
             self._cond.notify_all()
 
@@ -223,8 +235,10 @@ class Uplink:
         with self._cond:
             out = dict(self._counts)
             inflight = list(self._inflight)
+            status_batches = sum(1 for b in self._inflight.values() if b.statuses)
         out["inflight_bseq"] = min(inflight) if inflight else None
         out["inflight_batches"] = len(inflight)
+        out["status_batches_in_flight"] = status_batches
         if self._limiter is not None:
             out.update(self._limiter.stats())
         out["cloud_connected"] = self.connected
@@ -286,6 +300,7 @@ class Uplink:
         # New rows and PUBACKs are polled for (cheap: two counters and a flag per batch).
         poll = connected and (
             (self._staged < self._staging_cap() and self._unread())
+            or (not self._draining.is_set() and self._statuses_due())
             or any(b.puback_at is None for b in self._inflight.values())
         )
         if poll:
@@ -296,10 +311,15 @@ class Uplink:
             self._cond.wait(max(0.0, wake - time.monotonic()))
 
     def _unread(self) -> bool:
-        """True if the outbox holds rows or status events this uplink has not read yet."""
+        """True if the outbox holds readings this uplink has not read yet (statuses: :meth:`_statuses_due`)."""
         held = self._staged + sum(len(b.rows) for b in self._inflight.values())
-        held_status = len(self._inflight[self._status_batch].statuses) if self._status_batch in self._inflight else 0
-        return self.outbox.pending() > held or self.outbox.status_pending() > held_status
+        return self.outbox.pending() > held
+
+    def _statuses_due(self) -> bool:
+        """True if status events may be waiting that no batch in flight holds and that the last
+        look did not already find all blocked (their device's earlier status still in flight)."""
+        pending = self.outbox.status_pending()
+        return pending > self._statuses_held and pending != self._status_idle
 
     def _apply_confirms(self) -> None:
         with self._cond:
@@ -338,8 +358,11 @@ class Uplink:
         for batch in done.values():
             if batch.lane is not None:
                 self._lanes[batch.lane].busy = False
-            if self._status_batch == batch.bseq:
-                self._status_batch = None
+            if batch.statuses:
+                # These devices' next events (a will behind a birth) may go now.
+                self._status_devices.difference_update(s.event.device for s in batch.statuses)
+                self._statuses_held -= len(batch.statuses)
+                self._status_idle = None
             if self._outcome_batch == batch.bseq:
                 self._outcome_batch = None
             log.debug("batch %d confirmed: %d readings, %d status events", batch.bseq, len(batch.rows), len(batch.statuses))
@@ -420,7 +443,6 @@ class Uplink:
     def _send_ready(self, now: float) -> float:
         """Publish a batch on every free lane that is ready; the next time one will be."""
         wake = now + 0.5
-        statuses_due = self._status_batch is None and self.outbox.status_pending() > 0
         for index, lane in enumerate(self._lanes):
             if lane.busy or not lane.queue:
                 continue
@@ -439,15 +461,17 @@ class Uplink:
                 if self._held_since is not None:
                     self._limiter.note_waited(now - self._held_since)
                     self._held_since = None
-            statuses = self._take_statuses() if statuses_due else []
-            if not self._publish_lane(index, lane, statuses):
+            # The lane's batch takes the status events due (see _publish_new).
+            if not self._publish_lane(index, lane):
                 break  # the lanes were read again: their readiness is judged next round
-            statuses_due = False
-        if statuses_due:
+        if self._statuses_due():
+            # No lane batch left with them: they go alone, now (no linger, no rate limit, no
+            # free lane needed).
             statuses = self._take_statuses()
             if statuses:
                 self._publish_new(None, [], statuses)
-        elif not self._inflight and (self.outbox.drops_unclaimed() or self._outcomes_due()):
+                return wake
+        if not self._inflight and (self.outbox.drops_unclaimed() or self._outcomes_due()):
             # Drop events alone (readings expired by age on an idle site) are worth a batch
             # too, and so are command outcomes.
             self._publish_new(None, [], [])
@@ -458,10 +482,14 @@ class Uplink:
         return self.commands is not None and self._outcome_batch is None and self.commands.outcomes_unclaimed() > 0
 
     def _take_statuses(self) -> list[StatusRow]:
-        # Only one status-carrying batch is ever in flight, so the oldest pending are free.
-        return self.outbox.take_statuses(STATUS_BATCH_MAX)
+        """The oldest pending status events of the devices with none in flight (per device
+        oldest first, so a device's events leave in order, one batch at a time)."""
+        pending = self.outbox.status_pending()  # read first: a status added meanwhile changes it
+        statuses = self.outbox.take_statuses(STATUS_BATCH_MAX, busy=self._status_devices)
+        self._status_idle = None if statuses else pending
+        return statuses
 
-    def _publish_lane(self, index: int, lane: _Lane, statuses: list[StatusRow]) -> bool:
+    def _publish_lane(self, index: int, lane: _Lane) -> bool:
         count = min(len(lane.queue), self.config.batch_size)
         count = max(1, min(count, int(self.config.batch_max_bytes / self._bytes_per_reading)))
         rows = [lane.queue[i] for i in range(count)]
@@ -469,7 +497,7 @@ class Uplink:
             # Retention dropped readings since they were read: read again, send next round.
             self._restage()
             return False
-        sent = self._publish_new(index, rows, statuses)
+        sent = self._publish_new(index, rows)
         for _ in range(sent):
             lane.queue.popleft()
         self._staged -= sent
@@ -500,9 +528,10 @@ class Uplink:
                 return rows, payload
             rows = rows[: max(1, int(len(rows) * limit / len(payload) * 0.9))]
 
-    def _publish_new(self, lane: int | None, rows: list[OutboxRow], statuses: list[StatusRow]) -> int:
+    def _publish_new(self, lane: int | None, rows: list[OutboxRow], statuses: list[StatusRow] | None = None) -> int:
         """Publish a new batch of ``rows`` (a prefix of them if the envelope is full) and
-        ``statuses``; returns how many rows it took."""
+        ``statuses`` (None: the status events due now, taken just before encoding, so that a
+        status committed before this batch is encoded rides in it); returns how many rows it took."""
         bseq = self._next_bseq()
         # Drop events ride along (the drops/1 extension) and go on the same confirm; the
         # cached count spares an outbox transaction per batch when there are none.
@@ -511,6 +540,8 @@ class Uplink:
         if self._outcomes_due():
             assert self.commands is not None
             outcomes = tuple(self.commands.claim_outcomes(bseq, codec.MAX_OUTCOMES_PER_BATCH))
+        if statuses is None:
+            statuses = self._take_statuses() if self._statuses_due() else []
         rows, payload = self._encode(rows, statuses, bseq, drops, outcomes)
         if self._limiter is not None and rows:
             # Readings or bytes, as the limit counts; a batch of status (and drop) events alone
@@ -525,7 +556,8 @@ class Uplink:
         if lane is not None:
             self._lanes[lane].busy = True
         if statuses:
-            self._status_batch = bseq
+            self._status_devices.update(s.event.device for s in statuses)
+            self._statuses_held += len(statuses)
         if outcomes:
             self._outcome_batch = bseq
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
