@@ -4,7 +4,7 @@ Machines are noisy (the project's have 2 cores), so no figure here is judged on 
 measurement runs a Tern path and a plain baseline doing the same work on the same parts, in the
 same run, and reports ``ratio = tern / baseline``. For throughputs a ratio of 0.5 means Tern
 moves half as many readings per second as the baseline; for the firmware's free heap it is
-the share of the heap left while the firmware runs (after 10,000 acked publishes).
+the share of the heap left while the firmware runs (after 3,000 acked publishes).
 
 Benchmarks (``--only NAME``, repeatable):
 
@@ -13,7 +13,7 @@ Benchmarks (``--only NAME``, repeatable):
 ``gateway``   paho node -> mosquitto -> Gateway (committed) vs paho -> mosquitto -> paho.
 ``bridge``    batches on the cloud broker -> BridgeThread -> Kafka (confirmed) vs aiokafka.
 ``e2e``       paho node -> gateway -> bridge -> Kafka vs the pub/sub baseline of ``gateway``.
-``firmware``  free heap of main.py at the end of 10,000 acked publishes vs ``umqtt.simple`` alone (100K heap).
+``firmware``  free heap of main.py at the end of 3,000 acked publishes vs ``umqtt.simple`` alone (100K heap).
 ``drain``     a backlog filled through ``Outbox.add``, drained by gateway and bridge processes
               into Kafka, vs the naive per-message bridge and raw aiokafka; CPU and RSS.
 ``live``      many node connections -> gateway -> bridge -> Kafka (processes) vs plain pub/sub

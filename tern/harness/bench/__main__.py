@@ -40,7 +40,10 @@ def run_benchmarks(names: Sequence[str], sizes: Sizes, workdir: Path, progress: 
     try:
         for name in names:
             progress(name)
+            started = time.monotonic()
             results.extend(runner(name)(lab))
+            # Each stage's share of the 10-minute budget, in the log of every run.
+            progress(f"{name} took {time.monotonic() - started:.0f} s")
     finally:
         lab.close()
     return results, lab.kafka_kind, lab.series
