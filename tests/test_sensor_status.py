@@ -107,3 +107,145 @@ def test_ingest_decodes_down_and_dead_letters_hostile_lists() -> None:
     for bad in ([f"s{i}" for i in range(17)], ["x" * 33], "pms5003", [1], [None], ["a b"], {"pms5003": True}):
         letter = decode(topic, json.dumps({**ok, "down": bad}).encode(), 5)
         assert isinstance(letter, DeadLetter) and "'down'" in letter.error, (bad, letter)
+
+
+# --- end to end on the real firmware ---------------------------------------------------------------
+
+
+class StatusWatch:
+    """Every status a device publishes on the Pi broker (the retained one first), decoded, in order."""
+
+    def __init__(self, port: int, device: str) -> None:
+        self.got: list[codec.Status] = []
+        self.retained: list[bool] = []
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+        self.client.on_message = self._on_message
+        self.client.on_connect = lambda c, u, f, rc, p=None: c.subscribe(topics.status_topic(SITE, device), 1)
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+
+    def _on_message(self, client, userdata, msg) -> None:
+        if msg.payload:
+            self.got.append(codec.decode_status(msg.payload))
+            self.retained.append(bool(msg.retain))
+
+    def downs(self) -> list[tuple[str, ...]]:
+        return [s.down for s in self.got if s.state == "online"]
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def retained(port: int, device: str, timeout: float = 5.0) -> codec.Status | None:
+    """The status the Pi broker retains for ``device`` now, as a new subscriber sees it."""
+    watch = StatusWatch(port, device)
+    try:
+        deadline = time.monotonic() + timeout
+        while not watch.got and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return watch.got[0] if watch.got and watch.retained[0] else None
+    finally:
+        watch.close()
+
+
+@pytest.fixture
+def pipeline(tmp_path: Path, mosquitto_factory, kafka_bootstrap: str, kafka_topics: dict[str, str]):
+    from tern.cloud.bridge import BridgeThread
+    from tern.cloud.config import BridgeConfig
+    from tern.edge.config import GatewayConfig
+    from tern.edge.service import Gateway
+    from tern.harness.observe import KafkaTail
+
+    pi, cloud = mosquitto_factory("pi"), mosquitto_factory("cloud")
+    gateway = Gateway(GatewayConfig(gateway_id="gw-dn", local_broker=pi.address, cloud_broker=cloud.address,
+                                    outbox_path=tmp_path / "outbox.db"))
+    bridge = BridgeThread(BridgeConfig(name="dn", mqtt_broker=cloud.address, kafka_bootstrap=kafka_bootstrap,
+                                       readings_topic=kafka_topics["readings"], status_topic=kafka_topics["status"],
+                                       deadletter_topic=kafka_topics["deadletter"]))
+    with gateway, bridge:
+        tail = KafkaTail(kafka_bootstrap, kafka_topics["readings"]).start()
+        try:
+            yield {"pi": pi, "gateway": gateway, "tail": tail, "tmp": tmp_path, "kafka": kafka_bootstrap,
+                   "status_topic": kafka_topics["status"]}
+        finally:
+            tail.stop()
+
+
+def kafka_statuses(bootstrap: str, topic: str, device: str, boot: str) -> list[dict]:
+    """The status values Kafka holds for one boot of one device, in partition order (checked)."""
+    from tern.cloud.consume import read_all
+
+    records = sorted(read_all(bootstrap, topic, timeout_s=10), key=lambda r: (r.partition, r.offset))
+    out = []
+    for rec in records:
+        value = json.loads(rec.raw)
+        if value.get("schema") != codec.KAFKA_STATUS_SCHEMA_ID:
+            continue
+        codec.decode_kafka_status_value(rec.raw)
+        if value["device"] == device and value["boot"] == boot:
+            out.append(value)
+    return out
+
+
+def test_a_sensor_that_stops_is_named_in_the_status_down_to_kafka_and_the_others_keep_going(pipeline) -> None:
+    from tern.device import EmulatedNode
+    from tern.harness.observe import wait_until
+
+    pi, tail = pipeline["pi"], pipeline["tail"]
+    device = "fw-down"
+    node = EmulatedNode(
+        pipeline["tmp"] / "node", device=device, site=SITE, broker=pi.address, interval_ms=200, heap="100K",
+        sensors=[
+            {"type": "uart", "uart": 2, "protocol": "pms5003", "max_age_ms": 1500, "sim": {"interval_s": 0.1, "seed": 3}},
+            {"type": "tmp102", "name": "temp_c"},
+        ],
+    )
+    watch = StatusWatch(pi.port, device)
+    kafka: list[dict] = []
+
+    def in_kafka(pred) -> bool:
+        """Read the device's status records again (into ``kafka``); True if one matches ``pred``."""
+        kafka[:] = kafka_statuses(pipeline["kafka"], pipeline["status_topic"], device, node.boot)
+        return any(pred(v) for v in kafka)
+
+    def readings(since: int) -> list[dict]:
+        return [value["readings"] for identity, value, _ in tail.records()[since:] if identity[0] == device]
+
+    try:
+        node.start()
+        assert wait_until(lambda: any("pm2_5" in r and "temp_c" in r for r in readings(0)), 60), node.log_text()[-2000:]
+        assert wait_until(lambda: watch.downs() and watch.downs()[-1] == (), 30), (watch.got, node.log_text()[-2000:])
+
+        # The PMS5003 stops answering: the node publishes a fresh retained birth naming it.
+        pms = node.sims[0]
+        pms.pause()
+        mark = len(tail.records())
+        assert wait_until(lambda: ("pms5003",) in watch.downs(), 30), (watch.got, node.log_text()[-2000:])
+        now = retained(pi.port, device)
+        assert now is not None and now.state == "online" and now.down == ("pms5003",) and now.boot == node.boot, now
+        assert any(line.startswith("TERN status down=pms5003") for line in node.tail), node.log_text()[-2000:]
+        # ...which the gateway forwards and the bridge writes to Kafka.
+        assert wait_until(lambda: in_kafka(lambda v: v["down"] == ["pms5003"]), 60), kafka
+        down_at = next(i for i, v in enumerate(kafka) if v["down"] == ["pms5003"])
+        assert kafka[down_at]["state"] == "online" and kafka[down_at]["fw"]
+        # Meanwhile the TMP102 keeps reporting, and the readings name the silent sensor.
+        assert wait_until(lambda: sum(1 for r in readings(mark) if r.get("down") == "pms5003" and "temp_c" in r) >= 5, 60)
+        assert not [r for r in readings(mark) if r.get("down") == "pms5003" and "pm2_5" in r]
+
+        # It comes back: a new birth without it, on the broker and in Kafka.
+        seen = len(watch.got)
+        pms.pause(False)
+        assert wait_until(lambda: () in [s.down for s in watch.got[seen:] if s.state == "online"], 30), watch.got
+        assert retained(pi.port, device).down == ()
+        assert wait_until(lambda: in_kafka(lambda v: False) or any(v["down"] == [] for v in kafka[down_at + 1:]), 60), kafka
+        assert kafka[-1]["down"] == [] and kafka[-1]["state"] == "online"
+        mark = len(tail.records())
+        assert wait_until(lambda: any("pm2_5" in r and "temp_c" in r and "down" not in r for r in readings(mark)), 30)
+        # One boot all along, every status valid; no status storm: a handful, not one per reading.
+        assert node.boots == 1 and not [e for e in node.errors if "Error" in e], node.log_text()[-2000:]
+        assert len(watch.got) <= 6, watch.got
+        assert pipeline["gateway"].stats()["dead_letters"] == 0
+    finally:
+        node.kill()
+        watch.close()
