@@ -249,3 +249,47 @@ def test_a_sensor_that_stops_is_named_in_the_status_down_to_kafka_and_the_others
     finally:
         node.kill()
         watch.close()
+
+
+# --- the gateway's status command ----------------------------------------------------------------
+
+
+def test_gateway_status_shows_the_sensors_down(tmp_path: Path) -> None:
+    """``tern-gateway status`` (the real command, service stopped: the outbox file only) names a
+    node's sensors that are down; an outbox of the old schema, opened read-only, still shows."""
+    import os
+    import subprocess
+    import sys
+
+    from tern.edge.health import read_node_rows
+    from tern.edge.outbox import open_readonly
+
+    def run_status(path: Path) -> str:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TERN_") or k == "TERN_CACHE"}
+        env.update(COLUMNS="160", NO_COLOR="1", TERM="dumb")
+        result = subprocess.run([sys.executable, "-m", "tern.edge", "status", "--outbox", str(path), "--url",
+                                 "http://127.0.0.1:9"], capture_output=True, text=True, timeout=60, env=env)
+        assert "Traceback" not in result.stderr, result.stderr
+        return result.stdout
+
+    path = tmp_path / "outbox.db"
+    with Outbox(path) as box:
+        box.add([], statuses=[birth(("pms5003", "sht3x")), birth(device="dev-b")])
+    db = open_readonly(path)
+    try:
+        assert {r["device"]: r["down"] for r in read_node_rows(db)} == {"dev-a": ["pms5003", "sht3x"], "dev-b": []}
+    finally:
+        db.close()
+    out = run_status(path)
+    line_a = next(line for line in out.splitlines() if "dev-a" in line)
+    line_b = next(line for line in out.splitlines() if "dev-b" in line)
+    assert "online (pms5003, sht3x down)" in line_a and "down" not in line_b, out
+
+    old = tmp_path / "old.db"
+    _make_old(old, without_dropped=False)
+    db = open_readonly(old)
+    try:
+        assert [(r["device"], r["state"], r["down"]) for r in read_node_rows(db)] == [("dev-a", "online", [])]
+    finally:
+        db.close()
+    assert "dev-a" in run_status(old)
