@@ -293,3 +293,69 @@ def test_gateway_status_shows_the_sensors_down(tmp_path: Path) -> None:
     finally:
         db.close()
     assert "dev-a" in run_status(old)
+
+
+# --- the firmware's bound on status messages (MicroPython unix port) ----------------------------
+
+
+def test_a_flapping_sensor_cannot_flood_the_status(tmp_path: Path) -> None:
+    """The firmware's Sensors on the real unix port, a TMP102 that fails and answers while the ADC
+    keeps going: a one-reading blip is no news; a sensor flapping every two readings costs STATUS_BURST
+    statuses, then one per STATUS_EVERY_MS (shortened here), each naming the set as it is then."""
+    from test_sensors import run_mp
+
+    result = run_mp(
+        tmp_path,
+        """
+import os, json, time
+import tern_sensors
+from tern_sensors import Sensors
+
+class Client:
+    def __init__(self):
+        self.sent = []
+    def publish(self, topic, msg, retain, qos):
+        self.sent.append(json.loads(msg))
+
+class Node:
+    t_status = "tern/s/d/status"
+    def __init__(self, s):
+        self.client = Client()
+        self.s = s
+    def _status(self, state):
+        d = {"state": state}
+        self.s.status(d)
+        return json.dumps(d)
+    def drop(self, why):
+        raise RuntimeError(why)
+
+def run(pattern, reads, pause_ms=0):
+    s = Sensors([{"type": "tmp102", "name": "t"}, {"type": "adc", "name": "mv", "pin": 34}])
+    node = Node(s)
+    node._status("online")  # the birth at connect: all answering
+    t0 = time.ticks_ms()
+    for i in range(reads):
+        os.putenv("TERN_EMU_TMP102", "fail" if pattern(i) else "20.0")
+        s.read({})
+        s.tell(node)
+        if pause_ms:
+            time.sleep_ms(pause_ms)
+    return node.client.sent, time.ticks_diff(time.ticks_ms(), t0)
+
+out = {"burst": tern_sensors.STATUS_BURST}
+out["blips"], _ = run(lambda i: i % 2, 200)               # fails every other reading
+out["flaps"], _ = run(lambda i: (i // 2) % 2, 200)         # fails two readings, answers two
+tern_sensors.STATUS_EVERY_MS = 300
+out["slow"], out["slow_ms"] = run(lambda i: (i // 2) % 2 and i < 150, 200, 10)
+print(json.dumps(out))
+""",
+        env={"TERN_EMU_TMP102": "20.0", "TERN_EMU_ADC_34": "1500"},
+    )
+    burst = result["burst"]
+    assert result["blips"] == []
+    assert [m.get("down") for m in result["flaps"]] == [["t"], None, ["t"]][:burst] and len(result["flaps"]) == burst
+    slow, elapsed = result["slow"], result["slow_ms"]
+    # Refilled one per 300 ms: more than the burst, never more than the bucket allows.
+    assert burst < len(slow) <= burst + elapsed // 300 + 1, (len(slow), elapsed)
+    # Coalesced: the last status tells the set as it ended (all answering), not a stale one.
+    assert "down" not in slow[-1] and all(m["state"] == "online" for m in slow)
