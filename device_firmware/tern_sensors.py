@@ -165,7 +165,9 @@ class Sensors:
         now = time.ticks_ms()
         if self.tokens < STATUS_BURST:
             n = time.ticks_diff(now, self.t) // STATUS_EVERY_MS
-            if n > 0:
+            if n < 0:   # ticks wrapped (days without a connection): long enough for a refill
+                self.tokens = STATUS_BURST
+            elif n > 0:
                 self.tokens = min(STATUS_BURST, self.tokens + n)
                 self.t = time.ticks_add(self.t, n * STATUS_EVERY_MS)
         if not self.steady or self.failed == self.told or not self.tokens:
