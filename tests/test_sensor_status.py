@@ -246,6 +246,20 @@ def test_a_sensor_that_stops_is_named_in_the_status_down_to_kafka_and_the_others
         assert node.boots == 1 and not [e for e in node.errors if "Error" in e], node.log_text()[-2000:]
         assert len(watch.got) <= 6, watch.got
         assert pipeline["gateway"].stats()["dead_letters"] == 0
+
+        # A hostile "down" on the Pi broker is a dead letter; the gateway keeps forwarding.
+        evil = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+        evil.connect("127.0.0.1", pi.port)
+        evil.loop_start()
+        try:
+            bad = {"v": 1, "dev": "evil", "state": "online", "boot": "0badc0de", "down": ["x" * 40] * 20}
+            evil.publish(topics.status_topic(SITE, "evil"), json.dumps(bad), qos=1).wait_for_publish(10)
+        finally:
+            evil.disconnect()
+            evil.loop_stop()
+        assert wait_until(lambda: pipeline["gateway"].stats()["dead_letters"] == 1, 30), pipeline["gateway"].stats()
+        mark = len(tail.records())
+        assert wait_until(lambda: len(readings(mark)) >= 3, 30)
     finally:
         node.kill()
         watch.close()
@@ -359,3 +373,21 @@ print(json.dumps(out))
     assert burst < len(slow) <= burst + elapsed // 300 + 1, (len(slow), elapsed)
     # Coalesced: the last status tells the set as it ended (all answering), not a stale one.
     assert "down" not in slow[-1] and all(m["state"] == "online" for m in slow)
+
+
+def test_the_firmware_config_check_makes_any_label_fit_the_status() -> None:
+    """A label (or a reading name standing for one) that the status contract would refuse is
+    turned into one it takes, by the firmware's own config check, at boot."""
+    from tern.device.emulate import check_config
+
+    sensors = [
+        {"type": "tmp102", "name": "temp c"},
+        {"type": "uart", "uart": 2, "protocol": "pms5003", "label": "PM 2.5 (Plantower) in the attic, north side"},
+        {"type": "sht3x"},
+        {"type": "adc", "name": "adc_mv", "label": ""},
+    ]
+    merged = check_config({"site": "s", "device": "d", "sensors": [dict(x) for x in sensors]})["sensors"]
+    labels = [spec.get("label") for spec in merged]
+    assert labels == ["temp_c", "PM_2.5__Plantower__in_the_attic_", None, "sensor"]
+    for label in ("temp_c", "PM_2.5__Plantower__in_the_attic_", "sht3x", "sensor"):
+        codec.decode_status(json.dumps({"v": 1, "dev": "d", "state": "online", "boot": "0badc0de", "down": [label]}).encode())
