@@ -67,13 +67,14 @@ def _sht3x(spec):
 
 
 _DRIVERS = {"adc": ADCSensor, "tmp102": TMP102Sensor, "uart": _uart, "sht3x": _sht3x}
-# A change in the set of failed sensors is told by a fresh retained birth (its "down" list;
-# published by tell(), which tern_node calls after each service pass). Bounded three ways, so a flapping sensor cannot
-# flood the broker, the gateway's outbox or Kafka: (1) a set counts only once two readings in
-# a row agree on it (a UART sensor that has not sent its first frame at boot, or one missed
-# frame, is not news); (2) a token bucket: at most STATUS_BURST such births back to back, then
-# one per STATUS_EVERY_MS; (3) changes meanwhile are coalesced: the birth that goes carries the
-# set as it is then, never a queue of them. Readings name the failed sensors every time.
+# A change in the set of failed sensors is told by a fresh retained birth (its "down" list),
+# published by tell(), which tern_node calls after each service pass. Bounded three ways, so a
+# flapping sensor cannot flood the broker, the gateway's outbox or Kafka: (1) a set counts only
+# once two readings in a row agree on it (a UART sensor that has not sent its first frame at
+# boot, or one missed frame, is not news); (2) a token bucket: at most STATUS_BURST such births
+# back to back, then one per STATUS_EVERY_MS; (3) changes meanwhile are coalesced: the birth
+# that goes carries the set as it is then, never a queue of them. Readings name the failed
+# sensors every time.
 STATUS_BURST = 3
 STATUS_EVERY_MS = 20000
 DOWN_MAX = 64   # the codec's limit for a text value
