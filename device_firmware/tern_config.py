@@ -72,6 +72,13 @@ def _check_sensor(i, spec):
     for n in names:
         if not isinstance(n, str) or not 1 <= len(n) <= 32:
             raise ConfigError("sensors[%d]: reading names must be 1-32 characters" % i)
+    # The label names the sensor when it is down (the status's "down" list: 1-32 of
+    # [A-Za-z0-9_.-]); made so here, at boot, so the running node carries no code for it.
+    label = spec.get("label", names[0] if kind in ("adc", "tmp102") else proto)
+    safe = "".join(c if "a" <= c <= "z" or "A" <= c <= "Z" or "0" <= c <= "9" or c in "_.-" else "_"
+                   for c in str(label)[:32]) or "sensor"
+    if safe != label:
+        spec["label"] = safe
     for key in ("pin", "i2c", "scl", "sda", "addr", "uart", "tx", "rx", "baud", "max_age_ms"):
         if key in spec and (not isinstance(spec[key], int) or isinstance(spec[key], bool) or spec[key] < 0):
             raise ConfigError("sensors[%d].%s must be a non-negative integer" % (i, key))

@@ -100,7 +100,12 @@ class Link:
                 dr[self.boot] = dr.get(self.boot, 0) + n
             if dr:
                 d["dropped"] = dr   # readings lost per boot, told once (see connect)
+            self.status_extra(d)
         return dumps(d).encode()
+
+    def status_extra(self, d):
+        """More keys for the birth message (tern_node adds the sensors that are down)."""
+        pass
 
     def connect(self):
         if self.wlan is not None and not self.wlan.isconnected():

@@ -7,6 +7,7 @@
 #   TERN done <n>      TERN stats k=v ...   TERN stopped        TERN error <text>
 #   TERN spilled <n>   TERN replayed <boot> <first> <last> <n>  TERN spill_acked <boot> <seq>
 #   TERN spill_dropped <n>   TERN wake <boot> <seq>   TERN deepsleep <ms> (by machine)
+#   TERN status down=<labels>  (a fresh birth: the failed sensors changed; see tern_sensors)
 import gc
 import time
 
@@ -121,6 +122,14 @@ class Node(Link):
                 self.sensors.errors, self.sensors.bad_frames(), self.connects, gc.mem_free(),
                 0 if self.spill is None or self.spill.empty() else self.spill.last - self.spill.first + 1)
             + " sensors_down=%d" % self.sensors.down)   # sensors that failed the last reading
+
+    def status_extra(self, d):
+        self.sensors.status(d)   # the birth names the sensors that are down (not the will)
+
+    def service(self):
+        Link.service(self)
+        if self.client is not None:
+            self.sensors.tell(self)   # a changed set of failed sensors: a fresh birth
 
     def feed(self):
         if self.wdt is not None:

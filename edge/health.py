@@ -22,6 +22,7 @@ Nothing here holds a secret: broker addresses are HOST:PORT, never credentials.
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import threading
@@ -187,9 +188,26 @@ def read_node_rows(db: Any) -> list[dict]:
         }
     except sqlite3.Error:  # an outbox from before statuses were kept, or one being created
         return []
+    try:
+        down = dict(
+            ((r[0], r[1]), r[2])
+            for r in db.execute(f"SELECT site, device, down FROM {NODE_STATUS} ORDER BY site, device LIMIT ?", [MAX_DEVICES])
+        )
+    except sqlite3.Error:  # an outbox from before the column, opened read-only (not migrated)
+        down = {}
     for row in rows:
         row["fw"], row["reset"] = fw.get((row["site"], row["device"]), ("", ""))
+        row["down"] = _down(down.get((row["site"], row["device"])))
     return rows
+
+
+def _down(raw: str | None) -> list[str]:
+    """The sensors down of a node_status row (JSON list, "" for none)."""
+    try:
+        value = json.loads(raw) if raw else []
+    except ValueError:
+        return []
+    return [str(x) for x in value] if isinstance(value, list) else []
 
 
 class Health:
@@ -283,6 +301,7 @@ class Health:
                     "boot": row.get("boot") or note.boot,
                     "fw": note.fw or row.get("fw", ""),
                     "reset": note.reset or row.get("reset", ""),
+                    "down": row.get("down", []),
                     "last_seen_ms": last,
                     "last_seen_age_s": None if last is None else max(0.0, (now - last) / 1000),
                     "last_seq": note.last_seq if note.last_seq is not None else counts.get("high_seq"),

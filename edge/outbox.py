@@ -302,6 +302,11 @@ class Outbox:
             # The latest status's drop report, so a re-delivered retained birth is not told twice.
             if "dropped" not in self.db[NODE_STATUS].columns_dict:
                 self.db[NODE_STATUS].add_column("dropped", str, not_null_default="")
+            # The node's sensors that are down (JSON list, "" for none), in the event and the
+            # latest status (a birth naming another set is news); added later, like "dropped".
+            for table in (STATUS_EVENTS, NODE_STATUS):
+                if "down" not in self.db[table].columns_dict:
+                    self.db[table].add_column("down", str, not_null_default="")
             self.db[DEAD_LETTERS].create(
                 {"id": int, "received_ms": int, "topic": str, "payload": bytes, "size": int, "error": str},
                 pk="id",
@@ -500,23 +505,27 @@ class Outbox:
         inserted = 0
         for event in statuses:
             dropped = json.dumps(dict(event.dropped)) if event.dropped else ""
+            down = json.dumps(list(event.down)) if event.down else ""
             latest = self.db.execute(
-                f"SELECT boot, state, dropped FROM {NODE_STATUS} WHERE site = ? AND device = ?", [event.site, event.device]
+                f"SELECT boot, state, dropped, down FROM {NODE_STATUS} WHERE site = ? AND device = ?",
+                [event.site, event.device],
             ).fetchone()
-            # (a status with a new drop report is news even for the same boot and state)
-            if latest == (event.boot, event.state, dropped):
+            # (a status with a new drop report, or another set of sensors down, is news even
+            # for the same boot and state)
+            if latest == (event.boot, event.state, dropped, down):
                 continue
             received = stamp  # like readings: when this gateway committed it
             self.db.execute(
-                f"INSERT INTO {STATUS_EVENTS} (site, device, boot, state, fw, reset, received_ms, dropped)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                [event.site, event.device, event.boot, event.state, event.fw, event.reset, received, dropped],
+                f"INSERT INTO {STATUS_EVENTS} (site, device, boot, state, fw, reset, received_ms, dropped, down)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [event.site, event.device, event.boot, event.state, event.fw, event.reset, received, dropped, down],
             )
             self.db.execute(
-                f"INSERT INTO {NODE_STATUS} (site, device, boot, state, received_ms, dropped) VALUES (?, ?, ?, ?, ?, ?)"
+                f"INSERT INTO {NODE_STATUS} (site, device, boot, state, received_ms, dropped, down)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT(site, device) DO UPDATE SET boot = excluded.boot, state = excluded.state,"
-                " received_ms = excluded.received_ms, dropped = excluded.dropped",
-                [event.site, event.device, event.boot, event.state, received, dropped],
+                " received_ms = excluded.received_ms, dropped = excluded.dropped, down = excluded.down",
+                [event.site, event.device, event.boot, event.state, received, dropped, down],
             )
             inserted += 1
         return inserted
@@ -568,7 +577,7 @@ class Outbox:
         """
         with self._lock:
             cursor = self.db.execute(
-                f"SELECT id, site, device, state, boot, fw, reset, received_ms, dropped FROM {STATUS_EVENTS}"
+                f"SELECT id, site, device, state, boot, fw, reset, received_ms, dropped, down FROM {STATUS_EVENTS}"
                 " ORDER BY id"
             )
             # Filtered here rather than in SQL: the busy set may outgrow SQLite's host parameter
@@ -580,6 +589,7 @@ class Outbox:
                     event=StatusEvent(
                         site=row[1], device=row[2], state=row[3], boot=row[4], fw=row[5], reset=row[6], received_ms=row[7],
                         dropped=tuple(json.loads(row[8]).items()) if row[8] else (),
+                        down=tuple(json.loads(row[9])) if row[9] else (),
                     ),
                 )
                 for row in picked

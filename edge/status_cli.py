@@ -154,8 +154,11 @@ def _num(n: object) -> str:
     return "-" if n is None else f"{n:,}" if isinstance(n, int) else str(n)
 
 
-def _state(state: str) -> Text:
-    return Text(state, style={"online": "bold green", "offline": "bold red"}.get(state, "dim"))
+def _state(state: str, down: list | None = None) -> Text:
+    text = Text(state, style={"online": "bold green", "offline": "bold red"}.get(state, "dim"))
+    if down and state == "online":  # sensors the node's status names as not answering
+        text.append(f" ({', '.join(str(d) for d in down)} down)", style="yellow")
+    return text
 
 
 def _up(flag: bool) -> Text:
@@ -188,7 +191,7 @@ def devices_table(src: Sources, limit: int | None = DEVICE_ROWS) -> Table:
     shown = ranked if limit is None else ranked[:limit]
     for (site, device), d in shown:
         table.add_row(
-            device, _state(d.get("state", "unknown")), _age(d.get("last_seen_age_s")), _num(d.get("last_seq")),
+            device, _state(d.get("state", "unknown"), d.get("down")), _age(d.get("last_seen_age_s")), _num(d.get("last_seq")),
             d.get("fw") or "-", d.get("boot") or "-", _num(d.get("missing")), _num(d.get("duplicates")),
             _num(d.get("dropped")), _num(pending.get((site, device), 0)), site,
         )

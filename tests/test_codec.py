@@ -42,6 +42,7 @@ status_events = st.builds(
     fw=short_text,
     reset=short_text,
     received_ms=uints,
+    down=st.lists(st.from_regex(r"\A[A-Za-z0-9_.-]{1,32}\Z"), max_size=codec.MAX_DOWN).map(tuple),
 )
 
 
@@ -278,3 +279,101 @@ def test_the_fast_path_of_decode_batch_gives_the_same_verdicts_as_the_full_check
             codec.decode_batch(zlib.compress(json.dumps(doc).encode()))
     batch = codec.decode_batch(codec.encode_batch(codec.Batch("gw-1", 1, 1, (good, good))))
     assert batch.readings == (good, good)
+
+
+# --- sensors that are down, in the node status (issue 16) -----------------------------------
+
+DOWN_STATUS = {"v": 1, "dev": "node-1", "state": "online", "boot": "0badc0de", "fw": "0.3.0", "reset": "PWRON_RESET"}
+
+
+def test_status_with_sensors_down_round_trips_to_kafka_and_matches_the_schemas() -> None:
+    status = codec.Status("node-1", "online", "0badc0de", "0.3.0", "PWRON_RESET", down=("pms5003", "sht3x"))
+    raw = codec.encode_status(status)
+    assert json.loads(raw)["down"] == ["pms5003", "sht3x"]
+    jsonschema.validate(json.loads(raw), schema("node-status"))
+    back = codec.decode_status(raw, topic_device="node-1")
+    assert back == status
+    event = codec.StatusEvent.from_status(back, "site-a", 42)
+    assert event.down == ("pms5003", "sht3x")
+    # The envelope carries it; the bridge's Kafka value has it.
+    batch = codec.Batch("gw-1", 1, 2, statuses=(event,))
+    doc = json.loads(zlib.decompress(codec.encode_batch(batch)))
+    assert doc["events"][0]["down"] == ["pms5003", "sht3x"]
+    assert codec.decode_batch(codec.encode_batch(batch)) == batch
+    value = json.loads(codec.kafka_status_record(event, "gw-1", "t", 9).value)
+    jsonschema.validate(value, schema("kafka-status"))
+    assert value["down"] == ["pms5003", "sht3x"]
+
+
+def test_a_status_without_sensors_down_is_encoded_as_before() -> None:
+    """Old messages decode unchanged; envelopes without a sensor down stay byte-identical."""
+    old = codec.decode_status(json.dumps(DOWN_STATUS).encode())
+    assert old.down == () and "down" not in json.loads(codec.encode_status(old))
+    event = codec.StatusEvent.from_status(old, "site-a", 42)
+    batch = codec.Batch("gw-1", 1, 2, statuses=(event,))
+    # What a gateway that predates the field sent, byte for byte.
+    before = {"v": 1, "gw": "gw-1", "bseq": 1, "sent": 2, "items": [],
+              "events": [{"site": "site-a", "dev": "node-1", "state": "online", "boot": "0badc0de",
+                          "fw": "0.3.0", "reset": "PWRON_RESET", "rx": 42}]}
+    assert zlib.decompress(codec.encode_batch(batch)) == json.dumps(before, separators=(",", ":")).encode()
+    assert codec.decode_batch(zlib.compress(json.dumps(before).encode())).statuses == (event,)
+    # In Kafka the key is always there: [] when no sensor is down, and in a last will.
+    value = json.loads(codec.kafka_status_record(event, "gw-1", "t", 9).value)
+    assert value["down"] == [] and codec.decode_kafka_status_value(codec.kafka_status_record(event, "gw-1", "t", 9).value)
+    # A record written by a bridge that predates the field still decodes.
+    del value["down"]
+    assert "down" not in codec.decode_kafka_status_value(json.dumps(value).encode())
+
+
+HOSTILE_DOWN = [
+    ("pms5003", "'down' must be a list"),
+    ({"pms5003": 1}, "'down' must be a list"),
+    (None, "'down' must be a list"),
+    ([f"s{i}" for i in range(codec.MAX_DOWN + 1)], "at most 16 sensor labels"),
+    (["x" * (codec.MAX_DOWN_LABEL + 1)], "'down' entries must be 1-32"),
+    (["x" * 1000], "'down' entries must be 1-32"),
+    ([""], "'down' entries must be 1-32"),
+    ([7], "'down' entries must be"),
+    ([["pms5003"]], "'down' entries must be"),
+    (["pms5003,sht3x"], "'down' entries must be"),
+    (["pm 2.5"], "'down' entries must be"),
+    (["\u0000"], "'down' entries must be"),
+]
+
+
+@pytest.mark.parametrize("down, message", HOSTILE_DOWN)
+def test_hostile_down_lists_are_rejected_everywhere(down: object, message: str) -> None:
+    with pytest.raises(CodecError, match=message):
+        codec.decode_status(json.dumps({**DOWN_STATUS, "down": down}).encode())
+    item = {"site": "s", "dev": "d", "state": "online", "boot": "0badc0de", "rx": 1, "down": down}
+    with pytest.raises(CodecError, match=message):
+        codec.decode_batch(zlib.compress(json.dumps({"v": 1, "gw": "gw-1", "bseq": 3, "sent": 5, "items": [],
+                                                     "events": [item]}).encode()))
+    value = json.loads(codec.kafka_status_record(codec.StatusEvent("s", "d", "online", "0badc0de"), "gw-1", "t", 1).value)
+    with pytest.raises(CodecError, match=message):
+        codec.decode_kafka_status_value(json.dumps({**value, "down": down}).encode())
+    # And the schemas agree with the decoder.
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({**DOWN_STATUS, "down": down}, schema("node-status"))
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=40),
+    lambda inner: st.lists(inner, max_size=20) | st.dictionaries(st.text(max_size=5), inner, max_size=5),
+    max_leaves=40,
+)
+
+
+@settings(max_examples=200)
+@given(json_values)
+def test_any_down_value_is_a_status_or_a_codec_error(down: object) -> None:
+    raw = json.dumps({**DOWN_STATUS, "down": down}).encode()
+    try:
+        status = codec.decode_status(raw)
+    except CodecError:
+        return
+    # Accepted: it conforms to the schema and survives the whole way to Kafka.
+    jsonschema.validate(json.loads(raw), schema("node-status"))
+    event = codec.StatusEvent.from_status(status, "s", 1)
+    assert codec.decode_batch(codec.encode_batch(codec.Batch("gw", 1, 1, statuses=(event,)))).statuses == (event,)
+    assert codec.decode_kafka_status_value(codec.kafka_status_record(event, "gw", "t", 1).value)["down"] == down

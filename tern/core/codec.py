@@ -25,6 +25,11 @@ BUNDLE_VERSION = 2
 MAX_BUNDLE = 32
 #: Boots a node may list in its birth message's "dropped" object.
 MAX_DROPPED_BOOTS = 16
+#: Sensors a node may list as down in its birth message (a node has at most 16 sensors),
+#: and the longest label.
+MAX_DOWN = 16
+MAX_DOWN_LABEL = 32
+_LABEL_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 
 #: Largest node payload accepted. A reading is ~100-300 bytes; the firmware's own buffers
 #: are sized far below this, so anything larger is a fault, not data.
@@ -76,6 +81,8 @@ class Status:
     reset: str = ""
     #: ((boot, n), ...): readings the node had to drop, per boot, since it last said so.
     dropped: tuple[tuple[str, int], ...] = ()
+    #: Labels of the node's sensors that are not answering now (its "down" list).
+    down: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,11 +102,13 @@ class StatusEvent:
     reset: str = ""
     received_ms: int = 0
     dropped: tuple[tuple[str, int], ...] = ()
+    down: tuple[str, ...] = ()
 
     @classmethod
     def from_status(cls, status: Status, site: str, received_ms: int = 0) -> "StatusEvent":
         """The event for ``status`` seen on ``site``'s topic."""
-        return cls(site, status.device, status.state, status.boot, status.fw, status.reset, received_ms, status.dropped)
+        return cls(site, status.device, status.state, status.boot, status.fw, status.reset, received_ms, status.dropped,
+                   status.down)
 
 
 @dataclass(frozen=True, slots=True)
@@ -316,6 +325,19 @@ def _dropped(obj: Mapping[str, Any], what: str) -> tuple[tuple[str, int], ...]:
     return tuple(out)
 
 
+def _down(obj: Mapping[str, Any], what: str) -> tuple[str, ...]:
+    """The optional ``down`` list of a status: labels of the sensors not answering."""
+    raw = obj.get("down", [])
+    if not isinstance(raw, list) or len(raw) > MAX_DOWN:
+        raise CodecError(f"{what}: 'down' must be a list of at most {MAX_DOWN} sensor labels")
+    for label in raw:
+        if not isinstance(label, str) or not 1 <= len(label) <= MAX_DOWN_LABEL or not _LABEL_CHARS.issuperset(label):
+            raise CodecError(
+                f"{what}: 'down' entries must be 1-{MAX_DOWN_LABEL} of [A-Za-z0-9_.-], got {label!r:.80}"
+            )
+    return tuple(raw)
+
+
 def encode_status(status: Status) -> bytes:
     """Encode a birth message or last will."""
     obj: dict[str, Any] = {"v": WIRE_VERSION, "dev": status.device, "state": status.state, "boot": status.boot}
@@ -325,6 +347,8 @@ def encode_status(status: Status) -> bytes:
         obj["reset"] = status.reset
     if status.dropped:
         obj["dropped"] = dict(status.dropped)
+    if status.down:
+        obj["down"] = list(status.down)
     return _dumps(obj)
 
 
@@ -350,6 +374,7 @@ def decode_status(raw: bytes, *, topic_device: str | None = None) -> Status:
         fw=_text(obj, "fw", what, required=False),
         reset=_text(obj, "reset", what, required=False),
         dropped=_dropped(obj, what),
+        down=_down(obj, what),
     )
 
 
@@ -390,6 +415,8 @@ def _status_item(event: StatusEvent) -> dict[str, Any]:
         item["reset"] = event.reset
     if event.dropped:
         item["dropped"] = dict(event.dropped)
+    if event.down:  # only when a sensor is down: other envelopes stay byte-identical
+        item["down"] = list(event.down)
     item["rx"] = event.received_ms
     return item
 
@@ -493,6 +520,7 @@ def _decode_status_events(obj: Mapping[str, Any], what: str) -> tuple[StatusEven
             reset=_text(item, "reset", where, required=False),
             received_ms=_int(item, "rx", where),
             dropped=_dropped(item, where),
+            down=_down(item, where),
         )
         for where, item in _object_list(obj, "events", what, "event", default=[])
     )
@@ -725,8 +753,8 @@ KAFKA_STATUS_SCHEMA_ID = "tern.status/1"
 def kafka_status_record(event: StatusEvent, gateway: str, topic: str, bridged_ms: int) -> KafkaRecord:
     """Map one node status event to its Kafka record: key = device id, like the readings.
 
-    ``fw`` and ``reset`` are always present in the value (empty when the node did not say,
-    as in a last will), so consumers need no "missing key" case.
+    ``fw``, ``reset`` and ``down`` are always present in the value (empty when the node did
+    not say, as in a last will), so consumers need no "missing key" case.
     """
     value = {
         "schema": KAFKA_STATUS_SCHEMA_ID,
@@ -737,6 +765,7 @@ def kafka_status_record(event: StatusEvent, gateway: str, topic: str, bridged_ms
         "state": event.state,
         "fw": event.fw,
         "reset": event.reset,
+        "down": list(event.down),
         "gateway_rx_ms": event.received_ms,
         "bridge_ms": bridged_ms,
     }
@@ -766,6 +795,7 @@ def decode_kafka_status_value(raw: bytes) -> dict[str, Any]:
     _text(obj, "fw", what)
     _text(obj, "reset", what)
     _dropped(obj, what)
+    _down(obj, what)  # (absent in records of bridges that predate it: read as none)
     return obj
 
 
