@@ -188,8 +188,8 @@ class Uplink:
             **config.cloud_auth(),
         )
         self.client = self.session.client
-        # A status committed wakes the forwarder: it leaves now, not at the next poll.
-        outbox.on_status = self.nudge
+        # A commit (readings or statuses) wakes the forwarder: it looks now, not at the next poll.
+        outbox.on_commit = self.nudge
 
     # --- lifecycle -----------------------------------------------------------------------
 
