@@ -41,7 +41,7 @@ from typing import Callable, Collection, Iterable, Iterator, Sequence
 import orjson
 import sqlite_utils
 
-from tern.core.codec import DropEvent, Reading, StatusEvent
+from tern.core.codec import DropEvent, Reading, StatusEvent, new_reading
 from tern.edge import retention as rtn
 from tern.edge import seqtrack
 from tern.edge.retention import RetentionPolicy
@@ -560,7 +560,7 @@ class Outbox:
             rows = [
                 # Positional, and orjson for the values this outbox wrote itself: reading the
                 # rows back was a quarter of the gateway's time in a backlog drain.
-                OutboxRow(row[0], Reading(row[2], row[3], row[4], row[5], orjson.loads(row[7]), row[1], row[6]))
+                OutboxRow(row[0], new_reading(row[2], row[3], row[4], row[5], orjson.loads(row[7]), row[1], row[6]))
                 for row in cursor.fetchall()
             ]
             if rows and protect:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Iterator, Mapping
 
 from tern.core.commands import MAX_REPLY_BYTES, OUTCOMES, Outcome, encode_outcome
@@ -175,6 +175,40 @@ class KafkaRecord:
     key: bytes
     value: bytes
     headers: tuple[tuple[str, bytes], ...]
+
+
+# Fast constructors for the hot paths (a backlog builds a million readings and records). A
+# frozen dataclass's __init__ sets each field through object.__setattr__; the slot
+# descriptors set them directly, in less than half the time. Same objects, positional
+# arguments in field order, no defaults.
+_new = object.__new__
+_R_DEVICE, _R_BOOT, _R_SEQ, _R_TS, _R_VALUES, _R_SITE, _R_RX = (
+    getattr(Reading, f.name).__set__ for f in fields(Reading))
+_K_TOPIC, _K_KEY, _K_VALUE, _K_HEADERS = (getattr(KafkaRecord, f.name).__set__ for f in fields(KafkaRecord))
+
+
+def new_reading(device: str, boot: str, seq: int, ts_ms: int, values: Mapping[str, Value], site: str,
+                received_ms: int) -> Reading:
+    """``Reading(device, boot, seq, ts_ms, values, site, received_ms)``, built fast (no checks)."""
+    reading = _new(Reading)
+    _R_DEVICE(reading, device)
+    _R_BOOT(reading, boot)
+    _R_SEQ(reading, seq)
+    _R_TS(reading, ts_ms)
+    _R_VALUES(reading, values)
+    _R_SITE(reading, site)
+    _R_RX(reading, received_ms)
+    return reading
+
+
+def _new_kafka_record(topic: str, key: bytes, value: bytes, headers: tuple[tuple[str, bytes], ...]) -> KafkaRecord:
+    record = _new(KafkaRecord)
+    _K_TOPIC(record, topic)
+    _K_KEY(record, key)
+    _K_VALUE(record, value)
+    _K_HEADERS(record, headers)
+    return record
+
 
 
 # --- helpers -------------------------------------------------------------------------
@@ -638,7 +672,7 @@ def _reading_fast(item: dict[str, Any], checked: set[str]) -> Reading | None:
                 return None
         elif kind is not int and kind is not bool:
             return None
-    return Reading(device, boot, seq, ts, values, site, rx)
+    return new_reading(device, boot, seq, ts, values, site, rx)
 
 
 def decode_batch(raw: bytes, *, topic_gateway: str | None = None) -> Batch:
@@ -746,7 +780,7 @@ def kafka_record(reading: Reading, gateway: str, topic: str, bridged_ms: int) ->
         ("boot", boot.encode()),
         ("seq", str(seq).encode()),
     )
-    return KafkaRecord(topic=topic, key=device.encode(), value=value, headers=headers)
+    return _new_kafka_record(topic, device.encode(), value, headers)
 
 
 def decode_kafka_value(raw: bytes) -> dict[str, Any]:
