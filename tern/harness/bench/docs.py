@@ -68,7 +68,10 @@ METHOD = """## How the issue-13 stages measure
   until its outbox is empty (the last confirm). Every reading is read back from Kafka: all
   there, each device's readings in order, duplicates counted.
 - **Raw aiokafka** (baseline): one producer with the bridge's settings (acks=all) sending the
-  backlog's first records, then waiting for every ack.
+  backlog's first records one `send()` each, then waiting for every ack. The bridge uses the
+  same aiokafka, but builds each partition's record batches itself (`create_batch`/`send_batch`,
+  filling the next batch while the one before waits): that is how the bridge and the drain can
+  come close to, or pass, a producer that does nothing else.
 - **Live** from many node connections: the fleet publishes per-reading JSON at QoS 1 into the
   gateway's local mosquitto; timed until the bridge has Kafka's ack for the last one. Baseline:
   the same fleet into a mosquitto with one plain paho QoS 1 subscriber (a process of its own).
