@@ -380,3 +380,28 @@ def test_sensor_config_errors_name_the_sensor(spec: dict, message: str) -> None:
         check_config({"sensors": [spec]})
     good = check_config({"sensors": [{"type": "sht3x"}, {"type": "uart", "protocol": "nmea", "names": ["la", "lo"]}]})
     assert [s["type"] for s in good["sensors"]] == ["sht3x", "uart"]
+
+
+def test_a_sensor_whose_driver_cannot_start_is_down_in_every_reading(tmp_path: Path) -> None:
+    """A UART whose port does not exist (a board without the module): the node still starts,
+    the sensor stays in the list and reads as down, and the others report."""
+    result = run_mp(
+        tmp_path,
+        """
+import json
+from tern_sensors import Sensors
+logs = []
+s = Sensors([{"type": "uart", "uart": 2, "protocol": "nmea"}, {"type": "adc", "name": "mv", "pin": 34},
+             {"type": "uart", "uart": 2, "protocol": "pms5003", "label": "dust"}], log=logs.append)
+runs = []
+for _ in range(2):
+    d = {}
+    runs.append({"failed": s.read(d), "d": d})
+print(json.dumps({"runs": runs, "logs": logs, "labels": s.labels(s.failed)}))
+""",
+        env={"TERN_EMU_ADC_34": "1500", "TERN_EMU_UART2": str(tmp_path / "no-such-tty")},
+    )
+    assert result["runs"][0] == {"failed": 2, "d": {"mv": 1500, "down": "nmea,dust"}}
+    assert result["runs"][1] == result["runs"][0]
+    assert result["labels"] == ["nmea", "dust"]  # what the node's status names as down
+    assert len(result["logs"]) == 2 and all("init" in line for line in result["logs"])
