@@ -43,6 +43,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--idempotence", action="store_true", default=None, help="idempotent producer (real Kafka; Tansu rejects it)")
     run.add_argument("--compression", choices=["gzip", "snappy", "lz4", "zstd"], help="Kafka compression")
     run.add_argument("--share-group", help="split batches with other bridges on $share/GROUP/... (env TERN_BRIDGE_SHARE_GROUP)")
+    run.add_argument("--max-inflight-records", type=int, metavar="N",
+                     help="readings being written to Kafka at once, at most (env TERN_BRIDGE_MAX_INFLIGHT_RECORDS, default 20000)")
+    run.add_argument("--dedup-window", type=int, metavar="N",
+                     help="batches remembered to recognise a gateway's re-send (env TERN_BRIDGE_DEDUP_WINDOW, default 10000; 0: off)")
+    run.add_argument("--metrics-port", type=int, metavar="PORT",
+                     help="Prometheus metrics and /healthz on this port (env TERN_BRIDGE_METRICS_PORT; default 0: off)")
     run.add_argument("--stats-every", type=float, default=30.0, metavar="S", help="log counters every S seconds (0: never)")
     run.add_argument("--no-commands", action="store_true",
                      help="do not route commands from Kafka to the gateways (env TERN_BRIDGE_COMMANDS=0)")
@@ -115,6 +121,9 @@ def _run(args: argparse.Namespace) -> int:
         enable_idempotence=args.idempotence,
         compression=args.compression,
         share_group=args.share_group,
+        max_inflight_records=args.max_inflight_records,
+        dedup_window=args.dedup_window,
+        metrics_port=args.metrics_port,
         # On unless turned off by flag or by TERN_BRIDGE_COMMANDS (the library's default is off).
         commands=False if args.no_commands else (None if os.environ.get("TERN_BRIDGE_COMMANDS", "").strip() else True),
     )

@@ -3,7 +3,8 @@
 Every value has a default that works on one machine; ``BridgeConfig.from_env`` reads the
 deployment's environment (``TERN_CLOUD_BROKER``, ``KAFKA_BOOTSTRAP``, ``TERN_KAFKA_TOPIC``,
 ``TERN_KAFKA_STATUS_TOPIC``, ``TERN_KAFKA_DEADLETTER``, ``TERN_BRIDGE_NAME``, ``TERN_BRIDGE_METRICS_PORT``,
-``TERN_BRIDGE_METRICS_HOST``, ``TERN_BRIDGE_SHARE_GROUP``, ...). Wrong values raise
+``TERN_BRIDGE_METRICS_HOST``, ``TERN_BRIDGE_SHARE_GROUP``, ``TERN_BRIDGE_MAX_INFLIGHT_RECORDS``,
+``TERN_BRIDGE_DEDUP_WINDOW``, ...). Wrong values raise
 :class:`tern.core.errors.ConfigError` naming the field and what is wrong with it.
 """
 
@@ -185,6 +186,9 @@ class BridgeConfig:
                     raise ConfigError(f"allowed_gateways: {exc}") from None
         for field_name, low in (("max_inflight_records", 1), ("dedup_window", 0)):
             value = getattr(self, field_name)
+            if isinstance(value, str) and value.strip().isdigit():
+                value = int(value)  # from the environment
+                object.__setattr__(self, field_name, value)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ConfigError(f"{field_name}: must be an integer >= {low}, got {value!r}")
         if self.share_group is not None:
@@ -281,7 +285,9 @@ class BridgeConfig:
         if any(name.startswith("TERN_KAFKA_S") or name in ("TERN_KAFKA_CA", "TERN_KAFKA_CERT", "TERN_KAFKA_KEY")
                for name in env):
             values["kafka_security"] = KafkaSecurity.from_env(env)
-        for var, field_name in (("TERN_BRIDGE_METRICS_PORT", "metrics_port"), ("TERN_BRIDGE_METRICS_HOST", "metrics_host")):
+        for var, field_name in (("TERN_BRIDGE_METRICS_PORT", "metrics_port"), ("TERN_BRIDGE_METRICS_HOST", "metrics_host"),
+                                ("TERN_BRIDGE_MAX_INFLIGHT_RECORDS", "max_inflight_records"),
+                                ("TERN_BRIDGE_DEDUP_WINDOW", "dedup_window")):
             value = env.get(var, "").strip()
             if value:
                 values[field_name] = value

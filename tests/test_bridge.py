@@ -588,6 +588,19 @@ def test_cli_bad_config_exits_2_with_one_line(capsys):
     assert cli_main(["run", "--mqtt", "127.0.0.1:1883", "--status-topic", "no good"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "status_topic" in err
+    # The pipelining knobs, by flag and by environment, checked like the rest.
+    assert cli_main(["run", "--mqtt", "127.0.0.1:1883", "--max-inflight-records", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "max_inflight_records" in err
+
+
+def test_pipelining_knobs_come_from_the_environment_and_flags_win() -> None:
+    env = {"TERN_BRIDGE_MAX_INFLIGHT_RECORDS": "500", "TERN_BRIDGE_DEDUP_WINDOW": "0", "TERN_BRIDGE_METRICS_PORT": "9109"}
+    config = BridgeConfig.from_env(env)
+    assert (config.max_inflight_records, config.dedup_window, config.metrics_port) == (500, 0, 9109)
+    assert BridgeConfig.from_env(env, max_inflight_records=800).max_inflight_records == 800
+    with pytest.raises(ConfigError, match="dedup_window"):
+        BridgeConfig.from_env({"TERN_BRIDGE_DEDUP_WINDOW": "lots"})
 
 
 def test_cli_consume_shows_readings_and_node_status(kafka_bootstrap, kafka_topics, capsys):
