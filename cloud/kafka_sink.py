@@ -1,12 +1,15 @@
 """The bridge's Kafka producer: writes a group of records and reports all-or-error.
 
-``write`` builds Kafka record batches itself, one per partition (aiokafka's
-``create_batch``/``send_batch``), hands them all to the producer and only then waits for the
-acknowledgements. A gateway batch already arrives grouped, so there is nothing for the
-producer's per-record path (``send``: one call, one future, one accumulator look-up per
-record) to gather: building the batches directly carried about three times the records per
-second on the same broker. Records go to the partition ``send`` would pick (the default
-partitioner: murmur2 of the key), so a device stays in one partition, in order.
+``write`` appends each record to its partition's open record batch (aiokafka's
+``create_batch``), and one pump per partition hands the batches to the producer
+(``send_batch``) in order; then it waits for the acknowledgements of the batches its records
+went into. aiokafka takes a partition's next batch only once the one before has gone into a
+request, so under load the open batch fills meanwhile (hundreds of records, shared by the
+gateway batches written at the same time) and on a quiet bridge nothing waits. This replaced
+one ``send`` per record, which was 40 % of the bridge's time: ``make bench`` measured the bridge
+at 0.43 of a raw per-record producer before and above it after. Records go to the partition
+``send`` would pick (the default partitioner: murmur2 of the key), so a device stays in one
+partition, in order.
 
 It returns only when Kafka has acknowledged every record (``acks=all``) and raises
 :class:`KafkaWriteError` otherwise. A failed write may have stored some of the records: the
