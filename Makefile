@@ -1,6 +1,7 @@
 # Tern: everyday entry points. `make setup` is idempotent and fast once done.
 #   make setup   system packages (apt, chromium included), .venv, MicroPython build, umqtt fetch
-#   make test    run the test suite
+#   make test    run the whole test suite, in parallel (what CI runs)
+#   make test-quick  codec, config, outbox and property tests only: under a minute
 #   make demo    run the end-to-end demo
 #   make bench   run the benchmarks, write docs/benchmarks.md (exit 1 if a target is missed)
 #   make check   show which tools are found, where, which version
@@ -26,7 +27,7 @@ BROWSER_PKGS := chromium
 
 MAKEFLAGS += --no-print-directory
 .DEFAULT_GOAL := help
-.PHONY: help setup system-deps test demo bench check clean
+.PHONY: help setup system-deps test test-quick demo bench check clean
 
 help:
 	@sed -n 's/^#   //p' $(firstword $(MAKEFILE_LIST))
@@ -63,8 +64,17 @@ $(STAMP): pyproject.toml $(VENV_CFG)
 	@$(VPY) -m pip install -q --disable-pip-version-check -e '.[dev]'
 	@mkdir -p $(dir $@) && touch $@
 
+# Parallel workers: most long tests wait on outages and timers, not on the CPU, so 4 workers
+# keep 2 cores busy. Each worker has its own loopback ports (tests/conftest.py) and tmp dirs.
+# loadgroup keeps the tests that share one heavy broker (xdist_group) on one worker.
+TEST_WORKERS ?= 4
+PYTEST := $(VPY) -m pytest -p no:cacheprovider -n $(TEST_WORKERS) --dist loadgroup
+
 test: setup
-	@$(VPY) -m pytest -p no:cacheprovider $(PYTEST_ARGS)
+	@$(PYTEST) --durations=25 $(PYTEST_ARGS)
+
+test-quick: setup
+	@$(PYTEST) -m quick $(PYTEST_ARGS)
 
 demo: setup
 	@$(VPY) -m tern.harness.demo $(DEMO_ARGS)

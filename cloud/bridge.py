@@ -404,11 +404,12 @@ class Bridge:
     async def _settle(self, delivery: _Delivery, job: tuple, count: int) -> None:
         """Write one delivery (or recognise it as a copy), let acks flow, then confirm it."""
         confirm: codec.Confirm | None = None
+        deadlettered = False
         try:
             batch, records, poison = job
             if batch is None:
                 await self._write_with_retry(delivery, [self._deadletter_record(delivery, poison)])
-                self._counters["deadlettered"] += 1
+                deadlettered = True
                 log.warning("dead-lettered %d bytes from %s: %s", len(delivery.payload), quote(delivery.topic),
                             shorten(poison))
             else:
@@ -422,6 +423,10 @@ class Bridge:
             # whoever sees the confirm sees the batch acknowledged. Otherwise the confirm does
             # not wait for it: Kafka holds the batch.
             self._flush_acks()
+            if deadlettered:
+                # Counted after the PUBACK, like a confirm: the metrics thread reads the
+                # counters before the in-flight list, so it never sees the count ahead of it.
+                self._counters["deadlettered"] += 1
             if confirm is not None:
                 self._confirm(confirm)
             assert self._room is not None

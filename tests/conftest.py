@@ -7,13 +7,29 @@ every test then writes to topics whose names are unique to the run, so runs neve
 from __future__ import annotations
 
 import asyncio
+import os
+import re
 import uuid
 from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
 
-from tern.harness.stack import Mosquitto, Tansu, ensure_topics, kafka_bootstrap_from_env
+from tern.harness.stack import PORT_BLOCK_ENV, Mosquitto, Tansu, ensure_topics, kafka_bootstrap_from_env
+
+
+def _port_block(worker: str) -> str:
+    """Ports for one pytest-xdist worker (gw0, gw1, ...; "" without xdist): 2,000 of its own,
+    below the kernel's ephemeral range, so brokers of parallel tests never meet."""
+    match = re.fullmatch(r"gw(\d+)", worker)
+    index = int(match.group(1)) + 1 if match else 0
+    low = 12000 + 2000 * index
+    return f"{low}-{low + 1999}"
+
+
+# Set at import, before any fixture starts a broker; subprocesses (the demo, the bench, the
+# emulator) inherit it.
+os.environ.setdefault(PORT_BLOCK_ENV, _port_block(os.environ.get("PYTEST_XDIST_WORKER", "")))
 
 
 @pytest.fixture
@@ -62,3 +78,22 @@ def kafka_topics(kafka_bootstrap: str) -> dict[str, str]:
     }
     asyncio.run(ensure_topics(kafka_bootstrap, list(names.values())))
     return names
+
+
+#: Modules whose every test belongs to ``make test-quick`` (no firmware, no long outages).
+QUICK_MODULES = {
+    "test_codec.py", "test_outbox.py", "test_serial_protocols.py", "test_redact.py", "test_pinmap.py",
+    "test_kafka_sink.py", "test_layout.py", "test_status_order.py", "test_dedup.py", "test_ports.py",
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark the quick tests, and start the long ones first.
+
+    Under pytest-xdist a long test that starts last keeps one worker busy after the others
+    are done; handed out first, the short tests fill the other workers around it.
+    """
+    for item in items:
+        if item.path.name in QUICK_MODULES or "config" in item.name:
+            item.add_marker(pytest.mark.quick)
+    items.sort(key=lambda item: 0 if item.get_closest_marker("slow") or item.get_closest_marker("xdist_group") else 1)

@@ -108,6 +108,7 @@ def test_deep_sleep_keeps_seq_boot_and_unsent_readings_over_sleep_cycles(pipelin
         node.kill()
 
 
+@pytest.mark.slow
 def test_wifi_outage_of_60_s_replays_in_bundles_with_nothing_lost(pipeline) -> None:  # noqa: F811
     proxy: FaultProxy = pipeline["proxy"]
     tail: KafkaTail = pipeline["tail"]

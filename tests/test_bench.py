@@ -61,6 +61,7 @@ def run_bench(tmp_path: Path, *args: str, timeout: float = 120) -> tuple[subproc
     return proc, out
 
 
+@pytest.mark.slow
 def test_quick_run_reports_every_measurement_as_a_ratio(tmp_path: Path) -> None:
     repo_docs = {p.name: p.stat().st_mtime_ns for p in (REPO / "docs").iterdir()}
     docs = tmp_path / "docs"

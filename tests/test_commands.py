@@ -269,6 +269,7 @@ def test_malformed_expired_and_unroutable_commands_end_as_outcomes(setup, mosqui
         router.stop()
 
 
+@pytest.mark.slow
 def test_a_command_the_broker_never_took_is_not_committed_and_is_routed_by_the_next_router(
     setup, mosquitto_factory, kafka_bootstrap: str, tmp_path
 ) -> None:

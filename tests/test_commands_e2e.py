@@ -323,6 +323,7 @@ def stored(outbox: Path, command_id: str) -> tuple | None:
         db.close()
 
 
+@pytest.mark.slow
 def test_bridge_and_gateway_killed_with_sigkill_still_deliver_every_command_once(
     tmp_path: Path, mosquitto_factory, kafka_bootstrap: str, names: dict[str, str]
 ) -> None:

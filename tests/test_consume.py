@@ -237,6 +237,7 @@ def test_start_at_end_unless_from_beginning_and_follow_sees_new_records(pipeline
     asyncio.run(scenario())
 
 
+@pytest.mark.slow
 def test_group_resumes_where_it_stopped(pipeline, kafka_bootstrap, kafka_topics):
     bridge, gateway = pipeline
     topic = kafka_topics["readings"]

@@ -266,6 +266,7 @@ def test_three_bridges_on_a_shared_subscription_one_killed(tmp_path, cloud_and_p
 # --- a 60 s bridge outage: no duplicates -------------------------------------------------
 
 
+@pytest.mark.slow
 def test_bridge_outage_with_batches_in_flight_adds_no_duplicates(tmp_path, cloud_and_pi, kafka_bootstrap, kafka_topics):
     pi, cloud = cloud_and_pi
     window = 4
@@ -319,6 +320,7 @@ def proxied_kafka(tmp_path: Path) -> Iterator[tuple[FaultProxy, str]]:
         proxy.stop()
 
 
+@pytest.mark.slow
 def test_kafka_blackhole_under_pipelined_load_loses_nothing(tmp_path, cloud_and_pi, proxied_kafka):
     pi, cloud = cloud_and_pi
     proxy, bootstrap = proxied_kafka

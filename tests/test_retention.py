@@ -427,6 +427,7 @@ def test_disk_full_stops_acking_logs_one_line_and_recovers_losing_nothing(
     assert sorted({r.identity[2] for r in records}) == list(range(1, total + 1))
 
 
+@pytest.mark.slow
 def test_pings_are_answered_while_acks_are_withheld(mosquitto_factory, tmp_path: Path) -> None:
     """Many keep-alive periods of a full disk, then of a full outbox (block): the brokers never
     drop the gateway's connections, and once acking resumes nothing is lost."""

@@ -32,11 +32,56 @@ class ServiceError(TernError, RuntimeError):
     """A local service did not start or stop as it should; the message says which and why."""
 
 
+#: ``LOW-HIGH``: hand out ports from this block only (below the kernel's ephemeral range), so
+#: parallel test workers, each with a block of its own, never pick the same port. Without it
+#: the kernel picks any free port.
+PORT_BLOCK_ENV = "TERN_PORT_BLOCK"
+
+
 def free_port(host: str = LOOPBACK) -> int:
-    """Return a TCP port that is free on ``host`` right now."""
+    """Return a TCP port that is free on ``host`` right now.
+
+    With ``TERN_PORT_BLOCK`` set, ports come from that block in turn (a counter beside the
+    block's lock file, shared by every process of the worker), never twice in a row: a broker
+    a test stops and restarts keeps its port, and no other test is handed it meanwhile.
+    """
+    block = os.environ.get(PORT_BLOCK_ENV, "").strip()
+    if block:
+        return _port_from_block(host, block)
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def _port_from_block(host: str, block: str) -> int:
+    import fcntl
+    import tempfile
+
+    try:
+        low, high = (int(part) for part in block.split("-"))
+    except ValueError:
+        raise ServiceError(f"{PORT_BLOCK_ENV}={block!r}: expected LOW-HIGH, e.g. 20000-22999") from None
+    if not 1024 <= low < high <= 65535:
+        raise ServiceError(f"{PORT_BLOCK_ENV}={block!r}: expected 1024 <= LOW < HIGH <= 65535")
+    state = Path(tempfile.gettempdir()) / f"tern-ports-{low}-{high}"
+    with open(state, "a+") as counter:
+        fcntl.flock(counter, fcntl.LOCK_EX)  # released when the file closes
+        counter.seek(0)
+        text = counter.read().strip()
+        start = int(text) if text.isdigit() and low <= int(text) <= high else low
+        size = high - low + 1
+        for step in range(size):
+            port = low + (start - low + step) % size
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                try:
+                    sock.bind((host, port))
+                except OSError:
+                    continue
+            counter.seek(0)
+            counter.truncate()
+            counter.write(str(low + (port - low + 1) % size))
+            return port
+    raise ServiceError(f"no free port left in {PORT_BLOCK_ENV}={block}")
 
 
 def wait_for_port(host: str, port: int, timeout: float, process: subprocess.Popen | None = None) -> None:
