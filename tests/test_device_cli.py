@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
+import pytest
 
 from tern.core.codec import NodeAck, decode_reading, encode_node_ack
 from tern.device.emulate import firmware_files
@@ -97,3 +100,42 @@ def test_emulate_without_a_gateway_reports_unacked_readings(tmp_path: Path) -> N
     assert out.returncode == 1, out.stdout + out.stderr
     assert "10 readings were not acknowledged" in out.stdout
     assert len(seen) == 10
+
+
+def _processes_in(folder: Path) -> list[int]:
+    """Pids of the processes whose working folder is inside ``folder`` (the emulated nodes)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cwd = (entry / "cwd").resolve(strict=True)
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        if cwd.is_relative_to(folder.resolve()):
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=lambda s: s.name)
+def test_emulate_stops_its_nodes_on_a_stop_signal(tmp_path: Path, sig: signal.Signals) -> None:
+    workdir = tmp_path / "nodes"
+    with Mosquitto(tmp_path / "broker") as broker:
+        proc = subprocess.Popen(
+            [*CLI, "emulate", "--count", "3", "--broker", broker.address, "--site", "sig", "--workdir", str(workdir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while len(_processes_in(workdir)) < 3 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert len(_processes_in(workdir)) == 3, "the three nodes did not start"
+            proc.send_signal(sig)
+            assert proc.wait(30) == 0
+            assert _processes_in(workdir) == []
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+            for pid in _processes_in(workdir):
+                os.kill(pid, signal.SIGKILL)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import signal
 import sys
 import tempfile
 import time
@@ -118,6 +119,7 @@ def cmd_emulate(args: argparse.Namespace) -> int:
     console.print(f"nodes in {workdir} (logs: <node>/node.log); Ctrl-C to stop")
     code = 0
     try:
+        _interrupt_on(STOP_SIGNALS)
         fleet.start()
         with Live(_table(fleet), console=console, refresh_per_second=4) as live:
             while True:
@@ -142,8 +144,27 @@ def cmd_emulate(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     finally:
+        # A second signal must not cut the stop short and orphan the nodes it had not reached.
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
         fleet.stop_all()
     return code
+
+
+#: The signals that stop `emulate` as Ctrl-C does: a service manager's stop, a closed terminal.
+#: The nodes run in sessions of their own (a reset of one must not reach the others), so a
+#: signal to the emulator never reaches them: it has to stop them itself.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def _interrupt_on(signals: tuple[signal.Signals, ...]) -> None:
+    """Turn each of ``signals`` into KeyboardInterrupt, so the fleet is stopped on the way out."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    for sig in signals:
+        signal.signal(sig, interrupt)
 
 
 def cmd_flash(args: argparse.Namespace) -> int:
