@@ -263,6 +263,7 @@ class Bridge:
             name="bridge",
             broker=f"the MQTT broker {cfg.mqtt_broker}",
             lost_hint="paho reconnects; unacked batches are redelivered",
+            takeover_hint=f"a second bridge named {cfg.name!r}: give each bridge its own name",
             on_connect=self._on_connect,
             on_disconnect=self._on_disconnect,
             logger=log,

@@ -107,11 +107,21 @@ def cmd_check(args: argparse.Namespace) -> int:
         if problem is None:
             print(f"ok   repair: {config.outbox_path} is not damaged; nothing to repair")
         else:
+            from tern.edge.outbox_lock import OutboxLock, OutboxLocked
+
+            try:
+                # Never under a running gateway: it would go on writing to the file set aside.
+                lock = OutboxLock(config.outbox_path).acquire()
+            except OutboxLocked as exc:
+                print(f"FAIL repair: {exc}")
+                return EXIT_SETUP
             try:
                 report = repair.repair(config.outbox_path)
             except (OSError, sqlite3.Error) as exc:
                 print(f"FAIL repair: {config.outbox_path}: {exc}")
                 return EXIT_SETUP
+            finally:
+                lock.release()
             print(f"ok   repair: {report.summary()}")
     results = run_checks(config, _config_hint(args), timeout=args.timeout)
     for result in results:

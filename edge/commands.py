@@ -116,6 +116,7 @@ class CommandDesk:
             # (or a log watch) looking for the readings' link must find that one.
             broker=f"{config.cloud_broker} (cloud broker, command session)",
             lost_hint="the broker holds commands for this gateway until it is back",
+            takeover_hint=config.takeover_hint(),
             logger=log,
             **config.cloud_auth(),
         )

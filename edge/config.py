@@ -268,6 +268,11 @@ class GatewayConfig:
         """Stable client id on the cloud broker."""
         return f"tern-gw-{self.gateway_id}-uplink"
 
+    def takeover_hint(self) -> str:
+        """Who most likely holds our client ids when a broker keeps closing our sessions."""
+        return (f"a second gateway with gateway_id {self.gateway_id!r} (another `tern-gateway run` beside the "
+                "service, or a cloned SD card): give each gateway its own gateway_id")
+
     @property
     def cloud_uses_tls(self) -> bool:
         """True when the uplink speaks TLS to the cloud broker."""

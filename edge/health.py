@@ -344,6 +344,8 @@ class Health:
                 "dead_letters": int(stats.get("dead_lettered", 0)),
                 "statuses": int(stats.get("status_committed", 0)),
                 "backpressure": bool(stats.get("backpressure")),
+                "session_contested": bool(stats.get("local_session_contested")),
+                "session_takeovers": int(stats.get("local_session_takeovers", 0)),
                 # Ever, from the outbox's sequence tracking (None where the outbox keeps none).
                 "duplicates_total": dedup.get("duplicates_total"),
                 "gaps_open": dedup.get("gaps_open"),
@@ -369,6 +371,8 @@ class Health:
                 "forwarded": int(stats.get("forwarded", 0)),
                 "statuses_forwarded": int(stats.get("status_forwarded", 0)),
                 "last_confirm_rtt_s": self.last_confirm_rtt_s,
+                "session_contested": bool(stats.get("cloud_session_contested")),
+                "session_takeovers": int(stats.get("cloud_session_takeovers", 0)),
             },
             "nodes": {"online": int(stats.get("nodes_online", 0)), "offline": int(stats.get("nodes_offline", 0))},
             "commands": {

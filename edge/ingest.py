@@ -142,6 +142,7 @@ class Ingest:
             name="ingest",
             broker=f"the local broker {config.local_broker}",
             lost_hint="nodes keep their readings until it is back; what the outbox holds still goes to the cloud",
+            takeover_hint=config.takeover_hint(),
             logger=log,
             **config.local_auth(),
         )
@@ -182,6 +183,8 @@ class Ingest:
             out["disk_full"] = self._disk_full
             out["held"] = self._held
         out["local_connected"] = self.connected
+        out["local_session_takeovers"] = self.session.takeovers
+        out["local_session_contested"] = self.session.contested
         return out
 
     # --- paho's network thread: keep it short ---------------------------------------------

@@ -69,6 +69,19 @@ class _HealthCollector(Collector):
         yield gauge("ingest_backpressure", "1 while the outbox is full and readings are not acknowledged.", int(ingest["backpressure"]))
         yield gauge("uplink_connected", "1 while connected to the cloud broker.", int(uplink["connected"]))
         yield gauge("uplink_batches_in_flight", "Batches published and not yet confirmed.", uplink["batches_in_flight"])
+        takeovers = CounterMetricFamily(
+            f"{PREFIX}_session_takeovers",
+            "Times a broker kept closing our session right after connecting (another client with our id), by link.",
+            labels=["link"],
+        )
+        contested = GaugeMetricFamily(
+            f"{PREFIX}_session_contested", "1 while another client with our client id keeps taking the session.", labels=["link"]
+        )
+        for link, part in (("local", ingest), ("cloud", uplink)):
+            takeovers.add_metric([link], part["session_takeovers"])
+            contested.add_metric([link], int(part["session_contested"]))
+        yield takeovers
+        yield contested
         nodes = GaugeMetricFamily(f"{PREFIX}_nodes", "Devices by their latest status (birth or last will).", labels=["state"])
         nodes.add_metric(["online"], snap["nodes"]["online"])
         nodes.add_metric(["offline"], snap["nodes"]["offline"])

@@ -26,6 +26,7 @@ from tern.edge.config import GatewayConfig
 from tern.edge.health import Health, ObservedOutbox
 from tern.edge.ingest import Ingest
 from tern.edge.outbox import Outbox, now_ms
+from tern.edge.outbox_lock import OutboxLock
 from tern.edge.retention import RetentionPolicy
 from tern.edge.serial_sensors import SerialSensors
 from tern.edge.uplink import Uplink
@@ -41,6 +42,15 @@ class Gateway:
 
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
+        # Before the outbox is opened: a second gateway must not even migrate its schema.
+        self._outbox_lock = OutboxLock(config.outbox_path).acquire()
+        try:
+            self._build(config)
+        except BaseException:
+            self._outbox_lock.release()
+            raise
+
+    def _build(self, config: GatewayConfig) -> None:
         self.outbox = ObservedOutbox(config.outbox_path, retention=RetentionPolicy.from_config(config))
         self.ingest = Ingest(config, self.outbox, on_reply=self._on_reply)
         self.uplink = Uplink(config, self.outbox)
@@ -139,6 +149,7 @@ class Gateway:
             if self.status_server is not None:
                 self.status_server.stop()
             self.outbox.close()
+            self._outbox_lock.release()
         log.info("gateway %s stopped", self.config.gateway_id)
 
     def _drain_inflight(self, deadline: float) -> None:

@@ -184,6 +184,7 @@ class Uplink:
             name="uplink",
             broker=f"the cloud broker {config.cloud_broker}",
             lost_hint="readings accumulate in the outbox",
+            takeover_hint=config.takeover_hint(),
             logger=log,
             **config.cloud_auth(),
         )
@@ -242,6 +243,8 @@ class Uplink:
         if self._limiter is not None:
             out.update(self._limiter.stats())
         out["cloud_connected"] = self.connected
+        out["cloud_session_takeovers"] = self.session.takeovers
+        out["cloud_session_contested"] = self.session.contested
         return out
 
     # --- paho's network thread --------------------------------------------------------------

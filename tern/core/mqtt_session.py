@@ -18,6 +18,11 @@ live here once:
 * re-subscribe on every connect (harmless when the session kept the subscription, needed
   when the broker lost its state), and "connected" means *subscribed*: only then can
   nothing published to us be missed;
+* a session taken over is named: MQTT lets one client id hold one connection, so a second
+  client with our id (a second gateway, a cloned SD card) makes the broker close ours right
+  after each connect, and both reconnect forever. Connections that close that soon, again
+  and again, are said once as a contested client id, with the likely cause, and counted
+  (:attr:`PersistentSession.takeovers`);
 * a connection *generation* that changes on every connect, disconnect and stop. A PUBACK
   names a packet id, and ids only mean something on the connection that delivered the
   message: after a reconnect the broker resends what was unacked and may reuse an id. An
@@ -52,6 +57,12 @@ DEFAULT_RECONNECT_MAX_S = 5.0
 REPORT_FIRST_S = 10.0
 #: ... of at most this.
 REPORT_MAX_S = 300.0
+#: A connection that the broker closes within this many seconds of its CONNACK is short-lived ...
+TAKEOVER_SHORT_S = 5.0
+#: ... and this many short-lived connections in a row, each within TAKEOVER_WINDOW_S of the
+#: first, mean another client with our id keeps taking the session over.
+TAKEOVER_COUNT = 3
+TAKEOVER_WINDOW_S = 60.0
 
 
 class PersistentSession:
@@ -62,7 +73,8 @@ class PersistentSession:
     disconnects cleanly: the session and everything un-acked in it stay on the broker.
 
     ``name`` and ``broker`` only label log lines; ``lost_hint`` says in the disconnect
-    warning what the outage means for this owner. Log lines go to ``logger`` (the owner's,
+    warning what the outage means for this owner; ``takeover_hint`` names the likely other
+    holder of our client id when the session keeps being taken over. Log lines go to ``logger`` (the owner's,
     so they keep its name) or this module's.
     """
 
@@ -85,6 +97,7 @@ class PersistentSession:
         name: str = "mqtt",
         broker: str | None = None,
         lost_hint: str = "paho reconnects",
+        takeover_hint: str = "another client with the same client id",
         on_connect: Hook | None = None,
         on_disconnect: Hook | None = None,
         logger: logging.Logger | None = None,
@@ -99,6 +112,8 @@ class PersistentSession:
         self.subscriptions = list(subscriptions)
         self._filters = ", ".join(topic for topic, _ in self.subscriptions)
         self.lost_hint = lost_hint
+        self.takeover_hint = takeover_hint
+        self.client_id = client_id
         self.reconnect_max_s = max(1, int(reconnect_max_s))
         self._on_message_hook = on_message
         self._on_connect_hook = on_connect
@@ -121,6 +136,14 @@ class PersistentSession:
         self._report_gap = REPORT_FIRST_S
         self._next_report = 0.0
         self._refused = False
+        # Takeover detection (network thread): when the current connection came up, when the
+        # run of short-lived ones began and how long it is; whether it was said.
+        self._connected_at = 0.0
+        self._short_since = 0.0
+        self._short_run = 0
+        self._contested = False
+        #: How many times a run of short-lived connections said our client id is contested.
+        self.takeovers = 0
 
         self.client = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
@@ -247,7 +270,13 @@ class PersistentSession:
         # needed when the broker lost its state (or on a first start).
         client.subscribe(self.subscriptions)
         self._was_connected = True
+        self._connected_at = time.monotonic()
         if self._outage_since is not None:
+            if self._contested:  # said once, as a contested id: not each time round
+                self._log.debug("%s: %s is back (session contested)", self.name, self.broker)
+                self._outage_since = None
+                self._attempts = 0
+                return
             self._log.warning(
                 "%s: %s is back after %.0f s (%d failed attempts); session present: %s",
                 self.name, self.broker, time.monotonic() - self._outage_since, self._attempts, flags.session_present,
@@ -309,6 +338,8 @@ class PersistentSession:
             self._attempts = 0
             self._report_gap = REPORT_FIRST_S
             self._next_report = now + self._report_gap
+            if self._note_connection_end(now, why):
+                return
             self._log.warning(
                 "%s: lost %s (%s); %s; reconnecting every %d s at most",
                 self.name, self.broker, why, self.lost_hint, self.reconnect_max_s,
@@ -320,6 +351,38 @@ class PersistentSession:
             # load balancer in front of a dead broker, a broker shutting down): paho reports
             # it as a disconnect, not as a failed connect. It is a failed attempt all the same.
             self._unreachable(why)
+
+    def _note_connection_end(self, now: float, why: str) -> bool:
+        """Track short-lived connections; True while the session is known to be contested
+        (the loss was already explained, once)."""
+        lasted = now - self._connected_at
+        if lasted >= TAKEOVER_SHORT_S or now - self._short_since > TAKEOVER_WINDOW_S:
+            if lasted >= TAKEOVER_SHORT_S and self._contested:
+                self._log.warning("%s: the session on %s lasted %.0f s: no longer contested", self.name, self.broker, lasted)
+                self._contested = False
+            self._short_run = 0
+            self._short_since = now
+        if lasted >= TAKEOVER_SHORT_S:
+            return False
+        self._short_run += 1
+        if self._short_run >= TAKEOVER_COUNT and not self._contested:
+            self._contested = True
+            self.takeovers += 1
+            self._log.error(
+                "%s: %s closed our connection right after each connect (%d times in %.0f s; last: %s): "
+                "client id %r is contested, most likely by %s. Both will keep taking the session "
+                "from each other until one stops.",
+                self.name, self.broker, self._short_run, now - self._short_since, why, self.client_id, self.takeover_hint,
+            )
+        return self._contested
+
+    @property
+    def contested(self) -> bool:
+        """True while short-lived connections say another client holds our client id (a
+        connection that has outlasted the short span ends it)."""
+        if not self._contested:
+            return False
+        return not self.connected or time.monotonic() - self._connected_at < TAKEOVER_SHORT_S
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         self._on_message_hook(message)
