@@ -16,6 +16,11 @@ import pytest
 from tern.harness.stack import Mosquitto, Tansu, ensure_topics, kafka_bootstrap_from_env
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # pytest-xdist registers this mark when it is installed; without it the mark must still be known.
+    config.addinivalue_line("markers", "xdist_group(name): keep these tests on one xdist worker (--dist loadgroup)")
+
+
 @pytest.fixture
 def mosquitto_factory(tmp_path: Path) -> Iterator[Callable[..., Mosquitto]]:
     """Start as many private mosquittos as a test needs; all are stopped afterwards."""
