@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import time
 import uuid
 from collections import Counter
@@ -31,7 +32,7 @@ from tern.cloud.bridge import BridgeThread
 from tern.cloud.consume import read_all
 from tern.edge.service import Gateway
 from tern.harness.hivemq import HiveMQ
-from tern.harness.stack import Mosquitto
+from tern.harness.stack import Mosquitto, ServiceError
 from test_pipeline import (DEADLINE, BridgeProcess, assert_complete_in_order, bridge_config, by_device, feed, gateway_config,
                            outbox_empty, wait_until)
 
@@ -191,3 +192,18 @@ def test_a_hivemq_restart_keeps_the_gateways_session_and_the_queued_batches(
     assert gateway.uplink.session.new_sessions == sessions_before, summary
     assert gstats["batches_resent"] == 0, summary
     assert len(records) == expected, summary
+
+
+def test_a_hivemq_that_cannot_listen_fails_at_once_with_its_log(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        broker = HiveMQ(tmp_path / "hivemq", port)
+        t0 = time.monotonic()
+        with pytest.raises(ServiceError, match=rf"hivemq on 127.0.0.1:{port} exited with code 1 while starting") as info:
+            broker.start(timeout=60)
+    # The launcher ends the JVM when HiveMQ gives up, so the harness does not wait out its timeout.
+    assert time.monotonic() - t0 < 45
+    assert "Could not bind any listener" in str(info.value)
+    assert not broker.running
