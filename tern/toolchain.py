@@ -11,7 +11,8 @@ Tools and where they come from:
 - chromium (Debian's): the status page's browser test, through Playwright.
 - HiveMQ CE (the cloud broker of one end-to-end test): the jars of ``deploy/hivemq/pom.xml``,
   copied from Maven Central by ``mvn`` into ``<cache>/hivemq/libs``, and the launcher
-  ``deploy/hivemq/TernHiveMQ.java`` compiled beside them; run by Debian's OpenJDK 17.
+  ``deploy/hivemq/TernHiveMQ.java`` compiled into ``<cache>/hivemq/tern-hivemq.jar``; run by
+  Debian's OpenJDK 17.
 - qemu-system-xtensa: optional, used where present.
 
 Every locator honours an environment override (``TERN_MICROPYTHON``, ``TERN_UMQTT_PATH``,
@@ -36,6 +37,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -515,8 +517,8 @@ class HiveMQInstall:
 
     #: Folder of jars (HiveMQ CE embedded and its runtime dependencies).
     libs: Path
-    #: Folder holding the compiled launcher, or None: java runs the launcher's source file.
-    classes: Path | None
+    #: The compiled launcher as a jar, or None: java then runs the launcher's source file.
+    launcher: Path | None
 
     @property
     def version(self) -> str:
@@ -526,12 +528,26 @@ class HiveMQInstall:
             return "?"
         return jar.name.removeprefix("hivemq-community-edition-embedded-").removesuffix(".jar")
 
+    @property
+    def cds_archive(self) -> Path | None:
+        """Where a class-data-sharing archive for this install lives (None: not cached).
+
+        A JVM may share classes only from jars (no class folders) on an unchanged class
+        path: hence the launcher jar, and an archive that is deleted whenever the jars change.
+        """
+        return self.launcher.parent / "cds" / "hivemq.jsa" if self.launcher is not None else None
+
     def main_args(self) -> list[str]:
         """The ``-cp ... MAIN`` part of the java command line (folders and arguments follow)."""
-        if self.classes is not None:
-            return ["-cp", f"{self.libs}/*{os.pathsep}{self.classes}", HIVEMQ_MAIN]
+        if self.launcher is not None:
+            return ["-cp", f"{self.libs}/*{os.pathsep}{self.launcher}", HIVEMQ_MAIN]
         # Java 11+ compiles and runs a one-file program itself (about a second slower).
         return ["-cp", f"{self.libs}/*", str(repo_root() / HIVEMQ_LAUNCHER)]
+
+
+def _cached_hivemq_install() -> HiveMQInstall:
+    folder = _hivemq_dir()
+    return HiveMQInstall(folder / "libs", folder / "tern-hivemq.jar")
 
 
 def hivemq_install() -> HiveMQInstall:
@@ -551,11 +567,12 @@ def hivemq_install() -> HiveMQInstall:
         raise ToolMissing("HiveMQ CE not fetched: run `make setup` (needs mvn and a JDK)")
     if stamp.read_text() != _hivemq_stamp_text():
         raise ToolMissing(f"HiveMQ CE in {folder} is older than {HIVEMQ_POM} or {HIVEMQ_LAUNCHER}: run `make setup`")
-    return HiveMQInstall(folder / "libs", folder / "classes")
+    return _cached_hivemq_install()
 
 
 def fetch_hivemq(force: bool = False) -> HiveMQInstall:
-    """Copy HiveMQ CE's runtime jars from Maven into ``<cache>/hivemq/libs`` and compile the launcher.
+    """Copy HiveMQ CE's runtime jars from Maven into ``<cache>/hivemq/libs`` and compile the
+    launcher into ``<cache>/hivemq/tern-hivemq.jar``.
 
     Idempotent: nothing runs while ``<cache>/hivemq/STAMP`` matches the pom and the launcher
     (unless ``force``). Raises ToolMissing naming the log on failure.
@@ -564,7 +581,7 @@ def fetch_hivemq(force: bool = False) -> HiveMQInstall:
     stamp = folder / "STAMP"
     wanted = _hivemq_stamp_text()
     if not force and stamp.is_file() and stamp.read_text() == wanted:
-        return HiveMQInstall(folder / "libs", folder / "classes")
+        return _cached_hivemq_install()
     mvn = shutil.which("mvn")
     if mvn is None:
         raise ToolMissing("mvn not installed: run `make setup` (apt-get install maven)")
@@ -583,12 +600,19 @@ def fetch_hivemq(force: bool = False) -> HiveMQInstall:
                     log, what="mvn dependency:copy-dependencies (HiveMQ CE)")
         _run_logged([javac, "-cp", f"{staged / 'libs'}/*", "-d", str(staged / "classes"),
                      str(repo_root() / HIVEMQ_LAUNCHER)], log, what="javac TernHiveMQ.java")
-        # Swap whole folders, so an interrupted setup never leaves a half-filled one in use.
-        for name in ("libs", "classes"):
-            shutil.rmtree(folder / name, ignore_errors=True)
+        # A jar is a zip; the class-data-sharing archive accepts jars only on the class path.
+        with zipfile.ZipFile(staged / "tern-hivemq.jar", "w") as jar:
+            for cls in sorted((staged / "classes").rglob("*.class")):
+                jar.write(cls, cls.relative_to(staged / "classes").as_posix())
+        # Swap whole entries, so an interrupted setup never leaves a half-filled one in use;
+        # an archive of the old class path would only be refused by the JVM: drop it.
+        shutil.rmtree(folder / "cds", ignore_errors=True)
+        for name in ("libs", "tern-hivemq.jar"):
+            if (folder / name).is_dir():
+                shutil.rmtree(folder / name)
             os.replace(staged / name, folder / name)
     stamp.write_text(wanted)
-    return HiveMQInstall(folder / "libs", folder / "classes")
+    return _cached_hivemq_install()
 
 
 # --------------------------------------------------------------------------------------------
