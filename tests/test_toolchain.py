@@ -116,6 +116,8 @@ def test_mosquitto_found() -> None:
         ("TERN_MICROPYTHON", toolchain.micropython_binary),
         ("TERN_UMQTT_PATH", toolchain.umqtt_path),
         ("TERN_TANSU", toolchain.tansu_binary),
+        ("TERN_JAVA", toolchain.java_binary),
+        ("TERN_HIVEMQ_LIBS", toolchain.hivemq_install),
     ],
 )
 def test_env_pointing_at_missing_file_raises_one_clear_line(monkeypatch, tmp_path, var, locate) -> None:
@@ -135,11 +137,32 @@ def test_unbuilt_cache_says_run_make_setup(monkeypatch, tmp_path) -> None:
         toolchain.micropython_binary()
 
 
+def test_unfetched_hivemq_says_run_make_setup(monkeypatch, tmp_path) -> None:
+    monkeypatch.delenv("TERN_HIVEMQ_LIBS", raising=False)
+    monkeypatch.setenv("TERN_CACHE", str(tmp_path))
+    with pytest.raises(ToolMissing, match=r"^HiveMQ CE not fetched: run `make setup` \(needs mvn and a JDK\)$"):
+        toolchain.hivemq_install()
+    # Jars fetched for another pom or launcher are not used: setup must run again.
+    (tmp_path / "hivemq").mkdir()
+    (tmp_path / "hivemq" / "STAMP").write_text("pom 0\nlauncher 0\n")
+    with pytest.raises(ToolMissing, match=r"is older than .*: run `make setup`$"):
+        toolchain.hivemq_install()
+
+
+def test_hivemq_fetched_with_its_launcher() -> None:
+    if os.environ.get("TERN_HIVEMQ_LIBS"):
+        pytest.skip("TERN_HIVEMQ_LIBS overrides the fetched copy")
+    install = toolchain.hivemq_install()
+    assert install.version.startswith("20"), install.version
+    assert install.launcher is not None and install.launcher.is_file()
+    assert install.main_args()[-1] == "TernHiveMQ"
+
+
 def test_cli_check_passes_after_setup() -> None:
     result = subprocess.run([sys.executable, "-m", "tern.toolchain", "check"],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
-    for tool in ("micropython", "umqtt.simple", "tansu", "mosquitto"):
+    for tool in ("micropython", "umqtt.simple", "tansu", "mosquitto", "java", "hivemq-ce"):
         assert tool in result.stdout
 
 
