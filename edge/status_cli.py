@@ -33,6 +33,7 @@ from tern.edge.command_store import pending_commands
 from tern.edge.config_file import add_flags
 from tern.edge.health import file_bytes, read_node_rows
 from tern.edge.outbox import OutboxSummary, now_ms, open_readonly, summarize
+from tern.tables import Column, fitted_table
 
 EXIT_OK, EXIT_UNREACHABLE, EXIT_SETUP = 0, 1, 2
 #: Device rows on the screen unless --all: offline devices first, so none is hidden.
@@ -46,6 +47,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     status.add_argument("--url", help="base URL of the gateway's HTTP endpoint (default: from http_host/http_port)")
     status.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the service (default 3)")
     status.add_argument("--all", action="store_true", help=f"list every device (default: {DEVICE_ROWS}, offline ones first)")
+    status.add_argument("--format", choices=("table", "json"), default="table",
+                        help="table for people (default), or one JSON document for scripts")
     add_flags(status)
 
 
@@ -165,10 +168,44 @@ def _up(flag: bool) -> Text:
     return Text("connected", style="bold green") if flag else Text("DOWN", style="bold red")
 
 
-def devices_table(src: Sources, limit: int | None = DEVICE_ROWS) -> Table:
+#: The device table's columns; the least useful give way first on a narrow terminal. The
+#: device id and its state are never cut.
+DEVICE_COLUMNS = (
+    Column("device"), Column("state"), Column("last seen", 1), Column("last seq", 3, "right"),
+    Column("firmware", 6), Column("boot", 8), Column("missing", 4, "right"), Column("dupl.", 7, "right"),
+    Column("dropped", 5, "right"), Column("waiting", 2, "right"), Column("site", 9),
+)
+
+
+def devices_table(src: Sources, limit: int | None = DEVICE_ROWS, width: int = 80) -> Table:
     """One row per device (live facts where the service answered, else the outbox file's),
-    offline ones first; at most ``limit`` rows, so the screen stays one screen."""
-    pending = {(d["site"], d["device"]): d["pending"] for d in (src.summary.devices if src.summary else [])}
+    offline ones first; at most ``limit`` rows, so the screen stays one screen; columns
+    fitted to ``width``."""
+    ranked = device_rows(src)
+    shown = ranked if limit is None else ranked[:limit]
+    pending = _pending_by_device(src)
+    rows = [
+        [
+            device, _state(d.get("state", "unknown"), d.get("down")), _age(d.get("last_seen_age_s")), _num(d.get("last_seq")),
+            d.get("fw") or "-", d.get("boot") or "-", _num(d.get("missing")), _num(d.get("duplicates")),
+            _num(d.get("dropped")), _num(pending.get((site, device), 0)), site,
+        ]
+        for (site, device), d in shown
+    ]
+    if not rows:
+        rows = [["(no device yet)", *[""] * 10]]
+    caption = f"… and {len(ranked) - len(shown)} more devices (--all lists every one)" if len(shown) < len(ranked) else None
+    return fitted_table(DEVICE_COLUMNS, rows, width, title="devices", title_justify="left", expand=False,
+                        caption=caption, caption_justify="left")
+
+
+def _pending_by_device(src: Sources) -> dict[tuple[str, str], int]:
+    return {(d["site"], d["device"]): d["pending"] for d in (src.summary.devices if src.summary else [])}
+
+
+def device_rows(src: Sources) -> list[tuple[tuple[str, str], dict]]:
+    """((site, device), facts) for every device known to the service or the outbox file,
+    offline ones first (live facts where the service answered)."""
     now = now_ms()
     rows: dict[tuple[str, str], dict] = {}
     for node in src.nodes:
@@ -182,25 +219,8 @@ def devices_table(src: Sources, limit: int | None = DEVICE_ROWS) -> Table:
         row = rows.setdefault((d["site"], d["device"]), {"site": d["site"], "device": d["device"], "state": "unknown"})
         if row.get("last_seq") is None:  # the service is not answering: the outbox file knows this much
             row["last_seq"] = d["last_seq"]
-    table = Table(title="devices", title_justify="left", expand=False)
-    numeric = ("last seq", "missing", "dupl.", "dropped", "waiting")
-    for column in ("device", "state", "last seen", "last seq", "firmware", "boot", "missing", "dupl.", "dropped", "waiting", "site"):
-        table.add_column(column, justify="right" if column in numeric else "left")
     order = {"offline": 0, "unknown": 1}
-    ranked = sorted(rows.items(), key=lambda item: (order.get(item[1].get("state", "unknown"), 2), item[0]))
-    shown = ranked if limit is None else ranked[:limit]
-    for (site, device), d in shown:
-        table.add_row(
-            device, _state(d.get("state", "unknown"), d.get("down")), _age(d.get("last_seen_age_s")), _num(d.get("last_seq")),
-            d.get("fw") or "-", d.get("boot") or "-", _num(d.get("missing")), _num(d.get("duplicates")),
-            _num(d.get("dropped")), _num(pending.get((site, device), 0)), site,
-        )
-    if len(shown) < len(ranked):
-        table.caption = f"… and {len(ranked) - len(shown)} more devices (--all lists every one)"
-        table.caption_justify = "left"
-    if not rows:
-        table.add_row("(no device yet)", *[""] * 10)
-    return table
+    return sorted(rows.items(), key=lambda item: (order.get(item[1].get("state", "unknown"), 2), item[0]))
 
 
 def outbox_panel(src: Sources) -> Panel:
@@ -280,14 +300,42 @@ def render(src: Sources, console: Console, limit: int | None = DEVICE_ROWS) -> N
         console.print(Text(src.live_error + (" (showing the outbox file)" if src.summary else ""), style="bold yellow"), soft_wrap=True)
     if src.outbox_error:
         console.print(Text(src.outbox_error, style="bold red"), soft_wrap=True)
-    console.print(devices_table(src, limit))
+    console.print(devices_table(src, limit, console.width))
     console.print(Group(outbox_panel(src), uplink_panel(src)))
+
+
+def as_json(src: Sources) -> dict:
+    """Everything the screen shows, as one JSON-ready document (every device, none cut)."""
+    summary = src.summary
+    return {
+        "gateway_id": (src.live or {}).get("gateway", {}).get("id") or src.gateway_id,
+        "url": src.url,
+        "live": src.live,
+        "live_error": src.live_error,
+        "outbox": None if summary is None else {
+            "path": src.outbox_path,
+            "readings": summary.pending,
+            "statuses": summary.status_pending,
+            "dead_letters": summary.dead_letters,
+            "oldest_age_s": summary.oldest_pending_age_s(),
+            "last_bseq": summary.last_bseq,
+        },
+        "outbox_error": src.outbox_error,
+        "devices": [dict(d, site=site, device=device, waiting=_pending_by_device(src).get((site, device), 0))
+                    for (site, device), d in device_rows(src)],
+        "commands_pending": src.commands,
+    }
 
 
 def run(args: argparse.Namespace, console: Console | None = None) -> int:
     """``tern-gateway status``."""
     console = console or Console()
     src = gather(args)
+    if getattr(args, "format", "table") == "json":
+        print(json.dumps(as_json(src), indent=2, default=str))
+        if src.live is None and src.summary is None:
+            return EXIT_SETUP
+        return EXIT_OK if src.live is not None else EXIT_UNREACHABLE
     if src.live is None and src.summary is None:
         for line in (src.live_error, src.outbox_error or ("no outbox given (--config or --outbox)" if not src.outbox_path else None)):
             if line:

@@ -18,11 +18,15 @@ SENT = {"alpha-node": 25, "beta-node": 15}
 SECRET = "cloud-pw-never-shown-91c"
 
 
-def run_status(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "COLUMNS": "160", "NO_COLOR": "1", "TERM": "dumb"}
+def run_status(*args: str, columns: int | None = 160, command: str = "status") -> subprocess.CompletedProcess:
+    """The real command, piped; ``columns=None`` leaves COLUMNS unset (rich then takes 80)."""
+    env = {**os.environ, "NO_COLOR": "1", "TERM": "dumb"}
+    env.pop("COLUMNS", None)
+    if columns is not None:
+        env["COLUMNS"] = str(columns)
     env = {k: v for k, v in env.items() if not k.startswith("TERN_") or k == "TERN_CACHE"}
     return subprocess.run(
-        [sys.executable, "-m", "tern.edge", "status", *args], capture_output=True, text=True, timeout=60, env=env
+        [sys.executable, "-m", "tern.edge", command, *args], capture_output=True, text=True, timeout=60, env=env
     )
 
 
@@ -122,3 +126,51 @@ def test_status_keeps_to_one_screen_with_offline_devices_first(tmp_path: Path) -
     assert "and 20 more devices (--all lists every one)" in result.stdout
     everything = run_status("--outbox", str(tmp_path / "outbox.db"), "--url", "http://127.0.0.1:9", "--all")
     assert len([line for line in everything.stdout.splitlines() if line.lstrip("│┃ ").startswith("n")]) == len(devices)
+
+
+LONG_IDS = ["greenhouse-north-soil-probe-017", "greenhouse-south-soil-probe-018", "weather-mast-anemometer-02"]
+
+
+def _site_of_long_ids(path: Path) -> None:
+    from tern.core.codec import Reading, StatusEvent
+    from tern.edge.outbox import Outbox
+
+    with Outbox(path) as outbox:
+        outbox.add(
+            [Reading(device=d, boot="b1", seq=s, ts_ms=1, values={"t": 1}, site="orchard-west") for d in LONG_IDS
+             for s in range(1, 4)],
+            statuses=[StatusEvent("orchard-west", d, "online", "b1", "1.0.7-rc3", "power") for d in LONG_IDS],
+        )
+
+
+def test_tables_fit_80_and_100_columns_piped_with_every_id_whole(tmp_path: Path) -> None:
+    _site_of_long_ids(tmp_path / "outbox.db")
+    for columns in (None, 80, 100):
+        for command, args in (("status", ["--url", "http://127.0.0.1:9"]), ("outbox", [])):
+            result = run_status("--outbox", str(tmp_path / "outbox.db"), *args, columns=columns, command=command)
+            assert result.returncode in (0, 1), result.stdout + result.stderr
+            width = columns or 80
+            table = [line for line in result.stdout.splitlines() if line[:1] in "│┃┏┡└"]
+            assert table and all(len(line) <= width for line in table), (columns, command, result.stdout)
+            for device in LONG_IDS:
+                # Whole, on one line of its own row: nothing cut, nothing wrapped.
+                assert sum(device in line for line in table) == 1, (device, columns, command, result.stdout)
+            if command == "status" and width < 120:  # eleven columns: the least useful gave way
+                assert "not shown at this width:" in result.stdout
+
+
+def test_status_and_outbox_as_json_for_scripts(tmp_path: Path) -> None:
+    import json
+
+    _site_of_long_ids(tmp_path / "outbox.db")
+    status_doc = run_status("--outbox", str(tmp_path / "outbox.db"), "--url", "http://127.0.0.1:9", "--format", "json")
+    assert status_doc.returncode == 1  # the service did not answer; the file did
+    doc = json.loads(status_doc.stdout)
+    assert doc["live"] is None and "connection refused" in doc["live_error"]
+    assert doc["outbox"]["readings"] == 9 and doc["outbox"]["statuses"] == 3
+    assert {(d["device"], d["state"], d["waiting"]) for d in doc["devices"]} == {(d, "online", 3) for d in LONG_IDS}
+    outbox_doc = json.loads(run_status("--outbox", str(tmp_path / "outbox.db"), "--format", "json", command="outbox").stdout)
+    assert outbox_doc["pending"] == 9 and outbox_doc["status_pending"] == 3
+    assert sorted((d["device"], d["pending"], d["first_seq"], d["last_seq"]) for d in outbox_doc["devices"]) == [
+        (d, 3, 1, 3) for d in sorted(LONG_IDS)
+    ]
