@@ -1,7 +1,7 @@
 # Tern: everyday entry points. `make setup` is idempotent and fast once done.
 #   make setup   system packages (apt, chromium included), .venv, MicroPython build, umqtt fetch
 #   make test    run the test suite
-#   make demo    run the end-to-end demo
+#   make demo    run the end-to-end demo (KAFKA=apache: on a 3-node Apache Kafka, default tansu)
 #   make bench   run the benchmarks, write docs/benchmarks.md (exit 1 if a target is missed)
 #   make check   show which tools are found, where, which version
 #   make clean   remove .venv and .cache
@@ -23,6 +23,13 @@ BUILD_PKGS := build-essential pkg-config libffi-dev
 # The status page's browser test drives Debian's chromium with Playwright (never `playwright
 # install`: that downloads a browser build, and there is no internet).
 BROWSER_PKGS := chromium
+# Apache Kafka in the harness (TERN_KAFKA=apache): a JDK runs it, Maven fetches its jars
+# from Maven Central (deploy/kafka/pom.xml); a release tarball is never downloaded.
+JAVA_PKGS  := openjdk-17-jdk-headless
+MAVEN_PKGS := maven
+# Which Kafka `make demo` and `make test` start: tansu (default) or apache.
+KAFKA ?=
+KAFKA_ENV := $(if $(KAFKA),TERN_KAFKA=$(KAFKA))
 
 MAKEFLAGS += --no-print-directory
 .DEFAULT_GOAL := help
@@ -41,6 +48,8 @@ system-deps:
 	{ command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ]; } || missing="$$missing mosquitto"; \
 	command -v mosquitto_pub >/dev/null || missing="$$missing mosquitto-clients"; \
 	[ -x /usr/bin/chromium ] || missing="$$missing $(BROWSER_PKGS)"; \
+	[ -n "$$TERN_JAVA" ] || command -v java >/dev/null || missing="$$missing $(JAVA_PKGS)"; \
+	[ -n "$$TERN_KAFKA_LIBS" ] || command -v mvn >/dev/null || missing="$$missing $(MAVEN_PKGS)"; \
 	if [ -z "$$TERN_MICROPYTHON" ] && [ ! -x "$(TOOL_CACHE)/micropython/micropython" ]; then \
 	  for p in $(BUILD_PKGS); do have_pkg $$p || missing="$$missing $$p"; done; \
 	fi; \
@@ -64,14 +73,14 @@ $(STAMP): pyproject.toml $(VENV_CFG)
 	@mkdir -p $(dir $@) && touch $@
 
 test: setup
-	@$(VPY) -m pytest -p no:cacheprovider $(PYTEST_ARGS)
+	@$(KAFKA_ENV) $(VPY) -m pytest -p no:cacheprovider $(PYTEST_ARGS)
 
 demo: setup
-	@$(VPY) -m tern.harness.demo $(DEMO_ARGS)
+	@$(KAFKA_ENV) $(VPY) -m tern.harness.demo $(DEMO_ARGS)
 
 bench: setup
 	@if $(VPY) -c 'import importlib.util as u, sys; sys.exit(u.find_spec("tern.harness.bench") is None)'; then \
-	  $(VPY) -m tern.harness.bench $(BENCH_ARGS); \
+	  $(KAFKA_ENV) $(VPY) -m tern.harness.bench $(BENCH_ARGS); \
 	else echo "bench: tern/harness/bench/ does not exist yet"; exit 1; fi
 
 check: $(STAMP)
