@@ -41,12 +41,21 @@ def bridge_config(cloud_address: str, bootstrap: str, names: dict[str, str], **e
                         connect_timeout_s=20, **extra)
 
 
-async def describe(bootstrap: str, topics: list[str]) -> tuple[dict[str, list[dict]], dict[str, dict[str, str]]]:
-    """(topic -> partitions metadata, topic -> its configs) as the cluster reports them."""
+async def describe(bootstrap: str, topics: list[str], timeout: float = 15.0) -> tuple[dict[str, list[dict]], dict[str, dict[str, str]]]:
+    """(topic -> partitions metadata, topic -> its configs) as the cluster reports them.
+
+    A topic just created may not be in the metadata of the broker asked yet: asked again
+    until every topic has its partitions (bounded).
+    """
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
     await admin.start()
     try:
-        metadata = {t["topic"]: t["partitions"] for t in await admin.describe_topics(topics)}
+        deadline = time.monotonic() + timeout
+        while True:
+            metadata = {t["topic"]: t["partitions"] for t in await admin.describe_topics(topics)}
+            if all(metadata.get(t) for t in topics) or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.1)
         responses = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, t) for t in topics])
         configs: dict[str, dict[str, str]] = {}
         for response in responses:
@@ -96,7 +105,6 @@ def test_auto_creation_is_off(apache_kafka: ApacheKafkaCluster) -> None:
 
     error = asyncio.run(produce())
     assert error is not None, "a write to an unknown topic succeeded: auto-creation is on"
-    metadata, _ = asyncio.run(describe(apache_kafka.bootstrap, []))
     admin_topics = asyncio.run(_list_topics(apache_kafka.bootstrap))
     assert topic not in admin_topics
 
