@@ -147,6 +147,10 @@ def _run(args: argparse.Namespace) -> int:
     )
     if not args.verbose:
         logging.getLogger("aiokafka").setLevel(logging.WARNING)
+        # While a partition cannot take writes (NOT_ENOUGH_REPLICAS, no leader) aiokafka warns
+        # on every internal retry, ~10 lines a second per partition; the bridge logs one line
+        # per failed write and back-off, with the reason.
+        logging.getLogger("aiokafka.producer.sender").setLevel(logging.ERROR)
     # Whatever path a secret takes into a log line (an exception text, a URL), it is masked.
     redact.install(config.secrets())
     # Untrusted input (topics, payloads) never makes a line longer than a few KB.

@@ -24,7 +24,7 @@ from tern.cloud.config import BridgeConfig
 from tern.cloud.consume import read_all
 from tern.edge.service import Gateway
 from tern.harness.kafka_cluster import ApacheKafkaCluster
-from test_pipeline import by_device, feed, gateway_config, outbox_empty
+from test_pipeline import assert_complete_in_order, by_device, feed, gateway_config, outbox_empty, wait_until
 
 pytestmark = [pytest.mark.apache_kafka, pytest.mark.xdist_group("apache_kafka")]
 
@@ -199,3 +199,76 @@ def test_gateway_bridge_apache_kafka_carries_every_reading(tmp_path, mosquitto_f
     records = read_all(apache_kafka.bootstrap, names["readings"], timeout_s=30, expect=len(devices) * per_device)
     assert by_device(records) == {d: list(range(per_device)) for d in devices}
     print(f"\n{len(devices) * per_device} readings through Apache Kafka in {time.monotonic() - started:.1f} s")
+
+
+# --- two of three brokers down --------------------------------------------------------------
+
+
+def test_two_brokers_down_nothing_confirmed_then_everything_drains(tmp_path, mosquitto_factory,
+                                                                    apache_kafka: ApacheKafkaCluster) -> None:
+    """Kill one broker, stop a second: acks=all writes fail with NOT_ENOUGH_REPLICAS, the bridge
+    confirms nothing and says why once per back-off, the outbox grows; brokers back -> all of it
+    arrives.
+
+    One broker is killed and dropped from the ISRs first, and only then a second one is stopped:
+    killing two combined nodes at once would take the controller quorum with them, the ISRs
+    could not shrink, and writes would time out instead (measured; see docs/kafka.md).
+    """
+    pi, cloud = mosquitto_factory("pi"), mosquitto_factory("cloud")
+    names = fresh_names("down")
+    devices = [f"dev-{i:02d}" for i in range(4)]
+    log_path = tmp_path / "bridge.log"
+    with open(log_path, "wb") as log:
+        bridge = subprocess.Popen(
+            [sys.executable, "-m", "tern.cloud", "run", "--mqtt", cloud.address, "--kafka", apache_kafka.bootstrap,
+             "--topic", names["readings"], "--status-topic", names["status"], "--deadletter", names["deadletter"],
+             "--name", f"down{uuid.uuid4().hex[:6]}", "--topic-partitions", "3", "--topic-replication", "3",
+             # Not idempotent: aiokafka retries an idempotent producer's batches forever, so
+             # the bridge would see only its own write deadline pass, not the broker's reason.
+             "--topic-min-insync", "2", "--no-commands", "--stats-every", "0"],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    text = lambda: log_path.read_text(errors="replace")  # noqa: E731
+    gateway = Gateway(gateway_config(tmp_path, pi, cloud, uplink_window=2, batch_size=25, confirm_timeout_s=60))
+    try:
+        wait_until(lambda: " running: " in text() or bridge.poll() is not None, 60, "the bridge running")
+        assert bridge.poll() is None, text()[-3000:]
+        with gateway:
+            assert gateway.wait_connected(30)
+            feed(gateway, devices, 50)
+            wait_until(lambda: outbox_empty(gateway), 60, "readings forwarded with three brokers")
+
+            apache_kafka.kill(3)
+            apache_kafka.wait_out_of_isr(3, names["readings"])
+            apache_kafka.stop(2)
+            confirmed = gateway.stats()["batches_confirmed"]
+            feed(gateway, devices, 50, start=50)
+            # A write fails once aiokafka's retries pass request_timeout_ms (15 s): two back-offs.
+            wait_until(lambda: text().count("Kafka write of") >= 2, 90, "two failed writes logged")
+            pending = gateway.outbox.pending()
+            feed(gateway, devices, 50, start=100)
+            assert gateway.outbox.pending() > pending >= 50 * len(devices) // 2  # the outbox grows
+            assert gateway.stats()["batches_confirmed"] == confirmed  # nothing confirmed meanwhile
+
+            apache_kafka.restart(2)
+            apache_kafka.restart(3)
+            wait_until(lambda: outbox_empty(gateway), 180, "the outbox drained with the brokers back")
+            assert gateway.stats()["forwarded"] >= 150 * len(devices)
+    finally:
+        for node in (2, 3):
+            if node not in apache_kafka.running_nodes():
+                apache_kafka.restart(node)
+        bridge.terminate()
+        try:
+            bridge.wait(20)
+        except subprocess.TimeoutExpired:
+            bridge.kill()
+            bridge.wait(10)
+    records = read_all(apache_kafka.bootstrap, names["readings"], timeout_s=30, expect=150 * len(devices))
+    assert_complete_in_order(records, devices, 150)
+    log_text = text()
+    failures = [line for line in log_text.splitlines() if "Kafka write of" in line]
+    assert len([f for f in failures if "NotEnoughReplicas" in f]) >= 2, log_text[-4000:]
+    assert all("retrying in" in line for line in failures), failures
+    assert "Got error produce response" not in log_text  # aiokafka's per-retry warnings stay out
+    assert "Future exception was never retrieved" not in log_text
+    assert "Traceback" not in log_text, log_text[-3000:]

@@ -271,6 +271,25 @@ class ApacheKafkaCluster:
         """The node id leading ``topic``'s ``partition`` (None: no leader right now)."""
         return asyncio.run(_leader_of(self.bootstrap, topic, partition, timeout))
 
+    def partitions(self, topic: str, timeout: float = 15.0) -> list[dict]:
+        """``topic``'s partitions as the metadata has them (``partition``, ``leader``, ``isr``, ...).
+
+        Asked again (bounded) while the client happens to pick a broker that is down.
+        """
+        return asyncio.run(_partitions(self.bootstrap, topic, timeout))
+
+    def wait_out_of_isr(self, node_id: int, topic: str, timeout: float = 60.0) -> None:
+        """Wait until ``node_id`` is in no in-sync replica set of ``topic`` (after a kill the
+        controller fences it once ``broker.session.timeout.ms``, 9 s, has passed)."""
+        deadline = time.monotonic() + timeout
+        last: list[dict] = []
+        while time.monotonic() < deadline:
+            last = self.partitions(topic, max(1.0, deadline - time.monotonic()))
+            if last and all(node_id not in p["isr"] and p["leader"] != node_id for p in last):
+                return
+            time.sleep(0.3)
+        raise ServiceError(f"node {node_id} still in {topic}'s ISR after {timeout:.0f} s: {last}")
+
     def running_nodes(self) -> list[int]:
         """Ids of the nodes whose JVM is alive."""
         return [n for n, node in self.nodes.items() if node.running]
@@ -344,13 +363,26 @@ async def _wait_cluster(bootstrap: str, wanted: set[int], replication: int, dead
     raise ServiceError(f"no RF {replication} topic could be written: {last}")
 
 
+async def _partitions(bootstrap: str, topic: str, timeout: float) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        admin = None
+        try:
+            admin = await _admin(bootstrap, 3000)
+            (described,) = await asyncio.wait_for(admin.describe_topics([topic]), 5)
+            return sorted(described["partitions"], key=lambda p: p["partition"])
+        except Exception as exc:  # the client tried a broker that is down: ask again
+            last = exc
+        finally:
+            if admin is not None:
+                await admin.close()
+        await asyncio.sleep(0.2)
+    raise ServiceError(f"no metadata for topic {topic!r} within {timeout:.0f} s: {last!r}")
+
+
 async def _leader_of(bootstrap: str, topic: str, partition: int, timeout: float) -> int | None:
-    admin = await _admin(bootstrap, int(timeout * 1000))
-    try:
-        (described,) = await asyncio.wait_for(admin.describe_topics([topic]), timeout)
-        for entry in described["partitions"]:
-            if entry["partition"] == partition:
-                return entry["leader"] if entry["leader"] >= 0 else None
-        raise ServiceError(f"topic {topic!r} has no partition {partition}")
-    finally:
-        await admin.close()
+    for entry in await _partitions(bootstrap, topic, timeout):
+        if entry["partition"] == partition:
+            return entry["leader"] if entry["leader"] >= 0 else None
+    raise ServiceError(f"topic {topic!r} has no partition {partition}")
