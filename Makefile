@@ -2,7 +2,7 @@
 #   make setup   system packages (apt, chromium, JDK, Maven included), .venv, MicroPython build, umqtt and HiveMQ CE fetch
 #   make test    run the whole test suite, in parallel (what CI runs)
 #   make test-quick  codec, config, outbox and property tests only: under a minute
-#   make demo    run the end-to-end demo
+#   make demo    run the end-to-end demo (KAFKA=apache: on a 3-node Apache Kafka, default tansu)
 #   make bench   run the benchmarks, write docs/benchmarks.md (exit 1 if a target is missed)
 #   make check   show which tools are found, where, which version
 #   make clean   remove .venv and .cache
@@ -24,10 +24,14 @@ BUILD_PKGS := build-essential pkg-config libffi-dev
 # The status page's browser test drives Debian's chromium with Playwright (never `playwright
 # install`: that downloads a browser build, and there is no internet).
 BROWSER_PKGS := chromium
-# HiveMQ CE (the cloud broker of tests/test_hivemq.py): Maven copies its jars from Maven
-# Central (not needed with TERN_HIVEMQ_LIBS), the JDK compiles its launcher and runs it.
-MAVEN_PKG := maven
+# Apache Kafka (TERN_KAFKA=apache) and HiveMQ CE (tests/test_hivemq.py) run on a JDK; Maven
+# fetches their jars from Maven Central (deploy/kafka/pom.xml, deploy/hivemq/pom.xml), and
+# the JDK compiles HiveMQ's launcher. A release tarball is never downloaded.
 JDK_PKG   := openjdk-17-jdk-headless
+MAVEN_PKG := maven
+# Which Kafka `make demo` and `make test` start: tansu (default) or apache.
+KAFKA ?=
+KAFKA_ENV := $(if $(KAFKA),TERN_KAFKA=$(KAFKA))
 
 MAKEFLAGS += --no-print-directory
 .DEFAULT_GOAL := help
@@ -46,11 +50,8 @@ system-deps:
 	{ command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ]; } || missing="$$missing mosquitto"; \
 	command -v mosquitto_pub >/dev/null || missing="$$missing mosquitto-clients"; \
 	[ -x /usr/bin/chromium ] || missing="$$missing $(BROWSER_PKGS)"; \
-	command -v java >/dev/null || missing="$$missing $(JDK_PKG)"; \
-	if [ -z "$$TERN_HIVEMQ_LIBS" ]; then \
-	  command -v mvn >/dev/null || missing="$$missing $(MAVEN_PKG)"; \
-	  command -v javac >/dev/null || case "$$missing" in *$(JDK_PKG)*) ;; *) missing="$$missing $(JDK_PKG)";; esac; \
-	fi; \
+	{ [ -n "$$TERN_JAVA" ] && [ -n "$$TERN_HIVEMQ_LIBS" ]; } || command -v javac >/dev/null || missing="$$missing $(JDK_PKG)"; \
+	{ [ -n "$$TERN_KAFKA_LIBS" ] && [ -n "$$TERN_HIVEMQ_LIBS" ]; } || command -v mvn >/dev/null || missing="$$missing $(MAVEN_PKG)"; \
 	if [ -z "$$TERN_MICROPYTHON" ] && [ ! -x "$(TOOL_CACHE)/micropython/micropython" ]; then \
 	  for p in $(BUILD_PKGS); do have_pkg $$p || missing="$$missing $$p"; done; \
 	fi; \
@@ -80,17 +81,17 @@ TEST_WORKERS ?= 4
 PYTEST := $(VPY) -m pytest -p no:cacheprovider -n $(TEST_WORKERS) --dist loadgroup
 
 test: setup
-	@$(PYTEST) --durations=25 $(PYTEST_ARGS)
+	@$(KAFKA_ENV) $(PYTEST) --durations=25 $(PYTEST_ARGS)
 
 test-quick: setup
 	@$(PYTEST) -m quick $(PYTEST_ARGS)
 
 demo: setup
-	@$(VPY) -m tern.harness.demo $(DEMO_ARGS)
+	@$(KAFKA_ENV) $(VPY) -m tern.harness.demo $(DEMO_ARGS)
 
 bench: setup
 	@if $(VPY) -c 'import importlib.util as u, sys; sys.exit(u.find_spec("tern.harness.bench") is None)'; then \
-	  $(VPY) -m tern.harness.bench $(BENCH_ARGS); \
+	  $(KAFKA_ENV) $(VPY) -m tern.harness.bench $(BENCH_ARGS); \
 	else echo "bench: tern/harness/bench/ does not exist yet"; exit 1; fi
 
 check: $(STAMP)

@@ -39,12 +39,14 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import paho.mqtt.client as mqtt
+from aiokafka.errors import KafkaError
 from paho.mqtt.enums import MQTTErrorCode
 
 from tern.cloud import presence
 from tern.cloud.config import BridgeConfig
 from tern.cloud.kafka_sink import KafkaSink, KafkaWriteError
 from tern.cloud.metrics import BridgeMonitor
+from tern.cloud.topic_setup import TopicSetupError, ensure_topics
 from tern.core import codec, topics
 from tern.core.errors import CodecError, TernError
 from tern.core.mqtt_session import PersistentSession
@@ -168,12 +170,19 @@ class Bridge:
         """Connect, bridge until ``stop`` is set, then shut down; ``ready`` is set once running.
 
         Raises BridgeError if MQTT or Kafka cannot be reached at start-up (within
-        ``config.connect_timeout_s``). After start-up, outages are ridden out: MQTT
+        ``config.connect_timeout_s``), or a topic it needs is missing and cannot be created
+        (cloud/topic_setup.py). After start-up, outages are ridden out: MQTT
         reconnects with backoff, Kafka writes are retried with backoff.
         """
         self._loop = asyncio.get_running_loop()
         self._queue = asyncio.Queue()
         self._room = asyncio.Condition()
+        try:
+            await ensure_topics(self.config)
+        except TopicSetupError as exc:
+            raise BridgeError(str(exc)) from None
+        except (KafkaError, asyncio.TimeoutError, OSError) as exc:
+            raise BridgeError(f"cannot use Kafka at {self.config.kafka_bootstrap} (topics): {describe(exc)}") from None
         sink = KafkaSink(self.config)
         try:
             await sink.start(check_topics=self.config.kafka_topics)

@@ -49,6 +49,17 @@ def _parser() -> argparse.ArgumentParser:
                      help="batches remembered to recognise a gateway's re-send (env TERN_BRIDGE_DEDUP_WINDOW, default 10000; 0: off)")
     run.add_argument("--metrics-port", type=int, metavar="PORT",
                      help="Prometheus metrics and /healthz on this port (env TERN_BRIDGE_METRICS_PORT; default 0: off)")
+    run.add_argument("--create-topics", action=argparse.BooleanOptionalAction, default=None,
+                     help="create missing Kafka topics at start (env TERN_BRIDGE_CREATE_TOPICS; default on); "
+                     "--no-create-topics: a missing topic stops the bridge")
+    run.add_argument("--topic-partitions", type=int, metavar="N",
+                     help="partitions of a topic the bridge creates (env TERN_KAFKA_TOPIC_PARTITIONS, default 6)")
+    run.add_argument("--topic-replication", type=int, metavar="N",
+                     help="replicas of a topic the bridge creates (env TERN_KAFKA_TOPIC_REPLICATION; "
+                     "default one per broker, at most 3)")
+    run.add_argument("--topic-min-insync", type=int, metavar="N",
+                     help="min.insync.replicas of a topic the bridge creates (env TERN_KAFKA_TOPIC_MIN_INSYNC; "
+                     "default the broker's)")
     run.add_argument("--stats-every", type=float, default=30.0, metavar="S", help="log counters every S seconds (0: never)")
     run.add_argument("--no-commands", action="store_true",
                      help="do not route commands from Kafka to the gateways (env TERN_BRIDGE_COMMANDS=0)")
@@ -124,6 +135,10 @@ def _run(args: argparse.Namespace) -> int:
         max_inflight_records=args.max_inflight_records,
         dedup_window=args.dedup_window,
         metrics_port=args.metrics_port,
+        create_topics=args.create_topics,
+        topic_partitions=args.topic_partitions,
+        topic_replication=args.topic_replication,
+        topic_min_insync=args.topic_min_insync,
         # On unless turned off by flag or by TERN_BRIDGE_COMMANDS (the library's default is off).
         commands=False if args.no_commands else (None if os.environ.get("TERN_BRIDGE_COMMANDS", "").strip() else True),
     )
@@ -132,6 +147,10 @@ def _run(args: argparse.Namespace) -> int:
     )
     if not args.verbose:
         logging.getLogger("aiokafka").setLevel(logging.WARNING)
+        # While a partition cannot take writes (NOT_ENOUGH_REPLICAS, no leader) aiokafka warns
+        # on every internal retry, ~10 lines a second per partition; the bridge logs one line
+        # per failed write and back-off, with the reason.
+        logging.getLogger("aiokafka.producer.sender").setLevel(logging.ERROR)
     # Whatever path a secret takes into a log line (an exception text, a URL), it is masked.
     redact.install(config.secrets())
     # Untrusted input (topics, payloads) never makes a line longer than a few KB.

@@ -4,7 +4,8 @@ Every value has a default that works on one machine; ``BridgeConfig.from_env`` r
 deployment's environment (``TERN_CLOUD_BROKER``, ``KAFKA_BOOTSTRAP``, ``TERN_KAFKA_TOPIC``,
 ``TERN_KAFKA_STATUS_TOPIC``, ``TERN_KAFKA_DEADLETTER``, ``TERN_BRIDGE_NAME``, ``TERN_BRIDGE_METRICS_PORT``,
 ``TERN_BRIDGE_METRICS_HOST``, ``TERN_BRIDGE_SHARE_GROUP``, ``TERN_BRIDGE_MAX_INFLIGHT_RECORDS``,
-``TERN_BRIDGE_DEDUP_WINDOW``, ...). Wrong values raise
+``TERN_BRIDGE_DEDUP_WINDOW``, ``TERN_BRIDGE_CREATE_TOPICS``, ``TERN_KAFKA_TOPIC_PARTITIONS``,
+``TERN_KAFKA_TOPIC_REPLICATION``, ``TERN_KAFKA_TOPIC_MIN_INSYNC``, ...). Wrong values raise
 :class:`tern.core.errors.ConfigError` naming the field and what is wrong with it.
 """
 
@@ -48,6 +49,14 @@ def _compression_available(name: str) -> bool:
     from aiokafka import codec
 
     return bool(getattr(codec, f"has_{name}")())
+
+
+def _flag(value: str, where: str) -> bool:
+    """'1/0', 'true/false', 'yes/no', 'on/off' -> bool; ConfigError naming ``where`` otherwise."""
+    text = value.strip().lower()
+    if text not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+        raise ConfigError(f"{where}: expected 1/0 or true/false, got {value!r}")
+    return text in ("1", "true", "yes", "on")
 
 
 @dataclass(frozen=True)
@@ -125,6 +134,17 @@ class BridgeConfig:
     #: (each with its own ``name``) takes a share of the gateways' batches.
     share_group: str | None = None
 
+    # --- the bridge's topics (cloud/topic_setup.py) ---
+    #: Create missing topics at start (never left to a broker's auto-creation); when off, a
+    #: missing topic stops the start with one line naming it.
+    create_topics: bool = True
+    #: Partitions of a topic the bridge creates.
+    topic_partitions: int = 6
+    #: Replicas of a topic the bridge creates; None: one per broker, at most 3 (1 on one broker).
+    topic_replication: int | None = None
+    #: ``min.insync.replicas`` of a topic the bridge creates; None: the broker's default.
+    topic_min_insync: int | None = None
+
     # --- commands to nodes (cloud/command_router.py) ---
     #: Route commands from ``commands_topic`` to the gateways (off by default in the library;
     #: ``tern-bridge run`` turns it on unless ``--no-commands``).
@@ -191,11 +211,31 @@ class BridgeConfig:
                 object.__setattr__(self, field_name, value)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ConfigError(f"{field_name}: must be an integer >= {low}, got {value!r}")
+        self._check_topic_settings()
         if self.share_group is not None:
             try:
                 topics.check_share_group(self.share_group)
             except CodecError as exc:
                 raise ConfigError(f"share_group: {exc}") from None
+
+    def _check_topic_settings(self) -> None:
+        if isinstance(self.create_topics, str):
+            object.__setattr__(self, "create_topics", _flag(self.create_topics, "create_topics"))
+        if not isinstance(self.create_topics, bool):
+            raise ConfigError(f"create_topics: expected true or false, got {self.create_topics!r}")
+        for field_name, optional in (("topic_partitions", False), ("topic_replication", True),
+                                     ("topic_min_insync", True)):
+            value = getattr(self, field_name)
+            if isinstance(value, str) and value.strip().isdigit():
+                value = int(value)  # from the environment
+                object.__setattr__(self, field_name, value)
+            if value is None and optional:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{field_name}: must be an integer >= 1{' (or unset)' if optional else ''}, got {value!r}")
+        if self.topic_replication and self.topic_min_insync and self.topic_min_insync > self.topic_replication:
+            raise ConfigError(f"topic_min_insync ({self.topic_min_insync}) must not exceed topic_replication "
+                              f"({self.topic_replication}): no write could ever succeed")
 
     #: The Kafka topics the bridge writes to (validated alike, checked at start-up).
     TOPIC_FIELDS = ("readings_topic", "status_topic", "deadletter_topic")
@@ -287,15 +327,17 @@ class BridgeConfig:
             values["kafka_security"] = KafkaSecurity.from_env(env)
         for var, field_name in (("TERN_BRIDGE_METRICS_PORT", "metrics_port"), ("TERN_BRIDGE_METRICS_HOST", "metrics_host"),
                                 ("TERN_BRIDGE_MAX_INFLIGHT_RECORDS", "max_inflight_records"),
-                                ("TERN_BRIDGE_DEDUP_WINDOW", "dedup_window")):
+                                ("TERN_BRIDGE_DEDUP_WINDOW", "dedup_window"),
+                                ("TERN_BRIDGE_CREATE_TOPICS", "create_topics"),
+                                ("TERN_KAFKA_TOPIC_PARTITIONS", "topic_partitions"),
+                                ("TERN_KAFKA_TOPIC_REPLICATION", "topic_replication"),
+                                ("TERN_KAFKA_TOPIC_MIN_INSYNC", "topic_min_insync")):
             value = env.get(var, "").strip()
             if value:
                 values[field_name] = value
         commands = env.get("TERN_BRIDGE_COMMANDS", "").strip().lower()
         if commands:
-            if commands not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
-                raise ConfigError(f"TERN_BRIDGE_COMMANDS: expected 1/0 or true/false, got {commands!r}")
-            values["commands"] = commands in ("1", "true", "yes", "on")
+            values["commands"] = _flag(commands, "TERN_BRIDGE_COMMANDS")
         known = {f.name for f in fields(cls)}
         unknown = set(overrides) - known
         if unknown:

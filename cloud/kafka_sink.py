@@ -73,8 +73,8 @@ class KafkaSink:
         try:
             await asyncio.wait_for(producer.start(), cfg.connect_timeout_s)
             for topic in check_topics:
-                # Fails fast on a missing topic (or creates it, where the cluster
-                # auto-creates), instead of on the first batch.
+                # The bridge made sure the topics exist (cloud/topic_setup.py); this waits
+                # until the producer's metadata has them, instead of on the first batch.
                 what = f"topic {topic!r}"
                 await asyncio.wait_for(producer.partitions_for(topic), cfg.connect_timeout_s)
         except (KafkaError, asyncio.TimeoutError, OSError) as exc:

@@ -14,11 +14,12 @@ Tools and where they come from:
   ``deploy/hivemq/TernHiveMQ.java`` compiled into ``<cache>/hivemq/tern-hivemq.jar``; run by
   Debian's OpenJDK 17.
 - qemu-system-xtensa: optional, used where present.
+- Apache Kafka's broker jars: fetched from Maven Central by Maven, as ``deploy/kafka/pom.xml``
+  lists them, into ``<cache>/kafka/libs`` (never a release tarball); run with the JDK's ``java``.
 
 Every locator honours an environment override (``TERN_MICROPYTHON``, ``TERN_UMQTT_PATH``,
-``TERN_TANSU``, ``TERN_CHROMIUM``, ``TERN_CACHE``; ``TERN_JAVA`` and ``TERN_HIVEMQ_LIBS`` for
-HiveMQ CE) and raises :class:`tern.core.errors.ToolMissing` with a one-line message saying how
-to get the tool.
+``TERN_TANSU``, ``TERN_CHROMIUM``, ``TERN_KAFKA_LIBS``, ``TERN_JAVA``, ``TERN_HIVEMQ_LIBS``, ``TERN_CACHE``)
+and raises :class:`tern.core.errors.ToolMissing` with a one-line message saying how to get the tool.
 
 CLI: ``python -m tern.toolchain setup|check|env``.
 """
@@ -169,6 +170,96 @@ def _ensure_executable(path: Path) -> None:
         path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
     except OSError as exc:
         raise ToolMissing(f"tansu at {path} is not executable and cannot be made so: {exc}") from exc
+
+
+def kafka_pom() -> Path:
+    """The pom that lists Apache Kafka's broker jars (``deploy/kafka/pom.xml``)."""
+    return repo_root() / "deploy" / "kafka" / "pom.xml"
+
+
+def _cached_kafka_libs() -> Path:
+    return cache_dir() / "kafka" / "libs"
+
+
+def _kafka_stamp() -> Path:
+    return cache_dir() / "kafka" / "pom.sha256"
+
+
+def _pom_hash() -> str:
+    return hashlib.sha256(kafka_pom().read_bytes()).hexdigest()
+
+
+def _has_kafka_jar(folder: Path) -> bool:
+    return folder.is_dir() and any(folder.glob("kafka_2.13-*.jar"))
+
+
+def kafka_libs() -> Path:
+    """Return the folder of Apache Kafka's broker jars (``$TERN_KAFKA_LIBS`` or the cached fetch).
+
+    The cached folder counts only if it was fetched for the pom as it is now (its stamp holds
+    the pom's hash). Raises ToolMissing if absent.
+    """
+    env = _from_env("TERN_KAFKA_LIBS")
+    if env is not None:
+        if not _has_kafka_jar(env):
+            raise ToolMissing(f"TERN_KAFKA_LIBS={env} holds no kafka_2.13-*.jar: fix or unset it")
+        return env
+    path = _cached_kafka_libs()
+    stamp = _kafka_stamp()
+    if not _has_kafka_jar(path) or not stamp.is_file():
+        raise ToolMissing("Apache Kafka jars not fetched: run `make setup` (Maven fetches deploy/kafka/pom.xml)")
+    if stamp.read_text().strip() != _pom_hash():
+        raise ToolMissing("Apache Kafka jars are older than deploy/kafka/pom.xml: run `make setup`")
+    return path
+
+
+def java_binary() -> Path:
+    """Return the ``java`` that runs Kafka (``$TERN_JAVA`` or the one on PATH); ToolMissing if absent."""
+    env = _from_env("TERN_JAVA")
+    if env is not None:
+        if not _is_executable(env):
+            raise ToolMissing(f"TERN_JAVA={env} is not an executable file: fix or unset it")
+        return env
+    found = shutil.which("java")
+    if found:
+        return Path(found)
+    raise ToolMissing("java not installed: run `make setup` (apt-get install openjdk-17-jdk-headless)")
+
+
+def fetch_kafka(force: bool = False) -> Path:
+    """Fetch Apache Kafka's broker jars with Maven into ``<cache>/kafka/libs``.
+
+    Idempotent: skipped while the stamp matches the pom's hash, unless ``force``. The jars go
+    to a fresh folder that replaces the old one only once Maven succeeded. Raises ToolMissing
+    naming the log on failure.
+    """
+    libs = _cached_kafka_libs()
+    stamp = _kafka_stamp()
+    digest = _pom_hash()
+    if not force and _has_kafka_jar(libs) and stamp.is_file() and stamp.read_text().strip() == digest:
+        return libs
+    mvn = shutil.which("mvn")
+    if mvn is None:
+        raise ToolMissing("mvn not installed: run `make setup` (apt-get install maven), or set TERN_KAFKA_LIBS")
+    log = libs.parent / "fetch.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text("")
+    _say("kafka: fetching the broker jars with Maven (deploy/kafka/pom.xml, about 15 s)")
+    staged = libs.parent / "libs.partial"
+    shutil.rmtree(staged, ignore_errors=True)
+    _run_logged([mvn, "-q", "-B", "-f", str(kafka_pom()), "dependency:copy-dependencies",
+                 "-DincludeScope=runtime", f"-DoutputDirectory={staged}"], log, what="Maven fetch of Kafka")
+    if not _has_kafka_jar(staged):
+        raise ToolMissing(f"Maven gave no kafka_2.13 jar: see {log}")
+    shutil.rmtree(libs, ignore_errors=True)
+    os.replace(staged, libs)
+    stamp.write_text(digest + "\n")
+    return libs
+
+
+def _kafka_version(path: Path) -> str:
+    jar = next(iter(sorted(path.glob("kafka_2.13-*.jar"))), None)
+    return jar.name.removeprefix("kafka_2.13-").removesuffix(".jar") if jar else "?"
 
 
 def mosquitto_binary() -> Path:
@@ -487,19 +578,6 @@ HIVEMQ_LAUNCHER = Path("deploy/hivemq/TernHiveMQ.java")
 HIVEMQ_MAIN = "TernHiveMQ"
 
 
-def java_binary() -> Path:
-    """Return the ``java`` launcher (``$TERN_JAVA`` or the one on PATH); raises ToolMissing if absent."""
-    env = _from_env("TERN_JAVA")
-    if env is not None:
-        if not _is_executable(env):
-            raise ToolMissing(f"TERN_JAVA={env} is not an executable file: fix or unset it")
-        return env
-    found = shutil.which("java")
-    if found:
-        return Path(found)
-    raise ToolMissing("java not installed: run `make setup` (apt-get install openjdk-17-jdk-headless)")
-
-
 def _hivemq_dir() -> Path:
     return cache_dir() / "hivemq"
 
@@ -675,6 +753,7 @@ def tool_statuses() -> list[ToolStatus]:
         _probe("chromium", chromium_binary, lambda p: _first_version(_output([str(p), "--version"]))),
         _probe("java", java_binary, lambda p: _first_version(_output([str(p), "-version"]))),
         _probe("hivemq-ce", lambda: hivemq_install().libs, lambda p: HiveMQInstall(p, None).version),
+        _probe("apache-kafka", kafka_libs, _kafka_version),
     ]
     qemu = qemu_binary()
     rows.append(ToolStatus("qemu-system-xtensa", qemu,
@@ -710,7 +789,7 @@ def _print_table(rows: list[ToolStatus]) -> None:
 
 
 def setup(force: bool = False) -> list[ToolStatus]:
-    """Build MicroPython, fetch umqtt and HiveMQ CE (all cached), then report every tool's status.
+    """Build MicroPython, fetch umqtt, Kafka's and HiveMQ CE's jars (all cached), then report every tool's status.
 
     Raises ToolMissing if a required tool is still missing afterwards.
     """
@@ -720,6 +799,8 @@ def setup(force: bool = False) -> list[ToolStatus]:
         fetch_umqtt(force=force)
     if _from_env("TERN_HIVEMQ_LIBS") is None:
         fetch_hivemq(force=force)
+    if _from_env("TERN_KAFKA_LIBS") is None:
+        fetch_kafka(force=force)
     rows = tool_statuses()
     missing = [row.problem for row in rows if row.path is None and not row.optional]
     if missing:
@@ -750,6 +831,8 @@ def _cmd_env(_args: argparse.Namespace) -> int:
         "TERN_MICROPYTHON": micropython_binary,
         "TERN_UMQTT_PATH": umqtt_path,
         "TERN_TANSU": tansu_binary,
+        "TERN_KAFKA_LIBS": kafka_libs,
+        "TERN_JAVA": java_binary,
     }
     status = 0
     for var, locate in exports.items():
@@ -765,7 +848,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m tern.toolchain``; returns the process exit code."""
     parser = argparse.ArgumentParser(prog="python -m tern.toolchain", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    p_setup = sub.add_parser("setup", help="build MicroPython, fetch umqtt and HiveMQ CE (cached)")
+    p_setup = sub.add_parser("setup", help="build MicroPython, fetch umqtt, Kafka and HiveMQ CE (cached)")
     p_setup.add_argument("--force", action="store_true", help="rebuild and refetch even if cached")
     p_setup.set_defaults(func=_cmd_setup)
     sub.add_parser("check", help="show every tool, its path and version").set_defaults(func=_cmd_check)

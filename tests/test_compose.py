@@ -24,6 +24,7 @@ from tern.cloud.config import BridgeConfig
 from tern.core.errors import ConfigError
 from tern.edge import config_file
 from tern.edge.config import DEFAULT_MQTT_PORT
+from tern.harness.kafka_config import broker_settings, compose_env
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE = REPO / "docker-compose.yml"
@@ -192,6 +193,30 @@ def test_terns_topics_get_replication_factor_3(services):
         assert f"${var}" in script, f"kafka-init sets {var} and never uses it"
     assert "--replication-factor" in script and "--if-not-exists" in script
     assert set(init["depends_on"]) == set(kafka)
+
+
+def test_kafka_settings_are_the_harness_broker_properties(compose, services):
+    """The compose brokers run with deploy/kafka/broker.properties, as the harness's do."""
+    wanted = {name: expand(value) for name, value in compose_env().items()}
+    shared = {k: expand(v) for k, v in compose["x-kafka-env"].items()}
+    assert {k: shared.get(k) for k in wanted} == wanted, "run `python -m tern.harness.kafka_config compose-env`"
+    for name, env in brokers(services).items():
+        assert {k: env.get(k) for k in wanted} == wanted, name
+    # The harness's image version is the one compose runs.
+    pom = (REPO / "deploy" / "kafka" / "pom.xml").read_text()
+    (version,) = re.findall(r"<kafka.version>([^<]+)</kafka.version>", pom)
+    images = {s["image"] for s in services.values() if s.get("image", "").startswith("apache/kafka")}
+    assert images == {f"apache/kafka:{version}"}
+
+
+def test_bridge_creates_topics_like_kafka_init(services):
+    bridge = BridgeConfig.from_env(env_of(services["bridge"]))
+    init = env_of(services["kafka-init"])
+    settings = broker_settings()
+    assert bridge.create_topics
+    assert bridge.topic_partitions == int(init["PARTITIONS"]) == int(settings["num.partitions"])
+    assert bridge.topic_replication == int(init["REPLICATION_FACTOR"]) == int(settings["default.replication.factor"])
+    assert bridge.topic_min_insync == int(init["MIN_INSYNC_REPLICAS"]) == int(settings["min.insync.replicas"])
 
 
 def test_the_ports_a_user_needs_are_published(services):

@@ -118,6 +118,7 @@ def test_mosquitto_found() -> None:
         ("TERN_TANSU", toolchain.tansu_binary),
         ("TERN_JAVA", toolchain.java_binary),
         ("TERN_HIVEMQ_LIBS", toolchain.hivemq_install),
+        ("TERN_KAFKA_LIBS", toolchain.kafka_libs),
     ],
 )
 def test_env_pointing_at_missing_file_raises_one_clear_line(monkeypatch, tmp_path, var, locate) -> None:
@@ -162,7 +163,7 @@ def test_cli_check_passes_after_setup() -> None:
     result = subprocess.run([sys.executable, "-m", "tern.toolchain", "check"],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
-    for tool in ("micropython", "umqtt.simple", "tansu", "mosquitto", "java", "hivemq-ce"):
+    for tool in ("micropython", "umqtt.simple", "tansu", "mosquitto", "java", "hivemq-ce", "apache-kafka"):
         assert tool in result.stdout
 
 
@@ -210,3 +211,16 @@ def test_mirror_from_sources_list_skips_comments_options_and_security() -> None:
             "deb http://sec.example/debian-security bookworm-security main\n"
             "deb [arch=amd64 signed-by=/k.gpg] http://mirror.example/debian bookworm main\n")
     assert toolchain.mirror_from_sources_list(text) == "http://mirror.example/debian"
+
+
+def test_kafka_fetch_is_cached_by_the_poms_hash(monkeypatch, tmp_path) -> None:
+    """After `make setup` the jars are there and a second fetch is a no-op; an unfetched cache says what to run."""
+    libs = toolchain.fetch_kafka()
+    assert libs == toolchain.kafka_libs() and any(libs.glob("kafka_2.13-*.jar"))
+    stamp = libs.parent / "pom.sha256"
+    before = stamp.stat().st_mtime_ns
+    assert toolchain.fetch_kafka() == libs and stamp.stat().st_mtime_ns == before
+    monkeypatch.delenv("TERN_KAFKA_LIBS", raising=False)
+    monkeypatch.setenv("TERN_CACHE", str(tmp_path))
+    with pytest.raises(ToolMissing, match=r"^Apache Kafka jars not fetched: run `make setup`"):
+        toolchain.kafka_libs()

@@ -1,7 +1,7 @@
 """``make demo``: the whole path on loopback, live.
 
-Starts the Pi's mosquitto and the cloud's mosquitto, Tansu as Kafka (or the Kafka named by
-``KAFKA_BOOTSTRAP``), the gateway, the bridge and N emulated ESP32 nodes running the real
+Starts the Pi's mosquitto and the cloud's mosquitto, Kafka (Tansu, or with ``TERN_KAFKA=apache``
+a 3-node Apache Kafka cluster; or the Kafka named by ``KAFKA_BOOTSTRAP``), the gateway, the bridge and N emulated ESP32 nodes running the real
 firmware on the MicroPython unix port; shows what arrives in Kafka, refreshed; stops
 everything it started; ends with a per-node summary of sent, received, missing, duplicated.
 Exit status 0 only when nothing is missing.
@@ -10,7 +10,6 @@ Exit status 0 only when nothing is missing.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import signal
 import sys
 import tempfile
@@ -27,7 +26,8 @@ from tern.core import topics
 from tern.core.errors import TernError
 from tern.harness.observe import BrokerObserver, KafkaTail, reconcile
 from tern.harness.secure import SecureSite
-from tern.harness.stack import Mosquitto, Tansu, ensure_topics, kafka_bootstrap_from_env
+from tern.harness.kafka import kafka_kind, start_kafka
+from tern.harness.stack import Mosquitto, kafka_bootstrap_from_env
 
 console = Console()
 
@@ -148,6 +148,8 @@ def run(args: argparse.Namespace) -> int:
             console.print("secured: per-device accounts and ACL on the Pi broker, anonymous off; "
                           "mutual TLS and the cloud ACL on the cloud broker")
         bootstrap = kafka_bootstrap_from_env()
+        # The bridge creates its topics (never left to auto-creation): with these settings.
+        topic_settings: dict = {}
         if bootstrap:
             # A shared cluster may hold earlier runs: a topic of our own keeps the summary honest.
             run_id = uuid.uuid4().hex[:8]
@@ -155,11 +157,21 @@ def run(args: argparse.Namespace) -> int:
             status_topic = f"{topics.KAFKA_STATUS}.demo-{run_id}"
             console.print(f"Kafka: {bootstrap} (KAFKA_BOOTSTRAP), topic {kafka_topic}")
         else:
-            bootstrap = stack.enter_context(Tansu(workdir / "tansu")).bootstrap
+            console.print("Kafka: starting " + ("a 3-node Apache Kafka cluster" if kafka_kind() == "apache" else "Tansu"))
+            kafka = start_kafka(workdir)
+            stack.callback(kafka.close)
+            bootstrap = kafka.bootstrap
             kafka_topic = topics.KAFKA_READINGS
             status_topic = topics.KAFKA_STATUS
-            console.print(f"Kafka: Tansu at {bootstrap}, topic {kafka_topic}")
-        asyncio.run(ensure_topics(bootstrap, [kafka_topic, status_topic, topics.KAFKA_DEADLETTER]))
+            topic_settings = {"topic_partitions": 3, "topic_replication": kafka.replication_factor}
+            if kafka.kind == "apache":
+                # Real Kafka: three copies, two in sync for a write, and an idempotent producer.
+                topic_settings.update(topic_min_insync=kafka.min_insync_replicas, enable_idempotence=True)
+                console.print(f"Kafka: Apache Kafka, {len(kafka.nodes)} nodes at {bootstrap} (ready in "
+                              f"{kafka.start_seconds:.1f} s), topic {kafka_topic}: replication "
+                              f"{kafka.replication_factor}, min.insync.replicas {kafka.min_insync_replicas}")
+            else:
+                console.print(f"Kafka: Tansu at {bootstrap}, topic {kafka_topic}")
         console.print(f"Pi broker {pi_broker.address}, cloud broker {cloud_broker.address}")
 
         gateway = stack.enter_context(
@@ -181,6 +193,7 @@ def run(args: argparse.Namespace) -> int:
                     kafka_bootstrap=bootstrap,
                     readings_topic=kafka_topic,
                     status_topic=status_topic,
+                    **topic_settings,
                     **(secure.bridge_settings("demo") if secure else {}),
                 )
             )

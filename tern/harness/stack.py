@@ -288,6 +288,10 @@ class Tansu(ManagedProcess):
     """The Kafka-protocol broker Tansu (memory storage) on a loopback port."""
 
     name = "tansu"
+    kind = "tansu"
+    #: One broker: every topic has one replica, and min.insync.replicas means nothing.
+    replication_factor = 1
+    min_insync_replicas = 1
 
     def __init__(self, workdir: Path, port: int | None = None, advertised_port: int | None = None) -> None:
         super().__init__(workdir)
@@ -320,6 +324,10 @@ class Tansu(ManagedProcess):
             raise ServiceError(f"tansu on {self.bootstrap}: {exc}\n{self.log_tail()}") from None
         return self
 
+    def close(self) -> None:
+        """Stop Tansu (the name every harness Kafka shares, see tern.harness.kafka)."""
+        self.stop()
+
 
 async def _wait_kafka_ready(bootstrap: str, timeout: float) -> None:
     from aiokafka.admin import AIOKafkaAdminClient
@@ -340,17 +348,32 @@ async def _wait_kafka_ready(bootstrap: str, timeout: float) -> None:
     raise ServiceError(f"Kafka at {bootstrap} not ready after {timeout:.0f} s: {last!r}")
 
 
-async def ensure_topics(bootstrap: str, topics: Sequence[str], partitions: int = 3, timeout: float = 15.0) -> None:
-    """Create Kafka topics that do not exist yet (replication factor 1: local brokers)."""
-    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+async def ensure_topics(bootstrap: str, topics: Sequence[str], partitions: int = 3, timeout: float = 15.0,
+                        replication: int | None = None, min_insync: int | None = None) -> None:
+    """Create Kafka topics that do not exist yet, with ``replication`` copies and, if given,
+    ``min.insync.replicas``; raises ServiceError if the broker refuses one.
 
+    ``replication`` None: one copy per broker, at most 3 (Tansu: 1; a 3-node cluster: 3, so
+    its min.insync.replicas of 2 can be met).
+    """
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+    from aiokafka.errors import TopicAlreadyExistsError, for_code
+
+    configs = {"min.insync.replicas": str(min_insync)} if min_insync else {}
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000))
     await admin.start()
     try:
         existing = set(await admin.list_topics())
-        missing = [NewTopic(t, num_partitions=partitions, replication_factor=1) for t in topics if t not in existing]
+        if replication is None:
+            replication = max(1, min(3, len((await admin.describe_cluster())["brokers"])))
+        missing = [NewTopic(t, num_partitions=partitions, replication_factor=replication, topic_configs=configs)
+                   for t in topics if t not in existing]
         if missing:
-            await admin.create_topics(missing)
+            response = await admin.create_topics(missing)
+            for entry in response.topic_errors:
+                code = entry[1]
+                if code and for_code(code) is not TopicAlreadyExistsError:
+                    raise ServiceError(f"cannot create Kafka topic {entry[0]!r}: {for_code(code).__name__} {entry[2:]}")
     finally:
         await admin.close()
 

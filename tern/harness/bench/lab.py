@@ -54,17 +54,19 @@ class Lab:
         return broker
 
     def kafka(self) -> str:
-        """Bootstrap of ``KAFKA_BOOTSTRAP`` or of a private Tansu started on first use."""
+        """Bootstrap of ``KAFKA_BOOTSTRAP`` or of the harness's Kafka (``TERN_KAFKA``), started on first use."""
         if self._bootstrap is None:
-            from tern.harness.stack import Tansu, kafka_bootstrap_from_env
+            from tern.harness.kafka import start_kafka
+            from tern.harness.stack import kafka_bootstrap_from_env
 
             external = kafka_bootstrap_from_env()
             if external:
                 self._bootstrap, self.kafka_kind = external, f"KAFKA_BOOTSTRAP={external}"
             else:
-                tansu = Tansu(self.folder("tansu")).start()
-                self.stack.callback(tansu.stop)
-                self._bootstrap, self.kafka_kind = tansu.bootstrap, "tansu (private, loopback)"
+                kafka = start_kafka(self.folder("kafka"))
+                self.stack.callback(kafka.close)
+                label = "Apache Kafka, 3 nodes, RF 3" if kafka.kind == "apache" else "tansu"
+                self._bootstrap, self.kafka_kind = kafka.bootstrap, f"{label} (private, loopback)"
         return self._bootstrap
 
     def kafka_topics(self, *roles: str) -> list[str]:
