@@ -41,6 +41,10 @@ if TYPE_CHECKING:
 #: Drain rate and time to empty are measured over the last this-many seconds: long enough to
 #: smooth batch-by-batch steps, short enough to follow a drain that has just begun.
 RATE_WINDOW_S = 10.0
+#: The status page's sparklines: one point every HISTORY_STEP_S seconds over the last hour,
+#: kept in memory (a bounded ring: 720 points of three numbers).
+HISTORY_STEP_S = 5.0
+HISTORY_POINTS = int(3600 / HISTORY_STEP_S)
 #: Devices listed at most (status page, status.json): a page must stay readable and small.
 MAX_DEVICES = 1000
 
@@ -218,6 +222,9 @@ class Health:
         self.started_ms = now_ms()
         self._lock = threading.Lock()
         self._samples: deque[tuple[float, int, int, int]] = deque(maxlen=int(RATE_WINDOW_S) + 5)
+        #: (wall ms, rows waiting, readings/s committed over the step), oldest first.
+        self._history: deque[tuple[int, int, float]] = deque(maxlen=HISTORY_POINTS)
+        self._history_mark: tuple[float, int] | None = None  # (monotonic, committed) of the last point
         self._db: Any = None
         self.last_confirm_rtt_s: float | None = None
         self.rtt_observers: list[Callable[[float], None]] = []
@@ -233,10 +240,23 @@ class Health:
     def sample(self) -> None:
         """Remember the counters now (called once a second by the status server)."""
         stats = self.gateway.stats()
+        now = time.monotonic()
+        committed = int(stats.get("committed", 0))
         with self._lock:
-            self._samples.append(
-                (time.monotonic(), int(stats.get("forwarded", 0)), int(stats.get("committed", 0)), int(stats.get("pending", 0)))
-            )
+            self._samples.append((now, int(stats.get("forwarded", 0)), committed, int(stats.get("pending", 0))))
+            mark = self._history_mark
+            if mark is None or now - mark[0] >= HISTORY_STEP_S:
+                rate = 0.0 if mark is None else (committed - mark[1]) / (now - mark[0])
+                rows = int(stats.get("pending", 0)) + int(stats.get("status_pending", 0))
+                self._history.append((now_ms(), rows, round(rate, 2)))
+                self._history_mark = (now, committed)
+
+    def history(self) -> dict:
+        """The last hour for the sparklines: outbox rows and readings/s, one point per step."""
+        with self._lock:
+            points = list(self._history)
+        return {"step_s": HISTORY_STEP_S, "t_ms": [p[0] for p in points], "rows": [p[1] for p in points],
+                "readings_per_s": [p[2] for p in points]}
 
     # --- outputs ---------------------------------------------------------------------------
 
@@ -381,6 +401,7 @@ class Health:
                 "by_device": dict(stats.get("commands_pending_by_device") or {}),
             },
             "devices": devices,
+            "history": self.history(),
         }
 
     def close(self) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from gwobserve import bridge, client, gateway_config, publish_all, reading, status
+from tern.core.codec import Status, encode_status
 from tern.device import EmulatedNode
 from tern.edge.service import Gateway
 
@@ -47,7 +48,10 @@ def test_page_shows_nodes_going_offline_and_the_outbox_growing(
         # (named to sort before the first: the page must still list the dead one on top).
         steady = client(pi, will=status(SITE, "a-steady-node", "b0002", "offline")[:2])
         try:
-            publish_all(steady, [status(SITE, "a-steady-node", "b0002", "online", fw="0.9.0")])
+            # It reports one of its sensors as not answering: the page must say which.
+            publish_all(steady, [(*status(SITE, "a-steady-node", "b0002", "online", fw="0.9.0")[:1],
+                                  encode_status(Status("a-steady-node", "online", "b0002", "0.9.0", "power",
+                                                       down=("pms5003",))), True)])
             with sync_api.sync_playwright() as pw:
                 browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
                 try:
@@ -56,8 +60,10 @@ def test_page_shows_nodes_going_offline_and_the_outbox_growing(
                     page.goto(url)
 
                     # Both nodes online, with the emulated board's firmware version and boot.
-                    fw_row = page.wait_for_selector('tr[data-device="fw-node"][data-state="online"]', timeout=PAGE_WAIT_MS)
-                    page.wait_for_selector('tr[data-device="a-steady-node"][data-state="online"]', timeout=PAGE_WAIT_MS)
+                    page.wait_for_selector('tr[data-device="fw-node"][data-state="online"]', timeout=PAGE_WAIT_MS)
+                    page.wait_for_selector('tr[data-device="a-steady-node"][data-state="online"][data-down="pms5003"]',
+                                           timeout=PAGE_WAIT_MS)
+                    assert "pms5003 down" in page.inner_text('tr[data-device="a-steady-node"]')
                     assert node.wait_connected(30) and node.boot
                     page.wait_for_function(
                         "b => document.querySelector('tr[data-device=\"fw-node\"]').innerText.includes(b)", arg=node.boot,
@@ -68,7 +74,8 @@ def test_page_shows_nodes_going_offline_and_the_outbox_growing(
                     # Readable on a phone: nothing wider than the screen but the device table's own scroller.
                     assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
                     page.screenshot(path=str(shots / "1-online.png"), full_page=True)
-                    assert fw_row.is_visible()
+                    # A locator, not a handle: the page rebuilds its rows every second.
+                    assert page.locator('tr[data-device="fw-node"]').is_visible()
 
                     # Pull the node's plug: the broker publishes its will, the page turns it offline.
                     node.kill()
@@ -91,6 +98,15 @@ def test_page_shows_nodes_going_offline_and_the_outbox_growing(
                     )
                     assert rows_shown(page) == gw.stats()["pending"] + gw.stats()["status_pending"]
                     assert page.inner_text("#outbox-tte") == "not draining"
+                    # The hour's sparklines: the depth line reaches the rows waiting, the
+                    # readings/s line saw the burst.
+                    page.wait_for_function(
+                        "() => Number(document.getElementById('spark-depth').dataset.last) >= 150"
+                        " && Number(document.getElementById('spark-depth').dataset.points) >= 3",
+                        timeout=PAGE_WAIT_MS,
+                    )
+                    assert float(page.get_attribute("#spark-rate", "data-max")) > 0
+                    page.locator("#spark-depth").screenshot(path=str(shots / "spark-depth.png"))
                     page.screenshot(path=str(shots / "3-uplink-cut.png"), full_page=True)
 
                     # The service stops: the page says so instead of showing stale figures as live.
@@ -108,3 +124,20 @@ def test_page_shows_nodes_going_offline_and_the_outbox_growing(
     for name in ("1-online.png", "2-node-offline.png", "3-uplink-cut.png", "4-gateway-stopped.png"):
         shot = shots / name
         assert shot.stat().st_size > 10_000, f"{shot} looks empty"
+    assert_line_rises(shots / "spark-depth.png")
+
+
+def assert_line_rises(png: Path) -> None:
+    """The sparkline's pixels: a drawn line (blue on the pale ground) that ends higher than it starts."""
+    from PIL import Image
+
+    image = Image.open(png).convert("RGB")
+    width, height = image.size
+    # The line's colour (#1f5fbf, anti-aliased): blue clearly above red and green.
+    lit = {(x, y) for x in range(width) for y in range(height)
+           if (lambda r, g, b: b > 150 and b - r > 60)(*image.getpixel((x, y)))}
+    assert len(lit) > width, f"{png}: no line drawn ({len(lit)} line pixels)"
+    columns = sorted({x for x, _ in lit})
+    top_of = lambda x: min(y for cx, y in lit if cx == x)  # noqa: E731
+    assert columns[-1] - columns[0] > width * 0.8, f"{png}: the line does not span the chart"
+    assert top_of(columns[-1]) < top_of(columns[0]) - height // 3, f"{png}: the depth line does not rise"
