@@ -77,11 +77,13 @@ class _Sent:
 class CommandDesk:
     """The gateway's command handling: cloud intake, delivery to nodes, replies, outcomes."""
 
-    def __init__(self, config: GatewayConfig, outbox: Outbox, local: PersistentSession,
+    def __init__(self, config: GatewayConfig, outbox: Outbox, local: PersistentSession, store: CommandStore,
                  on_outcome: Callable[[], None] | None = None) -> None:
         self.config = config
         self.outbox = outbox
-        self.store = CommandStore(config.outbox_path)
+        #: The commands and their outcomes, in the outbox file (shared with the uplink, which
+        #: carries the outcomes).
+        self.store = store
         #: The ingest's session on the local broker: commands go out on it, replies come in.
         self.local = local
         self._on_outcome = on_outcome

@@ -21,6 +21,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING
 
 from tern.core.errors import ConfigError
+from tern.edge.command_store import CommandStore
 from tern.edge.commands import CommandDesk
 from tern.edge.config import GatewayConfig
 from tern.edge.health import Health, ObservedOutbox
@@ -53,13 +54,12 @@ class Gateway:
     def _build(self, config: GatewayConfig) -> None:
         self.outbox = ObservedOutbox(config.outbox_path, retention=RetentionPolicy.from_config(config))
         self.ingest = Ingest(config, self.outbox, on_reply=self._on_reply)
-        self.uplink = Uplink(config, self.outbox)
+        self.health = Health(self)
         # Commands go out and replies come in on the ingest's local session; their outcomes
         # ride the uplink's batches.
-        self.commands = CommandDesk(config, self.outbox, self.ingest.session, on_outcome=self.uplink.nudge)
-        self.uplink.commands = self.commands.store
-        self.health = Health(self)
-        self.uplink.on_confirm_rtt = self.health.note_confirm_rtt
+        store = CommandStore(config.outbox_path)
+        self.uplink = Uplink(config, self.outbox, commands=store, on_confirm_rtt=self.health.note_confirm_rtt)
+        self.commands = CommandDesk(config, self.outbox, self.ingest.session, store, on_outcome=self.uplink.nudge)
         #: /metrics, /status.json and the status page (None with http_port = 0).
         self.status_server: "StatusServer | None" = None
         # Sensors wired to the Pi itself (none unless `serial_sensors` names some).

@@ -123,7 +123,14 @@ class _Lane:
 class Uplink:
     """The cloud side of the gateway: publish batches, wait for confirms, delete."""
 
-    def __init__(self, config: GatewayConfig, outbox: Outbox) -> None:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        outbox: Outbox,
+        *,
+        commands: "CommandStore | None" = None,
+        on_confirm_rtt: Callable[[float], None] | None = None,
+    ) -> None:
         self.config = config
         self.outbox = outbox
         self._stop = threading.Event()
@@ -151,9 +158,9 @@ class Uplink:
         self._held_since: float | None = None  # since when the rate limit holds readings back
         self._failing = False
         #: Called with the seconds from a batch's (last) publish to its confirm (metrics, status).
-        self.on_confirm_rtt: Callable[[float], None] | None = None
-        #: Where command outcomes wait (set by the service; None: this uplink carries none).
-        self.commands: "CommandStore | None" = None
+        self.on_confirm_rtt = on_confirm_rtt
+        #: Where command outcomes wait (None: this uplink carries none).
+        self.commands = commands
         self._outcome_batch: int | None = None
         self._counts = {
             "batches_sent": 0,
