@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from tern.harness.kafka import KafkaService, kafka_kind, start_kafka
 from tern.harness.kafka_cluster import ApacheKafkaCluster
@@ -31,6 +32,12 @@ def _port_block(worker: str) -> str:
     low = 12000 + 2000 * index
     return f"{low}-{low + 1999}"
 
+
+# Property tests run beside brokers and JVMs on two cores: how fast hypothesis can generate
+# inputs, or how long one example takes, says nothing about the property. Correctness checks
+# stay on; the timing ones would only make a loaded run red.
+settings.register_profile("tern", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("tern")
 
 # Set at import, before any fixture starts a broker; subprocesses (the demo, the bench, the
 # emulator) inherit it.

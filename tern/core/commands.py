@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from tern.core.errors import CodecError
-from tern.core.jsonwire import dumps as _dumps, json_object as _json_object
+from tern.core.jsonwire import dumps as _dumps
+from tern.core.jsonwire import json_object as _json_object
 from tern.core.topics import check_id
 
 COMMAND_SCHEMA_ID = "tern.command/1"

@@ -13,7 +13,6 @@ import orjson
 
 from tern.core.errors import CodecError
 
-
 # One encoder, built once: json.dumps with non-default options builds a new one per call,
 # which was a fifth of the cost of a Kafka record on the bridge's hot path.
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)

@@ -34,8 +34,8 @@ live here once:
 from __future__ import annotations
 
 import logging
-import ssl
 import socket
+import ssl
 import sys
 import threading
 import time

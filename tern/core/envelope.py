@@ -1,0 +1,335 @@
+"""The batch envelope (gateway -> bridge) and its confirm (bridge -> gateway): readings,
+status events and the envelope's extensions, compressed. Decoders never trust their input.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any, Mapping
+
+from tern.core.commands import MAX_REPLY_BYTES, OUTCOMES, Outcome
+from tern.core.errors import CodecError
+from tern.core.jsonwire import dumps as _dumps
+from tern.core.jsonwire import dumps_finite as _dumps_finite
+from tern.core.jsonwire import json_object as _json_object
+from tern.core.messages import (
+    DROP_REASONS,
+    MAX_BATCH_BYTES,
+    MAX_BATCH_INFLATED,
+    MAX_NAME_LEN,
+    MAX_NODE_PAYLOAD,
+    MAX_READINGS_PER_MESSAGE,
+    MAX_SAFE_INT,
+    MAX_TEXT_LEN,
+    WIRE_VERSION,
+    Batch,
+    Confirm,
+    DropEvent,
+    Reading,
+    StatusEvent,
+    _boot,
+    _check_version,
+    _int,
+    _object_list,
+    _text,
+    _values,
+    new_reading,
+)
+from tern.core.node_wire import _down, _dropped, _state
+from tern.core.topics import check_id
+
+
+def _reading_item(reading: Reading) -> dict[str, Any]:
+    return {
+        "site": reading.site,
+        "dev": reading.device,
+        "boot": reading.boot,
+        "seq": reading.seq,
+        "ts": reading.ts_ms,
+        "rx": reading.received_ms,
+        "r": dict(reading.values),
+    }
+
+
+def _status_item(event: StatusEvent) -> dict[str, Any]:
+    item: dict[str, Any] = {"site": event.site, "dev": event.device, "state": event.state, "boot": event.boot}
+    # Optional, as in the node's own status: a last will carries neither.
+    if event.fw:
+        item["fw"] = event.fw
+    if event.reset:
+        item["reset"] = event.reset
+    if event.dropped:
+        item["dropped"] = dict(event.dropped)
+    if event.down:  # only when a sensor is down: other envelopes stay byte-identical
+        item["down"] = list(event.down)
+    item["rx"] = event.received_ms
+    return item
+
+
+#: Envelope extensions this codec speaks. An envelope lists those it uses in ``ext``; a
+#: decoder refuses an envelope naming one it does not know rather than silently dropping
+#: what it carries.
+DROPS_EXTENSION = "drops/1"
+OUTCOMES_EXTENSION = "outcomes/1"
+EXTENSIONS = (DROPS_EXTENSION, OUTCOMES_EXTENSION)
+#: Drop events per envelope at most (they are coalesced per device, boot and reason).
+MAX_DROPS_PER_BATCH = 1000
+#: Command outcomes per envelope at most (a node reply is at most ~1 KB).
+MAX_OUTCOMES_PER_BATCH = 100
+#: Longest outcome detail carried (a rejection's reason, a node's error).
+MAX_OUTCOME_DETAIL = 200
+
+
+def _drop_item(drop: DropEvent) -> dict[str, Any]:
+    return {
+        "site": drop.site,
+        "dev": drop.device,
+        "boot": drop.boot,
+        "reason": drop.reason,
+        "first": drop.first_seq,
+        "last": drop.last_seq,
+        "n": drop.count,
+        "at": drop.dropped_ms,
+    }
+
+
+def _outcome_item(outcome: Outcome) -> dict[str, Any]:
+    if outcome.outcome not in OUTCOMES:
+        raise CodecError(f"unknown command outcome {outcome.outcome!r}")
+    return {
+        "id": outcome.id,
+        "dev": outcome.device,
+        "outcome": outcome.outcome,
+        "detail": outcome.detail[:MAX_OUTCOME_DETAIL],
+        "reply": dict(outcome.reply) if outcome.reply is not None else None,
+        "at": outcome.ms,
+    }
+
+
+def encode_batch(batch: Batch) -> bytes:
+    """Encode a batch envelope: zlib-compressed compact JSON."""
+    check_id(batch.gateway, "gateway")
+    doc: dict[str, Any] = {
+        "v": WIRE_VERSION,
+        "gw": batch.gateway,
+        "bseq": batch.bseq,
+        "sent": batch.sent_ms,
+        "items": [_reading_item(r) for r in batch.readings],
+    }
+    # Only when there are any: a batch of readings alone stays byte-identical to before.
+    if batch.statuses:
+        doc["events"] = [_status_item(e) for e in batch.statuses]
+    if batch.drops:
+        if len(batch.drops) > MAX_DROPS_PER_BATCH:
+            raise CodecError(f"{len(batch.drops)} drop events, over the limit of {MAX_DROPS_PER_BATCH} per batch")
+        doc.setdefault("ext", []).append(DROPS_EXTENSION)
+        doc["drops"] = [_drop_item(d) for d in batch.drops]
+    if batch.outcomes:
+        if len(batch.outcomes) > MAX_OUTCOMES_PER_BATCH:
+            raise CodecError(f"{len(batch.outcomes)} command outcomes, over the limit of {MAX_OUTCOMES_PER_BATCH} per batch")
+        doc.setdefault("ext", []).append(OUTCOMES_EXTENSION)
+        doc["outcomes"] = [_outcome_item(o) for o in batch.outcomes]
+    # Every float in a batch is a reading value the codec checked (finite) on the way in.
+    data = zlib.compress(_dumps_finite(doc), 6)
+    if len(data) > MAX_BATCH_BYTES:
+        raise CodecError(
+            f"batch of {len(batch.readings)} readings and {len(batch.statuses)} status events"
+            f" compresses to {len(data)} bytes, over {MAX_BATCH_BYTES}"
+        )
+    return data
+
+
+def _decode_status_events(obj: Mapping[str, Any], what: str) -> tuple[StatusEvent, ...]:
+    """The envelope's optional ``events`` list; absent means none (older gateways never send it)."""
+    return tuple(
+        StatusEvent(
+            site=check_id(_text(item, "site", where), "site"),
+            device=check_id(_text(item, "dev", where), "device"),
+            state=_state(item, where),
+            boot=_boot(item, where),
+            fw=_text(item, "fw", where, required=False),
+            reset=_text(item, "reset", where, required=False),
+            received_ms=_int(item, "rx", where),
+            dropped=_dropped(item, where),
+            down=_down(item, where),
+        )
+        for where, item in _object_list(obj, "events", what, "event", default=[])
+    )
+
+
+def _decode_extensions(obj: Mapping[str, Any], what: str) -> tuple[str, ...]:
+    """The envelope's optional ``ext`` list, every entry one this codec speaks."""
+    ext = obj.get("ext", [])
+    if not isinstance(ext, list) or not all(isinstance(e, str) for e in ext):
+        raise CodecError(f"{what}: 'ext' must be a list of extension names")
+    unknown = [e for e in ext if e not in EXTENSIONS]
+    if unknown:
+        raise CodecError(f"{what}: unsupported extension {unknown[0]!r}, this codec speaks {list(EXTENSIONS)}")
+    return tuple(ext)
+
+
+def _decode_drops(obj: Mapping[str, Any], what: str, ext: tuple[str, ...]) -> tuple[DropEvent, ...]:
+    """The envelope's ``drops`` list; only with the ``drops/1`` extension named in ``ext``."""
+    if "drops" not in obj:
+        return ()
+    if DROPS_EXTENSION not in ext:
+        raise CodecError(f"{what}: 'drops' present without {DROPS_EXTENSION!r} in 'ext'")
+    drops = []
+    for where, item in _object_list(obj, "drops", what, "drop"):
+        if len(drops) >= MAX_DROPS_PER_BATCH:
+            raise CodecError(f"{what}: over {MAX_DROPS_PER_BATCH} drop events")
+        reason = item.get("reason")
+        if reason not in DROP_REASONS:
+            raise CodecError(f"{where}: 'reason' must be one of {DROP_REASONS}, got {reason!r}")
+        first, last = _int(item, "first", where), _int(item, "last", where)
+        count = _int(item, "n", where, minimum=1)
+        if last < first or count > last - first + 1:
+            raise CodecError(f"{where}: {count} readings do not fit seqs {first}..{last}")
+        drops.append(
+            DropEvent(
+                site=check_id(_text(item, "site", where), "site"),
+                device=check_id(_text(item, "dev", where), "device"),
+                boot=_boot(item, where),
+                reason=reason,
+                first_seq=first,
+                last_seq=last,
+                count=count,
+                dropped_ms=_int(item, "at", where),
+            )
+        )
+    return tuple(drops)
+
+
+def _decode_outcomes(obj: Mapping[str, Any], what: str, ext: tuple[str, ...], gateway: str) -> tuple[Outcome, ...]:
+    """The envelope's ``outcomes`` list; only with the ``outcomes/1`` extension named in ``ext``."""
+    if "outcomes" not in obj:
+        return ()
+    if OUTCOMES_EXTENSION not in ext:
+        raise CodecError(f"{what}: 'outcomes' present without {OUTCOMES_EXTENSION!r} in 'ext'")
+    out = []
+    for where, item in _object_list(obj, "outcomes", what, "outcome"):
+        if len(out) >= MAX_OUTCOMES_PER_BATCH:
+            raise CodecError(f"{what}: over {MAX_OUTCOMES_PER_BATCH} command outcomes")
+        outcome = item.get("outcome")
+        if outcome not in OUTCOMES:
+            raise CodecError(f"{where}: 'outcome' must be one of {OUTCOMES}, got {outcome!r:.40}")
+        # A malformed command's id may be unknown (""): its rejection is reported all the same.
+        command_id = _text(item, "id", where)
+        if command_id:
+            check_id(command_id, "command id")
+        detail = item.get("detail", "")
+        if not isinstance(detail, str) or len(detail) > MAX_OUTCOME_DETAIL:
+            raise CodecError(f"{where}: 'detail' must be a string of at most {MAX_OUTCOME_DETAIL} characters")
+        reply = item.get("reply")
+        if reply is not None and not isinstance(reply, dict):
+            raise CodecError(f"{where}: 'reply' must be an object or null")
+        if reply is not None and len(_dumps(reply)) > MAX_REPLY_BYTES:
+            raise CodecError(f"{where}: 'reply' is over {MAX_REPLY_BYTES} bytes")
+        out.append(
+            Outcome(
+                id=command_id,
+                device=check_id(_text(item, "dev", where), "device"),
+                outcome=outcome,
+                gateway=gateway,
+                detail=detail,
+                reply=reply,
+                ms=_int(item, "at", where),
+            )
+        )
+    return tuple(out)
+
+
+def _reading_fast(item: dict[str, Any], checked: set[str]) -> Reading | None:
+    """The reading of an envelope item that is plainly valid, else None.
+
+    A backlog batch holds hundreds of readings from a few devices: once one item has proved
+    its device, site and boot valid (the full checks, with their error messages, run on
+    anything else), the rest need only cheap type and range tests. Same verdicts as the full
+    checks, a third of the time.
+    """
+    device, site, boot = item.get("dev"), item.get("site"), item.get("boot")
+    seq, ts, rx, values = item.get("seq"), item.get("ts"), item.get("rx"), item.get("r")
+    if not (type(device) is str and device in checked and type(site) is str and site in checked
+            and type(boot) is str and "boot:" + boot in checked
+            and type(seq) is int and 0 <= seq <= MAX_SAFE_INT
+            and type(ts) is int and 0 <= ts <= MAX_SAFE_INT
+            and type(rx) is int and 0 <= rx <= MAX_SAFE_INT
+            and type(values) is dict and 0 < len(values) <= MAX_READINGS_PER_MESSAGE):
+        return None
+    for name, value in values.items():
+        kind = type(value)
+        if not 1 <= len(name) <= MAX_NAME_LEN:
+            return None
+        if kind is float:
+            if value - value != 0.0:  # NaN or an infinity
+                return None
+        elif kind is str:
+            if len(value) > MAX_TEXT_LEN:
+                return None
+        elif kind is not int and kind is not bool:
+            return None
+    return new_reading(device, boot, seq, ts, values, site, rx)
+
+
+def decode_batch(raw: bytes, *, topic_gateway: str | None = None) -> Batch:
+    """Decode a batch envelope, refusing oversized, zip-bomb or off-contract input."""
+    what = "batch"
+    if len(raw) > MAX_BATCH_BYTES:
+        raise CodecError(f"{what} is {len(raw)} bytes, over the {MAX_BATCH_BYTES}-byte limit")
+    inflater = zlib.decompressobj()
+    try:
+        text = inflater.decompress(raw, MAX_BATCH_INFLATED + 1)
+    except zlib.error as exc:
+        raise CodecError(f"{what} is not zlib data: {exc}") from None
+    if len(text) > MAX_BATCH_INFLATED or inflater.unconsumed_tail:
+        raise CodecError(f"{what} inflates past {MAX_BATCH_INFLATED} bytes")
+    if not inflater.eof:
+        raise CodecError(f"{what} is truncated zlib data")
+    obj = _json_object(text, MAX_BATCH_INFLATED, what)
+    _check_version(obj, what)
+    ext = _decode_extensions(obj, what)
+    gateway = check_id(_text(obj, "gw", what), "gateway")
+    if topic_gateway is not None and gateway != topic_gateway:
+        raise CodecError(f"{what}: gateway {gateway!r} published on the topic of {topic_gateway!r}")
+    readings = []
+    checked: set[str] = set()  # ids and boots this batch already proved valid
+    for where, item in _object_list(obj, "items", what, "item"):
+        reading = _reading_fast(item, checked)
+        if reading is None:  # something to look at closely: the checks that explain it
+            reading = Reading(
+                device=check_id(_text(item, "dev", where), "device"),
+                boot=_boot(item, where),
+                seq=_int(item, "seq", where),
+                ts_ms=_int(item, "ts", where),
+                values=_values(item, where),
+                site=check_id(_text(item, "site", where), "site"),
+                received_ms=_int(item, "rx", where),
+            )
+            checked.update((reading.device, reading.site, "boot:" + reading.boot))
+        readings.append(reading)
+    return Batch(
+        gateway=gateway,
+        bseq=_int(obj, "bseq", what),
+        sent_ms=_int(obj, "sent", what),
+        readings=tuple(readings),
+        statuses=_decode_status_events(obj, what),
+        drops=_decode_drops(obj, what, ext),
+        outcomes=_decode_outcomes(obj, what, ext, gateway),
+    )
+
+
+def encode_confirm(confirm: Confirm) -> bytes:
+    """Encode the bridge's confirmation of a batch."""
+    return _dumps({"v": WIRE_VERSION, "gw": confirm.gateway, "bseq": confirm.bseq, "n": confirm.count})
+
+
+def decode_confirm(raw: bytes) -> Confirm:
+    """Decode the bridge's confirmation of a batch."""
+    what = "confirm"
+    obj = _json_object(raw, MAX_NODE_PAYLOAD, what)
+    _check_version(obj, what)
+    return Confirm(
+        gateway=check_id(_text(obj, "gw", what), "gateway"),
+        bseq=_int(obj, "bseq", what),
+        count=_int(obj, "n", what),
+    )

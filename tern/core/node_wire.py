@@ -1,0 +1,195 @@
+"""Node payloads (node -> gateway): readings, bundles, the retained status, and the gateway's
+ack back to the node. Decoders never trust their input: anything off-contract raises
+:class:`CodecError` with a message fit for a dead-letter entry.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from tern.core.errors import CodecError
+from tern.core.jsonwire import dumps as _dumps
+from tern.core.jsonwire import json_object as _json_object
+from tern.core.messages import (
+    _LABEL_CHARS,
+    BUNDLE_VERSION,
+    MAX_BUNDLE,
+    MAX_DOWN,
+    MAX_DOWN_LABEL,
+    MAX_DROPPED_BOOTS,
+    MAX_NODE_PAYLOAD,
+    STATES,
+    WIRE_VERSION,
+    NodeAck,
+    Reading,
+    Status,
+    _boot,
+    _check_version,
+    _int,
+    _object_list,
+    _text,
+    _values,
+)
+from tern.core.topics import check_id
+
+
+def _node_message(raw: bytes, what: str, topic_device: str | None) -> tuple[dict[str, Any], str]:
+    """Parse a node's JSON message and its device id, which must be the topic's device:
+    per-device topics are what the broker's ACLs protect."""
+    obj = _json_object(raw, MAX_NODE_PAYLOAD, what)
+    _check_version(obj, what)
+    device = check_id(_text(obj, "dev", what), "device")
+    if topic_device is not None and device != topic_device:
+        raise CodecError(f"{what}: device {device!r} published on the topic of {topic_device!r}")
+    return obj, device
+
+
+def encode_reading(reading: Reading) -> bytes:
+    """Encode a reading the way the firmware does (used by tests and simulators)."""
+    return _dumps(
+        {
+            "v": WIRE_VERSION,
+            "dev": reading.device,
+            "boot": reading.boot,
+            "seq": reading.seq,
+            "ts": reading.ts_ms,
+            "r": dict(reading.values),
+        }
+    )
+
+
+def decode_reading(raw: bytes, *, site: str = "", topic_device: str | None = None) -> Reading:
+    """Decode a node's telemetry payload.
+
+    ``topic_device`` is the device id from the MQTT topic; a payload claiming another device
+    is rejected, because per-device topics are what the broker's ACLs protect.
+    """
+    what = "node payload"
+    obj, device = _node_message(raw, what, topic_device)
+    return Reading(
+        device=device,
+        boot=_boot(obj, what),
+        seq=_int(obj, "seq", what),
+        ts_ms=_int(obj, "ts", what),
+        values=_values(obj, what),
+        site=site,
+    )
+
+
+def encode_bundle(readings: "tuple[Reading, ...] | list[Reading]") -> bytes:
+    """Encode readings of one device and boot as a v2 bundle (as the firmware does)."""
+    if not readings or len(readings) > MAX_BUNDLE:
+        raise CodecError(f"a bundle holds 1-{MAX_BUNDLE} readings, got {len(readings)}")
+    first = readings[0]
+    if any(r.device != first.device or r.boot != first.boot for r in readings):
+        raise CodecError("a bundle holds readings of one device and boot")
+    return _dumps(
+        {
+            "v": BUNDLE_VERSION,
+            "dev": first.device,
+            "boot": first.boot,
+            "items": [{"seq": r.seq, "ts": r.ts_ms, "r": dict(r.values)} for r in readings],
+        }
+    )
+
+
+def decode_readings(raw: bytes, *, site: str = "", topic_device: str | None = None) -> tuple[Reading, ...]:
+    """Decode a node's telemetry payload: one reading (v1) or a bundle (v2) of up to
+    :data:`MAX_BUNDLE` readings of one boot, seqs strictly increasing."""
+    what = "node payload"
+    obj = _json_object(raw, MAX_NODE_PAYLOAD, what)
+    if obj.get("v") != BUNDLE_VERSION:
+        return (decode_reading(raw, site=site, topic_device=topic_device),)
+    what = "node bundle"
+    device = check_id(_text(obj, "dev", what), "device")
+    if topic_device is not None and device != topic_device:
+        raise CodecError(f"{what}: device {device!r} published on the topic of {topic_device!r}")
+    boot = _boot(obj, what)
+    items = list(_object_list(obj, "items", what, "item"))
+    if not 1 <= len(items) <= MAX_BUNDLE:
+        raise CodecError(f"{what}: 'items' must hold 1-{MAX_BUNDLE} readings, got {len(items)}")
+    out = []
+    for where, item in items:
+        seq = _int(item, "seq", where)
+        if out and seq <= out[-1].seq:
+            raise CodecError(f"{where}: seq {seq} does not follow {out[-1].seq}")
+        out.append(Reading(device=device, boot=boot, seq=seq, ts_ms=_int(item, "ts", where), values=_values(item, where), site=site))
+    return tuple(out)
+
+
+def _dropped(obj: Mapping[str, Any], what: str) -> tuple[tuple[str, int], ...]:
+    """The optional ``dropped`` object of a status: {boot: readings dropped}."""
+    raw = obj.get("dropped", {})
+    if not isinstance(raw, dict) or len(raw) > MAX_DROPPED_BOOTS:
+        raise CodecError(f"{what}: 'dropped' must be an object of at most {MAX_DROPPED_BOOTS} boots")
+    out = []
+    for boot, n in raw.items():
+        _boot({"boot": boot}, f"{what} dropped")
+        out.append((boot, _int({"n": n}, "n", f"{what} dropped[{boot!r}]")))
+    return tuple(out)
+
+
+def _down(obj: Mapping[str, Any], what: str) -> tuple[str, ...]:
+    """The optional ``down`` list of a status: labels of the sensors not answering."""
+    raw = obj.get("down", [])
+    if not isinstance(raw, list) or len(raw) > MAX_DOWN:
+        raise CodecError(f"{what}: 'down' must be a list of at most {MAX_DOWN} sensor labels")
+    for label in raw:
+        if not isinstance(label, str) or not 1 <= len(label) <= MAX_DOWN_LABEL or not _LABEL_CHARS.issuperset(label):
+            raise CodecError(
+                f"{what}: 'down' entries must be 1-{MAX_DOWN_LABEL} of [A-Za-z0-9_.-], got {label!r:.80}"
+            )
+    return tuple(raw)
+
+
+def encode_status(status: Status) -> bytes:
+    """Encode a birth message or last will."""
+    obj: dict[str, Any] = {"v": WIRE_VERSION, "dev": status.device, "state": status.state, "boot": status.boot}
+    if status.fw:
+        obj["fw"] = status.fw
+    if status.reset:
+        obj["reset"] = status.reset
+    if status.dropped:
+        obj["dropped"] = dict(status.dropped)
+    if status.down:
+        obj["down"] = list(status.down)
+    return _dumps(obj)
+
+
+def _state(obj: Mapping[str, Any], what: str) -> str:
+    state = obj.get("state")
+    if state not in STATES:
+        raise CodecError(f"{what}: 'state' must be one of {STATES}, got {state!r}")
+    return state
+
+
+def decode_status(raw: bytes, *, topic_device: str | None = None) -> Status:
+    """Decode a retained status message.
+
+    ``topic_device`` is the device id from the MQTT topic; as for readings, a status
+    claiming another device is rejected.
+    """
+    what = "status"
+    obj, device = _node_message(raw, what, topic_device)
+    return Status(
+        device=device,
+        state=_state(obj, what),
+        boot=_boot(obj, what),
+        fw=_text(obj, "fw", what, required=False),
+        reset=_text(obj, "reset", what, required=False),
+        dropped=_dropped(obj, what),
+        down=_down(obj, what),
+    )
+
+
+def encode_node_ack(ack: NodeAck) -> bytes:
+    """Encode the gateway's acknowledgement to a node."""
+    return _dumps({"v": WIRE_VERSION, "boot": ack.boot, "seq": ack.seq})
+
+
+def decode_node_ack(raw: bytes) -> NodeAck:
+    """Decode a gateway acknowledgement (the firmware has its own few-line decoder)."""
+    what = "node ack"
+    obj = _json_object(raw, MAX_NODE_PAYLOAD, what)
+    _check_version(obj, what)
+    return NodeAck(boot=_boot(obj, what), seq=_int(obj, "seq", what))
