@@ -144,14 +144,26 @@ def row_bytes_estimate(db: sqlite_utils.Database, table: str) -> int:
 
 
 def drop_oldest(
-    db: sqlite_utils.Database, table: str, count: int, after_id: int, reason: str, stamp: int, cutoff_ms: int | None = None
+    db: sqlite_utils.Database,
+    table: str,
+    count: int,
+    after_id: int,
+    reason: str,
+    stamp: int,
+    cutoff_ms: int | None = None,
+    device: str | None = None,
+    per_device_out: dict[str, int] | None = None,
 ) -> int:
     """Delete the ``count`` oldest readings with an id above ``after_id`` (and, with
-    ``cutoff_ms``, received before it), count them and record drop events; returns how many went."""
+    ``cutoff_ms``, received before it; with ``device``, of that device only), count them and
+    record drop events; returns how many went, and adds them per device to ``per_device_out``."""
     where, args = f"id > ?", [after_id]
     if cutoff_ms is not None:
         where += " AND received_ms < ?"
         args.append(cutoff_ms)
+    if device is not None:
+        where += " AND device = ?"
+        args.append(device)
     rows = db.execute(
         f"SELECT id, site, device, boot, seq FROM {table} WHERE {where} ORDER BY id LIMIT ?", [*args, count]
     ).fetchall()
@@ -169,6 +181,8 @@ def drop_oldest(
         for first, last in _runs(seqs):
             _record_event(db, site, device, boot, reason, first, last, stamp)
         per_device[(site, device)] = per_device.get((site, device), 0) + len(seqs)
+        if per_device_out is not None:
+            per_device_out[device] = per_device_out.get(device, 0) + len(seqs)
     for (site, device), n in per_device.items():
         db.execute(
             f"INSERT INTO {DROP_COUNTS} (site, device, reason, count, last_ms) VALUES (?, ?, ?, ?, ?)"

@@ -41,7 +41,8 @@ class Gateway:
 
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
-        self.outbox = ObservedOutbox(config.outbox_path, retention=RetentionPolicy.from_config(config))
+        self.outbox = ObservedOutbox(config.outbox_path, retention=RetentionPolicy.from_config(config),
+                                     device_cap=config.device_share_cap)
         self.ingest = Ingest(config, self.outbox, on_reply=self._on_reply)
         self.uplink = Uplink(config, self.outbox)
         # Commands go out and replies come in on the ingest's local session; their outcomes

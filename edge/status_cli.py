@@ -161,6 +161,16 @@ def _state(state: str, down: list | None = None) -> Text:
     return text
 
 
+def _held(d: dict) -> Text | str:
+    """Readings held back by the device's share or the rate limit; marked while it still is."""
+    if "held_back" not in d:
+        return "-"
+    text = Text(f"{d['held_back']:,}")
+    if d.get("held"):
+        text.append(f" ({d.get('held_reason') or 'held'})", style="bold yellow")
+    return text
+
+
 def _up(flag: bool) -> Text:
     return Text("connected", style="bold green") if flag else Text("DOWN", style="bold red")
 
@@ -183,8 +193,9 @@ def devices_table(src: Sources, limit: int | None = DEVICE_ROWS) -> Table:
         if row.get("last_seq") is None:  # the service is not answering: the outbox file knows this much
             row["last_seq"] = d["last_seq"]
     table = Table(title="devices", title_justify="left", expand=False)
-    numeric = ("last seq", "missing", "dupl.", "dropped", "waiting")
-    for column in ("device", "state", "last seen", "last seq", "firmware", "boot", "missing", "dupl.", "dropped", "waiting", "site"):
+    numeric = ("last seq", "missing", "dupl.", "dropped", "held back", "waiting")
+    for column in ("device", "state", "last seen", "last seq", "firmware", "boot", "missing", "dupl.", "dropped", "held back",
+                   "waiting", "site"):
         table.add_column(column, justify="right" if column in numeric else "left")
     order = {"offline": 0, "unknown": 1}
     ranked = sorted(rows.items(), key=lambda item: (order.get(item[1].get("state", "unknown"), 2), item[0]))
@@ -193,13 +204,13 @@ def devices_table(src: Sources, limit: int | None = DEVICE_ROWS) -> Table:
         table.add_row(
             device, _state(d.get("state", "unknown"), d.get("down")), _age(d.get("last_seen_age_s")), _num(d.get("last_seq")),
             d.get("fw") or "-", d.get("boot") or "-", _num(d.get("missing")), _num(d.get("duplicates")),
-            _num(d.get("dropped")), _num(pending.get((site, device), 0)), site,
+            _num(d.get("dropped")), _held(d), _num(pending.get((site, device), 0)), site,
         )
     if len(shown) < len(ranked):
         table.caption = f"… and {len(ranked) - len(shown)} more devices (--all lists every one)"
         table.caption_justify = "left"
     if not rows:
-        table.add_row("(no device yet)", *[""] * 10)
+        table.add_row("(no device yet)", *[""] * 11)
     return table
 
 
@@ -264,6 +275,9 @@ def uplink_panel(src: Sources) -> Panel:
     grid.add_row("missing (open gaps)", f"{_num(live['ingest'].get('missing'))} ({_num(gaps_open)})")
     grid.add_row("forwarded", f"{live['uplink']['forwarded']:,}")
     grid.add_row("nodes online / offline", f"{live['nodes']['online']} / {live['nodes']['offline']}")
+    if live["ingest"].get("devices_held"):
+        grid.add_row("held back", Text(f"{live['ingest']['devices_held']} device(s) over their share or rate; others continue",
+                                       style="bold yellow"))
     if live["ingest"]["backpressure"]:
         grid.add_row("", Text("outbox full: readings not acknowledged", style="bold yellow"))
     return Panel(grid, title="links", subtitle=f"up {_age(gw.get('uptime_s'))}", subtitle_align="left", expand=False)
