@@ -13,7 +13,9 @@ The policy for telemetry at the row and byte bounds:
 
 - ``block`` (default): ingest stops acknowledging; the Pi broker's session and the nodes' rings
   hold the rest. Nothing is ever dropped by the row or byte bound.
-- ``drop_oldest``: the oldest pending readings make room for new ones.
+- ``drop_oldest``: the oldest pending readings make room for new ones, those of the device
+  holding the most first (:mod:`tern.edge.shares`): one runaway node loses its own readings,
+  never the others'.
 
 Node status events are never dropped (a node that died must be reported, however full the
 outbox is), nor dead letters (evidence, capped at 64 KiB each). A reading in a batch in flight
