@@ -208,8 +208,16 @@ class Link:
         b, s = a
         if self.spill is not None and self.spill.ack(b, s):
             log("spill_acked %s %d" % (b, s))
-        if b == self.boot and s > self.ack_in:
-            self.ack_in = s if s <= self.seq else self.seq
+        if b == self.boot:
+            if s > self.ack_in:
+                self.ack_in = s if s <= self.seq else self.seq
+            elif s == self.ack_in and s < self.sent_upto:
+                # The same ack again while we sent beyond it: the gateway held those back
+                # (uncommitted) and asks for them again, from there.
+                self.sent_upto = s
+                if self.spill is not None:
+                    self.spill.rewind()
+                log("rewind %d" % s)
 
     def replay(self, c):
         """Publish the next batch from the spill: one v1 message, or a v2 bundle of up to

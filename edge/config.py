@@ -151,6 +151,13 @@ class GatewayConfig:
     max_age_s: float | None = None
     #: At the row and byte bounds: "block" (stop acking; nothing dropped) or "drop_oldest".
     telemetry_policy: str = "block"
+    # --- per-device shares (edge/shares.py): one node cannot starve the site ---
+    #: Rows every device may hold whatever the number of devices (unset: a hundredth of max_rows).
+    device_share_floor: int | None = None
+    #: Rows one device may hold at most (unset: no cap beyond its share).
+    device_share_cap: int | None = None
+    #: Readings per second one device may send; above it the device is held back (unset: none).
+    device_rate_limit: str | None = None
     # --- uplink pipelining (tern.edge.uplink) ---
     #: Batches in flight at once. Devices are spread over this many lanes by a stable hash of
     #: their id, each lane with at most one batch in flight, so a device's order holds.
@@ -202,6 +209,19 @@ class GatewayConfig:
             _check_number("max_age_s", self.max_age_s, 1, 10 * 365 * 86400)
         if self.telemetry_policy not in ("block", "drop_oldest"):
             raise ConfigValueError("telemetry_policy", "one of block, drop_oldest", self.telemetry_policy)
+        if self.device_share_floor is not None:
+            _check_int("device_share_floor", self.device_share_floor, 1, self.max_rows)
+        if self.device_share_cap is not None:
+            _check_int("device_share_cap", self.device_share_cap, self.device_share_floor or 1, 2**53 - 1)
+        if self.device_rate_limit is not None:
+            from tern.edge.ratelimit import RateLimitError
+            from tern.edge.shares import parse_device_rate
+
+            try:
+                parse_device_rate(self.device_rate_limit)
+            except RateLimitError:
+                raise ConfigValueError("device_rate_limit", "'<number> readings/s', e.g. '50 readings/s'",
+                                       self.device_rate_limit) from None
         if self.uplink_rate_limit is not None:
             from tern.edge.ratelimit import RateLimitError, parse_rate
 

@@ -302,12 +302,13 @@ class Health:
         seq = seq_counts_by_device(seq_rows)
         drop_rows = _optional(outbox, ("drop_counts",))
         drops = drops_by_device(drop_rows)
+        held = self._held_by_device()
         by_key: dict[tuple[str, str], dict] = {}
         for row in self._node_rows():
             by_key[(row["site"], row["device"])] = row
         now = now_ms()
         out = []
-        for key in sorted(set(by_key) | set(seen) | set(seq))[:MAX_DEVICES]:
+        for key in sorted(set(by_key) | set(seen) | set(seq) | set(held))[:MAX_DEVICES]:
             row = by_key.get(key, {})
             note = seen.get(key, DeviceSeen())
             counts = seq.get(key, {})
@@ -331,8 +332,23 @@ class Health:
                     "missing": _known(counts.get("missing"), seq_rows),
                     "dropped": None if drop_rows is None else sum(drops.get(key, {}).values()),
                     "dropped_by_reason": drops.get(key, {}),
+                    # Per-device shares (edge/shares.py): readings held back (acked to the
+                    # broker uncommitted; the node sends them again), holds started, held now.
+                    "held_back": held.get(key, {}).get("held_back", 0),
+                    "holds": held.get(key, {}).get("holds", 0),
+                    "held": bool(held.get(key, {}).get("held", False)),
+                    "held_reason": held.get(key, {}).get("reason", ""),
                 }
             )
+        return out
+
+    def _held_by_device(self) -> dict[tuple[str, str], dict]:
+        ingest = getattr(self.gateway, "ingest", None)
+        stats = ingest.stats() if ingest is not None and hasattr(ingest, "stats") else {}
+        out = {}
+        for name, counters in (stats.get("held_back_by_device") or {}).items():
+            site, _, device = name.partition("/")
+            out[(site, device)] = counters
         return out
 
     def snapshot(self) -> dict:
@@ -366,6 +382,10 @@ class Health:
                 "backpressure": bool(stats.get("backpressure")),
                 "session_contested": bool(stats.get("local_session_contested")),
                 "session_takeovers": int(stats.get("local_session_takeovers", 0)),
+                # Readings held back by the per-device shares or rate limit, and holds started.
+                "held_back": int(stats.get("held_back", 0)),
+                "hold_events": int(stats.get("hold_events", 0)),
+                "devices_held": int(stats.get("holds_active", 0)),
                 # Ever, from the outbox's sequence tracking (None where the outbox keeps none).
                 "duplicates_total": dedup.get("duplicates_total"),
                 "gaps_open": dedup.get("gaps_open"),

@@ -15,6 +15,11 @@ message: it is acked and otherwise ignored.
 Back-pressure: when the outbox is full the worker holds the messages it has (in memory, not
 acked) and waits for room. The broker stops sending once its in-flight window for us is full
 and queues the rest in our session; nodes keep theirs in their rings. Nothing is dropped.
+
+Per-device shares (:mod:`tern.edge.shares`): a device over its share of the outbox, or above
+``device_rate_limit``, is *held back*: its messages are PUBACKed without being committed and
+without the node ack, so they stop occupying the session's in-flight window (which would stall
+every other device) while custody stays with the node, which sends them again.
 """
 
 from __future__ import annotations
@@ -24,12 +29,13 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import paho.mqtt.client as mqtt
 
 from tern.edge.config import GatewayConfig
+from tern.edge import shares
 from tern.edge.outbox import DeadLetter, Outbox, is_disk_full, now_ms
 from tern.core import codec, topics
 from tern.core.codec import NodeAck, Reading, StatusEvent
@@ -45,6 +51,8 @@ GROUP_MAX = 500
 SWEEP_EVERY_S = 2.0
 #: A condition that lasts (drops by policy, a full disk) is logged at most once per this many seconds.
 LOG_EVERY_S = 60.0
+#: Devices whose hold-back counters are kept (the oldest forgotten beyond): bounded memory.
+MAX_DEVICE_COUNTERS = 10_000
 
 
 @dataclass(slots=True)
@@ -119,6 +127,9 @@ class Ingest:
             "dropped": 0,
             "disk_full_events": 0,
             "disk_full_retries": 0,
+            "held_back": 0,
+            "hold_events": 0,
+            "resend_hints": 0,
         }
         self._disk_full = False
         self._disk_full_logged_at = float("-inf")
@@ -127,6 +138,14 @@ class Ingest:
         self._next_sweep = 0.0
         self._blocked = False
         self._held = 0
+        # Per-device shares: the holds in force (stored in the outbox, so they survive a
+        # restart), the per-device rate buckets, and the counters per device.
+        self._holds: dict[tuple[str, str, str], shares.Hold] = {h.key: h for h in outbox.holds()}
+        rate = shares.parse_device_rate(config.device_rate_limit) if config.device_rate_limit else None
+        self._rates = shares.DeviceRates(rate) if rate is not None else None
+        self._device_holds: dict[tuple[str, str], dict] = {}
+        self._hold_logged: dict[str, float] = {}
+        self._next_hint = 0.0
         host, port = config.local_hostport
         # manual_ack: the worker PUBACKs only after the outbox commit.
         self.session = PersistentSession(
@@ -182,6 +201,10 @@ class Ingest:
             out["backpressure"] = self._blocked
             out["disk_full"] = self._disk_full
             out["held"] = self._held
+            out["holds_active"] = len(self._holds)
+            out["held_back_by_device"] = {
+                f"{site}/{device}": dict(c) for (site, device), c in sorted(self._device_holds.items())
+            }
         out["local_connected"] = self.connected
         out["local_session_takeovers"] = self.session.takeovers
         out["local_session_contested"] = self.session.contested
@@ -257,6 +280,12 @@ class Ingest:
 
     def _maybe_sweep(self) -> None:
         now = time.monotonic()
+        if self._holds and now >= self._next_hint:
+            self._next_hint = now + shares.HINT_EVERY_S / 2
+            try:
+                self._hint_holds(now)
+            except Exception as exc:  # a hint is an optimisation: the next pass tries again
+                log.warning("resend hint failed: %s", exc)
         if now < self._next_sweep:
             return
         self._next_sweep = now + SWEEP_EVERY_S
@@ -284,8 +313,21 @@ class Ingest:
         )
 
     def _commit_prefix(self, held: list[_Incoming]) -> None:
-        """Commit as long a prefix of ``held`` as fits, ack it, and remove it from ``held``."""
-        room = self.outbox.room()
+        """Commit as long a prefix of ``held`` as fits, ack it, and remove it from ``held``.
+
+        A device held back (:mod:`tern.edge.shares`) does not end the prefix: its messages are
+        acked to the broker uncommitted, without a node ack, and the node sends them again.
+        """
+        config = self.config
+        adm = self.outbox.admission(
+            floor=config.device_share_floor, cap=config.device_share_cap,
+        )
+        view = dict(self._holds)  # this group's holds; kept only once the group is committed
+        changed: dict[tuple[str, str, str], shares.Hold] = {}
+        released: set[tuple[str, str, str]] = set()
+        started: list[shares.Hold] = []
+        held_back: dict[tuple[str, str], int] = {}
+        now = time.monotonic()
         readings: list[Reading] = []
         statuses: list[StatusEvent] = []
         letters: list[DeadLetter] = []
@@ -295,16 +337,30 @@ class Ingest:
         count = 0
         for item in held:
             result = decode(item.topic, item.payload, item.received_ms)
-            if isinstance(result, list):  # a bundle: all of it or none of it in this group
-                if len(readings) + len(statuses) + len(result) > room and (readings or statuses or room <= 0):
+            if isinstance(result, (list, Reading)):
+                # A bundle: all of it or none of it in this group.
+                group = result if isinstance(result, list) else [result]
+                verdict = self._admit(group, adm, view, changed, released, started, now)
+                if verdict == shares.FULL:
                     break
-                readings.extend(result)
-            elif isinstance(result, (Reading, StatusEvent)):
-                # Both take a row; a status that turns out to be a duplicate only makes this
-                # check conservative.
-                if len(readings) + len(statuses) >= room:
+                if verdict != shares.ADMIT:
+                    key = (group[0].site, group[0].device)
+                    held_back[key] = held_back.get(key, 0) + len(group)
+                else:
+                    readings.extend(group)
+            elif isinstance(result, StatusEvent):
+                # Exempt from shares: a status needs only a free row. A status that turns out
+                # to be a duplicate only makes this check conservative.
+                if not adm.admit_status():
                     break
-                (readings if isinstance(result, Reading) else statuses).append(result)
+                statuses.append(result)
+                if result.state == "online":
+                    # A birth: the node reconnected and sends everything it still holds, from
+                    # its oldest; what its ring could not keep is counted in this birth.
+                    for key in [k for k in view if k[0] == result.site and k[1] == result.device]:
+                        del view[key]
+                        changed.pop(key, None)
+                        released.add(key)
             elif result is None:
                 cleared += 1
             elif self._repeated_junk(item, junk):
@@ -318,12 +374,16 @@ class Ingest:
             self._note_blocked(True)
             self.outbox.wait_for_room(0.5)
             return
-        result = self.outbox.add(readings, letters, statuses=statuses)
+        result = self.outbox.add(
+            readings, letters, statuses=statuses, holds=list(changed.values()), released=sorted(released - set(changed))
+        )
+        self._holds = view
         self.outbox.remember_junk(junk)
         self._note_disk_ok()
         # Committed: now, and only now, the PUBACKs (in receive order, as MQTT requires).
         # A message from a lost connection is not acked here: the broker re-delivers it on the
         # new one, where the duplicate is ignored by the outbox and acked under its new id.
+        # Held-back readings are acked too: their hold is committed, and the node keeps them.
         for item in held[:count]:
             self.session.ack(item.mid, item.qos, item.generation)
         del held[:count]
@@ -342,10 +402,133 @@ class Ingest:
             self._counts["status_cleared"] += cleared
             self._counts["dead_letter_repeats"] += repeats
             self._counts["node_acks"] += acks
+        self._note_held_back(held_back, started, released, adm)
         self._note_dropped(result.dropped)
         self._note_blocked(full)
         if (result.inserted or result.statuses) and self._on_commit is not None:
             self._on_commit()
+
+    def _admit(
+        self,
+        group: list[Reading],
+        adm: shares.Admission,
+        view: dict[tuple[str, str, str], shares.Hold],
+        changed: dict[tuple[str, str, str], shares.Hold],
+        released: set[tuple[str, str, str]],
+        started: list[shares.Hold],
+        now: float,
+    ) -> str:
+        """:data:`shares.ADMIT` to commit ``group`` (one message of one device), :data:`shares.FULL`
+        to stall, or the reason it is held back (the hold is then recorded in ``view``)."""
+        first = group[0]
+        key = (first.site, first.device, first.boot)
+        low, high = min(r.seq for r in group), max(r.seq for r in group)
+        hold = view.get(key)
+        if hold is not None and low > hold.max_seq:
+            # Still going forward past the hole: committing this would let the node ack pass
+            # readings the gateway does not have. Held until the node sends again from the hole.
+            reason = hold.reason
+        else:
+            reason = None
+            if self._rates is not None and not self._rates.allows(first.device, now):
+                reason = shares.RATE
+            else:
+                verdict = adm.admit(first.device, len(group))
+                if verdict == shares.ADMIT:
+                    if self._rates is not None:
+                        self._rates.take(first.device, len(group), now)
+                    if hold is not None:  # the node sends again from the hole, and it fits
+                        del view[key]
+                        changed.pop(key, None)
+                        released.add(key)
+                    return shares.ADMIT
+                if verdict == shares.FULL:
+                    return shares.FULL
+                reason = verdict
+        if hold is None:
+            hold = shares.Hold(first.site, first.device, first.boot, low, reason, high)
+            started.append(hold)
+        else:
+            hold = replace(hold, from_seq=min(hold.from_seq, low), max_seq=max(hold.max_seq, high), reason=reason)
+        view[key] = hold
+        changed[key] = hold
+        return reason
+
+    def _note_held_back(
+        self,
+        held_back: dict[tuple[str, str], int],
+        started: list[shares.Hold],
+        released: set[tuple[str, str, str]],
+        adm: shares.Admission,
+    ) -> None:
+        """Count what was held back per device, and say so once per device when a hold starts
+        (at most once a minute per device: a node at the rate limit toggles every second)."""
+        if not held_back and not started and not released:
+            return
+        now = time.monotonic()
+        lines = []
+        with self._lock:
+            for (site, device), n in held_back.items():
+                c = self._device_counter(site, device)
+                c["held_back"] += n
+                self._counts["held_back"] += n
+            for hold in started:
+                c = self._device_counter(hold.site, hold.device)
+                c["holds"] += 1
+                c["reason"] = hold.reason
+                self._counts["hold_events"] += 1
+                if now - self._hold_logged.get(hold.device, float("-inf")) >= LOG_EVERY_S:
+                    self._hold_logged[hold.device] = now
+                    lines.append(hold)
+            held_now = {(h.site, h.device) for h in self._holds.values()}
+            for key, c in self._device_holds.items():
+                c["held"] = key in held_now
+        for hold in lines:
+            if hold.reason == shares.RATE:
+                log.warning(
+                    "node %s sends faster than device_rate_limit (%s): its readings are held back; others continue",
+                    quote(hold.device), self.config.device_rate_limit,
+                )
+            elif hold.reason == shares.CAP:
+                log.warning(
+                    "node %s holds %s rows, its cap (device_share_cap): its readings are held back; others continue",
+                    quote(hold.device), f"{adm.counts.get(hold.device, 0):,}",
+                )
+            else:
+                log.warning(
+                    "node %s holds %s of %s rows: its readings are held back; others continue",
+                    quote(hold.device), f"{adm.counts.get(hold.device, 0):,}", f"{adm.capacity:,}",
+                )
+
+    def _device_counter(self, site: str, device: str) -> dict:
+        key = (site, device)
+        c = self._device_holds.get(key)
+        if c is None:
+            if len(self._device_holds) >= MAX_DEVICE_COUNTERS:
+                self._device_holds.pop(next(iter(self._device_holds)))
+            c = self._device_holds[key] = {"held_back": 0, "holds": 0, "reason": "", "held": True}
+        return c
+
+    def _hint_holds(self, now: float) -> None:
+        """Ask each held node that would be admitted now to send again from its hole: the node
+        ack of the last reading committed before it, repeated (see :mod:`tern.edge.shares`)."""
+        adm = self.outbox.admission(floor=self.config.device_share_floor, cap=self.config.device_share_cap)
+        sent = 0
+        for hold in list(self._holds.values())[:1000]:  # bounded work per pass
+            if hold.from_seq < 1 or now - hold.hinted_at < shares.HINT_EVERY_S:
+                continue
+            if self._rates is not None and not self._rates.allows(hold.device, now):
+                continue
+            if adm.admit(hold.device, 1) != shares.ADMIT:
+                continue
+            hold.hinted_at = now
+            self.client.publish(
+                topics.ack_topic(hold.site, hold.device), codec.encode_node_ack(NodeAck(hold.boot, hold.from_seq - 1)), qos=1
+            )
+            sent += 1
+        if sent:
+            with self._lock:
+                self._counts["resend_hints"] += sent
 
     @staticmethod
     def _junk_key(item: _Incoming) -> tuple[str, str]:

@@ -66,6 +66,9 @@ class _HealthCollector(Collector):
         yield gauge("outbox_oldest_age_seconds", "Age of the oldest pending reading (0 when empty).", age or 0.0)
         yield gauge("dead_letters_stored", "Dead letters kept in the outbox.", outbox["dead_letters"])
         yield gauge("ingest_connected", "1 while connected to the local broker.", int(ingest["connected"]))
+        yield counter("readings_held_back", "Readings held back per device share or rate (acked uncommitted; the node sends them again).",
+                      ingest.get("held_back", 0))
+        yield gauge("devices_held_back", "Devices held back now by their share of the outbox or the rate limit.", ingest.get("devices_held", 0))
         yield gauge("ingest_backpressure", "1 while the outbox is full and readings are not acknowledged.", int(ingest["backpressure"]))
         yield gauge("uplink_connected", "1 while connected to the cloud broker.", int(uplink["connected"]))
         yield gauge("uplink_batches_in_flight", "Batches published and not yet confirmed.", uplink["batches_in_flight"])
@@ -98,6 +101,9 @@ class _HealthCollector(Collector):
         )
         duplicates = CounterMetricFamily(f"{PREFIX}_device_duplicates", "Duplicate readings of the device.", labels=labels)
         gaps = GaugeMetricFamily(f"{PREFIX}_device_missing_readings", "Readings missing in the device's sequence.", labels=labels)
+        held = CounterMetricFamily(
+            f"{PREFIX}_device_readings_held_back", "Readings of the device held back by its share or the rate limit.", labels=labels
+        )
         dropped = CounterMetricFamily(
             f"{PREFIX}_device_readings_dropped", "Readings of the device dropped by a retention policy.", labels=[*labels, "reason"]
         )
@@ -113,7 +119,8 @@ class _HealthCollector(Collector):
                 gaps.add_metric(key, d["missing"])
             for reason, n in sorted(d["dropped_by_reason"].items()):
                 dropped.add_metric([*key, reason], n)
-        yield from (online, seen, received, duplicates, gaps, dropped)
+            held.add_metric(key, d.get("held_back", 0))
+        yield from (online, seen, received, duplicates, gaps, dropped, held)
 
 
 class GatewayMetrics:

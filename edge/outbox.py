@@ -44,6 +44,7 @@ import sqlite_utils
 from tern.core.codec import DropEvent, Reading, StatusEvent, new_reading
 from tern.edge import retention as rtn
 from tern.edge import seqtrack
+from tern.edge import shares
 from tern.edge.retention import RetentionPolicy
 
 OUTBOX = "outbox"
@@ -221,8 +222,12 @@ def summarize(db: sqlite_utils.Database) -> OutboxSummary:
 class Outbox:
     """The durable, bounded, ordered store between ingest and uplink. Thread-safe."""
 
-    def __init__(self, path: str | Path, max_rows: int = 5_000_000, retention: RetentionPolicy | None = None) -> None:
+    def __init__(self, path: str | Path, max_rows: int = 5_000_000, retention: RetentionPolicy | None = None,
+                 device_cap: int | None = None) -> None:
         self.path = Path(path)
+        #: Readings one device may hold at most (``device_share_cap``): with ``drop_oldest`` its
+        #: oldest go beyond it; with ``block`` ingest holds it back (edge/shares.py).
+        self.device_cap = device_cap
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.retention = retention if retention is not None else RetentionPolicy(max_rows=max_rows)
         self.max_rows = self.retention.max_rows
@@ -243,6 +248,10 @@ class Outbox:
         self.db.execute("PRAGMA synchronous=FULL")
         self._create_schema()
         self._pending = self.db.execute(f"SELECT COUNT(*) FROM {OUTBOX}").fetchone()[0]
+        #: Readings waiting per device: what the shares are computed from (edge/shares.py).
+        self._device_rows: dict[str, int] = dict(
+            self.db.execute(f"SELECT device, COUNT(*) FROM {OUTBOX} GROUP BY device").fetchall()
+        )
         self._status_pending = self.db.execute(f"SELECT COUNT(*) FROM {STATUS_EVENTS}").fetchone()[0]
         with _write_tx(self.db):
             # Nothing is in flight at open: drop events handed to a batch of an earlier run
@@ -316,6 +325,7 @@ class Outbox:
             self.db[META].create({"key": str, "value": int}, pk="key", if_not_exists=True)
             seqtrack.create_tables(self.db)
             rtn.create_tables(self.db)
+            shares.create_tables(self.db)
 
     # --- writes ------------------------------------------------------------------------
 
@@ -339,6 +349,41 @@ class Outbox:
             room = min(room, by_bytes)
         return max(0, room)
 
+    def admission(self, floor: int | None = None, cap: int | None = None) -> shares.Admission:
+        """A snapshot for deciding, device by device, what ingest may commit now (see
+        :mod:`tern.edge.shares`); ``floor`` defaults to a hundredth of ``max_rows``."""
+        policy = self.retention
+        with self._lock:
+            used = self._pending + self._status_pending
+            capacity = policy.max_rows
+            if policy.max_bytes is not None:
+                # The byte bound as rows: what is used plus what the free bytes hold.
+                free = rtn.rows_for_bytes(policy.max_bytes - rtn.used_bytes(self.db), rtn.row_bytes_estimate(self.db, OUTBOX))
+                capacity = min(capacity, used + free)
+            online = frozenset(
+                r[0] for r in self.db.execute(f"SELECT device FROM {NODE_STATUS} WHERE state = 'online'").fetchall()
+            )
+            return shares.Admission(
+                counts=dict(self._device_rows),
+                used=used,
+                capacity=capacity,
+                floor=shares.default_floor(policy.max_rows) if floor is None else floor,
+                cap=cap,
+                online=online,
+                drops_oldest=policy.drops_oldest,
+                droppable=self._droppable_locked() if policy.drops_oldest else 0,
+            )
+
+    def device_rows(self) -> dict[str, int]:
+        """Readings waiting per device."""
+        with self._lock:
+            return {d: n for d, n in self._device_rows.items() if n > 0}
+
+    def holds(self) -> list[shares.Hold]:
+        """The holds stored (ingest loads them at start: a restart keeps every node's hole)."""
+        with self._lock:
+            return shares.load_holds(self.db)
+
     def _droppable_locked(self) -> int:
         """Pending readings retention may drop: those no batch in flight can hold."""
         if not self._taken_upto:
@@ -352,6 +397,8 @@ class Outbox:
         dead_letters: Sequence[DeadLetter] = (),
         received_ms: int | None = None,
         statuses: Sequence[StatusEvent] = (),
+        holds: Sequence[shares.Hold] = (),
+        released: Sequence[tuple[str, str, str]] = (),
     ) -> AddResult:
         """Commit readings and statuses (stamped ``received_ms``) and dead letters in one durable transaction.
 
@@ -363,12 +410,13 @@ class Outbox:
         one keeps a real flap (online, offline, online again after a reconnect with the same
         boot) whole. The caller checks :meth:`room` first; ``add`` itself never refuses or
         drops, so a caller that ignores the bound overshoots it rather than losing data.
+        ``holds`` and ``released`` (:mod:`tern.edge.shares`) are stored in the same transaction.
         """
         with self._changed:
             # Stamped under the lock: a batch encoded after this stamp took its status events
             # after this commit, or in the instant before it (the uplink's race, see its tests).
             stamp = now_ms() if received_ms is None else received_ms
-            result = self._add_locked(readings, dead_letters, stamp, statuses)
+            result = self._add_locked(readings, dead_letters, stamp, statuses, holds, released)
         if (result.statuses or result.inserted) and self.on_commit is not None:
             self.on_commit()
         return result
@@ -379,15 +427,25 @@ class Outbox:
         dead_letters: Sequence[DeadLetter],
         stamp: int,
         statuses: Sequence[StatusEvent],
+        holds: Sequence[shares.Hold] = (),
+        released: Sequence[tuple[str, str, str]] = (),
     ) -> AddResult:
+        counts = dict(self._device_rows)  # this transaction's view; kept only if it commits
         with _write_tx(self.db):
+            shares.save_holds(self.db, holds, released)
             # Duplicates of readings already committed (pending or long forwarded) go here,
             # in the same transaction as the rows, so a rollback undoes both.
             screened = seqtrack.screen(self.db, readings, stamp)
             inserted = self._insert_readings(screened.fresh, stamp)
             status_inserted = self._add_statuses(statuses, stamp)
             letters = self._insert_dead_letters(dead_letters, stamp)
-            dropped = self._enforce_locked(self._pending + inserted, self._status_pending + status_inserted, stamp)
+            if inserted == len(screened.fresh):
+                for r in screened.fresh:
+                    counts[r.device] = counts.get(r.device, 0) + 1
+            else:  # the identity index caught what seqtrack let through: count from the table
+                counts = dict(self.db.execute(f"SELECT device, COUNT(*) FROM {OUTBOX} GROUP BY device").fetchall())
+            dropped = self._enforce_locked(self._pending + inserted, self._status_pending + status_inserted, stamp, counts)
+        self._device_rows = counts
         self._pending += inserted - sum(dropped.values())
         self._status_pending += status_inserted
         self._note_drops(dropped)
@@ -404,37 +462,76 @@ class Outbox:
             dropped=dropped,
         )
 
-    def _enforce_locked(self, pending: int, status_pending: int, stamp: int) -> dict[str, int]:
+    def _enforce_locked(self, pending: int, status_pending: int, stamp: int, counts: dict[str, int]) -> dict[str, int]:
         """Drop readings as the retention policy says, inside the caller's transaction; returns
-        how many went per reason. ``pending`` counts the transaction's own inserts."""
+        how many went per reason. ``pending`` counts the transaction's own inserts, and so do
+        ``counts`` (readings per device), which the drops are taken off."""
         policy = self.retention
         dropped: dict[str, int] = {}
 
-        def drop(reason: str, count: int, cutoff_ms: int | None = None) -> int:
-            n = rtn.drop_oldest(self.db, OUTBOX, count, self._taken_upto, reason, stamp, cutoff_ms)
+        def drop(reason: str, count: int, cutoff_ms: int | None = None, device: str | None = None) -> int:
+            gone: dict[str, int] = {}
+            n = rtn.drop_oldest(self.db, OUTBOX, count, self._taken_upto, reason, stamp, cutoff_ms, device, gone)
+            for d, k in gone.items():
+                counts[d] = counts.get(d, 0) - k
             if n:
                 dropped[reason] = dropped.get(reason, 0) + n
                 self._drop_generation += 1
             return n
+
+        def trim(reason: str, over: int) -> int:
+            """Drop ``over`` readings, always of the device holding the most, and only of devices
+            over an even share of the bound (their oldest that no batch in flight holds): a
+            runaway loses its own readings, never the others'. When all that is in flight, the
+            outbox overshoots until the batch is confirmed rather than take another's readings."""
+            waiting = {d: n for d, n in counts.items() if n > 0}
+            # What the bound leaves, evenly divided: the device holding the most is always above.
+            even = max(0, sum(waiting.values()) - over) // max(1, len(waiting))
+            candidates = {d: n for d, n in waiting.items() if n > even}
+            gone = 0
+            for _ in range(10_000):  # each step drops at least one row; bounded anyway
+                step = shares.trim_step(candidates, over - gone)
+                if step is None:
+                    break
+                device, n = step
+                k = drop(reason, min(n, candidates[device] - even), device=device)
+                if k == 0:  # all of it is in a batch in flight: the next device in line
+                    candidates.pop(device)
+                    continue
+                candidates[device] -= k
+                if candidates[device] <= even:
+                    candidates.pop(device)
+                gone += k
+            return gone
+
+        self._enforce_steps(policy, pending, status_pending, stamp, dropped, drop, trim, counts)
+        return dropped
+
+    def _enforce_steps(self, policy: RetentionPolicy, pending: int, status_pending: int, stamp: int,
+                       dropped: dict[str, int], drop: Callable[..., int], trim: Callable[[str, int], int],
+                       counts: dict[str, int]) -> None:
 
         if policy.max_age_s is not None:
             cutoff = stamp - int(policy.max_age_s * 1000)
             while drop(rtn.MAX_AGE, rtn.DROP_STEP_MAX, cutoff) == rtn.DROP_STEP_MAX:
                 pass
         if not policy.drops_oldest:
-            return dropped
+            return
         over = pending - sum(dropped.values()) + status_pending - policy.max_rows
         if over > 0:
-            drop(rtn.MAX_ROWS, over)
+            trim(rtn.MAX_ROWS, over)
+        if self.device_cap is not None:
+            for device, n in sorted(counts.items()):
+                if n > self.device_cap:
+                    drop(rtn.MAX_ROWS, n - self.device_cap, device=device)
         if policy.max_bytes is not None:
             for _ in range(100):  # each step frees at least a page's worth; bounded anyway
                 excess = rtn.used_bytes(self.db) - policy.max_bytes
                 if excess <= 0:
                     break
                 rows = rtn.rows_for_bytes(excess, rtn.row_bytes_estimate(self.db, OUTBOX))
-                if not drop(rtn.MAX_BYTES, min(rtn.DROP_STEP_MAX, max(1, rows))):
+                if not trim(rtn.MAX_BYTES, min(rtn.DROP_STEP_MAX, max(1, rows))):
                     break
-        return dropped
 
     def _note_drops(self, dropped: dict[str, int]) -> None:
         if dropped:
@@ -451,11 +548,13 @@ class Outbox:
         with self._changed:
             if self._closed:
                 return {}
+            counts = dict(self._device_rows)
             with _write_tx(self.db):
-                dropped = self._enforce_locked(self._pending, self._status_pending, stamp)
+                dropped = self._enforce_locked(self._pending, self._status_pending, stamp, counts)
                 if forget:
                     seqtrack.forget_old_boots(self.db, stamp)
                     self._forgot_at_ms = stamp
+            self._device_rows = counts
             self._pending -= sum(dropped.values())
             self._note_drops(dropped)
             if dropped:
@@ -623,13 +722,27 @@ class Outbox:
         if not ids and not status_ids and not drop_bseqs:
             return 0
         with self._changed:
+            gone: dict[str, int] = {}
             with _write_tx(self.db):
+                for start in range(0, len(ids), 500):
+                    chunk = ids[start : start + 500]
+                    for device, n in self.db.execute(
+                        f"SELECT device, COUNT(*) FROM {OUTBOX} WHERE id IN ({','.join('?' * len(chunk))}) GROUP BY device",
+                        chunk,
+                    ).fetchall():
+                        gone[device] = gone.get(device, 0) + n
                 deleted = self._delete_chunked(OUTBOX, ids)
                 status_deleted = self._delete_chunked(STATUS_EVENTS, status_ids)
                 for bseq in drop_bseqs:
                     self.db.execute(f"DELETE FROM {rtn.DROP_EVENTS} WHERE bseq = ?", [bseq])
             self._pending -= deleted
             self._status_pending -= status_deleted
+            for device, n in gone.items():
+                left = self._device_rows.get(device, 0) - n
+                if left > 0:
+                    self._device_rows[device] = left
+                else:
+                    self._device_rows.pop(device, None)
             self._changed.notify_all()
         return deleted
 

@@ -13,7 +13,9 @@ The policy for telemetry at the row and byte bounds:
 
 - ``block`` (default): ingest stops acknowledging; the Pi broker's session and the nodes' rings
   hold the rest. Nothing is ever dropped by the row or byte bound.
-- ``drop_oldest``: the oldest pending readings make room for new ones.
+- ``drop_oldest``: the oldest pending readings make room for new ones, those of the device
+  holding the most first (:mod:`tern.edge.shares`): one runaway node loses its own readings,
+  never the others'.
 
 Node status events are never dropped (a node that died must be reported, however full the
 outbox is), nor dead letters (evidence, capped at 64 KiB each). A reading in a batch in flight
@@ -144,14 +146,26 @@ def row_bytes_estimate(db: sqlite_utils.Database, table: str) -> int:
 
 
 def drop_oldest(
-    db: sqlite_utils.Database, table: str, count: int, after_id: int, reason: str, stamp: int, cutoff_ms: int | None = None
+    db: sqlite_utils.Database,
+    table: str,
+    count: int,
+    after_id: int,
+    reason: str,
+    stamp: int,
+    cutoff_ms: int | None = None,
+    device: str | None = None,
+    per_device_out: dict[str, int] | None = None,
 ) -> int:
     """Delete the ``count`` oldest readings with an id above ``after_id`` (and, with
-    ``cutoff_ms``, received before it), count them and record drop events; returns how many went."""
+    ``cutoff_ms``, received before it; with ``device``, of that device only), count them and
+    record drop events; returns how many went, and adds them per device to ``per_device_out``."""
     where, args = f"id > ?", [after_id]
     if cutoff_ms is not None:
         where += " AND received_ms < ?"
         args.append(cutoff_ms)
+    if device is not None:
+        where += " AND device = ?"
+        args.append(device)
     rows = db.execute(
         f"SELECT id, site, device, boot, seq FROM {table} WHERE {where} ORDER BY id LIMIT ?", [*args, count]
     ).fetchall()
@@ -169,6 +183,8 @@ def drop_oldest(
         for first, last in _runs(seqs):
             _record_event(db, site, device, boot, reason, first, last, stamp)
         per_device[(site, device)] = per_device.get((site, device), 0) + len(seqs)
+        if per_device_out is not None:
+            per_device_out[device] = per_device_out.get(device, 0) + len(seqs)
     for (site, device), n in per_device.items():
         db.execute(
             f"INSERT INTO {DROP_COUNTS} (site, device, reason, count, last_ms) VALUES (?, ?, ?, ?, ?)"

@@ -52,7 +52,8 @@ class Gateway:
             raise
 
     def _build(self, config: GatewayConfig) -> None:
-        self.outbox = ObservedOutbox(config.outbox_path, retention=RetentionPolicy.from_config(config))
+        self.outbox = ObservedOutbox(config.outbox_path, retention=RetentionPolicy.from_config(config),
+                                     device_cap=config.device_share_cap)
         self.ingest = Ingest(config, self.outbox, on_reply=self._on_reply)
         self.health = Health(self)
         # Commands go out and replies come in on the ingest's local session; their outcomes

@@ -164,6 +164,16 @@ def _state(state: str, down: list | None = None) -> Text:
     return text
 
 
+def _held(d: dict) -> Text | str:
+    """Readings held back by the device's share or the rate limit; marked while it still is."""
+    if "held_back" not in d:
+        return "-"
+    text = Text(f"{d['held_back']:,}")
+    if d.get("held"):
+        text.append(f" ({d.get('held_reason') or 'held'})", style="bold yellow")
+    return text
+
+
 def _up(flag: bool) -> Text:
     return Text("connected", style="bold green") if flag else Text("DOWN", style="bold red")
 
@@ -171,9 +181,9 @@ def _up(flag: bool) -> Text:
 #: The device table's columns; the least useful give way first on a narrow terminal. The
 #: device id and its state are never cut.
 DEVICE_COLUMNS = (
-    Column("device"), Column("state"), Column("last seen", 1), Column("last seq", 3, "right"),
-    Column("firmware", 6), Column("boot", 8), Column("missing", 4, "right"), Column("dupl.", 7, "right"),
-    Column("dropped", 5, "right"), Column("waiting", 2, "right"), Column("site", 9),
+    Column("device"), Column("state"), Column("last seen", 1), Column("last seq", 4, "right"),
+    Column("firmware", 7), Column("boot", 9), Column("missing", 5, "right"), Column("dupl.", 8, "right"),
+    Column("dropped", 6, "right"), Column("held back", 3, "right"), Column("waiting", 2, "right"), Column("site", 10),
 )
 
 
@@ -188,12 +198,12 @@ def devices_table(src: Sources, limit: int | None = DEVICE_ROWS, width: int = 80
         [
             device, _state(d.get("state", "unknown"), d.get("down")), _age(d.get("last_seen_age_s")), _num(d.get("last_seq")),
             d.get("fw") or "-", d.get("boot") or "-", _num(d.get("missing")), _num(d.get("duplicates")),
-            _num(d.get("dropped")), _num(pending.get((site, device), 0)), site,
+            _num(d.get("dropped")), _held(d), _num(pending.get((site, device), 0)), site,
         ]
         for (site, device), d in shown
     ]
     if not rows:
-        rows = [["(no device yet)", *[""] * 10]]
+        rows = [["(no device yet)", *[""] * (len(DEVICE_COLUMNS) - 1)]]
     caption = f"… and {len(ranked) - len(shown)} more devices (--all lists every one)" if len(shown) < len(ranked) else None
     return fitted_table(DEVICE_COLUMNS, rows, width, title="devices", title_justify="left", expand=False,
                         caption=caption, caption_justify="left")
@@ -284,6 +294,9 @@ def uplink_panel(src: Sources) -> Panel:
     grid.add_row("missing (open gaps)", f"{_num(live['ingest'].get('missing'))} ({_num(gaps_open)})")
     grid.add_row("forwarded", f"{live['uplink']['forwarded']:,}")
     grid.add_row("nodes online / offline", f"{live['nodes']['online']} / {live['nodes']['offline']}")
+    if live["ingest"].get("devices_held"):
+        grid.add_row("held back", Text(f"{live['ingest']['devices_held']} device(s) over their share or rate; others continue",
+                                       style="bold yellow"))
     if live["ingest"]["backpressure"]:
         grid.add_row("", Text("outbox full: readings not acknowledged", style="bold yellow"))
     return Panel(grid, title="links", subtitle=f"up {_age(gw.get('uptime_s'))}", subtitle_align="left", expand=False)

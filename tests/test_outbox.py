@@ -7,6 +7,7 @@ a row that was not deleted.
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 import tempfile
 from pathlib import Path
@@ -16,6 +17,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from tern.edge import shares
 from tern.edge.outbox import DEAD_LETTER_PAYLOAD_MAX, DeadLetter, Outbox, open_readonly, summarize
 from tern.core.codec import Reading, StatusEvent
 
@@ -231,6 +233,23 @@ class OutboxMachine(RuleBasedStateMachine):
             assert not seqs & span, "gap ranges overlap"
             seqs |= span
         assert recorded == {k: v for k, v in self.missing.items() if v}
+
+    @invariant()
+    def shares_match(self) -> None:
+        # The per-device counts the shares are computed from match what is pending (after
+        # adds, deletes and a reopen), and near any bound the device holding the most rows is
+        # held back whenever any device is (edge/shares.py).
+        per_device: dict[str, int] = {}
+        for device, _boot, _seq in self.model:
+            per_device[device] = per_device.get(device, 0) + 1
+        assert self.box.device_rows() == per_device
+        adm = self.box.admission()
+        for headroom in range(4):
+            near = dataclasses.replace(adm, capacity=adm.used + headroom, floor=1, counts=dict(adm.counts))
+            verdicts = {d: dataclasses.replace(near, counts=dict(near.counts)).admit(d) for d in DEVICES}
+            if per_device and any(v == shares.SHARE for v in verdicts.values()):
+                top = max(per_device, key=lambda d: per_device[d])
+                assert verdicts[top] != shares.ADMIT, (per_device, verdicts)
 
     @invariant()
     def nothing_lost_order_kept(self) -> None:

@@ -58,22 +58,22 @@ def test_drop_oldest_at_the_row_bound_counts_and_reports_per_device(tmp_path: Pa
         result = box.add([reading(4), reading(5), reading(2, "dev-b")])
         assert result.dropped == {"max_rows": 2}
         assert seqs(box) == [3, 1, 4, 5, 2]  # dev-a 1 and 2 went, oldest first
-        # More: the three taken (in a batch in flight) are never dropped; dev-a 5 and dev-b 2 go.
+        # More: the three taken (in a batch in flight) are never dropped; the device holding
+        # the most (dev-a) loses its oldest others, 5 and 6; dev-b's are kept (edge/shares.py).
         box.take(3)
         result = box.add([reading(6), reading(7)])
         assert result.dropped == {"max_rows": 2}
-        assert seqs(box) == [3, 1, 4, 6, 7]
-        # Nothing taken since: the next drop extends dev-a's open event (5 -> 5..6).
+        assert seqs(box) == [3, 1, 4, 2, 7]
+        # Nothing taken since: the next drop extends dev-a's open event (5..6 -> 5..7).
         assert box.add([reading(8)]).dropped == {"max_rows": 1}
         counts = {(d["device"], d["reason"]): d["count"] for d in box.drop_counts()}
-        assert counts == {("dev-a", "max_rows"): 4, ("dev-b", "max_rows"): 1}
+        assert counts == {("dev-a", "max_rows"): 5}
         # Events not yet in a batch merge per (device, boot, reason) while nothing new is taken;
-        # dev-a 1..2 and 5..6 stay apart (3 and 4, between them, are in flight).
+        # dev-a 1..2 and 5..7 stay apart (3 and 4, between them, are in flight).
         events = box.claim_drops(bseq=7)
         assert sorted((e.device, e.first_seq, e.last_seq, e.count, e.reason) for e in events) == [
             ("dev-a", 1, 2, 2, "max_rows"),
-            ("dev-a", 5, 6, 2, "max_rows"),
-            ("dev-b", 2, 2, 1, "max_rows"),
+            ("dev-a", 5, 7, 3, "max_rows"),
         ]
 
 
