@@ -482,26 +482,30 @@ class Outbox:
         def trim(reason: str, over: int) -> int:
             """Drop ``over`` readings, always of the device holding the most, and only of devices
             over an even share of the bound (their oldest that no batch in flight holds): a
-            runaway loses its own readings, never the others'. When all that is in flight, the
-            outbox overshoots until the batch is confirmed rather than take another's readings."""
+            runaway loses its own readings, never the others'. Only when every droppable row
+            of those devices is in a batch in flight do the others give way, most-holding first:
+            the bound is the SD card's, and it holds."""
             waiting = {d: n for d, n in counts.items() if n > 0}
             # What the bound leaves, evenly divided: the device holding the most is always above.
             even = max(0, sum(waiting.values()) - over) // max(1, len(waiting))
-            candidates = {d: n for d, n in waiting.items() if n > even}
             gone = 0
-            for _ in range(10_000):  # each step drops at least one row; bounded anyway
-                step = shares.trim_step(candidates, over - gone)
-                if step is None:
+            for floor in (even, 0):
+                candidates = {d: n - floor for d, n in counts.items() if n > floor}
+                for _ in range(10_000):  # each step drops at least one row; bounded anyway
+                    step = shares.trim_step(candidates, over - gone)
+                    if step is None:
+                        break
+                    device, n = step
+                    k = drop(reason, min(n, candidates[device]), device=device)
+                    if k == 0:  # all of it is in a batch in flight: the next device in line
+                        candidates.pop(device)
+                        continue
+                    candidates[device] -= k
+                    if candidates[device] <= 0:
+                        candidates.pop(device)
+                    gone += k
+                if gone >= over:
                     break
-                device, n = step
-                k = drop(reason, min(n, candidates[device] - even), device=device)
-                if k == 0:  # all of it is in a batch in flight: the next device in line
-                    candidates.pop(device)
-                    continue
-                candidates[device] -= k
-                if candidates[device] <= even:
-                    candidates.pop(device)
-                gone += k
             return gone
 
         self._enforce_steps(policy, pending, status_pending, stamp, dropped, drop, trim, counts)
