@@ -14,14 +14,21 @@ import os
 import re
 import uuid
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 from hypothesis import HealthCheck, settings
 
+from tern.cloud.bridge import BridgeThread
+from tern.edge.config import GatewayConfig
+from tern.edge.service import Gateway
 from tern.harness.kafka import KafkaService, kafka_kind, start_kafka
 from tern.harness.kafka_cluster import ApacheKafkaCluster
-from tern.harness.stack import PORT_BLOCK_ENV, Mosquitto, ensure_topics, kafka_bootstrap_from_env
+from tern.harness.observe import KafkaTail
+from tern.harness.stack import PORT_BLOCK_ENV, Mosquitto, ensure_topics, free_port, kafka_bootstrap_from_env
+
+from faultproxy import FaultProxy
+from helpers import FakeGateway, ProxiedTansu, bridge_config
 
 
 def _port_block(worker: str) -> str:
@@ -115,6 +122,100 @@ def kafka_topics(kafka_bootstrap: str, kafka_service: KafkaService | None) -> di
     min_insync = kafka_service.min_insync_replicas if kafka_service and replication > 1 else None
     asyncio.run(ensure_topics(kafka_bootstrap, list(names.values()), replication=replication, min_insync=min_insync))
     return names
+
+
+@pytest.fixture
+def command_topics(kafka_bootstrap: str, kafka_topics: dict[str, str]) -> dict[str, str]:
+    """:func:`kafka_topics` and fresh command topics (commands, results), already created."""
+    suffix = uuid.uuid4().hex[:8]
+    names = dict(kafka_topics, commands=f"test.commands.{suffix}", results=f"test.results.{suffix}")
+    asyncio.run(ensure_topics(kafka_bootstrap, [names["commands"], names["results"]]))
+    return names
+
+
+# --- the gateway on two brokers (helpers.gateway) ----------------------------------------
+
+
+@pytest.fixture
+def brokers(mosquitto_factory: Callable[..., Mosquitto]) -> tuple[Mosquitto, Mosquitto]:
+    """Two private mosquittos: (local, cloud)."""
+    return mosquitto_factory("local"), mosquitto_factory("cloud")
+
+
+@pytest.fixture
+def outbox_path(tmp_path: Path) -> Path:
+    """Where a test's gateway keeps its outbox (not created)."""
+    return tmp_path / "gw" / "outbox.db"
+
+
+@pytest.fixture
+def cleanup() -> Iterator[Callable[[Any], None]]:
+    """Close nodes and stubs, stop gateways and fault proxies, last in first out, even when a
+    test fails halfway."""
+    items: list = []
+    yield items.append
+    for item in reversed(items):
+        try:
+            item.stop() if isinstance(item, (Gateway, FaultProxy)) else item.close()
+        except Exception:
+            pass
+
+
+# --- the bridge and Kafka (helpers.kafka) -----------------------------------------------
+
+
+@pytest.fixture
+def gateway_factory() -> Iterator[Callable[..., FakeGateway]]:
+    """Make stand-ins for a gateway's cloud side (``make(broker, gateway, persistent=False)``); all closed afterwards."""
+    made: list[FakeGateway] = []
+
+    def make(broker: Mosquitto, gateway: str, persistent: bool = False) -> FakeGateway:
+        gw = FakeGateway(broker, gateway, persistent)
+        made.append(gw)
+        return gw
+
+    yield make
+    for gw in made:
+        gw.close()
+
+
+@pytest.fixture
+def proxied_kafka(tmp_path: Path) -> Iterator[tuple[FaultProxy, str]]:
+    """A private Tansu behind a fault proxy; yields (proxy, bootstrap through the proxy).
+
+    Always a private Tansu, also when KAFKA_BOOTSTRAP names a real cluster: a fault proxy
+    only works if the broker advertises the proxy's address.
+    """
+    tansu_port = free_port()
+    proxy = FaultProxy("127.0.0.1", tansu_port).start()
+    tansu = ProxiedTansu(tmp_path / "tansu", advertised_port=proxy.port)
+    tansu.port = tansu_port
+    try:
+        tansu.start()
+        yield proxy, proxy.address
+    finally:
+        tansu.stop()
+        proxy.stop()
+
+
+@pytest.fixture
+def firmware_pipeline(
+    tmp_path: Path, mosquitto_factory: Callable[..., Mosquitto], kafka_bootstrap: str, kafka_topics: dict[str, str]
+) -> Iterator[dict[str, Any]]:
+    """For the real firmware: Pi broker behind a fault proxy, cloud broker, gateway, bridge, and a
+    Kafka tail; yields {"proxy", "tail", "tmp", "kafka", "status_topic"}."""
+    pi = mosquitto_factory("pi")
+    cloud = mosquitto_factory("cloud")
+    gateway = Gateway(
+        GatewayConfig(gateway_id="gw-rst", local_broker=pi.address, cloud_broker=cloud.address, outbox_path=tmp_path / "outbox.db")
+    )
+    bridge = BridgeThread(bridge_config(cloud, kafka_bootstrap, kafka_topics, name="rst"))
+    with gateway, bridge, FaultProxy("127.0.0.1", pi.port) as proxy:
+        tail = KafkaTail(kafka_bootstrap, kafka_topics["readings"]).start()
+        try:
+            yield {"proxy": proxy, "tail": tail, "tmp": tmp_path, "kafka": kafka_bootstrap, "status_topic": kafka_topics["status"]}
+        finally:
+            tail.stop()
 
 
 #: Modules whose every test belongs to ``make test-quick`` (no firmware, no long outages).

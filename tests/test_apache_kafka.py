@@ -24,7 +24,8 @@ from tern.cloud.config import BridgeConfig
 from tern.cloud.consume import read_all
 from tern.edge.service import Gateway
 from tern.harness.kafka_cluster import ApacheKafkaCluster
-from test_pipeline import assert_complete_in_order, by_device, feed, gateway_config, outbox_empty, wait_until
+from helpers import wait_until
+from helpers.pipeline import assert_complete_in_order, by_device, feed, outbox_empty, pipeline_gateway_config as gateway_config
 
 pytestmark = [pytest.mark.apache_kafka, pytest.mark.xdist_group("apache_kafka")]
 

@@ -1,6 +1,6 @@
 """Battery nodes: deep sleep that keeps seq, boot and unsent readings, and backlogs replayed
 in bundles. Real firmware on the MicroPython unix port, real mosquitto, gateway, bridge and
-Kafka (the pipeline fixture of test_firmware_resets), plus the shared codec's bundle format.
+Kafka (the firmware_pipeline fixture of conftest.py), plus the shared codec's bundle format.
 """
 
 from __future__ import annotations
@@ -18,7 +18,10 @@ from tern.core import codec
 from tern.core.errors import CodecError
 from tern.device.emulate import EmulatedNode
 from tern.harness.observe import KafkaTail, wait_until
-from test_firmware_resets import SITE, kafka_seqs, kafka_statuses, pipeline  # noqa: F401  (fixture)
+
+from helpers import kafka_seqs, kafka_statuses
+
+SITE = "site-rst"
 
 
 def _schema(name: str) -> dict:
@@ -72,12 +75,12 @@ def test_status_drop_counts_round_trip() -> None:
     assert batch.statuses == (event,)
 
 
-def test_deep_sleep_keeps_seq_boot_and_unsent_readings_over_sleep_cycles(pipeline) -> None:  # noqa: F811
-    proxy: FaultProxy = pipeline["proxy"]
-    tail: KafkaTail = pipeline["tail"]
+def test_deep_sleep_keeps_seq_boot_and_unsent_readings_over_sleep_cycles(firmware_pipeline) -> None:
+    proxy: FaultProxy = firmware_pipeline["proxy"]
+    tail: KafkaTail = firmware_pipeline["tail"]
     total = 8
     node = EmulatedNode(
-        pipeline["tmp"] / "bat-1", device="bat-1", site=SITE, broker=proxy.address, max_readings=total,
+        firmware_pipeline["tmp"] / "bat-1", device="bat-1", site=SITE, broker=proxy.address, max_readings=total,
         extra_config={"sleep_ms": 300, "ack_wait_ms": 5000},
     )
     try:
@@ -101,7 +104,7 @@ def test_deep_sleep_keeps_seq_boot_and_unsent_readings_over_sleep_cycles(pipelin
         assert every == list(range(1, total + 1)), every
         assert {identity[1] for identity, _, _ in tail.records() if identity[0] == "bat-1"} == {boot}
         assert "TERN replayed" in text, "the offline wakes' readings came back from flash"
-        births = [v for v in kafka_statuses(pipeline["kafka"], pipeline["status_topic"], "bat-1") if v["state"] == "online"]
+        births = [v for v in kafka_statuses(firmware_pipeline["kafka"], firmware_pipeline["status_topic"], "bat-1") if v["state"] == "online"]
         assert births and all(v["boot"] == boot for v in births)
         assert births[-1]["reset"] == "DEEPSLEEP_RESET"
     finally:
@@ -109,11 +112,11 @@ def test_deep_sleep_keeps_seq_boot_and_unsent_readings_over_sleep_cycles(pipelin
 
 
 @pytest.mark.slow
-def test_wifi_outage_of_60_s_replays_in_bundles_with_nothing_lost(pipeline) -> None:  # noqa: F811
-    proxy: FaultProxy = pipeline["proxy"]
-    tail: KafkaTail = pipeline["tail"]
+def test_wifi_outage_of_60_s_replays_in_bundles_with_nothing_lost(firmware_pipeline) -> None:
+    proxy: FaultProxy = firmware_pipeline["proxy"]
+    tail: KafkaTail = firmware_pipeline["tail"]
     node = EmulatedNode(
-        pipeline["tmp"] / "out-1", device="out-1", site=SITE, broker=proxy.address, interval_ms=200, max_readings=0,
+        firmware_pipeline["tmp"] / "out-1", device="out-1", site=SITE, broker=proxy.address, interval_ms=200, max_readings=0,
         extra_config={"keepalive": 10, "backoff_max_ms": 5000},
     )
     try:

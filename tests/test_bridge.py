@@ -7,18 +7,14 @@ waits for the bridge's confirms; what the bridge wrote is read back from Kafka.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import os
 import threading
 import time
-import uuid
 from collections import defaultdict
-from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from tern.cloud.bridge import BridgeError, BridgeThread
 from tern.cloud.cli import main as cli_main
@@ -26,106 +22,18 @@ from tern.cloud.config import BridgeConfig
 from tern.cloud.consume import ConsumedRecord, read_all
 from tern.core import codec, topics
 from tern.core.errors import ConfigError
-from tern.harness.stack import Mosquitto, Tansu, ensure_topics, free_port
-from faultproxy import FaultProxy
+from tern.harness.stack import ensure_topics, free_port
 
-BOOT = "a1b2c3d4"
+import helpers
+from helpers import make_batch
+
+BOOT = helpers.BATCH_BOOT  # the boot of make_batch's readings
+
+#: Bridges here give up connecting after 10 s.
+bridge_config = functools.partial(helpers.bridge_config, connect_timeout_s=10)
 
 
 # --- helpers ---------------------------------------------------------------------------
-
-
-class FakeGateway:
-    """The gateway's cloud side: publishes batches (QoS 1) and collects the bridge's confirms."""
-
-    def __init__(self, broker: Mosquitto, gateway: str, persistent: bool = False) -> None:
-        self.gateway = gateway
-        self.confirms: dict[int, list[codec.Confirm]] = defaultdict(list)
-        self._cond = threading.Condition()
-        self._subscribed = threading.Event()
-        # persistent: a session that survives a broker restart, so no confirm is missed
-        self.client = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id=f"test-gw-{gateway}-{uuid.uuid4().hex[:6]}", clean_session=not persistent
-        )
-        self.client.reconnect_delay_set(0.2, 1)
-        self.client.max_inflight_messages_set(1000)
-        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topics.confirm_topic(gateway), qos=1)
-        self.client.on_subscribe = lambda *a: self._subscribed.set()
-        self.client.on_message = self._on_message
-        self.client.connect(broker.host, broker.port)
-        self.client.loop_start()
-        assert self._subscribed.wait(10), "gateway could not subscribe to its confirm topic"
-
-    def _on_message(self, client, userdata, message) -> None:
-        confirm = codec.decode_confirm(message.payload)
-        with self._cond:
-            self.confirms[confirm.bseq].append(confirm)
-            self._cond.notify_all()
-
-    def publish(self, batch: codec.Batch) -> None:
-        self.publish_raw(topics.batch_topic(batch.gateway), codec.encode_batch(batch))
-
-    def publish_raw(self, topic: str, payload: bytes) -> None:
-        info = self.client.publish(topic, payload, qos=1)
-        info.wait_for_publish(10)  # PUBACK from the broker: the broker has it
-        assert info.is_published()
-
-    def wait_confirms(self, bseqs: Iterable[int], timeout: float) -> None:
-        wanted = set(bseqs)
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while not wanted <= self.confirms.keys():
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    missing = sorted(wanted - self.confirms.keys())
-                    raise AssertionError(f"no confirm for bseq {missing[:10]} after {timeout} s")
-                self._cond.wait(left)
-
-    def assert_no_confirm(self, bseq: int, within: float) -> None:
-        deadline = time.monotonic() + within
-        with self._cond:
-            while bseq not in self.confirms:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return
-                self._cond.wait(left)
-        raise AssertionError(f"batch {bseq} was confirmed during the outage: {self.confirms[bseq]}")
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-
-def make_batch(gateway: str, bseq: int, devices: list[str], per_device: int, first_seq: int) -> codec.Batch:
-    """A batch with ``per_device`` readings for each device, seqs from ``first_seq``, interleaved."""
-    now = int(time.time() * 1000)
-    readings = [
-        codec.Reading(
-            device=dev,
-            boot=BOOT,
-            seq=seq,
-            ts_ms=now,
-            values={"t": 20.0 + seq / 10, "n": seq},
-            site="site1",
-            received_ms=now,
-        )
-        for seq in range(first_seq, first_seq + per_device)
-        for dev in devices
-    ]
-    return codec.Batch(gateway=gateway, bseq=bseq, sent_ms=now, readings=tuple(readings))
-
-
-def bridge_config(broker: Mosquitto, bootstrap: str, kafka_topics: dict[str, str], **extra) -> BridgeConfig:
-    return BridgeConfig(
-        name=f"t{uuid.uuid4().hex[:8]}",
-        mqtt_broker=broker.address,
-        kafka_bootstrap=bootstrap,
-        readings_topic=kafka_topics["readings"],
-        status_topic=kafka_topics["status"],
-        deadletter_topic=kafka_topics["deadletter"],
-        connect_timeout_s=10,
-        **extra,
-    )
 
 
 def assert_per_device_order(records: list[ConsumedRecord]) -> None:
@@ -152,20 +60,6 @@ def check_reading_record(rec: ConsumedRecord, gateway: str) -> None:
     assert rec.headers["gateway"] == gateway.encode() == rec.value["gateway"].encode()
     assert rec.headers["boot"] == rec.value["boot"].encode() == BOOT.encode()
     assert rec.headers["seq"] == str(rec.value["seq"]).encode()
-
-
-@pytest.fixture
-def gateway_factory() -> Iterator[Callable[[Mosquitto, str], FakeGateway]]:
-    made: list[FakeGateway] = []
-
-    def make(broker: Mosquitto, gateway: str, persistent: bool = False) -> FakeGateway:
-        gw = FakeGateway(broker, gateway, persistent)
-        made.append(gw)
-        return gw
-
-    yield make
-    for gw in made:
-        gw.close()
 
 
 # --- the happy path ------------------------------------------------------------------
@@ -328,46 +222,6 @@ def test_poison_is_deadlettered_and_the_bridge_keeps_going(mosquitto, kafka_boot
 
 
 # --- Kafka outages -------------------------------------------------------------------
-
-
-class ProxiedTansu(Tansu):
-    """Tansu that advertises the fault proxy's address, so every client connection
-    (bootstrap and partition leader alike) goes through the proxy."""
-
-    def __init__(self, workdir: Path, advertised_port: int) -> None:
-        super().__init__(workdir)
-        self.advertised_port = advertised_port
-
-    def command(self):
-        from tern.toolchain import tansu_binary
-
-        return [
-            str(tansu_binary()),
-            "broker",
-            "--listener-url",
-            f"tcp://{self.host}:{self.port}",
-            "--advertised-listener-url",
-            f"tcp://{self.host}:{self.advertised_port}",
-        ]
-
-
-@pytest.fixture
-def proxied_kafka(tmp_path: Path) -> Iterator[tuple[FaultProxy, str]]:
-    """A private Tansu behind a fault proxy; yields (proxy, bootstrap through the proxy).
-
-    Always a private Tansu, also when KAFKA_BOOTSTRAP names a real cluster: a fault proxy
-    only works if the broker advertises the proxy's address.
-    """
-    tansu_port = free_port()
-    proxy = FaultProxy("127.0.0.1", tansu_port).start()
-    tansu = ProxiedTansu(tmp_path / "tansu", advertised_port=proxy.port)
-    tansu.port = tansu_port
-    try:
-        tansu.start()
-        yield proxy, proxy.address
-    finally:
-        tansu.stop()
-        proxy.stop()
 
 
 def test_kafka_outage_holds_the_puback_and_confirm(mosquitto, proxied_kafka, gateway_factory):

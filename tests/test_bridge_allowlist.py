@@ -8,11 +8,12 @@ from tern.cloud.bridge import BridgeThread
 from tern.cloud.config import BridgeConfig
 from tern.cloud.consume import read_all
 from tern.core.errors import ConfigError
-from test_bridge import bridge_config, gateway_factory, make_batch  # noqa: F401 (fixture)
+
+from helpers import bridge_config, make_batch
 
 
 def test_unlisted_gateway_is_deadlettered_listed_one_lands(mosquitto, kafka_bootstrap, kafka_topics, gateway_factory):
-    config = bridge_config(mosquitto, kafka_bootstrap, kafka_topics, allowed_gateways="gw-ok, gw-also")
+    config = bridge_config(mosquitto, kafka_bootstrap, kafka_topics, allowed_gateways="gw-ok, gw-also", connect_timeout_s=10)
     assert config.allowed_gateways == ("gw-ok", "gw-also")
     with BridgeThread(config) as bridge:
         intruder = gateway_factory(mosquitto, "gw-intruder")

@@ -15,15 +15,12 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
-from prometheus_client.parser import text_string_to_metric_families
 
 from tern.cloud import presence
 from tern.cloud.bridge import BridgeError, BridgeThread
@@ -33,58 +30,24 @@ from tern.core import codec, topics
 from tern.core.errors import ConfigError
 from tern.harness.stack import Mosquitto, Tansu, ensure_topics, free_port
 
+from helpers import bridge_config, http_status, scrape_url, value, wait_until
+
 GATEWAY = "gw-metrics"
 BOOT = "feed0001"
 REPO = Path(__file__).resolve().parents[1]
+#: How long a wait on the bridge's HTTP answers may take.
+POLL_S = 30.0
 
 
 def config_for(broker: Mosquitto, bootstrap: str, kafka_topics: dict[str, str], **extra) -> BridgeConfig:
-    return BridgeConfig(
-        name=f"m{uuid.uuid4().hex[:8]}",
-        mqtt_broker=broker.address,
-        kafka_bootstrap=bootstrap,
-        readings_topic=kafka_topics["readings"],
-        status_topic=kafka_topics["status"],
-        deadletter_topic=kafka_topics["deadletter"],
-        connect_timeout_s=10,
-        retry_initial_s=0.2,
-        retry_max_s=1.0,
-        **extra,
-    )
+    """A bridge that gives up connecting after 10 s and retries Kafka within 0.2 to 1 s."""
+    return bridge_config(broker, bootstrap, kafka_topics, name=f"m{uuid.uuid4().hex[:8]}", connect_timeout_s=10,
+                         retry_initial_s=0.2, retry_max_s=1.0, **extra)
 
 
-def http_get(url: str) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-
-
-def scrape(port: int) -> dict[tuple[str, tuple], float]:
-    status, body = http_get(f"http://127.0.0.1:{port}/metrics")
-    assert status == 200
-    samples = {}
-    for family in text_string_to_metric_families(body.decode()):
-        for sample in family.samples:
-            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return samples
-
-
-def metric(samples: dict, name: str, **labels: str) -> float:
-    return samples[(name, tuple(sorted(labels.items())))]
-
-
-def poll(what: str, check, timeout: float = 30.0, every: float = 0.2):
-    """Call ``check`` until it returns something truthy; fail with ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(every)
-    raise AssertionError(f"{what}: not within {timeout} s (last: {last!r})")
+def scrape(port: int) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    """The bridge's /metrics on ``port``, parsed."""
+    return scrape_url(f"http://127.0.0.1:{port}/metrics")
 
 
 def publish(broker: Mosquitto, messages: list[tuple[str, bytes]]) -> None:
@@ -153,35 +116,35 @@ def test_metrics_agree_with_kafka(mosquitto, kafka_bootstrap, kafka_topics):
     messages.append((topics.batch_topic(GATEWAY), b"{not json"))
     with BridgeThread(config):
         publish(mosquitto, messages)
-        samples = poll(
-            "5 confirmed and 1 dead-lettered",
+        samples = wait_until(
             lambda: (s := scrape(port))
-            and metric(s, "tern_bridge_batches_confirmed_total") == 5
-            and metric(s, "tern_bridge_deadlettered_total") == 1
+            and value(s, "tern_bridge_batches_confirmed_total") == 5
+            and value(s, "tern_bridge_deadlettered_total") == 1
             and s,
+            POLL_S, "5 confirmed and 1 dead-lettered", interval=0.2,
         )
     readings = read_all(kafka_bootstrap, kafka_topics["readings"], timeout_s=15)
     statuses = read_all(kafka_bootstrap, kafka_topics["status"], timeout_s=15)
     dead = read_all(kafka_bootstrap, kafka_topics["deadletter"], timeout_s=15)
     assert (len(readings), len(statuses), len(dead)) == (4 + 5 + 6 + 7 + 2, 1, 1)
 
-    assert metric(samples, "tern_bridge_batches_matched_total") == 6
-    assert metric(samples, "tern_bridge_records_written_total", kind="reading") == len(readings)
-    assert metric(samples, "tern_bridge_records_written_total", kind="status") == len(statuses)
-    assert metric(samples, "tern_bridge_deadlettered_total") == len(dead)
-    assert metric(samples, "tern_bridge_retried_total") == 0
-    assert metric(samples, "tern_bridge_duplicates_total") == 0  # nothing was sent twice
-    assert metric(samples, "tern_bridge_inflight") == 0
-    assert metric(samples, "tern_bridge_oldest_unacked_age_seconds") == 0
-    assert metric(samples, "tern_bridge_mqtt_connected") == 1
-    assert metric(samples, "tern_bridge_kafka_connected") == 1
-    assert metric(samples, "tern_bridge_up") == 1
+    assert value(samples, "tern_bridge_batches_matched_total") == 6
+    assert value(samples, "tern_bridge_records_written_total", kind="reading") == len(readings)
+    assert value(samples, "tern_bridge_records_written_total", kind="status") == len(statuses)
+    assert value(samples, "tern_bridge_deadlettered_total") == len(dead)
+    assert value(samples, "tern_bridge_retried_total") == 0
+    assert value(samples, "tern_bridge_duplicates_total") == 0  # nothing was sent twice
+    assert value(samples, "tern_bridge_inflight") == 0
+    assert value(samples, "tern_bridge_oldest_unacked_age_seconds") == 0
+    assert value(samples, "tern_bridge_mqtt_connected") == 1
+    assert value(samples, "tern_bridge_kafka_connected") == 1
+    assert value(samples, "tern_bridge_up") == 1
     # Every Kafka write is timed: today one per message (five batches, one dead letter); a
     # bridge that groups or splits writes differently changes the count, not its presence.
-    writes = metric(samples, "tern_bridge_kafka_write_seconds_count")
+    writes = value(samples, "tern_bridge_kafka_write_seconds_count")
     assert 1 <= writes <= 6 + len(readings) + len(statuses)
-    assert 0 < metric(samples, "tern_bridge_kafka_write_seconds_sum") < 60
-    assert metric(samples, "tern_bridge_kafka_write_seconds_bucket", le="+Inf") == writes
+    assert 0 < value(samples, "tern_bridge_kafka_write_seconds_sum") < 60
+    assert value(samples, "tern_bridge_kafka_write_seconds_bucket", le="+Inf") == writes
 
 
 def test_healthz_follows_the_brokers(mosquitto, tmp_path):
@@ -192,21 +155,23 @@ def test_healthz_follows_the_brokers(mosquitto, tmp_path):
         asyncio.run(ensure_topics(tansu.bootstrap, list(names.values())))
         port = free_port()
         with BridgeThread(config_for(mosquitto, tansu.bootstrap, names, metrics_port=port)):
-            status, body = http_get(f"http://127.0.0.1:{port}/healthz")
+            status, body = http_status(f"http://127.0.0.1:{port}/healthz")
             assert status == 200, body
             info = json.loads(body)
             assert info["status"] == "ok" and info["mqtt"] is True and info["kafka"] is True
-            assert http_get(f"http://127.0.0.1:{port}/nothing")[0] == 404
+            assert http_status(f"http://127.0.0.1:{port}/nothing")[0] == 404
 
             tansu.stop()
-            down = poll("503 for Kafka", lambda: (r := http_get(f"http://127.0.0.1:{port}/healthz"))[0] == 503 and r)
+            down = wait_until(lambda: (r := http_status(f"http://127.0.0.1:{port}/healthz"))[0] == 503 and r,
+                              POLL_S, "503 for Kafka", interval=0.2)
             info = json.loads(down[1])
             assert info == dict(info, status="unavailable", kafka=False, mqtt=True)
-            assert metric(scrape(port), "tern_bridge_up") == 0
+            assert value(scrape(port), "tern_bridge_up") == 0
 
             mosquitto.stop()
-            down = poll("MQTT down in /healthz", lambda: json.loads(http_get(f"http://127.0.0.1:{port}/healthz")[1])["mqtt"] is False)
-            assert http_get(f"http://127.0.0.1:{port}/healthz")[0] == 503
+            down = wait_until(lambda: json.loads(http_status(f"http://127.0.0.1:{port}/healthz")[1])["mqtt"] is False,
+                              POLL_S, "MQTT down in /healthz", interval=0.2)
+            assert http_status(f"http://127.0.0.1:{port}/healthz")[0] == 503
     finally:
         tansu.stop()
 
@@ -242,11 +207,11 @@ def wait_healthy(proc: subprocess.Popen, port: int) -> None:
     def healthy():
         assert proc.poll() is None, proc.stdout.read().decode(errors="replace")
         try:
-            return http_get(f"http://127.0.0.1:{port}/healthz")[0] == 200
+            return http_status(f"http://127.0.0.1:{port}/healthz")[0] == 200
         except OSError:
             return False
 
-    poll("bridge process healthy", healthy, timeout=60)
+    wait_until(healthy, 60, "bridge process healthy", interval=0.2)
 
 
 def test_killed_bridge_leaves_retained_offline(mosquitto, kafka_bootstrap, kafka_topics):

@@ -12,7 +12,7 @@ from typing import Iterator
 
 import paho.mqtt.client as mqtt
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 from paho.mqtt.enums import CallbackAPIVersion
 
 from tern.cloud.command_router import CommandRouter, CommandSettings, paho_publisher
@@ -20,7 +20,9 @@ from tern.cloud.config import BridgeConfig
 from tern.core import codec, commands, topics
 from tern.core.commands import Command
 from tern.core.errors import CodecError
-from tern.harness.stack import Mosquitto, ensure_topics
+from tern.harness.stack import Mosquitto
+
+from helpers import committed, produce, wait_until
 
 
 # --- codec -------------------------------------------------------------------------------
@@ -106,23 +108,6 @@ class GatewayCommandSession:
         self.client.disconnect()
 
 
-def wait_until(predicate, timeout: float = 20.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-@pytest.fixture
-def command_topics(kafka_bootstrap: str, kafka_topics: dict[str, str]) -> dict[str, str]:
-    suffix = uuid.uuid4().hex[:8]
-    names = dict(kafka_topics, commands=f"test.commands.{suffix}", results=f"test.results.{suffix}")
-    asyncio.run(ensure_topics(kafka_bootstrap, [names["commands"], names["results"]]))
-    return names
-
-
 class RouterThread:
     """The router on its own asyncio loop, publishing through a paho client."""
 
@@ -159,19 +144,6 @@ class RouterThread:
         self.client.disconnect()
 
 
-def produce(bootstrap: str, topic: str, records: list[tuple[bytes, bytes]]) -> None:
-    async def go() -> None:
-        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
-        await producer.start()
-        try:
-            for key, value in records:
-                await producer.send_and_wait(topic, value, key=key)
-        finally:
-            await producer.stop()
-
-    asyncio.run(go())
-
-
 def read_outcomes(bootstrap: str, topic: str, want: int, timeout: float = 20.0) -> list[commands.Outcome]:
     async def go() -> list[commands.Outcome]:
         consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None)
@@ -185,25 +157,6 @@ def read_outcomes(bootstrap: str, topic: str, want: int, timeout: float = 20.0) 
         finally:
             await consumer.stop()
         return out
-
-    return asyncio.run(go())
-
-
-def committed(bootstrap: str, group: str, topic: str) -> int:
-    async def go() -> int:
-        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
-        await consumer.start()
-        try:
-            total = 0
-            for partition in consumer.partitions_for_topic(topic) or await _partitions(consumer, topic):
-                total += (await consumer.committed(TopicPartition(topic, partition))) or 0
-            return total
-        finally:
-            await consumer.stop()
-
-    async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
-        await consumer._client.force_metadata_update()  # the consumer has no subscription to learn it from
-        return consumer.partitions_for_topic(topic) or set()
 
     return asyncio.run(go())
 

@@ -16,8 +16,6 @@ import os
 import signal
 import sqlite3
 import statistics
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -25,10 +23,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer
 
 from faultproxy import FaultProxy
-from test_commands import committed
 from tern.cloud.bridge import BridgeThread
 from tern.cloud.config import BridgeConfig
 from tern.cloud.consume import assign_from_beginning
@@ -38,7 +35,9 @@ from tern.device.emulate import EmulatedNode
 from tern.edge.config import GatewayConfig
 from tern.edge.service import Gateway
 from tern.harness.observe import KafkaTail, wait_until
-from tern.harness.stack import Mosquitto, ensure_topics
+from tern.harness.stack import Mosquitto
+
+from helpers import Proc, committed, produce
 
 SITE = "site-cmd"
 DEADLINE = 45.0
@@ -102,23 +101,6 @@ class OutcomeTail:
         return next(((t, o) for t, o in self.of(command_id) if o.outcome == kind), None)
 
 
-def produce(bootstrap: str, topic: str, *items: Command | tuple[bytes, bytes]) -> float:
-    """Write commands as the cloud team does (key = device id; or a raw (key, value) record);
-    returns when Kafka had them."""
-    async def go() -> None:
-        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
-        await producer.start()
-        try:
-            for item in items:
-                key, value = item if isinstance(item, tuple) else (item.device.encode(), commands.encode_command(item))
-                await producer.send_and_wait(topic, value, key=key)
-        finally:
-            await producer.stop()
-
-    asyncio.run(go())
-    return time.monotonic()
-
-
 def expiry(seconds: float) -> int:
     return int((time.time() + seconds) * 1000)
 
@@ -135,12 +117,9 @@ def node_ts(tail: KafkaTail, device: str) -> list[int]:
 
 
 @pytest.fixture
-def names(kafka_bootstrap: str, kafka_topics: dict[str, str]) -> dict[str, str]:
-    suffix = uuid.uuid4().hex[:8]
-    out = dict(kafka_topics, commands=f"test.commands.{suffix}", results=f"test.results.{suffix}",
-               group=f"cmd-{suffix}")
-    asyncio.run(ensure_topics(kafka_bootstrap, [out["commands"], out["results"]]))
-    return out
+def names(command_topics: dict[str, str]) -> dict[str, str]:
+    """The command topics, and the bridge's command consumer group."""
+    return dict(command_topics, group=f"cmd-{uuid.uuid4().hex[:8]}")
 
 
 @pytest.fixture
@@ -231,13 +210,13 @@ def test_a_command_for_an_offline_node_waits_for_it_and_one_that_expires_first_e
         # A malformed record: a rejected outcome with the reason, keyed by its device. (It also
         # shows the router has joined its group and is consuming, before the expiry clock runs.)
         malformed = (b"away-1", b'{"schema": "tern.command/1", "id": "c-bad", "device": "away-1", "name": "Reboot Now!"}')
-        produce(stack["kafka"], stack["commands"], malformed)
+        produce(stack["kafka"], stack["commands"], [malformed])
         assert wait_until(lambda: outcomes.first("c-bad", "rejected") is not None, 30), outcomes.kinds("c-bad")
         assert "invalid command name" in outcomes.first("c-bad", "rejected")[1].detail
 
         later = Command("c-later", "away-1", "set_config", {"key": "bundle_max", "value": 4}, expires_ms=expiry(120))
         soon = Command("c-soon", "away-1", "set_interval", {"ms": 300}, expires_ms=expiry(4))
-        sent = produce(stack["kafka"], stack["commands"], later, soon)
+        sent = produce(stack["kafka"], stack["commands"], [later, soon])
         # Both reach the gateway, which holds them for the absent node.
         assert wait_until(lambda: gateway.stats()["commands_received"] == 2, 4), gateway.stats()
         assert wait_until(lambda: outcomes.first("c-soon", "expired") is not None, 30), outcomes.kinds("c-soon")
@@ -264,34 +243,6 @@ def test_a_command_for_an_offline_node_waits_for_it_and_one_that_expires_first_e
 
 
 # --- 3. bridge and gateway killed with -9 at their worst moments -----------------------------
-
-
-class Proc:
-    """A ``tern-bridge run`` or ``tern-gateway run`` child process (killable with SIGKILL)."""
-
-    def __init__(self, log_path: Path, argv: list[str], env: dict[str, str] | None = None) -> None:
-        self.log_path = log_path
-        self._log = open(log_path, "ab")
-        self.process = subprocess.Popen([sys.executable, "-m", *argv], stdout=self._log, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, start_new_session=True,
-                                        env=dict(os.environ, **(env or {})))
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def kill(self) -> None:
-        os.kill(self.process.pid, signal.SIGKILL)
-        self.process.wait(10)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
-        self._log.close()
 
 
 def bridge_process(tmp: Path, n: int, broker: str, names: dict[str, str], kafka: str) -> Proc:
@@ -345,7 +296,7 @@ def test_bridge_and_gateway_killed_with_sigkill_still_deliver_every_command_once
             # (the link is a black hole), and the bridge dies before committing the offset.
             proxy.set_mode("blackhole")
             one = Command("c-kill-b", "kill-1", "set_config", {"key": "bundle_max", "value": 5}, expires_ms=expiry(300))
-            produce(kafka_bootstrap, names["commands"], one)
+            produce(kafka_bootstrap, names["commands"], [one])
             assert wait_until(lambda: "command c-kill-b not accepted by the cloud broker" in bridge.log(), DEADLINE), (
                 bridge.log()[-3000:])
             bridge.kill()
@@ -363,7 +314,7 @@ def test_bridge_and_gateway_killed_with_sigkill_still_deliver_every_command_once
             # (b) The gateway: killed as soon as the command is committed in its outbox (its
             # PUBACK may or may not have left; the broker keeps it until one does).
             two = Command("c-kill-g", "kill-1", "set_config", {"key": "bundle_max", "value": 6}, expires_ms=expiry(300))
-            produce(kafka_bootstrap, names["commands"], two)
+            produce(kafka_bootstrap, names["commands"], [two])
             assert wait_until(lambda: stored(outbox, "c-kill-g") is not None, DEADLINE, interval=0.005), gateway.log()[-3000:]
             gateway.kill()
             at_kill = stored(outbox, "c-kill-g")
@@ -381,7 +332,7 @@ def test_bridge_and_gateway_killed_with_sigkill_still_deliver_every_command_once
             try:
                 three = Command("c-kill-r", "kill-1", "set_config", {"key": "bundle_max", "value": 7},
                                 expires_ms=expiry(300))
-                produce(kafka_bootstrap, names["commands"], three)
+                produce(kafka_bootstrap, names["commands"], [three])
                 assert wait_until(lambda: (stored(outbox, "c-kill-r") or (0, None))[1] is not None, DEADLINE), (
                     gateway.log()[-3000:])
                 gateway.kill()

@@ -26,11 +26,12 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from tern.cloud.bridge import BridgeThread
 from tern.cloud.cli import main as cli_main
-from tern.cloud.config import BridgeConfig
 from tern.cloud.consume import read_all
 from tern.cloud.reader import Deduplicator, TopicReader, read_tern
 from tern.core import codec, topics
 from tern.harness.stack import Mosquitto
+
+from helpers import bridge_config
 
 BOOT = "c0ffee01"
 GATEWAY = "gw-consume"
@@ -96,15 +97,7 @@ POISON = b"\x00 not a batch"
 @pytest.fixture
 def pipeline(mosquitto, kafka_bootstrap, kafka_topics):
     """A running bridge on a private mosquitto and Kafka topics, and a gateway to feed it."""
-    config = BridgeConfig(
-        name=f"c{uuid.uuid4().hex[:8]}",
-        mqtt_broker=mosquitto.address,
-        kafka_bootstrap=kafka_bootstrap,
-        readings_topic=kafka_topics["readings"],
-        status_topic=kafka_topics["status"],
-        deadletter_topic=kafka_topics["deadletter"],
-        connect_timeout_s=10,
-    )
+    config = bridge_config(mosquitto, kafka_bootstrap, kafka_topics, name=f"c{uuid.uuid4().hex[:8]}", connect_timeout_s=10)
     with BridgeThread(config) as bridge:
         gateway = Gateway(mosquitto)
         try:

@@ -7,13 +7,12 @@ import sqlite3
 from pathlib import Path
 
 from tern.cloud.bridge import BridgeThread
-from tern.cloud.config import BridgeConfig
 from tern.cloud.consume import read_all
 from tern.core.codec import Reading
 from tern.edge.outbox import Outbox
 from tern.edge.service import Gateway
 
-from test_gateway import BOOT, SITE, Node, config, wait_until
+from helpers import BOOT, SITE, Node, bridge_config, config, wait_until
 
 
 def reading(seq: int, device: str = "dev-a", boot: str = "b001") -> Reading:
@@ -62,15 +61,8 @@ def test_a_resent_reading_reaches_kafka_once_and_a_gap_is_recorded(
 ) -> None:
     local, cloud = mosquitto_factory("local"), mosquitto_factory("cloud")
     outbox = tmp_path / "gw" / "outbox.db"
-    bridge_config = BridgeConfig(
-        name="dedup",
-        mqtt_broker=cloud.address,
-        kafka_bootstrap=kafka_bootstrap,
-        readings_topic=kafka_topics["readings"],
-        status_topic=kafka_topics["status"],
-        deadletter_topic=kafka_topics["deadletter"],
-    )
-    with BridgeThread(bridge_config), Gateway(config(local, cloud, outbox)) as gw:
+    bridge_cfg = bridge_config(cloud, kafka_bootstrap, kafka_topics, name="dedup")
+    with BridgeThread(bridge_cfg), Gateway(config(local, cloud, outbox)) as gw:
         assert gw.wait_connected(20)
         node = Node(local, "dev-a")
         try:

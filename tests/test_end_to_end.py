@@ -12,13 +12,14 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from tern.cloud.bridge import BridgeThread
-from tern.cloud.config import BridgeConfig
 from tern.cloud.consume import read_all
 from tern.edge.config import GatewayConfig
 from tern.edge.service import Gateway
 from tern.core import codec, topics
 from tern.device.emulate import Fleet
 from tern.harness.observe import BrokerObserver, KafkaTail, reconcile, wait_until
+
+from helpers import bridge_config
 
 NODES = 3
 READINGS = 200
@@ -38,14 +39,7 @@ def pipeline(tmp_path: Path, mosquitto_factory, kafka_bootstrap: str, kafka_topi
         )
     )
     bridge = BridgeThread(
-        BridgeConfig(
-            name="e2e",
-            mqtt_broker=cloud_broker.address,
-            kafka_bootstrap=kafka_bootstrap,
-            readings_topic=kafka_topics["readings"],
-            status_topic=kafka_topics["status"],
-            deadletter_topic=kafka_topics["deadletter"],
-        )
+        bridge_config(cloud_broker, kafka_bootstrap, kafka_topics, name="e2e")
     )
     with gateway, bridge:
         tail = KafkaTail(kafka_bootstrap, kafka_topics["readings"]).start()

@@ -24,7 +24,7 @@ from tern.edge.outbox import Outbox
 from tern.edge.retention import RetentionPolicy
 from tern.edge.service import Gateway
 
-from test_gateway import BOOT, SITE, BridgeStub, Node, StatusNode, cleanup, config, new_client, outbox_rows, wait_until  # noqa: F401 (cleanup: a fixture)
+from helpers import BOOT, SITE, BridgeStub, Node, StatusNode, config, new_client, outbox_rows, wait_until
 
 
 def per_device_rows(path: Path) -> dict[str, int]:

@@ -14,57 +14,14 @@ import signal
 import time
 from pathlib import Path
 
-import pytest
-
 from faultproxy import FaultProxy
-from tern.cloud.bridge import BridgeThread
-from tern.cloud.config import BridgeConfig
-from tern.cloud.consume import read_all
 from tern.core import codec
 from tern.device.emulate import EmulatedNode
-from tern.edge.config import GatewayConfig
-from tern.edge.service import Gateway
 from tern.harness.observe import KafkaTail, wait_until
 
+from helpers import kafka_seqs, kafka_statuses
+
 SITE = "site-rst"
-
-
-@pytest.fixture
-def pipeline(tmp_path: Path, mosquitto_factory, kafka_bootstrap: str, kafka_topics: dict[str, str]):
-    """Pi broker behind a fault proxy, cloud broker, gateway, bridge, and a Kafka tail."""
-    pi = mosquitto_factory("pi")
-    cloud = mosquitto_factory("cloud")
-    gateway = Gateway(
-        GatewayConfig(gateway_id="gw-rst", local_broker=pi.address, cloud_broker=cloud.address, outbox_path=tmp_path / "outbox.db")
-    )
-    bridge = BridgeThread(
-        BridgeConfig(
-            name="rst",
-            mqtt_broker=cloud.address,
-            kafka_bootstrap=kafka_bootstrap,
-            readings_topic=kafka_topics["readings"],
-            status_topic=kafka_topics["status"],
-            deadletter_topic=kafka_topics["deadletter"],
-        )
-    )
-    with gateway, bridge, FaultProxy("127.0.0.1", pi.port) as proxy:
-        tail = KafkaTail(kafka_bootstrap, kafka_topics["readings"]).start()
-        try:
-            yield {"proxy": proxy, "tail": tail, "tmp": tmp_path, "kafka": kafka_bootstrap, "status_topic": kafka_topics["status"]}
-        finally:
-            tail.stop()
-
-
-def kafka_seqs(tail: KafkaTail, device: str, boot: str) -> list[int]:
-    """Seqs of one boot of one device in Kafka, in partition order, first occurrences only."""
-    seqs = [identity[2] for identity, _, _ in tail.records() if identity[0] == device and identity[1] == boot]
-    return list(dict.fromkeys(seqs))
-
-
-def kafka_statuses(bootstrap: str, topic: str, device: str) -> list[dict]:
-    records = sorted(read_all(bootstrap, topic, timeout_s=5), key=lambda r: (r.partition, r.offset))
-    values = [codec.decode_kafka_status_value(r.raw) for r in records]
-    return [v for v in values if v["device"] == device]
 
 
 def spilled_seqs(flash: Path, boot: str) -> list[int]:
@@ -80,11 +37,11 @@ def spilled_seqs(flash: Path, boot: str) -> list[int]:
     return out
 
 
-def test_watchdog_reset_delivers_unacked_readings_under_their_old_boot(pipeline) -> None:
-    proxy: FaultProxy = pipeline["proxy"]
-    tail: KafkaTail = pipeline["tail"]
+def test_watchdog_reset_delivers_unacked_readings_under_their_old_boot(firmware_pipeline) -> None:
+    proxy: FaultProxy = firmware_pipeline["proxy"]
+    tail: KafkaTail = firmware_pipeline["tail"]
     node = EmulatedNode(
-        pipeline["tmp"] / "wdt-1", device="wdt-1", site=SITE, broker=proxy.address, interval_ms=100, max_readings=80,
+        firmware_pipeline["tmp"] / "wdt-1", device="wdt-1", site=SITE, broker=proxy.address, interval_ms=100, max_readings=80,
         extra_config={"wdt_ms": 2000, "keepalive": 10},
     )
     try:
@@ -118,19 +75,19 @@ def test_watchdog_reset_delivers_unacked_readings_under_their_old_boot(pipeline)
         assert last_old < first_new, "the old boot's backlog must come before the new boot's readings"
         assert node.replayed >= len(frozen) and node.replay_messages < node.replayed, "a backlog goes in bundles"
 
-        births = [v for v in kafka_statuses(pipeline["kafka"], pipeline["status_topic"], "wdt-1") if v["boot"] == boot2]
+        births = [v for v in kafka_statuses(firmware_pipeline["kafka"], firmware_pipeline["status_topic"], "wdt-1") if v["boot"] == boot2]
         assert births and births[0]["reset"] == "WDT_RESET" and "dropped" not in births[0]
         assert wait_until(lambda: not list(node.workdir.glob("spill.[0-9]*")), 10), "acked spill segments are deleted"
     finally:
         node.kill()
 
 
-def test_offline_reset_keeps_readings_and_an_overflow_reports_its_drops_to_kafka(pipeline) -> None:
-    proxy: FaultProxy = pipeline["proxy"]
-    tail: KafkaTail = pipeline["tail"]
+def test_offline_reset_keeps_readings_and_an_overflow_reports_its_drops_to_kafka(firmware_pipeline) -> None:
+    proxy: FaultProxy = firmware_pipeline["proxy"]
+    tail: KafkaTail = firmware_pipeline["tail"]
     # A tiny spill (4 segments of 4 readings) so a 4 s outage at 10 readings/s overflows it.
     node = EmulatedNode(
-        pipeline["tmp"] / "off-1", device="off-1", site=SITE, broker=proxy.address, interval_ms=100, max_readings=300,
+        firmware_pipeline["tmp"] / "off-1", device="off-1", site=SITE, broker=proxy.address, interval_ms=100, max_readings=300,
         extra_config={"offline_reset_s": 4, "ring_size": 8, "spill_max": 16, "spill_seg": 4, "keepalive": 10,
                       "backoff_min_ms": 100, "backoff_max_ms": 1000},
     )
@@ -151,7 +108,7 @@ def test_offline_reset_keeps_readings_and_an_overflow_reports_its_drops_to_kafka
 
         # The reset cause and the drop counts reach Kafka in the new boot's birth.
         def birth() -> dict | None:
-            for v in kafka_statuses(pipeline["kafka"], pipeline["status_topic"], "off-1"):
+            for v in kafka_statuses(firmware_pipeline["kafka"], firmware_pipeline["status_topic"], "off-1"):
                 if v["boot"] == boot2 and v["state"] == "online":
                     return v
             return None
@@ -185,11 +142,11 @@ def test_offline_reset_keeps_readings_and_an_overflow_reports_its_drops_to_kafka
         node.kill()
 
 
-def test_power_cut_keeps_the_offline_readings_on_flash(pipeline) -> None:
-    proxy: FaultProxy = pipeline["proxy"]
-    tail: KafkaTail = pipeline["tail"]
+def test_power_cut_keeps_the_offline_readings_on_flash(firmware_pipeline) -> None:
+    proxy: FaultProxy = firmware_pipeline["proxy"]
+    tail: KafkaTail = firmware_pipeline["tail"]
     node = EmulatedNode(
-        pipeline["tmp"] / "pwr-1", device="pwr-1", site=SITE, broker=proxy.address, interval_ms=100, max_readings=40,
+        firmware_pipeline["tmp"] / "pwr-1", device="pwr-1", site=SITE, broker=proxy.address, interval_ms=100, max_readings=40,
         extra_config={"keepalive": 10},
     )
     try:
@@ -206,7 +163,7 @@ def test_power_cut_keeps_the_offline_readings_on_flash(pipeline) -> None:
         assert wait_until(lambda: set(on_flash) <= set(kafka_seqs(tail, "pwr-1", boot1)), 60), (on_flash, node.log_text())
         got = kafka_seqs(tail, "pwr-1", boot1)
         assert got == list(range(1, on_flash[-1] + 1)), got
-        births = [v for v in kafka_statuses(pipeline["kafka"], pipeline["status_topic"], "pwr-1") if v["boot"] == node.boot]
+        births = [v for v in kafka_statuses(firmware_pipeline["kafka"], firmware_pipeline["status_topic"], "pwr-1") if v["boot"] == node.boot]
         assert births and births[0]["reset"] == "PWRON_RESET"
     finally:
         node.kill()

@@ -9,18 +9,12 @@ from __future__ import annotations
 
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
 import time
-import uuid
-from pathlib import Path
-from typing import Callable
 
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from tern.edge.cli import main as cli_main
 from tern.edge.config import GatewayConfig
@@ -29,241 +23,11 @@ from tern.edge.uplink import lane_of
 from tern.core import codec, topics
 from tern.core.codec import Confirm, Reading
 from tern.core.errors import ConfigError
-from tern.harness.stack import Mosquitto
 
-GW = "gw1"
-SITE = "site1"
-BOOT = "b007"
-DEADLINE = 20.0
-
-
-# --- helpers ---------------------------------------------------------------------------
-
-
-def wait_until(predicate: Callable[[], object], timeout: float = DEADLINE, what: str = "condition") -> None:
-    """Poll ``predicate`` until true, failing the test after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-def _pending(path: Path, query: str) -> list[tuple]:
-    """Rows of ``query`` read through a separate connection; none before the outbox exists."""
-    if not path.exists():
-        return []
-    with sqlite3.connect(path, timeout=10) as conn:
-        try:
-            return [tuple(r) for r in conn.execute(query)]
-        except sqlite3.OperationalError:  # not created yet
-            return []
-
-
-def outbox_rows(path: Path) -> list[tuple[str, str, int]]:
-    """(device, boot, seq) of pending rows in id order."""
-    return _pending(path, "SELECT device, boot, seq FROM outbox ORDER BY id")
-
-
-def status_rows(path: Path) -> list[tuple[str, str, str]]:
-    """(device, boot, state) of pending status events in id order."""
-    return _pending(path, "SELECT device, boot, state FROM status_events ORDER BY id")
-
-
-def dead_letters(path: Path) -> list[tuple[str, bytes, str]]:
-    with sqlite3.connect(path, timeout=10) as conn:
-        return [tuple(r) for r in conn.execute("SELECT topic, payload, error FROM dead_letters ORDER BY id")]
-
-
-def new_client(client_id: str | None = None, clean: bool = True) -> mqtt.Client:
-    client = mqtt.Client(
-        callback_api_version=CallbackAPIVersion.VERSION2,
-        client_id=client_id or f"test-{uuid.uuid4().hex[:8]}",
-        clean_session=clean,
-        protocol=mqtt.MQTTv311,
-    )
-    client.reconnect_delay_set(1, 1)
-    return client
-
-
-class Node:
-    """A paho stand-in for a MicroPython node: publishes readings, collects gateway acks."""
-
-    def __init__(self, broker: Mosquitto, device: str, on_ack: Callable[[codec.NodeAck], None] | None = None) -> None:
-        self.device = device
-        self.acks: list[codec.NodeAck] = []
-        self._on_ack = on_ack
-        self._subscribed = threading.Event()
-        self.client = new_client()
-        self.client.on_connect = lambda c, *a: c.subscribe(topics.ack_topic(SITE, device), qos=1)
-        self.client.on_subscribe = lambda *a: self._subscribed.set()
-        self.client.on_message = self._message
-        self.client.connect(broker.host, broker.port)
-        self.client.loop_start()
-        assert self._subscribed.wait(DEADLINE), "node could not subscribe"
-
-    def _message(self, client, userdata, msg) -> None:
-        ack = codec.decode_node_ack(msg.payload)
-        if self._on_ack is not None:
-            self._on_ack(ack)
-        self.acks.append(ack)
-
-    def send(self, seq: int) -> None:
-        reading = Reading(self.device, BOOT, seq, 1_700_000_000_000 + seq, {"t": 20.5, "n": seq})
-        self.publish_raw(topics.telemetry_topic(SITE, self.device), codec.encode_reading(reading))
-
-    def publish_raw(self, topic: str, payload: bytes) -> None:
-        info = self.client.publish(topic, payload, qos=1)
-        info.wait_for_publish(DEADLINE)
-        assert info.is_published()
-
-    def acked_seq(self) -> int:
-        return max((a.seq for a in self.acks), default=-1)
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-
-class BridgeStub:
-    """The bridge's side of the contract on the cloud broker: decode batches, publish confirms.
-
-    A persistent session, so batches published while it reconnects are kept for it.
-    """
-
-    def __init__(self, broker: Mosquitto, gateway: str = GW, confirm: bool = True) -> None:
-        self.gateway = gateway
-        self.confirm = confirm
-        self.batches: list[codec.Batch] = []
-        self.confirmed: set[int] = set()
-        self._lock = threading.Lock()
-        self._subscribed = threading.Event()
-        self.client = new_client(f"test-bridge-{uuid.uuid4().hex[:8]}", clean=False)
-        self.client.on_connect = lambda c, *a: c.subscribe(topics.batch_topic(gateway), qos=1)
-        self.client.on_subscribe = lambda *a: self._subscribed.set()
-        self.client.on_message = self._message
-        self.client.connect(broker.host, broker.port)
-        self.client.loop_start()
-        assert self._subscribed.wait(DEADLINE), "bridge stub could not subscribe"
-
-    def _message(self, client, userdata, msg) -> None:
-        batch = codec.decode_batch(msg.payload, topic_gateway=topics.parse_batch_topic(msg.topic))
-        with self._lock:
-            self.batches.append(batch)
-            if self.confirm:
-                self._confirm(batch)
-
-    def _confirm(self, batch: codec.Batch) -> None:
-        self.client.publish(
-            topics.confirm_topic(batch.gateway),
-            codec.encode_confirm(Confirm(batch.gateway, batch.bseq, len(batch.readings))),
-            qos=1,
-        )
-        self.confirmed.add(batch.bseq)
-
-    def start_confirming(self) -> None:
-        """Confirm from now on, including the batches waiting for it (several are in flight)."""
-        with self._lock:
-            self.confirm = True
-            for batch in self.batches:
-                if batch.bseq not in self.confirmed:
-                    self._confirm(batch)
-
-    def delivered(self) -> list[Reading]:
-        """Readings of confirmed batches, in order, each confirmed batch once."""
-        with self._lock:
-            seen: set[int] = set()
-            out: list[Reading] = []
-            for batch in self.batches:
-                if batch.bseq in self.confirmed and batch.bseq not in seen:
-                    seen.add(batch.bseq)
-                    out.extend(batch.readings)
-            return out
-
-    def delivered_statuses(self) -> list[codec.StatusEvent]:
-        """Status events of confirmed batches, in order, each confirmed batch once."""
-        with self._lock:
-            seen: set[int] = set()
-            out: list[codec.StatusEvent] = []
-            for batch in self.batches:
-                if batch.bseq in self.confirmed and batch.bseq not in seen:
-                    seen.add(batch.bseq)
-                    out.extend(batch.statuses)
-            return out
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-
-class StatusNode:
-    """A paho node that does what the firmware does with its status: a retained QoS 1 last
-    will set before connecting, a retained birth right after; :meth:`kill` drops the TCP
-    connection without an MQTT DISCONNECT, so the broker publishes the will."""
-
-    def __init__(self, broker: Mosquitto, device: str, boot: str = BOOT) -> None:
-        self.device = device
-        self.topic = topics.status_topic(SITE, device)
-        self.client = new_client()
-        will = codec.encode_status(codec.Status(device, "offline", boot))
-        self.client.will_set(self.topic, will, qos=1, retain=True)
-        connected = threading.Event()
-        self.client.on_connect = lambda *a: connected.set()
-        self.client.connect(broker.host, broker.port, keepalive=60)
-        self.client.loop_start()
-        assert connected.wait(DEADLINE), "status node could not connect"
-        birth = codec.encode_status(codec.Status(device, "online", boot, fw="0.1.0", reset="PWRON_RESET"))
-        info = self.client.publish(self.topic, birth, qos=1, retain=True)
-        info.wait_for_publish(DEADLINE)
-        assert info.is_published()
-
-    def kill(self) -> None:
-        self.client.loop_stop()  # no reconnect, no DISCONNECT
-        self.client.socket().close()
-
-    def close(self) -> None:
-        self.client.loop_stop()
-        sock = self.client.socket()
-        if sock is not None:
-            sock.close()
-
-
-def per_device(readings: list[Reading]) -> dict[str, list[int]]:
-    out: dict[str, list[int]] = {}
-    for r in readings:
-        out.setdefault(r.device, []).append(r.seq)
-    return out
-
-
-def config(local: Mosquitto, cloud: Mosquitto, outbox: Path, **options) -> GatewayConfig:
-    options.setdefault("confirm_timeout_s", 2.0)
-    options.setdefault("reconnect_max_s", 1.0)
-    return GatewayConfig(
-        gateway_id=GW, local_broker=local.address, cloud_broker=cloud.address, outbox_path=outbox, **options
-    )
-
-
-@pytest.fixture
-def brokers(mosquitto_factory) -> tuple[Mosquitto, Mosquitto]:
-    return mosquitto_factory("local"), mosquitto_factory("cloud")
-
-
-@pytest.fixture
-def outbox_path(tmp_path: Path) -> Path:
-    return tmp_path / "gw" / "outbox.db"
-
-
-@pytest.fixture
-def cleanup():
-    """Close nodes, stubs and gateways even when a test fails halfway."""
-    items: list = []
-    yield items.append
-    for item in reversed(items):
-        try:
-            item.stop() if isinstance(item, Gateway) else item.close()
-        except Exception:
-            pass
+from helpers import (
+    BOOT, DEADLINE, GW, SITE, BridgeStub, Node, StatusNode, config, dead_letters, new_client, outbox_rows, per_device,
+    started_gateway, status_rows, wait_until,
+)
 
 
 # --- the custody path ------------------------------------------------------------------
@@ -273,10 +37,7 @@ def test_readings_reach_the_cloud_in_order_and_rows_go_only_after_confirm(broker
     local, cloud = brokers
     bridge = BridgeStub(cloud, confirm=False)
     cleanup(bridge)
-    gw = Gateway(config(local, cloud, outbox_path, batch_size=8))
-    cleanup(gw)
-    gw.start()
-    assert gw.wait_connected(DEADLINE)
+    gw = started_gateway(local, cloud, outbox_path, cleanup, batch_size=8)
     nodes = [Node(local, "dev-a"), Node(local, "dev-b")]
     for node in nodes:
         cleanup(node)
@@ -317,10 +78,7 @@ def test_unconfirmed_batch_stays_and_is_resent(brokers, outbox_path, cleanup):
     local, cloud = brokers
     bridge = BridgeStub(cloud, confirm=False)
     cleanup(bridge)
-    gw = Gateway(config(local, cloud, outbox_path, confirm_timeout_s=0.5))
-    cleanup(gw)
-    gw.start()
-    assert gw.wait_connected(DEADLINE)
+    gw = started_gateway(local, cloud, outbox_path, cleanup, confirm_timeout_s=0.5)
     node = Node(local, "dev-a")
     cleanup(node)
     for seq in range(5):
@@ -358,10 +116,7 @@ def test_batches_in_flight_hold_one_lane_each_and_confirms_in_any_order_delete_e
     devices = [by_lane[lane] for lane in range(window)]
     bridge = BridgeStub(cloud, confirm=False)
     cleanup(bridge)
-    gw = Gateway(config(local, cloud, outbox_path, uplink_window=window, confirm_timeout_s=60))
-    cleanup(gw)
-    gw.start()
-    assert gw.wait_connected(DEADLINE)
+    gw = started_gateway(local, cloud, outbox_path, cleanup, uplink_window=window, confirm_timeout_s=60)
     nodes = [Node(local, device) for device in devices]
     for node in nodes:
         cleanup(node)
@@ -402,10 +157,7 @@ def test_a_graceful_stop_waits_for_every_batch_in_flight(brokers, outbox_path, c
         by_lane.setdefault(lane_of(f"dev-{i}", window), f"dev-{i}")
     bridge = BridgeStub(cloud, confirm=False)
     cleanup(bridge)
-    gw = Gateway(config(local, cloud, outbox_path, uplink_window=window, confirm_timeout_s=60))
-    cleanup(gw)
-    gw.start()
-    assert gw.wait_connected(DEADLINE)
+    gw = started_gateway(local, cloud, outbox_path, cleanup, uplink_window=window, confirm_timeout_s=60)
     nodes = [Node(local, by_lane[lane]) for lane in range(window)]
     for node in nodes:
         cleanup(node)
@@ -436,10 +188,7 @@ def test_a_batch_is_resent_after_a_broker_restart_only_if_the_session_was_lost(m
     cloud = mosquitto_factory("cloud", persistence=persistence)
     bridge = BridgeStub(cloud, confirm=False)
     cleanup(bridge)
-    gw = Gateway(config(local, cloud, outbox_path, confirm_timeout_s=60))
-    cleanup(gw)
-    gw.start()
-    assert gw.wait_connected(DEADLINE)
+    gw = started_gateway(local, cloud, outbox_path, cleanup, confirm_timeout_s=60)
     node = Node(local, "dev-a")
     cleanup(node)
     node.send(0)
@@ -463,10 +212,7 @@ def test_cloud_outage_accumulates_then_flows_in_order(brokers, outbox_path, clea
     local, cloud = brokers
     bridge = BridgeStub(cloud)
     cleanup(bridge)
-    gw = Gateway(config(local, cloud, outbox_path, batch_size=10))
-    cleanup(gw)
-    gw.start()
-    assert gw.wait_connected(DEADLINE)
+    gw = started_gateway(local, cloud, outbox_path, cleanup, batch_size=10)
     node = Node(local, "dev-a")
     cleanup(node)
     for seq in range(5):
@@ -491,10 +237,7 @@ def test_bad_messages_become_dead_letters_and_the_gateway_keeps_working(brokers,
     local, cloud = brokers
     bridge = BridgeStub(cloud)
     cleanup(bridge)
-    gw = Gateway(config(local, cloud, outbox_path))
-    cleanup(gw)
-    gw.start()
-    assert gw.wait_connected(DEADLINE)
+    gw = started_gateway(local, cloud, outbox_path, cleanup)
     node = Node(local, "dev-a")
     cleanup(node)
     good = codec.encode_reading(Reading("dev-a", BOOT, 0, 1, {"t": 1}))
@@ -522,10 +265,7 @@ def test_bad_messages_become_dead_letters_and_the_gateway_keeps_working(brokers,
     assert gw.stats()["dead_letters"] == 5
     # Dead letters are PUBACKed: the broker will not re-deliver them to the next run.
     gw.stop()
-    gw2 = Gateway(config(local, cloud, outbox_path))
-    cleanup(gw2)
-    gw2.start()
-    assert gw2.wait_connected(DEADLINE)
+    gw2 = started_gateway(local, cloud, outbox_path, cleanup)
     node.send(2)
     wait_until(lambda: len(bridge.delivered()) == 2, what="the next reading forwarded")
     assert len(dead_letters(outbox_path)) == 5
@@ -538,10 +278,7 @@ def test_birth_and_will_reach_the_cloud_and_go_only_after_confirm(brokers, outbo
     local, cloud = brokers
     bridge = BridgeStub(cloud, confirm=False)
     cleanup(bridge)
-    gw = Gateway(config(local, cloud, outbox_path))
-    cleanup(gw)
-    gw.start()
-    assert gw.wait_connected(DEADLINE)
+    gw = started_gateway(local, cloud, outbox_path, cleanup)
     status_node = StatusNode(local, "dev-s")
     cleanup(status_node)
 
@@ -580,10 +317,7 @@ def test_birth_and_will_reach_the_cloud_and_go_only_after_confirm(brokers, outbo
     # device's latest status already, so it is acked and not forwarded again.
     gw.stop()
     sent_before = len(bridge.batches)
-    gw2 = Gateway(config(local, cloud, outbox_path))
-    cleanup(gw2)
-    gw2.start()
-    assert gw2.wait_connected(DEADLINE)
+    gw2 = started_gateway(local, cloud, outbox_path, cleanup)
     wait_until(lambda: gw2.stats()["status_duplicates"] == 1, what="the retained will seen again")
     assert not status_rows(outbox_path) and gw2.stats()["nodes_offline"] == 1
     assert all(not b.statuses for b in bridge.batches[sent_before:])
@@ -593,10 +327,7 @@ def test_bad_statuses_become_dead_letters_and_cleared_ones_are_acked(brokers, ou
     local, cloud = brokers
     bridge = BridgeStub(cloud)
     cleanup(bridge)
-    gw = Gateway(config(local, cloud, outbox_path))
-    cleanup(gw)
-    gw.start()
-    assert gw.wait_connected(DEADLINE)
+    gw = started_gateway(local, cloud, outbox_path, cleanup)
     node = Node(local, "dev-a")
     cleanup(node)
     topic = topics.status_topic(SITE, "dev-a")
@@ -627,10 +358,7 @@ def test_bad_statuses_become_dead_letters_and_cleared_ones_are_acked(brokers, ou
 def test_node_ack_is_published_only_after_commit(brokers, outbox_path, cleanup):
     local, cloud = brokers
     # No bridge: nothing is forwarded, so an acked reading must be in the outbox.
-    gw = Gateway(config(local, cloud, outbox_path))
-    cleanup(gw)
-    gw.start()
-    assert gw.wait_connected(DEADLINE)
+    gw = started_gateway(local, cloud, outbox_path, cleanup)
     seen_at_ack: list[tuple[int, bool]] = []
 
     def on_ack(ack: codec.NodeAck) -> None:
@@ -706,10 +434,7 @@ def test_full_outbox_stops_acking_and_resumes_when_room_frees(brokers, outbox_pa
     local, cloud = brokers
     bridge = BridgeStub(cloud, confirm=False)
     cleanup(bridge)
-    gw = Gateway(config(local, cloud, outbox_path, max_rows=5, confirm_timeout_s=0.5))
-    cleanup(gw)
-    gw.start()
-    assert gw.wait_connected(DEADLINE)
+    gw = started_gateway(local, cloud, outbox_path, cleanup, max_rows=5, confirm_timeout_s=0.5)
     node = Node(local, "dev-a")
     cleanup(node)
     for seq in range(12):
@@ -731,10 +456,7 @@ def test_full_outbox_stops_acking_and_resumes_when_room_frees(brokers, outbox_pa
 
 def test_unacked_readings_survive_a_gateway_restart_in_the_broker_session(brokers, outbox_path, cleanup):
     local, cloud = brokers
-    gw = Gateway(config(local, cloud, outbox_path, max_rows=4))
-    cleanup(gw)
-    gw.start()
-    assert gw.wait_connected(DEADLINE)
+    gw = started_gateway(local, cloud, outbox_path, cleanup, max_rows=4)
     node = Node(local, "dev-a")
     cleanup(node)
     for seq in range(10):
@@ -755,10 +477,7 @@ def test_local_broker_restart_while_readings_are_held_loses_nothing(brokers, out
     """A Pi broker restart while the gateway holds un-acked readings (outbox full) loses
     nothing: they reach the cloud in order and none is left un-acked in the session."""
     local, cloud = brokers
-    gw = Gateway(config(local, cloud, outbox_path, max_rows=4))
-    cleanup(gw)
-    gw.start()
-    assert gw.wait_connected(DEADLINE)
+    gw = started_gateway(local, cloud, outbox_path, cleanup, max_rows=4)
     node = Node(local, "dev-a")
     for seq in range(10):
         node.send(seq)
@@ -776,10 +495,7 @@ def test_local_broker_restart_while_readings_are_held_loses_nothing(brokers, out
     assert list(dict.fromkeys(seqs)) == list(range(10)), seqs
     # Every message was acked on the connection it came from: a new session sees none again.
     gw.stop()
-    gw2 = Gateway(config(local, cloud, outbox_path, max_rows=100))
-    cleanup(gw2)
-    gw2.start()
-    assert gw2.wait_connected(DEADLINE)
+    gw2 = started_gateway(local, cloud, outbox_path, cleanup, max_rows=100)
     # A marker: the broker delivers in order, so a re-delivered old reading would come first.
     marker = Node(local, "dev-a")
     cleanup(marker)

@@ -10,6 +10,7 @@ a deadline.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import signal
@@ -25,7 +26,7 @@ from typing import Callable, Iterator
 
 import paho.mqtt.client as mqtt
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer
 from paho.mqtt.enums import CallbackAPIVersion
 
 from tern.cloud.bridge import BridgeThread
@@ -35,24 +36,21 @@ from tern.core.commands import Command, Outcome
 from tern.core.errors import CodecError
 from tern.edge.config import GatewayConfig
 from tern.edge.service import Gateway
-from tern.harness.stack import Mosquitto, ensure_topics
+from tern.harness.stack import Mosquitto
+
+import helpers
+from helpers import BridgeStub, produce
 
 GW = "gw1"
 SITE = "site1"
 BOOT = "b007"
 DEADLINE = 30.0
 
+#: Waits here get this module's deadline unless they say otherwise.
+wait_until = functools.partial(helpers.wait_until, timeout=DEADLINE)
+
 
 # --- helpers ---------------------------------------------------------------------------
-
-
-def wait_until(predicate: Callable[[], object], timeout: float = DEADLINE, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def now_ms() -> int:
@@ -130,19 +128,6 @@ class FakeNode:
             return list(self.received)
 
 
-def produce(bootstrap: str, topic: str, records: list[tuple[bytes, bytes]]) -> None:
-    async def go() -> None:
-        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
-        await producer.start()
-        try:
-            for key, value in records:
-                await producer.send_and_wait(topic, value, key=key)
-        finally:
-            await producer.stop()
-
-    asyncio.run(go())
-
-
 def read_results(bootstrap: str, topic: str, until: Callable[[list[tuple[bytes, Outcome]]], bool],
                  timeout: float = DEADLINE) -> list[tuple[bytes, Outcome]]:
     """(key, outcome) records of the results topic from its start, once ``until`` holds."""
@@ -183,16 +168,9 @@ def command_rows(path: Path) -> list[tuple]:
 
 
 @pytest.fixture
-def kafka(kafka_bootstrap: str, kafka_topics: dict[str, str]) -> dict[str, str]:
-    suffix = uuid.uuid4().hex[:8]
-    names = dict(kafka_topics, commands=f"test.commands.{suffix}", results=f"test.results.{suffix}")
-    asyncio.run(ensure_topics(kafka_bootstrap, [names["commands"], names["results"]]))
-    return names
-
-
-@pytest.fixture
-def stack(mosquitto_factory, kafka_bootstrap: str, kafka: dict[str, str], tmp_path: Path) -> Iterator[dict]:
+def stack(mosquitto_factory, kafka_bootstrap: str, command_topics: dict[str, str], tmp_path: Path) -> Iterator[dict]:
     """The Pi broker, the cloud broker and a bridge routing commands; the test starts the gateway."""
+    kafka = command_topics
     local, cloud = mosquitto_factory("local"), mosquitto_factory("cloud")
     config = BridgeConfig(mqtt_broker=cloud.address, kafka_bootstrap=kafka_bootstrap,
                           readings_topic=kafka["readings"], status_topic=kafka["status"],
@@ -423,8 +401,6 @@ def test_the_store_hands_outcomes_to_one_batch_and_gives_them_again_after_a_rest
 
 
 def test_outcomes_stay_in_the_outbox_until_their_batch_is_confirmed(mosquitto_factory, tmp_path: Path) -> None:
-    from test_gateway import BridgeStub
-
     local, cloud = mosquitto_factory("local"), mosquitto_factory("cloud")
     bridge = BridgeStub(cloud, confirm=False)
     outbox = tmp_path / "gw" / "outbox.db"

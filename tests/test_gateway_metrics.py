@@ -10,14 +10,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-from gwobserve import (
-    bridge, client, gateway_config, http_get, publish_all, reading, scrape, status, status_json, value, wait_for,
-)
 from tern.cloud.consume import read_all
 from tern.core import topics
 from tern.edge.health import batches_in_flight
 from tern.edge.outbox import Outbox
 from tern.edge.service import Gateway
+
+from helpers import (
+    bridge, client, gateway_config, http_get, publish_all, reading, scrape, status, status_json, value, wait_for,
+)
 
 SITE = "site-m"
 BOOT = "b0001"

@@ -22,10 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tern.core import mqtt_session
 from tern.core.codec import Reading
-from tern.core.errors import ConfigError
-from tern.core.quoting import quote, shorten
 from tern.edge import repair
 from tern.edge.cli import main as cli_main
 from tern.edge.config import GatewayConfig
@@ -34,7 +31,10 @@ from tern.edge.outbox import DeadLetter, Outbox
 from tern.edge.service import Gateway
 from tern.harness.stack import Mosquitto, free_port
 
-from test_gateway import BOOT, GW, SITE, BridgeStub, Node, outbox_rows, per_device, wait_until
+from helpers import (
+    BOOT, GW, SITE, BridgeStub, FakeGateway, bridge_config, dead_letters, log_handler, new_client, outbox_rows,
+    wait_until,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "deploy" / "gateway.toml"
@@ -326,22 +326,14 @@ class Records(logging.Handler):
 
 @pytest.fixture
 def records():
-    handler = Records()
-    logger = logging.getLogger("tern")
-    old = logger.level
-    logger.setLevel(logging.DEBUG)
-    logger.addHandler(handler)
-    yield handler
-    logger.removeHandler(handler)
-    logger.setLevel(old)
+    with log_handler(Records(), logging.DEBUG) as handler:
+        yield handler
 
 
 LONG = "x" * 65_000
 
 
 def test_a_65000_character_topic_makes_one_short_log_line_and_a_whole_dead_letter(mosquitto_factory, tmp_path, records):
-    from test_gateway import dead_letters, new_client
-
     local, cloud = mosquitto_factory("local"), mosquitto_factory("cloud")
     outbox = tmp_path / "gw" / "outbox.db"
     cfg = GatewayConfig(gateway_id=GW, local_broker=local.address, cloud_broker=cloud.address, outbox_path=outbox)
@@ -373,10 +365,9 @@ def test_a_65000_character_topic_makes_one_short_log_line_and_a_whole_dead_lette
 def test_the_bridge_quotes_a_65000_character_topic_in_one_short_line(mosquitto, kafka_bootstrap, kafka_topics, records):
     from tern.cloud.bridge import BridgeThread
     from tern.cloud.consume import read_all
-    from test_bridge import FakeGateway, bridge_config
 
     topic = f"tern-gw/{LONG}/batch"
-    with BridgeThread(bridge_config(mosquitto, kafka_bootstrap, kafka_topics)):
+    with BridgeThread(bridge_config(mosquitto, kafka_bootstrap, kafka_topics, connect_timeout_s=10)):
         gw = FakeGateway(mosquitto, "gw2")
         try:
             gw.publish_raw(topic, b"not zlib at all")
@@ -435,8 +426,6 @@ def test_a_persisting_condition_is_one_line_per_interval():
 
 
 def test_retained_junk_status_is_dead_lettered_once_over_reconnects_and_new_gateways(mosquitto_factory, tmp_path):
-    from test_gateway import dead_letters, new_client
-
     local, cloud = mosquitto_factory("local"), mosquitto_factory("cloud")
     outbox = tmp_path / "gw" / "outbox.db"
     topic = f"tern/{SITE}/dev-j/status"
@@ -507,8 +496,6 @@ class Flood:
     """Nodes publishing readings (QoS 1) as fast as the local broker takes them, on a thread."""
 
     def __init__(self, broker: Mosquitto, devices: int = 4) -> None:
-        from test_gateway import new_client
-
         self.client = new_client()
         self.client.max_inflight_messages_set(1000)
         self.client.max_queued_messages_set(0)

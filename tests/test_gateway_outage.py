@@ -2,7 +2,7 @@
 they last, said again when they end, and a returning link used within a few seconds.
 
 Real parts: private mosquittos on loopback, the fault proxy (tests/faultproxy.py) between
-the gateway and the cloud broker, the bridge's side of the contract from test_gateway, the
+the gateway and the cloud broker, the bridge's side of the contract from helpers.gateway, the
 real SQLite outbox. Every wait polls a real outcome under a deadline.
 """
 
@@ -12,7 +12,6 @@ import logging
 import re
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
@@ -22,7 +21,7 @@ from tern.edge.service import Gateway
 from tern.harness.stack import free_port
 
 from faultproxy import FaultProxy
-from test_gateway import GW, BridgeStub, Node, outbox_rows, per_device, wait_until
+from helpers import GW, BridgeStub, Node, log_handler, outbox_rows, per_device, wait_until
 
 DEADLINE = 30.0
 
@@ -46,25 +45,8 @@ class Lines(logging.Handler):
 
 @pytest.fixture
 def lines():
-    handler = Lines()
-    logger = logging.getLogger("tern")
-    old_level = logger.level
-    logger.setLevel(logging.INFO)
-    logger.addHandler(handler)
-    yield handler
-    logger.removeHandler(handler)
-    logger.setLevel(old_level)
-
-
-@pytest.fixture
-def cleanup():
-    items: list = []
-    yield items.append
-    for item in reversed(items):
-        try:
-            item.stop() if isinstance(item, (Gateway, FaultProxy)) else item.close()
-        except Exception:
-            pass
+    with log_handler(Lines(), logging.INFO) as handler:
+        yield handler
 
 
 def test_cloud_outage_is_said_at_once_repeated_with_backoff_and_the_link_is_used_again_within_seconds(

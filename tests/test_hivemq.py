@@ -33,8 +33,14 @@ from tern.cloud.consume import read_all
 from tern.edge.service import Gateway
 from tern.harness.hivemq import HiveMQ
 from tern.harness.stack import Mosquitto, ServiceError
-from test_pipeline import (DEADLINE, BridgeProcess, assert_complete_in_order, bridge_config, by_device, feed, gateway_config,
-                           outbox_empty, wait_until)
+import functools
+
+import helpers
+from helpers import BridgeProcess, bridge_config
+from helpers.pipeline import assert_complete_in_order, by_device, feed, outbox_empty, pipeline_gateway_config as gateway_config
+
+DEADLINE = 90.0
+wait_until = functools.partial(helpers.wait_until, timeout=DEADLINE)
 
 pytestmark = [pytest.mark.xdist_group("hivemq")]
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import statistics
 import threading
-import time
 from pathlib import Path
 
 import paho.mqtt.client as mqtt

@@ -9,11 +9,9 @@ and (as root) the user, which move into the test's temporary folder: the setting
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import threading
-import uuid
 from pathlib import Path
 
 import paho.mqtt.client as mqtt

@@ -21,14 +21,7 @@ from tern.edge.config_file import resolve
 from tern.edge.outbox import Outbox
 from tern.edge.serial_sensors import SerialSensor, parse_specs
 
-
-def wait(pred, timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return bool(pred())
+from helpers import poll_until
 
 
 def plug(link: Path, sim: SerialSim) -> None:
@@ -89,16 +82,16 @@ def test_sensor_survives_unplug_and_replug(tmp_path: Path, protocol: str) -> Non
     sim2 = None
     try:
         reader.start()  # before the adapter is plugged in: it waits for it
-        assert wait(lambda: reader.stats()["opens"] == 0) and not reader.stats()["online"]
+        assert poll_until(lambda: reader.stats()["opens"] == 0) and not reader.stats()["online"]
         plug(link, sim)
         sim.start()
-        assert wait(lambda: len(rows(outbox, spec.device)) >= 10), reader.stats()
-        assert wait(lambda: reader.stats()["bad_frames"] >= 1), reader.stats()
+        assert poll_until(lambda: len(rows(outbox, spec.device)) >= 10), reader.stats()
+        assert poll_until(lambda: reader.stats()["bad_frames"] >= 1), reader.stats()
         first_boot = rows(outbox, spec.device)[0][0]
 
         sim.stop()          # unplugged: the pty goes away...
         os.unlink(link)     # ...and so does its name
-        assert wait(lambda: reader.stats()["unplugged"] == 1 and not reader.stats()["online"]), reader.stats()
+        assert poll_until(lambda: reader.stats()["unplugged"] == 1 and not reader.stats()["online"]), reader.stats()
         before = len(rows(outbox, spec.device))
         time.sleep(0.3)     # (while unplugged nothing may arrive; the reader keeps retrying)
         assert len(rows(outbox, spec.device)) == before
@@ -106,8 +99,8 @@ def test_sensor_survives_unplug_and_replug(tmp_path: Path, protocol: str) -> Non
         sim2 = SerialSim(protocol=protocol, interval_s=0.05, seed=12)
         plug(link, sim2)    # plugged back: a new pty under the same name
         sim2.start()
-        assert wait(lambda: len({b for b, _, _ in rows(outbox, spec.device)}) == 2), reader.stats()
-        assert wait(lambda: len(rows(outbox, spec.device)) >= before + 5), reader.stats()
+        assert poll_until(lambda: len({b for b, _, _ in rows(outbox, spec.device)}) == 2), reader.stats()
+        assert poll_until(lambda: len(rows(outbox, spec.device)) >= before + 5), reader.stats()
     finally:
         reader.stop()
         sim.stop()
@@ -138,11 +131,11 @@ def test_silent_sensor_goes_offline_and_comes_back(tmp_path: Path) -> None:
         sim.start()
         reader = SerialSensor(spec, outbox, retry_s=0.1, stale_s=0.5).start()
         try:
-            assert wait(lambda: reader.stats()["online"])
+            assert poll_until(lambda: reader.stats()["online"])
             sim.pause()
-            assert wait(lambda: reader.stats()["stale"] >= 1 and not reader.stats()["online"]), reader.stats()
+            assert poll_until(lambda: reader.stats()["stale"] >= 1 and not reader.stats()["online"]), reader.stats()
             sim.pause(False)
-            assert wait(lambda: reader.stats()["online"]), reader.stats()
+            assert poll_until(lambda: reader.stats()["online"]), reader.stats()
         finally:
             reader.stop()
     assert statuses(outbox, spec.device)[:3] == ["online", "offline", "online"]
@@ -168,12 +161,12 @@ def test_pi_wired_sensor_readings_and_liveness_reach_kafka(tmp_path: Path, mosqu
                                        deadletter_topic=kafka_topics["deadletter"]))
     try:
         with gateway, bridge:
-            assert wait(lambda: gateway.stats()["serial_sensors"]["pi-gps"]["readings"] >= 10, 30), gateway.stats()
+            assert poll_until(lambda: gateway.stats()["serial_sensors"]["pi-gps"]["readings"] >= 10, 30), gateway.stats()
             sim.stop()
             os.unlink(link)
-            assert wait(lambda: gateway.stats()["serial_sensors"]["pi-gps"]["unplugged"] == 1, 20)
+            assert poll_until(lambda: gateway.stats()["serial_sensors"]["pi-gps"]["unplugged"] == 1, 20)
             stored = gateway.stats()["serial_sensors"]["pi-gps"]["readings"]
-            assert wait(lambda: gateway.stats()["pending"] == 0 and gateway.stats()["status_pending"] == 0, 30), gateway.stats()
+            assert poll_until(lambda: gateway.stats()["pending"] == 0 and gateway.stats()["status_pending"] == 0, 30), gateway.stats()
         records = [r for r in read_all(kafka_bootstrap, kafka_topics["readings"], timeout_s=20, expect=stored)
                    if r.key == "pi-gps"]
         values = [codec.decode_kafka_value(r.raw) for r in records]
@@ -224,7 +217,7 @@ def test_full_outbox_counts_what_it_cannot_store(tmp_path: Path) -> None:
         sim.start()
         reader = SerialSensor(spec, outbox, retry_s=0.1).start()
         try:
-            assert wait(lambda: reader.stats()["dropped_full"] >= 3), reader.stats()
+            assert poll_until(lambda: reader.stats()["dropped_full"] >= 3), reader.stats()
         finally:
             reader.stop()
     stored = rows(outbox, spec.device)

@@ -12,121 +12,30 @@ deadlines.
 from __future__ import annotations
 
 import asyncio
-import os
+import functools
 import re
-import signal
-import subprocess
-import sys
 import time
 import uuid
-from collections import defaultdict
-from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 
 from tern.cloud.bridge import BridgeThread
-from tern.cloud.config import BridgeConfig
-from tern.cloud.consume import ConsumedRecord, read_all
-from tern.core import codec
-from tern.edge.config import GatewayConfig
+from tern.cloud.consume import read_all
 from tern.edge.service import Gateway
 from tern.edge.uplink import lane_of
-from tern.harness.stack import Mosquitto, ensure_topics, free_port
-from faultproxy import FaultProxy
-from test_bridge import ProxiedTansu
+from tern.harness.stack import Mosquitto, ensure_topics
 
-BOOT = "b1e55ed0"
-SITE = "site-p"
+import helpers
+from helpers import BridgeProcess, bridge_config
+from helpers.pipeline import (
+    assert_complete_in_order, by_device, feed, outbox_empty, pipeline_gateway_config as gateway_config,
+)
+
 OUTAGE_S = 60.0
 DEADLINE = 90.0
 
-
-# --- helpers ---------------------------------------------------------------------------
-
-
-def wait_until(predicate: Callable[[], object], timeout: float = DEADLINE, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-def readings(devices: list[str], first_seq: int, per_device: int) -> list[codec.Reading]:
-    """``per_device`` readings per device, interleaved as a busy site sends them."""
-    now = int(time.time() * 1000)
-    return [
-        codec.Reading(device=dev, boot=BOOT, seq=seq, ts_ms=now, values={"t": 20.0 + seq / 100, "n": seq}, site=SITE)
-        for seq in range(first_seq, first_seq + per_device)
-        for dev in devices
-    ]
-
-
-def feed(gateway: Gateway, devices: list[str], per_device: int, chunk: int = 25, start: int = 0,
-         pause: float = 0.0, during: Callable[[int], None] | None = None) -> None:
-    """Commit readings to the gateway's outbox in chunks of ``chunk`` per device."""
-    for first in range(start, start + per_device, chunk):
-        gateway.outbox.add(readings(devices, first, min(chunk, start + per_device - first)))
-        if during is not None:
-            during(first)
-        if pause:
-            time.sleep(pause)
-
-
-def gateway_config(tmp: Path, local: Mosquitto, cloud: Mosquitto, **options) -> GatewayConfig:
-    options.setdefault("reconnect_max_s", 1.0)
-    return GatewayConfig(
-        gateway_id=f"gw-{uuid.uuid4().hex[:6]}",
-        local_broker=local.address,
-        cloud_broker=cloud.address,
-        outbox_path=tmp / "outbox.db",
-        **options,
-    )
-
-
-def bridge_config(cloud: Mosquitto, bootstrap: str, names: dict[str, str], **extra) -> BridgeConfig:
-    extra.setdefault("name", f"p{uuid.uuid4().hex[:8]}")
-    return BridgeConfig(
-        mqtt_broker=cloud.address,
-        kafka_bootstrap=bootstrap,
-        readings_topic=names["readings"],
-        status_topic=names["status"],
-        deadletter_topic=names["deadletter"],
-        connect_timeout_s=15,
-        **extra,
-    )
-
-
-def by_device(records: list[ConsumedRecord]) -> dict[str, list[int]]:
-    """Each device's seqs in Kafka offset order (a device is in one partition)."""
-    out: dict[str, list[ConsumedRecord]] = defaultdict(list)
-    for rec in records:
-        assert rec.value is not None, rec.decode_error
-        out[rec.key].append(rec)
-    for device, recs in out.items():
-        assert len({r.partition for r in recs}) == 1, f"{device} spread over partitions"
-    return {device: [r.value["seq"] for r in sorted(recs, key=lambda r: r.offset)] for device, recs in out.items()}
-
-
-def assert_complete_in_order(records: list[ConsumedRecord], devices: list[str], per_device: int) -> None:
-    """Every reading is there, and each device's first occurrences are in seq order (a batch
-    written again after a lost confirm may repeat records; consumers de-duplicate)."""
-    seqs = by_device(records)
-    assert sorted(seqs) == sorted(devices)
-    for device, got in seqs.items():
-        first: list[int] = []
-        seen: set[int] = set()
-        for seq in got:
-            if seq not in seen:
-                seen.add(seq)
-                first.append(seq)
-        assert first == list(range(per_device)), f"{device}: missing or out of order: {first[:20]}..."
-
-
-def outbox_empty(gateway: Gateway) -> bool:
-    return gateway.outbox.pending() == 0
+#: Waits here get this module's deadline unless they say otherwise.
+wait_until = functools.partial(helpers.wait_until, timeout=DEADLINE)
 
 
 @pytest.fixture
@@ -171,46 +80,6 @@ def test_per_device_order_with_many_batches_in_flight(tmp_path, cloud_and_pi, ka
 
 
 # --- three bridges on a shared subscription, one killed -----------------------------------
-
-
-class BridgeProcess:
-    """``tern-bridge run`` as a child process (so that it can be killed with SIGKILL)."""
-
-    def __init__(self, workdir: Path, config: BridgeConfig) -> None:
-        self.workdir = workdir
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.log_path = workdir / f"bridge-{config.name}.log"
-        self._log = open(self.log_path, "ab")
-        command = [
-            sys.executable, "-m", "tern.cloud", "run",
-            "--mqtt", config.mqtt_broker, "--kafka", config.kafka_bootstrap,
-            "--topic", config.readings_topic, "--status-topic", config.status_topic,
-            "--deadletter", config.deadletter_topic, "--name", config.name,
-            "--share-group", str(config.share_group), "--stats-every", "0",
-        ]
-        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, start_new_session=True)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_running(self, timeout: float = 60) -> None:
-        wait_until(lambda: " running: " in self.log() or self.process.poll() is not None, timeout, "bridge start")
-        assert self.process.poll() is None, self.log()[-2000:]
-
-    def kill(self) -> None:
-        os.kill(self.process.pid, signal.SIGKILL)
-        self.process.wait(10)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
-        self._log.close()
 
 
 def test_three_bridges_on_a_shared_subscription_one_killed(tmp_path, cloud_and_pi, kafka_bootstrap, kafka_topics):
@@ -303,21 +172,6 @@ def test_bridge_outage_with_batches_in_flight_adds_no_duplicates(tmp_path, cloud
 
 
 # --- a 60 s Kafka blackhole under pipelined load ------------------------------------------
-
-
-@pytest.fixture
-def proxied_kafka(tmp_path: Path) -> Iterator[tuple[FaultProxy, str]]:
-    """A private Tansu behind a fault proxy; yields (proxy, bootstrap through the proxy)."""
-    tansu_port = free_port()
-    proxy = FaultProxy("127.0.0.1", tansu_port).start()
-    tansu = ProxiedTansu(tmp_path / "tansu", advertised_port=proxy.port)
-    tansu.port = tansu_port
-    try:
-        tansu.start()
-        yield proxy, proxy.address
-    finally:
-        tansu.stop()
-        proxy.stop()
 
 
 @pytest.mark.slow

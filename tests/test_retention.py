@@ -12,7 +12,6 @@ import jsonschema
 import pytest
 
 from tern.cloud.bridge import BridgeThread
-from tern.cloud.config import BridgeConfig
 from tern.cloud.consume import read_all
 from tern.core import codec
 from tern.core.codec import Batch, DropEvent, Reading, StatusEvent
@@ -22,7 +21,7 @@ from tern.edge.outbox import Outbox
 from tern.edge.retention import RetentionError, RetentionPolicy
 from tern.edge.service import Gateway
 
-from test_gateway import BOOT, SITE, Node, StatusNode, config, wait_until
+from helpers import BOOT, SITE, BridgeStub, Node, StatusNode, bridge_config, config, new_client, wait_until
 
 
 def reading(seq: int, device: str = "dev-a", boot: str = "b001", size: int = 1) -> Reading:
@@ -233,14 +232,7 @@ def test_dropped_readings_are_reported_in_kafka_and_statuses_survive(
         wait_until(lambda: gw.stats()["status_pending"] == 2, what="the will committed")
 
         bridge = BridgeThread(
-            BridgeConfig(
-                name="retention",
-                mqtt_broker=cloud.address,
-                kafka_bootstrap=kafka_bootstrap,
-                readings_topic=kafka_topics["readings"],
-                status_topic=kafka_topics["status"],
-                deadletter_topic=kafka_topics["deadletter"],
-            )
+            bridge_config(cloud, kafka_bootstrap, kafka_topics, name="retention")
         )
         with bridge:
             wait_until(
@@ -288,7 +280,6 @@ class BatchSpy:
     """A plain subscriber on the cloud broker's batch topic: every envelope, decoded, in order."""
 
     def __init__(self, broker, gateway: str) -> None:
-        from test_gateway import new_client
         from tern.core import topics
 
         self.batches: list[Batch] = []
@@ -319,14 +310,7 @@ def test_a_node_dying_behind_a_50000_reading_backlog_is_reported_within_one_batc
     status_node = StatusNode(local, "dev-dies")
     spy = BatchSpy(cloud, "gw1")
     bridge = BridgeThread(
-        BridgeConfig(
-            name="priority",
-            mqtt_broker=cloud.address,
-            kafka_bootstrap=kafka_bootstrap,
-            readings_topic=kafka_topics["readings"],
-            status_topic=kafka_topics["status"],
-            deadletter_topic=kafka_topics["deadletter"],
-        )
+        bridge_config(cloud, kafka_bootstrap, kafka_topics, name="priority")
     )
     try:
         with bridge, Gateway(config(local, cloud, outbox, batch_size=200)) as gw:
@@ -370,14 +354,7 @@ def test_a_node_dying_behind_a_50000_reading_backlog_is_reported_within_one_batc
 
 def bridge_for(cloud, kafka_bootstrap: str, kafka_topics: dict[str, str], name: str) -> BridgeThread:
     return BridgeThread(
-        BridgeConfig(
-            name=name,
-            mqtt_broker=cloud.address,
-            kafka_bootstrap=kafka_bootstrap,
-            readings_topic=kafka_topics["readings"],
-            status_topic=kafka_topics["status"],
-            deadletter_topic=kafka_topics["deadletter"],
-        )
+        bridge_config(cloud, kafka_bootstrap, kafka_topics, name=name)
     )
 
 
@@ -431,8 +408,6 @@ def test_disk_full_stops_acking_logs_one_line_and_recovers_losing_nothing(
 def test_pings_are_answered_while_acks_are_withheld(mosquitto_factory, tmp_path: Path) -> None:
     """Many keep-alive periods of a full disk, then of a full outbox (block): the brokers never
     drop the gateway's connections, and once acking resumes nothing is lost."""
-    from test_gateway import BridgeStub
-
     keepalive = 5  # mosquitto drops a client silent for 1.5 x this
     total = 100
     local, cloud = mosquitto_factory("local"), mosquitto_factory("cloud")
@@ -509,8 +484,6 @@ def test_token_bucket_holds_the_rate_over_time() -> None:
 
 
 def test_uplink_rate_limit_paces_a_returning_backlog(mosquitto_factory, tmp_path: Path) -> None:
-    from test_gateway import BridgeStub
-
     with pytest.raises(ValueError, match="uplink_rate_limit"):
         GatewayConfig(gateway_id="gw1", cloud_broker="127.0.0.1:1", outbox_path=str(tmp_path / "x.db"), uplink_rate_limit="lots")
     local, cloud = mosquitto_factory("local"), mosquitto_factory("cloud")
@@ -534,8 +507,6 @@ def test_uplink_rate_limit_paces_a_returning_backlog(mosquitto_factory, tmp_path
 
 
 def test_readings_expire_by_age_on_an_idle_gateway_and_the_drop_alone_makes_a_batch(mosquitto_factory, tmp_path: Path) -> None:
-    from test_gateway import BridgeStub
-
     local, cloud = mosquitto_factory("local"), mosquitto_factory("cloud")
     bridge = BridgeStub(cloud, confirm=False)
     try:

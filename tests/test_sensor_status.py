@@ -21,6 +21,8 @@ from tern.core.codec import StatusEvent
 from tern.edge.ingest import decode
 from tern.edge.outbox import DeadLetter, Outbox
 
+from helpers import bridge_config, run_mp
+
 SITE = "site-dn"
 
 
@@ -152,7 +154,6 @@ def retained(port: int, device: str, timeout: float = 5.0) -> codec.Status | Non
 @pytest.fixture
 def pipeline(tmp_path: Path, mosquitto_factory, kafka_bootstrap: str, kafka_topics: dict[str, str]):
     from tern.cloud.bridge import BridgeThread
-    from tern.cloud.config import BridgeConfig
     from tern.edge.config import GatewayConfig
     from tern.edge.service import Gateway
     from tern.harness.observe import KafkaTail
@@ -160,9 +161,7 @@ def pipeline(tmp_path: Path, mosquitto_factory, kafka_bootstrap: str, kafka_topi
     pi, cloud = mosquitto_factory("pi"), mosquitto_factory("cloud")
     gateway = Gateway(GatewayConfig(gateway_id="gw-dn", local_broker=pi.address, cloud_broker=cloud.address,
                                     outbox_path=tmp_path / "outbox.db"))
-    bridge = BridgeThread(BridgeConfig(name="dn", mqtt_broker=cloud.address, kafka_bootstrap=kafka_bootstrap,
-                                       readings_topic=kafka_topics["readings"], status_topic=kafka_topics["status"],
-                                       deadletter_topic=kafka_topics["deadletter"]))
+    bridge = BridgeThread(bridge_config(cloud, kafka_bootstrap, kafka_topics, name="dn"))
     with gateway, bridge:
         tail = KafkaTail(kafka_bootstrap, kafka_topics["readings"]).start()
         try:
@@ -316,8 +315,6 @@ def test_a_flapping_sensor_cannot_flood_the_status(tmp_path: Path) -> None:
     """The firmware's Sensors on the real unix port, a TMP102 that fails and answers while the ADC
     keeps going: a one-reading blip is no news; a sensor flapping every two readings costs STATUS_BURST
     statuses, then one per STATUS_EVERY_MS (shortened here), each naming the set as it is then."""
-    from test_sensors import run_mp
-
     result = run_mp(
         tmp_path,
         """

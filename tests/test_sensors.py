@@ -3,53 +3,15 @@ board; UART frames come from the host-side serial simulator through a real pty."
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from tern.device.emulate import emulated_dir, firmware_dir
 from tern.core.sensor_protocols import PMSFrame, decode_nmea, encode_pms, encode_sht3x
 from tern.device.serial_sim import BREAKAGES, SerialSim
-from tern.toolchain import micropython_binary
 
-
-def run_mp(tmp_path: Path, script: str, env: dict[str, str] | None = None, timeout: float = 30,
-           watch: SerialSim | None = None) -> dict:
-    """Run a MicroPython script with the firmware and emulated board on the path; parse its last line.
-
-    With ``watch``, the script can silence that simulated sensor by creating the file
-    ``pause`` in its folder (and wake it by removing the file).
-    """
-    try:
-        binary = micropython_binary()
-    except Exception as exc:  # a missing install step must fail, not skip
-        pytest.fail(f"MicroPython missing: {exc}")
-    path = tmp_path / "driver.py"
-    path.write_text(script)
-    full_env = dict(os.environ, MICROPYPATH=f"{emulated_dir()}:{firmware_dir()}", **(env or {}))
-    proc = subprocess.Popen(
-        [str(binary), "-X", "heapsize=100K", str(path)], cwd=tmp_path, env=full_env,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    deadline = time.monotonic() + timeout
-    try:
-        while proc.poll() is None and time.monotonic() < deadline:
-            if watch is not None:
-                watch.pause((tmp_path / "pause").exists())
-            time.sleep(0.02)
-        if proc.poll() is None:
-            pytest.fail(f"MicroPython script still running after {timeout} s")
-        out, err = proc.communicate(timeout=5)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(5)
-    assert proc.returncode == 0, out + err
-    return json.loads(out.strip().splitlines()[-1])
+from helpers import run_mp
 
 
 def test_tmp102_decoding_including_negative_temperatures(tmp_path: Path) -> None:

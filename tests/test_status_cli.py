@@ -8,9 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from gwobserve import client, gateway_config, publish_all, reading, status, status_json, wait_for
 from tern.edge.health import batches_in_flight
 from tern.edge.service import Gateway
+
+from helpers import client, gateway_config, publish_all, reading, status, status_json, wait_for
 
 SITE = "site-s"
 BOOT = "b0042"

@@ -8,10 +8,8 @@ from pathlib import Path
 
 from tern.core.codec import StatusEvent
 from tern.edge.outbox import Outbox
-from tern.edge.service import Gateway
 
-from test_gateway import BOOT, DEADLINE, BridgeStub, Node, StatusNode, config, outbox_rows, status_rows, wait_until
-from test_gateway import brokers, cleanup, outbox_path  # noqa: F401  (fixtures)
+from helpers import BOOT, BridgeStub, Node, StatusNode, outbox_rows, started_gateway, status_rows, wait_until
 
 
 def event(device: str, state: str) -> StatusEvent:
@@ -46,10 +44,7 @@ def test_two_devices_statuses_travel_at_once_but_one_devices_wait_for_its_confir
     bridge = BridgeStub(cloud, confirm=False)
     cleanup(bridge)
     # A short confirm timeout: the unconfirmed batches are re-sent meanwhile, each with its own events.
-    gw = Gateway(config(local, cloud, outbox_path, confirm_timeout_s=1.0))
-    cleanup(gw)
-    gw.start()
-    assert gw.wait_connected(DEADLINE)
+    gw = started_gateway(local, cloud, outbox_path, cleanup, confirm_timeout_s=1.0)
 
     def carrying(device: str, state: str) -> list:
         return [b for b in list(bridge.batches) if any((e.device, e.state) == (device, state) for e in b.statuses)]
@@ -114,10 +109,7 @@ def test_statuses_in_flight_when_the_broker_loses_the_session_go_again_unchanged
     local, cloud = mosquitto_factory("local"), mosquitto_factory("cloud", persistence=False)
     bridge = BridgeStub(cloud, confirm=False)
     cleanup(bridge)
-    gw = Gateway(config(local, cloud, outbox_path, confirm_timeout_s=60))
-    cleanup(gw)
-    gw.start()
-    assert gw.wait_connected(DEADLINE)
+    gw = started_gateway(local, cloud, outbox_path, cleanup, confirm_timeout_s=60)
 
     def sent() -> dict[int, list]:
         out: dict[int, list] = {}

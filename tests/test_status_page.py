@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from gwobserve import bridge, client, gateway_config, publish_all, reading, status
 from tern.core.codec import Status, encode_status
 from tern.device import EmulatedNode
 from tern.edge.service import Gateway
+
+from helpers import bridge, client, gateway_config, publish_all, reading, status
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright for Python is not installed (make setup)")
 

@@ -1,12 +1,12 @@
-"""Helpers for the tests of the gateway's metrics, status command and status page: paho
-"nodes" that publish real contract messages, a gateway with its HTTP endpoint on a free
-loopback port, and a bridge to Kafka. Every wait polls a real outcome under a deadline.
+"""Watching a running gateway or bridge from outside: paho "nodes" that publish real contract
+messages, a gateway with its HTTP endpoint on a free loopback port, a bridge to Kafka, and
+HTTP reads of /status.json, /healthz and /metrics (parsed by prometheus_client's parser).
 """
 
 from __future__ import annotations
 
 import json
-import time
+import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
@@ -17,25 +17,20 @@ from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client.parser import text_string_to_metric_families
 
 from tern.cloud.bridge import BridgeThread
-from tern.cloud.config import BridgeConfig
 from tern.core import codec, topics
 from tern.edge.config import GatewayConfig
 from tern.edge.service import Gateway
 from tern.harness.stack import Mosquitto, free_port
 
+from .kafka import bridge_config
+from .waiting import wait_until
+
 DEADLINE = 30.0
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = DEADLINE, what: str = "condition") -> Any:
-    """Poll ``predicate`` until it returns something true (returned), failing after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
+    """:func:`wait_until` with this module's deadline, polling every 0.1 s."""
+    return wait_until(predicate, timeout, what, interval=0.1)
 
 
 def client(broker: Mosquitto, client_id: str | None = None, will: tuple[str, bytes] | None = None) -> mqtt.Client:
@@ -87,14 +82,7 @@ def gateway_config(tmp: Path, pi: Mosquitto, cloud: Mosquitto, **extra: Any) -> 
 def bridge(cloud: Mosquitto, kafka_bootstrap: str, kafka_topics: dict[str, str]) -> BridgeThread:
     """A bridge from ``cloud`` to Kafka (not started)."""
     return BridgeThread(
-        BridgeConfig(
-            name=f"obs-{uuid.uuid4().hex[:6]}",
-            mqtt_broker=cloud.address,
-            kafka_bootstrap=kafka_bootstrap,
-            readings_topic=kafka_topics["readings"],
-            status_topic=kafka_topics["status"],
-            deadletter_topic=kafka_topics["deadletter"],
-        )
+        bridge_config(cloud, kafka_bootstrap, kafka_topics, name=f"obs-{uuid.uuid4().hex[:6]}")
     )
 
 
@@ -104,6 +92,29 @@ def http_get(url: str, timeout: float = 5.0) -> bytes:
         return res.read()
 
 
+def http_status(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
+    """GET ``url``: (HTTP status, body), an error status included."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as res:
+            return res.status, res.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def parse_metrics(text: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    """Prometheus text parsed by prometheus_client's parser: {sample name: {sorted labels: value}}."""
+    out: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    return out
+
+
+def scrape_url(url: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    """The metrics at ``url`` (a 2xx answer), parsed as by :func:`parse_metrics`."""
+    return parse_metrics(http_get(url).decode())
+
+
 def status_json(gw: Gateway) -> dict:
     """/status.json of a running gateway."""
     assert gw.status_server is not None
@@ -111,14 +122,9 @@ def status_json(gw: Gateway) -> dict:
 
 
 def scrape(gw: Gateway) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
-    """/metrics parsed by prometheus_client's parser: {sample name: {sorted labels: value}}."""
+    """/metrics of a running gateway, parsed as by :func:`parse_metrics`."""
     assert gw.status_server is not None
-    text = http_get(gw.status_server.url + "/metrics").decode()
-    out: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            out.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
-    return out
+    return scrape_url(gw.status_server.url + "/metrics")
 
 
 def value(metrics: dict, name: str, **labels: str) -> float | None:
