@@ -58,10 +58,20 @@ def mosquitto(mosquitto_factory: Callable[..., Mosquitto]) -> Mosquitto:
     return mosquitto_factory()
 
 
+#: The SCRAM-SHA-512 user the session's Apache Kafka cluster is formatted with.
+APACHE_KAFKA_SCRAM_USER = "tern-bridge"
+
+
 @pytest.fixture(scope="session")
 def apache_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApacheKafkaCluster]:
-    """A 3-node Apache Kafka cluster (KRaft, RF 3, min ISR 2), started once per session."""
-    cluster = ApacheKafkaCluster(tmp_path_factory.mktemp("apache-kafka")).start()
+    """A 3-node Apache Kafka cluster (KRaft, RF 3, min ISR 2), started once per session.
+
+    Besides PLAINTEXT it has a SASL_SSL listener (``sasl_bootstrap``, CA ``ca_file``) with one
+    SCRAM-SHA-512 user, ``APACHE_KAFKA_SCRAM_USER`` (password in ``scram_users``): the SASL
+    tests need no cluster of their own.
+    """
+    cluster = ApacheKafkaCluster(tmp_path_factory.mktemp("apache-kafka"),
+                                 scram_users={APACHE_KAFKA_SCRAM_USER: f"pw-{uuid.uuid4().hex}"}).start()
     print(f"\nApache Kafka cluster ready in {cluster.start_seconds:.1f} s at {cluster.bootstrap}")
     try:
         yield cluster
