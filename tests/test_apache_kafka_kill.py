@@ -10,6 +10,7 @@ the gateway's outbox; the figures of each kill are printed for the issue's note.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -45,8 +46,16 @@ class KillFigures:
     sent: int
     missing: int
     duplicates: int
+    #: From the kill until the outbox was empty; and from the nodes' last reading until then.
     drain_s: float
+    after_done_s: float
+    #: From the kill until the partition had a new leader.
+    failover_s: float
+    #: Longest time the victim's partition took no record while readings waited.
+    stall_s: float
     peak_pending: int
+    #: From the kill until the backlog was back to its pre-kill level (None: never, before the end).
+    backlog_cleared_s: float | None
 
 
 def wait_full_isr(cluster: ApacheKafkaCluster, topic: str, timeout: float = 60.0) -> None:
@@ -77,11 +86,52 @@ def judge(records: list[ConsumedRecord], expected: dict[str, tuple[str, int]]) -
                       key=lambda r: r.offset)
         assert len({r.partition for r in mine}) <= 1, f"{device} spread over partitions"
         seqs = [r.value["seq"] for r in mine if r.value["boot"] == boot]
+        assert seqs, f"{device}: nothing of boot {boot} in Kafka"
         first = list(dict.fromkeys(seqs))
         assert first == sorted(first), f"{device}: out of order: {first[:30]}"
         missing += len(set(range(1, count + 1)) - set(first))
         duplicates += len(seqs) - len(first)
     return missing, duplicates
+
+
+class Sampler:
+    """Every 0.1 s on its own thread: the outbox's backlog and the victim partition's record
+    count in Kafka (the test thread blocks in ``restart`` for seconds, so it cannot sample)."""
+
+    def __init__(self, gateway: Gateway, tail: KafkaTail, partition: int) -> None:
+        self.gateway, self.tail, self.partition = gateway, tail, partition
+        self.peak_pending = 0
+        self.longest_gap_s = 0.0
+        #: Seconds from the start until the backlog, after its peak, was back to what it
+        #: was at the start (or two batches, if that was less): the outage's drain time.
+        self.recovered_s: float | None = None
+        self._started = time.monotonic()
+        self._before = gateway.outbox.pending()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="kill-sampler")
+
+    def _run(self) -> None:
+        count, changed = -1, time.monotonic()
+        while not self._stop.wait(0.1):
+            pending = self.gateway.outbox.pending()
+            if pending > self.peak_pending:
+                self.peak_pending, self.recovered_s = pending, None
+            elif self.recovered_s is None and pending <= max(self._before, 2 * BATCH_SIZE) < self.peak_pending:
+                self.recovered_s = time.monotonic() - self._started
+            now_count = sum(1 for _, _, p in self.tail.records() if p == self.partition)
+            now = time.monotonic()
+            if now_count != count:
+                count, changed = now_count, now
+            elif self.gateway.outbox.pending():  # no progress while readings wait: a stall
+                self.longest_gap_s = max(self.longest_gap_s, now - changed)
+
+    def __enter__(self) -> "Sampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
 
 
 def test_leader_brokers_killed_under_firmware_load_lose_nothing(tmp_path, mosquitto_factory,
@@ -96,52 +146,58 @@ def test_leader_brokers_killed_under_firmware_load_lose_nothing(tmp_path, mosqui
                                         topic_replication=3, topic_min_insync=2, enable_idempotence=True))
     figures: list[KillFigures] = []
     victims: list[int] = []
+    partition: int | None = None
     with gateway, bridge:
         assert gateway.wait_connected(30)
         tail = KafkaTail(apache_kafka.bootstrap, topic).start()
         try:
             for phase in (1, 2):
-                with Fleet(tmp_path / f"nodes-{phase}", count=NODES, site=SITE, prefix=f"k{phase}", broker=pi.address,
+                # The same devices each time (fresh flash: a new boot, seqs from 1), so the
+                # busiest partition stays the same one and the second kill hits its new leader.
+                with Fleet(tmp_path / f"nodes-{phase}", count=NODES, site=SITE, prefix="kn", broker=pi.address,
                            interval_ms=INTERVAL_MS, max_readings=READINGS) as fleet:
                     devices = fleet.devices
-                    # Under load: every node's readings are arriving in Kafka.
-                    wait_until(lambda: len({i[0] for i in tail.identities()} & set(devices)) == NODES, 60,
+                    wait_until(lambda: all(n.boot for n in fleet), 30, "every node booted")
+                    boots = {(n.device, n.boot) for n in fleet}
+                    # Under load: every node's readings of this boot are arriving in Kafka.
+                    wait_until(lambda: boots <= {i[:2] for i in tail.identities()}, 60,
                                f"readings of {devices} in Kafka")
-                    partition = busiest_partition(tail)
+                    if partition is None:
+                        partition = busiest_partition(tail)
                     victim = apache_kafka.leader_of(topic, partition)
                     assert victim is not None and victim not in victims, (victim, victims)
                     victims.append(victim)
-                    killed = time.monotonic()
-                    apache_kafka.kill(victim)
-                    peak = 0
-
-                    def sample() -> bool:
-                        nonlocal peak
-                        peak = max(peak, gateway.outbox.pending())
-                        return False
-
-                    # Down for a while under load (writes to its partitions stall until the
-                    # controller fences it), then back with the same data.
-                    wait_until(lambda: sample() or time.monotonic() - killed > 3, 10, "load on a dead leader")
-                    apache_kafka.restart(victim)
-                    wait_until(lambda: sample() or fleet.wait_done(0), 120, "every node done sending")
-                    wait_until(lambda: sample() or gateway.outbox.pending() == 0, 120, "the outbox drained")
-                    drain_s = time.monotonic() - killed
+                    with Sampler(gateway, tail, partition) as sampler:
+                        killed = sampler._started = time.monotonic()
+                        apache_kafka.kill(victim)
+                        # Down until the controller fenced it and the partition has a new
+                        # leader (broker.session.timeout.ms: 9 s), then back with the same data.
+                        wait_until(lambda: apache_kafka.leader_of(topic, partition) not in (victim, None), 40,
+                                   f"a new leader of partition {partition}")
+                        failover_s = time.monotonic() - killed
+                        apache_kafka.restart(victim)
+                        wait_until(lambda: fleet.wait_done(0), 120, "every node done sending")
+                        done = time.monotonic()
+                        wait_until(lambda: gateway.outbox.pending() == 0, 120, "the outbox drained")
+                        drained = time.monotonic()
                     sent = {node.device: (node.boot, node.sent) for node in fleet}
                 assert all(count == READINGS for _, count in sent.values()), sent
                 records = read_all(apache_kafka.bootstrap, topic, timeout_s=60)
                 missing, duplicates = judge(records, sent)
                 figures.append(KillFigures(victim, partition, sum(c for _, c in sent.values()), missing, duplicates,
-                                           drain_s, peak))
+                                           drained - killed, drained - done, failover_s, sampler.longest_gap_s,
+                                           sampler.peak_pending, sampler.recovered_s))
                 wait_full_isr(apache_kafka, topic)  # the restarted broker caught up before the next kill
             stats = bridge.stats()
         finally:
             tail.stop()
     print()
     for n, f in enumerate(figures, 1):
-        print(f"kill {n}: broker {f.victim} (leader of partition {f.partition}) SIGKILLed and restarted: "
-              f"{f.sent} readings sent, {f.missing} missing, {f.duplicates} duplicates, outbox drained "
-              f"{f.drain_s:.1f} s after the kill (peak backlog {f.peak_pending})")
+        print(f"kill {n}: broker {f.victim} (leader of partition {f.partition}) SIGKILLed, new leader after "
+              f"{f.failover_s:.1f} s, restarted: {f.sent} readings sent, {f.missing} missing, {f.duplicates} "
+              f"duplicates; outbox drained {f.drain_s:.1f} s after the kill ({f.after_done_s:.1f} s after the "
+              f"last reading was sent); longest stall {f.stall_s:.1f} s, peak backlog {f.peak_pending} readings, "
+              f"back to the pre-kill backlog {f.backlog_cleared_s or float('nan'):.1f} s after the kill")
     print(f"bridge: {stats['retries']} Kafka write retries, {stats['kafka_failures']} failures, "
           f"{stats['duplicates_received']} re-sent batches recognised")
     assert [f.missing for f in figures] == [0, 0], figures
