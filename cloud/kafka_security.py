@@ -132,7 +132,8 @@ async def credentials_refused(servers: list[str], security: KafkaSecurity, timeo
                 security_protocol=security.protocol, sasl_mechanism=security.sasl_mechanism,
                 sasl_plain_username=security.sasl_username, sasl_plain_password=security.sasl_password), timeout_s)
         except refusals as exc:
-            return f"{type(exc).__name__}: {exc}"
+            text = str(exc)
+            return text if type(exc).__name__ in text else f"{type(exc).__name__}: {text}"
         except (OSError, asyncio.TimeoutError, Exception):  # down or unreachable: ask the next one
             continue
         conn.close()
