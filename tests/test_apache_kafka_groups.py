@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
 
 from tern.core import codec
 from tern.core.commands import Command
@@ -183,11 +184,13 @@ def group_members(kafka: str, group: str) -> int:
 
     async def go() -> int:
         admin = AIOKafkaAdminClient(bootstrap_servers=kafka)
-        await admin.start()
         try:
+            await admin.start()
             (response,) = await admin.describe_consumer_groups([group])
             _, _, state, _, _, members, *_ = response.groups[0]
             return len(members) if state == "Stable" else 0
+        except KafkaError:  # no coordinator for the new group yet: ask again
+            return 0
         finally:
             await admin.close()
 
