@@ -45,6 +45,7 @@ from paho.mqtt.enums import MQTTErrorCode
 from tern.cloud import presence
 from tern.cloud.config import BridgeConfig
 from tern.cloud.kafka_sink import KafkaSink, KafkaWriteError
+from tern.cloud.kafka_security import credentials_refused
 from tern.cloud.metrics import BridgeMonitor
 from tern.cloud.topic_setup import TopicSetupError, ensure_topics
 from tern.core import codec, topics
@@ -153,6 +154,7 @@ class Bridge:
                 "mqtt_disconnects",
                 "drops_written",
                 "outcomes_written",
+                "kafka_auth_failures",
             )
         }
         inflight = list(self._inflight)
@@ -177,6 +179,8 @@ class Bridge:
         self._loop = asyncio.get_running_loop()
         self._queue = asyncio.Queue()
         self._room = asyncio.Condition()
+        if not await self._wait_for_credentials(stop):
+            return  # stopped while Kafka still refused the credentials: nothing was started
         try:
             await ensure_topics(self.config)
         except TopicSetupError as exc:
@@ -231,6 +235,37 @@ class Bridge:
             self._disconnect_mqtt()
             await sink.stop()
             self._sink = None
+
+    async def _wait_for_credentials(self, stop: asyncio.Event) -> bool:
+        """With SASL: wait, backing off, until Kafka accepts the bridge's credentials.
+
+        A refusal is logged in one line per attempt (the reason, what to check, when it
+        tries again) and the attempts back off from ``retry_initial_s`` doubling to
+        ``retry_max_s``: the user may be created after the bridge starts (an init job), and a
+        bridge that exited instead would be restarted in a tighter, noisier loop. Nothing is
+        taken from MQTT meanwhile, so nothing is confirmed. Returns False if ``stop`` is set
+        first; Kafka unreachable is left to the start-up checks that follow.
+        """
+        cfg = self.config
+        delay = cfg.retry_initial_s
+        refused = 0
+        while not stop.is_set():
+            reason = await credentials_refused(cfg.kafka_servers, cfg.kafka_security, cfg.connect_timeout_s)
+            if reason is None:
+                if refused:
+                    log.info("Kafka accepted the bridge's credentials after %d refusals", refused)
+                return True
+            refused += 1
+            self._counters["kafka_auth_failures"] += 1
+            log.error("Kafka at %s refused the bridge's credentials (%s): %s; check TERN_KAFKA_SASL_USERNAME and "
+                      "TERN_KAFKA_SASL_PASSWORD(_FILE); nothing is taken from MQTT until it accepts them; "
+                      "retrying in %.0f s", cfg.kafka_bootstrap, cfg.kafka_security.describe(), reason, delay)
+            try:
+                await asyncio.wait_for(stop.wait(), delay)
+            except asyncio.TimeoutError:
+                pass
+            delay = min(delay * 2, cfg.retry_max_s)
+        return False
 
     def _start_router(self, stop: asyncio.Event) -> asyncio.Task:
         """Start routing commands (Kafka -> gateways) over this bridge's MQTT session.

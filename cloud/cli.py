@@ -21,7 +21,7 @@ import sys
 from typing import Sequence
 
 from tern.core import quoting
-from tern.cloud.reader import DEFAULT_DEDUP_WINDOW
+from tern.cloud.reader import DEFAULT_DEDUP_WINDOW, DEFAULT_SESSION_TIMEOUT_S
 from tern.core.errors import ConfigError, TernError
 from tern.security import redact
 
@@ -60,6 +60,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--topic-min-insync", type=int, metavar="N",
                      help="min.insync.replicas of a topic the bridge creates (env TERN_KAFKA_TOPIC_MIN_INSYNC; "
                      "default the broker's)")
+    run.add_argument("--command-session-timeout", type=float, metavar="S",
+                     help="the command router's consumer-group session timeout: a dead bridge's commands go to "
+                     "another after S seconds (env TERN_BRIDGE_COMMAND_SESSION_TIMEOUT, default 10; Kafka allows 6-1800)")
     run.add_argument("--stats-every", type=float, default=30.0, metavar="S", help="log counters every S seconds (0: never)")
     run.add_argument("--no-commands", action="store_true",
                      help="do not route commands from Kafka to the gateways (env TERN_BRIDGE_COMMANDS=0)")
@@ -86,6 +89,9 @@ def _parser() -> argparse.ArgumentParser:
     consume.add_argument("--dedup", nargs="?", type=int, const=DEFAULT_DEDUP_WINDOW, default=0, metavar="WINDOW",
                          help="drop repeated readings (device, boot, seq) and status events, remembering the last "
                          f"WINDOW identities (default {DEFAULT_DEDUP_WINDOW})")
+    consume.add_argument("--session-timeout", type=float, default=None, metavar="S",
+                         help="with --group: a member that died without leaving has its partitions handed to the "
+                         "others after S seconds (env TERN_CONSUME_SESSION_TIMEOUT, default 6, Kafka's smallest)")
     consume.add_argument("--max", type=int, default=None, metavar="N", help="stop after N records")
     consume.add_argument("--timeout", type=float, default=10.0, metavar="S",
                          help="give up when Kafka gives nothing for S seconds before the end is reached "
@@ -139,6 +145,7 @@ def _run(args: argparse.Namespace) -> int:
         topic_partitions=args.topic_partitions,
         topic_replication=args.topic_replication,
         topic_min_insync=args.topic_min_insync,
+        command_session_timeout_s=args.command_session_timeout,
         # On unless turned off by flag or by TERN_BRIDGE_COMMANDS (the library's default is off).
         commands=False if args.no_commands else (None if os.environ.get("TERN_BRIDGE_COMMANDS", "").strip() else True),
     )
@@ -204,6 +211,15 @@ def _consume(args: argparse.Namespace) -> int:
         raise ConfigError(f"--dedup window must be at least 1, got {args.dedup}")
     if not args.timeout > 0:
         raise ConfigError(f"--timeout must be a positive number of seconds, got {args.timeout}")
+    session = args.session_timeout
+    if session is None:
+        text = os.environ.get("TERN_CONSUME_SESSION_TIMEOUT", "").strip()
+        try:
+            session = float(text) if text else DEFAULT_SESSION_TIMEOUT_S
+        except ValueError:
+            raise ConfigError(f"TERN_CONSUME_SESSION_TIMEOUT: expected seconds, got {text!r}") from None
+    if not session > 0:
+        raise ConfigError(f"--session-timeout must be a positive number of seconds, got {session}")
     reader = TopicReader(
         bootstrap,
         names,
@@ -212,6 +228,7 @@ def _consume(args: argparse.Namespace) -> int:
         follow=args.follow,
         dedup_window=args.dedup,
         timeout_s=args.timeout,
+        session_timeout_s=session,
         kafka_options=KafkaSecurity.from_env().aiokafka_options(),
     )
     show = _JsonLines() if args.format == "json" else _Table(f"{', '.join(names)} @ {bootstrap}", streaming=args.follow)

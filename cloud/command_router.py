@@ -42,7 +42,7 @@ def _now_ms() -> int:
 @dataclass(frozen=True)
 class CommandSettings:
     """Where commands come from and their outcomes go (env ``TERN_KAFKA_COMMANDS_TOPIC``,
-    ``TERN_KAFKA_COMMAND_RESULTS_TOPIC``, ``TERN_BRIDGE_COMMAND_GROUP``)."""
+    ``TERN_KAFKA_COMMAND_RESULTS_TOPIC``, ``TERN_BRIDGE_COMMAND_GROUP``, ``TERN_BRIDGE_COMMAND_SESSION_TIMEOUT``)."""
 
     commands_topic: str = topics.KAFKA_COMMANDS
     results_topic: str = topics.KAFKA_COMMAND_RESULTS
@@ -53,11 +53,14 @@ class CommandSettings:
     route_wait_s: float = 5.0
     #: How long one publish may wait for the cloud broker's PUBACK before it is retried.
     publish_timeout_s: float = 10.0
+    #: Consumer-group session timeout: a router that died without leaving the group has its
+    #: partitions taken over by the others this long after its last heartbeat.
+    session_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
         if self.commands_topic == self.results_topic:
             raise ConfigError("results_topic must differ from commands_topic")
-        for name in ("route_wait_s", "publish_timeout_s"):
+        for name in ("route_wait_s", "publish_timeout_s", "session_timeout_s"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{name}: must be a positive number of seconds, got {value!r}")
@@ -66,7 +69,7 @@ class CommandSettings:
     def from_config(cls, config: BridgeConfig) -> "CommandSettings":
         """The settings a bridge's config names."""
         return cls(commands_topic=config.commands_topic, results_topic=config.command_results_topic,
-                   group=config.command_group)
+                   group=config.command_group, session_timeout_s=config.command_session_timeout_s)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "CommandSettings":
@@ -79,6 +82,12 @@ class CommandSettings:
             value = env.get(var, "").strip()
             if value:
                 values[name] = value
+        session = env.get("TERN_BRIDGE_COMMAND_SESSION_TIMEOUT", "").strip()
+        if session:
+            try:
+                values["session_timeout_s"] = float(session)
+            except ValueError:
+                raise ConfigError(f"TERN_BRIDGE_COMMAND_SESSION_TIMEOUT: expected seconds, got {session!r}") from None
         return cls(**values)
 
 
@@ -172,6 +181,8 @@ class CommandRouter:
             client_id=f"{cfg.client_id}-commands",
             auto_offset_reset="earliest",
             enable_auto_commit=False,
+            session_timeout_ms=int(settings.session_timeout_s * 1000),
+            heartbeat_interval_ms=max(100, int(settings.session_timeout_s * 1000 / 3)),
             **cfg.kafka_security.aiokafka_options(),
         )
         producer = AIOKafkaProducer(bootstrap_servers=cfg.kafka_servers, acks="all",

@@ -5,7 +5,7 @@ deployment's environment (``TERN_CLOUD_BROKER``, ``KAFKA_BOOTSTRAP``, ``TERN_KAF
 ``TERN_KAFKA_STATUS_TOPIC``, ``TERN_KAFKA_DEADLETTER``, ``TERN_BRIDGE_NAME``, ``TERN_BRIDGE_METRICS_PORT``,
 ``TERN_BRIDGE_METRICS_HOST``, ``TERN_BRIDGE_SHARE_GROUP``, ``TERN_BRIDGE_MAX_INFLIGHT_RECORDS``,
 ``TERN_BRIDGE_DEDUP_WINDOW``, ``TERN_BRIDGE_CREATE_TOPICS``, ``TERN_KAFKA_TOPIC_PARTITIONS``,
-``TERN_KAFKA_TOPIC_REPLICATION``, ``TERN_KAFKA_TOPIC_MIN_INSYNC``, ...). Wrong values raise
+``TERN_KAFKA_TOPIC_REPLICATION``, ``TERN_KAFKA_TOPIC_MIN_INSYNC``, ``TERN_BRIDGE_COMMAND_SESSION_TIMEOUT``, ...). Wrong values raise
 :class:`tern.core.errors.ConfigError` naming the field and what is wrong with it.
 """
 
@@ -153,6 +153,12 @@ class BridgeConfig:
     command_results_topic: str = topics.KAFKA_COMMAND_RESULTS
     #: Consumer group of the command router: bridges sharing it split the commands.
     command_group: str = "tern-bridge-commands"
+    #: The router's consumer-group session timeout: a bridge that dies without leaving the
+    #: group (SIGKILL, power cut) has its command partitions handed to the others this long
+    #: after its last heartbeat (heartbeats every third of it). Kafka accepts 6-1800 s by
+    #: default (``group.min/max.session.timeout.ms``); shorter means faster takeover but a
+    #: bridge stalled that long (a GC pause, an overloaded host) loses its partitions.
+    command_session_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
         try:
@@ -181,7 +187,12 @@ class BridgeConfig:
             value = getattr(self, field_name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ConfigError(f"{field_name}: must be an integer >= {low}, got {value!r}")
-        for field_name in ("retry_initial_s", "retry_max_s", "connect_timeout_s"):
+        if isinstance(self.command_session_timeout_s, str):
+            try:
+                object.__setattr__(self, "command_session_timeout_s", float(self.command_session_timeout_s))
+            except ValueError:
+                pass  # reported below
+        for field_name in ("retry_initial_s", "retry_max_s", "connect_timeout_s", "command_session_timeout_s"):
             value = getattr(self, field_name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
                 raise ConfigError(f"{field_name}: must be a positive number of seconds, got {value!r}")
@@ -331,7 +342,8 @@ class BridgeConfig:
                                 ("TERN_BRIDGE_CREATE_TOPICS", "create_topics"),
                                 ("TERN_KAFKA_TOPIC_PARTITIONS", "topic_partitions"),
                                 ("TERN_KAFKA_TOPIC_REPLICATION", "topic_replication"),
-                                ("TERN_KAFKA_TOPIC_MIN_INSYNC", "topic_min_insync")):
+                                ("TERN_KAFKA_TOPIC_MIN_INSYNC", "topic_min_insync"),
+                                ("TERN_BRIDGE_COMMAND_SESSION_TIMEOUT", "command_session_timeout_s")):
             value = env.get(var, "").strip()
             if value:
                 values[field_name] = value

@@ -99,3 +99,43 @@ class KafkaSecurity:
             sasl_mechanism=(get("TERN_KAFKA_SASL_MECHANISM") or "").upper() or None,
             sasl_username=get("TERN_KAFKA_SASL_USERNAME"), sasl_password=password,
         )
+
+
+async def credentials_refused(servers: list[str], security: KafkaSecurity, timeout_s: float) -> str | None:
+    """Why Kafka refuses ``security``'s SASL credentials, or None when it accepts them (or
+    when no broker could be asked: being unreachable is not a refusal, and is reported later).
+
+    One connection to the first broker that answers, with the full SASL handshake: aiokafka
+    itself reports a refusal only as "Unable to bootstrap", after an ERROR line per broker,
+    so the bridge asks this first to say in one line what is wrong.
+    """
+    if not security.protocol.startswith("SASL_"):
+        return None
+    import asyncio
+
+    from aiokafka.conn import create_conn
+    from aiokafka.errors import (
+        AuthenticationFailedError,
+        IllegalSaslStateError,
+        SaslAuthenticationFailed,
+        UnsupportedSaslMechanismError,
+    )
+
+    refusals = (SaslAuthenticationFailed, AuthenticationFailedError, UnsupportedSaslMechanismError,
+                IllegalSaslStateError)
+    options = security.aiokafka_options()
+    for server in servers:
+        host, _, port = server.rpartition(":")
+        try:
+            conn = await asyncio.wait_for(create_conn(
+                host, int(port), request_timeout_ms=int(timeout_s * 1000), ssl_context=options.get("ssl_context"),
+                security_protocol=security.protocol, sasl_mechanism=security.sasl_mechanism,
+                sasl_plain_username=security.sasl_username, sasl_plain_password=security.sasl_password), timeout_s)
+        except refusals as exc:
+            text = str(exc)
+            return text if type(exc).__name__ in text else f"{type(exc).__name__}: {text}"
+        except (OSError, asyncio.TimeoutError, Exception):  # down or unreachable: ask the next one
+            continue
+        conn.close()
+        return None
+    return None

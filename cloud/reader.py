@@ -65,6 +65,9 @@ _DECODERS = (
 #: Identities remembered by default: ~15 MB (measured with tracemalloc), many batches' worth of re-sends from
 #: thousands of gateways.
 DEFAULT_DEDUP_WINDOW = 100_000
+#: A group member's session timeout: Kafka's smallest by default (group.min.session.timeout.ms),
+#: so a reader that died hands its partitions on soonest.
+DEFAULT_SESSION_TIMEOUT_S = 6.0
 
 
 class ReaderError(TernError, RuntimeError):
@@ -201,7 +204,8 @@ class TopicReader:
 
     ``timeout_s`` bounds the wait for Kafka: connecting, finding the topics, and (without
     ``follow``) any stretch with no record while the end is not reached yet; after it the
-    reader stops and :attr:`reached_end` stays False. ``dedup_window`` > 0 drops repeats
+    reader stops and :attr:`reached_end` stays False. ``session_timeout_s`` is the group
+    member's session timeout (with ``group``). ``dedup_window`` > 0 drops repeats
     (counted in :attr:`duplicates`). ``kafka_options`` go to aiokafka (TLS and SASL:
     :meth:`tern.cloud.kafka_security.KafkaSecurity.aiokafka_options`).
     """
@@ -217,7 +221,11 @@ class TopicReader:
         dedup_window: int = 0,
         timeout_s: float = 10.0,
         kafka_options: Mapping[str, Any] | None = None,
+        session_timeout_s: float = DEFAULT_SESSION_TIMEOUT_S,
     ) -> None:
+        if not session_timeout_s > 0:
+            raise ValueError(f"session_timeout_s must be positive, got {session_timeout_s!r}")
+        self.session_timeout_s = session_timeout_s
         self.bootstrap = bootstrap
         self.topics = [topics] if isinstance(topics, str) else list(topics)
         if not self.topics:
@@ -255,9 +263,10 @@ class TopicReader:
             enable_auto_commit=False,  # committed for what was handed out, see _commit
             auto_offset_reset="earliest" if self.from_beginning else "latest",
             request_timeout_ms=max(1000, int(min(self.timeout_s, 30) * 1000)),
-            # Kafka's smallest session: a reader that died hands its partitions on soonest.
-            session_timeout_ms=6000,
-            heartbeat_interval_ms=2000,
+            # A reader that died without leaving hands its partitions on this long after its
+            # last heartbeat (heartbeats every third of it).
+            session_timeout_ms=int(self.session_timeout_s * 1000),
+            heartbeat_interval_ms=max(100, int(self.session_timeout_s * 1000 / 3)),
             **self.kafka_options,
         )
         try:

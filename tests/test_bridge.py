@@ -483,3 +483,22 @@ def test_cli_consume_shows_readings_and_node_status(kafka_bootstrap, kafka_topic
     assert "2 records" in out
     assert "t=1.5" in out and "offline" in out
     assert "unknown" not in out  # the old output: "unknown schema" (may wrap at 80 columns)
+
+
+def test_command_session_timeout_from_flag_env_and_config() -> None:
+    """The router's consumer-group session timeout: BridgeConfig, TERN_BRIDGE_COMMAND_SESSION_TIMEOUT,
+    ``tern-bridge run --command-session-timeout``; it reaches the router's settings."""
+    from tern.cloud.cli import _parser
+    from tern.cloud.command_router import CommandSettings
+    from tern.core.errors import ConfigError
+
+    assert BridgeConfig().command_session_timeout_s == 10.0
+    config = BridgeConfig.from_env({"TERN_BRIDGE_COMMAND_SESSION_TIMEOUT": "7.5"})
+    assert CommandSettings.from_config(config).session_timeout_s == 7.5
+    assert BridgeConfig.from_env({"TERN_BRIDGE_COMMAND_SESSION_TIMEOUT": "7.5"},
+                                 command_session_timeout_s=6.0).command_session_timeout_s == 6.0
+    args = _parser().parse_args(["run", "--command-session-timeout", "8"])
+    assert args.command_session_timeout == 8.0
+    for bad in ("0", "-1", "soon"):
+        with pytest.raises(ConfigError, match="command_session_timeout_s"):
+            BridgeConfig.from_env({"TERN_BRIDGE_COMMAND_SESSION_TIMEOUT": bad})

@@ -46,12 +46,14 @@ class KafkaNode(ManagedProcess):
     """One combined broker+controller JVM; its log is ``<workdir>/kafka-<id>.log``."""
 
     def __init__(self, workdir: Path, node_id: int, broker_port: int, controller_port: int,
-                 heap_mb: int, fast_start: bool) -> None:
+                 heap_mb: int, fast_start: bool, sasl_port: int | None = None) -> None:
         self.name = f"kafka-{node_id}"
         super().__init__(workdir)
         self.node_id = node_id
         self.broker_port = broker_port
         self.controller_port = controller_port
+        #: Port of the SASL_SSL listener (SCRAM-SHA-512 over TLS), when the cluster has one.
+        self.sasl_port = sasl_port
         self.heap_mb = heap_mb
         self.fast_start = fast_start
         self.properties_path = self.workdir / f"node-{node_id}.properties"
@@ -61,6 +63,11 @@ class KafkaNode(ManagedProcess):
     def address(self) -> str:
         """``host:port`` of this node's broker listener."""
         return f"{LOOPBACK}:{self.broker_port}"
+
+    @property
+    def sasl_address(self) -> str | None:
+        """``host:port`` of this node's SASL_SSL listener, or None without one."""
+        return f"{LOOPBACK}:{self.sasl_port}" if self.sasl_port else None
 
     def java_command(self, main_class: str, *args: str) -> list[str]:
         """A ``java`` command line running ``main_class`` from Kafka's jars with lean JVM options."""
@@ -92,12 +99,19 @@ class ApacheKafkaCluster:
     ``with ApacheKafkaCluster(workdir) as kafka: kafka.bootstrap`` ... ; per node (ids 1..nodes):
     :meth:`kill` (SIGKILL), :meth:`stop` (graceful), :meth:`restart`; :meth:`leader_of` a partition.
     Every wait is bounded; a failure raises ServiceError with the failing node's log tail.
+
+    ``scram_users`` (name -> password) gives every node a second client listener, SASL_SSL
+    with SCRAM-SHA-512 (:attr:`sasl_bootstrap`), its certificate issued by a CA made here with
+    :mod:`tern.security.pki` (:attr:`ca_file`), and creates those users when the storage is
+    formatted (``StorageTool format --add-scram``). The PLAINTEXT listener stays as it is (the
+    brokers talk to each other over it), so one cluster serves both kinds of test.
     """
 
     kind = "apache"
 
     def __init__(self, workdir: Path, nodes: int = 3, heap_mb: int = 512, *, fast_start: bool = True,
-                 overrides: dict[str, str] | None = None, start_timeout: float = 90.0) -> None:
+                 overrides: dict[str, str] | None = None, start_timeout: float = 90.0,
+                 scram_users: dict[str, str] | None = None) -> None:
         if not 1 <= nodes <= 9:
             raise ValueError(f"nodes must be 1-9, got {nodes}")
         self.workdir = Path(workdir)
@@ -106,8 +120,15 @@ class ApacheKafkaCluster:
         self.cluster_id = random_cluster_id()
         #: Extra broker settings over deploy/kafka/broker.properties (e.g. shorter timeouts).
         self.overrides = dict(overrides or {})
+        #: SCRAM-SHA-512 users (name -> password) of the SASL_SSL listener; empty: no such listener.
+        self.scram_users = dict(scram_users or {})
+        for name, password in self.scram_users.items():
+            if not name or any(c in name + password for c in ",=[]'\""):
+                raise ValueError(f"SCRAM user {name!r}: names and passwords may not hold , = [ ] or quotes")
         self.nodes: dict[int, KafkaNode] = {
-            n: KafkaNode(self.workdir, n, free_port(), free_port(), heap_mb, fast_start) for n in range(1, nodes + 1)
+            n: KafkaNode(self.workdir, n, free_port(), free_port(), heap_mb, fast_start,
+                         free_port() if self.scram_users else None)
+            for n in range(1, nodes + 1)
         }
         #: Seconds the last :meth:`start` took (formatting included), for reports.
         self.start_seconds = 0.0
@@ -118,6 +139,23 @@ class ApacheKafkaCluster:
     def bootstrap(self) -> str:
         """Every broker, ``host:port,...``: clients find the cluster through any live one."""
         return ",".join(node.address for node in self.nodes.values())
+
+    @property
+    def sasl_bootstrap(self) -> str:
+        """Every broker's SASL_SSL listener, ``host:port,...`` (ValueError without ``scram_users``)."""
+        if not self.scram_users:
+            raise ValueError("this cluster has no SASL_SSL listener (give scram_users)")
+        return ",".join(str(node.sasl_address) for node in self.nodes.values())
+
+    @property
+    def tls_dir(self) -> Path:
+        """Where the SASL_SSL listener's CA and server certificate are (``ca.crt``, ``kafka.pem``)."""
+        return self.workdir / "tls"
+
+    @property
+    def ca_file(self) -> Path:
+        """The CA that issued the SASL_SSL listener's certificate: what clients trust."""
+        return self.tls_dir / "ca.crt"
 
     @property
     def replication_factor(self) -> int:
@@ -133,13 +171,20 @@ class ApacheKafkaCluster:
         """The full settings of ``node``: the shared file, its own topology, then the overrides."""
         settings = broker_settings()
         voters = ",".join(f"{n.node_id}@{LOOPBACK}:{n.controller_port}" for n in self.nodes.values())
+        listeners = f"PLAINTEXT://{LOOPBACK}:{node.broker_port},CONTROLLER://{LOOPBACK}:{node.controller_port}"
+        advertised = f"PLAINTEXT://{LOOPBACK}:{node.broker_port}"
+        protocols = "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT"
+        if node.sasl_port:
+            listeners += f",SASL_SSL://{LOOPBACK}:{node.sasl_port}"
+            advertised += f",SASL_SSL://{LOOPBACK}:{node.sasl_port}"
+            protocols += ",SASL_SSL:SASL_SSL"
         settings.update({
             "node.id": str(node.node_id),
             "controller.quorum.voters": voters,
-            "listeners": f"PLAINTEXT://{LOOPBACK}:{node.broker_port},CONTROLLER://{LOOPBACK}:{node.controller_port}",
-            "advertised.listeners": f"PLAINTEXT://{LOOPBACK}:{node.broker_port}",
+            "listeners": listeners,
+            "advertised.listeners": advertised,
             "inter.broker.listener.name": "PLAINTEXT",
-            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "listener.security.protocol.map": protocols,
             "log.dirs": str(node.data_dir),
             # The shared file's RF 3 cannot be met by a smaller test cluster.
             "default.replication.factor": str(self.replication_factor),
@@ -152,6 +197,15 @@ class ApacheKafkaCluster:
             "num.io.threads": "2",
             "num.recovery.threads.per.data.dir": "1",
         })
+        if node.sasl_port:
+            settings.update({
+                "sasl.enabled.mechanisms": "SCRAM-SHA-512",
+                "listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config":
+                    "org.apache.kafka.common.security.scram.ScramLoginModule required;",
+                # One PEM file holding the (unencrypted PKCS#8) key and the certificate.
+                "listener.name.sasl_ssl.ssl.keystore.type": "PEM",
+                "listener.name.sasl_ssl.ssl.keystore.location": str(self.tls_dir / "kafka.pem"),
+            })
         settings.update(self.overrides)
         return settings
 
@@ -161,6 +215,8 @@ class ApacheKafkaCluster:
         """Format every node's storage, start all nodes and wait until the cluster is ready."""
         started = time.monotonic()
         deadline = started + self.start_timeout
+        if self.scram_users:
+            self._write_tls()
         for node in self.nodes.values():
             text = "".join(f"{k}={v}\n" for k, v in self.node_properties(node).items())
             node.properties_path.write_text(text)
@@ -180,13 +236,25 @@ class ApacheKafkaCluster:
         self.start_seconds = time.monotonic() - started
         return self
 
+    def _write_tls(self) -> None:
+        """A CA and a server certificate for the SASL_SSL listener (loopback), made here."""
+        from tern.security import pki
+
+        ca = pki.make_ca("Tern test Kafka CA")
+        ca.write(self.tls_dir, "ca")
+        server = pki.issue_server(ca, [LOOPBACK, "localhost"])
+        (self.tls_dir / "kafka.pem").write_bytes(server.key_pem + server.cert_pem)
+        (self.tls_dir / "kafka.pem").chmod(0o600)
+
     def _format(self, deadline: float) -> None:
         """``kafka-storage format`` every node at once (each is a JVM start of ~2 s)."""
         jobs = []
         for node in self.nodes.values():
             log = open(self.workdir / f"format-{node.node_id}.log", "wb")
+            scram = [arg for name, password in self.scram_users.items()
+                     for arg in ("--add-scram", f"SCRAM-SHA-512=[name={name},password={password}]")]
             command = node.java_command("kafka.tools.StorageTool", "format", "-t", self.cluster_id,
-                                        "-c", str(node.properties_path))
+                                        "-c", str(node.properties_path), *scram)
             jobs.append((node, log, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                                      stdin=subprocess.DEVNULL, cwd=self.workdir)))
         failed = []
