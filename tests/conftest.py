@@ -241,33 +241,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     Under pytest-xdist a long test that starts last keeps one worker busy after the others
     are done; handed out first, the short tests fill the other workers around it.
     """
-    _xdist_group_suffix(config, items)
     for item in items:
         if item.path.name in QUICK_MODULES or "config" in item.name:
             item.add_marker(pytest.mark.quick)
     items.sort(key=lambda item: 0 if item.get_closest_marker("slow") or item.get_closest_marker("xdist_group") else 1)
-
-
-def _xdist_group_suffix(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Give each ``xdist_group`` test the ``@<group>`` node-id suffix ``--dist loadgroup`` groups by.
-
-    pytest-xdist 3.8 sets it through ``item._nodeid``, which pytest 9 no longer reads (a node's
-    id lives in ``item._id``): every group was spread over all workers, and each worker that
-    got an Apache Kafka test started its own 3-node cluster (measured: four clusters, twelve
-    JVMs, 55 s cluster starts and a coordinator that was not ready). Done here the way the
-    running pytest reads it; a no-op where xdist's own suffix took effect.
-    """
-    if not getattr(config.option, "loadgroup", False):
-        return
-    for item in items:
-        names = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
-                        for m in item.iter_markers("xdist_group")})
-        suffix = "@" + "_".join(names)
-        if not names or item.nodeid.endswith(suffix):
-            continue
-        if hasattr(item, "_id"):
-            from _pytest.nodeid import coerce_node_id
-
-            item._id = coerce_node_id(item.nodeid + suffix)
-        else:
-            item._nodeid = item.nodeid + suffix

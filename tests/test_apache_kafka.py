@@ -20,26 +20,14 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError
 
 from tern.cloud.bridge import BridgeError, BridgeThread
-from tern.cloud.config import BridgeConfig
 from tern.cloud.consume import read_all
 from tern.edge.service import Gateway
 from tern.harness.kafka_cluster import ApacheKafkaCluster
 from helpers import wait_until
+from helpers.apache import apache_bridge_config as bridge_config, fresh_names
 from helpers.pipeline import assert_complete_in_order, by_device, feed, outbox_empty, pipeline_gateway_config as gateway_config
 
 pytestmark = [pytest.mark.apache_kafka, pytest.mark.xdist_group("apache_kafka")]
-
-
-def fresh_names(prefix: str = "ak") -> dict[str, str]:
-    suffix = uuid.uuid4().hex[:8]
-    return {role: f"{prefix}.{role}.{suffix}" for role in ("readings", "status", "deadletter")}
-
-
-def bridge_config(cloud_address: str, bootstrap: str, names: dict[str, str], **extra) -> BridgeConfig:
-    extra.setdefault("name", f"ak{uuid.uuid4().hex[:8]}")
-    return BridgeConfig(mqtt_broker=cloud_address, kafka_bootstrap=bootstrap, readings_topic=names["readings"],
-                        status_topic=names["status"], deadletter_topic=names["deadletter"],
-                        connect_timeout_s=20, **extra)
 
 
 async def describe(bootstrap: str, topics: list[str], timeout: float = 15.0) -> tuple[dict[str, list[dict]], dict[str, dict[str, str]]]:

@@ -32,9 +32,10 @@ from tern.edge.service import Gateway
 from tern.harness.kafka_cluster import ApacheKafkaCluster
 from tern.harness.observe import wait_until
 from tern.harness.stack import ensure_topics
-from test_apache_kafka import fresh_names
-from test_commands_e2e import OutcomeTail, Proc, executions, expiry, produce
-from test_pipeline import gateway_config
+from helpers.apache import fresh_names
+from helpers import Proc, produce
+from helpers.commands import OutcomeTail, executions, expiry
+from helpers.pipeline import pipeline_gateway_config as gateway_config
 
 pytestmark = [pytest.mark.apache_kafka, pytest.mark.xdist_group("apache_kafka")]
 
@@ -83,7 +84,7 @@ def test_a_killed_bridges_commands_are_routed_by_the_other_within_the_session_ti
             # Both routers in the group (one command partition each) and the node's birth in
             # the status topic: the first command is routed and done.
             first = Command("g-0", "grp-1", "set_config", {"key": "bundle_max", "value": 3}, expires_ms=expiry(300))
-            produce(kafka, names["commands"], first)
+            produce(kafka, names["commands"], [first])
             assert wait_until(lambda: outcomes.first("g-0", "done") is not None, 60), (
                 outcomes.kinds("g-0"), [b.log()[-2000:] for b in bridges], node.log_text()[-2000:])
             owner = next(b for b in bridges if routed(b, "g-0"))
@@ -92,8 +93,8 @@ def test_a_killed_bridges_commands_are_routed_by_the_other_within_the_session_ti
             owner.kill()  # no LeaveGroup: the coordinator must notice by the session timeout
             killed = time.monotonic()
             ids = [f"g-{i}" for i in range(1, 5)]
-            produce(kafka, names["commands"], *(Command(cid, "grp-1", "set_config", {"key": "bundle_max", "value": 3 + i},
-                                                        expires_ms=expiry(300)) for i, cid in enumerate(ids, 1)))
+            produce(kafka, names["commands"], [Command(cid, "grp-1", "set_config", {"key": "bundle_max", "value": 3 + i},
+                                                       expires_ms=expiry(300)) for i, cid in enumerate(ids, 1)])
             assert wait_until(lambda: routed(other, ids[0]), SESSION_S + REBALANCE_SLACK_S + 10, interval=0.05), (
                 other.log()[-3000:])
             pickup_s = time.monotonic() - killed

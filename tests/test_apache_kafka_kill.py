@@ -23,8 +23,9 @@ from tern.device.emulate import Fleet
 from tern.edge.service import Gateway
 from tern.harness.kafka_cluster import ApacheKafkaCluster
 from tern.harness.observe import KafkaTail
-from test_apache_kafka import bridge_config, fresh_names
-from test_pipeline import gateway_config, wait_until
+from helpers.apache import apache_bridge_config as bridge_config, fresh_names
+from helpers import wait_until
+from helpers.pipeline import pipeline_gateway_config as gateway_config
 
 pytestmark = [pytest.mark.apache_kafka, pytest.mark.xdist_group("apache_kafka")]
 

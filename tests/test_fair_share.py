@@ -85,7 +85,8 @@ def good_node(local, device: str, cleanup) -> Node:
 def test_runaway_is_held_back_the_good_node_is_committed_and_all_of_it_reaches_kafka(
     mosquitto_factory, tmp_path: Path, kafka_bootstrap: str, kafka_topics: dict[str, str], cleanup, caplog
 ) -> None:
-    from test_retention import bridge_for
+    from helpers import bridge_config
+    from tern.cloud.bridge import BridgeThread
     from tern.cloud.consume import read_all
 
     local, cloud = mosquitto_factory("local"), mosquitto_factory("cloud")
@@ -124,7 +125,7 @@ def test_runaway_is_held_back_the_good_node_is_committed_and_all_of_it_reaches_k
     print(f"\nflood of 20,000 published in {flood_s:.1f} s; good node's 100 acked in {good_acked_s:.2f} s; rows {rows}")
 
     # The link returns: everything committed reaches Kafka.
-    bridge = bridge_for(cloud, kafka_bootstrap, kafka_topics, "fair")
+    bridge = BridgeThread(bridge_config(cloud, kafka_bootstrap, kafka_topics, name="fair"))
     with bridge:
         wait_until(lambda: gw.stats()["pending"] == 0 and gw.stats()["inflight_bseq"] is None,
                    what="outbox drained", timeout=60)
@@ -241,10 +242,10 @@ def test_real_firmware_held_back_sends_again_and_loses_nothing(mosquitto_factory
     """The real firmware above device_rate_limit: held back (acked to the broker, not committed,
     no node ack), then asked to send again by the repeated node ack: every reading arrives once
     in the cloud, and the node's ring dropped none."""
-    from test_firmware_node import _require_toolchain
+    from helpers import require_toolchain
     from tern.device import EmulatedNode
 
-    _require_toolchain()
+    require_toolchain()
     local, cloud = mosquitto_factory("local"), mosquitto_factory("cloud")
     bridge = BridgeStub(cloud)
     cleanup(bridge)

@@ -13,21 +13,17 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
+from helpers import require_toolchain
+
 from tern.core.codec import decode_reading, decode_status
 from tern.device import EmulatedNode
 from tern.harness.stack import Mosquitto
 from tern.core.topics import ack_topic, status_topic, telemetry_topic
-from tern.toolchain import micropython_binary, umqtt_path
 
 SITE = "lab"
 
 
-def _require_toolchain() -> None:
-    try:
-        micropython_binary()
-        umqtt_path()
-    except Exception as exc:  # ToolMissing: a missing install step must fail, and say why
-        pytest.fail(f"MicroPython toolchain missing: {exc}")
+_require_toolchain = require_toolchain
 
 
 class Watcher:

@@ -29,8 +29,9 @@ from tern.harness.kafka_cluster import ApacheKafkaCluster
 from tern.harness.observe import wait_until as poll_until
 from tern.harness.stack import Tansu, ensure_topics
 from conftest import APACHE_KAFKA_SCRAM_USER
-from test_apache_kafka import bridge_config, fresh_names
-from test_pipeline import by_device, feed, gateway_config, wait_until
+from helpers.apache import apache_bridge_config as bridge_config, fresh_names
+from helpers import wait_until
+from helpers.pipeline import by_device, feed, pipeline_gateway_config as gateway_config
 from tern.security import pki
 from tern.cloud.kafka_security import KafkaSecurity
 from tlsproxy import TlsTerminator

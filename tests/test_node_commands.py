@@ -14,13 +14,14 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
+from helpers import require_toolchain
+
 from tern.core.codec import decode_reading, decode_status
 from tern.core.commands import Command, NodeReply, decode_node_reply, encode_node_command
 from tern.core.topics import command_topic, reply_topic, status_topic, telemetry_topic
 from tern.device import EmulatedNode
 from tern.harness.stack import Mosquitto
 from tern.security.mosquitto_auth import DeviceAuth
-from tern.toolchain import micropython_binary, umqtt_path
 
 SITE = "lab"
 WAIT_S = 20.0
@@ -89,12 +90,7 @@ class Gateway:
         self.client.disconnect()
 
 
-def _require_toolchain() -> None:
-    try:
-        micropython_binary()
-        umqtt_path()
-    except Exception as exc:  # a missing install step must fail, and say why
-        pytest.fail(f"MicroPython toolchain missing: {exc}")
+_require_toolchain = require_toolchain
 
 
 @pytest.fixture

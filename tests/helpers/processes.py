@@ -107,3 +107,15 @@ def run_mp(tmp_path: Path, script: str, env: dict[str, str] | None = None, timeo
     assert proc.returncode == 0, out + err
     return json.loads(out.strip().splitlines()[-1])
 
+
+def require_toolchain() -> None:
+    """Fail (never skip) when MicroPython or umqtt is missing: a missing install step must show."""
+    import pytest
+
+    from tern.toolchain import micropython_binary, umqtt_path
+
+    try:
+        micropython_binary()
+        umqtt_path()
+    except Exception as exc:  # ToolMissing
+        pytest.fail(f"MicroPython toolchain missing: {exc}")
