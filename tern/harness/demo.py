@@ -444,7 +444,10 @@ class Story:
                     drained_at = now
                     # The gateway sends its backlog in large batches, each confirmed at once:
                     # the depth falls in as many steps as there were batches.
-                    batches = stats["batches_confirmed"] - batches_before
+                    # (The gateway counts a round of confirms just after deleting its rows.)
+                    self.wait(lambda: gateway.stats()["batches_confirmed"] > batches_before, 2)
+                    time.sleep(0.05)
+                    batches = gateway.stats()["batches_confirmed"] - batches_before
                     self.say("drained", f"backlog drained: outbox {' → '.join(map(str, condense(depths, 6)))} "
                                         f"in {batches} confirmed batches, empty {now - back_at:.1f} s after the "
                                         "uplink returned",
