@@ -10,7 +10,7 @@ import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import paho.mqtt.client as mqtt
 
@@ -223,3 +223,83 @@ class KafkaTail:
         """Identities consumed so far, in consumption order."""
         with self._lock:
             return [identity for identity, _, _ in self._records]
+
+
+class TopicTail:
+    """Consumes any Kafka topic from the beginning in a background thread, decoding each value
+    with ``decode``; keeps (monotonic time consumed, decoded value) in consumption order.
+
+    The demo follows the status and command-results topics with it: *when* a record arrived
+    is part of what it tells (a last will that waited in the outbox arrives after the uplink
+    returns). Values ``decode`` rejects with a CodecError are counted, not kept.
+    """
+
+    def __init__(self, bootstrap: str, topic: str, decode: Callable[[bytes], Any]) -> None:
+        self.bootstrap = bootstrap
+        self.topic = topic
+        self.decode = decode
+        self._lock = threading.Lock()
+        self._records: list[tuple[float, Any]] = []
+        self.undecodable = 0
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"kafka-tail-{topic}", daemon=True)
+
+    def start(self, timeout: float = 20.0) -> "TopicTail":
+        """Start consuming; returns once the consumer is assigned its partitions."""
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            self.stop()
+            raise TimeoutError(f"Kafka consumer for {self.topic} at {self.bootstrap} not ready: {self.error!r}")
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop consuming."""
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        import asyncio
+
+        try:
+            asyncio.run(self._consume())
+        except BaseException as exc:  # surfaced through .error; the thread must not die silently
+            self.error = exc
+
+    async def _consume(self) -> None:
+        from aiokafka import AIOKafkaConsumer
+
+        from tern.cloud.consume import assign_from_beginning
+
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False, auto_offset_reset="earliest")
+        await consumer.start()
+        try:
+            await assign_from_beginning(consumer, self.topic, 15)
+            self._ready.set()
+            while not self._stop.is_set():
+                batches = await consumer.getmany(timeout_ms=200, max_records=5000)
+                for messages in batches.values():
+                    for message in messages:
+                        self._add(message.value)
+        finally:
+            await consumer.stop()
+
+    def _add(self, raw: bytes) -> None:
+        try:
+            value = self.decode(raw)
+        except CodecError:
+            with self._lock:
+                self.undecodable += 1
+            return
+        with self._lock:
+            self._records.append((time.monotonic(), value))
+
+    def records(self) -> list[tuple[float, Any]]:
+        """(monotonic time consumed, value) of every record so far, in order."""
+        with self._lock:
+            return list(self._records)
+
+    def first(self, predicate: Callable[[Any], bool]) -> tuple[float, Any] | None:
+        """The first record whose value satisfies ``predicate``, or None."""
+        return next(((t, v) for t, v in self.records() if predicate(v)), None)
