@@ -27,7 +27,7 @@ from tern.harness.kafka_cluster import ApacheKafkaCluster
 from tern.harness.observe import KafkaTail
 from tern.harness.stack import PORT_BLOCK_ENV, Mosquitto, ensure_topics, free_port, kafka_bootstrap_from_env
 
-from faultproxy import FaultProxy
+from tern.harness.faultproxy import FaultProxy
 from helpers import FakeGateway, ProxiedTansu, bridge_config
 
 

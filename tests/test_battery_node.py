@@ -13,7 +13,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from faultproxy import FaultProxy
+from tern.harness.faultproxy import FaultProxy
 from tern.core import codec
 from tern.core.errors import CodecError
 from tern.device.emulate import EmulatedNode

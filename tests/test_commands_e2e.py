@@ -22,7 +22,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from faultproxy import FaultProxy
+from tern.harness.faultproxy import FaultProxy
 from tern.cloud.bridge import BridgeThread
 from tern.cloud.config import BridgeConfig
 from tern.core.commands import Command

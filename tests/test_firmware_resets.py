@@ -14,7 +14,7 @@ import signal
 import time
 from pathlib import Path
 
-from faultproxy import FaultProxy
+from tern.harness.faultproxy import FaultProxy
 from tern.core import codec
 from tern.device.emulate import EmulatedNode
 from tern.harness.observe import KafkaTail, wait_until

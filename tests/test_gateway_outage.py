@@ -20,7 +20,7 @@ from tern.edge.config import DEFAULT_RECONNECT_MAX_S, GatewayConfig
 from tern.edge.service import Gateway
 from tern.harness.stack import free_port
 
-from faultproxy import FaultProxy
+from tern.harness.faultproxy import FaultProxy
 from helpers import GW, BridgeStub, Node, log_handler, outbox_rows, per_device, wait_until
 
 DEADLINE = 30.0
