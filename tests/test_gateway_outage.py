@@ -1,7 +1,7 @@
 """Broker outages as a field engineer sees them: said at once, repeated with back-off while
 they last, said again when they end, and a returning link used within a few seconds.
 
-Real parts: private mosquittos on loopback, the fault proxy (tests/faultproxy.py) between
+Real parts: private mosquittos on loopback, the fault proxy (tern/harness/faultproxy.py) between
 the gateway and the cloud broker, the bridge's side of the contract from helpers.gateway, the
 real SQLite outbox. Every wait polls a real outcome under a deadline.
 """
