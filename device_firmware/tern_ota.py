@@ -37,7 +37,7 @@ class Refused(Exception):
     again, a bad manifest or signature means the whole release)."""
 
     def __init__(self, why, drop=None):
-        Exception.__init__(self, why)
+        super().__init__(why)
         self.drop = drop
 
 
