@@ -39,6 +39,7 @@ def describe_error(e):
 
 class Link:
     fw = "?"
+    ota = {}    # tern_boot.start()'s report: a trial, a refused or rolled-back release
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -100,6 +101,11 @@ class Link:
                 dr[self.boot] = dr.get(self.boot, 0) + n
             if dr:
                 d["dropped"] = dr   # readings lost per boot, told once (see connect)
+            o = self.ota
+            if o.get("trial"):
+                d["ota"] = {"st": "trial", "ver": self.fw}
+            elif "st" in o:
+                d["ota"] = {"st": o["st"], "ver": o.get("ver", "?"), "why": o.get("why", "")}
             self.status_extra(d)
         return dumps(d).encode()
 

@@ -9,6 +9,7 @@
 #   TERN spill_dropped <n>   TERN wake <boot> <seq>   TERN deepsleep <ms> (by machine)
 #   TERN status down=<labels>  (a fresh birth: the failed sensors changed; see tern_sensors)
 import gc
+import sys
 import time
 
 import machine
@@ -130,6 +131,8 @@ class Node(Link):
         Link.service(self)
         if self.client is not None:
             self.sensors.tell(self)   # a changed set of failed sensors: a fresh birth
+            if self.acked and self.ota.get("trial"):   # (tern_boot is kept on a trial boot)
+                sys.modules["tern_boot"].proven(self)
 
     def feed(self):
         if self.wdt is not None:
@@ -177,9 +180,12 @@ class Node(Link):
         limit = cfg["max_readings"]
         self.next_read = ticks_ms()   # an attribute: a set_interval command moves it (tern_cmd)
         said_done = False
+        trial_end = ticks_add(ticks_ms(), self.ota.get("secs", 0) * 1000)
         while True:
             self.feed()
             now = ticks_ms()
+            if self.ota.get("trial") and ticks_diff(now, trial_end) > 0:
+                sys.modules["tern_boot"].unproven(self)
             if self.client is None and ticks_diff(now, self.next_try) >= 0:
                 try:
                     self.connect()
@@ -214,9 +220,10 @@ class Node(Link):
             time.sleep_ms(max(1, min(wait, 20)))
 
 
-def run(cfg, fw="?"):
+def run(cfg, fw="?", ota=None):
     node = Node(cfg)
     node.fw = fw
+    node.ota = ota or {}
     try:
         node.run()
     except KeyboardInterrupt:

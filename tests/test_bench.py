@@ -24,6 +24,7 @@ EXPECTED = {
     "bridge.kafka",
     "e2e.node_to_kafka",
     "firmware.heap_free",
+    "firmware.heap_needed_mpy",
     "drain.vs_naive",
     "drain.vs_raw_kafka",
     "drain.gateway_cpu",

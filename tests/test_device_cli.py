@@ -15,6 +15,7 @@ import pytest
 
 from tern.core.codec import NodeAck, decode_reading, encode_node_ack
 from tern.device.emulate import firmware_files
+from tern.device.release import board_files
 from tern.harness.stack import Mosquitto
 from tern.core.topics import ack_topic, parse_node_topic
 from tern.toolchain import umqtt_path
@@ -33,10 +34,14 @@ def test_flash_dry_run_prints_mpremote_commands(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
     assert all(line.startswith("mpremote connect /dev/ttyUSB0 ") for line in lines)
-    assert lines[0].endswith(" :") and all(str(f) in lines[0] for f in firmware_files())
-    assert lines[1].endswith(f"cp -r {umqtt_path() / 'umqtt'} :")
-    assert lines[2].endswith(" :config.json")
-    assert lines[3].endswith("ls : + ls :umqtt")
+    # .mpy by default (main.py, the loader, as source), then the .py of each goes
+    shipped = board_files(firmware_files())
+    assert lines[0].endswith(" :") and all(f"/{f.name} " in lines[0] for f in shipped)
+    assert {f.suffix for f in shipped} == {".py", ".mpy"} and [f.name for f in shipped if f.suffix == ".py"] == ["main.py"]
+    assert " exec " in lines[1] and "tern_link.py" in lines[1]
+    assert lines[2].endswith(f"cp -r {umqtt_path() / 'umqtt'} :")
+    assert lines[3].endswith(" :config.json")
+    assert lines[4].endswith("ls : + ls :umqtt")
 
 
 def test_flash_refuses_a_bad_config(tmp_path: Path) -> None:

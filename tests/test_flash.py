@@ -23,7 +23,7 @@ import serial
 
 from tern.core.codec import decode_status
 from tern.core.errors import ConfigError
-from tern.device.emulate import firmware_files
+from tern.device.emulate import firmware_dir, firmware_files
 from tern.device.flash import (Provision, build_config, esptool_commands, expected_files, flash, read_config,
                                tool_command, verify)
 from tern.security.secret_files import write_private
@@ -65,8 +65,11 @@ def test_flash_as_the_readme_shows_then_the_node_boots(tmp_path: Path) -> None:
             assert secret not in out.stdout + out.stderr
 
             on_board = board_files(tmp_path / "flash")
+            # .mpy by default: main.py (the loader) as source, every other module precompiled
+            assert on_board["main.py"] == (firmware_dir() / "main.py").read_bytes()
             for f in firmware_files():
-                assert on_board[f.name] == f.read_bytes()
+                if f.name != "main.py":
+                    assert f.name not in on_board and on_board[f.stem + ".mpy"][:2] == b"M\x06"
             assert on_board["umqtt/simple.py"] == (umqtt_path() / "umqtt" / "simple.py").read_bytes()
             config = json.loads(on_board["config.json"])
             assert config["device"] == "node-7" and config["site"] == "farm"
@@ -94,10 +97,10 @@ def test_verify_finds_a_file_that_differs_on_the_board(tmp_path: Path) -> None:
         files = expected_files(config_file)
         mpremote = tool_command("mpremote")
         assert verify(board.port, files, mpremote) == []
-        damaged = tmp_path / "flash" / "tern_ring.py"
+        damaged = tmp_path / "flash" / "tern_ring.mpy"
         damaged.write_bytes(damaged.read_bytes()[:-10])  # a copy cut short
         (tmp_path / "flash" / "umqtt" / "simple.py").unlink()
-        assert verify(board.port, files, mpremote) == ["tern_ring.py", "umqtt/simple.py"]
+        assert verify(board.port, files, mpremote) == ["tern_ring.mpy", "umqtt/simple.py"]
 
 
 def test_a_missing_port_is_one_clear_line(tmp_path: Path) -> None:

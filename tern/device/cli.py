@@ -6,6 +6,8 @@
                       [--wifi-ssid SSID] [--gateway HOST[:PORT]] [--micropython-image FILE]
                       [--dry-run]
     tern-device qemu --image FLASH.bin [--self-test]
+    tern-device keys [--out-dir DIR] [--name fleet] [--height 10]
+    tern-device release build DIR --version V [--key KEYFILE] --out RELEASE_DIR [--min-heap B]
 """
 
 from __future__ import annotations
@@ -74,8 +76,31 @@ def build_parser() -> argparse.ArgumentParser:
     fl.add_argument("--auth-dir", type=Path, help="the gateway's account folder (tern-gateway devices): give the "
                     "device its own MQTT account and write its password into its config (needs --device-id)")
     fl.add_argument("--ca", type=Path, help="CA certificate of the gateway's broker: the node connects with TLS")
+    fl.add_argument("--ota-key", type=Path, metavar="FILE", help="the fleet's verify key (tern-device keys: "
+                    "NAME.pub): without it the board refuses every over-the-air release")
+    fl.add_argument("--py", action="store_true", help="ship the .py sources instead of .mpy (the 100 KB "
+                    "board then has ~30 KB less heap: compiling on the board; see docs/ota.md)")
     fl.add_argument("--no-reset", action="store_true", help="leave the board in the REPL afterwards")
     fl.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+
+    ke = sub.add_parser("keys", help="make the fleet's key pair for signing releases (NAME.key secret, NAME.pub verify key)")
+    ke.add_argument("--out-dir", type=Path, default=Path("."))
+    ke.add_argument("--name", default="fleet")
+    ke.add_argument("--height", type=_positive, default=10,
+                    help="Merkle tree height: 2^H releases can be signed with this key (default 10: 1024)")
+
+    re_ = sub.add_parser("release", help="firmware releases for over-the-air updates")
+    rsub = re_.add_subparsers(dest="release_command", required=True)
+    rb = rsub.add_parser("build", help="compile DIR to .mpy, write the manifest, sign it")
+    rb.add_argument("dir", type=Path, help="the firmware folder (device_firmware)")
+    rb.add_argument("--version", required=True)
+    rb.add_argument("--key", type=Path, help="the fleet's secret key (tern-device keys): unsigned without it")
+    rb.add_argument("--out", type=Path, required=True, help="the release folder to write (new or empty)")
+    rb.add_argument("--min-heap", type=_positive, default=None,
+                    help="free heap (bytes, at boot) a board must have to take the release")
+    rb.add_argument("--trial-boots", type=_positive, default=3,
+                    help="boots the release has to prove itself (connected, a reading acked) before rollback")
+    rb.add_argument("--trial-s", type=_positive, default=300, help="seconds per trial boot to prove itself")
 
     qe = sub.add_parser("qemu", help="run a MicroPython flash image under Espressif QEMU (optional)")
     qe.add_argument("--image", type=Path, help="merged 4 MB flash image (esptool merge_bin)")
@@ -182,7 +207,7 @@ def cmd_flash(args: argparse.Namespace) -> int:
     if args.dry_run:
         return flash(args.port, args.config, provision=provision, image=args.micropython_image,
                      chip=args.chip, dry_run=True, reset=not args.no_reset,
-                     auth_dir=args.auth_dir, ca_file=args.ca)
+                     auth_dir=args.auth_dir, ca_file=args.ca, mpy=not args.py, ota_key=args.ota_key)
     console = Console()
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   console=console, transient=not console.is_terminal) as bar:
@@ -193,9 +218,32 @@ def cmd_flash(args: argparse.Namespace) -> int:
 
         code = flash(args.port, args.config, provision=provision, image=args.micropython_image,
                      chip=args.chip, reset=not args.no_reset, echo=console.print, progress=progress,
-                     auth_dir=args.auth_dir, ca_file=args.ca)
+                     auth_dir=args.auth_dir, ca_file=args.ca, mpy=not args.py, ota_key=args.ota_key)
     console.print(f"flashed {args.port}" + ("" if args.no_reset else "; the board was reset and runs main.py"))
     return code
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from tern.device.release import make_keys
+
+    secret, public = args.out_dir / f"{args.name}.key", args.out_dir / f"{args.name}.pub"
+    key = make_keys(secret, public, args.height)
+    print(f"{secret}: the secret key (keep it off the boards and out of git; it counts the "
+          f"{1 << key.height} one-time keys it signs with)")
+    print(f"{public}: the verify key (key id {key.key_id}): tern-device flash --ota-key {public}")
+    return 0
+
+
+def cmd_release(args: argparse.Namespace) -> int:
+    from tern.device.release import DEFAULT_MIN_HEAP, build_release
+
+    release = build_release(args.dir, args.version, args.out, args.key,
+                            min_heap=args.min_heap or DEFAULT_MIN_HEAP, trial_boots=args.trial_boots,
+                            trial_s=args.trial_s)
+    signed = f"signed (key id {release.key_id})" if release.key_id else "UNSIGNED: nodes will refuse it"
+    print(f"release {release.version}: {len(release.files)} files, {release.size} bytes of bytecode "
+          f"v{release.mpy}, {signed}, in {release.folder}")
+    return 0
 
 
 def cmd_qemu(args: argparse.Namespace) -> int:
@@ -206,7 +254,8 @@ def cmd_qemu(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"emulate": cmd_emulate, "flash": cmd_flash, "qemu": cmd_qemu}
+    handlers = {"emulate": cmd_emulate, "flash": cmd_flash, "qemu": cmd_qemu, "keys": cmd_keys,
+                "release": cmd_release}
     try:
         return handlers[args.command](args)
     except TernError as exc:

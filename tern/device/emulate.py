@@ -117,8 +117,14 @@ class EmulatedNode:
         extra_config: dict | None = None,
         env: dict[str, str] | None = None,
         auto_reset: bool = True,
+        mpy: bool = True,
+        ota_key: Path | None = None,
     ) -> None:
+        """``mpy``: the firmware goes on as .mpy (main.py as source), as ``tern-device flash``
+        ships it; False copies the .py sources. ``ota_key``: the fleet's verify key (ota.key)."""
         self.workdir = Path(workdir)
+        self.mpy = mpy
+        self.ota_key = Path(ota_key) if ota_key is not None else None
         self.device = device
         self.site = site
         self.heap = heap
@@ -187,14 +193,25 @@ class EmulatedNode:
     # --- flash -------------------------------------------------------------------------
 
     def flash(self) -> None:
-        """Copy the firmware (unmodified) and write config.json into the node's folder."""
+        """Copy the firmware (unmodified; .py or .mpy) and write config.json into the node's
+        folder, with the fleet's verify key if it has one. The ota/ folder (releases) is kept,
+        as flashing keeps a board's other files."""
+        from tern.device.release import board_files
+
         self.workdir.mkdir(parents=True, exist_ok=True)
-        for src in firmware_files():
+        files = board_files(firmware_files(), self.mpy)
+        names = {f.name for f in files}
+        for old in [*self.workdir.glob("*.py"), *self.workdir.glob("*.mpy")]:
+            if old.name not in names:
+                old.unlink()   # the other form (.py vs .mpy) would shadow or be shadowed
+        for src in files:
             dst = self.workdir / src.name
             shutil.copyfile(src, dst)
             if hashlib.sha256(dst.read_bytes()).digest() != hashlib.sha256(src.read_bytes()).digest():
                 raise TernError(f"copy of {src.name} differs from the firmware")
         (self.workdir / "config.json").write_text(json.dumps(self.config, indent=1))
+        if self.ota_key is not None:
+            shutil.copyfile(self.ota_key, self.workdir / "ota.key")
 
     def environment(self) -> dict[str, str]:
         """The environment the emulated board runs with."""

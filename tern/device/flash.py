@@ -33,6 +33,7 @@ from tern.core.errors import CodecError, ConfigError, TernError, ToolMissing
 from tern.core.hostport import parse_hostport
 from tern.device.emulate import check_config, firmware_dir, firmware_files
 from tern.device.pins import check_pins
+from tern.device.release import ReleaseError, VerifyKey, board_files
 from tern.security.mosquitto_auth import AuthError, DeviceAuth
 from tern.security.secret_files import write_private
 from tern.toolchain import umqtt_path
@@ -44,6 +45,8 @@ IMAGE_OFFSETS = {"esp32": "0x1000", "esp32s2": "0x1000", "esp32s3": "0x0", "esp3
 MQTT_PORT = 1883
 #: Where the broker's CA certificate goes on the board (config key ``tls_ca`` names it).
 BOARD_CA = "ca.pem"
+#: Where the fleet's OTA verify key goes (device_firmware/tern_ota.py reads it).
+BOARD_OTA_KEY = "ota.key"
 
 
 class FlashError(TernError):
@@ -167,28 +170,41 @@ class Step:
     command: list[str]
 
 
-def mpremote_steps(port: str, config_file: Path, mpremote: list[str], ca_file: Path | None = None) -> list[Step]:
-    """Copy the firmware, umqtt, config.json (and the broker's CA) onto the board, then list it."""
+def mpremote_steps(port: str, config_file: Path, mpremote: list[str], ca_file: Path | None = None,
+                   *, mpy: bool = True, ota_key: Path | None = None) -> list[Step]:
+    """Copy the firmware (.mpy but main.py, or with ``mpy=False`` the sources), umqtt,
+    config.json (the broker's CA, the fleet's verify key) onto the board, then list it."""
     connect = [*mpremote, "connect", port]
     umqtt = umqtt_path() / "umqtt"
+    files = board_files(firmware_files(), mpy)
+    # The other form of each module goes: a tern_x.py left beside a new tern_x.mpy (a board
+    # flashed before with sources) would be the one imported.
+    other = sorted(f.stem + (".py" if f.suffix == ".mpy" else ".mpy") for f in files if f.name != "main.py")
+    tidy = "import os;[os.remove(n) for n in os.listdir() if n in %r]" % (other,)
     steps = [
-        Step("firmware", connect + ["cp", *[str(f) for f in firmware_files()], ":"]),
+        Step("firmware", connect + ["cp", *[str(f) for f in files], ":"]),
+        Step("tidy", connect + ["exec", tidy]),
         Step("umqtt", connect + ["cp", "-r", str(umqtt), ":"]),
         Step("config.json", connect + ["cp", str(config_file), ":config.json"]),
     ]
     if ca_file is not None:
         steps.append(Step(BOARD_CA, connect + ["cp", str(ca_file), f":{BOARD_CA}"]))
+    if ota_key is not None:
+        steps.append(Step(BOARD_OTA_KEY, connect + ["cp", str(ota_key), f":{BOARD_OTA_KEY}"]))
     return steps + [Step("list", connect + ["ls", ":", "+", "ls", ":umqtt"])]
 
 
-def expected_files(config_file: Path, ca_file: Path | None = None) -> dict[str, Path]:
+def expected_files(config_file: Path, ca_file: Path | None = None, *, mpy: bool = True,
+                   ota_key: Path | None = None) -> dict[str, Path]:
     """Board path -> host file, for everything that is copied."""
-    files = {f.name: f for f in firmware_files()}
+    files = {f.name: f for f in board_files(firmware_files(), mpy)}
     for f in sorted((umqtt_path() / "umqtt").glob("*.py")):
         files[f"umqtt/{f.name}"] = f
     files["config.json"] = config_file
     if ca_file is not None:
         files[BOARD_CA] = ca_file
+    if ota_key is not None:
+        files[BOARD_OTA_KEY] = ota_key
     return files
 
 
@@ -254,12 +270,16 @@ def flash(port: str, config: Path | None = None, *, provision: Provision | None 
           image: Path | None = None, chip: str = "esp32", dry_run: bool = False,
           reset: bool = True, echo: Callable[[str], None] = print,
           progress: Callable[[str, int, int], None] | None = None,
-          auth_dir: Path | None = None, ca_file: Path | None = None) -> int:
+          auth_dir: Path | None = None, ca_file: Path | None = None,
+          mpy: bool = True, ota_key: Path | None = None) -> int:
     """Flash the board on ``port``; with ``dry_run`` only print the commands. Returns an exit code.
 
     ``progress(step, done, total)`` is called before each step and once at the end. With
     ``auth_dir`` the device gets its own MQTT account on the gateway (tern.security); with
-    ``ca_file`` it speaks TLS to the gateway's broker, checked against that CA.
+    ``ca_file`` it speaks TLS to the gateway's broker, checked against that CA. ``mpy``
+    (default) ships the firmware precompiled (.mpy: no compiling on the board, ~heap freed, see
+    docs/ota.md); ``ota_key`` is the fleet's verify key (``tern-device keys``), without which
+    the board refuses every over-the-air release.
     """
     provision = provision or Provision()
     board_config = build_config(read_config(config), provision)
@@ -274,6 +294,11 @@ def flash(port: str, config: Path | None = None, *, provision: Provision | None 
                  "(systemctl reload mosquitto)")
     check_config(board_config)
     check_pins(board_config, chip=chip)  # every pin against the board's map (hardware/pinmaps.json)
+    if ota_key is not None:
+        try:
+            VerifyKey.load(Path(ota_key))   # a secret key or a typo must not go onto a board
+        except ReleaseError as exc:
+            raise FlashError(f"--ota-key {ota_key}: {exc}") from None
     with tempfile.TemporaryDirectory(prefix="tern-flash-") as tmp:
         config_file = Path(tmp) / "config.json"
         write_private(config_file, json.dumps(board_config, indent=2) + "\n")
@@ -284,7 +309,7 @@ def flash(port: str, config: Path | None = None, *, provision: Provision | None 
                 raise FlashError(f"{image}: no such MicroPython image")
             esptool = ["esptool"] if dry_run else tool_command("esptool")
             steps += [Step("MicroPython image", cmd) for cmd in esptool_commands(port, Path(image), chip, esptool)]
-        steps += mpremote_steps(port, config_file, mpremote, ca_file)
+        steps += mpremote_steps(port, config_file, mpremote, ca_file, mpy=mpy, ota_key=ota_key)
         if dry_run:
             for step in steps:
                 echo(shlex.join(step.command))
@@ -302,7 +327,7 @@ def flash(port: str, config: Path | None = None, *, provision: Provision | None 
                 echo(done.stdout.rstrip())
         if progress:
             progress("verify", len(steps), total)
-        files = expected_files(config_file, ca_file)
+        files = expected_files(config_file, ca_file, mpy=mpy, ota_key=ota_key)
         wrong = verify(port, files, mpremote)
         if wrong:
             raise FlashError(f"verify: {len(wrong)} file(s) differ on the board: {', '.join(wrong)}")

@@ -61,13 +61,15 @@ print("BENCH %d" % gc.mem_free())
 """
 
 
-def run_micropython(folder: Path, script: str, timeout: float, heap: str = RUN_HEAP) -> list[int]:
-    """Run ``script`` on the unix port (emulated board, firmware on the path); its BENCH numbers."""
+def run_micropython(folder: Path, script: str, timeout: float, heap: str = RUN_HEAP,
+                    firmware: Path | None = None) -> list[int]:
+    """Run ``script`` on the unix port (emulated board, firmware on the path); its BENCH numbers.
+    ``firmware``: the folder the firmware modules come from (default the .py sources)."""
     path = folder / "driver.py"
     path.write_text(script)
     root = repo_root()
     env = dict(os.environ, MICROPYPATH=os.pathsep.join(
-        [str(root / "hardware" / "emulated"), str(umqtt_path()), str(root / "device_firmware")]))
+        [str(root / "hardware" / "emulated"), str(umqtt_path()), str(firmware or root / "device_firmware")]))
     try:
         out = subprocess.run(
             [str(micropython_binary()), "-X", f"heapsize={heap}", str(path)],
@@ -80,6 +82,19 @@ def run_micropython(folder: Path, script: str, timeout: float, heap: str = RUN_H
         tail = (out.stdout + out.stderr).strip().splitlines()[-1:] or ["no output"]
         raise BenchError(f"firmware: MicroPython driver failed (exit {out.returncode}): {tail[0]}")
     return [int(x) for x in lines[-1].split()[1:]]
+
+
+def smallest_heap(folder: Path, timeout: float, firmware: Path | None, low: int = 30, high: int = 100) -> int:
+    """The smallest heap (KB) on which FIRMWARE_DRIVER runs to the end (binary search)."""
+    while low < high:
+        mid = (low + high) // 2
+        try:
+            run_micropython(folder, FIRMWARE_DRIVER, timeout, heap=f"{mid}K", firmware=firmware)
+        except BenchError:
+            low = mid + 1
+        else:
+            high = mid
+    return low
 
 
 #: The long run: the whole firmware (main.py) on the emulated board, acked by a plain subscriber.
@@ -117,8 +132,9 @@ class _Acker:
         self.client.disconnect()
 
 
-def heap_run(lab: Lab, publishes: int) -> dict:
-    """Run main.py for ``publishes`` acked publishes on a 100K heap; free heap over time."""
+def heap_run(lab: Lab, publishes: int, *, mpy: bool = True) -> dict:
+    """Run main.py for ``publishes`` acked publishes on a 100K heap; free heap over time.
+    ``mpy``: the firmware as ``tern-device flash`` ships it by default (.mpy); else the sources."""
     from tern.device.emulate import EmulatedNode
 
     with ExitStack() as stack:
@@ -128,7 +144,7 @@ def heap_run(lab: Lab, publishes: int) -> dict:
         if not acker.ready.wait(10):
             raise BenchError("firmware: the acker could not subscribe")
         node = EmulatedNode(lab.folder("fw-node") / "node", device="bench-node", site=SITE, broker=broker.address,
-                            interval_ms=RUN_INTERVAL_MS, max_readings=publishes, heap=RUN_HEAP)
+                            interval_ms=RUN_INTERVAL_MS, max_readings=publishes, heap=RUN_HEAP, mpy=mpy)
         node.start()
         stack.callback(node.kill)
         deadline = publishes * RUN_INTERVAL_MS / 1000 * 10 + 120  # a loaded 2-core box runs it at ~25/s
@@ -164,11 +180,35 @@ def bench_firmware(lab: Lab) -> list[Measurement]:
         raise BenchError(f"firmware: ring not full after {FIRMWARE_READINGS} readings ({ring_count}/{ring_size}, {dropped} dropped)")
     (umqtt_free,) = run_micropython(folder, UMQTT_DRIVER, timeout, heap=RUN_HEAP)
     (empty_free,) = run_micropython(folder, EMPTY_DRIVER, timeout, heap=RUN_HEAP)
+    # The same driver with the firmware as .mpy (mpy-cross; tern-device flash's default). Loaded
+    # from .mpy the bytecode in RAM is the same as compiled on the board (the same free heap once
+    # running); what .mpy removes is the compiler's peak at boot. So the figure is the smallest
+    # heap on which the firmware imports, builds the node and fills its ring: .mpy vs .py.
+    from tern.device.emulate import firmware_files
+    from tern.device.release import board_files
+
+    mpy_dir = next(f.parent for f in board_files(firmware_files(), True) if f.suffix == ".mpy")
+    mpy_free, mpy_count, _, _ = run_micropython(folder, FIRMWARE_DRIVER, timeout, heap=RUN_HEAP, firmware=mpy_dir)
+    if mpy_count != ring_size:
+        raise BenchError(f"firmware: .mpy ring not full ({mpy_count}/{ring_size})")
+    need_mpy = smallest_heap(folder, timeout, mpy_dir)
+    need_py = smallest_heap(folder, timeout, None)
+    mpy_row = Measurement(
+        name="firmware.heap_needed_mpy", benchmark="firmware", unit="KB of heap",
+        figure=float(need_mpy), baseline=float(need_py),
+        what="smallest -X heapsize (1 KB steps) on which the firmware, as .mpy, imports in main.py's order, builds the node and fills its ring",
+        baseline_what="the same with the .py sources, compiled on the board",
+        count=FIRMWARE_READINGS,
+        details={"freed_by_mpy_kb": need_py - need_mpy, "free_running_mpy": mpy_free, "free_running_py": tern_free,
+                 "heap": RUN_HEAP},
+    )
+    # The long run as a board is flashed: .mpy (the .py sources no longer fit the 100K heap next
+    # to the OTA boot loader: docs/ota.md).
     run = heap_run(lab, RUN_PUBLISHES_QUICK if lab.sizes == QUICK else RUN_PUBLISHES)
-    return [Measurement(
+    return [mpy_row, Measurement(
         name="firmware.heap_free", benchmark="firmware", unit="bytes free",
         figure=float(run["free_at_end"]), baseline=float(umqtt_free),
-        what=f"gc.mem_free() of main.py at the end of {run['publishes']} acked publishes ({RUN_HEAP} heap, median of the last 10 %)",
+        what=f"gc.mem_free() of main.py (firmware as .mpy) at the end of {run['publishes']} acked publishes ({RUN_HEAP} heap, median of the last 10 %)",
         baseline_what=f"gc.mem_free() after importing only umqtt.simple ({RUN_HEAP} heap)",
         count=run["publishes"],
         details={"heap": RUN_HEAP, **{k: v for k, v in run.items() if k != "publishes"},
