@@ -105,7 +105,8 @@ class Bridge:
     failed Kafka writes, ``inflight`` messages received but not yet acknowledged,
     ``duplicates_received`` copies of batches already written (confirmed again, not written),
     ``records_inflight`` and ``batches_writing`` for the Kafka writes under way,
-    ``mqtt_dup_flags`` messages the broker marked as redelivered.
+    ``mqtt_dup_flags`` messages the broker marked as redelivered, ``gateway_deadletters_written``
+    the gateways' dead letters (``deadletters/1``) written to the dead-letter topic.
     """
 
     def __init__(self, config: BridgeConfig) -> None:
@@ -154,6 +155,7 @@ class Bridge:
                 "mqtt_disconnects",
                 "drops_written",
                 "outcomes_written",
+                "gateway_deadletters_written",
                 "kafka_auth_failures",
             )
         }
@@ -444,7 +446,10 @@ class Bridge:
         # What became of commands (the outcomes/1 extension): the results topic, keyed by device.
         outcomes = [codec.kafka_outcome_record(o, batch.gateway, self.config.command_results_topic)
                     for o in batch.outcomes]
-        return batch, records + statuses + drops + outcomes, None
+        # Payloads the gateway refused (deadletters/1): the dead-letter topic, beside the bridge's own.
+        letters = [codec.kafka_deadletter_record(d, batch.gateway, self.config.deadletter_topic, self.config.client_id)
+                   for d in batch.deadletters]
+        return batch, records + statuses + drops + outcomes + letters, None
 
     async def _settle(self, delivery: _Delivery, job: tuple, count: int) -> None:
         """Write one delivery (or recognise it as a copy), let acks flow, then confirm it."""
@@ -508,6 +513,7 @@ class Bridge:
         self._counters["status_written"] += len(batch.statuses)
         self._counters["drops_written"] += len(batch.drops)
         self._counters["outcomes_written"] += len(batch.outcomes)
+        self._counters["gateway_deadletters_written"] += len(batch.deadletters)
         if self.router is not None:
             # The freshest word on which gateway serves a device, before the status topic's.
             for event in batch.statuses:

@@ -285,7 +285,8 @@ def _cells(record) -> tuple[str, str, str, str, str]:
         size = record.header("original_bytes") or str(len(record.raw))
         cut = ", truncated" if record.header("truncated") == "1" else ""
         what = f"[red]dead letter: {escape(record.error or '')}[/] ({size} bytes from {escape(record.header('source_topic'))}{cut})"
-        return "-", "-", "-", what, "-"
+        # A gateway's dead letter (deadletters/1) names it; the bridge's own name none.
+        return "-", "-", "-", what, escape(record.header("gateway")) or "-"
     return record.key or "-", "-", "-", f"[red]{escape(record.error or 'not a Tern record')}[/]", "-"
 
 

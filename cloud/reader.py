@@ -125,6 +125,8 @@ class TernRecord:
                 out["source_topic"] = self.header("source_topic")
                 out["truncated"] = self.header("truncated") == "1"
                 out["original_bytes"] = int(self.header("original_bytes") or len(self.raw))
+                if "gateway" in self.headers:  # a node payload a gateway refused (deadletters/1)
+                    out["gateway"] = self.header("gateway")
             out["payload_b64"] = base64.b64encode(self.raw).decode()
             out["headers"] = {k: v.decode(errors="replace") for k, v in self.headers.items()}
         out["kafka"] = {

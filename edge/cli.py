@@ -152,7 +152,8 @@ def cmd_outbox(args: argparse.Namespace) -> int:
     if args.format == "json":
         doc = {
             "outbox": args.outbox, "pending": summary.pending, "status_pending": summary.status_pending,
-            "dead_letters": summary.dead_letters, "oldest_pending_age_s": age, "last_bseq": summary.last_bseq,
+            "dead_letters": summary.dead_letters, "dead_letters_unsent": summary.dead_letters_unsent,
+            "oldest_pending_age_s": age, "last_bseq": summary.last_bseq,
             "dropped": summary.dropped,
             "devices": [dict(d, oldest_age_s=max(0, now - d["oldest_ms"]) / 1000) for d in summary.devices],
         }
@@ -166,7 +167,9 @@ def cmd_outbox(args: argparse.Namespace) -> int:
     console = Console()
     print_fitted(console, OUTBOX_COLUMNS, rows, title=f"outbox {args.outbox}", title_justify="left")
     console.print(
-        f"pending: {summary.pending}  status events pending: {summary.status_pending}  dead letters: {summary.dead_letters}  "
+        f"pending: {summary.pending}  status events pending: {summary.status_pending}  dead letters: {summary.dead_letters}"
+        # Kept on the Pi after forwarding: say how many the cloud does not have yet.
+        f" ({summary.dead_letters_unsent} not yet in the cloud)  "
         f"oldest pending: {'-' if age is None else f'{age:.1f} s'}  last bseq: {summary.last_bseq}"
     )
     return 0

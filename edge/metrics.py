@@ -64,7 +64,10 @@ class _HealthCollector(Collector):
         yield gauge("outbox_bytes", "Bytes the outbox takes on disk (database, WAL, shared memory).", outbox["bytes"])
         age = outbox["oldest_age_s"]
         yield gauge("outbox_oldest_age_seconds", "Age of the oldest pending reading (0 when empty).", age or 0.0)
-        yield gauge("dead_letters_stored", "Dead letters kept in the outbox.", outbox["dead_letters"])
+        yield gauge("dead_letters_stored", "Dead letters kept in the outbox (forwarded or not).", outbox["dead_letters"])
+        yield gauge("dead_letters_unsent", "Dead letters not yet confirmed by the cloud.", outbox.get("dead_letters_unsent", 0))
+        yield counter("dead_letters_forwarded", "Dead letters confirmed by the cloud (in tern.deadletter) since start.",
+                      uplink.get("deadletters_forwarded", 0))
         yield gauge("ingest_connected", "1 while connected to the local broker.", int(ingest["connected"]))
         yield counter("readings_held_back", "Readings held back per device share or rate (acked uncommitted; the node sends them again).",
                       ingest.get("held_back", 0))

@@ -8,7 +8,10 @@ Tables:
   arrival order.
 - ``node_status``: the latest status per (site, device), kept after forwarding: it is what
   de-duplicates re-delivered retained statuses and what node liveness is counted from.
-- ``dead_letters``: payloads that broke the contract, kept with the reason, never dropped.
+- ``dead_letters``: payloads that broke the contract, kept with the reason, never dropped. Each
+  is forwarded to the cloud once (the ``deadletters/1`` envelope extension): ``bseq`` is the batch
+  carrying it (NULL until one does), ``forwarded_ms`` when that batch was confirmed (NULL until
+  then). They stay afterwards, as evidence on the Pi for ``tern-gateway outbox``.
 - ``meta``: key/value integers; ``bseq`` is the last batch sequence number handed out.
 - ``seq_high``, ``seq_gaps``: the highest seq committed per (device, boot) and the missing
   ranges (:mod:`tern.edge.seqtrack`): a re-send of a reading already forwarded is a duplicate.
@@ -28,6 +31,7 @@ serialises them on one connection (SQLite allows one writer at a time anyway).
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import sqlite3
@@ -41,7 +45,10 @@ from typing import Callable, Collection, Iterable, Iterator, Sequence
 import orjson
 import sqlite_utils
 
-from tern.core.codec import DropEvent, Reading, StatusEvent, new_reading
+from tern.core.codec import (
+    MAX_DEADLETTER_PAYLOAD, MAX_DEADLETTER_TOPIC, MAX_DEADLETTERS_PER_BATCH, DropEvent, GatewayDeadLetter, Reading,
+    StatusEvent, gateway_dead_letter, new_reading,
+)
 from tern.edge import retention as rtn
 from tern.edge import seqtrack
 from tern.edge import shares
@@ -127,6 +134,8 @@ class OutboxSummary:
     missing_readings: int = 0
     #: Readings dropped by the retention policy, ever, per reason.
     dropped: dict = field(default_factory=dict)
+    #: Dead letters still waiting for the cloud's confirm (the rest of ``dead_letters`` reached it).
+    dead_letters_unsent: int = 0
 
     def oldest_pending_age_s(self, now: int | None = None) -> float | None:
         """Age in seconds of the oldest pending reading (by gateway receive time)."""
@@ -204,6 +213,9 @@ def summarize(db: sqlite_utils.Database) -> OutboxSummary:
     pending = sum(d["pending"] for d in devices)
     oldest = db.execute(f"SELECT received_ms FROM {OUTBOX} ORDER BY id LIMIT 1").fetchone()
     dead = db.execute(f"SELECT COUNT(*) FROM {DEAD_LETTERS}").fetchone()[0] if db[DEAD_LETTERS].exists() else 0
+    # An outbox of a gateway that predates forwarding them: none has reached the cloud yet.
+    unsent = (db.execute(f"SELECT COUNT(*) FROM {DEAD_LETTERS} WHERE forwarded_ms IS NULL").fetchone()[0]
+              if "forwarded_ms" in db[DEAD_LETTERS].columns_dict else dead)
     bseq = db.execute(f"SELECT value FROM {META} WHERE key = 'bseq'").fetchone() if db[META].exists() else None
     # An outbox written by a gateway that predates status forwarding has no such table.
     statuses = db.execute(f"SELECT COUNT(*) FROM {STATUS_EVENTS}").fetchone()[0] if db[STATUS_EVENTS].exists() else 0
@@ -216,6 +228,7 @@ def summarize(db: sqlite_utils.Database) -> OutboxSummary:
         status_pending=statuses,
         **seqtrack.totals(db),
         dropped=rtn.totals(db),
+        dead_letters_unsent=unsent,
     )
 
 
@@ -257,7 +270,10 @@ class Outbox:
             # Nothing is in flight at open: drop events handed to a batch of an earlier run
             # that was never confirmed go to the next batch.
             self.db.execute(f"UPDATE {rtn.DROP_EVENTS} SET bseq = NULL WHERE bseq IS NOT NULL")
+            # Dead letters too: those of a batch never confirmed are sent again (a new bseq).
+            self.db.execute(f"UPDATE {DEAD_LETTERS} SET bseq = NULL WHERE bseq IS NOT NULL AND forwarded_ms IS NULL")
         self._drops_unclaimed = rtn.unclaimed_events(self.db)
+        self._letters_unclaimed = self._count_unclaimed_letters()
         self._closed = False
         #: Called (no lock held) after a commit that stored readings or status events: the
         #: uplink looks at once rather than at its next poll (up to half a second later, which
@@ -322,6 +338,17 @@ class Outbox:
                 pk="id",
                 if_not_exists=True,
             )
+            # Forwarding them (deadletters/1) came later: an older outbox gets the columns here,
+            # and its letters are all unsent (NULL), so they go to the cloud too.
+            letters = self.db[DEAD_LETTERS].columns_dict
+            if "sha256" not in letters:  # of the whole payload: the row may keep only 64 KiB of it
+                self.db[DEAD_LETTERS].add_column("sha256", str, not_null_default="")
+            for column in ("bseq", "forwarded_ms"):
+                if column not in letters:
+                    self.db[DEAD_LETTERS].add_column(column, int)
+            # The unsent are few and the table only grows: finding them must not scan it.
+            self.db.execute(f"CREATE INDEX IF NOT EXISTS dead_letters_unsent ON {DEAD_LETTERS} (bseq, id)"
+                            " WHERE forwarded_ms IS NULL")
             self.db[META].create({"key": str, "value": int}, pk="key", if_not_exists=True)
             seqtrack.create_tables(self.db)
             rtn.create_tables(self.db)
@@ -417,7 +444,7 @@ class Outbox:
             # after this commit, or in the instant before it (the uplink's race, see its tests).
             stamp = now_ms() if received_ms is None else received_ms
             result = self._add_locked(readings, dead_letters, stamp, statuses, holds, released)
-        if (result.statuses or result.inserted) and self.on_commit is not None:
+        if (result.statuses or result.inserted or result.dead_letters) and self.on_commit is not None:
             self.on_commit()
         return result
 
@@ -449,7 +476,8 @@ class Outbox:
         self._pending += inserted - sum(dropped.values())
         self._status_pending += status_inserted
         self._note_drops(dropped)
-        if inserted or status_inserted:
+        self._letters_unclaimed += letters
+        if inserted or status_inserted or letters:
             self._changed.notify_all()
         return AddResult(
             inserted=inserted,
@@ -594,6 +622,8 @@ class Outbox:
                 "payload": bytes(d.payload[:DEAD_LETTER_PAYLOAD_MAX]),
                 "size": len(d.payload),
                 "error": d.error,
+                # Now, while the whole payload is at hand: the row keeps at most 64 KiB of it.
+                "sha256": hashlib.sha256(d.payload).hexdigest(),
             }
             for d in dead_letters
         ]
@@ -711,19 +741,67 @@ class Outbox:
             self._drops_unclaimed = rtn.unclaimed_events(self.db)
             return events
 
+    def claim_dead_letters(self, bseq: int, limit: int = MAX_DEADLETTERS_PER_BATCH) -> list[GatewayDeadLetter]:
+        """The dead letters batch ``bseq`` carries (the ``deadletters/1`` extension), cut to the
+        extension's limits: the oldest unsent not yet in a batch are handed to it (durably), and
+        asking again for the same ``bseq`` (a re-send) returns the same ones. :meth:`delete` with
+        ``deadletter_bseq`` marks them forwarded once the batch is confirmed."""
+        with self._lock:
+            with _write_tx(self.db):
+                self.db.execute(
+                    f"UPDATE {DEAD_LETTERS} SET bseq = ? WHERE id IN"
+                    f" (SELECT id FROM {DEAD_LETTERS} WHERE forwarded_ms IS NULL AND bseq IS NULL ORDER BY id LIMIT"
+                    f"  MAX(0, ? - (SELECT COUNT(*) FROM {DEAD_LETTERS} WHERE forwarded_ms IS NULL AND bseq = ?)))",
+                    [bseq, limit, bseq],
+                )
+                # Only what travels is read: a letter keeps up to 64 KiB and a topic 65,000 characters.
+                rows = self.db.execute(
+                    f"SELECT id, substr(topic, 1, ?), length(topic), error, substr(payload, 1, ?), size, sha256,"
+                    f" received_ms, length(payload) FROM {DEAD_LETTERS}"
+                    " WHERE forwarded_ms IS NULL AND bseq = ? ORDER BY id",
+                    [MAX_DEADLETTER_TOPIC, MAX_DEADLETTER_PAYLOAD, bseq],
+                ).fetchall()
+            self._letters_unclaimed = self._count_unclaimed_letters()
+        out = []
+        for id_, topic, topic_len, error, payload, size, digest, received, stored in rows:
+            payload = bytes(payload or b"")
+            if not digest and stored == size == len(payload):
+                # A letter stored before digests were kept, small enough to be whole here.
+                digest = hashlib.sha256(payload).hexdigest()
+            out.append(gateway_dead_letter(id_, topic or "", error or "", payload, received or 0, size=size or 0,
+                                           topic_len=topic_len or 0, sha256=digest or ""))
+        return out
+
+    def _count_unclaimed_letters(self) -> int:
+        return self.db.execute(
+            f"SELECT COUNT(*) FROM {DEAD_LETTERS} WHERE forwarded_ms IS NULL AND bseq IS NULL").fetchone()[0]
+
+    def dead_letters_unclaimed(self) -> int:
+        """Dead letters waiting for a batch (a reason for the uplink to send one even without readings)."""
+        with self._lock:
+            return self._letters_unclaimed
+
+    def dead_letters_unsent(self) -> int:
+        """Dead letters the cloud has not confirmed yet (in a batch in flight or waiting for one)."""
+        with self._lock:
+            return self.db.execute(f"SELECT COUNT(*) FROM {DEAD_LETTERS} WHERE forwarded_ms IS NULL").fetchone()[0]
+
     def drops_unclaimed(self) -> int:
         """Drop events waiting for a batch (a reason for the uplink to send one even without readings)."""
         with self._lock:
             return self._drops_unclaimed
 
     def delete(self, ids: Iterable[int], status_ids: Iterable[int] = (),
-               drop_bseq: int | Iterable[int] | None = None) -> int:
+               drop_bseq: int | Iterable[int] | None = None,
+               deadletter_bseq: int | Iterable[int] | None = None) -> int:
         """Delete exactly these readings and status events, and the drop events the batch(es)
-        ``drop_bseq`` carried (after the cloud confirmed them), in one transaction; returns how
-        many readings went."""
+        ``drop_bseq`` carried, and mark forwarded the dead letters the batch(es) ``deadletter_bseq``
+        carried (after the cloud confirmed them), in one transaction; returns how many readings went."""
         ids, status_ids = list(ids), list(status_ids)
         drop_bseqs = [] if drop_bseq is None else [drop_bseq] if isinstance(drop_bseq, int) else list(drop_bseq)
-        if not ids and not status_ids and not drop_bseqs:
+        letter_bseqs = ([] if deadletter_bseq is None else [deadletter_bseq] if isinstance(deadletter_bseq, int)
+                        else list(deadletter_bseq))
+        if not ids and not status_ids and not drop_bseqs and not letter_bseqs:
             return 0
         with self._changed:
             gone: dict[str, int] = {}
@@ -739,6 +817,11 @@ class Outbox:
                 status_deleted = self._delete_chunked(STATUS_EVENTS, status_ids)
                 for bseq in drop_bseqs:
                     self.db.execute(f"DELETE FROM {rtn.DROP_EVENTS} WHERE bseq = ?", [bseq])
+                # Kept (evidence on the Pi), marked: never handed to a batch again.
+                stamp = now_ms()
+                for bseq in letter_bseqs:
+                    self.db.execute(f"UPDATE {DEAD_LETTERS} SET forwarded_ms = ? WHERE bseq = ? AND forwarded_ms IS NULL",
+                                    [stamp, bseq])
             self._pending -= deleted
             self._status_pending -= status_deleted
             for device, n in gone.items():
@@ -787,7 +870,8 @@ class Outbox:
     def wait_for_rows(self, timeout: float) -> bool:
         """Block until readings or status events are pending, or ``timeout`` passes; True if any are."""
         with self._changed:
-            waiting = lambda: self._pending + self._status_pending + self._drops_unclaimed > 0  # noqa: E731
+            waiting = lambda: (self._pending + self._status_pending + self._drops_unclaimed  # noqa: E731
+                               + self._letters_unclaimed > 0)
             return self._changed.wait_for(lambda: self._closed or waiting(), timeout) and waiting()
 
     # --- reads -------------------------------------------------------------------------

@@ -184,6 +184,8 @@ class Gateway:
             "pending": self.outbox.pending(),
             "status_pending": self.outbox.status_pending(),
             "dead_letters": self.outbox.dead_letter_count(),
+            # Of those, the ones the cloud has not confirmed yet (the rest are in tern.deadletter).
+            "dead_letters_unsent": self.outbox.dead_letters_unsent(),
             "oldest_pending_age_s": None if oldest is None else max(0.0, (now_ms() - oldest) / 1000),
             "max_rows": self.outbox.max_rows,
             # Liveness from each device's latest status (birth or will) the gateway has seen.

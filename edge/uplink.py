@@ -16,6 +16,11 @@ Command outcomes (:mod:`tern.edge.commands`) ride along like drop events, in the
 envelope extension: at most one batch carrying outcomes is in flight (so a command's
 ``delivered`` never overtakes its ``done``), and they are deleted only on its confirm.
 
+Dead letters (payloads the nodes sent that broke the contract, kept in the outbox) ride along the
+same way, in the ``deadletters/1`` extension, at most 50 per batch, cut to 2 KiB each: a batch
+claims them durably, a re-send carries the same ones, and only its confirm marks them forwarded
+(the outbox keeps them as evidence), so each reaches the cloud once a confirm came back.
+
 Node status events travel with the batches too, and never wait behind the backlog or behind
 another device's status. Their ordering rule is per device, like the lanes for readings: a
 device's status events are never in two batches in flight at once (so its births and wills
@@ -111,6 +116,8 @@ class _InFlight:
     published_at: float = field(default_factory=time.monotonic)
     #: Command outcomes it carries (deleted with its confirm).
     outcomes: int = 0
+    #: Dead letters it carries (marked forwarded with its confirm).
+    deadletters: int = 0
 
 
 @dataclass(slots=True)
@@ -168,6 +175,7 @@ class Uplink:
             "batches_confirmed": 0,
             "forwarded": 0,
             "status_forwarded": 0,
+            "deadletters_forwarded": 0,
             "confirms_ignored": 0,
             "publish_errors": 0,
         }
@@ -349,6 +357,7 @@ class Uplink:
         deleted = self.outbox.delete(
             (r.id for b in done.values() for r in b.rows), (s.id for b in done.values() for s in b.statuses),
             drop_bseq=[b.bseq for b in done.values() if b.drops],
+            deadletter_bseq=[b.bseq for b in done.values() if b.deadletters],
         )
         if self.commands is not None:
             for batch in done.values():
@@ -364,6 +373,7 @@ class Uplink:
             self._counts["batches_confirmed"] += len(done)
             self._counts["forwarded"] += deleted
             self._counts["status_forwarded"] += sum(len(b.statuses) for b in done.values())
+            self._counts["deadletters_forwarded"] += sum(b.deadletters for b in done.values())
             self._cond.notify_all()  # stop() may be waiting for the last batch in flight
         for batch in done.values():
             if batch.lane is not None:
@@ -481,9 +491,10 @@ class Uplink:
             if statuses:
                 self._publish_new(None, [], statuses)
                 return wake
-        if not self._inflight and (self.outbox.drops_unclaimed() or self._outcomes_due()):
+        if not self._inflight and (self.outbox.drops_unclaimed() or self._outcomes_due()
+                                   or self.outbox.dead_letters_unclaimed()):
             # Drop events alone (readings expired by age on an idle site) are worth a batch
-            # too, and so are command outcomes.
+            # too, and so are command outcomes and dead letters.
             self._publish_new(None, [], [])
         return wake
 
@@ -515,15 +526,17 @@ class Uplink:
         return True
 
     def _encode(
-        self, rows: list[OutboxRow], statuses: list[StatusRow], bseq: int, drops: tuple = (), outcomes: tuple = ()
+        self, rows: list[OutboxRow], statuses: list[StatusRow], bseq: int, drops: tuple = (), outcomes: tuple = (),
+        deadletters: tuple = (),
     ) -> tuple[list[OutboxRow], bytes]:
-        """Encode as many of ``rows`` as fit ``batch_max_bytes`` with ``statuses`` and ``drops``
-        (shrinking the readings; the few small status and drop events always go)."""
+        """Encode as many of ``rows`` as fit ``batch_max_bytes`` with ``statuses``, ``drops``,
+        ``outcomes`` and ``deadletters`` (shrinking the readings; the rest always goes: each is
+        bounded per batch, together far below the envelope's hard limit)."""
         events = tuple(s.event for s in statuses)
         limit = self.config.batch_max_bytes
         while True:
             batch = Batch(self.config.gateway_id, bseq, now_ms(), tuple(r.reading for r in rows), events, drops,
-                          outcomes)
+                          outcomes, deadletters)
             try:
                 payload = codec.encode_batch(batch)
             except codec.CodecError:
@@ -550,16 +563,19 @@ class Uplink:
         if self._outcomes_due():
             assert self.commands is not None
             outcomes = tuple(self.commands.claim_outcomes(bseq, codec.MAX_OUTCOMES_PER_BATCH))
+        # Dead letters likewise (deadletters/1): claimed by this bseq, marked forwarded on its confirm.
+        deadletters = tuple(self.outbox.claim_dead_letters(bseq)) if self.outbox.dead_letters_unclaimed() else ()
         if statuses is None:
             statuses = self._take_statuses() if self._statuses_due() else []
-        rows, payload = self._encode(rows, statuses, bseq, drops, outcomes)
+        rows, payload = self._encode(rows, statuses, bseq, drops, outcomes, deadletters)
         if self._limiter is not None and rows:
             # Readings or bytes, as the limit counts; a batch of status (and drop) events alone
             # rides free: a node that died is reported at once.
             self._limiter.take(len(rows) if self._limiter.rate.unit == READINGS else len(payload))
         info = self.client.publish(self._topic, payload, qos=1)
         batch = _InFlight(bseq, lane, rows, statuses, payload, info, self.session.new_sessions,
-                          wait_s=self.config.confirm_timeout_s, drops=len(drops), outcomes=len(outcomes))
+                          wait_s=self.config.confirm_timeout_s, drops=len(drops), outcomes=len(outcomes),
+                          deadletters=len(deadletters))
         with self._cond:
             self._inflight[bseq] = batch
             self._counts["batches_sent"] += 1

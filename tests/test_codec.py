@@ -401,3 +401,103 @@ def test_the_spelled_out_kafka_value_is_the_dict_form_byte_for_byte(site, device
     # An id that would need escaping takes the general path and still yields valid JSON.
     odd = codec.kafka_record(codec.Reading(device, boot, seq, ts, values, 'si"te', rx), gateway, "t", 1)
     assert json.loads(odd.value)["site"] == 'si"te'
+
+
+# --- the deadletters/1 extension ------------------------------------------------------------
+
+dead_letters = st.builds(
+    codec.gateway_dead_letter,
+    id=uints,
+    topic=st.text(max_size=400),
+    reason=st.text(max_size=1200),
+    payload=st.binary(max_size=3000),
+    received_ms=uints,
+)
+
+
+def _envelope(raw: bytes) -> dict:
+    return json.loads(zlib.decompress(raw))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(dead_letters, min_size=1, max_size=codec.MAX_DEADLETTERS_PER_BATCH), ids, uints)
+def test_dead_letters_round_trip_cut_to_their_limits_and_match_the_schema(letters, gateway, bseq) -> None:
+    raw = codec.encode_batch(codec.Batch(gateway, bseq, 1, deadletters=tuple(letters)))
+    doc = _envelope(raw)
+    jsonschema.validate(doc, schema("envelope-deadletters"))
+    assert doc["ext"] == [codec.DEADLETTERS_EXTENSION]
+    back = codec.decode_batch(raw).deadletters
+    assert back == tuple(letters)
+    for letter in back:
+        assert len(letter.payload) <= codec.MAX_DEADLETTER_PAYLOAD and len(letter.topic) <= codec.MAX_DEADLETTER_TOPIC
+        assert len(letter.reason) <= codec.MAX_DEADLETTER_REASON and len(letter.sha256) == 64
+
+
+def test_a_cut_dead_letter_says_how_long_the_whole_was_and_its_hash() -> None:
+    import hashlib
+
+    topic, payload = "tern/s/" + "x" * 65_000 + "/telemetry", bytes(range(256)) * 40  # 10,240 bytes
+    letter = codec.gateway_dead_letter(7, topic, "not JSON", payload, 123)
+    back = codec.decode_batch(codec.encode_batch(codec.Batch("gw1", 1, 1, deadletters=(letter,)))).deadletters[0]
+    assert back.payload == payload[:2048] and back.size == 10_240 and back.payload_cut
+    assert back.sha256 == hashlib.sha256(payload).hexdigest()
+    assert back.topic == topic[:256] and back.topic_len == len(topic) and back.topic_cut
+    whole = codec.gateway_dead_letter(8, "tern/s/d/telemetry", "bad", b"{}", 1)
+    assert not whole.payload_cut and not whole.topic_cut
+
+
+def test_envelopes_without_dead_letters_are_byte_for_byte_as_before() -> None:
+    batch = codec.Batch("gw1", 3, 5, (codec.Reading("d", "b007", 1, 2, {"t": 1}, "s", 3),))
+    doc = _envelope(codec.encode_batch(batch))
+    assert "ext" not in doc and "deadletters" not in doc
+    assert codec.decode_batch(codec.encode_batch(batch)).deadletters == ()
+
+
+def _raw_envelope(**extra: object) -> bytes:
+    return zlib.compress(json.dumps({"v": 1, "gw": "gw1", "bseq": 1, "sent": 1, "items": [], **extra}).encode())
+
+
+GOOD_ITEM = {"id": 1, "topic": "t", "topic_len": 1, "reason": "r", "payload": "e30=", "size": 2,
+             "sha256": "44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a", "at": 5}
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ({"deadletters": [GOOD_ITEM]}, "without 'deadletters/1'"),
+        ({"ext": ["deadletters/1"], "deadletters": [GOOD_ITEM] * 51}, "over 50 dead letters"),
+        ({"ext": ["deadletters/1"], "deadletters": [{**GOOD_ITEM, "topic": "x" * 257, "topic_len": 300}]}, "'topic'"),
+        ({"ext": ["deadletters/1"], "deadletters": [{**GOOD_ITEM, "payload": "AAAA" * 700, "size": 2100}]}, "'payload'"),
+        ({"ext": ["deadletters/1"], "deadletters": [{**GOOD_ITEM, "payload": "not base64!"}]}, "not base64"),
+        ({"ext": ["deadletters/1"], "deadletters": [{**GOOD_ITEM, "size": 1}]}, "at least what is carried"),
+        ({"ext": ["deadletters/1"], "deadletters": [{**GOOD_ITEM, "sha256": "0" * 64}]}, "not the payload's"),
+        ({"ext": ["deadletters/1"], "deadletters": [{**GOOD_ITEM, "sha256": "XYZ"}]}, "64 lowercase hex"),
+        ({"ext": ["deadletters/1"], "deadletters": [{**GOOD_ITEM, "reason": "r" * 1001}]}, "'reason'"),
+        ({"ext": ["deadletters/1"], "deadletters": [{**GOOD_ITEM, "at": -1}]}, "'at'"),
+    ],
+)
+def test_off_contract_dead_letters_reject_the_batch(extra: dict, message: str) -> None:
+    assert codec.decode_batch(_raw_envelope(ext=["deadletters/1"], deadletters=[GOOD_ITEM])).deadletters[0].payload == b"{}"
+    with pytest.raises(CodecError, match=message):
+        codec.decode_batch(_raw_envelope(**extra))
+    if message in ("without 'deadletters/1'", "over 50 dead letters", "'topic'", "'payload'", "'reason'"):
+        # The schema says the same.
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(json.loads(zlib.decompress(_raw_envelope(**extra))), schema("envelope-deadletters"))
+
+
+def test_the_encoder_refuses_more_dead_letters_than_a_batch_may_carry() -> None:
+    letters = tuple(codec.gateway_dead_letter(i, "t", "r", b"", 1) for i in range(codec.MAX_DEADLETTERS_PER_BATCH + 1))
+    with pytest.raises(CodecError, match="over the limit of 50"):
+        codec.encode_batch(codec.Batch("gw1", 1, 1, deadletters=letters))
+
+
+def test_a_dead_letter_becomes_a_record_on_the_dead_letter_topic_keyed_by_source_topic() -> None:
+    letter = codec.gateway_dead_letter(9, "tern/s/" + "y" * 300, "not JSON", b"z" * 3000, 77)
+    record = codec.kafka_deadletter_record(letter, "gw1", "tern.deadletter", "bridge-a")
+    headers = dict(record.headers)
+    assert record.topic == "tern.deadletter" and record.key == letter.topic.encode() and record.value == b"z" * 2048
+    assert headers["gateway"] == b"gw1" and headers["error"] == b"not JSON" and headers["received_ms"] == b"77"
+    assert headers["original_bytes"] == b"3000" and headers["truncated"] == b"1" and headers["topic_truncated"] == b"1"
+    assert headers["source_topic_chars"] == b"307" and len(headers["original_sha256"]) == 64
+    assert headers["deadletter_id"] == b"9" and headers["bridge"] == b"bridge-a"

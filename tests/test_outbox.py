@@ -264,3 +264,63 @@ OutboxMachine.TestCase.settings = settings(
     max_examples=100, stateful_step_count=25, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 test_outbox_model = OutboxMachine.TestCase
+
+
+# --- dead letters to the cloud (deadletters/1) ----------------------------------------------
+
+
+def test_dead_letters_are_claimed_by_a_batch_and_marked_forwarded_only_on_its_confirm(tmp_path: Path) -> None:
+    import hashlib
+
+    path = tmp_path / "o.db"
+    with Outbox(path) as box:
+        box.add([], [DeadLetter(f"tern/s/d{i}/telemetry", b"junk%d" % i, f"bad {i}") for i in range(60)])
+        assert box.dead_letters_unclaimed() == 60
+        first = box.claim_dead_letters(1)
+        assert [d.topic for d in first] == [f"tern/s/d{i}/telemetry" for i in range(50)]  # bounded, oldest first
+        assert first[3].sha256 == hashlib.sha256(b"junk3").hexdigest() and first[3].reason == "bad 3"
+        assert box.claim_dead_letters(1) == first  # a re-send carries the same ones
+        second = box.claim_dead_letters(2)
+        assert [d.topic for d in second] == [f"tern/s/d{i}/telemetry" for i in range(50, 60)]
+        assert box.dead_letters_unclaimed() == 0 and box.dead_letters_unsent() == 60
+        box.delete([], deadletter_bseq=[2])
+        assert box.dead_letters_unsent() == 50
+    # A restart: batch 1 was never confirmed, so its letters go again (in a new batch); batch 2's never.
+    with Outbox(path) as box:
+        assert box.dead_letters_unclaimed() == 50
+        again = box.claim_dead_letters(3)
+        assert [d.id for d in again] == [d.id for d in first]
+        box.delete([], deadletter_bseq=3)
+        assert box.dead_letters_unclaimed() == 0 and box.dead_letters_unsent() == 0 and box.claim_dead_letters(4) == []
+        # Kept as evidence on the Pi: the table and its count are unchanged.
+        assert box.dead_letter_count() == 60 and box.summary().dead_letters == 60
+        assert box.summary().dead_letters_unsent == 0
+
+
+def test_a_huge_dead_letter_travels_cut_with_its_whole_size_and_hash(tmp_path: Path) -> None:
+    import hashlib
+
+    payload, topic = b"\x00\xff" * 50_000, "tern/s/" + "x" * 65_000 + "/telemetry"
+    with Outbox(tmp_path / "o.db") as box:
+        box.add([], [DeadLetter(topic, payload, "too big", received_ms=42)])
+        (letter,) = box.claim_dead_letters(1)
+    assert letter.payload == payload[:2048] and letter.size == 100_000 and letter.payload_cut
+    assert letter.sha256 == hashlib.sha256(payload).hexdigest()  # of the whole, though the row keeps 64 KiB
+    assert letter.topic == topic[:256] and letter.topic_len == len(topic) and letter.received_ms == 42
+
+
+def test_an_older_outbox_gets_the_forwarding_columns_and_sends_its_dead_letters(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as conn:  # the table as gateways before deadletters/1 made it
+        conn.execute("CREATE TABLE dead_letters (id INTEGER PRIMARY KEY, received_ms INTEGER, topic TEXT,"
+                     " payload BLOB, size INTEGER, error TEXT)")
+        conn.execute("INSERT INTO dead_letters (received_ms, topic, payload, size, error) VALUES (5, 't/a', ?, 4, 'bad')",
+                     [b"junk"])
+        conn.execute("INSERT INTO dead_letters (received_ms, topic, payload, size, error) VALUES (6, 't/b', ?, 70000, 'big')",
+                     [b"y" * DEAD_LETTER_PAYLOAD_MAX])
+    with Outbox(path) as box:
+        columns = box.db["dead_letters"].columns_dict
+        assert {"sha256", "bseq", "forwarded_ms"} <= set(columns)
+        small, big = box.claim_dead_letters(1)
+    assert small.payload == b"junk" and len(small.sha256) == 64  # whole: its hash is computed now
+    assert big.size == 70_000 and big.sha256 == "" and big.payload_cut  # the whole is gone: no hash claimed

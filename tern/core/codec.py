@@ -12,8 +12,13 @@ describe the JSON ones formally. Decoders never trust their input: anything off-
 from __future__ import annotations
 
 from tern.core.envelope import (  # noqa: F401  (re-exported)
+    DEADLETTERS_EXTENSION,
     DROPS_EXTENSION,
     EXTENSIONS,
+    MAX_DEADLETTER_PAYLOAD,
+    MAX_DEADLETTER_REASON,
+    MAX_DEADLETTER_TOPIC,
+    MAX_DEADLETTERS_PER_BATCH,
     MAX_DROPS_PER_BATCH,
     MAX_OUTCOME_DETAIL,
     MAX_OUTCOMES_PER_BATCH,
@@ -22,6 +27,7 @@ from tern.core.envelope import (  # noqa: F401  (re-exported)
     decode_confirm,
     encode_batch,
     encode_confirm,
+    gateway_dead_letter,
 )
 from tern.core.errors import CodecError  # noqa: F401  (re-exported)
 from tern.core.kafka_wire import (  # noqa: F401  (re-exported)
@@ -31,6 +37,7 @@ from tern.core.kafka_wire import (  # noqa: F401  (re-exported)
     decode_kafka_drop_value,
     decode_kafka_status_value,
     decode_kafka_value,
+    kafka_deadletter_record,
     kafka_drop_record,
     kafka_outcome_record,
     kafka_record,
@@ -55,6 +62,7 @@ from tern.core.messages import (  # noqa: F401  (re-exported)
     Batch,
     Confirm,
     DropEvent,
+    GatewayDeadLetter,
     KafkaRecord,
     NodeAck,
     Reading,

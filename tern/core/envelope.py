@@ -4,6 +4,9 @@ status events and the envelope's extensions, compressed. Decoders never trust th
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
 import zlib
 from typing import Any, Mapping
 
@@ -25,6 +28,7 @@ from tern.core.messages import (
     Batch,
     Confirm,
     DropEvent,
+    GatewayDeadLetter,
     Reading,
     StatusEvent,
     _boot,
@@ -71,13 +75,45 @@ def _status_item(event: StatusEvent) -> dict[str, Any]:
 #: what it carries.
 DROPS_EXTENSION = "drops/1"
 OUTCOMES_EXTENSION = "outcomes/1"
-EXTENSIONS = (DROPS_EXTENSION, OUTCOMES_EXTENSION)
+DEADLETTERS_EXTENSION = "deadletters/1"
+EXTENSIONS = (DROPS_EXTENSION, OUTCOMES_EXTENSION, DEADLETTERS_EXTENSION)
 #: Drop events per envelope at most (they are coalesced per device, boot and reason).
 MAX_DROPS_PER_BATCH = 1000
 #: Command outcomes per envelope at most (a node reply is at most ~1 KB).
 MAX_OUTCOMES_PER_BATCH = 100
 #: Longest outcome detail carried (a rejection's reason, a node's error).
 MAX_OUTCOME_DETAIL = 200
+#: Dead letters per envelope at most: a node spewing junk must not crowd readings out of the
+#: uplink; the rest wait for the next batches.
+MAX_DEADLETTERS_PER_BATCH = 50
+#: Bytes of a dead letter's payload carried (the start of it; its size and SHA-256 say the rest):
+#: enough to see what a node sent, small enough that 50 of them fit any envelope.
+MAX_DEADLETTER_PAYLOAD = 2048
+#: Characters of a dead letter's topic carried: a topic from the network can be 65,000.
+MAX_DEADLETTER_TOPIC = 256
+#: Characters of a dead letter's reason carried (the gateway's own are at most ~1000).
+MAX_DEADLETTER_REASON = 1000
+_HEX = frozenset("0123456789abcdef")
+
+
+def gateway_dead_letter(id: int, topic: str, reason: str, payload: bytes, received_ms: int, *,
+                        size: int | None = None, topic_len: int | None = None,
+                        sha256: str | None = None) -> GatewayDeadLetter:
+    """A dead letter cut to the extension's limits. ``payload``/``topic`` may already be cut:
+    then ``size``/``topic_len`` give the whole's length (and ``sha256`` its digest, "" if unknown);
+    by default they are those of what is passed, and the digest is computed from it."""
+    whole = size is None or size == len(payload)
+    digest = sha256 if sha256 else (hashlib.sha256(payload).hexdigest() if whole else "")
+    return GatewayDeadLetter(
+        id=id,
+        topic=topic[:MAX_DEADLETTER_TOPIC],
+        topic_len=len(topic) if topic_len is None else topic_len,
+        reason=reason[:MAX_DEADLETTER_REASON],
+        payload=bytes(payload[:MAX_DEADLETTER_PAYLOAD]),
+        size=len(payload) if size is None else size,
+        sha256=digest,
+        received_ms=received_ms,
+    )
 
 
 def _drop_item(drop: DropEvent) -> dict[str, Any]:
@@ -106,6 +142,23 @@ def _outcome_item(outcome: Outcome) -> dict[str, Any]:
     }
 
 
+def _deadletter_item(letter: GatewayDeadLetter) -> dict[str, Any]:
+    # Cut here as well (the encoder never emits what its decoder refuses); the lengths stay those
+    # of the whole, so a cut is always visible.
+    payload = letter.payload[:MAX_DEADLETTER_PAYLOAD]
+    return {
+        "id": letter.id,
+        "topic": letter.topic[:MAX_DEADLETTER_TOPIC],
+        "topic_len": max(letter.topic_len, len(letter.topic)),
+        "reason": letter.reason[:MAX_DEADLETTER_REASON],
+        # base64: a dead letter is whatever bytes a node sent, JSON strings cannot hold them.
+        "payload": base64.b64encode(payload).decode(),
+        "size": max(letter.size, len(letter.payload)),
+        "sha256": letter.sha256,
+        "at": letter.received_ms,
+    }
+
+
 def encode_batch(batch: Batch) -> bytes:
     """Encode a batch envelope: zlib-compressed compact JSON."""
     check_id(batch.gateway, "gateway")
@@ -129,6 +182,12 @@ def encode_batch(batch: Batch) -> bytes:
             raise CodecError(f"{len(batch.outcomes)} command outcomes, over the limit of {MAX_OUTCOMES_PER_BATCH} per batch")
         doc.setdefault("ext", []).append(OUTCOMES_EXTENSION)
         doc["outcomes"] = [_outcome_item(o) for o in batch.outcomes]
+    if batch.deadletters:
+        if len(batch.deadletters) > MAX_DEADLETTERS_PER_BATCH:
+            raise CodecError(
+                f"{len(batch.deadletters)} dead letters, over the limit of {MAX_DEADLETTERS_PER_BATCH} per batch")
+        doc.setdefault("ext", []).append(DEADLETTERS_EXTENSION)
+        doc["deadletters"] = [_deadletter_item(d) for d in batch.deadletters]
     # Every float in a batch is a reading value the codec checked (finite) on the way in.
     data = zlib.compress(_dumps_finite(doc), 6)
     if len(data) > MAX_BATCH_BYTES:
@@ -239,6 +298,50 @@ def _decode_outcomes(obj: Mapping[str, Any], what: str, ext: tuple[str, ...], ga
     return tuple(out)
 
 
+def _decode_deadletters(obj: Mapping[str, Any], what: str, ext: tuple[str, ...]) -> tuple[GatewayDeadLetter, ...]:
+    """The envelope's ``deadletters`` list; only with the ``deadletters/1`` extension named in ``ext``."""
+    if "deadletters" not in obj:
+        return ()
+    if DEADLETTERS_EXTENSION not in ext:
+        raise CodecError(f"{what}: 'deadletters' present without {DEADLETTERS_EXTENSION!r} in 'ext'")
+    out = []
+    for where, item in _object_list(obj, "deadletters", what, "dead letter"):
+        if len(out) >= MAX_DEADLETTERS_PER_BATCH:
+            raise CodecError(f"{what}: over {MAX_DEADLETTERS_PER_BATCH} dead letters")
+        topic, reason, encoded = item.get("topic"), item.get("reason"), item.get("payload")
+        if not isinstance(topic, str) or len(topic) > MAX_DEADLETTER_TOPIC:
+            raise CodecError(f"{where}: 'topic' must be a string of at most {MAX_DEADLETTER_TOPIC} characters")
+        if not isinstance(reason, str) or len(reason) > MAX_DEADLETTER_REASON:
+            raise CodecError(f"{where}: 'reason' must be a string of at most {MAX_DEADLETTER_REASON} characters")
+        # Checked before decoding: base64 of MAX_DEADLETTER_PAYLOAD bytes is at most this long.
+        if not isinstance(encoded, str) or len(encoded) > (MAX_DEADLETTER_PAYLOAD + 2) // 3 * 4:
+            raise CodecError(f"{where}: 'payload' must be base64 of at most {MAX_DEADLETTER_PAYLOAD} bytes")
+        try:
+            payload = base64.b64decode(encoded, validate=True)
+        except (binascii.Error, ValueError):
+            raise CodecError(f"{where}: 'payload' is not base64") from None
+        topic_len = _int(item, "topic_len", where)
+        size = _int(item, "size", where)
+        if topic_len < len(topic) or size < len(payload):
+            raise CodecError(f"{where}: 'topic_len' and 'size' must be at least what is carried")
+        digest = item.get("sha256")
+        if not isinstance(digest, str) or (digest and (len(digest) != 64 or not set(digest) <= _HEX)):
+            raise CodecError(f"{where}: 'sha256' must be 64 lowercase hex digits or empty")
+        if digest and size == len(payload) and hashlib.sha256(payload).hexdigest() != digest:
+            raise CodecError(f"{where}: 'sha256' is not the payload's")
+        out.append(GatewayDeadLetter(
+            id=_int(item, "id", where),
+            topic=topic,
+            topic_len=topic_len,
+            reason=reason,
+            payload=payload,
+            size=size,
+            sha256=digest,
+            received_ms=_int(item, "at", where),
+        ))
+    return tuple(out)
+
+
 def _reading_fast(item: dict[str, Any], checked: set[str]) -> Reading | None:
     """The reading of an envelope item that is plainly valid, else None.
 
@@ -315,6 +418,7 @@ def decode_batch(raw: bytes, *, topic_gateway: str | None = None) -> Batch:
         statuses=_decode_status_events(obj, what),
         drops=_decode_drops(obj, what, ext),
         outcomes=_decode_outcomes(obj, what, ext, gateway),
+        deadletters=_decode_deadletters(obj, what, ext),
     )
 
 

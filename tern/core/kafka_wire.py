@@ -1,5 +1,6 @@
 """Kafka records (bridge -> Kafka): one record per reading, status event, drop event and
-command outcome, keyed by device, with the JSON values docs/contracts.md describes.
+command outcome, keyed by device, with the JSON values docs/contracts.md describes; and one per
+gateway dead letter (raw payload, keyed by source topic, described by its headers).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from tern.core.messages import (
     DROP_REASONS,
     MAX_NODE_PAYLOAD,
     DropEvent,
+    GatewayDeadLetter,
     KafkaRecord,
     Reading,
     StatusEvent,
@@ -193,3 +195,27 @@ def decode_kafka_drop_value(raw: bytes) -> dict[str, Any]:
     if obj.get("reason") not in DROP_REASONS:
         raise CodecError(f"{what}: 'reason' must be one of {DROP_REASONS}, got {obj.get('reason')!r}")
     return obj
+
+
+def kafka_deadletter_record(letter: GatewayDeadLetter, gateway: str, topic: str, bridge: str) -> KafkaRecord:
+    """Map one gateway dead letter (``deadletters/1``) to its record on the dead-letter topic.
+
+    Like the bridge's own dead letters: the (cut) raw payload as the value, keyed by source topic
+    so one node's junk stays in order in one partition, and headers saying where it came from
+    and why; unlike them, the size, SHA-256 and cut flags are always present (a gateway's letter
+    is cut at 2 KiB, which is most of the point of looking at them).
+    """
+    headers = (
+        ("gateway", gateway.encode()),
+        ("source_topic", letter.topic.encode(errors="replace")),
+        ("source_topic_chars", str(letter.topic_len).encode()),
+        ("error", letter.reason.encode(errors="replace")),
+        ("received_ms", str(letter.received_ms).encode()),
+        ("original_bytes", str(letter.size).encode()),
+        ("original_sha256", letter.sha256.encode()),
+        ("truncated", b"1" if letter.payload_cut else b"0"),
+        ("topic_truncated", b"1" if letter.topic_cut else b"0"),
+        ("deadletter_id", str(letter.id).encode()),
+        ("bridge", bridge.encode()),
+    )
+    return KafkaRecord(topic=topic, key=letter.topic.encode(errors="replace"), value=letter.payload, headers=headers)

@@ -138,9 +138,42 @@ class DropEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class GatewayDeadLetter:
+    """Gateway to cloud: a node payload the gateway refused (it broke the contract), as the
+    ``deadletters/1`` envelope extension carries it (docs/contracts.md).
+
+    ``topic`` and ``payload`` may be cut (a topic from the network can be 65,000 characters, a
+    payload megabytes): ``topic_len`` is the whole topic's length in characters, ``size`` the
+    whole payload's in bytes and ``sha256`` its hex digest ("" when the gateway no longer holds
+    the whole payload: a letter stored before this extension existed, over 64 KiB). ``id`` is
+    the letter's number in the gateway's outbox: with the gateway it names it for de-duplication.
+    """
+
+    id: int
+    topic: str
+    topic_len: int
+    reason: str
+    payload: bytes
+    size: int
+    sha256: str
+    received_ms: int
+
+    @property
+    def payload_cut(self) -> bool:
+        """True if ``payload`` is only the start of what the node sent."""
+        return self.size > len(self.payload)
+
+    @property
+    def topic_cut(self) -> bool:
+        """True if ``topic`` is only the start of the topic it came on."""
+        return self.topic_len > len(self.topic)
+
+
+@dataclass(frozen=True, slots=True)
 class Batch:
     """Gateway to bridge: readings and node status events from one gateway, each in outbox order,
-    drop events (the ``drops/1`` envelope extension) and command outcomes (``outcomes/1``)."""
+    drop events (the ``drops/1`` envelope extension), command outcomes (``outcomes/1``) and
+    dead letters (``deadletters/1``)."""
 
     gateway: str
     bseq: int
@@ -150,6 +183,8 @@ class Batch:
     drops: tuple[DropEvent, ...] = field(default_factory=tuple)
     #: What became of commands sent to this gateway's nodes, in the order it recorded them.
     outcomes: tuple[Outcome, ...] = field(default_factory=tuple)
+    #: Node payloads the gateway refused (the ``deadletters/1`` extension), oldest first.
+    deadletters: tuple[GatewayDeadLetter, ...] = field(default_factory=tuple)
 
 
 @dataclass(frozen=True, slots=True)
