@@ -26,7 +26,7 @@ from tern.edge.commands import CommandDesk
 from tern.edge.config import GatewayConfig
 from tern.edge.health import Health, ObservedOutbox
 from tern.edge.ingest import Ingest
-from tern.edge.outbox import Outbox, now_ms
+from tern.edge.outbox import now_ms
 from tern.edge.outbox_lock import OutboxLock
 from tern.edge.retention import RetentionPolicy
 from tern.edge.serial_sensors import SerialSensors

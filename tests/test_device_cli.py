@@ -24,7 +24,9 @@ CLI = [sys.executable, "-m", "tern.device.cli"]
 
 
 def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout)
+    """The command, piped, as a script would run it (no COLUMNS: rich then takes 80)."""
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def test_flash_dry_run_prints_mpremote_commands(tmp_path: Path) -> None:
@@ -94,6 +96,10 @@ def test_emulate_runs_a_fleet_until_done_and_acked(tmp_path: Path) -> None:
     with Mosquitto(tmp_path / "broker") as broker:
         out, seen = _emulate(broker, tmp_path / "nodes", ack=True)
     assert out.returncode == 0, out.stdout + out.stderr
+    # Piped, the table fits 80 columns with every node id whole.
+    table = [line for line in out.stdout.splitlines() if line[:1] in "│┃┏┡└"]
+    assert table and all(len(line) <= 80 for line in table), out.stdout
+    assert all(sum(f"{d} " in line for line in table) >= 1 for d in ("node-1", "node-2"))
     for device in ("node-1", "node-2"):
         got = [decode_reading(p, topic_device=device).seq for t, p in seen if t == f"tern/cli/{device}/telemetry"]
         assert got == [1, 2, 3, 4, 5]

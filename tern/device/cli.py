@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from tern.core.errors import TernError
+from tern.tables import Column, fitted_table
 from tern.device.emulate import DEFAULT_HEAP
 
 
@@ -109,20 +110,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _table(fleet) -> "object":
-    from rich.table import Table
+#: The fleet table's columns: node and state never give way; boot first, then the counters.
+FLEET_COLUMNS = (
+    Column("node"), Column("state"), Column("boot", 6), Column("sent", 1, "right"), Column("acked", 1, "right"),
+    Column("resent", 4, "right"), Column("dropped", 3, "right"), Column("connects", 5, "right"), Column("last error", 2),
+)
 
-    table = Table(title="tern-device emulate")
-    for column in ("node", "state", "boot", "sent", "acked", "resent", "dropped", "connects", "last error"):
-        table.add_column(column)
+
+def _table(fleet, width: int = 80) -> "object":
+    rows = []
     for node in fleet:
         state = "done" if node.wait_done(0) else ("running" if node.running else f"exited {node.exit_code}")
         error = node.errors[-1] if node.errors else ""
-        table.add_row(
-            node.device, state, node.boot, str(node.sent), str(node.acked), str(node.resent),
-            str(node.dropped), str(node.connects), error[:40],
-        )
-    return table
+        rows.append([node.device, state, node.boot, str(node.sent), str(node.acked), str(node.resent),
+                     str(node.dropped), str(node.connects), error[:40]])
+    return fitted_table(FLEET_COLUMNS, rows, width, title="tern-device emulate")
 
 
 #: How long --exit-when-done waits for the gateway to acknowledge the last readings.
@@ -146,17 +148,17 @@ def cmd_emulate(args: argparse.Namespace) -> int:
     try:
         _interrupt_on(STOP_SIGNALS)
         fleet.start()
-        with Live(_table(fleet), console=console, refresh_per_second=4) as live:
+        with Live(_table(fleet, console.width), console=console, refresh_per_second=4) as live:
             while True:
                 time.sleep(0.5)
-                live.update(_table(fleet))
+                live.update(_table(fleet, console.width))
                 if args.exit_when_done and all(n.wait_done(0) for n in fleet):
                     # Done means published; give the gateway a moment to ack the last ones,
                     # since a node that exits still holding unacked readings takes them along.
                     deadline = time.monotonic() + ACK_GRACE_S
                     while time.monotonic() < deadline and any(n.acked < n.sent for n in fleet):
                         time.sleep(0.1)
-                    live.update(_table(fleet))
+                    live.update(_table(fleet, console.width))
                     unacked = sum(max(0, n.sent - n.acked) for n in fleet)
                     if unacked:
                         console.print(f"{unacked} readings were not acknowledged by a gateway within {ACK_GRACE_S:.0f} s")

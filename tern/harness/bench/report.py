@@ -58,7 +58,7 @@ def format_figure(value: float, unit: str) -> str:
 def format_rounds(m: Measurement) -> str:
     """``min / median / max`` of the rounds (or ``-`` for a single round)."""
     if len(m.rounds) < 2:
-        return f"1 round" if m.rounds else "-"
+        return "1 round" if m.rounds else "-"
     values = sorted(m.rounds)
     mid = values[len(values) // 2] if len(values) % 2 else (values[len(values) // 2 - 1] + values[len(values) // 2]) / 2
     return f"{len(values)}: {short(values[0])} / {short(mid)} / {short(values[-1])}"
