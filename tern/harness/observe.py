@@ -10,7 +10,7 @@ import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Self, Any, Callable, Iterable
 
 import paho.mqtt.client as mqtt
 
@@ -147,106 +147,21 @@ def wait_until(predicate, timeout: float, interval: float = 0.1) -> bool:
         time.sleep(interval)
 
 
-class KafkaTail:
-    """Consumes a Kafka topic from the beginning in a background thread.
-
-    Keeps, in consumption order, the identity and value of every reading record, so the
-    demo can show what arrives live and tests can reconcile it with what was sent.
-    """
+class _TopicConsumer:
+    """A Kafka topic consumed from the beginning in a background thread; each record's value
+    and partition go to :meth:`_add` (the subclass keeps what it needs, under ``_lock``)."""
 
     def __init__(self, bootstrap: str, topic: str) -> None:
         self.bootstrap = bootstrap
         self.topic = topic
         self._lock = threading.Lock()
-        self._records: list[tuple[Identity, dict[str, Any], int]] = []
         self.undecodable = 0
         self.error: BaseException | None = None
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"kafka-tail-{topic}", daemon=True)
 
-    def start(self, timeout: float = 20.0) -> "KafkaTail":
-        """Start consuming; returns once the consumer is assigned its partitions."""
-        self._thread.start()
-        if not self._ready.wait(timeout):
-            self.stop()
-            raise TimeoutError(f"Kafka consumer for {self.topic} at {self.bootstrap} not ready: {self.error!r}")
-        return self
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop consuming."""
-        self._stop.set()
-        self._thread.join(timeout)
-
-    def _run(self) -> None:
-        import asyncio
-
-        try:
-            asyncio.run(self._consume())
-        except BaseException as exc:  # surfaced through .error; the thread must not die silently
-            self.error = exc
-
-    async def _consume(self) -> None:
-        from aiokafka import AIOKafkaConsumer
-
-        from tern.cloud.consume import assign_from_beginning
-
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False, auto_offset_reset="earliest")
-        await consumer.start()
-        try:
-            await assign_from_beginning(consumer, self.topic, 15)
-            self._ready.set()
-            while not self._stop.is_set():
-                batches = await consumer.getmany(timeout_ms=200, max_records=5000)
-                for tp, messages in batches.items():
-                    for message in messages:
-                        self._add(message.value, message.partition)
-        finally:
-            await consumer.stop()
-
-    def _add(self, raw: bytes, partition: int) -> None:
-        try:
-            value = codec.decode_kafka_value(raw)
-        except CodecError:
-            with self._lock:
-                self.undecodable += 1
-            return
-        with self._lock:
-            self._records.append(((value["device"], value["boot"], value["seq"]), value, partition))
-
-    def records(self) -> list[tuple[Identity, dict[str, Any], int]]:
-        """(identity, value, partition) of every reading consumed so far, in order."""
-        with self._lock:
-            return list(self._records)
-
-    def identities(self) -> list[Identity]:
-        """Identities consumed so far, in consumption order."""
-        with self._lock:
-            return [identity for identity, _, _ in self._records]
-
-
-class TopicTail:
-    """Consumes any Kafka topic from the beginning in a background thread, decoding each value
-    with ``decode``; keeps (monotonic time consumed, decoded value) in consumption order.
-
-    The demo follows the status and command-results topics with it: *when* a record arrived
-    is part of what it tells (a last will that waited in the outbox arrives after the uplink
-    returns). Values ``decode`` rejects with a CodecError are counted, not kept.
-    """
-
-    def __init__(self, bootstrap: str, topic: str, decode: Callable[[bytes], Any]) -> None:
-        self.bootstrap = bootstrap
-        self.topic = topic
-        self.decode = decode
-        self._lock = threading.Lock()
-        self._records: list[tuple[float, Any]] = []
-        self.undecodable = 0
-        self.error: BaseException | None = None
-        self._stop = threading.Event()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"kafka-tail-{topic}", daemon=True)
-
-    def start(self, timeout: float = 20.0) -> "TopicTail":
+    def start(self, timeout: float = 20.0) -> "Self":
         """Start consuming; returns once the consumer is assigned its partitions."""
         self._thread.start()
         if not self._ready.wait(timeout):
@@ -281,11 +196,61 @@ class TopicTail:
                 batches = await consumer.getmany(timeout_ms=200, max_records=5000)
                 for messages in batches.values():
                     for message in messages:
-                        self._add(message.value)
+                        self._add(message.value, message.partition)
         finally:
             await consumer.stop()
 
-    def _add(self, raw: bytes) -> None:
+    def _add(self, raw: bytes, partition: int) -> None:
+        raise NotImplementedError
+
+
+class KafkaTail(_TopicConsumer):
+    """Consumes a Kafka topic from the beginning in a background thread.
+
+    Keeps, in consumption order, the identity and value of every reading record, so the
+    demo can show what arrives live and tests can reconcile it with what was sent.
+    """
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        super().__init__(bootstrap, topic)
+        self._records: list[tuple[Identity, dict[str, Any], int]] = []
+
+    def _add(self, raw: bytes, partition: int) -> None:
+        try:
+            value = codec.decode_kafka_value(raw)
+        except CodecError:
+            with self._lock:
+                self.undecodable += 1
+            return
+        with self._lock:
+            self._records.append(((value["device"], value["boot"], value["seq"]), value, partition))
+
+    def records(self) -> list[tuple[Identity, dict[str, Any], int]]:
+        """(identity, value, partition) of every reading consumed so far, in order."""
+        with self._lock:
+            return list(self._records)
+
+    def identities(self) -> list[Identity]:
+        """Identities consumed so far, in consumption order."""
+        with self._lock:
+            return [identity for identity, _, _ in self._records]
+
+
+class TopicTail(_TopicConsumer):
+    """Consumes any Kafka topic from the beginning in a background thread, decoding each value
+    with ``decode``; keeps (monotonic time consumed, decoded value) in consumption order.
+
+    The demo follows the status and command-results topics with it: *when* a record arrived
+    is part of what it tells (a last will that waited in the outbox arrives after the uplink
+    returns). Values ``decode`` rejects with a CodecError are counted, not kept.
+    """
+
+    def __init__(self, bootstrap: str, topic: str, decode: Callable[[bytes], Any]) -> None:
+        super().__init__(bootstrap, topic)
+        self.decode = decode
+        self._records: list[tuple[float, Any]] = []
+
+    def _add(self, raw: bytes, partition: int) -> None:
         try:
             value = self.decode(raw)
         except CodecError:
