@@ -171,6 +171,9 @@ def write_docs(folder: Path, doc: dict[str, Any], results: Sequence[Measurement]
     lines = [INTRO, "## This run", "",
              f"{doc['date']}, {doc['mode']} run of commit `{doc.get('commit') or 'unknown'}`, {doc['elapsed_s']:.0f} s: {info['cpus']} cores ({info['cpu'] or 'unknown CPU'}), "
              f"{info['platform']}, Python {info['python']}, Kafka: {doc['kafka'] or 'not used'}.", ""]
+    stages = doc.get("stage_seconds") or {}
+    if stages:
+        lines += ["Seconds per stage: " + ", ".join(f"{name} {s:.0f}" for name, s in stages.items()) + ".", ""]
     lines += markdown_table(results)
     lines += [""]
     missed = [m.name for m in results if m.met is False]
