@@ -22,11 +22,13 @@ EXPECTED = {
     "outbox.add",
     "gateway.ingest",
     "bridge.kafka",
+    "bridge.vs_librdkafka",
     "e2e.node_to_kafka",
     "firmware.heap_free",
     "firmware.heap_needed_mpy",
     "drain.vs_naive",
     "drain.vs_raw_kafka",
+    "drain.vs_librdkafka",
     "drain.gateway_cpu",
     "drain.gateway_rss",
     "drain.bridge_cpu",
@@ -41,10 +43,14 @@ EXPECTED = {
     "latency.max",
     "scaleout.2_bridges",
     "scaleout.3_bridges",
+    # Skipped in the quick run (no 3-node cluster is started there, the reason is printed);
+    # test_apache_stage_on_the_suites_cluster runs them.
+    *(f"apache.{row}" for row in ("bridge.kafka", "bridge.vs_librdkafka", "drain.vs_raw_kafka", "drain.vs_librdkafka")),
 }
 #: Issue 13's targets, as the bench judges them.
 TARGETS = {
     "bridge.kafka": "ratio >= 0.8",
+    "bridge.vs_librdkafka": "ratio >= 0.3",  # issue 27
     "drain.vs_naive": "ratio >= 40",
     "drain.vs_raw_kafka": "ratio >= 0.5",
     "live.vs_pubsub": "ratio >= 0.9",
@@ -93,6 +99,13 @@ def test_quick_run_reports_every_measurement_as_a_ratio(tmp_path: Path) -> None:
         assert m["target"] == target
         assert m["met"] == (value >= float(limit) if op == ">=" else value <= float(limit)), name
     assert doc["missed"] == [n for n, m in by_name.items() if m["met"] is False]
+    # The quick run starts no Apache Kafka cluster: its rows say so (unless TERN_KAFKA=apache
+    # made the run's own Kafka one, then they ran on it).
+    for name in (n for n in EXPECTED if n.startswith("apache.")):
+        assert by_name[name]["skipped"] is None or "quick run" in by_name[name]["skipped"], name
+    # The librdkafka baseline wrote the same records as the aiokafka one.
+    assert by_name["bridge.vs_librdkafka"]["figure"] == by_name["bridge.kafka"]["figure"]
+    assert by_name["bridge.vs_librdkafka"]["details"]["client"].startswith("confluent-kafka ")
     # The network paths really delivered everything they were timed on, in order.
     for name in ("bridge.kafka", "e2e.node_to_kafka"):
         assert by_name[name]["details"]["distinct_in_kafka"] == by_name[name]["count"], name
@@ -113,6 +126,7 @@ def test_quick_run_reports_every_measurement_as_a_ratio(tmp_path: Path) -> None:
     # The docs went to the folder asked for, and the repository's docs/ was not touched.
     text = (docs / "benchmarks.md").read_text()
     assert "drain.vs_naive" in text and "written by `make bench`" in text
+    assert "| `apache.drain.vs_raw_kafka` |" in text and "Seconds per stage: codec " in text
     for png in ("benchmark-drain.png", "benchmark-latency.png"):
         assert (docs / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
         assert f"]({png})" in text
@@ -215,3 +229,54 @@ def test_scaleout_round_drains_three_gateways_through_one_bridge(tmp_path: Path)
     assert result["distinct_in_kafka"] == 2_000 * GATEWAYS and result["out_of_order"] == 0
     assert result["records_per_bridge"] == [result["records_in_kafka"]]
     assert result["rate"] > 0
+
+
+def test_apache_stage_quick_run_skips_without_starting_a_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A quick run that did not name the stage starts no cluster: four rows, skipped, saying why."""
+    from tern.harness.bench.apache import QUICK_SKIP, bench_apache
+    from tern.harness.bench.common import QUICK
+    from tern.harness.bench.lab import Lab
+
+    monkeypatch.delenv("TERN_KAFKA", raising=False)
+    monkeypatch.delenv("KAFKA_BOOTSTRAP", raising=False)
+    lab = Lab(QUICK, tmp_path)
+    try:
+        rows = bench_apache(lab)
+    finally:
+        lab.close()
+    assert [m.name for m in rows] == ["apache.bridge.kafka", "apache.bridge.vs_librdkafka",
+                                      "apache.drain.vs_raw_kafka", "apache.drain.vs_librdkafka"]
+    assert all(m.skipped == QUICK_SKIP and m.met is None for m in rows)
+    assert not list(tmp_path.glob("apache-kafka-*")) and lab.kafka_kind == ""
+
+
+@pytest.mark.apache_kafka
+@pytest.mark.xdist_group("apache_kafka")
+def test_apache_stage_on_the_suites_cluster(tmp_path: Path, apache_kafka) -> None:
+    """The apache stage with quick counts on the session's 3-node cluster (no cluster of its own):
+    bridge and drain against it, each with its aiokafka and librdkafka baselines, every reading
+    read back, and the cluster left running for the other tests."""
+    from tern.harness.bench.apache import bench_apache
+    from tern.harness.bench.common import QUICK
+    from tern.harness.bench.lab import Lab
+    from tern.harness.bench.report import legend
+
+    lab = Lab(QUICK, tmp_path, apache_bootstrap=apache_kafka.bootstrap)
+    try:
+        rows = {m.name: m for m in bench_apache(lab)}
+        kind = lab.kafka_kind
+    finally:
+        lab.close()
+    assert list(rows) == ["apache.bridge.kafka", "apache.bridge.vs_librdkafka",
+                          "apache.drain.vs_raw_kafka", "apache.drain.vs_librdkafka"]
+    for name, m in rows.items():
+        assert m.skipped is None and m.benchmark == "apache" and m.target is None, name
+        assert m.figure > 0 and m.baseline > 0 and m.ratio == pytest.approx(m.figure / m.baseline), name
+        assert "RF 3, min ISR 2" in m.details["kafka"], name
+    assert rows["apache.bridge.kafka"].details["distinct_in_kafka"] == QUICK.bridge_batches * 200
+    drain = rows["apache.drain.vs_raw_kafka"]
+    assert drain.count == QUICK.apache_drain_readings
+    assert all(r["distinct_in_kafka"] == drain.count and r["out_of_order"] == 0 for r in drain.details["rounds_detail"])
+    assert "librdkafka" in " ".join(legend(list(rows.values())))
+    assert "Apache Kafka" in kind
+    assert sorted(apache_kafka.running_nodes()) == [1, 2, 3]

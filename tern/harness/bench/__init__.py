@@ -11,21 +11,25 @@ Benchmarks (``--only NAME``, repeatable):
 ``codec``     ``decode_reading`` vs ``json.loads``; batch encode+decode vs zlib+json.
 ``outbox``    ``Outbox.add`` in groups of 100 vs raw ``sqlite3`` executemany, same pragmas.
 ``gateway``   paho node -> mosquitto -> Gateway (committed) vs paho -> mosquitto -> paho.
-``bridge``    batches on the cloud broker -> BridgeThread -> Kafka (confirmed) vs aiokafka.
+``bridge``    batches on the cloud broker -> BridgeThread -> Kafka (confirmed) vs aiokafka
+              and vs a plain librdkafka producer (``confluent-kafka``).
 ``e2e``       paho node -> gateway -> bridge -> Kafka vs the pub/sub baseline of ``gateway``.
 ``firmware``  free heap of main.py at the end of 3,000 acked publishes vs ``umqtt.simple`` alone (100K heap).
 ``drain``     a backlog filled through ``Outbox.add``, drained by gateway and bridge processes
-              into Kafka, vs the naive per-message bridge and raw aiokafka; CPU and RSS.
+              into Kafka, vs the naive per-message bridge, raw aiokafka and librdkafka; CPU and RSS.
 ``live``      many node connections -> gateway -> bridge -> Kafka (processes) vs plain pub/sub
               and vs the naive bridge; bytes on the uplink per reading vs per-message JSON.
 ``latency``   node -> Kafka at a steady 50 % of live capacity: p50/p99/max.
 ``scaleout``  1, 2, 3 bridge processes on a shared subscription (skipped, with the reason,
               while the bridge has no ``share_group`` setting).
+``apache``    ``bridge`` and ``drain`` again on a 3-node Apache Kafka cluster (RF 3, min ISR 2),
+              started once for this stage: the ``apache.*`` rows (none in ``--quick``
+              unless named with ``--only apache``).
 
-Issue 13's targets are judged on the ratios; a full run exits 1 when one is missed and writes
+Issue 13's and 27's targets are judged on the ratios; a full run exits 1 when one is missed and writes
 ``docs/benchmarks.md``, ``docs/benchmark-history.md`` and the PNGs (``--docs DIR`` elsewhere).
 
 Everything runs on loopback with the project's own runners (``tern.harness.stack``); Kafka is a private
-Tansu unless ``KAFKA_BOOTSTRAP`` names one. Every wait is bounded by a deadline. Results go to a
+Tansu unless ``KAFKA_BOOTSTRAP`` names one (or ``TERN_KAFKA=apache`` asks for the cluster everywhere). Every wait is bounded by a deadline. Results go to a
 ``rich`` table and to ``.cache/bench/latest.json``. Errors print one line and exit with 2.
 """

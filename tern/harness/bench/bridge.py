@@ -18,6 +18,7 @@ from tern.harness.bench.common import (
     median,
     rate,
     sample_batches,
+    skipped,
     wait_event,
 )
 from tern.harness.bench.lab import Lab
@@ -85,30 +86,69 @@ def kafka_records(batches: Sequence[Batch], topic: str) -> list[codec.KafkaRecor
 
 
 def bench_bridge(lab: Lab) -> list[Measurement]:
-    """Records/s from batches on the cloud broker until confirmed by the real bridge, vs aiokafka."""
+    """Records/s from batches on the cloud broker until confirmed by the real bridge, vs aiokafka
+    (issue 13: >= 0.8x) and vs a plain librdkafka producer (issue 27: >= 0.3x)."""
+    return bridge_measurements(lab, "", {"aiokafka": "ratio >= 0.8", "librdkafka": "ratio >= 0.3"})
+
+
+def bridge_measurements(lab: Lab, prefix: str, targets: dict[str, str]) -> list[Measurement]:
+    """``<prefix>bridge.kafka`` (vs aiokafka) and ``<prefix>bridge.vs_librdkafka`` on ``lab.kafka()``.
+
+    Each round writes the same records three ways, on fresh topics: raw aiokafka, librdkafka,
+    then the bridge (batches on a fresh cloud mosquitto until confirmed), so noise on the
+    shared machine falls on all three alike. ``targets`` by baseline name; absent: no target.
+    """
+    from tern.harness.bench import rdkafka
+
     gateway_id = f"bench-gw-{uuid.uuid4().hex[:6]}"
     batches = sample_batches(gateway_id, lab.sizes.bridge_batches)
     count = len(batches) * BATCH_READINGS
-    rounds = [(baseline_round(lab, batches), bridge_round(lab, batches)) for _ in range(lab.sizes.network_repeats)]
-    base_rates = [rate(count, base) for base, _ in rounds]
-    tern_rates = [rate(count, tern[0]) for _, tern in rounds]
-    base_s = min(base for base, _ in rounds)
-    seconds, details = min(tern for _, tern in rounds)
-    return [Measurement(
-        name="bridge.kafka", benchmark="bridge", unit="records/s",
-        figure=median(tern_rates), baseline=median(base_rates), rounds=tern_rates, baseline_rounds=base_rates,
-        target="ratio >= 0.8",
-        what=f"{len(batches)} batches of {BATCH_READINGS} on the cloud broker -> BridgeThread -> Kafka, until confirmed",
+    no_rdkafka = rdkafka.missing()
+    rounds = []
+    for _ in range(lab.sizes.network_repeats):
+        aio_s = baseline_round(lab, batches)
+        rd_s = None if no_rdkafka else librdkafka_round(lab, batches)
+        rounds.append((aio_s, rd_s, bridge_round(lab, batches)))
+    aio_rates = [rate(count, aio) for aio, _, _ in rounds]
+    tern_rates = [rate(count, tern[0]) for _, _, tern in rounds]
+    seconds, details = min(tern for _, _, tern in rounds)
+    what = f"{len(batches)} batches of {BATCH_READINGS} on the cloud broker -> BridgeThread -> Kafka, until confirmed"
+    common = {"seconds": round(seconds, 3), "rounds": lab.sizes.network_repeats, "kafka": lab.current_kind, **details}
+    out = [Measurement(
+        name=f"{prefix}bridge.kafka", benchmark="bridge", unit="records/s",
+        figure=median(tern_rates), baseline=median(aio_rates), rounds=tern_rates, baseline_rounds=aio_rates,
+        target=targets.get("aiokafka"), what=what,
         baseline_what="raw aiokafka producer, acks=all, same records (send all, then wait)",
-        count=count, details={"seconds": round(seconds, 3), "baseline_seconds": round(base_s, 3),
-                              "rounds": lab.sizes.network_repeats, "kafka": lab.kafka_kind, **details},
+        count=count, details={**common, "baseline_seconds": round(min(aio for aio, _, _ in rounds), 3)},
     )]
+    rd_what = "plain librdkafka producer (confluent-kafka, its defaults, acks=all, no idempotence), same records, until flush()"
+    if no_rdkafka:
+        out.append(skipped(f"{prefix}bridge.vs_librdkafka", "bridge", "records/s", what, rd_what, no_rdkafka,
+                           targets.get("librdkafka")))
+        return out
+    rd_rates = [rate(count, rd) for _, rd, _ in rounds]
+    out.append(Measurement(
+        name=f"{prefix}bridge.vs_librdkafka", benchmark="bridge", unit="records/s",
+        figure=median(tern_rates), baseline=median(rd_rates), rounds=tern_rates, baseline_rounds=rd_rates,
+        target=targets.get("librdkafka"), what=what, baseline_what=rd_what, count=count,
+        details={**common, "baseline_seconds": round(min(rd for _, rd, _ in rounds), 3),
+                 "client": rdkafka.version(), "settings": rdkafka.SETTINGS},
+    ))
+    return out
 
 
 def baseline_round(lab: Lab, batches: Sequence[Batch]) -> float:
     """Seconds for a raw aiokafka producer to write the records of ``batches`` to a fresh topic."""
     (topic,) = lab.kafka_topics("baseline")
     return asyncio.run(produce_seconds(lab.kafka(), kafka_records(batches, topic), topic, lab.sizes.deadline_s))
+
+
+def librdkafka_round(lab: Lab, batches: Sequence[Batch]) -> float:
+    """Seconds for a plain librdkafka producer to write the records of ``batches`` to a fresh topic."""
+    from tern.harness.bench import rdkafka
+
+    (topic,) = lab.kafka_topics("librdkafka")
+    return rdkafka.produce_seconds(lab.kafka(), kafka_records(batches, topic), topic, lab.sizes.deadline_s)
 
 
 def bridge_round(lab: Lab, batches: Sequence[Batch]) -> tuple[float, dict[str, Any]]:

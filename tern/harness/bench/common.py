@@ -17,7 +17,8 @@ from tern.core import codec, topics
 from tern.core.codec import Batch, Reading
 from tern.core.errors import TernError
 
-BENCHMARKS = ("codec", "outbox", "gateway", "bridge", "e2e", "firmware", "drain", "live", "latency", "scaleout")
+# ``apache`` last: its three JVMs are stopped when it ends, so they never share the cores with another stage.
+BENCHMARKS = ("codec", "outbox", "gateway", "bridge", "e2e", "firmware", "drain", "live", "latency", "scaleout", "apache")
 SITE = "bench"
 BOOT = "b0b0cafe"
 #: Readings per batch envelope, as the gateway sends them by default.
@@ -61,6 +62,12 @@ class Sizes:
     scale_readings: int = 10_000  # per gateway, three gateways, for the scale-out stage
     rounds: int = 1  # rounds of the issue-13 stages (min, median, max reported)
     stage_budget_s: float = 120.0  # no new round of a stage starts after this long
+    # --- issue 23: the same bridge and drain stages on a 3-node Apache Kafka (RF 3, acks=all) ---
+    apache_drain_readings: int = 5_000  # the backlog drained, and the records each raw client writes
+    apache_rounds: int = 1
+    #: Whether the apache stage may start a cluster of its own (a quick run does not, unless the
+    #: stage is named with --only, the run's Kafka already is one, or a cluster is given).
+    apache_start: bool = False
 
 
 QUICK = Sizes(decode_loops=5_000, batch_loops=25, repeats=3, outbox_rows=5_000, outbox_repeats=1,
@@ -68,7 +75,8 @@ QUICK = Sizes(decode_loops=5_000, batch_loops=25, repeats=3, outbox_rows=5_000, 
 FULL = Sizes(decode_loops=50_000, batch_loops=250, repeats=5, outbox_rows=20_000, outbox_repeats=3,
              readings=20_000, bridge_batches=200, network_repeats=2, deadline_s=300.0,
              naive_readings=4_000, drain_readings=1_000_000, raw_readings=200_000, live_readings=30_000,
-             connections=50, latency_s=8.0, scale_readings=50_000, rounds=3, stage_budget_s=150.0)
+             connections=50, latency_s=8.0, scale_readings=50_000, rounds=3, stage_budget_s=150.0,
+             apache_drain_readings=100_000, apache_rounds=2, apache_start=True)
 
 
 @dataclass

@@ -25,12 +25,20 @@ measurement runs a Tern path **and a baseline doing the same work on the same pa
 same run**, and reports the ratio `Tern / baseline`. Stages that run in rounds report every
 round (min / median / max); the figure is the median. The codec and outbox micro-benchmarks
 alternate Tern and baseline and keep the best round of each (noise only ever slows them).
-`make bench` exits non-zero when a target of issue 13 is missed, and says which.
+`make bench` exits non-zero when a target of issue 13 or 27 is missed, and says which.
+
+Two Kafkas in one run: every stage writes to a private Tansu (one in-memory broker); the last
+stage, `apache`, starts a 3-node Apache Kafka cluster (KRaft, replication factor 3,
+`min.insync.replicas` 2, `acks=all`) once and runs the bridge and the drain against it again,
+each with its own baselines on that cluster: the `apache.*` rows. Targets are judged on the
+Tansu rows. Kafka throughput is measured against two plain clients: per-record aiokafka and a
+librdkafka producer (`confluent-kafka`).
 
 ```sh
 make bench                                      # full run, writes this file (limit: 10 minutes)
-.venv/bin/python -m tern.harness.bench --quick  # small counts, writes no docs unless --docs DIR
+.venv/bin/python -m tern.harness.bench --quick  # small counts, no Apache cluster, writes no docs unless --docs DIR
 .venv/bin/python -m tern.harness.bench --only drain --only live
+.venv/bin/python -m tern.harness.bench --only apache   # only the Apache Kafka part (~3 minutes)
 KAFKA_BOOTSTRAP=host:9092 make bench            # a real Kafka instead of a private Tansu
 ```
 """
@@ -73,6 +81,16 @@ METHOD = """## How the issue-13 stages measure
   same aiokafka, but builds each partition's record batches itself (`create_batch`/`send_batch`,
   filling the next batch while the one before waits): that is how the bridge and the drain can
   come close to, or pass, a producer that does nothing else.
+- **Plain librdkafka** (baseline, issue 27): a `confluent-kafka` producer with librdkafka's
+  defaults (5 ms linger, 1 MB batches, its partitioner), `acks=all`, no idempotence (as the
+  bridge), the same records (keys, headers, values) to a fresh topic: every `produce()`, then
+  `flush()` until every delivery report is in; one failed delivery fails the round. Measured in
+  every round of `bridge` and `drain`, next to raw aiokafka (`*.vs_librdkafka` rows).
+- **Apache Kafka** (`apache.*` rows, issue 23): the cluster of `tern.harness.kafka_cluster`
+  (three JVMs, full JIT, 512 MB heap each) started once for the stage, not timed, and stopped
+  at its end. `apache.bridge.*` writes the same records as `bridge.kafka`, same rounds;
+  `apache.drain.*` drains a smaller backlog (on 2 shared cores three replicating JVMs are far
+  slower than Tansu) and both raw clients write that same number of records in each round.
 - **Live** from many node connections: the fleet publishes per-reading JSON at QoS 1 into the
   gateway's local mosquitto; timed until the bridge has Kafka's ack for the last one. Baseline:
   the same fleet into a mosquitto with one plain paho QoS 1 subscriber (a process of its own).
@@ -172,6 +190,9 @@ def write_docs(folder: Path, doc: dict[str, Any], results: Sequence[Measurement]
     lines = [INTRO, "## This run", "",
              f"{doc['date']}, {doc['mode']} run of commit `{doc.get('commit') or 'unknown'}`, {doc['elapsed_s']:.0f} s: {info['cpus']} cores ({info['cpu'] or 'unknown CPU'}), "
              f"{info['platform']}, Python {info['python']}, Kafka: {doc['kafka'] or 'not used'}.", ""]
+    stages = doc.get("stage_seconds") or {}
+    if stages:
+        lines += ["Seconds per stage: " + ", ".join(f"{name} {s:.0f}" for name, s in stages.items()) + ".", ""]
     lines += markdown_table(results)
     lines += [""]
     missed = [m.name for m in results if m.met is False]

@@ -8,9 +8,9 @@ that outbox; the round is timed from the gateway's start until its outbox is emp
 the last confirm. Every reading is then read back from Kafka: all there, each device in order.
 
 Baselines, same run: the naive per-message bridge draining its own backlog
-(:mod:`tern.harness.bench.naive`) and a raw aiokafka producer (acks=all) writing the same
-records (the first ``raw_readings`` of them: keeping a million records in memory would measure
-the swap, not Kafka).
+(:mod:`tern.harness.bench.naive`), a raw aiokafka producer (acks=all) and a plain librdkafka
+producer (:mod:`tern.harness.bench.rdkafka`, acks=all) writing the same records (the first
+``raw_readings`` of them: keeping a million records in memory would measure the swap, not Kafka).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any
 
 from tern.core import codec
 from tern.harness.bench.bridge import produce_seconds
-from tern.harness.bench.common import BenchError, Measurement, median, rate, run_rounds
+from tern.harness.bench.common import BenchError, Measurement, median, rate, run_rounds, skipped
 from tern.harness.bench.kafka_check import check_topic
 from tern.harness.bench.lab import Lab
 from tern.harness.bench.naive import naive_rate, naive_rates
@@ -51,13 +51,15 @@ def fill_outbox(path: Path, count: int) -> float:
     return time.perf_counter() - start
 
 
-def template_outbox(lab: Lab) -> Path:
-    """The run's filled outbox (made on first use)."""
-    if "drain_template" not in lab.cache:
+def template_outbox(lab: Lab, count: int | None = None) -> Path:
+    """The run's filled outbox of ``count`` readings (default ``drain_readings``), made on first use."""
+    count = lab.sizes.drain_readings if count is None else count
+    key = "drain_template" if count == lab.sizes.drain_readings else f"drain_template_{count}"
+    if key not in lab.cache:
         path = lab.folder("drain-template") / "outbox.db"
-        lab.cache["drain_fill_s"] = fill_outbox(path, lab.sizes.drain_readings)
-        lab.cache["drain_template"] = path
-    return lab.cache["drain_template"]  # type: ignore[return-value]
+        lab.cache[key.replace("template", "fill_s")] = fill_outbox(path, count)
+        lab.cache[key] = path
+    return lab.cache[key]  # type: ignore[return-value]
 
 
 def copy_outbox(template: Path, folder: Path) -> Path:
@@ -84,13 +86,13 @@ def gateway_config(lab: Lab, local: Any, cloud: Any, outbox: Path, name: str, **
             **extra}
 
 
-def drain_round(lab: Lab, index: int) -> dict[str, Any]:
-    """One drain on fresh brokers, topics and outbox copy."""
-    count = lab.sizes.drain_readings
+def drain_round(lab: Lab, index: int, count: int | None = None) -> dict[str, Any]:
+    """One drain of ``count`` readings (default ``drain_readings``) on fresh brokers, topics and outbox copy."""
+    count = lab.sizes.drain_readings if count is None else count
     readings, status, deadletter = lab.kafka_topics("drain", "drain-status", "drain-deadletter")
     with ExitStack() as stack:
         local, cloud = lab.mosquitto(stack, "local"), lab.mosquitto(stack, "cloud")
-        outbox = copy_outbox(template_outbox(lab), lab.folder(f"drain-{index}"))
+        outbox = copy_outbox(template_outbox(lab, count), lab.folder(f"drain-{index}"))
         bridge = Child("bridge", bridge_config(lab, cloud, "drain", readings, status, deadletter))
         stack.callback(bridge.stop)
         gateway = Child("gateway", gateway_config(lab, local, cloud, outbox, "drain"))
@@ -114,12 +116,45 @@ def drain_round(lab: Lab, index: int) -> dict[str, Any]:
             **check.as_json()}
 
 
-def raw_kafka_round(lab: Lab) -> float:
-    """Records/s of a raw aiokafka producer (acks=all, the bridge's settings) on the backlog's first records."""
-    count = min(lab.sizes.raw_readings, lab.sizes.drain_readings)
-    (topic,) = lab.kafka_topics("drain-raw")
-    records = [codec.kafka_record(fleet_reading(i, DEVICES), "bench-raw", topic, RECEIVED_MS) for i in range(count)]
-    return rate(count, asyncio.run(produce_seconds(lab.kafka(), records, topic, lab.sizes.deadline_s)))
+def raw_kafka_round(lab: Lab, count: int) -> tuple[float, float | None]:
+    """Records/s of a raw aiokafka producer (acks=all, the bridge's settings) and of a plain
+    librdkafka producer (None without confluent-kafka) on the backlog's first ``count`` records,
+    each to a fresh topic of its own."""
+    from tern.harness.bench import rdkafka
+
+    aio_topic, rd_topic = lab.kafka_topics("drain-raw", "drain-librdkafka")
+    # One list for both clients: they take the topic as an argument, not from the record.
+    records = [codec.kafka_record(fleet_reading(i, DEVICES), "bench-raw", aio_topic, RECEIVED_MS) for i in range(count)]
+    aio = rate(count, asyncio.run(produce_seconds(lab.kafka(), records, aio_topic, lab.sizes.deadline_s)))
+    if rdkafka.missing():
+        return aio, None
+    return aio, rate(count, rdkafka.produce_seconds(lab.kafka(), records, rd_topic, lab.sizes.deadline_s))
+
+
+def raw_measurements(prefix: str, what: str, count: int, raw_count: int, drain_rates: list[float],
+                     raws: list[tuple[float, float | None]], target: str | None) -> list[Measurement]:
+    """``<prefix>drain.vs_raw_kafka`` (target ``target``) and ``<prefix>drain.vs_librdkafka`` (no target)."""
+    from tern.harness.bench import rdkafka
+
+    aio_rates = [aio for aio, _ in raws]
+    figure = median(drain_rates)
+    out = [Measurement(name=f"{prefix}drain.vs_raw_kafka", benchmark="drain", unit="readings/s", figure=figure,
+                       baseline=median(aio_rates), what=what,
+                       baseline_what=f"raw aiokafka producer, acks=all, first {raw_count:,} of the same records",
+                       count=count, details={"raw_count": raw_count}, rounds=drain_rates,
+                       baseline_rounds=aio_rates, target=target)]
+    rd_what = (f"plain librdkafka producer (confluent-kafka, its defaults, acks=all, no idempotence), "
+               f"first {raw_count:,} of the same records")
+    rd_rates = [rd for _, rd in raws if rd is not None]
+    if not rd_rates:
+        out.append(skipped(f"{prefix}drain.vs_librdkafka", "drain", "readings/s", what, rd_what,
+                           rdkafka.missing() or "librdkafka baseline not measured"))
+    else:
+        out.append(Measurement(name=f"{prefix}drain.vs_librdkafka", benchmark="drain", unit="readings/s",
+                               figure=figure, baseline=median(rd_rates), what=what, baseline_what=rd_what, count=count,
+                               details={"raw_count": raw_count, "client": rdkafka.version()},
+                               rounds=drain_rates, baseline_rounds=rd_rates))
+    return out
 
 
 #: Settings that shape throughput, shown next to the drain's figure (whichever exist in this tree).
@@ -136,13 +171,20 @@ def per_100k(cpu_s: float, count: int) -> float:
     return cpu_s * 100_000 / max(count, 1)
 
 
+def drain_what(count: int, drains: list[dict[str, Any]]) -> str:
+    """What the drain figure measures, with the throughput settings the processes reported."""
+    knobs = "; ".join(t for t in (tuning(drains[0].get("gateway_settings", {})), tuning(drains[0].get("bridge_settings", {}))) if t)
+    return f"{count:,}-reading outbox -> uplink -> cloud mosquitto -> bridge -> Kafka, until the last confirm ({knobs})"
+
+
 def bench_drain(lab: Lab) -> list[Measurement]:
-    """Drain rate vs the naive bridge (target >= 40x) and vs raw aiokafka (target >= 0.5x); resources."""
+    """Drain rate vs the naive bridge (target >= 40x), vs raw aiokafka (target >= 0.5x) and vs
+    librdkafka; resources."""
     count = lab.sizes.drain_readings
     naive, naive_rounds = naive_rate(lab, "drain")
     template_outbox(lab)
-    rounds = run_rounds(lab.sizes, lambda i: (raw_kafka_round(lab), drain_round(lab, i)))
-    raw_rounds = [raw for raw, _ in rounds]
+    raw_count = min(lab.sizes.raw_readings, count)
+    rounds = run_rounds(lab.sizes, lambda i: (raw_kafka_round(lab, raw_count), drain_round(lab, i)))
     drains = [d for _, d in rounds]
     drain_rates = [d["rate"] for d in drains]
     figure = median(drain_rates)
@@ -150,17 +192,12 @@ def bench_drain(lab: Lab) -> list[Measurement]:
     details = {"fill": "Outbox.add, 10,000 readings per transaction (not through MQTT)",
                "fill_s": round(float(lab.cache.get("drain_fill_s", 0.0)), 2), "devices": DEVICES,
                "rounds_detail": [{k: v for k, v in d.items() if k != "progress"} for d in drains]}
-    knobs = "; ".join(t for t in (tuning(drains[0].get("gateway_settings", {})), tuning(drains[0].get("bridge_settings", {}))) if t)
-    what = f"{count:,}-reading outbox -> uplink -> cloud mosquitto -> bridge -> Kafka, until the last confirm ({knobs})"
+    what = drain_what(count, drains)
     out = [
         Measurement(name="drain.vs_naive", benchmark="drain", unit="readings/s", figure=figure, baseline=naive,
                     what=what, baseline_what=f"naive per-message bridge draining {lab.sizes.naive_readings:,} queued readings",
                     count=count, details=details, rounds=drain_rates, baseline_rounds=naive_rounds, target="ratio >= 40"),
-        Measurement(name="drain.vs_raw_kafka", benchmark="drain", unit="readings/s", figure=figure,
-                    baseline=median(raw_rounds), what=what,
-                    baseline_what=f"raw aiokafka producer, acks=all, first {min(lab.sizes.raw_readings, count):,} of the same records",
-                    count=count, details={"raw_count": min(lab.sizes.raw_readings, count)}, rounds=drain_rates,
-                    baseline_rounds=raw_rounds, target="ratio >= 0.5"),
+        *raw_measurements("", what, count, raw_count, drain_rates, [raw for raw, _ in rounds], "ratio >= 0.5"),
     ]
     naive_runs = naive_rates(lab)["drain"]
     naive_cpu = median([per_100k(r["cpu_s"], r["count"]) for r in naive_runs])

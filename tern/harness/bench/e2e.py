@@ -34,7 +34,7 @@ def bench_e2e(lab: Lab) -> list[Measurement]:
         what="paho node -> mosquitto -> Gateway -> mosquitto -> BridgeThread -> Kafka",
         baseline_what="paho node -> mosquitto -> plain paho QoS 1 subscriber (as gateway.ingest)",
         count=count, details={"seconds": round(seconds, 3), "rounds": lab.sizes.network_repeats,
-                              "kafka": lab.kafka_kind, **details},
+                              "kafka": lab.current_kind, **details},
     )]
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 from tern.core import topics
 from tern.harness.bench.common import (
@@ -21,18 +21,39 @@ from tern.harness.bench.common import (
 
 if TYPE_CHECKING:
 
+    from tern.harness.kafka_cluster import ApacheKafkaCluster
     from tern.harness.stack import Mosquitto
 
 
-class Lab:
-    """Working folder, process cleanup, Kafka and cached baselines for one ``make bench`` run."""
+#: How the ``apache.*`` rows' Kafka is described in the report.
+APACHE_LABEL = "Apache Kafka, 3 KRaft nodes, RF 3, min ISR 2"
 
-    def __init__(self, sizes: Sizes, workdir: Path) -> None:
+
+class Lab:
+    """Working folder, process cleanup, Kafka and cached baselines for one ``make bench`` run.
+
+    The run's default Kafka (Tansu, or ``TERN_KAFKA``/``KAFKA_BOOTSTRAP``) serves every stage;
+    the ``apache`` stage also needs a 3-node Apache Kafka cluster (:meth:`apache`), started once
+    per run, and points :meth:`kafka` at it while it measures (:meth:`on_apache`), so the
+    stages' round functions run unchanged against either broker.
+    """
+
+    def __init__(self, sizes: Sizes, workdir: Path, *, explicit: Sequence[str] = (),
+                 apache_bootstrap: str | None = None) -> None:
         self.sizes = sizes
         self.workdir = workdir
         self.stack = ExitStack()
         self._bootstrap: str | None = None
-        self.kafka_kind = ""
+        self._default_kind = ""
+        #: Stages named with ``--only`` (a quick run still runs the apache stage when named).
+        self.explicit = frozenset(explicit)
+        #: An already running Apache Kafka cluster to use (the test suite's), else started here.
+        self._apache_bootstrap = apache_bootstrap
+        self._apache_kind = f"{APACHE_LABEL} (given)" if apache_bootstrap else ""
+        self._on_apache = False
+        #: Seconds the Apache Kafka cluster took to start (0 when it was given or reused).
+        self.apache_start_s = 0.0
+        self._apache_cluster: "ApacheKafkaCluster | None" = None
         self._pubsub: dict[int, float] = {}
         #: Baselines and figures one stage measures and a later one reuses (naive rates, capacity).
         self.cache: dict[str, object] = {}
@@ -53,21 +74,95 @@ class Lab:
         stack.callback(broker.stop)
         return broker
 
+    @property
+    def kafka_kind(self) -> str:
+        """Which Kafka the rows were measured on: the default one, and the apache stage's if it ran."""
+        parts = [self._default_kind] if self._default_kind else []
+        if self._apache_kind and self._apache_kind != self._default_kind:
+            parts.append(f"`apache.*` rows: {self._apache_kind}")
+        return "; ".join(parts)
+
+    @property
+    def current_kind(self) -> str:
+        """The Kafka :meth:`kafka` points at now (for a stage's details)."""
+        return self._apache_kind if self._on_apache else self._default_kind
+
     def kafka(self) -> str:
-        """Bootstrap of ``KAFKA_BOOTSTRAP`` or of the harness's Kafka (``TERN_KAFKA``), started on first use."""
+        """Bootstrap of the Kafka the current stage writes to: inside :meth:`on_apache` the Apache
+        cluster, otherwise ``KAFKA_BOOTSTRAP`` or the harness's Kafka (``TERN_KAFKA``), started on
+        first use."""
+        if self._on_apache:
+            return self.apache()
         if self._bootstrap is None:
             from tern.harness.kafka import start_kafka
             from tern.harness.stack import kafka_bootstrap_from_env
 
             external = kafka_bootstrap_from_env()
             if external:
-                self._bootstrap, self.kafka_kind = external, f"KAFKA_BOOTSTRAP={external}"
+                self._bootstrap, self._default_kind = external, f"KAFKA_BOOTSTRAP={external}"
             else:
-                kafka = start_kafka(self.folder("kafka"))
+                kafka = start_kafka(self.folder("kafka"), self.default_kind())
                 self.stack.callback(kafka.close)
-                label = "Apache Kafka, 3 nodes, RF 3" if kafka.kind == "apache" else "tansu"
-                self._bootstrap, self.kafka_kind = kafka.bootstrap, f"{label} (private, loopback)"
+                label = APACHE_LABEL if kafka.kind == "apache" else "tansu"
+                self._bootstrap, self._default_kind = kafka.bootstrap, f"{label} (private, loopback)"
         return self._bootstrap
+
+    @staticmethod
+    def default_kind() -> str:
+        """``tansu`` or ``apache``: what ``TERN_KAFKA`` asks for (read by tern.harness.kafka)."""
+        from tern.harness.kafka import kafka_kind
+
+        return kafka_kind()
+
+    def default_is_apache(self) -> bool:
+        """Whether the run's default Kafka is itself a harness-started Apache Kafka cluster."""
+        from tern.harness.stack import kafka_bootstrap_from_env
+
+        return not kafka_bootstrap_from_env() and self.default_kind() == "apache"
+
+    def has_apache(self) -> bool:
+        """Whether an Apache Kafka cluster is there without starting one (given, or the default)."""
+        return self._apache_bootstrap is not None or self.default_is_apache()
+
+    def apache(self) -> str:
+        """Bootstrap of the run's 3-node Apache Kafka cluster (RF 3, min ISR 2), started on first use.
+
+        Reuses the default Kafka when that is already one (``TERN_KAFKA=apache``), or the cluster
+        given to the constructor. Benchmarks get the full JIT (``fast_start=False``): the C1-only
+        start the tests use saves seconds at a throughput cost the figures would carry.
+        """
+        if self._apache_bootstrap is None:
+            if self.default_is_apache():
+                self._apache_bootstrap = self.kafka()
+                self._apache_kind = self._default_kind
+            else:
+                from tern.harness.kafka_cluster import ApacheKafkaCluster
+
+                cluster = ApacheKafkaCluster(self.folder("apache-kafka"), fast_start=False).start()
+                self._apache_cluster = cluster
+                self.stack.callback(self.stop_apache)
+                self.apache_start_s = cluster.start_seconds
+                self._apache_bootstrap = cluster.bootstrap
+                self._apache_kind = f"{APACHE_LABEL} (private, loopback)"
+        return self._apache_bootstrap
+
+    def stop_apache(self) -> None:
+        """Stop the Apache Kafka cluster this lab started (its three JVMs would only take CPU and
+        memory from the stages after it); a later :meth:`apache` would start a new one."""
+        cluster, self._apache_cluster = self._apache_cluster, None
+        if cluster is not None:
+            cluster.close()
+            self._apache_bootstrap = None
+
+    @contextmanager
+    def on_apache(self) -> Iterator[str]:
+        """Within: :meth:`kafka` and :meth:`kafka_topics` use the Apache Kafka cluster; yields its bootstrap."""
+        bootstrap = self.apache()
+        self._on_apache = True
+        try:
+            yield bootstrap
+        finally:
+            self._on_apache = False
 
     def kafka_topics(self, *roles: str) -> list[str]:
         """Fresh topic names (unique to this run), created on the Kafka broker."""
