@@ -152,7 +152,7 @@ def run_host(cmd: Sequence[str], timeout: float, log: Path, *, input_text: str |
     tail = text[text.rfind(f"$ {shlex.join(cmd)}"):]
     if proc.returncode != 0:
         raise CheckFailed(f"exit {proc.returncode}: {shlex.join(cmd)[:200]}\n{_tail(tail, 25)}\n(log {log})")
-    return tail.split("\n", 2)[-1] if tail.count("\n") >= 2 else ""
+    return tail.split("\n", 1)[1] if "\n" in tail else ""
 
 
 def _killpg(proc: subprocess.Popen, sig: int) -> None:
