@@ -290,10 +290,13 @@ def prepare_root(root: Root) -> str:
         shutil.copy(host_sources, root.file("/etc/apt/sources.list.d/debian.sources"))
         root.file("/etc/apt/sources.list").write_text("")
         done.append("apt sources")
-    for conf in sorted(Path("/etc/apt/apt.conf.d").glob("*")):
-        if conf.is_file() and "Acquire::" in conf.read_text(errors="replace"):
-            shutil.copy(conf, root.file(f"/etc/apt/apt.conf.d/{conf.name}"))
-            done.append(f"apt.conf.d/{conf.name}")
+    # The host's mirror may serve an archive snapshot whose Release files are past Valid-Until.
+    checks = [line.strip() for conf in sorted(Path("/etc/apt/apt.conf.d").glob("*")) if conf.is_file()
+              for line in conf.read_text(errors="replace").splitlines()
+              if re.match(r"\s*Acquire::Check-(Valid-Until|Date)\b", line)]
+    if checks:
+        root.file("/etc/apt/apt.conf.d/99tern-pi-check").write_text("\n".join(checks) + "\n")
+        done.append("apt: " + " ".join(checks))
     shutil.copy("/etc/resolv.conf", root.file("/etc/resolv.conf"))
     hostname = socket.gethostname()
     hosts = root.file("/etc/hosts")
