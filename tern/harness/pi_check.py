@@ -256,8 +256,9 @@ def works(root: Root, timeout: float = 60) -> str | None:
 
 
 def first_stage(path: Path, mirror: str, log: Path, timeout: float) -> str:
-    if (path / "debootstrap" / "debootstrap").exists() and (path / ".tern-stage1").exists():
-        return "reused"
+    if (path / ".tern-stage2").exists() or ((path / "debootstrap" / "debootstrap").exists()
+                                            and (path / ".tern-stage1").exists()):
+        return "reused"  # the second stage removes /debootstrap
     if path.exists():
         shutil.rmtree(path)
     path.parent.mkdir(parents=True, exist_ok=True)
