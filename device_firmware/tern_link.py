@@ -21,12 +21,52 @@ _REFUSED = {1: "protocol version", 2: "client id rejected", 3: "broker unavailab
             4: "bad username or password", 5: "not authorised"}
 
 
-def tls_params(ca, host):
-    """ssl_params for umqtt: verify the broker against the CA file on flash ("" = no TLS)."""
-    if not ca:
-        return {}
-    with open(ca) as f:
-        return {"cert_reqs": 2, "cadata": f.read(), "server_hostname": host}  # 2 = CERT_REQUIRED
+# A CA file holds the site CA, maybe an intermediate: anything bigger is not meant for a node.
+_CA_MAX = 8192
+
+
+def ca_certs(data):
+    """The DER certificates of a CA file: each PEM CERTIFICATE block decoded, or the file as it
+    is when it is DER. (MicroPython's own mbedtls config parses DER only.)"""
+    if b"-----BEGIN" not in data:
+        return [data]
+    from binascii import a2b_base64
+    out = []
+    b64 = None
+    for line in data.split(b"\n"):
+        line = line.strip()
+        if line.startswith(b"-----BEGIN CERTIFICATE"):
+            b64 = []
+        elif line.startswith(b"-----END"):
+            if b64 is not None:
+                out.append(a2b_base64(b"".join(b64)))
+            b64 = None
+        elif b64 is not None:
+            b64.append(line)
+    return out
+
+
+def tls_context(ca):
+    """A TLS client context that accepts only a broker certificate signed by the CA file ``ca``
+    on flash. Raises OSError naming the file when it cannot be used."""
+    try:
+        import tls
+    except ImportError:     # MicroPython before 1.23 named the module ssl
+        import ssl as tls
+    try:
+        if os.stat(ca)[6] > _CA_MAX:
+            raise ValueError("more than %d bytes" % _CA_MAX)
+        with open(ca, "rb") as f:
+            certs = ca_certs(f.read())
+        if not certs:
+            raise ValueError("no certificate in it")
+        ctx = tls.SSLContext(tls.PROTOCOL_TLS_CLIENT)
+        ctx.verify_mode = tls.CERT_REQUIRED
+        for der in certs:
+            ctx.load_verify_locations(der)   # (each call adds to the trusted CAs)
+    except (OSError, ValueError) as e:
+        raise OSError("tls_ca %s: %s %s" % (ca, type(e).__name__, e))
+    return ctx
 
 
 def describe_error(e):
@@ -40,6 +80,7 @@ def describe_error(e):
 class Link:
     fw = "?"
     ota = {}    # tern_boot.start()'s report: a trial, a refused or rolled-back release
+    tls = None  # the TLS context (tls_ca set), made at the first connect and kept
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -122,9 +163,12 @@ class Link:
                 pass
             raise OSError("wifi down")
         pw = self.cfg.get("mqtt_password") or None
-        ca = self.cfg.get("tls_ca")
+        if self.cfg["tls_ca"] and self.tls is None:
+            self.tls = tls_context(self.cfg["tls_ca"])
+        # TLS, if any, is ours (secure(), from the socket umqtt connects): umqtt's own ssl
+        # arguments differ between its versions.
         c = MQTTClient(self.device, self.cfg["broker"], self.cfg["port"], user=self.device if pw else None,
-                       password=pw, keepalive=self.keepalive, ssl=bool(ca), ssl_params=tls_params(ca, self.cfg["broker"]))
+                       password=pw, keepalive=self.keepalive)
         c.set_callback(self._on_msg)
         c.set_last_will(self.t_status, self._status("offline"), retain=True, qos=1)
         try:
@@ -157,6 +201,18 @@ class Link:
             self.spill.rewind()
         self.connects += 1
         log("connected")
+
+    def secure(self, sock):
+        """The connected socket, wrapped in TLS when tls_ca is set: the broker must show a
+        certificate signed by that CA for the name or address in ``broker``."""
+        if self.tls is None:
+            return sock
+        try:
+            return self.tls.wrap_socket(sock, server_hostname=self.cfg["broker"])
+        except ValueError as e:   # the broker's certificate was refused (one line, not three)
+            raise OSError("TLS: broker certificate refused: %s (check tls_ca)" % " ".join(str(e).split()))
+        except OSError as e:
+            raise OSError("TLS handshake failed: %s" % (e,))
 
     def save(self):
         """Put every unacked reading of the RAM ring on flash (before a reset, a sleep, or
