@@ -21,54 +21,6 @@ _REFUSED = {1: "protocol version", 2: "client id rejected", 3: "broker unavailab
             4: "bad username or password", 5: "not authorised"}
 
 
-# A CA file holds the site CA, maybe an intermediate: anything bigger is not meant for a node.
-_CA_MAX = 8192
-
-
-def ca_certs(data):
-    """The DER certificates of a CA file: each PEM CERTIFICATE block decoded, or the file as it
-    is when it is DER. (MicroPython's own mbedtls config parses DER only.)"""
-    if b"-----BEGIN" not in data:
-        return [data]
-    from binascii import a2b_base64
-    out = []
-    b64 = None
-    for line in data.split(b"\n"):
-        line = line.strip()
-        if line.startswith(b"-----BEGIN CERTIFICATE"):
-            b64 = []
-        elif line.startswith(b"-----END"):
-            if b64 is not None:
-                out.append(a2b_base64(b"".join(b64)))
-            b64 = None
-        elif b64 is not None:
-            b64.append(line)
-    return out
-
-
-def tls_context(ca):
-    """A TLS client context that accepts only a broker certificate signed by the CA file ``ca``
-    on flash. Raises OSError naming the file when it cannot be used."""
-    try:
-        import tls
-    except ImportError:     # MicroPython before 1.23 named the module ssl
-        import ssl as tls
-    try:
-        if os.stat(ca)[6] > _CA_MAX:
-            raise ValueError("more than %d bytes" % _CA_MAX)
-        with open(ca, "rb") as f:
-            certs = ca_certs(f.read())
-        if not certs:
-            raise ValueError("no certificate in it")
-        ctx = tls.SSLContext(tls.PROTOCOL_TLS_CLIENT)
-        ctx.verify_mode = tls.CERT_REQUIRED
-        for der in certs:
-            ctx.load_verify_locations(der)   # (each call adds to the trusted CAs)
-    except (OSError, ValueError) as e:
-        raise OSError("tls_ca %s: %s %s" % (ca, type(e).__name__, e))
-    return ctx
-
-
 def describe_error(e):
     """One console line for a failed connect; names the cause of a broker's refusal."""
     code = e.args[0] if e.args else None
@@ -164,7 +116,8 @@ class Link:
             raise OSError("wifi down")
         pw = self.cfg.get("mqtt_password") or None
         if self.cfg["tls_ca"] and self.tls is None:
-            self.tls = tls_context(self.cfg["tls_ca"])
+            import tern_tls     # (compiled by tern_main while the heap was tidy)
+            self.tls = tern_tls.context(self.cfg["tls_ca"])
         # TLS, if any, is ours (secure(), from the socket umqtt connects): umqtt's own ssl
         # arguments differ between its versions.
         c = MQTTClient(self.device, self.cfg["broker"], self.cfg["port"], user=self.device if pw else None,
@@ -203,16 +156,11 @@ class Link:
         log("connected")
 
     def secure(self, sock):
-        """The connected socket, wrapped in TLS when tls_ca is set: the broker must show a
-        certificate signed by that CA for the name or address in ``broker``."""
+        """The connected socket, in TLS when tls_ca is set (tern_tls.wrap)."""
         if self.tls is None:
             return sock
-        try:
-            return self.tls.wrap_socket(sock, server_hostname=self.cfg["broker"])
-        except ValueError as e:   # the broker's certificate was refused (one line, not three)
-            raise OSError("TLS: broker certificate refused: %s (check tls_ca)" % " ".join(str(e).split()))
-        except OSError as e:
-            raise OSError("TLS handshake failed: %s" % (e,))
+        import tern_tls
+        return tern_tls.wrap(self.tls, sock, self.cfg["broker"])
 
     def save(self):
         """Put every unacked reading of the RAM ring on flash (before a reset, a sleep, or

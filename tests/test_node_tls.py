@@ -10,13 +10,16 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Callable
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
 from tern.device.emulate import DEFAULT_HEAP, EmulatedNode
 from tern.edge.service import Gateway
 from tern.harness.secure import GATEWAY_USER, SecureSite
 from tern.harness.stack import Mosquitto
 from tern.security import pki
 
-from helpers import DEADLINE, GW, SITE, config, outbox_rows, wait_until
+from helpers import DEADLINE, GW, SITE, config, outbox_rows, run_mp, wait_until
 
 READINGS = 20
 
@@ -60,3 +63,32 @@ def test_node_publishes_over_tls_and_a_wrong_ca_is_refused(
         assert wrong.running and wrong.boots == 1 and wrong.resets == 0 and wrong.connects == 0
         assert "Traceback" not in wrong.log_text()
         assert not [r for r in outbox_rows(outbox) if r[0] == "node-2"]
+
+
+def test_ca_file_forms_on_the_board(tmp_path: Path) -> None:
+    """tern_tls on the unix port: a PEM file of two CAs gives both as DER (MicroPython's mbedtls
+    parses DER only), a DER file is taken as is, and an unusable file is one OSError naming it."""
+    first, second = pki.make_ca("CA one"), pki.make_ca("CA two")
+    (tmp_path / "two.pem").write_bytes(b"# site CAs\n" + first.cert_pem + second.cert_pem.replace(b"\n", b"\r\n"))
+    der = x509.load_pem_x509_certificate(first.cert_pem).public_bytes(serialization.Encoding.DER)
+    (tmp_path / "one.der").write_bytes(der)
+    (tmp_path / "junk.pem").write_bytes(b"-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n")
+    result = run_mp(tmp_path, """\
+import json, tern_tls
+out = {}
+for name in ("two.pem", "one.der"):
+    with open(name, "rb") as f:
+        out[name] = [c.hex() for c in tern_tls.ca_certs(f.read())]
+    tern_tls.context(name)
+for name in ("junk.pem", "missing.pem"):
+    try:
+        tern_tls.context(name)
+    except OSError as e:
+        out[name] = str(e)
+print(json.dumps(out))
+""")
+    pems = [first.cert_pem, second.cert_pem]
+    assert result["two.pem"] == [x509.load_pem_x509_certificate(p).public_bytes(serialization.Encoding.DER).hex() for p in pems]
+    assert result["one.der"] == [der.hex()]
+    assert result["junk.pem"].startswith("tls_ca junk.pem: ValueError"), result["junk.pem"]
+    assert result["missing.pem"].startswith("tls_ca missing.pem: OSError"), result["missing.pem"]
