@@ -59,6 +59,7 @@ def wrap(ctx, sock, host):
     try:
         return ctx.wrap_socket(sock, server_hostname=host)
     except ValueError as e:   # the certificate was refused (mbedtls says why, over three lines)
-        raise OSError("TLS: broker certificate refused: %s (check tls_ca)" % " ".join(str(e).split()))
+        raise OSError("TLS: broker certificate refused: %s (check tls_ca, and that the certificate "
+                      "names the broker as configured)" % " ".join(str(e).split()))
     except OSError as e:
         raise OSError("TLS handshake failed: %s" % (e,))
