@@ -15,13 +15,12 @@ VPY    := $(VENV)/bin/python
 # followed mtime is the system interpreter's, useless for make's date checks.
 VENV_CFG := $(VENV)/pyvenv.cfg
 STAMP  := .cache/venv.stamp
-# Where the toolchain caches its MicroPython build (same rule as tern.toolchain.cache_dir).
-TOOL_CACHE := $(or $(TERN_CACHE),.cache)
 
 # Debian packages: the brokers, the MicroPython build (gcc/make, pkg-config + libffi for
-# its ffi module; found by trying: the build fails to link without pkg-config) and venv.
+# its ffi module; found by trying: the build fails to link without pkg-config; dpkg-source
+# unpacks Debian's mbedtls source for its tls module) and venv.
 MQTT_PKGS  := mosquitto mosquitto-clients
-BUILD_PKGS := build-essential pkg-config libffi-dev
+BUILD_PKGS := build-essential dpkg-dev pkg-config libffi-dev
 # The status page's browser test drives Debian's chromium with Playwright (never `playwright
 # install`: that downloads a browser build, and there is no internet).
 BROWSER_PKGS := chromium
@@ -53,7 +52,7 @@ system-deps:
 	[ -x /usr/bin/chromium ] || missing="$$missing $(BROWSER_PKGS)"; \
 	{ [ -n "$$TERN_JAVA" ] && [ -n "$$TERN_HIVEMQ_LIBS" ]; } || command -v javac >/dev/null || missing="$$missing $(JDK_PKG)"; \
 	{ [ -n "$$TERN_KAFKA_LIBS" ] && [ -n "$$TERN_HIVEMQ_LIBS" ]; } || command -v mvn >/dev/null || missing="$$missing $(MAVEN_PKG)"; \
-	if [ -z "$$TERN_MICROPYTHON" ] && [ ! -x "$(TOOL_CACHE)/micropython/micropython" ]; then \
+	if ! $(PYTHON) -m tern.toolchain micropython-built 2>/dev/null; then \
 	  for p in $(BUILD_PKGS); do have_pkg $$p || missing="$$missing $$p"; done; \
 	fi; \
 	$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv"; \

@@ -21,14 +21,6 @@ _REFUSED = {1: "protocol version", 2: "client id rejected", 3: "broker unavailab
             4: "bad username or password", 5: "not authorised"}
 
 
-def tls_params(ca, host):
-    """ssl_params for umqtt: verify the broker against the CA file on flash ("" = no TLS)."""
-    if not ca:
-        return {}
-    with open(ca) as f:
-        return {"cert_reqs": 2, "cadata": f.read(), "server_hostname": host}  # 2 = CERT_REQUIRED
-
-
 def describe_error(e):
     """One console line for a failed connect; names the cause of a broker's refusal."""
     code = e.args[0] if e.args else None
@@ -40,6 +32,7 @@ def describe_error(e):
 class Link:
     fw = "?"
     ota = {}    # tern_boot.start()'s report: a trial, a refused or rolled-back release
+    tls = None  # the TLS context (tls_ca set), made at the first connect and kept
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -122,9 +115,13 @@ class Link:
                 pass
             raise OSError("wifi down")
         pw = self.cfg.get("mqtt_password") or None
-        ca = self.cfg.get("tls_ca")
+        if self.cfg["tls_ca"] and self.tls is None:
+            import tern_tls     # (compiled by tern_main while the heap was tidy)
+            self.tls = tern_tls.context(self.cfg["tls_ca"])
+        # TLS, if any, is ours (secure(), from the socket umqtt connects): umqtt's own ssl
+        # arguments differ between its versions.
         c = MQTTClient(self.device, self.cfg["broker"], self.cfg["port"], user=self.device if pw else None,
-                       password=pw, keepalive=self.keepalive, ssl=bool(ca), ssl_params=tls_params(ca, self.cfg["broker"]))
+                       password=pw, keepalive=self.keepalive)
         c.set_callback(self._on_msg)
         c.set_last_will(self.t_status, self._status("offline"), retain=True, qos=1)
         try:
@@ -157,6 +154,13 @@ class Link:
             self.spill.rewind()
         self.connects += 1
         log("connected")
+
+    def secure(self, sock):
+        """The connected socket, in TLS when tls_ca is set (tern_tls.wrap)."""
+        if self.tls is None:
+            return sock
+        import tern_tls
+        return tern_tls.wrap(self.tls, sock, self.cfg["broker"])
 
     def save(self):
         """Put every unacked reading of the RAM ring on flash (before a reset, a sleep, or

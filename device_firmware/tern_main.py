@@ -34,6 +34,8 @@ def load(cfg):
     mods = ["tern_util", "tern_ring", "umqtt.simple", "tern_cmd", "tern_link", "tern_sensors"]
     if cfg["spill_max"]:
         mods.insert(2, "tern_spill")
+    if cfg["tls_ca"]:
+        mods.append("tern_tls")     # (the link imports it at its first connect)
     # Then the sensor protocols configured (imported lazily by the drivers, compiled here
     # while the heap is still tidy).
     for spec in cfg["sensors"]:

@@ -1,4 +1,4 @@
-# Tern node helpers: logging, clock, JSON, socket timeouts for umqtt.
+# Tern node helpers: logging, clock, JSON, socket timeouts (and the TLS hook) for umqtt.
 # (Split from tern_node so each module compiles within a small heap.)
 import json
 import os
@@ -56,10 +56,12 @@ class TimedSocket:
     umqtt.simple's wait_msg() calls setblocking(True), which clears any timeout; here
     that re-applies the timeout instead, so a dead broker or lost PUBACK raises OSError
     rather than hanging the node. It also notes when bytes last arrived (keep-alive).
+    Once connected, the node's secure() may wrap it in TLS: reads and writes then go
+    through TLS, timeouts still to the plain socket below.
     """
 
     def __init__(self, sock, timeout_s, node):
-        self.s = sock
+        self.s = self.raw = sock
         self.t = timeout_s
         self.node = node
         sock.settimeout(timeout_s)
@@ -78,16 +80,17 @@ class TimedSocket:
 
     def setblocking(self, flag):
         if flag:
-            self.s.settimeout(self.t)
+            self.raw.settimeout(self.t)
         else:
-            self.s.setblocking(False)
+            self.raw.setblocking(False)
 
     def settimeout(self, t):
         # Newer umqtt passes connect(timeout=None) here; keep ours instead of "forever".
-        self.s.settimeout(self.t if t is None else t)
+        self.raw.settimeout(self.t if t is None else t)
 
     def connect(self, addr):
-        self.s.connect(addr)
+        self.raw.connect(addr)
+        self.s = self.node.secure(self.raw)
 
     def close(self):
         self.s.close()

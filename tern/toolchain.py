@@ -2,7 +2,8 @@
 
 Tools and where they come from:
 
-- MicroPython unix port: built from Debian trixie's source package with a private apt setup
+- MicroPython unix port with ``tls``: built from Debian trixie's ``micropython`` source package,
+  with Debian trixie's ``mbedtls`` source as its ``lib/mbedtls``, fetched with a private apt setup
   under ``<cache>/apt`` (the system's apt sources and lists are never touched).
 - umqtt.simple: newest sdist of ``micropython-umqtt.simple`` from the package index, checked
   against the index's sha256 and unpacked under ``<cache>/umqtt/lib``.
@@ -21,11 +22,13 @@ Every locator honours an environment override (``TERN_MICROPYTHON``, ``TERN_UMQT
 ``TERN_TANSU``, ``TERN_CHROMIUM``, ``TERN_KAFKA_LIBS``, ``TERN_JAVA``, ``TERN_HIVEMQ_LIBS``, ``TERN_CACHE``)
 and raises :class:`tern.core.errors.ToolMissing` with a one-line message saying how to get the tool.
 
-CLI: ``python -m tern.toolchain setup|check|env``.
+CLI: ``python -m tern.toolchain setup|check|env|micropython-built``.
 """
 
 from __future__ import annotations
 
+# Standard library only at import time (rich, pypi-simple are imported where used): the
+# Makefile runs `micropython-built` with the system's python, before the venv exists.
 import argparse
 import hashlib
 import importlib.util
@@ -46,11 +49,20 @@ from typing import Callable, Iterable
 from tern.core.errors import TernError, ToolMissing
 
 UMQTT_PROJECT = "micropython-umqtt.simple"
-# The Debian suite whose source package carries MicroPython (bookworm has none).
+# The Debian suite whose source packages carry MicroPython and the mbedtls it is built with
+# (bookworm has no MicroPython, and its mbedtls 2.28 is older than MicroPython 1.25 needs).
 MICROPYTHON_SUITE = "trixie"
-# Exactly the recipe in TOOLCHAIN.md: the Debian source lacks mbedtls, berkeley-db and
-# micropython-lib, so those features and the frozen manifest are switched off.
-MICROPYTHON_MAKE_ARGS = ["-j2", "MICROPY_PY_SSL=0", "MICROPY_PY_BTREE=0", "FROZEN_MANIFEST="]
+#: Debian source packages of the build: MicroPython's ``+ds`` tarball lacks its ``lib/mbedtls``
+#: submodule, and Debian's mbedtls source goes where the submodule would be.
+MICROPYTHON_SOURCES = ("micropython", "mbedtls")
+# The unix port with its `tls` module: MicroPython's own mbedtls binding and mbedtls config (as
+# on its boards), compiled with Debian's mbedtls source. The source has no berkeley-db and no
+# micropython-lib, so btree and the frozen manifest are switched off.
+MICROPYTHON_MAKE_ARGS = ["-j2", "MICROPY_PY_SSL=1", "MICROPY_SSL_MBEDTLS=1", "MICROPY_PY_BTREE=0", "FROZEN_MANIFEST="]
+#: What a cached build must have been made from (``<cache>/micropython/RECIPE``): a build of any
+#: other recipe, such as an older cache built without TLS, is rebuilt by ``make setup``.
+MICROPYTHON_RECIPE = (f"sources {' '.join(MICROPYTHON_SOURCES)} (Debian {MICROPYTHON_SUITE})\n"
+                      f"make {' '.join(MICROPYTHON_MAKE_ARGS)}\n")
 APT_SOURCE_FILES = (Path("/etc/apt/sources.list.d/debian.sources"), Path("/etc/apt/sources.list"))
 
 
@@ -95,10 +107,20 @@ def _executable_from_env(var: str) -> Path | None:
     return env
 
 
+def _micropython_recipe_file() -> Path:
+    return cache_dir() / "micropython" / "RECIPE"
+
+
+def micropython_build_current() -> bool:
+    """True if the cached MicroPython build exists and was made by today's recipe."""
+    stamp = _micropython_recipe_file()
+    return _is_executable(_cached_micropython()) and stamp.is_file() and stamp.read_text() == MICROPYTHON_RECIPE
+
+
 def micropython_binary() -> Path:
     """Return the MicroPython unix-port binary (``$TERN_MICROPYTHON`` or the cached build).
 
-    Raises ToolMissing if it is absent or not executable.
+    Raises ToolMissing if it is absent, not executable, or built by an older recipe.
     """
     env = _executable_from_env("TERN_MICROPYTHON")
     if env is not None:
@@ -106,6 +128,8 @@ def micropython_binary() -> Path:
     path = _cached_micropython()
     if not _is_executable(path):
         raise ToolMissing("MicroPython unix port not built: run `make setup`")
+    if not micropython_build_current():
+        raise ToolMissing(f"MicroPython in {path.parent} was built by an older recipe (without tls): run `make setup`")
     return path
 
 
@@ -413,8 +437,8 @@ def _apt_options(apt: Path) -> list[str]:
     return options
 
 
-def _download_micropython_source(apt: Path, log: Path) -> Path:
-    """Fetch MicroPython's orig tarball from Debian's source archive into ``apt/src``."""
+def _download_micropython_sources(apt: Path, log: Path) -> None:
+    """Fetch the source packages of :data:`MICROPYTHON_SOURCES` from Debian's archive into ``apt/src``."""
     if shutil.which("apt-get") is None:
         raise ToolMissing("apt-get not found: build the MicroPython unix port yourself "
                           "and set TERN_MICROPYTHON")
@@ -424,27 +448,58 @@ def _download_micropython_source(apt: Path, log: Path) -> Path:
         (apt / sub).mkdir(parents=True, exist_ok=True)
     options = _apt_options(apt)
     _run_logged(["apt-get", "-q", *options, "update"], log, what="apt-get update (private)")
-    _run_logged(["apt-get", "-q", *options, "source", "--download-only", "micropython"],
-                log, cwd=apt / "src", what="apt-get source micropython")
-    tarballs = sorted((apt / "src").glob("micropython_*.orig.tar.*"))
-    if not tarballs:
-        raise ToolMissing(f"apt-get source gave no micropython orig tarball: see {log}")
-    return tarballs[-1]
+    _run_logged(["apt-get", "-q", *options, "source", "--download-only", *MICROPYTHON_SOURCES],
+                log, cwd=apt / "src", what="apt-get source " + " ".join(MICROPYTHON_SOURCES))
 
 
-def _source_version(tarball: Path) -> str:
-    """'micropython_1.25.0+ds.orig.tar.xz' -> '1.25.0+ds'."""
-    return tarball.name.split("_", 1)[1].split(".orig.", 1)[0]
+@dataclass(frozen=True)
+class MicroPythonSources:
+    """The downloaded source packages one build uses."""
+
+    #: MicroPython's orig tarball (``micropython_<v>+ds.orig.tar.xz``).
+    micropython: Path
+    #: mbedtls's Debian source description (``mbedtls_<v>.dsc``; its tarballs lie beside it).
+    mbedtls: Path
+
+
+def _downloaded_sources(src: Path) -> MicroPythonSources | None:
+    """The newest downloaded MicroPython tarball and mbedtls .dsc in ``src``, None if one is missing."""
+    tarballs = sorted(src.glob("micropython_*.orig.tar.*"))
+    dscs = sorted(src.glob("mbedtls_*.dsc"))
+    if not tarballs or not dscs:
+        return None
+    return MicroPythonSources(tarballs[-1], dscs[-1])
+
+
+def _source_version(path: Path) -> str:
+    """'micropython_1.25.0+ds.orig.tar.xz' -> '1.25.0+ds'; 'mbedtls_3.6.6-0.1.dsc' -> '3.6.6-0.1'."""
+    version = path.name.split("_", 1)[1]
+    return version.split(".orig.", 1)[0].removesuffix(".dsc")
+
+
+def _unpack_mbedtls(dsc: Path, dest: Path, log: Path) -> None:
+    """Unpack Debian's mbedtls source (with Debian's patches) as MicroPython's ``lib/mbedtls``."""
+    dpkg_source = shutil.which("dpkg-source")
+    if dpkg_source is None:
+        raise ToolMissing("dpkg-source not found: run `make setup` (apt-get install dpkg-dev)")
+    staged = dest.with_name("mbedtls.debian")
+    # (apt checked the files against the archive's signed index; the .dsc's own signature
+    # cannot be checked without Debian's keyring, which dpkg-source only warns about)
+    _run_logged([dpkg_source, "-x", str(dsc), str(staged)], log, what="dpkg-source -x mbedtls")
+    if not (staged / "library" / "ssl_tls.c").is_file():
+        raise ToolMissing(f"{dsc.name} unpacked without library/ssl_tls.c: see {log}")
+    shutil.rmtree(dest, ignore_errors=True)   # the +ds tarball keeps the submodule's empty folder
+    os.replace(staged, dest)
 
 
 def build_micropython(force: bool = False) -> Path:
-    """Build the MicroPython unix port once and cache it at ``<cache>/micropython/micropython``.
+    """Build the MicroPython unix port (with ``tls``) once and cache it at ``<cache>/micropython/micropython``.
 
-    Idempotent: returns the cached binary unless ``force``. Raises ToolMissing on failure,
-    naming the build log.
+    Idempotent: returns the cached binary if it was built by :data:`MICROPYTHON_RECIPE`, unless
+    ``force``. Raises ToolMissing on failure, naming the build log.
     """
     target = _cached_micropython()
-    if _is_executable(target) and not force:
+    if micropython_build_current() and not force:
         return target
     apt = cache_dir() / "apt"
     log = cache_dir() / "micropython" / "build.log"
@@ -452,25 +507,31 @@ def build_micropython(force: bool = False) -> Path:
     log.write_text("")
     if force:
         shutil.rmtree(apt / "src", ignore_errors=True)
-    tarballs = sorted((apt / "src").glob("micropython_*.orig.tar.*"))
-    if tarballs:
-        tarball = tarballs[-1]
-    else:
-        _say(f"micropython: downloading Debian {MICROPYTHON_SUITE} source package")
-        tarball = _download_micropython_source(apt, log)
-    _say(f"micropython: building unix port {_source_version(tarball)} (about 15 s)")
+    sources = _downloaded_sources(apt / "src")
+    if sources is None:
+        _say(f"micropython: downloading Debian {MICROPYTHON_SUITE} source packages {', '.join(MICROPYTHON_SOURCES)}")
+        _download_micropython_sources(apt, log)
+        sources = _downloaded_sources(apt / "src")
+        if sources is None:
+            raise ToolMissing(f"apt-get source gave no micropython orig tarball or mbedtls .dsc: see {log}")
+    versions = f"{_source_version(sources.micropython)} mbedtls {_source_version(sources.mbedtls)}"
+    _say(f"micropython: building unix port {versions} (about 50 s)")
     with tempfile.TemporaryDirectory(dir=cache_dir(), prefix="mp-build-") as tmp:
-        _safe_extract(tarball, Path(tmp))
+        _safe_extract(sources.micropython, Path(tmp))
         unix = next(Path(tmp).glob("*/ports/unix"), None)
         if unix is None:
-            raise ToolMissing(f"{tarball.name} has no ports/unix folder")
+            raise ToolMissing(f"{sources.micropython.name} has no ports/unix folder")
+        _unpack_mbedtls(sources.mbedtls, unix.parent.parent / "lib" / "mbedtls", log)
         _run_logged(["make", *MICROPYTHON_MAKE_ARGS], log, cwd=unix, what="MicroPython build")
         built = unix / "build-standard" / "micropython"
-        # Copy then rename, so an interrupted setup never leaves a half-written binary.
+        # Copy then rename, so an interrupted setup never leaves a half-written binary; the
+        # recipe stamp goes last, so an interrupted setup builds again.
+        _micropython_recipe_file().unlink(missing_ok=True)
         partial = target.with_suffix(".partial")
         shutil.copy2(built, partial)
         os.replace(partial, target)
-    (target.parent / "VERSION").write_text(_source_version(tarball) + "\n")
+    (target.parent / "VERSION").write_text(versions + "\n")
+    _micropython_recipe_file().write_text(MICROPYTHON_RECIPE)
     return target
 
 
@@ -709,8 +770,10 @@ def _output(cmd: list[str], timeout: float = 20) -> str:
 
 
 def _micropython_version(path: Path) -> str:
-    out = _output([str(path), "-c", "import sys; print('%d.%d.%d' % sys.implementation.version[:3])"])
-    return out.splitlines()[0] if out else "?"
+    """'1.25.0 tls' when the binary has MicroPython's ``tls`` module, else just '1.25.0'."""
+    out = _output([str(path), "-c", "import sys; print('%d.%d.%d' % sys.implementation.version[:3])\n"
+                                    "try:\n import tls; print('tls')\nexcept ImportError:\n pass"])
+    return " ".join(out.split()) if out else "?"
 
 
 def _umqtt_version(path: Path) -> str:
@@ -825,6 +888,11 @@ def _cmd_check(_args: argparse.Namespace) -> int:
     return 1 if missing else 0
 
 
+def _cmd_micropython_built(_args: argparse.Namespace) -> int:
+    """Exit 0 if no MicroPython build is needed (``$TERN_MICROPYTHON`` set, or the cache is current)."""
+    return 0 if _from_env("TERN_MICROPYTHON") is not None or micropython_build_current() else 1
+
+
 def _cmd_env(_args: argparse.Namespace) -> int:
     exports = {
         "TERN_CACHE": lambda: cache_dir(),
@@ -853,6 +921,8 @@ def main(argv: list[str] | None = None) -> int:
     p_setup.set_defaults(func=_cmd_setup)
     sub.add_parser("check", help="show every tool, its path and version").set_defaults(func=_cmd_check)
     sub.add_parser("env", help="print shell exports for the tools").set_defaults(func=_cmd_env)
+    sub.add_parser("micropython-built", help="exit 0 if the MicroPython build in the cache is current"
+                   ).set_defaults(func=_cmd_micropython_built)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

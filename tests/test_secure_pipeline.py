@@ -2,7 +2,8 @@
 and the cloud ACL on the cloud broker, run at DEBUG log level, then every log and output is
 searched for the secrets the run created.
 
-Nodes run the real firmware on the MicroPython unix port (plain MQTT: the port has no ``ssl``).
+Nodes run the real firmware on the MicroPython unix port, over plain MQTT here (node TLS:
+tests/test_node_tls.py).
 """
 
 from __future__ import annotations

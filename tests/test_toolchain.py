@@ -138,6 +138,39 @@ def test_unbuilt_cache_says_run_make_setup(monkeypatch, tmp_path) -> None:
         toolchain.micropython_binary()
 
 
+def test_micropython_has_tls_from_debians_mbedtls(tmp_path: Path) -> None:
+    result = run_micropython("import tls; print(tls.MBEDTLS_VERSION); c = tls.SSLContext(tls.PROTOCOL_TLS_CLIENT); "
+                             "print(c.verify_mode == tls.CERT_REQUIRED)", tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    version, client_verifies = result.stdout.splitlines()
+    assert version.startswith("Mbed TLS 3.") and client_verifies == "True"
+    if not os.environ.get("TERN_MICROPYTHON"):
+        assert (toolchain.cache_dir() / "micropython" / "VERSION").read_text().split()[1:2] == ["mbedtls"]
+
+
+def test_cache_of_an_older_recipe_is_not_used(monkeypatch, tmp_path) -> None:
+    """A binary cached before the recipe changed (say, built without tls) makes `make setup` build again."""
+    monkeypatch.delenv("TERN_MICROPYTHON", raising=False)
+    monkeypatch.setenv("TERN_CACHE", str(tmp_path))
+    binary = tmp_path / "micropython" / "micropython"
+    binary.parent.mkdir()
+    binary.write_text("#!/bin/sh\n")
+    binary.chmod(0o755)
+
+    def built() -> int:
+        # -S: no site-packages, as with the system python the Makefile asks before the venv exists.
+        return subprocess.run([sys.executable, "-S", "-m", "tern.toolchain", "micropython-built"], cwd=toolchain.repo_root(),
+                              env=dict(os.environ), capture_output=True, timeout=60).returncode
+
+    with pytest.raises(ToolMissing, match=r"built by an older recipe \(without tls\): run `make setup`$"):
+        toolchain.micropython_binary()
+    assert built() == 1
+    (binary.parent / "RECIPE").write_text(toolchain.MICROPYTHON_RECIPE.replace("MICROPY_PY_SSL=1", "MICROPY_PY_SSL=0"))
+    assert built() == 1
+    (binary.parent / "RECIPE").write_text(toolchain.MICROPYTHON_RECIPE)
+    assert toolchain.micropython_binary() == binary and built() == 0
+
+
 def test_unfetched_hivemq_says_run_make_setup(monkeypatch, tmp_path) -> None:
     monkeypatch.delenv("TERN_HIVEMQ_LIBS", raising=False)
     monkeypatch.setenv("TERN_CACHE", str(tmp_path))

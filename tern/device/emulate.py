@@ -43,6 +43,8 @@ WDT_SIGNAL = signal.SIGALRM
 DEFAULT_HEAP = "100K"
 #: How many machine.reset() reboots the emulator performs for one start().
 MAX_RESETS = 20
+#: Where the broker's CA certificate goes on the board (config key ``tls_ca`` names it).
+BOARD_CA = "ca.pem"
 
 
 def firmware_dir() -> Path:
@@ -119,12 +121,16 @@ class EmulatedNode:
         auto_reset: bool = True,
         mpy: bool = True,
         ota_key: Path | None = None,
+        ca_file: Path | None = None,
     ) -> None:
         """``mpy``: the firmware goes on as .mpy (main.py as source), as ``tern-device flash``
-        ships it; False copies the .py sources. ``ota_key``: the fleet's verify key (ota.key)."""
+        ships it; False copies the .py sources. ``ota_key``: the fleet's verify key (ota.key).
+        ``ca_file``: the node speaks TLS to ``broker``, checked against this CA (copied onto
+        the flash as ``ca.pem``, as ``tern-device flash --ca`` does)."""
         self.workdir = Path(workdir)
         self.mpy = mpy
         self.ota_key = Path(ota_key) if ota_key is not None else None
+        self.ca_file = Path(ca_file) if ca_file is not None else None
         self.device = device
         self.site = site
         self.heap = heap
@@ -154,6 +160,8 @@ class EmulatedNode:
         }
         if flash_sensors is not None:
             config["sensors"] = flash_sensors
+        if self.ca_file is not None:
+            config["tls_ca"] = BOARD_CA
         config.update(extra_config or {})
         check_config(config)
         self.config = config
@@ -212,6 +220,8 @@ class EmulatedNode:
         (self.workdir / "config.json").write_text(json.dumps(self.config, indent=1))
         if self.ota_key is not None:
             shutil.copyfile(self.ota_key, self.workdir / "ota.key")
+        if self.ca_file is not None:
+            shutil.copyfile(self.ca_file, self.workdir / BOARD_CA)
 
     def environment(self) -> dict[str, str]:
         """The environment the emulated board runs with."""

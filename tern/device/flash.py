@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 from tern.core.errors import CodecError, ConfigError, TernError, ToolMissing
 from tern.core.hostport import parse_hostport
-from tern.device.emulate import check_config, firmware_dir, firmware_files
+from tern.device.emulate import BOARD_CA, check_config, firmware_dir, firmware_files
 from tern.device.pins import check_pins
 from tern.device.release import ReleaseError, VerifyKey, board_files
 from tern.security.mosquitto_auth import AuthError, DeviceAuth
@@ -43,8 +43,6 @@ PROBE_TIMEOUT_S = 5.0
 #: Where MicroPython's image starts in flash, per chip (Espressif's own tables).
 IMAGE_OFFSETS = {"esp32": "0x1000", "esp32s2": "0x1000", "esp32s3": "0x0", "esp32c3": "0x0"}
 MQTT_PORT = 1883
-#: Where the broker's CA certificate goes on the board (config key ``tls_ca`` names it).
-BOARD_CA = "ca.pem"
 #: Where the fleet's OTA verify key goes (device_firmware/tern_ota.py reads it).
 BOARD_OTA_KEY = "ota.key"
 

@@ -3,7 +3,8 @@
 Everything is made by Tern's own tools (tern.security) into one folder, as a small deployment
 would: the Pi broker with per-device accounts and the ACL (anonymous off), the cloud broker on
 mutual TLS with the cloud ACL (each gateway only its own topics), client certificates for the
-gateway and the bridge. Node TLS is not used: the MicroPython unix port here has no ``ssl``.
+gateway and the bridge. With ``node_tls`` the Pi broker also has a TLS listener for nodes, whose
+firmware checks the broker's certificate against the site CA (``node_ca``).
 """
 
 from __future__ import annotations
@@ -47,9 +48,17 @@ class SecureSite:
         self._key_files = [ca_key, self.broker_key, *(key for _, key in self.client_files.values())]
 
     # --- brokers -----------------------------------------------------------------------------
-    def pi_broker(self, workdir: Path) -> Mosquitto:
-        """The Pi's mosquitto: per-device accounts and the ACL, anonymous access off."""
-        return Mosquitto(workdir, auth_folder=self.auth.folder)
+    def pi_broker(self, workdir: Path, node_tls: bool = False) -> Mosquitto:
+        """The Pi's mosquitto: per-device accounts and the ACL, anonymous access off; with
+        ``node_tls`` also a TLS listener for nodes (``node_tls_address``), the broker's
+        certificate issued by the site CA."""
+        tls = BrokerTls(self.ca_file, self.broker_cert, self.broker_key) if node_tls else None
+        return Mosquitto(workdir, auth_folder=self.auth.folder, node_tls=tls)
+
+    @property
+    def node_ca(self) -> Path:
+        """The CA file a node gets as its ``tls_ca`` (``tern-device flash --ca``)."""
+        return self.ca_file
 
     def cloud_broker(self, workdir: Path) -> Mosquitto:
         """The cloud mosquitto: mutual TLS only, clients known by certificate, the cloud ACL."""

@@ -208,11 +208,16 @@ class Mosquitto(ManagedProcess):
         auth_folder: Path | None = None,
         tls: BrokerTls | None = None,
         acl_file: Path | None = None,
+        node_tls: BrokerTls | None = None,
     ) -> None:
         super().__init__(workdir)
         #: A tern.security DeviceAuth folder: password file, ACL, anonymous access off.
         self.auth_folder = auth_folder
         self.tls = tls
+        #: A second listener, with TLS, as the Pi's broker has for nodes on the Wi-Fi (the
+        #: gateway stays on the first); on ``node_tls_port``, kept across restarts.
+        self.node_tls = node_tls
+        self.node_tls_port = free_port() if node_tls else None
         #: An ACL without a password file (clients known by certificate); anonymous access off.
         self.acl_file = acl_file
         self.host = LOOPBACK
@@ -227,12 +232,20 @@ class Mosquitto(ManagedProcess):
         """``host:port`` for clients."""
         return f"{self.host}:{self.port}"
 
+    @property
+    def node_tls_address(self) -> str:
+        """``host:port`` of the nodes' TLS listener (``node_tls``)."""
+        if self.node_tls_port is None:
+            raise ServiceError("this mosquitto has no node TLS listener")
+        return f"{self.host}:{self.node_tls_port}"
+
     def config_text(self) -> str:
         """The mosquitto.conf this broker runs with."""
         lines = [
             f"listener {self.port} {self.host}",
             *(self.tls.listener_lines() if self.tls else []),
             *self._auth_lines(),
+            *self._node_tls_lines(),
             f"persistence {'true' if self.persistence else 'false'}",
             f"persistence_location {self.workdir}/",
             f"max_queued_messages {self.max_queued_messages}",
@@ -254,6 +267,15 @@ class Mosquitto(ManagedProcess):
         if self.extra_conf:
             lines.append(self.extra_conf)
         return "\n".join(lines) + "\n"
+
+    def _node_tls_lines(self) -> list[str]:
+        if self.node_tls is None:
+            return []
+        lines = [f"listener {self.node_tls_port} {self.host}", *self.node_tls.listener_lines()]
+        if self.auth_folder is not None:
+            # A listener option, unlike the password file and the ACL: say it again here.
+            lines.append("use_username_as_clientid true")
+        return lines
 
     def _auth_lines(self) -> list[str]:
         if self.auth_folder is not None:
@@ -278,6 +300,8 @@ class Mosquitto(ManagedProcess):
         self._spawn()
         try:
             wait_for_port(self.host, self.port, timeout, self.process)
+            if self.node_tls_port is not None:
+                wait_for_port(self.host, self.node_tls_port, timeout, self.process)
         except ServiceError as exc:
             self.stop()
             raise ServiceError(f"mosquitto on {self.address}: {exc}\n{self.log_tail()}") from None

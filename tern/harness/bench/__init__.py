@@ -14,7 +14,8 @@ Benchmarks (``--only NAME``, repeatable):
 ``bridge``    batches on the cloud broker -> BridgeThread -> Kafka (confirmed) vs aiokafka
               and vs a plain librdkafka producer (``confluent-kafka``).
 ``e2e``       paho node -> gateway -> bridge -> Kafka vs the pub/sub baseline of ``gateway``.
-``firmware``  free heap of main.py at the end of 3,000 acked publishes vs ``umqtt.simple`` alone (100K heap).
+``firmware``  free heap of main.py at the end of 3,000 acked publishes vs ``umqtt.simple`` alone (100K heap);
+              the same run over TLS vs over plain MQTT.
 ``drain``     a backlog filled through ``Outbox.add``, drained by gateway and bridge processes
               into Kafka, vs the naive per-message bridge, raw aiokafka and librdkafka; CPU and RSS.
 ``live``      many node connections -> gateway -> bridge -> Kafka (processes) vs plain pub/sub

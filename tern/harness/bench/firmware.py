@@ -1,5 +1,6 @@
 """Stage 6, firmware: free heap of the real firmware over 3,000 acked publishes on a 100K heap
-(an ESP32 without PSRAM) vs ``umqtt.simple`` alone on the same heap."""
+(an ESP32 without PSRAM) vs ``umqtt.simple`` alone on the same heap, and the same run over TLS
+vs over plain MQTT."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import subprocess
 import threading
 from contextlib import ExitStack
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tern.harness.bench.common import (
     FIRMWARE_READINGS,
@@ -21,6 +23,9 @@ from tern.harness.bench.common import (
 )
 from tern.harness.bench.lab import Lab
 from tern.toolchain import micropython_binary, repo_root, umqtt_path
+
+if TYPE_CHECKING:
+    from tern.harness.stack import BrokerTls
 
 #: The emulated ESP32's heap (tern.device.emulate.DEFAULT_HEAP): no PSRAM.
 RUN_HEAP = "100K"
@@ -132,18 +137,35 @@ class _Acker:
         self.client.disconnect()
 
 
-def heap_run(lab: Lab, publishes: int, *, mpy: bool = True) -> dict:
+def _tls_files(folder: Path) -> tuple["BrokerTls", Path]:
+    """A CA and a broker certificate for 127.0.0.1 issued by it: the broker's TLS listener and
+    the CA file the node gets (its ``tls_ca``)."""
+    from tern.harness.stack import BrokerTls
+    from tern.security import pki
+
+    ca = pki.make_ca("Tern bench CA")
+    ca_file, _ = ca.write(folder, "ca")
+    cert, key = pki.issue_server(ca, ["127.0.0.1"]).write(folder, "broker")
+    return BrokerTls(ca_file, cert, key), ca_file
+
+
+def heap_run(lab: Lab, publishes: int, *, mpy: bool = True, tls: bool = False) -> dict:
     """Run main.py for ``publishes`` acked publishes on a 100K heap; free heap over time.
-    ``mpy``: the firmware as ``tern-device flash`` ships it by default (.mpy); else the sources."""
+    ``mpy``: the firmware as ``tern-device flash`` ships it by default (.mpy); else the sources.
+    ``tls``: the node publishes through the broker's TLS listener, checking its certificate
+    against a CA on its flash (the acker stays on the plain listener, as the gateway does)."""
     from tern.device.emulate import EmulatedNode
 
+    tag = "-tls" if tls else ""
     with ExitStack() as stack:
-        broker = lab.mosquitto(stack, "fw-broker")
+        broker_tls, ca_file = _tls_files(lab.folder("fw-pki")) if tls else (None, None)
+        broker = lab.mosquitto(stack, "fw-broker" + tag, node_tls=broker_tls)
         acker = _Acker(broker.host, broker.port)
         stack.callback(acker.close)
         if not acker.ready.wait(10):
             raise BenchError("firmware: the acker could not subscribe")
-        node = EmulatedNode(lab.folder("fw-node") / "node", device="bench-node", site=SITE, broker=broker.address,
+        node = EmulatedNode(lab.folder("fw-node" + tag) / "node", device="bench-node", site=SITE,
+                            broker=broker.node_tls_address if tls else broker.address, ca_file=ca_file,
                             interval_ms=RUN_INTERVAL_MS, max_readings=publishes, heap=RUN_HEAP, mpy=mpy)
         node.start()
         stack.callback(node.kill)
@@ -152,7 +174,7 @@ def heap_run(lab: Lab, publishes: int, *, mpy: bool = True) -> dict:
             raise BenchError(f"firmware: {publishes} publishes not acked within {deadline:.0f} s (sent {node.sent})")
         text = node.log_text()
     if "MemoryError" in text or node.boots != 1:
-        raise BenchError(f"firmware: MemoryError or reboot in the {RUN_HEAP} run: {list(node.errors)[-1:]}")
+        raise BenchError(f"firmware: MemoryError or reboot in the {RUN_HEAP} run{tag}: {list(node.errors)[-1:]}")
     if node.acked < publishes:
         raise BenchError(f"firmware: only {node.acked} of {publishes} publishes acked")
     series = [(int(m.group(1)), int(m.group(2))) for m in map(_STATS.match, text.splitlines()) if m]
@@ -204,7 +226,22 @@ def bench_firmware(lab: Lab) -> list[Measurement]:
     )
     # The long run as a board is flashed: .mpy (the .py sources no longer fit the 100K heap next
     # to the OTA boot loader: docs/ota.md).
-    run = heap_run(lab, RUN_PUBLISHES_QUICK if lab.sizes == QUICK else RUN_PUBLISHES)
+    publishes = RUN_PUBLISHES_QUICK if lab.sizes == QUICK else RUN_PUBLISHES
+    run = heap_run(lab, publishes)
+    # The same run over TLS: what the TLS context and connection keep on the MicroPython heap.
+    # (mbedtls's own record buffers are malloc'd outside it, as on the ESP32 where they come
+    # from ESP-IDF's heap, not MicroPython's.)
+    tls_run = heap_run(lab, publishes, tls=True)
+    tls_row = Measurement(
+        name="firmware.heap_free_tls", benchmark="firmware", unit="bytes free",
+        figure=float(tls_run["free_at_end"]), baseline=float(run["free_at_end"]),
+        what=f"gc.mem_free() of main.py (firmware as .mpy) at the end of {publishes} acked publishes over TLS "
+             f"(the broker's TLS listener, its certificate checked against the CA on flash; {RUN_HEAP} heap, median of the last 10 %)",
+        baseline_what="the same run over plain MQTT (firmware.heap_free's figure)",
+        count=publishes,
+        details={"heap": RUN_HEAP, "tls_cost": run["free_at_end"] - tls_run["free_at_end"],
+                 **{k: v for k, v in tls_run.items() if k != "publishes"}},
+    )
     return [mpy_row, Measurement(
         name="firmware.heap_free", benchmark="firmware", unit="bytes free",
         figure=float(run["free_at_end"]), baseline=float(umqtt_free),
@@ -215,4 +252,4 @@ def bench_firmware(lab: Lab) -> list[Measurement]:
                  "full_ring": {"heap": RUN_HEAP, "free": tern_free, "empty_heap_free": empty_free,
                                "firmware_used": empty_free - tern_free, "umqtt_used": empty_free - umqtt_free,
                                "ring_size": ring_size, "dropped": dropped, "readings": FIRMWARE_READINGS}},
-    )]
+    ), tls_row]

@@ -7,7 +7,7 @@ import time
 import uuid
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from tern.core import topics
 from tern.harness.bench.common import (
@@ -66,11 +66,11 @@ class Lab:
         path.mkdir(parents=True)
         return path
 
-    def mosquitto(self, stack: ExitStack, name: str) -> "Mosquitto":
-        """Start a private mosquitto, stopped when ``stack`` closes."""
+    def mosquitto(self, stack: ExitStack, name: str, **options: Any) -> "Mosquitto":
+        """Start a private mosquitto (``options`` as :class:`Mosquitto` takes them), stopped when ``stack`` closes."""
         from tern.harness.stack import Mosquitto
 
-        broker = Mosquitto(self.folder(name)).start()
+        broker = Mosquitto(self.folder(name), **options).start()
         stack.callback(broker.stop)
         return broker
 
