@@ -11,7 +11,9 @@ files on the node's flash.
 from __future__ import annotations
 
 import functools
-import shutil
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -29,7 +31,6 @@ from tern.device.release import build_release, make_keys, sign
 from tern.edge.ota_serve import ReleaseServer
 from tern.edge.ota_store import ReleaseRefused, ReleaseStore, check_release
 from tern.harness.stack import Mosquitto
-from tern.core.release_sig import VerifyKey
 
 NEW = "0.5.0"
 FACTORY = "0.1.0"
@@ -134,14 +135,19 @@ def test_a_node_updates_over_the_gateway_while_its_readings_keep_flowing(
     local, cloud = brokers
     bridge = BridgeStub(cloud)
     cleanup(bridge)
-    gw = started_gateway(local, cloud, outbox_path, cleanup, ota_key=str(keys["pub"]))
+    # (A metered uplink: the update's chunks never touch it, the readings keep within it.)
+    gw = started_gateway(local, cloud, outbox_path, cleanup, ota_key=str(keys["pub"]),
+                         uplink_rate_limit="100 readings/s")
     # An ota_update for a release the gateway does not hold is refused there, not sent on.
     send_command(cloud, GW, Command("u-0", "ota-n1", "ota_update", {"version": NEW}))
     wait_until(lambda: any(o.id == "u-0" and o.outcome == "rejected" and "no release 0.5.0" in o.detail
                            for b in bridge.batches for o in b.outcomes), what="u-0 rejected")
 
-    send_release(release, [GW], cloud.host, cloud.port)
+    cli = subprocess.run([str(Path(sys.executable).parent / "tern-bridge"), "release", str(release), "--gateway", GW,
+                          "--mqtt", cloud.address], capture_output=True, text=True, timeout=60)
+    assert cli.returncode == 0 and json.loads(cli.stdout)["release"] == NEW, cli.stderr
     wait_until(lambda: gw.releases.versions() == [NEW], what="the release stored")
+    assert gw.stats()["releases_stored"] == 1
     assert sorted(p.name for p in (outbox_path.parent / "outbox.db.releases" / NEW).iterdir()) == \
         sorted(files_of(release))
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tern.core.errors import ConfigError, ToolMissing
-from tern.core.release_sig import (KEY_SCHEME, L, L1, N, SIG_MAGIC, W, ReleaseError, VerifyKey, _addr, _chain,
+from tern.core.release_sig import (KEY_SCHEME, L, N, SIG_MAGIC, W, ReleaseError, VerifyKey, _addr, _chain,
                                    _digits, verify)
 from tern.security.secret_files import write_private
 
@@ -47,7 +47,7 @@ MAX_FILES = 64
 DEFAULT_MIN_HEAP = 60_000
 #: The boot loader: stays on the board, never part of a release.
 LOADER = "main.py"
-#: Transfer chunk the manifest announces to the transport (next slice): fits a node's MQTT buffer.
+#: Transfer chunk the manifest announces to the transport (the gateway serves it): fits a node's MQTT buffer.
 CHUNK = 1024
 
 _NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,39}$")
