@@ -162,7 +162,12 @@ class Fetch:
     def step(self, client):
         if not self.subbed:
             # Only while a download runs, and QoS 0: a lost chunk is asked for again.
-            client.subscribe(self.t_fw, 0)
+            try:
+                client.subscribe(self.t_fw, 0)
+            except Exception as e:
+                if type(e).__name__ != "MQTTException":
+                    raise   # the link is down: the link's service pass handles it
+                return self.give_up(client, "the broker refused the subscription to %s (its ACL)" % self.t_fw)
             self.subbed = True
         if self.error:
             return self.give_up(client, self.error)

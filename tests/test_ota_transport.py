@@ -161,7 +161,9 @@ def test_a_node_updates_over_the_gateway_while_its_readings_keep_flowing(
         assert "TERN ota fetched 0.5.0" in node.log_text()
         assert (node.workdir / "ota" / "state").exists() and not (node.workdir / "ota" / "fetch").exists()
         asked = wants(node)
-        assert len(asked) == requests_for(release), (len(asked), requests_for(release))
+        # Each chunk asked for once (a request repeated after 2 s without an answer would be
+        # asked again: possible on a loaded machine, so counted apart), each one answered.
+        assert len(set(asked)) == requests_for(release), (len(asked), requests_for(release))
         assert gw.stats()["ota_chunks"] == len(asked)
         # Keeps reading on the new version, and nothing of any boot was lost.
         boots = {b.boot for b in births(bridge, node.device) if b.fw == NEW}
@@ -232,7 +234,7 @@ def test_a_damaged_chunk_is_asked_for_again(tmp_path: Path, mosquitto: Mosquitto
         node.start()
         assert node.wait_for(lambda n: "TERN ota fetched 0.5.0" in n.log_text(), DEADLINE), node.log_text()
         assert damaged and "TERN ota bad_chunk 2 0" in node.log_text()
-        assert wants(node).count((2, 0)) == 2
+        assert wants(node).count((2, 0)) >= 2
         assert node.wait_for(lambda n: "TERN ota switched flashed to 0.5.0" in n.log_text(), DEADLINE), node.log_text()
     finally:
         node.kill()
