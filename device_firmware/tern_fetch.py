@@ -250,7 +250,7 @@ class Fetch:
         """The signature over the staged manifest, with the board's verify key ("" when good)."""
         gc.collect()
         try:
-            import tern_sig   # (~2 KB, for this check only)
+            import tern_sig   # (loaded for this check only)
             digest = tern_sig.file_hash(STAGE + "/manifest", bytearray(256))[0]
             tern_sig.verify(digest, STAGE + "/manifest.sig", tern_sig.read_key())
             return ""
