@@ -27,6 +27,8 @@ from tern_util import log
 FETCH = "ota/fetch"
 STAGE = "ota/stage"
 WAIT_MS = 2000      # no answer in this long: ask again (requests and chunks are QoS 0)
+QUIET_MS = 30000    # ... but after SILENT questions in a row without an answer, this long
+SILENT = 5          # (a gateway that is down or serves no releases: a request per 30 s)
 MAX_TRIES = 3       # a file that comes whole but wrong this many times: give up
 HEAD = ">BBHIIH8s"  # magic, kind, file index, offset, file size, body length, sha256(body)[:8]
 HEAD_LEN = 22
@@ -107,6 +109,7 @@ class Fetch:
         self.total = -1     # the gateway's size of the manifest or signature
         self.off = -1       # the offset asked for
         self.asked = None   # ticks of the last request (None: ask at the next pass)
+        self.silent = 0     # requests in a row without an answer
         self.tries = 0
         self.error = None
 
@@ -129,6 +132,7 @@ class Fetch:
         start = HEAD_LEN + 1 + vl
         if magic != 0x46 or idx != self.idx or off != self.off or bytes(msg[HEAD_LEN + 1:start]) != self.ver.encode():
             return   # not the answer to our question (a late or stray one)
+        self.silent = 0
         body = memoryview(msg)[start:]
         if len(body) != n or sha256(body).digest()[:8] != check:
             log("ota bad_chunk %d %d" % (idx, off))
@@ -172,8 +176,10 @@ class Fetch:
         if self.error:
             return self.give_up(client, self.error)
         now = time.ticks_ms()
-        if self.asked is not None and time.ticks_diff(now, self.asked) < WAIT_MS:
-            return
+        if self.asked is not None:
+            if time.ticks_diff(now, self.asked) < (WAIT_MS if self.silent < SILENT else QUIET_MS):
+                return
+            self.silent += 1
         if self.name is None and not self.locate():
             return self.finish()
         path = STAGE + "/" + self.name
