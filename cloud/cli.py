@@ -100,6 +100,9 @@ def _parser() -> argparse.ArgumentParser:
     from tern.cloud import command_cli
 
     command_cli.add_parser(sub)
+    from tern.cloud import release_cli
+
+    release_cli.add_parser(sub)
     return parser
 
 
@@ -113,6 +116,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from tern.cloud import command_cli
 
             return command_cli.run(args)
+        if args.command == "release":
+            from tern.cloud import release_cli
+
+            return release_cli.run(args)
         return _consume(args)
     except ConfigError as exc:
         print(f"tern-bridge: configuration error: {exc}", file=sys.stderr)

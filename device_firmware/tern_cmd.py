@@ -1,7 +1,7 @@
 # Tern node commands. The gateway writes {"v":1,"id":..,"name":..,"args":{..}} on the node's
 # cmd topic; the node answers on its reply topic: {"v":1,"dev":..,"id":..,"ok":true,
 # "result":{..}} or {..,"ok":false,"error":".."}. Commands: ping, set_interval, set_config,
-# get_config, rebirth, reboot (docs/contracts.md).
+# get_config, rebirth, reboot (docs/contracts.md), ota_update (tern_fetch, docs/ota.md).
 #
 # Each command runs ONCE: the ids of the last SEEN commands are kept in a fixed ring, with the
 # replies of those that changed something, in RAM and on flash (cmd_seen.txt), so a reboot
@@ -25,7 +25,7 @@ SEEN = 16           # command ids remembered (RAM and flash)
 SEEN_FILE = "cmd_seen.txt"
 CONFIG_FILE = "config.json"
 READ_ONLY = ("ping", "get_config")
-NAMES = ("ping", "set_interval", "set_config", "get_config", "rebirth", "reboot")
+NAMES = ("ping", "set_interval", "set_config", "get_config", "rebirth", "reboot", "ota_update")
 SECRETS = ("mqtt_password", "wifi.password")
 # Identity: the node's topics and broker account hang on them; set by flashing only.
 FIXED = ("device", "site", "sensors", "wifi")
@@ -190,6 +190,26 @@ class Commands:
             only(args, ())
             self.reboot = True
             return {"boot": n.boot, "rebooting": True}
+        if name == "ota_update":
+            # The download runs after a reboot, on a tidy heap (tern_fetch is loaded only then):
+            # a node that is not updating pays nothing for it.
+            only(args, ("version",))
+            v = args.get("version")
+            tern_rules.check_id(v, "version")
+            if len(v) > 32 or v == "stage":
+                raise ValueError("invalid version %r" % v)
+            if v == n.fw:
+                raise ValueError("%s is already running" % v)
+            f = getattr(n, "fetch", None)
+            if f is not None and f.ver == v:
+                return {"version": v, "fetching": True}
+            try:
+                os.mkdir("ota")
+            except OSError:
+                pass
+            write_file("ota/fetch", v)
+            self.reboot = True
+            return {"version": v, "fetching": True, "rebooting": True}
         if name == "set_interval":
             only(args, ("s", "ms"))
             if len(args) != 1:

@@ -53,6 +53,9 @@ class Link:
         # Commands (tern_cmd), if main.py had the heap to compile them.
         cmd = sys.modules.get("tern_cmd")
         self.cmds = cmd.Commands(self) if cmd is not None else None
+        # Release downloads (tern_fetch), started by the ota_update command.
+        fm = sys.modules.get("tern_fetch")
+        self.fetch = fm.Fetch(self) if fm is not None and self.cmds is not None else None
         self.ring = Ring(cfg["ring_size"], cfg["ring_slot"])  # unacked readings, oldest first
         self.seq = 0            # last seq taken this boot
         self.sent_upto = 0      # highest seq published on the current connection
@@ -136,6 +139,8 @@ class Link:
                     c.subscribe(self.t_cmd, 1)
                 except _simple.MQTTException:   # refused by the broker's ACL: no commands
                     log("error cmd subscribe refused")
+            if self.fetch is not None:
+                self.fetch.subbed = False   # (subscribed when a download runs: tern_fetch.poll)
             rd = self.ring.dropped
             c.publish(self.t_status, self._status("online"), True, 1)
             # The broker holds the birth (retained, QoS 1 acked): the drops are told.
@@ -210,6 +215,9 @@ class Link:
         if topic == self.b_cmd and self.cmds is not None:
             self.cmds.receive(msg)
             return
+        if self.fetch is not None and topic == self.fetch.b_fw:
+            self.fetch.receive(msg)
+            return
         # Our boot's acks are applied by the main loop; an earlier boot's can only be for
         # records replayed from the spill (else they are stale and ignored).
         a = parse_ack(msg)
@@ -280,6 +288,8 @@ class Link:
             self.apply_acks()
             if self.cmds is not None:
                 self.cmds.flush(c)        # command replies (and a rebirth or reboot)
+            if self.fetch is not None:
+                self.fetch.poll(c)        # a release download: one request or check per pass
             for _ in range(8):
                 if self.spill is not None and self.spill.pending():
                     # The spill holds older readings: they go first, the ring waits.

@@ -3,6 +3,7 @@
 # still-tidy heap, runs the node. A bad config stops here with one clear line (no reset loop);
 # an unexpected crash goes back to main.py, which resets the board.
 import gc
+import os
 import sys
 
 
@@ -27,11 +28,19 @@ def main(ota):
     tern_node.run(cfg, fw, ota)
 
 
+def fetching():
+    try:
+        os.stat("ota/fetch")
+        return True
+    except OSError:
+        return False
+
+
 def load(cfg):
     """Import the node's modules, one at a time, on the still-tidy heap."""
     # Compile the big modules one by one, collecting in between: on a small heap, compiling
     # them nested inside one another's import fails for want of a contiguous block.
-    mods = ["tern_util", "tern_ring", "umqtt.simple", "tern_cmd", "tern_link", "tern_sensors"]
+    mods = ["tern_util", "tern_ring", "umqtt.simple", "tern_cmd", "tern_fetch", "tern_link", "tern_sensors"]
     if cfg["spill_max"]:
         mods.insert(2, "tern_spill")
     if cfg["tls_ca"]:
@@ -48,6 +57,8 @@ def load(cfg):
             if name not in mods:
                 mods.append(name)
     for name in mods:
+        if name == "tern_fetch" and ("tern_cmd" not in sys.modules or not fetching()):
+            continue   # only at a boot with a release download to do (tern_cmd's ota_update)
         if name == "tern_cmd":
             # Commands cost ~4 KB (with tern_rules) for good, plus what compiling them takes: on
             # a heap that would keep less than 45 KB here beyond the ring, the node runs without

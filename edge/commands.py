@@ -21,6 +21,12 @@ the command's must agree): ``ok`` true ends the command ``done`` with the node's
 ``ok`` false ``rejected`` with its error. The reply is acked once that is committed. Replies
 that do not decode become dead letters in the outbox.
 
+Releases. The same cloud session takes firmware release bundles on ``tern-gw/<gateway>/release``
+(one per release and gateway, :mod:`tern.core.ota_wire`): each is checked and stored in the
+release store (:mod:`tern.edge.ota_store`) before its PUBACK, like a command. One that fails the
+check becomes a dead letter (its first KB and the reason) and is acked. An ``ota_update``
+command naming a release the store does not hold is rejected here, not sent to the node.
+
 Outcomes wait in the outbox file until a batch carries them (the ``outcomes/1`` envelope
 extension) and the cloud confirms it; the bridge writes them to the results topic.
 """
@@ -42,7 +48,9 @@ from tern.core.errors import CodecError
 from tern.core.mqtt_session import PersistentSession
 from tern.core.quoting import describe, quote
 from tern.edge.command_store import CommandStore
+from tern.core import ota_wire
 from tern.edge.config import GatewayConfig
+from tern.edge.ota_store import ReleaseRefused, ReleaseStore
 from tern.edge.outbox import DeadLetter, Outbox, now_ms
 
 log = logging.getLogger(__name__)
@@ -57,7 +65,7 @@ PRUNE_EVERY_S = 600.0
 class _Received:
     """A message from a broker, with the connection generation it came on (for its PUBACK)."""
 
-    kind: str  # "command" or "reply"
+    kind: str  # "command", "release" or "reply"
     topic: str
     payload: bytes
     mid: int
@@ -78,8 +86,10 @@ class CommandDesk:
     """The gateway's command handling: cloud intake, delivery to nodes, replies, outcomes."""
 
     def __init__(self, config: GatewayConfig, outbox: Outbox, local: PersistentSession, store: CommandStore,
-                 on_outcome: Callable[[], None] | None = None) -> None:
+                 on_outcome: Callable[[], None] | None = None, releases: ReleaseStore | None = None) -> None:
         self.config = config
+        #: Firmware releases for the nodes (None: this desk takes none).
+        self.releases = releases
         self.outbox = outbox
         #: The commands and their outcomes, in the outbox file (shared with the uplink, which
         #: carries the outcomes).
@@ -101,6 +111,8 @@ class CommandDesk:
             "commands_failed": 0,
             "commands_expired": 0,
             "replies_ignored": 0,
+            "releases_stored": 0,
+            "releases_refused": 0,
         }
         self._worker = threading.Thread(target=self._run, name=f"tern-commands-{config.gateway_id}", daemon=True)
         host, port = config.cloud_hostport
@@ -108,7 +120,8 @@ class CommandDesk:
             f"{config.uplink_client_id}-cmd",
             host,
             port,
-            [(topics.gateway_command_topic(config.gateway_id), 1)],
+            [(topics.gateway_command_topic(config.gateway_id), 1)]
+            + ([(topics.gateway_release_topic(config.gateway_id), 1)] if releases is not None else []),
             self._on_command,
             manual_ack=True,
             keepalive=config.keepalive_s,
@@ -162,7 +175,8 @@ class CommandDesk:
     # --- paho network threads: hand over, nothing else --------------------------------------
 
     def _on_command(self, msg: mqtt.MQTTMessage) -> None:
-        self._queue.put(_Received("command", msg.topic, bytes(msg.payload), msg.mid, msg.qos, self.session.generation))
+        kind = "release" if msg.topic.endswith("/release") else "command"
+        self._queue.put(_Received(kind, msg.topic, bytes(msg.payload), msg.mid, msg.qos, self.session.generation))
 
     def on_reply(self, msg: mqtt.MQTTMessage, generation: int) -> None:
         """The ingest's hook for a message on a node's reply topic (paho's thread)."""
@@ -199,6 +213,9 @@ class CommandDesk:
         if item.kind == "command":
             self._take_command(item)
             self.session.ack(item.mid, item.qos, item.generation)
+        elif item.kind == "release":
+            self._take_release(item)
+            self.session.ack(item.mid, item.qos, item.generation)
         else:
             self._take_reply(item)
             self.local.ack(item.mid, item.qos, item.generation)
@@ -217,12 +234,45 @@ class CommandDesk:
             self._count("commands_rejected")
             log.warning("command rejected (%s): %s", command_id or "no id", describe(exc, 300))
             return
+        if command.name == "ota_update":
+            why = self._release_missing(command)
+            if why:
+                self.store.reject(command.id, command.device, why, now)
+                self._count("commands_rejected")
+                log.warning("command %s rejected: %s", command.id, why)
+                return
         if self.store.accept(command, now):
             self._count("commands_received")
             log.info("command %s (%s) for %s taken", command.id, command.name, command.device)
         else:
             self._count("commands_duplicate")
             log.info("command %s again: already taken, not stored twice", command.id)
+
+    def _release_missing(self, command: Command) -> str:
+        """Why an ``ota_update`` cannot be served by this gateway ("" when it can)."""
+        version = command.args.get("version")
+        if self.releases is None:
+            return "this gateway serves no releases"
+        if not isinstance(version, str) or version not in self.releases.versions():
+            return f"no release {str(version)[:40]} on gateway {self.config.gateway_id}: send it first"
+        return ""
+
+    def _take_release(self, item: _Received) -> None:
+        """Check and store a release bundle; a bad one becomes a dead letter (and is acked)."""
+        assert self.releases is not None
+        try:
+            version, new = self.releases.add(ota_wire.decode_bundle(item.payload))
+        except (CodecError, ReleaseRefused) as exc:
+            why = f"release refused: {describe(exc, 300)}"
+            self.outbox.add([], [DeadLetter(item.topic, item.payload[:1024], why, now_ms())])
+            self._count("releases_refused")
+            log.warning("%s (%d bytes on %s)", why, len(item.payload), quote(item.topic))
+            return
+        if new:
+            self._count("releases_stored")
+            log.info("release %s stored (%d bytes), ready for the nodes", version, len(item.payload))
+        else:
+            log.info("release %s again: already stored", version)
 
     def _take_reply(self, item: _Received) -> None:
         now = now_ms()

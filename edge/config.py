@@ -169,6 +169,12 @@ class GatewayConfig:
     batch_max_bytes: int = DEFAULT_BATCH_MAX_BYTES
     #: Cap on what the uplink sends, for metered links: "500 readings/s" or "20 kB/s" (unset: none).
     uplink_rate_limit: str | None = None
+    # --- over-the-air releases for the nodes (edge/ota_store.py, docs/ota.md) ---
+    #: The fleet's verify key (fleet.pub of `tern-device keys`): releases are checked against it
+    #: on arrival (unset: every release is refused, with a dead letter saying so).
+    ota_key: str | None = None
+    #: Releases kept beside the outbox (the oldest beyond this are deleted).
+    ota_keep: int = 3
 
     def __post_init__(self) -> None:
         try:
@@ -232,7 +238,7 @@ class GatewayConfig:
                     "uplink_rate_limit", "'<number> readings/s' or '<number> bytes/s' (kB/s, MB/s)", self.uplink_rate_limit
                 ) from None
         # --- security ---
-        for key in ("local_password_file", "cloud_ca", "cloud_cert", "cloud_key", "cloud_password_file"):
+        for key in ("ota_key", "local_password_file", "cloud_ca", "cloud_cert", "cloud_key", "cloud_password_file"):
             value = getattr(self, key)
             if value is not None and not os.path.isfile(value):
                 raise ConfigValueError(key, "an existing file", value)
@@ -261,6 +267,7 @@ class GatewayConfig:
         _check_int("uplink_window", self.uplink_window, 1, MAX_UPLINK_WINDOW)
         _check_int("batch_linger_ms", self.batch_linger_ms, 0, 60_000)
         _check_int("batch_max_bytes", self.batch_max_bytes, 1024, MAX_BATCH_MAX_BYTES)
+        _check_int("ota_keep", self.ota_keep, 1, 100)
 
     def serial_sensor_specs(self) -> list:
         """The Pi-wired sensors named by ``serial_sensors`` (a list of SerialSensorSpec)."""

@@ -99,13 +99,16 @@ class Ingest:
     """The local-broker side of the gateway: subscribe, commit, PUBACK, node ack."""
 
     def __init__(self, config: GatewayConfig, outbox: Outbox, on_commit: Callable[[], None] | None = None,
-                 on_reply: Callable[[mqtt.MQTTMessage, int], None] | None = None) -> None:
+                 on_reply: Callable[[mqtt.MQTTMessage, int], None] | None = None,
+                 on_fw_request: Callable[[mqtt.MQTTMessage], None] | None = None) -> None:
         self.config = config
         self.outbox = outbox
         self._on_commit = on_commit
         #: Node command replies go here (message, connection generation), acked by the taker:
         #: one local session per gateway, because the Pi broker may bind client ids to accounts.
         self._on_reply = on_reply
+        #: Nodes' requests for release chunks (QoS 0: nothing to ack) go here (edge/ota_serve.py).
+        self._on_fw_request = on_fw_request
         self._queue: queue.SimpleQueue[_Incoming] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._worker = threading.Thread(target=self._run, name=f"tern-ingest-{config.gateway_id}", daemon=True)
@@ -153,7 +156,8 @@ class Ingest:
             host,
             port,
             [(topics.TELEMETRY_FILTER, 1), (topics.STATUS_FILTER, 1)]
-            + ([(topics.REPLY_FILTER, 1)] if on_reply is not None else []),
+            + ([(topics.REPLY_FILTER, 1)] if on_reply is not None else [])
+            + ([(topics.FW_GET_FILTER, 0)] if on_fw_request is not None else []),
             self._on_message,
             manual_ack=True,
             keepalive=config.keepalive_s,
@@ -215,6 +219,9 @@ class Ingest:
     def _on_message(self, msg: mqtt.MQTTMessage) -> None:
         if self._on_reply is not None and msg.topic.endswith("/" + topics.REPLY):
             self._on_reply(msg, self.session.generation)
+            return
+        if self._on_fw_request is not None and msg.topic.endswith("/" + topics.FW_GET):
+            self._on_fw_request(msg)
             return
         self._queue.put(
             _Incoming(msg.topic, bytes(msg.payload), msg.mid, msg.qos, now_ms(), self.session.generation, bool(msg.retain))

@@ -26,6 +26,8 @@ from tern.edge.commands import CommandDesk
 from tern.edge.config import GatewayConfig
 from tern.edge.health import Health, ObservedOutbox
 from tern.edge.ingest import Ingest
+from tern.edge.ota_serve import ReleaseServer
+from tern.edge.ota_store import ReleaseStore, store_dir
 from tern.edge.outbox import now_ms
 from tern.edge.outbox_lock import OutboxLock
 from tern.edge.retention import RetentionPolicy
@@ -54,13 +56,19 @@ class Gateway:
     def _build(self, config: GatewayConfig) -> None:
         self.outbox = ObservedOutbox(config.outbox_path, retention=RetentionPolicy.from_config(config),
                                      device_cap=config.device_share_cap)
-        self.ingest = Ingest(config, self.outbox, on_reply=self._on_reply)
+        # Firmware releases for the nodes, beside the outbox: they come in on the command
+        # session, and are served to the nodes on the ingest's local session.
+        self.releases = ReleaseStore(store_dir(config.outbox_path), config.ota_key, config.ota_keep)
+        self.release_server = ReleaseServer(self.releases, self._publish_local)
+        self.ingest = Ingest(config, self.outbox, on_reply=self._on_reply,
+                             on_fw_request=self.release_server.on_request)
         self.health = Health(self)
         # Commands go out and replies come in on the ingest's local session; their outcomes
         # ride the uplink's batches.
         store = CommandStore(config.outbox_path)
         self.uplink = Uplink(config, self.outbox, commands=store, on_confirm_rtt=self.health.note_confirm_rtt)
-        self.commands = CommandDesk(config, self.outbox, self.ingest.session, store, on_outcome=self.uplink.nudge)
+        self.commands = CommandDesk(config, self.outbox, self.ingest.session, store, on_outcome=self.uplink.nudge,
+                                    releases=self.releases)
         #: /metrics, /status.json and the status page (None with http_port = 0).
         self.status_server: "StatusServer | None" = None
         # Sensors wired to the Pi itself (none unless `serial_sensors` names some).
@@ -81,6 +89,7 @@ class Gateway:
         # Uplink first: anything left in the outbox from an earlier run starts flowing while
         # ingest connects.
         self.uplink.start()
+        self.release_server.start()
         self.ingest.start()
         self.commands.start()
         if self.serial is not None:
@@ -114,6 +123,9 @@ class Gateway:
         """Block until both brokers are connected and subscribed (or ``timeout``)."""
         return self.ingest.wait_connected(timeout) and self.uplink.wait_connected(timeout)
 
+    def _publish_local(self, topic: str, payload: bytes) -> None:
+        self.ingest.client.publish(topic, payload, qos=0)
+
     def _on_reply(self, msg: object, generation: int) -> None:
         self.commands.on_reply(msg, generation)  # type: ignore[arg-type]
 
@@ -139,6 +151,7 @@ class Gateway:
                 commands_final = self.commands.stats()
                 self.commands.stop(max(0.5, deadline - time.monotonic()))
                 self.ingest.stop(max(0.5, deadline - time.monotonic()))
+                self.release_server.stop(max(0.5, deadline - time.monotonic()))
                 self._drain_inflight(deadline)
                 self.uplink.stop(max(0.5, deadline - time.monotonic()))
             # Keep the last levels, so stats() still answers after stop (demo summaries, tests).
@@ -171,6 +184,8 @@ class Gateway:
         out: dict = {"gateway_id": self.config.gateway_id}
         out.update(self.ingest.stats())
         out.update(self.uplink.stats())
+        out.update(self.release_server.stats())
+        out["ota_releases"] = self.releases.versions()
         if not self._stopped:
             out.update(self.commands.stats())
         if self.serial is not None:

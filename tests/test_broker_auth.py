@@ -19,7 +19,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
-from tern.core.topics import ack_topic, status_topic, telemetry_topic
+from tern.core.topics import ack_topic, fw_get_topic, fw_topic, status_topic, telemetry_topic
 from tern.harness.stack import BrokerTls, Mosquitto
 from tern.security import pki
 from tern.security.mosquitto_auth import (DeviceAuth, hash_password, read_password_file,
@@ -180,6 +180,27 @@ def test_acl_confines_each_node_to_its_topics(secured) -> None:
     assert all(t == ack_topic(SITE, "node-a") for t, _ in node_a.received), node_a.received
 
 
+def test_acl_lets_a_node_ask_for_and_read_only_its_own_release_chunks(secured) -> None:
+    auth, broker, gw_pw, pw, client = secured
+    gateway = client("gw", "tern-gateway", gw_pw)
+    node_a = client("node-a", "node-a", pw["node-a"])
+    node_b = client("node-b", "node-b", pw["node-b"])
+    for c in (gateway, node_a, node_b):
+        assert c.connect() == 0
+    gateway.subscribe("tern/+/+/fw_get")
+    node_a.subscribe(fw_topic(SITE, "node-a"))
+    node_b.subscribe(fw_topic(SITE, "node-b"))
+    node_a.subscribe(fw_topic(SITE, "node-b"))   # granted nothing: not its topic
+    node_a.publish(fw_get_topic(SITE, "node-b"), b"0.5.0 0 0 as node-b")
+    node_a.publish(fw_get_topic(SITE, "node-a"), b"0.5.0 0 0")
+    assert [p for _, p in gateway.wait_for(b"0.5.0 0 0")] == [b"0.5.0 0 0"]
+    node_b.publish(fw_topic(SITE, "node-a"), b"forged-chunk")   # only the gateway serves chunks
+    gateway.publish(fw_topic(SITE, "node-b"), b"chunk-b")
+    gateway.publish(fw_topic(SITE, "node-a"), b"chunk-a")
+    assert [p for _, p in node_a.wait_for(b"chunk-a")] == [b"chunk-a"]
+    assert [p for _, p in node_b.wait_for(b"chunk-b")] == [b"chunk-b"]
+
+
 def test_removed_device_is_locked_out_at_next_connect(secured) -> None:
     auth, broker, gw_pw, pw, client = secured
     assert client("node-b", "node-b", pw["node-b"]).connect() == 0
@@ -322,4 +343,9 @@ def test_cloud_acl_confines_gateways_to_their_topics(tmp_path: Path) -> None:
         bridge.publish("tern-gw/gw-2/confirm", b"other-confirm")
         bridge.publish("tern-gw/gw-1/confirm", b"own-confirm")
         assert [p for _, p in gw.wait_for(b"own-confirm")] == [b"own-confirm"]
+        # Firmware releases: the bridge's account sends them, each gateway reads only its own.
+        gw.subscribe("tern-gw/+/release")
+        bridge.publish("tern-gw/gw-2/release", b"other-release")
+        bridge.publish("tern-gw/gw-1/release", b"own-release")
+        assert [p for t, p in gw.wait_for(b"own-release") if t.endswith("/release")] == [b"own-release"]
         assert Client(bridge_side, "anon").connect() != 0

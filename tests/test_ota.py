@@ -105,7 +105,7 @@ def make_node(tmp_path: Path, broker: Mosquitto, keys: dict[str, Path], device: 
 
 
 def stage(node: EmulatedNode, release: Path) -> Path:
-    """What the transport (next slice) leaves on the board: the release in ota/stage, then 'ready'."""
+    """What the transport (tern_fetch) leaves on the board: the release in ota/stage, then 'ready'."""
     folder = node.workdir / "ota" / "stage"
     shutil.copytree(release, folder)
     (folder / "ready").write_text("")

@@ -7,12 +7,15 @@ Node side (the Pi's local broker), one set of topics per device::
     tern/<site>/<device>/ack         gateway -> node, QoS 1: readings up to seq are in the outbox
     tern/<site>/<device>/cmd         gateway -> node, QoS 1: a command (see tern.core.commands)
     tern/<site>/<device>/reply       node -> gateway, QoS 1: the node's answer to a command
+    tern/<site>/<device>/fw_get      node -> gateway, QoS 0: "<version> <file index> <offset>"
+    tern/<site>/<device>/fw          gateway -> node, QoS 0: a binary release chunk (tern.core.ota_wire)
 
 Gateway side (the cloud broker), one set of topics per gateway::
 
     tern-gw/<gateway>/batch          gateway -> bridge, QoS 1, a compressed batch envelope
     tern-gw/<gateway>/confirm        bridge -> gateway, QoS 1: batch bseq is in Kafka
     tern-gw/<gateway>/cmd            bridge -> gateway, QoS 1: a command for one of its nodes
+    tern-gw/<gateway>/release        operator -> gateway, QoS 1: a firmware release bundle (ota_wire)
     tern-bridge/<bridge>/status      retained; the bridge's "online" and its last will ("offline")
 
 N bridges split the batches with a shared subscription, ``$share/<group>/tern-gw/+/batch``
@@ -37,11 +40,14 @@ STATUS = "status"
 ACK = "ack"
 COMMAND = "cmd"
 REPLY = "reply"
-NODE_KINDS = (TELEMETRY, STATUS, ACK, COMMAND, REPLY)
+FW_GET = "fw_get"
+FW = "fw"
+NODE_KINDS = (TELEMETRY, STATUS, ACK, COMMAND, REPLY, FW_GET, FW)
 
 TELEMETRY_FILTER = f"{ROOT}/+/+/{TELEMETRY}"
 STATUS_FILTER = f"{ROOT}/+/+/{STATUS}"
 REPLY_FILTER = f"{ROOT}/+/+/{REPLY}"
+FW_GET_FILTER = f"{ROOT}/+/+/{FW_GET}"
 BATCH_FILTER = f"{GATEWAY_ROOT}/+/batch"
 
 KAFKA_READINGS = "tern.readings"
@@ -103,6 +109,16 @@ def reply_topic(site: str, device: str) -> str:
     return node_topic(site, device, REPLY)
 
 
+def fw_get_topic(site: str, device: str) -> str:
+    """Topic a node asks for release chunks on."""
+    return node_topic(site, device, FW_GET)
+
+
+def fw_topic(site: str, device: str) -> str:
+    """Topic the gateway answers a node's chunk requests on."""
+    return node_topic(site, device, FW)
+
+
 def parse_node_topic(topic: str) -> NodeTopic:
     """Split a per-device topic, raising CodecError for anything else."""
     parts = topic.split("/")
@@ -132,6 +148,11 @@ def parse_batch_topic(topic: str) -> str:
 def gateway_command_topic(gateway: str) -> str:
     """Topic the bridge hands a gateway the commands for its nodes on (cloud broker)."""
     return f"{GATEWAY_ROOT}/{check_id(gateway, 'gateway')}/cmd"
+
+
+def gateway_release_topic(gateway: str) -> str:
+    """Topic a firmware release bundle reaches a gateway on (cloud broker, its command session)."""
+    return f"{GATEWAY_ROOT}/{check_id(gateway, 'gateway')}/release"
 
 
 #: Each bridge's presence on the cloud broker: retained "online" while it runs, its last

@@ -30,15 +30,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from tern.core.errors import ConfigError, TernError, ToolMissing
+from tern.core.errors import ConfigError, ToolMissing
+from tern.core.release_sig import (KEY_SCHEME, L, N, SIG_MAGIC, W, ReleaseError, VerifyKey, _addr, _chain,
+                                   _digits, verify)
 from tern.security.secret_files import write_private
 
-N = 32
-W = 16
-L1 = 64
-L = 67
-SIG_MAGIC = b"TOS1"
-KEY_SCHEME = "tern-ota-wots"
 #: Default tree height: 2^10 = 1024 releases per fleet key (a new key then, flashed or shipped in a release).
 DEFAULT_HEIGHT = 10
 MAX_HEIGHT = 16
@@ -51,40 +47,14 @@ MAX_FILES = 64
 DEFAULT_MIN_HEAP = 60_000
 #: The boot loader: stays on the board, never part of a release.
 LOADER = "main.py"
-#: Transfer chunk the manifest announces to the transport (next slice): fits a node's MQTT buffer.
+#: Transfer chunk the manifest announces to the transport (the gateway serves it): fits a node's MQTT buffer.
 CHUNK = 1024
 
 _NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,39}$")
 _VERSION = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.+-]{0,31}$")
 
 
-class ReleaseError(TernError):
-    """A release could not be built, signed or checked; the message says why."""
-
-
 # --- the hash-based signature ------------------------------------------------------------------
-
-
-def _addr(index: int, kind: int, chain: int, step: int) -> bytes:
-    # kind 0 = chain step, 1 = one-time public key, 2 = tree node, 3 = message digest.
-    return struct.pack(">IBBH", index, kind, chain, step)
-
-
-def _chain(seed: bytes, leaf: int, chain: int, value: bytes, start: int, steps: int) -> bytes:
-    prefix = seed + struct.pack(">IBB", leaf, 0, chain) + b"\x00"
-    sha = hashlib.sha256
-    for j in range(start, start + steps):
-        value = sha(prefix + bytes((j,)) + value).digest()
-    return value
-
-
-def _digits(seed: bytes, root: bytes, leaf: int, msg: bytes) -> list[int]:
-    m = hashlib.sha256(seed + _addr(leaf, 3, 0, 0) + root + msg).digest()
-    digits = []
-    for b in m:
-        digits += [b >> 4, b & 15]
-    csum = sum(W - 1 - a for a in digits)
-    return digits + [(csum >> 8) & 15, (csum >> 4) & 15, csum & 15]
 
 
 def _secret(secret: bytes, leaf: int, chain: int) -> bytes:
@@ -106,40 +76,6 @@ def _tree(seed: bytes, secret: bytes, height: int) -> list[list[bytes]]:
         levels.append([hashlib.sha256(seed + _addr(i, 2, 0, lvl) + below[2 * i] + below[2 * i + 1]).digest()
                        for i in range(len(below) // 2)])
     return levels
-
-
-@dataclass(frozen=True)
-class VerifyKey:
-    """What goes onto every board (``ota.key``): tree height, public seed, Merkle root."""
-
-    height: int
-    seed: bytes
-    root: bytes
-
-    @property
-    def key_id(self) -> str:
-        return self.root[:8].hex()
-
-    def text(self) -> str:
-        """The one-line file a board keeps (tern_ota.read_key parses it)."""
-        return f"{KEY_SCHEME} 1 {self.height} {self.seed.hex()} {self.root.hex()}\n"
-
-    @classmethod
-    def parse(cls, text: str) -> "VerifyKey":
-        parts = text.split()
-        if len(parts) != 5 or parts[:2] != [KEY_SCHEME, "1"]:
-            raise ReleaseError("not a Tern verify key (expected 'tern-ota-wots 1 H SEED ROOT')")
-        try:
-            return cls(int(parts[2]), bytes.fromhex(parts[3]), bytes.fromhex(parts[4]))
-        except ValueError:
-            raise ReleaseError("verify key: bad height or hex") from None
-
-    @classmethod
-    def load(cls, path: Path) -> "VerifyKey":
-        try:
-            return cls.parse(Path(path).read_text())
-        except OSError as exc:
-            raise ReleaseError(f"{path}: {exc.strerror}") from None
 
 
 def make_keys(secret_path: Path, public_path: Path, height: int = DEFAULT_HEIGHT) -> VerifyKey:
@@ -201,27 +137,6 @@ def sign(message: bytes, secret_path: Path) -> bytes:
         out.append(tree[lvl][idx ^ 1])
         idx >>= 1
     return b"".join(out)
-
-
-def verify(message: bytes, signature: bytes, key: VerifyKey) -> bool:
-    """The node's check, on the host (tests, ``release verify``)."""
-    if len(signature) != 17 + N * (L + key.height) or signature[:4] != SIG_MAGIC or signature[4:12] != key.root[:8]:
-        return False
-    leaf, height = struct.unpack(">IB", signature[12:17])
-    if height != key.height or leaf >> height:
-        return False
-    msg = hashlib.sha256(message).digest()
-    pk = hashlib.sha256(key.seed + _addr(leaf, 1, 0, 0))
-    for i, a in enumerate(_digits(key.seed, key.root, leaf, msg)):
-        value = signature[17 + N * i:17 + N * (i + 1)]
-        pk.update(_chain(key.seed, leaf, i, value, a, W - 1 - a))
-    node, idx = pk.digest(), leaf
-    for lvl in range(height):
-        sib = signature[17 + N * (L + lvl):17 + N * (L + lvl + 1)]
-        pair = sib + node if idx & 1 else node + sib
-        node = hashlib.sha256(key.seed + _addr(idx >> 1, 2, 0, lvl + 1) + pair).digest()
-        idx >>= 1
-    return node == key.root
 
 
 # --- mpy-cross ---------------------------------------------------------------------------------

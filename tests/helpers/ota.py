@@ -1,0 +1,61 @@
+"""Over-the-air transport from outside: what a release costs in requests, what a node's console
+says it asked for and sent per boot, a command or bundle published where the bridge would."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+from tern.core import commands, ota_wire, topics
+from tern.core.commands import Command
+from tern.device import EmulatedNode
+from tern.harness.stack import Mosquitto
+
+from .gateway import DEADLINE, new_client
+
+
+def requests_for(folder: Path) -> int:
+    """Chunk requests a fresh download of the release in ``folder`` takes: one per chunk, plus
+    one for the manifest's and the signature's end (an empty chunk gives their size)."""
+    manifest = ota_wire.parse_manifest((folder / ota_wire.MANIFEST).read_bytes())
+    sizes = [(folder / name).stat().st_size for name in manifest.names()]
+    chunks = [max(1, math.ceil(n / manifest.chunk)) for n in sizes]
+    exact = sum(1 for n in sizes[:2] if n % manifest.chunk == 0)   # their end needs one more ask
+    return sum(chunks) + exact
+
+
+def wants(node: EmulatedNode) -> list[tuple[int, int]]:
+    """Every (file index, offset) the node asked for, across its boots, in order."""
+    return [(int(i), int(o)) for i, o in re.findall(r"^TERN ota want (\d+) (\d+)$", node.log_text(), re.M)]
+
+
+def sent_per_boot(node: EmulatedNode) -> dict[str, int]:
+    """The highest seq each boot published (its ``TERN sent`` lines), by boot id."""
+    out: dict[str, int] = {}
+    boot = None
+    for line in node.log_text().splitlines():
+        if line.startswith("TERN boot "):
+            boot = line.split()[2]
+        elif line.startswith("TERN sent ") and boot is not None:
+            out[boot] = max(out.get(boot, 0), int(line.split()[2]))
+    return out
+
+
+def publish(broker: Mosquitto, topic: str, payload: bytes) -> None:
+    """Publish one QoS 1 message and wait for the broker's PUBACK."""
+    client = new_client()
+    client.connect(broker.host, broker.port)
+    client.loop_start()
+    try:
+        info = client.publish(topic, payload, qos=1)
+        info.wait_for_publish(DEADLINE)
+        assert info.is_published()
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def send_command(cloud: Mosquitto, gateway: str, command: Command) -> None:
+    """A command on the gateway's command topic, as the bridge's router hands it over."""
+    publish(cloud, topics.gateway_command_topic(gateway), commands.encode_command(command))
