@@ -327,6 +327,9 @@ class Ingest:
         released: set[tuple[str, str, str]] = set()
         started: list[shares.Hold] = []
         held_back: dict[tuple[str, str], int] = {}
+        # The same per (site, device, boot, reason) with the lowest seq: the hold events that
+        # report them to the cloud are written in the commit below, with the holds.
+        held: shares.HeldCounts = {}
         now = time.monotonic()
         readings: list[Reading] = []
         statuses: list[StatusEvent] = []
@@ -346,6 +349,10 @@ class Ingest:
                 if verdict != shares.ADMIT:
                     key = (group[0].site, group[0].device)
                     held_back[key] = held_back.get(key, 0) + len(group)
+                    low = min(r.seq for r in group)
+                    entry = held.setdefault((group[0].site, group[0].device, group[0].boot, verdict), [0, low])
+                    entry[0] += len(group)
+                    entry[1] = min(entry[1], low)
                 else:
                     readings.extend(group)
             elif isinstance(result, StatusEvent):
@@ -375,7 +382,8 @@ class Ingest:
             self.outbox.wait_for_room(0.5)
             return
         result = self.outbox.add(
-            readings, letters, statuses=statuses, holds=list(changed.values()), released=sorted(released - set(changed))
+            readings, letters, statuses=statuses, holds=list(changed.values()), released=sorted(released - set(changed)),
+            held=held,
         )
         self._holds = view
         self.outbox.remember_junk(junk)
