@@ -12,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -71,6 +72,12 @@ class Runaway:
         self.client.loop_stop()
 
 
+def delivered_holds(bridge: BridgeStub) -> list[codec.HoldEvent]:
+    """The hold events of every batch the stub received, once per bseq (a re-send carries the same)."""
+    batches = {b.bseq: b for b in list(bridge.batches)}
+    return [h for bseq in sorted(batches) for h in batches[bseq].holds]
+
+
 def good_node(local, device: str, cleanup) -> Node:
     """A well-behaved node: online (its birth, as the firmware sends it), then readings."""
     cleanup(StatusNode(local, device))
@@ -124,14 +131,35 @@ def test_runaway_is_held_back_the_good_node_is_committed_and_all_of_it_reaches_k
     assert lines == ["node 'runaway' holds 4,499 of 5,000 rows: its readings are held back; others continue"], lines
     print(f"\nflood of 20,000 published in {flood_s:.1f} s; good node's 100 acked in {good_acked_s:.2f} s; rows {rows}")
 
-    # The link returns: everything committed reaches Kafka.
+    # The hold is on its way to the cloud (holds/1), in the outbox with the hold itself.
+    events = gw.outbox.hold_events()
+    assert {(e["device"], e["reason"]) for e in events} == {("runaway", shares.SHARE)}
+    assert sum(e["count"] for e in events) == 20_000 - held_at and not any(e["lifted"] for e in events)
+
+    # The link returns: everything committed reaches Kafka, and so does the hold.
     bridge = BridgeThread(bridge_config(cloud, kafka_bootstrap, kafka_topics, name="fair"))
     with bridge:
-        wait_until(lambda: gw.stats()["pending"] == 0 and gw.stats()["inflight_bseq"] is None,
-                   what="outbox drained", timeout=60)
+        wait_until(lambda: gw.stats()["pending"] == 0 and gw.stats()["inflight_bseq"] is None
+                   and gw.outbox.holds_unclaimed() == 0, what="outbox drained", timeout=60)
+        assert gw.outbox.hold_events() == []  # deleted once confirmed, not before
+        assert gw.stats()["hold_events_forwarded"] >= 1
     records = read_all(kafka_bootstrap, kafka_topics["readings"], expect=100 + held_at)
     got = {(r.identity[0], r.identity[2]) for r in records}
     assert got == {("good", s) for s in range(100)} | {("runaway", s) for s in range(1, held_at + 1)}
+    # Read to the end (no expect): every record the drain confirmed is there.
+    status = read_all(kafka_bootstrap, kafka_topics["status"], timeout_s=20)
+    holds = [(r.key, codec.decode_kafka_hold_value(r.raw)) for r in status
+             if orjson.loads(r.raw)["schema"] == codec.KAFKA_HOLD_SCHEMA_ID]
+    assert holds and all(key == "runaway" for key, _ in holds), holds
+    values = [v for _, v in holds]
+    assert {(v["device"], v["site"], v["boot"], v["reason"], v["gateway"], v["lifted"]) for v in values} == {
+        ("runaway", SITE, BOOT, shares.SHARE, gw.config.gateway_id, False)}
+    assert all(v["count"] > 0 and v["first_seq"] >= held_at + 1 for v in values)
+    # Once: no event twice, and together they count every reading held back, no more.
+    identities = [(v["held_since_ms"], v["updated_ms"], v["count"]) for v in values]
+    assert len(identities) == len(set(identities)), identities
+    assert sum(v["count"] for v in values) == stats["held_back_by_device"][f"{SITE}/runaway"]["held_back"]
+    print(f"hold events in Kafka: {len(values)}, counting {sum(v['count'] for v in values)} readings held back")
 
 
 def test_under_drop_oldest_only_the_runaway_loses_readings(mosquitto_factory, tmp_path: Path, cleanup) -> None:
@@ -236,6 +264,13 @@ def test_device_rate_limit_holds_back_the_fast_node_only(mosquitto_factory, tmp_
     health = gw.health.snapshot()
     assert health["ingest"]["held_back"] == gw.stats()["held_back"] > 0
     assert [d["held_back"] for d in health["devices"] if d["device"] == "runaway"] == [by_device[f"{SITE}/runaway"]["held_back"]]
+    # Reported to the cloud (holds/1): the fast node's hold, for its rate, every reading held counted.
+    wait_until(lambda: gw.outbox.holds_unclaimed() == 0 and gw.stats()["inflight_bseq"] is None
+               and sum(h.count for h in delivered_holds(bridge)) == gw.stats()["held_back"],
+               what="the hold events delivered and confirmed", timeout=15)
+    holds = delivered_holds(bridge)
+    assert {(h.device, h.reason, h.boot) for h in holds} == {("runaway", shares.RATE, BOOT)}
+    assert all(h.count > 0 and not h.lifted and h.updated_ms >= h.held_since_ms for h in holds)
 
 
 def test_real_firmware_held_back_sends_again_and_loses_nothing(mosquitto_factory, tmp_path: Path, cleanup) -> None:
@@ -270,6 +305,12 @@ def test_real_firmware_held_back_sends_again_and_loses_nothing(mosquitto_factory
     wait_until(lambda: node.acked == total, what="the node acked to the end", timeout=10)
     stats = gw.stats()
     assert stats["held_back"] > 0 and stats["resend_hints"] > 0
+    # The cloud was told (holds/1), and told that the hold lifted: the last event says so.
+    wait_until(lambda: gw.outbox.holds_unclaimed() == 0 and gw.stats()["inflight_bseq"] is None
+               and sum(h.count for h in delivered_holds(bridge)) == gw.stats()["held_back"],
+               what="the hold events delivered and confirmed", timeout=15)
+    holds = delivered_holds(bridge)
+    assert {(h.device, h.reason) for h in holds} == {("fw-node", shares.RATE)} and any(h.lifted for h in holds), holds
     assert node.dropped == 0 and "rewind" in node.log_text()
     assert stats["committed"] == total
 
