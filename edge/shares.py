@@ -253,7 +253,8 @@ def save_holds(db: sqlite_utils.Database, holds: Iterable[Hold], released: Itera
     the custody of the holds. Returns the events recorded or changed."""
     stamp = time.time_ns() // 1_000_000 if stamp is None else stamp
     holds = list(holds)
-    starts = {h.key: h.started_ms for h in holds}
+    # A hold stored before started_ms existed has 0 (unknown): its events start now, not in 1970.
+    starts = {h.key: h.started_ms or stamp for h in holds}
     changed = 0
     for (site, device, boot, reason), (n, first) in (held or {}).items():
         changed += _note_held(db, site, device, boot, reason, first, n, starts.get((site, device, boot), stamp), stamp)
@@ -281,9 +282,9 @@ def _note_held(db: sqlite_utils.Database, site: str, device: str, boot: str, rea
     # event said when it was taken, so what is held after that goes to a new event.
     cur = db.execute(
         f"UPDATE {HOLD_EVENTS} SET count = count + ?, first_seq = MIN(first_seq, ?), since_ms = MIN(since_ms, ?),"
-        " at_ms = MAX(at_ms, ?), lifted = 0"
-        " WHERE id = (SELECT id FROM {0} WHERE bseq IS NULL AND site = ? AND device = ? AND boot = ? AND reason = ?"
-        " ORDER BY id DESC LIMIT 1)".format(HOLD_EVENTS),
+        f" at_ms = MAX(at_ms, ?), lifted = 0"
+        f" WHERE id = (SELECT id FROM {HOLD_EVENTS} WHERE bseq IS NULL AND site = ? AND device = ? AND boot = ?"
+        f" AND reason = ? ORDER BY id DESC LIMIT 1)",
         [n, first, since, stamp, site, device, boot, reason],
     )
     if cur.rowcount == 0:
