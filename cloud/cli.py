@@ -236,10 +236,13 @@ def _consume(args: argparse.Namespace) -> int:
     terminated = asyncio.Event()
 
     async def read() -> None:
-        # SIGTERM (docker stop, systemd) ends a --follow like Ctrl-C: the group's offsets are
-        # committed on the way out and the summary is printed.
+        # Ctrl-C and SIGTERM (docker stop, systemd) end a --follow the same way: the read is
+        # cancelled, the group's offsets are committed on the way out (bounded) and the summary
+        # is printed. Ctrl-C as a KeyboardInterrupt would instead stop the loop wherever it was
+        # and leave aiokafka's own tasks to a cleanup that could wait on them without end.
         task = asyncio.current_task()
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, lambda: (terminated.set(), task.cancel()))
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            asyncio.get_running_loop().add_signal_handler(sig, lambda: (terminated.set(), task.cancel()))
         try:
             async with reader:
                 async for record in reader:

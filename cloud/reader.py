@@ -49,6 +49,9 @@ from tern.core.errors import CodecError, TernError
 
 log = logging.getLogger("tern.reader")
 
+#: Seconds the commit and the disconnect of :meth:`TopicReader.close` may take, each.
+CLOSE_TIMEOUT_S = 10.0
+
 #: What a record is: a reading, a node status event, a drop event (readings a gateway's
 #: retention policy deleted: they will never arrive), a dead letter the bridge wrote (its
 #: headers say why), a hold event (readings a gateway held back: not lost, the node re-sends
@@ -299,14 +302,22 @@ class TopicReader:
         return self
 
     async def close(self) -> None:
-        """Commit the group's offsets for what was handed out (with a group) and disconnect."""
+        """Commit the group's offsets for what was handed out (with a group) and disconnect,
+        each within :data:`CLOSE_TIMEOUT_S`: a Ctrl-C must end the reader even when the group
+        coordinator does not answer (the next run then re-reads from the last commit)."""
         consumer, self._consumer = self._consumer, None
         if consumer is None:
             return
         try:
-            await self._commit(consumer)
+            await asyncio.wait_for(self._commit(consumer), CLOSE_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            log.warning("could not commit offsets of group %s within %.0f s: the next run re-reads from "
+                        "the last commit", self.group, CLOSE_TIMEOUT_S)
         finally:
-            await consumer.stop()
+            try:
+                await asyncio.wait_for(consumer.stop(), CLOSE_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                log.warning("the Kafka consumer did not stop within %.0f s; leaving it", CLOSE_TIMEOUT_S)
 
     async def __aenter__(self) -> "TopicReader":
         return await self.start()

@@ -135,6 +135,23 @@ def kafka_topics(kafka_bootstrap: str, kafka_service: KafkaService | None) -> di
 
 
 @pytest.fixture
+def concurrent_writers_kafka(apache_kafka: ApacheKafkaCluster) -> tuple[str, dict[str, str]]:
+    """(bootstrap, fresh topics) for tests where several bridges write the same partitions at
+    once: the session's Apache Kafka cluster (RF 3, min ISR 2), whatever ``TERN_KAFKA`` says.
+
+    Tansu's memory storage was seen to lose or skip records that concurrent producers wrote to
+    one partition, with every write acknowledged: 10 of 3,200 readings (three bridges on a
+    shared subscription, this suite), 400 of 150,000 (the bench's scale-out), never with one
+    producer. Such tests must use the tests' marker and group of the cluster's worker.
+    """
+    suffix = uuid.uuid4().hex[:8]
+    names = {role: f"test.{role}.{suffix}" for role in ("readings", "status", "deadletter")}
+    asyncio.run(ensure_topics(apache_kafka.bootstrap, list(names.values()), replication=apache_kafka.replication_factor,
+                              min_insync=apache_kafka.min_insync_replicas))
+    return apache_kafka.bootstrap, names
+
+
+@pytest.fixture
 def command_topics(kafka_bootstrap: str, kafka_topics: dict[str, str]) -> dict[str, str]:
     """:func:`kafka_topics` and fresh command topics (commands, results), already created."""
     suffix = uuid.uuid4().hex[:8]

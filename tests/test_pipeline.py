@@ -82,7 +82,11 @@ def test_per_device_order_with_many_batches_in_flight(tmp_path, cloud_and_pi, ka
 # --- three bridges on a shared subscription, one killed -----------------------------------
 
 
-def test_three_bridges_on_a_shared_subscription_one_killed(tmp_path, cloud_and_pi, kafka_bootstrap, kafka_topics):
+@pytest.mark.apache_kafka
+@pytest.mark.xdist_group("apache_kafka")
+def test_three_bridges_on_a_shared_subscription_one_killed(tmp_path, cloud_and_pi, concurrent_writers_kafka):
+    # Three bridges write the same partitions at once: on a real Kafka (see the fixture).
+    kafka_bootstrap, kafka_topics = concurrent_writers_kafka
     pi, cloud = cloud_and_pi
     group = f"g{uuid.uuid4().hex[:6]}"
     bridges = [
