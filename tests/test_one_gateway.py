@@ -7,30 +7,22 @@ each says once that its client id is contested and by whom, with a metric.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
-from typing import Callable
-
-from prometheus_client.parser import text_string_to_metric_families
 
 from tern.harness.stack import Mosquitto, free_port
 
+import helpers
+from helpers import scrape_url
+
 DEADLINE = 30.0
-
-
-def wait_until(predicate: Callable[[], object], timeout: float = DEADLINE, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+#: Waits here get this module's deadline unless they say otherwise.
+wait_until = functools.partial(helpers.wait_until, timeout=DEADLINE, interval=0.1)
 
 
 class GatewayProcess:
@@ -64,10 +56,9 @@ def run_args(gateway_id: str, local: Mosquitto, cloud: Mosquitto, outbox: Path, 
 
 
 def metrics(port: int) -> dict[tuple[str, tuple], float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    """The gateway's /metrics as {(sample name, sorted labels): value}."""
+    return {(name, labels): value for name, samples in scrape_url(f"http://127.0.0.1:{port}/metrics").items()
+            for labels, value in samples.items()}
 
 
 def test_a_second_gateway_on_the_same_outbox_exits_2_naming_the_holder(mosquitto_factory, tmp_path: Path) -> None:
