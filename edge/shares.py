@@ -317,14 +317,24 @@ def _note_lifted(db: sqlite_utils.Database, key: tuple[str, str, str], stored: t
 
 
 def claim_events(db: sqlite_utils.Database, bseq: int, limit: int) -> list[HoldEvent]:
-    """Hand the oldest unclaimed hold events to batch ``bseq`` and return every event it carries
-    (asking again for the same ``bseq`` returns the same ones, plus any still unclaimed)."""
+    """Hand the oldest unclaimed hold events (at most ``limit``) to batch ``bseq`` and return them.
+
+    A batch that already carries events gets exactly those again, never more: the bridge knows a
+    re-sent batch by its ``bseq`` and writes nothing of it, so an event added to a re-send would
+    be deleted on its confirm without ever reaching the cloud.
+    """
+    carried = _events_of(db, bseq)
+    if carried:
+        return carried
     db.execute(
         f"UPDATE {HOLD_EVENTS} SET bseq = ? WHERE id IN"
-        f" (SELECT id FROM {HOLD_EVENTS} WHERE bseq IS NULL ORDER BY id LIMIT"
-        f"  MAX(0, ? - (SELECT COUNT(*) FROM {HOLD_EVENTS} WHERE bseq = ?)))",
-        [bseq, limit, bseq],
+        f" (SELECT id FROM {HOLD_EVENTS} WHERE bseq IS NULL ORDER BY id LIMIT ?)",
+        [bseq, limit],
     )
+    return _events_of(db, bseq)
+
+
+def _events_of(db: sqlite_utils.Database, bseq: int) -> list[HoldEvent]:
     rows = db.execute(
         f"SELECT site, device, boot, reason, first_seq, count, since_ms, at_ms, lifted FROM {HOLD_EVENTS}"
         " WHERE bseq = ? ORDER BY id",

@@ -175,15 +175,27 @@ def outbox_path(tmp_path: Path) -> Path:
     return tmp_path / "gw" / "outbox.db"
 
 
+def _ender(item: Any) -> Callable[[], None]:
+    """How :func:`cleanup` ends ``item``: ``stop()`` for gateways, fault proxies and whatever has
+    no ``close()`` (an emulated node's process), else ``close()``."""
+    if isinstance(item, (Gateway, FaultProxy)) or not callable(getattr(item, "close", None)):
+        end = getattr(item, "stop", None)
+        if not callable(end):
+            # Refused when registered: a teardown that cannot end it would leave it running unseen.
+            raise TypeError(f"cleanup cannot end {item!r}: it has neither close() nor stop()")
+        return end
+    return item.close
+
+
 @pytest.fixture
 def cleanup() -> Iterator[Callable[[Any], None]]:
-    """Close nodes and stubs, stop gateways and fault proxies, last in first out, even when a
-    test fails halfway."""
-    items: list = []
-    yield items.append
-    for item in reversed(items):
+    """Close nodes and stubs, stop gateways, fault proxies and emulated nodes, last in first out,
+    even when a test fails halfway."""
+    enders: list[Callable[[], None]] = []
+    yield lambda item: enders.append(_ender(item))
+    for end in reversed(enders):
         try:
-            item.stop() if isinstance(item, (Gateway, FaultProxy)) else item.close()
+            end()
         except Exception:
             pass
 

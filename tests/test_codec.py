@@ -580,8 +580,9 @@ def test_off_contract_holds_reject_the_batch(extra: dict, message: str) -> None:
     assert [(h.device, h.count, h.lifted) for h in good.holds] == [("runaway", 300, False), ("runaway", 0, True)]
     with pytest.raises(CodecError, match=message):
         codec.decode_batch(_raw_envelope(**extra))
-    if "unsupported" not in message:
-        # The schema says the same.
+    # The schema says the same, except where one field is compared with another ('at' >= 'since'),
+    # which JSON Schema cannot express (docs/contracts.md says the decoder checks it).
+    if "unsupported" not in message and "before 'since'" not in message:
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(json.loads(zlib.decompress(_raw_envelope(**extra))), schema("envelope-holds"))
 
