@@ -29,8 +29,10 @@ could not keep is counted in that birth). Holds are stored in the outbox (table
 **Reported to the cloud.** In that same transaction every reading held back is counted in a
 *hold event* (table ``hold_events``): one per ``(site, device, boot, reason)`` while no batch has
 taken it (later holds add to it), marked ``lifted`` when the hold lifts. The uplink hands events
-to a batch (the ``holds/1`` envelope extension, at most 1000 per batch); only that batch's
-confirm deletes them. The bridge writes them to the status topic as ``tern.hold/1`` records.
+to a batch (the ``holds/1`` envelope extension, at most 1000 per batch; a re-send carries exactly
+the same ones); only that batch's confirm deletes them. Past :data:`MAX_HOLD_EVENTS` (a node
+rebooting in a loop while held makes one per boot) a device's new holds are added to its newest
+waiting event: the table stops growing, the counts stay exact. The bridge writes them to the status topic as ``tern.hold/1`` records.
 A hold is not a loss: the node keeps the readings and sends them again.
 
 While a held device would be admitted again, ingest repeats the node ack of the last reading
@@ -58,6 +60,10 @@ HOLD_EVENTS = "hold_events"
 
 #: Inside this part of the bound only devices within their share may add.
 RESERVE_FRACTION = 10
+#: Hold events the outbox keeps at most (about 1 MB) before a device's new ones are folded into
+#: its newest waiting event: a node rebooting in a loop while held makes one event per boot,
+#: and the cloud link may be down for days.
+MAX_HOLD_EVENTS = 10_000
 #: Seconds between two resend hints to one held device.
 HINT_EVERY_S = 2.0
 
@@ -287,13 +293,30 @@ def _note_held(db: sqlite_utils.Database, site: str, device: str, boot: str, rea
         f" AND reason = ? ORDER BY id DESC LIMIT 1)",
         [n, first, since, stamp, site, device, boot, reason],
     )
-    if cur.rowcount == 0:
+    if cur.rowcount == 0 and not (_full(db) and _fold(db, site, device, n, since, stamp, lifted=False)):
         db.execute(
             f"INSERT INTO {HOLD_EVENTS} (site, device, boot, reason, first_seq, count, since_ms, at_ms, lifted)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0)",
             [site, device, boot, reason, first, n, min(since, stamp), stamp],
         )
     return 1
+
+
+def _full(db: sqlite_utils.Database) -> bool:
+    return db.execute(f"SELECT COUNT(*) >= ? FROM {HOLD_EVENTS}", [MAX_HOLD_EVENTS]).fetchone()[0] == 1
+
+
+def _fold(db: sqlite_utils.Database, site: str, device: str, n: int, since: int, stamp: int, *, lifted: bool) -> bool:
+    """With :data:`MAX_HOLD_EVENTS` reached, add to the device's newest event no batch has taken
+    (its boot, reason and first seq stay): the count stays exact, only the detail coarsens.
+    False if the device has none (then it gets one: the table grows by at most one per device)."""
+    cur = db.execute(
+        f"UPDATE {HOLD_EVENTS} SET count = count + ?, since_ms = MIN(since_ms, ?), at_ms = MAX(at_ms, ?), lifted = ?"
+        f" WHERE id = (SELECT id FROM {HOLD_EVENTS} WHERE bseq IS NULL AND site = ? AND device = ?"
+        f" ORDER BY id DESC LIMIT 1)",
+        [n, since, stamp, int(lifted), site, device],
+    )
+    return cur.rowcount > 0
 
 
 def _note_lifted(db: sqlite_utils.Database, key: tuple[str, str, str], stored: tuple | None, stamp: int) -> int:
@@ -308,6 +331,8 @@ def _note_lifted(db: sqlite_utils.Database, key: tuple[str, str, str], stored: t
         return cur.rowcount
     reason, first, started = stored
     since = started if started else stamp  # a hold stored before started_ms existed
+    if _full(db) and _fold(db, key[0], key[1], 0, since, stamp, lifted=True):
+        return 1
     db.execute(
         f"INSERT INTO {HOLD_EVENTS} (site, device, boot, reason, first_seq, count, since_ms, at_ms, lifted)"
         " VALUES (?, ?, ?, ?, ?, 0, ?, ?, 1)",

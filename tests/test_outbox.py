@@ -379,6 +379,25 @@ def test_a_lift_after_every_event_went_is_an_event_of_its_own(tmp_path: Path) ->
         assert [(e["count"], e["lifted"]) for e in box.hold_events() if e["bseq"] is None] == [(2, 1)]
 
 
+def test_a_reboot_loop_while_held_stays_within_the_hold_events_bound(tmp_path: Path, monkeypatch) -> None:
+    """A node rebooting in a loop while held makes one event per boot; past MAX_HOLD_EVENTS its
+    holds fold into its newest waiting event: the rows stop growing, the count stays exact."""
+    monkeypatch.setattr(shares, "MAX_HOLD_EVENTS", 3)
+    with Outbox(tmp_path / "o.db") as box:
+        for i in range(10):
+            boot = f"b{i:03d}"
+            box.add([], holds=[shares.Hold("s1", "loop", boot, 1, shares.RATE, 5, started_ms=100 + i)],
+                    held={("s1", "loop", boot, shares.RATE): [5, 1]}, received_ms=100 + i)
+            box.add([], released=[("s1", "loop", boot)], received_ms=100 + i)  # its next birth
+        # Another device still gets an event of its own (at most one more row per device).
+        box.add([], held={("s1", "other", "b001", shares.SHARE): [2, 7]}, received_ms=200)
+        events = box.hold_events()
+        assert len(events) == 4 and sum(e["count"] for e in events if e["device"] == "loop") == 50
+        assert [e["boot"] for e in events if e["device"] == "loop"] == ["b000", "b001", "b002"]
+        assert events[2]["lifted"] == 1 and events[2]["at_ms"] == 109  # the newest says the loop's last lift
+        assert sum(h.count for h in box.claim_holds(1)) == 52
+
+
 def test_an_outbox_from_before_hold_events_opens_and_keeps_its_holds(tmp_path: Path) -> None:
     path = tmp_path / "old.db"
     db = sqlite3.connect(path)
