@@ -16,6 +16,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import paho.mqtt.client as mqtt
 import pytest
 from hypothesis import HealthCheck, settings
 
@@ -176,8 +177,11 @@ def outbox_path(tmp_path: Path) -> Path:
 
 
 def _ender(item: Any) -> Callable[[], None]:
-    """How :func:`cleanup` ends ``item``: ``stop()`` for gateways, fault proxies and whatever has
-    no ``close()`` (an emulated node's process), else ``close()``."""
+    """How :func:`cleanup` ends ``item``: a bare paho client is disconnected and its loop stopped,
+    gateways, fault proxies and whatever has no ``close()`` (an emulated node's process) are
+    stopped, anything else is closed."""
+    if isinstance(item, mqtt.Client):
+        return lambda: (item.disconnect(), item.loop_stop())
     if isinstance(item, (Gateway, FaultProxy)) or not callable(getattr(item, "close", None)):
         end = getattr(item, "stop", None)
         if not callable(end):
