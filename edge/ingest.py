@@ -361,9 +361,13 @@ class Ingest:
                 if not adm.admit_status():
                     break
                 statuses.append(result)
-                if result.state == "online":
+                if result.state == "online" and not item.retain:
                     # A birth: the node reconnected and sends everything it still holds, from
-                    # its oldest; what its ring could not keep is counted in this birth.
+                    # its oldest; what its ring could not keep is counted in this birth. Not a
+                    # retained one the broker replays on our (re)subscribe: that node did not
+                    # reconnect and sends nothing again, so lifting its hold would let its next
+                    # reading be committed past the hole and the node ack drop what we never had
+                    # (a node that did reconnect steps its seqs back, which lifts it anyway).
                     for key in [k for k in view if k[0] == result.site and k[1] == result.device]:
                         del view[key]
                         changed.pop(key, None)

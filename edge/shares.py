@@ -23,7 +23,9 @@ says "everything up to seq is committed") never passes a reading the gateway doe
 The hold lifts when the node sends again from at or before a reading already held (its seqs
 step back: a reconnect, or the resend hint below) and the device is within its share, or when
 the node's birth arrives (after a reconnect it sends everything it still holds; what its ring
-could not keep is counted in that birth). Holds are stored in the outbox (table
+could not keep is counted in that birth). Not the retained birth the broker replays when the
+gateway subscribes again: that node did not reconnect, and lifting its hold would let its next
+reading be committed past the hole. Holds are stored in the outbox (table
 ``held_back``), in the transaction that precedes the PUBACKs, so a gateway restart keeps them.
 
 **Reported to the cloud.** In that same transaction every reading held back is counted in a
