@@ -34,8 +34,9 @@ taken it (later holds add to it), marked ``lifted`` when the hold lifts. The upl
 to a batch (the ``holds/1`` envelope extension, at most 1000 per batch; a re-send carries exactly
 the same ones); only that batch's confirm deletes them. Past :data:`MAX_HOLD_EVENTS` (a node
 rebooting in a loop while held makes one per boot) a device's new holds are added to its newest
-waiting event: the table stops growing, the counts stay exact. The bridge writes them to the status topic as ``tern.hold/1`` records.
-A hold is not a loss: the node keeps the readings and sends them again.
+waiting event: the table stops growing, the counts stay exact. The bridge writes them to the
+status topic as ``tern.hold/1`` records. A hold is not a loss: the node keeps the readings and
+sends them again.
 
 While a held device would be admitted again, ingest repeats the node ack of the last reading
 committed before the hole (:data:`HINT_EVERY_S` apart): firmware that sees an ack equal to its
@@ -346,9 +347,9 @@ def _note_lifted(db: sqlite_utils.Database, key: tuple[str, str, str], stored: t
 def claim_events(db: sqlite_utils.Database, bseq: int, limit: int) -> list[HoldEvent]:
     """Hand the oldest unclaimed hold events (at most ``limit``) to batch ``bseq`` and return them.
 
-    A batch that already carries events gets exactly those again, never more: the bridge knows a
-    re-sent batch by its ``bseq`` and writes nothing of it, so an event added to a re-send would
-    be deleted on its confirm without ever reaching the cloud.
+    A batch that already carries events gets exactly those again, never more: its payload was
+    fixed when it was first sent (re-sends repeat those bytes) and its confirm deletes every event
+    claimed by its ``bseq``, so one claimed later would be deleted without ever being sent.
     """
     carried = _events_of(db, bseq)
     if carried:
