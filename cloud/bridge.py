@@ -106,7 +106,8 @@ class Bridge:
     ``duplicates_received`` copies of batches already written (confirmed again, not written),
     ``records_inflight`` and ``batches_writing`` for the Kafka writes under way,
     ``mqtt_dup_flags`` messages the broker marked as redelivered, ``gateway_deadletters_written``
-    the gateways' dead letters (``deadletters/1``) written to the dead-letter topic.
+    the gateways' dead letters (``deadletters/1``) written to the dead-letter topic, ``holds_written``
+    the hold events (``holds/1``) written to the status topic.
     """
 
     def __init__(self, config: BridgeConfig) -> None:
@@ -154,6 +155,7 @@ class Bridge:
                 "mqtt_connects",
                 "mqtt_disconnects",
                 "drops_written",
+                "holds_written",
                 "outcomes_written",
                 "gateway_deadletters_written",
                 "kafka_auth_failures",
@@ -443,13 +445,15 @@ class Bridge:
         ]
         # Drop events (readings the gateway's retention policy deleted) share the status topic.
         drops = [codec.kafka_drop_record(d, batch.gateway, self.config.status_topic, now) for d in batch.drops]
+        # Hold events (holds/1: devices the gateway held back; not losses) share it too, keyed by device.
+        holds = [codec.kafka_hold_record(h, batch.gateway, self.config.status_topic, now) for h in batch.holds]
         # What became of commands (the outcomes/1 extension): the results topic, keyed by device.
         outcomes = [codec.kafka_outcome_record(o, batch.gateway, self.config.command_results_topic)
                     for o in batch.outcomes]
         # Payloads the gateway refused (deadletters/1): the dead-letter topic, beside the bridge's own.
         letters = [codec.kafka_deadletter_record(d, batch.gateway, self.config.deadletter_topic, self.config.client_id)
                    for d in batch.deadletters]
-        return batch, records + statuses + drops + outcomes + letters, None
+        return batch, records + statuses + drops + holds + outcomes + letters, None
 
     async def _settle(self, delivery: _Delivery, job: tuple, count: int) -> None:
         """Write one delivery (or recognise it as a copy), let acks flow, then confirm it."""
@@ -512,6 +516,7 @@ class Bridge:
         self._counters["records_written"] += len(batch.readings)
         self._counters["status_written"] += len(batch.statuses)
         self._counters["drops_written"] += len(batch.drops)
+        self._counters["holds_written"] += len(batch.holds)
         self._counters["outcomes_written"] += len(batch.outcomes)
         self._counters["gateway_deadletters_written"] += len(batch.deadletters)
         if self.router is not None:

@@ -291,6 +291,11 @@ def _cells(record) -> tuple[str, str, str, str, str]:
     if record.kind == "drop":
         seqs = f"{v['first_seq']}-{v['last_seq']}"
         return v["device"], v["boot"], seqs, f"[yellow]{v['count']} readings dropped ({escape(v['reason'])})[/]", v["gateway"]
+    if record.kind == "hold":
+        # Not a loss: the node keeps these readings and sends them again.
+        state = "lifted" if v["lifted"] else "still held"
+        what = f"[cyan]{v['count']} readings held back ({escape(v['reason'])}), {state}: not lost, the node re-sends[/]"
+        return v["device"], v["boot"], f"{v['first_seq']}-", what, v["gateway"]
     if record.kind == "deadletter":
         size = record.header("original_bytes") or str(len(record.raw))
         cut = ", truncated" if record.header("truncated") == "1" else ""

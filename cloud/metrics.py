@@ -56,6 +56,7 @@ COUNTERS: dict[str, tuple[str, str, dict[str, str]]] = {
     "retries": ("retried", "Kafka writes retried after a failure", {}),
     "kafka_failures": ("kafka_failures", "Kafka writes that failed", {}),
     "drops_written": ("records_written", "records Kafka acknowledged, by kind", {"kind": "drop"}),
+    "holds_written": ("records_written", "records Kafka acknowledged, by kind", {"kind": "hold"}),
     "gateway_deadletters_written": ("records_written", "records Kafka acknowledged, by kind", {"kind": "gateway_deadletter"}),
     "duplicates_received": ("duplicates", "batches already in Kafka (re-sent or redelivered), confirmed again without writing", {}),
     "mqtt_dup_flags": ("mqtt_redelivered", "MQTT messages the broker flagged as redeliveries (DUP)", {}),

@@ -26,7 +26,7 @@ bridge re-writes a batch whose Kafka write failed half way), so the reader can d
 readings on ``(device, boot, seq)``, status events on ``(device, boot, state, gateway_rx_ms)``
 (a node may go online, offline and online again within one boot, but the gateway stamps each
 event when it commits it), drop events on ``(device, boot, first_seq, last_seq, dropped_ms)``,
-remembered over a bounded window of the most recent identities.
+hold events on ``(device, boot, reason, held_since_ms, updated_ms, count, lifted)``, remembered over a bounded window of the most recent identities.
 """
 
 from __future__ import annotations
@@ -54,8 +54,9 @@ CLOSE_TIMEOUT_S = 10.0
 
 #: What a record is: a reading, a node status event, a drop event (readings a gateway's
 #: retention policy deleted: they will never arrive), a dead letter the bridge wrote (its
-#: headers say why), or something on a Tern topic that is none of these.
-KINDS = ("reading", "status", "drop", "deadletter", "invalid")
+#: headers say why), a hold event (readings a gateway held back: not lost, the node re-sends
+#: them), or something on a Tern topic that is none of these.
+KINDS = ("reading", "status", "drop", "hold", "deadletter", "invalid")
 
 #: (kind, the codec's decoder for it). Looked up by name: a codec without drop events (older
 #: than the gateway's retention policies) simply never yields kind ``drop``.
@@ -63,6 +64,7 @@ _DECODERS = (
     ("reading", "decode_kafka_value"),
     ("status", "decode_kafka_status_value"),
     ("drop", "decode_kafka_drop_value"),
+    ("hold", "decode_kafka_hold_value"),
 )
 
 #: Identities remembered by default: ~15 MB (measured with tracemalloc), many batches' worth of re-sends from
@@ -81,8 +83,8 @@ class ReaderError(TernError, RuntimeError):
 class TernRecord:
     """One Kafka record, decoded.
 
-    ``value`` is the decoded reading, status or drop value (``tern.reading/1``, ``tern.status/1``,
-    ``tern.drop/1``, see docs/contracts.md) and None for the other kinds; ``error`` is the dead letter's reason
+    ``value`` is the decoded reading, status, drop or hold value (``tern.reading/1``, ``tern.status/1``,
+    ``tern.drop/1``, ``tern.hold/1``, see docs/contracts.md) and None for the other kinds; ``error`` is the dead letter's reason
     (its ``error`` header) or why an ``invalid`` record did not decode.
     """
 
@@ -107,6 +109,9 @@ class TernRecord:
             return ("reading", v["device"], v["boot"], v["seq"])
         if self.kind == "drop":
             return ("drop", v["device"], v["boot"], v["first_seq"], v["last_seq"], v["dropped_ms"])
+        if self.kind == "hold":
+            return ("hold", v["device"], v["boot"], v["reason"], v["held_since_ms"], v["updated_ms"], v["count"],
+                    v["lifted"])
         return ("status", v["device"], v["boot"], v["state"], v["gateway_rx_ms"])
 
     def header(self, name: str) -> str:

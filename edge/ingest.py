@@ -319,8 +319,8 @@ class Ingest:
             what,
         )
 
-    def _commit_prefix(self, held: list[_Incoming]) -> None:
-        """Commit as long a prefix of ``held`` as fits, ack it, and remove it from ``held``.
+    def _commit_prefix(self, incoming: list[_Incoming]) -> None:
+        """Commit as long a prefix of ``incoming`` as fits, ack it, and remove it from ``incoming``.
 
         A device held back (:mod:`tern.edge.shares`) does not end the prefix: its messages are
         acked to the broker uncommitted, without a node ack, and the node sends them again.
@@ -334,6 +334,9 @@ class Ingest:
         released: set[tuple[str, str, str]] = set()
         started: list[shares.Hold] = []
         held_back: dict[tuple[str, str], int] = {}
+        # The same per (site, device, boot, reason) with the lowest seq: the hold events that
+        # report them to the cloud are written in the commit below, with the holds.
+        held_counts: shares.HeldCounts = {}
         now = time.monotonic()
         readings: list[Reading] = []
         statuses: list[StatusEvent] = []
@@ -342,7 +345,7 @@ class Ingest:
         repeats = 0
         junk: list[tuple[str, str]] = []
         count = 0
-        for item in held:
+        for item in incoming:
             result = decode(item.topic, item.payload, item.received_ms)
             if isinstance(result, (list, Reading)):
                 # A bundle: all of it or none of it in this group.
@@ -353,6 +356,10 @@ class Ingest:
                 if verdict != shares.ADMIT:
                     key = (group[0].site, group[0].device)
                     held_back[key] = held_back.get(key, 0) + len(group)
+                    low = min(r.seq for r in group)
+                    entry = held_counts.setdefault((group[0].site, group[0].device, group[0].boot, verdict), [0, low])
+                    entry[0] += len(group)
+                    entry[1] = min(entry[1], low)
                 else:
                     readings.extend(group)
             elif isinstance(result, StatusEvent):
@@ -361,9 +368,13 @@ class Ingest:
                 if not adm.admit_status():
                     break
                 statuses.append(result)
-                if result.state == "online":
+                if result.state == "online" and not item.retain:
                     # A birth: the node reconnected and sends everything it still holds, from
-                    # its oldest; what its ring could not keep is counted in this birth.
+                    # its oldest; what its ring could not keep is counted in this birth. Not a
+                    # retained one the broker replays on our (re)subscribe: that node did not
+                    # reconnect and sends nothing again, so lifting its hold would let its next
+                    # reading be committed past the hole and the node ack drop what we never had
+                    # (a node that did reconnect steps its seqs back, which lifts it anyway).
                     for key in [k for k in view if k[0] == result.site and k[1] == result.device]:
                         del view[key]
                         changed.pop(key, None)
@@ -375,14 +386,15 @@ class Ingest:
             else:
                 letters.append(result)
             count += 1
-        full = count < len(held)
+        full = count < len(incoming)
         if count == 0:
             # Full: hold everything, ack nothing, wait for the uplink to free some room.
             self._note_blocked(True)
             self.outbox.wait_for_room(0.5)
             return
         result = self.outbox.add(
-            readings, letters, statuses=statuses, holds=list(changed.values()), released=sorted(released - set(changed))
+            readings, letters, statuses=statuses, holds=list(changed.values()), released=sorted(released - set(changed)),
+            held=held_counts,
         )
         self._holds = view
         self.outbox.remember_junk(junk)
@@ -391,9 +403,9 @@ class Ingest:
         # A message from a lost connection is not acked here: the broker re-delivers it on the
         # new one, where the duplicate is ignored by the outbox and acked under its new id.
         # Held-back readings are acked too: their hold is committed, and the node keeps them.
-        for item in held[:count]:
+        for item in incoming[:count]:
             self.session.ack(item.mid, item.qos, item.generation)
-        del held[:count]
+        del incoming[:count]
         acks = self._send_node_acks(readings)
         for letter in letters:
             log.warning("dead letter from %s: %s", quote(letter.topic), shorten(letter.error, 300))

@@ -15,6 +15,9 @@ Tables:
 - ``meta``: key/value integers; ``bseq`` is the last batch sequence number handed out.
 - ``seq_high``, ``seq_gaps``: the highest seq committed per (device, boot) and the missing
   ranges (:mod:`tern.edge.seqtrack`): a re-send of a reading already forwarded is a duplicate.
+- ``held_back``, ``hold_events``: devices held back by their share or rate, and the events that
+  report it to the cloud (:mod:`tern.edge.shares`; ``holds/1``): claimed by a batch like drop
+  events, deleted on its confirm.
 
 The outbox is bounded by its :class:`~tern.edge.retention.RetentionPolicy`: ``max_rows``
 pending rows (readings and status events together: a status event is a row on the SD card
@@ -46,8 +49,8 @@ import orjson
 import sqlite_utils
 
 from tern.core.codec import (
-    MAX_DEADLETTER_PAYLOAD, MAX_DEADLETTER_TOPIC, MAX_DEADLETTERS_PER_BATCH, DropEvent, GatewayDeadLetter, Reading,
-    StatusEvent, gateway_dead_letter, new_reading,
+    MAX_DEADLETTER_PAYLOAD, MAX_DEADLETTER_TOPIC, MAX_DEADLETTERS_PER_BATCH, MAX_HOLDS_PER_BATCH, DropEvent,
+    GatewayDeadLetter, HoldEvent, Reading, StatusEvent, gateway_dead_letter, new_reading,
 )
 from tern.edge import retention as rtn
 from tern.edge import seqtrack
@@ -114,6 +117,8 @@ class AddResult:
     gap_filled: int = 0
     #: Readings the retention policy dropped in this commit, per reason.
     dropped: dict[str, int] = field(default_factory=dict)
+    #: Hold events this commit recorded or changed (``holds/1``).
+    hold_events: int = 0
 
 
 @dataclass(frozen=True)
@@ -270,9 +275,12 @@ class Outbox:
             # Nothing is in flight at open: drop events handed to a batch of an earlier run
             # that was never confirmed go to the next batch.
             self.db.execute(f"UPDATE {rtn.DROP_EVENTS} SET bseq = NULL WHERE bseq IS NOT NULL")
+            # Hold events likewise (holds/1).
+            self.db.execute(f"UPDATE {shares.HOLD_EVENTS} SET bseq = NULL WHERE bseq IS NOT NULL")
             # Dead letters too: those of a batch never confirmed are sent again (a new bseq).
             self.db.execute(f"UPDATE {DEAD_LETTERS} SET bseq = NULL WHERE bseq IS NOT NULL AND forwarded_ms IS NULL")
         self._drops_unclaimed = rtn.unclaimed_events(self.db)
+        self._holds_unclaimed = shares.unclaimed_events(self.db)
         self._letters_unclaimed = self._count_unclaimed_letters()
         self._closed = False
         #: Called (no lock held) after a commit that stored readings or status events: the
@@ -426,6 +434,7 @@ class Outbox:
         statuses: Sequence[StatusEvent] = (),
         holds: Sequence[shares.Hold] = (),
         released: Sequence[tuple[str, str, str]] = (),
+        held: shares.HeldCounts | None = None,
     ) -> AddResult:
         """Commit readings and statuses (stamped ``received_ms``) and dead letters in one durable transaction.
 
@@ -437,13 +446,15 @@ class Outbox:
         one keeps a real flap (online, offline, online again after a reconnect with the same
         boot) whole. The caller checks :meth:`room` first; ``add`` itself never refuses or
         drops, so a caller that ignores the bound overshoots it rather than losing data.
-        ``holds`` and ``released`` (:mod:`tern.edge.shares`) are stored in the same transaction.
+        ``holds`` and ``released`` (:mod:`tern.edge.shares`) are stored in the same transaction,
+        and so are the hold events reporting them and ``held`` (readings held back, per
+        (site, device, boot, reason): [count, lowest seq]) to the cloud.
         """
         with self._changed:
             # Stamped under the lock: a batch encoded after this stamp took its status events
             # after this commit, or in the instant before it (the uplink's race, see its tests).
             stamp = now_ms() if received_ms is None else received_ms
-            result = self._add_locked(readings, dead_letters, stamp, statuses, holds, released)
+            result = self._add_locked(readings, dead_letters, stamp, statuses, holds, released, held)
         if (result.statuses or result.inserted or result.dead_letters) and self.on_commit is not None:
             self.on_commit()
         return result
@@ -456,10 +467,11 @@ class Outbox:
         statuses: Sequence[StatusEvent],
         holds: Sequence[shares.Hold] = (),
         released: Sequence[tuple[str, str, str]] = (),
+        held: shares.HeldCounts | None = None,
     ) -> AddResult:
         counts = dict(self._device_rows)  # this transaction's view; kept only if it commits
         with _write_tx(self.db):
-            shares.save_holds(self.db, holds, released)
+            hold_events = shares.save_holds(self.db, holds, released, held, stamp)
             # Duplicates of readings already committed (pending or long forwarded) go here,
             # in the same transaction as the rows, so a rollback undoes both.
             screened = seqtrack.screen(self.db, readings, stamp)
@@ -477,7 +489,9 @@ class Outbox:
         self._status_pending += status_inserted
         self._note_drops(dropped)
         self._letters_unclaimed += letters
-        if inserted or status_inserted or letters:
+        if hold_events:
+            self._holds_unclaimed = shares.unclaimed_events(self.db)
+        if inserted or status_inserted or letters or hold_events:
             self._changed.notify_all()
         return AddResult(
             inserted=inserted,
@@ -488,6 +502,7 @@ class Outbox:
             gaps=screened.gaps_opened,
             gap_filled=screened.gap_filled,
             dropped=dropped,
+            hold_events=hold_events,
         )
 
     def _enforce_locked(self, pending: int, status_pending: int, stamp: int, counts: dict[str, int]) -> dict[str, int]:
@@ -741,6 +756,27 @@ class Outbox:
             self._drops_unclaimed = rtn.unclaimed_events(self.db)
             return events
 
+    def claim_holds(self, bseq: int, limit: int = MAX_HOLDS_PER_BATCH) -> list[HoldEvent]:
+        """The hold events batch ``bseq`` carries (``holds/1``): the oldest not yet in a batch are
+        handed to it (durably), and asking again for the same ``bseq`` (a re-send) returns the same
+        ones. :meth:`delete` with ``hold_bseq`` removes them once the batch is confirmed."""
+        with self._lock:
+            with _write_tx(self.db):
+                events = shares.claim_events(self.db, bseq, limit)
+            self._holds_unclaimed = shares.unclaimed_events(self.db)
+            return events
+
+    def holds_unclaimed(self) -> int:
+        """Hold events waiting for a batch (a reason for the uplink to send one even without readings)."""
+        with self._lock:
+            return self._holds_unclaimed
+
+    def hold_events(self) -> list[dict]:
+        """Every hold event not yet confirmed by the cloud, oldest first (for inspection and tests):
+        site, device, boot, reason, first_seq, count, since_ms, at_ms, lifted, bseq."""
+        with self._lock:
+            return [dict(r) for r in self.db.query(f"SELECT * FROM {shares.HOLD_EVENTS} ORDER BY id")]
+
     def claim_dead_letters(self, bseq: int, limit: int = MAX_DEADLETTERS_PER_BATCH) -> list[GatewayDeadLetter]:
         """The dead letters batch ``bseq`` carries (the ``deadletters/1`` extension), cut to the
         extension's limits: the oldest unsent not yet in a batch are handed to it (durably), and
@@ -793,15 +829,17 @@ class Outbox:
 
     def delete(self, ids: Iterable[int], status_ids: Iterable[int] = (),
                drop_bseq: int | Iterable[int] | None = None,
-               deadletter_bseq: int | Iterable[int] | None = None) -> int:
-        """Delete exactly these readings and status events, and the drop events the batch(es)
-        ``drop_bseq`` carried, and mark forwarded the dead letters the batch(es) ``deadletter_bseq``
+               deadletter_bseq: int | Iterable[int] | None = None,
+               hold_bseq: int | Iterable[int] | None = None) -> int:
+        """Delete exactly these readings and status events, the drop events the batch(es)
+        ``drop_bseq`` carried and the hold events the batch(es) ``hold_bseq`` carried, and mark forwarded the dead letters the batch(es) ``deadletter_bseq``
         carried (after the cloud confirmed them), in one transaction; returns how many readings went."""
         ids, status_ids = list(ids), list(status_ids)
         drop_bseqs = [] if drop_bseq is None else [drop_bseq] if isinstance(drop_bseq, int) else list(drop_bseq)
         letter_bseqs = ([] if deadletter_bseq is None else [deadletter_bseq] if isinstance(deadletter_bseq, int)
                         else list(deadletter_bseq))
-        if not ids and not status_ids and not drop_bseqs and not letter_bseqs:
+        hold_bseqs = [] if hold_bseq is None else [hold_bseq] if isinstance(hold_bseq, int) else list(hold_bseq)
+        if not ids and not status_ids and not drop_bseqs and not letter_bseqs and not hold_bseqs:
             return 0
         with self._changed:
             gone: dict[str, int] = {}
@@ -817,6 +855,8 @@ class Outbox:
                 status_deleted = self._delete_chunked(STATUS_EVENTS, status_ids)
                 for bseq in drop_bseqs:
                     self.db.execute(f"DELETE FROM {rtn.DROP_EVENTS} WHERE bseq = ?", [bseq])
+                for bseq in hold_bseqs:
+                    self.db.execute(f"DELETE FROM {shares.HOLD_EVENTS} WHERE bseq = ?", [bseq])
                 # Kept (evidence on the Pi), marked: never handed to a batch again.
                 stamp = now_ms()
                 for bseq in letter_bseqs:
@@ -871,7 +911,7 @@ class Outbox:
         """Block until readings or status events are pending, or ``timeout`` passes; True if any are."""
         with self._changed:
             waiting = lambda: (self._pending + self._status_pending + self._drops_unclaimed  # noqa: E731
-                               + self._letters_unclaimed > 0)
+                               + self._letters_unclaimed + self._holds_unclaimed > 0)
             return self._changed.wait_for(lambda: self._closed or waiting(), timeout) and waiting()
 
     # --- reads -------------------------------------------------------------------------

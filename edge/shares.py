@@ -23,8 +23,20 @@ says "everything up to seq is committed") never passes a reading the gateway doe
 The hold lifts when the node sends again from at or before a reading already held (its seqs
 step back: a reconnect, or the resend hint below) and the device is within its share, or when
 the node's birth arrives (after a reconnect it sends everything it still holds; what its ring
-could not keep is counted in that birth). Holds are stored in the outbox (table
+could not keep is counted in that birth). Not the retained birth the broker replays when the
+gateway subscribes again: that node did not reconnect, and lifting its hold would let its next
+reading be committed past the hole. Holds are stored in the outbox (table
 ``held_back``), in the transaction that precedes the PUBACKs, so a gateway restart keeps them.
+
+**Reported to the cloud.** In that same transaction every reading held back is counted in a
+*hold event* (table ``hold_events``): one per ``(site, device, boot, reason)`` while no batch has
+taken it (later holds add to it), marked ``lifted`` when the hold lifts. The uplink hands events
+to a batch (the ``holds/1`` envelope extension, at most 1000 per batch; a re-send carries exactly
+the same ones); only that batch's confirm deletes them. Past :data:`MAX_HOLD_EVENTS` (a node
+rebooting in a loop while held makes one per boot) a device's new holds are added to its newest
+waiting event: the table stops growing, the counts stay exact. The bridge writes them to the
+status topic as ``tern.hold/1`` records. A hold is not a loss: the node keeps the readings and
+sends them again.
 
 While a held device would be admitted again, ingest repeats the node ack of the last reading
 committed before the hole (:data:`HINT_EVERY_S` apart): firmware that sees an ack equal to its
@@ -43,12 +55,18 @@ from typing import Iterable
 
 import sqlite_utils
 
+from tern.core.codec import HoldEvent
 from tern.edge.ratelimit import READINGS, Rate, RateLimitError, parse_rate
 
 HELD_BACK = "held_back"
+HOLD_EVENTS = "hold_events"
 
 #: Inside this part of the bound only devices within their share may add.
 RESERVE_FRACTION = 10
+#: Hold events the outbox keeps at most (about 1 MB) before a device's new ones are folded into
+#: its newest waiting event: a node rebooting in a loop while held makes one event per boot,
+#: and the cloud link may be down for days.
+MAX_HOLD_EVENTS = 10_000
 #: Seconds between two resend hints to one held device.
 HINT_EVERY_S = 2.0
 
@@ -184,6 +202,8 @@ class Hold:
     max_seq: int
     since: float = field(default_factory=time.monotonic)
     hinted_at: float = float("-inf")
+    #: Wall-clock ms the hold started (what the cloud is told; ``since`` is for intervals).
+    started_ms: int = field(default_factory=lambda: time.time_ns() // 1_000_000)
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -191,11 +211,33 @@ class Hold:
 
 
 def create_tables(db: sqlite_utils.Database) -> None:
-    """The holds table (inside the caller's transaction)."""
+    """The holds and hold events tables (inside the caller's transaction)."""
     db[HELD_BACK].create(
         {"site": str, "device": str, "boot": str, "from_seq": int, "max_seq": int, "reason": str},
         pk=("site", "device", "boot"),
         not_null={"from_seq", "max_seq", "reason"},
+        if_not_exists=True,
+    )
+    # Added with the holds/1 extension: a hold stored before it reports 0 (unknown) as its start.
+    if "started_ms" not in db[HELD_BACK].columns_dict:
+        db[HELD_BACK].add_column("started_ms", int, not_null_default=0)
+    db[HOLD_EVENTS].create(
+        {
+            "id": int,
+            "site": str,
+            "device": str,
+            "boot": str,
+            "reason": str,
+            "first_seq": int,
+            "count": int,
+            "since_ms": int,
+            "at_ms": int,
+            "lifted": int,
+            # The batch carrying it; NULL until the uplink hands it to one.
+            "bseq": int,
+        },
+        pk="id",
+        not_null={"site", "device", "boot", "reason", "first_seq", "count", "since_ms", "at_ms", "lifted"},
         if_not_exists=True,
     )
 
@@ -204,21 +246,134 @@ def load_holds(db: sqlite_utils.Database) -> list[Hold]:
     """Every hold stored."""
     if not db[HELD_BACK].exists():
         return []
-    rows = db.execute(f"SELECT site, device, boot, from_seq, max_seq, reason FROM {HELD_BACK}").fetchall()
-    return [Hold(site, device, boot, from_seq, reason, max_seq) for site, device, boot, from_seq, max_seq, reason in rows]
+    rows = db.execute(f"SELECT site, device, boot, from_seq, max_seq, reason, started_ms FROM {HELD_BACK}").fetchall()
+    return [Hold(site, device, boot, from_seq, reason, max_seq, started_ms=started)
+            for site, device, boot, from_seq, max_seq, reason, started in rows]
 
 
-def save_holds(db: sqlite_utils.Database, holds: Iterable[Hold], released: Iterable[tuple[str, str, str]]) -> None:
-    """Store new or changed holds and delete released ones (inside the caller's transaction)."""
+#: Readings held back in one commit, per (site, device, boot, reason): [count, lowest seq].
+HeldCounts = dict[tuple[str, str, str, str], list[int]]
+
+
+def save_holds(db: sqlite_utils.Database, holds: Iterable[Hold], released: Iterable[tuple[str, str, str]],
+               held: HeldCounts | None = None, stamp: int | None = None) -> int:
+    """Store new or changed holds, delete released ones, and record the hold events of both
+    (``held``: what this commit held back), inside the caller's transaction: the events share
+    the custody of the holds. Returns the events recorded or changed."""
+    stamp = time.time_ns() // 1_000_000 if stamp is None else stamp
+    holds = list(holds)
+    # A hold stored before started_ms existed has 0 (unknown): its events start now, not in 1970.
+    starts = {h.key: h.started_ms or stamp for h in holds}
+    changed = 0
+    for (site, device, boot, reason), (n, first) in (held or {}).items():
+        changed += _note_held(db, site, device, boot, reason, first, n, starts.get((site, device, boot), stamp), stamp)
     for key in released:
+        stored = db.execute(
+            f"SELECT reason, from_seq, started_ms FROM {HELD_BACK} WHERE site = ? AND device = ? AND boot = ?", list(key)
+        ).fetchone()
         db.execute(f"DELETE FROM {HELD_BACK} WHERE site = ? AND device = ? AND boot = ?", list(key))
+        changed += _note_lifted(db, key, stored, stamp)
     for h in holds:
         db.execute(
-            f"INSERT INTO {HELD_BACK} (site, device, boot, from_seq, max_seq, reason) VALUES (?, ?, ?, ?, ?, ?)"
+            f"INSERT INTO {HELD_BACK} (site, device, boot, from_seq, max_seq, reason, started_ms)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)"
             " ON CONFLICT(site, device, boot) DO UPDATE SET from_seq = excluded.from_seq,"
             " max_seq = excluded.max_seq, reason = excluded.reason",
-            [h.site, h.device, h.boot, h.from_seq, h.max_seq, h.reason],
+            [h.site, h.device, h.boot, h.from_seq, h.max_seq, h.reason, h.started_ms],
         )
+    return changed
+
+
+def _note_held(db: sqlite_utils.Database, site: str, device: str, boot: str, reason: str, first: int, n: int,
+               since: int, stamp: int) -> int:
+    # One event per (site, device, boot, reason) while no batch has taken it: a runaway held
+    # for hours makes one row, not one per message. A batch in flight carries exactly what its
+    # event said when it was taken, so what is held after that goes to a new event.
+    cur = db.execute(
+        f"UPDATE {HOLD_EVENTS} SET count = count + ?, first_seq = MIN(first_seq, ?), since_ms = MIN(since_ms, ?),"
+        f" at_ms = MAX(at_ms, ?), lifted = 0"
+        f" WHERE id = (SELECT id FROM {HOLD_EVENTS} WHERE bseq IS NULL AND site = ? AND device = ? AND boot = ?"
+        f" AND reason = ? ORDER BY id DESC LIMIT 1)",
+        [n, first, since, stamp, site, device, boot, reason],
+    )
+    if cur.rowcount == 0 and not (_full(db) and _fold(db, site, device, n, since, stamp, lifted=False)):
+        db.execute(
+            f"INSERT INTO {HOLD_EVENTS} (site, device, boot, reason, first_seq, count, since_ms, at_ms, lifted)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0)",
+            [site, device, boot, reason, first, n, min(since, stamp), stamp],
+        )
+    return 1
+
+
+def _full(db: sqlite_utils.Database) -> bool:
+    return db.execute(f"SELECT COUNT(*) >= ? FROM {HOLD_EVENTS}", [MAX_HOLD_EVENTS]).fetchone()[0] == 1
+
+
+def _fold(db: sqlite_utils.Database, site: str, device: str, n: int, since: int, stamp: int, *, lifted: bool) -> bool:
+    """With :data:`MAX_HOLD_EVENTS` reached, add to the device's newest event no batch has taken
+    (its boot, reason and first seq stay): the count stays exact, only the detail coarsens.
+    False if the device has none (then it gets one: the table grows by at most one per device)."""
+    cur = db.execute(
+        f"UPDATE {HOLD_EVENTS} SET count = count + ?, since_ms = MIN(since_ms, ?), at_ms = MAX(at_ms, ?), lifted = ?"
+        f" WHERE id = (SELECT id FROM {HOLD_EVENTS} WHERE bseq IS NULL AND site = ? AND device = ?"
+        f" ORDER BY id DESC LIMIT 1)",
+        [n, since, stamp, int(lifted), site, device],
+    )
+    return cur.rowcount > 0
+
+
+def _note_lifted(db: sqlite_utils.Database, key: tuple[str, str, str], stored: tuple | None, stamp: int) -> int:
+    """Say that the hold of ``key`` lifted: on its events no batch has taken yet, or else (every
+    event of a stored hold already went) in an event of its own with nothing held (n = 0)."""
+    cur = db.execute(
+        f"UPDATE {HOLD_EVENTS} SET lifted = 1, at_ms = MAX(at_ms, ?)"
+        " WHERE bseq IS NULL AND site = ? AND device = ? AND boot = ?",
+        [stamp, *key],
+    )
+    if cur.rowcount or stored is None:
+        return cur.rowcount
+    reason, first, started = stored
+    since = started if started else stamp  # a hold stored before started_ms existed
+    if _full(db) and _fold(db, key[0], key[1], 0, since, stamp, lifted=True):
+        return 1
+    db.execute(
+        f"INSERT INTO {HOLD_EVENTS} (site, device, boot, reason, first_seq, count, since_ms, at_ms, lifted)"
+        " VALUES (?, ?, ?, ?, ?, 0, ?, ?, 1)",
+        [*key, reason, first, min(since, stamp), stamp],
+    )
+    return 1
+
+
+def claim_events(db: sqlite_utils.Database, bseq: int, limit: int) -> list[HoldEvent]:
+    """Hand the oldest unclaimed hold events (at most ``limit``) to batch ``bseq`` and return them.
+
+    A batch that already carries events gets exactly those again, never more: its payload was
+    fixed when it was first sent (re-sends repeat those bytes) and its confirm deletes every event
+    claimed by its ``bseq``, so one claimed later would be deleted without ever being sent.
+    """
+    carried = _events_of(db, bseq)
+    if carried:
+        return carried
+    db.execute(
+        f"UPDATE {HOLD_EVENTS} SET bseq = ? WHERE id IN"
+        f" (SELECT id FROM {HOLD_EVENTS} WHERE bseq IS NULL ORDER BY id LIMIT ?)",
+        [bseq, limit],
+    )
+    return _events_of(db, bseq)
+
+
+def _events_of(db: sqlite_utils.Database, bseq: int) -> list[HoldEvent]:
+    rows = db.execute(
+        f"SELECT site, device, boot, reason, first_seq, count, since_ms, at_ms, lifted FROM {HOLD_EVENTS}"
+        " WHERE bseq = ? ORDER BY id",
+        [bseq],
+    ).fetchall()
+    return [HoldEvent(*row[:8], lifted=bool(row[8])) for row in rows]
+
+
+def unclaimed_events(db: sqlite_utils.Database) -> int:
+    """Hold events not yet handed to a batch."""
+    return db.execute(f"SELECT COUNT(*) FROM {HOLD_EVENTS} WHERE bseq IS NULL").fetchone()[0]
 
 
 class DeviceRates:

@@ -21,6 +21,10 @@ same way, in the ``deadletters/1`` extension, at most 50 per batch, cut to 2 KiB
 claims them durably, a re-send carries the same ones, and only its confirm marks them forwarded
 (the outbox keeps them as evidence), so each reaches the cloud once a confirm came back.
 
+Hold events (devices held back by their share of the outbox or their rate, :mod:`tern.edge.shares`)
+ride along like drop events too, in the ``holds/1`` extension, at most 1000 per batch: claimed
+durably by a batch, carried again by its re-send, deleted only on its confirm.
+
 Node status events travel with the batches too, and never wait behind the backlog or behind
 another device's status. Their ordering rule is per device, like the lanes for readings: a
 device's status events are never in two batches in flight at once (so its births and wills
@@ -118,6 +122,8 @@ class _InFlight:
     outcomes: int = 0
     #: Dead letters it carries (marked forwarded with its confirm).
     deadletters: int = 0
+    #: Hold events it carries (deleted with its confirm).
+    holds: int = 0
 
 
 @dataclass(slots=True)
@@ -176,6 +182,7 @@ class Uplink:
             "forwarded": 0,
             "status_forwarded": 0,
             "deadletters_forwarded": 0,
+            "hold_events_forwarded": 0,
             "confirms_ignored": 0,
             "publish_errors": 0,
         }
@@ -358,6 +365,7 @@ class Uplink:
             (r.id for b in done.values() for r in b.rows), (s.id for b in done.values() for s in b.statuses),
             drop_bseq=[b.bseq for b in done.values() if b.drops],
             deadletter_bseq=[b.bseq for b in done.values() if b.deadletters],
+            hold_bseq=[b.bseq for b in done.values() if b.holds],
         )
         if self.commands is not None:
             for batch in done.values():
@@ -374,6 +382,7 @@ class Uplink:
             self._counts["forwarded"] += deleted
             self._counts["status_forwarded"] += sum(len(b.statuses) for b in done.values())
             self._counts["deadletters_forwarded"] += sum(b.deadletters for b in done.values())
+            self._counts["hold_events_forwarded"] += sum(b.holds for b in done.values())
             self._cond.notify_all()  # stop() may be waiting for the last batch in flight
         for batch in done.values():
             if batch.lane is not None:
@@ -492,9 +501,9 @@ class Uplink:
                 self._publish_new(None, [], statuses)
                 return wake
         if not self._inflight and (self.outbox.drops_unclaimed() or self._outcomes_due()
-                                   or self.outbox.dead_letters_unclaimed()):
+                                   or self.outbox.dead_letters_unclaimed() or self.outbox.holds_unclaimed()):
             # Drop events alone (readings expired by age on an idle site) are worth a batch
-            # too, and so are command outcomes and dead letters.
+            # too, and so are command outcomes, dead letters and hold events.
             self._publish_new(None, [], [])
         return wake
 
@@ -527,16 +536,16 @@ class Uplink:
 
     def _encode(
         self, rows: list[OutboxRow], statuses: list[StatusRow], bseq: int, drops: tuple = (), outcomes: tuple = (),
-        deadletters: tuple = (),
+        deadletters: tuple = (), holds: tuple = (),
     ) -> tuple[list[OutboxRow], bytes]:
         """Encode as many of ``rows`` as fit ``batch_max_bytes`` with ``statuses``, ``drops``,
-        ``outcomes`` and ``deadletters`` (shrinking the readings; the rest always goes: each is
+        ``outcomes``, ``deadletters`` and ``holds`` (shrinking the readings; the rest always goes: each is
         bounded per batch, together far below the envelope's hard limit)."""
         events = tuple(s.event for s in statuses)
         limit = self.config.batch_max_bytes
         while True:
             batch = Batch(self.config.gateway_id, bseq, now_ms(), tuple(r.reading for r in rows), events, drops,
-                          outcomes, deadletters)
+                          outcomes, deadletters, holds)
             try:
                 payload = codec.encode_batch(batch)
             except codec.CodecError:
@@ -565,9 +574,11 @@ class Uplink:
             outcomes = tuple(self.commands.claim_outcomes(bseq, codec.MAX_OUTCOMES_PER_BATCH))
         # Dead letters likewise (deadletters/1): claimed by this bseq, marked forwarded on its confirm.
         deadletters = tuple(self.outbox.claim_dead_letters(bseq)) if self.outbox.dead_letters_unclaimed() else ()
+        # Hold events likewise (holds/1): claimed by this bseq, deleted on its confirm.
+        holds = tuple(self.outbox.claim_holds(bseq)) if self.outbox.holds_unclaimed() else ()
         if statuses is None:
             statuses = self._take_statuses() if self._statuses_due() else []
-        rows, payload = self._encode(rows, statuses, bseq, drops, outcomes, deadletters)
+        rows, payload = self._encode(rows, statuses, bseq, drops, outcomes, deadletters, holds)
         if self._limiter is not None and rows:
             # Readings or bytes, as the limit counts; a batch of status (and drop) events alone
             # rides free: a node that died is reported at once.
@@ -575,7 +586,7 @@ class Uplink:
         info = self.client.publish(self._topic, payload, qos=1)
         batch = _InFlight(bseq, lane, rows, statuses, payload, info, self.session.new_sessions,
                           wait_s=self.config.confirm_timeout_s, drops=len(drops), outcomes=len(outcomes),
-                          deadletters=len(deadletters))
+                          deadletters=len(deadletters), holds=len(holds))
         with self._cond:
             self._inflight[bseq] = batch
             self._counts["batches_sent"] += 1

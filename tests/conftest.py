@@ -16,6 +16,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import paho.mqtt.client as mqtt
 import pytest
 from hypothesis import HealthCheck, settings
 
@@ -175,15 +176,30 @@ def outbox_path(tmp_path: Path) -> Path:
     return tmp_path / "gw" / "outbox.db"
 
 
+def _ender(item: Any) -> Callable[[], None]:
+    """How :func:`cleanup` ends ``item``: a bare paho client is disconnected and its loop stopped,
+    gateways, fault proxies and whatever has no ``close()`` (an emulated node's process) are
+    stopped, anything else is closed."""
+    if isinstance(item, mqtt.Client):
+        return lambda: (item.disconnect(), item.loop_stop())
+    if isinstance(item, (Gateway, FaultProxy)) or not callable(getattr(item, "close", None)):
+        end = getattr(item, "stop", None)
+        if not callable(end):
+            # Refused when registered: a teardown that cannot end it would leave it running unseen.
+            raise TypeError(f"cleanup cannot end {item!r}: it has neither close() nor stop()")
+        return end
+    return item.close
+
+
 @pytest.fixture
 def cleanup() -> Iterator[Callable[[Any], None]]:
-    """Close nodes and stubs, stop gateways and fault proxies, last in first out, even when a
-    test fails halfway."""
-    items: list = []
-    yield items.append
-    for item in reversed(items):
+    """Close nodes and stubs, stop gateways, fault proxies and emulated nodes, last in first out,
+    even when a test fails halfway."""
+    enders: list[Callable[[], None]] = []
+    yield lambda item: enders.append(_ender(item))
+    for end in reversed(enders):
         try:
-            item.stop() if isinstance(item, (Gateway, FaultProxy)) else item.close()
+            end()
         except Exception:
             pass
 

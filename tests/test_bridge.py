@@ -171,6 +171,31 @@ def test_status_events_land_in_the_status_topic_keyed_by_device(mosquitto, kafka
     assert stats["records_written"] == 2 and stats["status_written"] == 3 and stats["batches_confirmed"] == 2
 
 
+def test_hold_events_land_in_the_status_topic_as_holds_not_losses(mosquitto, kafka_bootstrap, kafka_topics, gateway_factory):
+    """holds/1: each hold event becomes one tern.hold/1 record on the status topic, keyed by device,
+    in the batch's one Kafka write; a re-sent copy is not written again."""
+    holds = (codec.HoldEvent("site1", "runaway", BOOT, "share", 4500, 15_501, 100, 200),
+             codec.HoldEvent("site1", "runaway", BOOT, "rate", 30, 0, 50, 250, lifted=True))
+    with BridgeThread(bridge_config(mosquitto, kafka_bootstrap, kafka_topics)) as bridge:
+        gw = gateway_factory(mosquitto, "gw7")
+        batch = make_batch("gw7", 1, ["good"], per_device=2, first_seq=0)
+        batch = codec.Batch("gw7", 1, batch.sent_ms, batch.readings, holds=holds)
+        payload = codec.encode_batch(batch)
+        gw.publish_raw(topics.batch_topic("gw7"), payload)
+        gw.wait_confirms([1], timeout=15)
+        gw.publish_raw(topics.batch_topic("gw7"), payload)  # a re-send: confirmed again, not written again
+        helpers.wait_until(lambda: len(gw.confirms[1]) == 2, what="the copy confirmed", timeout=15)
+        stats = bridge.stats()
+    records = read_all(kafka_bootstrap, kafka_topics["status"], timeout_s=10)
+    values = [codec.decode_kafka_hold_value(r.raw) for r in records]
+    assert [(v["reason"], v["count"], v["lifted"], v["first_seq"], v["held_since_ms"], v["updated_ms"]) for v in values] == [
+        ("share", 15_501, False, 4500, 100, 200), ("rate", 0, True, 30, 50, 250)]
+    assert all(r.key == "runaway" and r.headers["reason"] == v["reason"].encode() for r, v in zip(records, values))
+    assert {v["gateway"] for v in values} == {"gw7"} and stats["holds_written"] == 2
+    assert sorted(r.identity for r in read_all(kafka_bootstrap, kafka_topics["readings"], timeout_s=10)) == [
+        ("good", BOOT, 0), ("good", BOOT, 1)]
+
+
 # --- poison input --------------------------------------------------------------------
 
 

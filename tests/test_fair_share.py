@@ -11,7 +11,9 @@ import dataclasses
 import threading
 import time
 from pathlib import Path
+from typing import Any, Callable, NamedTuple
 
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -23,6 +25,7 @@ from tern.edge import shares
 from tern.edge.outbox import Outbox
 from tern.edge.retention import RetentionPolicy
 from tern.edge.service import Gateway
+from tern.harness.stack import Mosquitto
 
 from helpers import BOOT, SITE, BridgeStub, Node, StatusNode, config, new_client, outbox_rows, wait_until
 
@@ -71,6 +74,12 @@ class Runaway:
         self.client.loop_stop()
 
 
+def delivered_holds(bridge: BridgeStub) -> list[codec.HoldEvent]:
+    """The hold events of every batch the stub received, once per bseq (a re-send carries the same)."""
+    batches = {b.bseq: b for b in list(bridge.batches)}
+    return [h for bseq in sorted(batches) for h in batches[bseq].holds]
+
+
 def good_node(local, device: str, cleanup) -> Node:
     """A well-behaved node: online (its birth, as the firmware sends it), then readings."""
     cleanup(StatusNode(local, device))
@@ -79,24 +88,62 @@ def good_node(local, device: str, cleanup) -> Node:
     return node
 
 
+class Site(NamedTuple):
+    """A site with its cloud link down unless ``bridge`` (a stub) takes the batches."""
+
+    local: Mosquitto
+    cloud: Mosquitto
+    outbox: Path
+    gw: Gateway
+    bridge: BridgeStub | None
+
+
+@pytest.fixture
+def start_site(mosquitto_factory, tmp_path: Path, cleanup) -> Callable[..., Site]:
+    """``start_site(bridge_stub=False, **settings)``: the Pi's broker, the cloud broker, a stub
+    bridge on it if asked, and a connected gateway with ``settings``; all stopped afterwards."""
+
+    def start(bridge_stub: bool = False, **settings: Any) -> Site:
+        # With the link down the stop waits for confirms that cannot come: not for long.
+        settings.setdefault("stop_timeout_s", 3.0)
+        local, cloud = mosquitto_factory("local"), mosquitto_factory("cloud")
+        bridge = None
+        if bridge_stub:
+            bridge = BridgeStub(cloud)
+            cleanup(bridge)
+        outbox = tmp_path / "gw" / "outbox.db"
+        gw = Gateway(config(local, cloud, outbox, **settings))
+        cleanup(gw)
+        gw.start()
+        assert gw.wait_connected(20)
+        return Site(local, cloud, outbox, gw, bridge)
+
+    return start
+
+
 # --- the issue's scenario ---------------------------------------------------------------------
 
 
 def test_runaway_is_held_back_the_good_node_is_committed_and_all_of_it_reaches_kafka(
-    mosquitto_factory, tmp_path: Path, kafka_bootstrap: str, kafka_topics: dict[str, str], cleanup, caplog
+    start_site, kafka_bootstrap: str, kafka_topics: dict[str, str], cleanup, caplog, capsys, monkeypatch
 ) -> None:
+    """The issue's scenario, cloud link down: the runaway is held back, the good node is not;
+    then the gateway restarts and the bridge comes back. Every committed reading reaches Kafka,
+    and the hold arrives as a tern.hold/1 record that the reader shows exactly once although
+    it was sent in two batches (the first confirm never reached the gateway)."""
     from helpers import bridge_config
     from tern.cloud.bridge import BridgeThread
+    from tern.cloud.cli import main as bridge_cli
     from tern.cloud.consume import read_all
+    from tern.cloud.reader import read_tern
 
-    local, cloud = mosquitto_factory("local"), mosquitto_factory("cloud")
-    outbox = tmp_path / "gw" / "outbox.db"
-    gw = Gateway(config(local, cloud, outbox, max_rows=5000))
-    cleanup(gw)
-    gw.start()
-    assert gw.wait_connected(20)
-    good = good_node(local, "good", cleanup)
-    wait_until(lambda: gw.stats()["nodes_online"] == 1, what="the good node's birth")
+    local, cloud, outbox, gw, _ = start_site(max_rows=5000)
+    bridge_settings = bridge_config(cloud, kafka_bootstrap, kafka_topics)
+    with BridgeThread(bridge_settings):
+        # The bridge ran before the outage: its persistent session queues what the gateway sends.
+        good = good_node(local, "good", cleanup)
+        wait_until(lambda: gw.stats()["nodes_online"] == 1 and gw.stats()["batches_confirmed"] >= 1,
+                   what="the good node's birth in Kafka")
     runaway = Runaway(local)
     cleanup(runaway)
     caplog.set_level("WARNING", logger="tern.edge.ingest")
@@ -111,36 +158,78 @@ def test_runaway_is_held_back_the_good_node_is_committed_and_all_of_it_reaches_k
     good_acked_s = time.monotonic() - started
     rows = per_device_rows(outbox)
     assert rows["good"] == 100
-    # Held where the last tenth of the bound begins (the good node's birth takes a row too):
-    # that tenth is left to the others.
-    held_at = 4500 - 1
+    # Held where the last tenth of the bound begins (the good node's birth left before the
+    # outage): that tenth is left to the others.
+    held_at = 4500
     assert rows["runaway"] == held_at and sum(rows.values()) <= 5000
     # Custody: the runaway was told only what is committed, never beyond its hole.
     assert runaway.acked_seq() == held_at
     stats = gw.stats()
-    assert stats["held_back_by_device"][f"{SITE}/runaway"]["held_back"] == 20_000 - held_at
+    held_back = stats["held_back_by_device"][f"{SITE}/runaway"]["held_back"]
+    assert held_back == 20_000 - held_at
     assert stats["held_back_by_device"][f"{SITE}/runaway"]["held"] and "good" not in str(stats["held_back_by_device"])
     lines = [r.getMessage() for r in caplog.records if "held back" in r.getMessage()]
-    assert lines == ["node 'runaway' holds 4,499 of 5,000 rows: its readings are held back; others continue"], lines
+    assert lines == ["node 'runaway' holds 4,500 of 5,000 rows: its readings are held back; others continue"], lines
     print(f"\nflood of 20,000 published in {flood_s:.1f} s; good node's 100 acked in {good_acked_s:.2f} s; rows {rows}")
 
-    # The link returns: everything committed reaches Kafka.
-    bridge = BridgeThread(bridge_config(cloud, kafka_bootstrap, kafka_topics, name="fair"))
-    with bridge:
-        wait_until(lambda: gw.stats()["pending"] == 0 and gw.stats()["inflight_bseq"] is None,
-                   what="outbox drained", timeout=60)
+    # The hold is on its way to the cloud (holds/1): one event with the counts (two if the
+    # runaway's first batch left after the hold began), in the outbox with the hold itself,
+    # handed to batches that are out on the cloud broker, unconfirmed.
+    wait_until(lambda: gw.outbox.holds_unclaimed() == 0, what="the hold event handed to a batch")
+    events = gw.outbox.hold_events()
+    assert {(e["device"], e["reason"], e["lifted"]) for e in events} == {("runaway", shares.SHARE, 0)}
+    assert sum(e["count"] for e in events) == held_back and min(e["first_seq"] for e in events) == held_at + 1
+    assert all(e["bseq"] is not None for e in events) and len(events) <= 2, events
+    expected = sorted(
+        ({"schema": codec.KAFKA_HOLD_SCHEMA_ID, "site": e["site"], "device": e["device"], "gateway": gw.config.gateway_id,
+          "boot": e["boot"], "reason": e["reason"], "first_seq": e["first_seq"], "count": e["count"],
+          "held_since_ms": e["since_ms"], "updated_ms": e["at_ms"], "lifted": False} for e in events),
+        key=lambda v: v["first_seq"])
+    # The Pi restarts during the outage (its stop waits for confirms that cannot come)...
+    gw.stop(timeout=3)
+    # ...and the bridge returns before it: it writes the queued batches, the hold's among them,
+    # and confirms them to a gateway that is not there to see it.
+    with BridgeThread(bridge_settings) as bridge:
+        wait_until(lambda: bridge.stats()["holds_written"] == len(events), what="the hold written once", timeout=30)
+        gw2 = Gateway(gw.config)
+        cleanup(gw2)
+        gw2.start()
+        assert gw2.wait_connected(20)
+        # The restarted gateway still has the events (custody: never confirmed to it) and sends
+        # them again in a new batch, which the bridge writes again: at least once.
+        wait_until(lambda: gw2.stats()["pending"] == 0 and gw2.stats()["inflight_bseq"] is None
+                   and not gw2.outbox.hold_events(), what="outbox drained, the hold confirmed", timeout=60)
+        assert gw2.stats()["hold_events_forwarded"] == len(events)
+        assert bridge.stats()["holds_written"] == 2 * len(events)
     records = read_all(kafka_bootstrap, kafka_topics["readings"], expect=100 + held_at)
     got = {(r.identity[0], r.identity[2]) for r in records}
     assert got == {("good", s) for s in range(100)} | {("runaway", s) for s in range(1, held_at + 1)}
 
+    # In Kafka twice (the contract's at-least-once): the same record both times, keyed by device.
+    status = read_all(kafka_bootstrap, kafka_topics["status"], timeout_s=20)
+    holds = [(r.key, codec.decode_kafka_hold_value(r.raw)) for r in status
+             if orjson.loads(r.raw)["schema"] == codec.KAFKA_HOLD_SCHEMA_ID]
+    assert all(key == "runaway" for key, _ in holds), holds
+    unchanging = sorted(({k: v for k, v in value.items() if k != "bridge_ms"} for _, value in holds),
+                        key=lambda v: v["first_seq"])
+    assert unchanging == sorted(expected * 2, key=lambda v: v["first_seq"])
+    # Exactly once to a reader that de-duplicates, as `tern-bridge consume --dedup` does.
+    read = list(read_tern(kafka_bootstrap, kafka_topics["status"], from_beginning=True, dedup_window=1000, timeout_s=20))
+    once = sorted(({k: v for k, v in r.value.items() if k != "bridge_ms"} for r in read if r.kind == "hold"),
+                  key=lambda v: v["first_seq"])
+    assert once == expected and sum(v["count"] for v in once) == held_back
+    monkeypatch.setenv("COLUMNS", "250")
+    capsys.readouterr()
+    assert bridge_cli(["consume", "--kafka", kafka_bootstrap, "--topic", kafka_topics["status"], "--from-beginning",
+                       "--dedup"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("readings held back (share), still held: not lost") == len(events), out
+    assert all(f"{v['count']} readings held back" in out for v in expected), out
+    print(f"hold events in Kafka twice, read once: {len(events)}, {held_back} readings of 'runaway' held back")
 
-def test_under_drop_oldest_only_the_runaway_loses_readings(mosquitto_factory, tmp_path: Path, cleanup) -> None:
-    local, cloud = mosquitto_factory("local"), mosquitto_factory("cloud")
-    outbox = tmp_path / "gw" / "outbox.db"
-    gw = Gateway(config(local, cloud, outbox, max_rows=5000, telemetry_policy="drop_oldest"))
-    cleanup(gw)
-    gw.start()
-    assert gw.wait_connected(20)
+
+def test_under_drop_oldest_only_the_runaway_loses_readings(start_site, cleanup) -> None:
+    local, _, outbox, gw, _ = start_site(max_rows=5000, telemetry_policy="drop_oldest")
     good = good_node(local, "good", cleanup)
     for seq in range(50):  # some of the good node's readings are older than the flood
         good.send(seq)
@@ -157,16 +246,11 @@ def test_under_drop_oldest_only_the_runaway_loses_readings(mosquitto_factory, tm
     assert gw.stats()["held_back"] == 0  # drop_oldest holds nobody back for the bound
 
 
-def test_ten_normal_nodes_are_acked_as_fast_with_a_runaway_beside_them(mosquitto_factory, tmp_path: Path, cleanup) -> None:
+def test_ten_normal_nodes_are_acked_as_fast_with_a_runaway_beside_them(start_site, cleanup) -> None:
     """Link down, max_rows 5000: a runaway floods 20,000 while 10 nodes send 30 readings each
     at 10/s. Each normal reading is acked (node ack) within ACK_BOUND_S of its publish."""
     ack_bound_s = 1.0
-    local, cloud = mosquitto_factory("local"), mosquitto_factory("cloud")
-    outbox = tmp_path / "gw" / "outbox.db"
-    gw = Gateway(config(local, cloud, outbox, max_rows=5000))
-    cleanup(gw)
-    gw.start()
-    assert gw.wait_connected(20)
+    local, _, outbox, gw, _ = start_site(max_rows=5000)
     sent_at: dict[tuple[str, int], float] = {}
     acked_at: dict[tuple[str, int], float] = {}
     lock = threading.Lock()
@@ -208,15 +292,8 @@ def test_ten_normal_nodes_are_acked_as_fast_with_a_runaway_beside_them(mosquitto
     assert gw.stats()["held_back_by_device"][f"{SITE}/runaway"]["held_back"] > 0
 
 
-def test_device_rate_limit_holds_back_the_fast_node_only(mosquitto_factory, tmp_path: Path, cleanup) -> None:
-    local, cloud = mosquitto_factory("local"), mosquitto_factory("cloud")
-    bridge = BridgeStub(cloud)
-    cleanup(bridge)
-    outbox = tmp_path / "gw" / "outbox.db"
-    gw = Gateway(config(local, cloud, outbox, device_rate_limit="50 readings/s"))
-    cleanup(gw)
-    gw.start()
-    assert gw.wait_connected(20)
+def test_device_rate_limit_holds_back_the_fast_node_only(start_site, cleanup) -> None:
+    local, _, outbox, gw, bridge = start_site(bridge_stub=True, device_rate_limit="50 readings/s")
     good = good_node(local, "good", cleanup)
     runaway = Runaway(local)
     cleanup(runaway)
@@ -236,9 +313,42 @@ def test_device_rate_limit_holds_back_the_fast_node_only(mosquitto_factory, tmp_
     health = gw.health.snapshot()
     assert health["ingest"]["held_back"] == gw.stats()["held_back"] > 0
     assert [d["held_back"] for d in health["devices"] if d["device"] == "runaway"] == [by_device[f"{SITE}/runaway"]["held_back"]]
+    # Reported to the cloud (holds/1): the fast node's hold, for its rate, every reading held counted.
+    wait_until(lambda: gw.outbox.holds_unclaimed() == 0 and gw.stats()["inflight_bseq"] is None
+               and sum(h.count for h in delivered_holds(bridge)) == gw.stats()["held_back"],
+               what="the hold events delivered and confirmed", timeout=15)
+    holds = delivered_holds(bridge)
+    assert {(h.device, h.reason, h.boot) for h in holds} == {("runaway", shares.RATE, BOOT)}
+    assert all(h.count > 0 and not h.lifted and h.updated_ms >= h.held_since_ms for h in holds)
 
 
-def test_real_firmware_held_back_sends_again_and_loses_nothing(mosquitto_factory, tmp_path: Path, cleanup) -> None:
+def test_a_birth_replayed_on_a_resubscribe_keeps_the_hold(start_site, cleanup) -> None:
+    """The broker replays a held node's retained birth when the gateway subscribes again (here
+    after a restart). That node did not reconnect and sends nothing again: the hold stays, so
+    its next reading is not committed past the hole (the node ack would drop the hole)."""
+    local, _, outbox, first, _ = start_site(device_rate_limit="20 readings/s")
+    cleanup(StatusNode(local, "fast"))
+    wait_until(lambda: first.stats()["nodes_online"] == 1, what="the birth")
+    node = Runaway(local, "fast")
+    cleanup(node)
+    node.flood(200)
+    wait_until(lambda: first.stats()["processed"] >= 201, what="the flood through ingest", timeout=30)
+    hole = node.acked_seq()
+    assert 0 < hole < 200 and first.stats()["holds_active"] == 1
+    first.stop(timeout=3)
+    gw = Gateway(first.config)
+    cleanup(gw)
+    gw.start()
+    assert gw.wait_connected(20)
+    wait_until(lambda: gw.stats()["status_duplicates"] >= 1, what="the retained birth replayed")
+    assert gw.stats()["holds_active"] == 1
+    reading = Reading("fast", BOOT, 201, 1_700_000_000_201, {"n": 201})
+    node.client.publish(topics.telemetry_topic(SITE, "fast"), codec.encode_reading(reading), qos=1)
+    wait_until(lambda: gw.stats()["held_back"] == 1, what="the next reading held back")
+    assert max(s for d, _b, s in outbox_rows(outbox) if d == "fast") == hole and node.acked_seq() == hole
+
+
+def test_real_firmware_held_back_sends_again_and_loses_nothing(start_site, tmp_path: Path, cleanup) -> None:
     """The real firmware above device_rate_limit: held back (acked to the broker, not committed,
     no node ack), then asked to send again by the repeated node ack: every reading arrives once
     in the cloud, and the node's ring dropped none."""
@@ -246,20 +356,21 @@ def test_real_firmware_held_back_sends_again_and_loses_nothing(mosquitto_factory
     from tern.device import EmulatedNode
 
     require_toolchain()
-    local, cloud = mosquitto_factory("local"), mosquitto_factory("cloud")
-    bridge = BridgeStub(cloud)
-    cleanup(bridge)
-    outbox = tmp_path / "gw" / "outbox.db"
-    gw = Gateway(config(local, cloud, outbox, device_rate_limit="20 readings/s"))
-    cleanup(gw)
-    gw.start()
-    assert gw.wait_connected(20)
+    local, _, _, first, bridge = start_site(bridge_stub=True, device_rate_limit="20 readings/s")
+    # The gateway restarts: its session on the Pi broker keeps the node's readings meanwhile, and
+    # they reach it as one burst, above the rate however slowly a loaded machine runs the node.
+    first.stop(timeout=3)
     total = 60  # within the ring (64 slots): above the rate, none may be lost
     node = EmulatedNode(tmp_path / "fw", device="fw-node", site=SITE, broker=local.address, interval_ms=10,
                         max_readings=total, extra_config={"ring_size": 64})
-    cleanup(node)
+    cleanup(node)  # stop()ped at teardown, pass or fail: the MicroPython process never outlives the test
     node.flash()
     node.start()
+    wait_until(lambda: node.sent == total, what="the node's readings sent to the Pi broker", timeout=30)
+    gw = Gateway(first.config)
+    cleanup(gw)
+    gw.start()
+    assert gw.wait_connected(20)
     try:
         wait_until(lambda: {r.seq for r in bridge.delivered() if r.device == "fw-node"} == set(range(1, total + 1)),
                    what="every reading of the firmware node delivered", timeout=30)
@@ -270,6 +381,12 @@ def test_real_firmware_held_back_sends_again_and_loses_nothing(mosquitto_factory
     wait_until(lambda: node.acked == total, what="the node acked to the end", timeout=10)
     stats = gw.stats()
     assert stats["held_back"] > 0 and stats["resend_hints"] > 0
+    # The cloud was told (holds/1), and told that the hold lifted: the last event says so.
+    wait_until(lambda: gw.outbox.holds_unclaimed() == 0 and gw.stats()["inflight_bseq"] is None
+               and sum(h.count for h in delivered_holds(bridge)) == gw.stats()["held_back"],
+               what="the hold events delivered and confirmed", timeout=15)
+    holds = delivered_holds(bridge)
+    assert {(h.device, h.reason) for h in holds} == {("fw-node", shares.RATE)} and any(h.lifted for h in holds), holds
     assert node.dropped == 0 and "rewind" in node.log_text()
     assert stats["committed"] == total
 

@@ -324,3 +324,90 @@ def test_an_older_outbox_gets_the_forwarding_columns_and_sends_its_dead_letters(
         small, big = box.claim_dead_letters(1)
     assert small.payload == b"junk" and len(small.sha256) == 64  # whole: its hash is computed now
     assert big.size == 70_000 and big.sha256 == "" and big.payload_cut  # the whole is gone: no hash claimed
+
+
+# --- hold events (holds/1): custody like drop events ---------------------------------------------
+
+
+def test_hold_events_coalesce_travel_with_a_batch_and_go_only_on_its_confirm(tmp_path: Path) -> None:
+    key = ("s1", "dev-a", "b001")
+    with Outbox(tmp_path / "o.db") as box:
+        hold = shares.Hold(*key, 10, shares.SHARE, 12, started_ms=1000)
+        # The hold and its event in one commit: a readings commit of another device rides along.
+        box.add([reading("dev-b", 1)], holds=[hold], held={(*key, shares.SHARE): [3, 10]}, received_ms=1100)
+        assert [h.key for h in box.holds()] == [key] and box.holds_unclaimed() == 1
+        # More held while no batch has taken the event: the same event grows (one row per device).
+        box.add([], holds=[dataclasses.replace(hold, max_seq=20)], held={(*key, shares.SHARE): [8, 13]},
+                received_ms=1200)
+        # Another reason is another event.
+        box.add([], holds=[dataclasses.replace(hold, reason=shares.RATE, max_seq=21)],
+                held={(*key, shares.RATE): [1, 21]}, received_ms=1300)
+        assert [(e["reason"], e["count"], e["first_seq"], e["since_ms"], e["at_ms"], e["lifted"])
+                for e in box.hold_events()] == [(shares.SHARE, 11, 10, 1000, 1200, 0), (shares.RATE, 1, 21, 1000, 1300, 0)]
+        taken = box.claim_holds(7)
+        assert [(h.reason, h.count, h.lifted) for h in taken] == [(shares.SHARE, 11, False), (shares.RATE, 1, False)]
+        assert box.claim_holds(7) == taken and box.holds_unclaimed() == 0  # a re-send carries the same
+        # Held again after the batch took its event: a new event (the batch carries what it took).
+        box.add([], holds=[dataclasses.replace(hold, reason=shares.RATE, max_seq=22)],
+                held={(*key, shares.RATE): [1, 22]}, received_ms=1400)
+        # The hold lifts: the event no batch has taken says so; the taken ones stay as they were.
+        box.add([], released=[key], received_ms=1500)
+        assert box.holds() == [] and box.claim_holds(7) == taken
+        assert [(e["count"], e["lifted"], e["bseq"]) for e in box.hold_events()] == [(11, 0, 7), (1, 0, 7), (1, 1, None)]
+        box.delete([], hold_bseq=7)  # the confirm
+        assert [(e["count"], e["lifted"]) for e in box.hold_events()] == [(1, 1)]
+        later = box.claim_holds(8)
+    # A restart: the batch never confirmed hands its events to the next one.
+    with Outbox(tmp_path / "o.db") as box:
+        assert box.holds_unclaimed() == 1 and box.claim_holds(9) == later
+        box.delete([], hold_bseq=9)
+        assert box.hold_events() == [] and box.holds_unclaimed() == 0
+
+
+def test_a_lift_after_every_event_went_is_an_event_of_its_own(tmp_path: Path) -> None:
+    key = ("s1", "dev-a", "b001")
+    with Outbox(tmp_path / "o.db") as box:
+        box.add([], holds=[shares.Hold(*key, 5, shares.CAP, 9, started_ms=2000)], held={(*key, shares.CAP): [5, 5]},
+                received_ms=2000)
+        assert len(box.claim_holds(1)) == 1
+        box.delete([], hold_bseq=1)  # confirmed: nothing of the hold is left unsent
+        box.add([], released=[key], received_ms=2500)  # a birth lifted it
+        assert [(h.reason, h.first_seq, h.count, h.held_since_ms, h.updated_ms, h.lifted) for h in box.claim_holds(2)] == [
+            (shares.CAP, 5, 0, 2000, 2500, True)]
+        # Held and lifted within one commit (never stored as a hold): reported, and lifted.
+        box.add([], released=[key], held={(*key, shares.SHARE): [2, 30]}, received_ms=2600)
+        assert [(e["count"], e["lifted"]) for e in box.hold_events() if e["bseq"] is None] == [(2, 1)]
+
+
+def test_a_reboot_loop_while_held_stays_within_the_hold_events_bound(tmp_path: Path, monkeypatch) -> None:
+    """A node rebooting in a loop while held makes one event per boot; past MAX_HOLD_EVENTS its
+    holds fold into its newest waiting event: the rows stop growing, the count stays exact."""
+    monkeypatch.setattr(shares, "MAX_HOLD_EVENTS", 3)
+    with Outbox(tmp_path / "o.db") as box:
+        for i in range(10):
+            boot = f"b{i:03d}"
+            box.add([], holds=[shares.Hold("s1", "loop", boot, 1, shares.RATE, 5, started_ms=100 + i)],
+                    held={("s1", "loop", boot, shares.RATE): [5, 1]}, received_ms=100 + i)
+            box.add([], released=[("s1", "loop", boot)], received_ms=100 + i)  # its next birth
+        # Another device still gets an event of its own (at most one more row per device).
+        box.add([], held={("s1", "other", "b001", shares.SHARE): [2, 7]}, received_ms=200)
+        events = box.hold_events()
+        assert len(events) == 4 and sum(e["count"] for e in events if e["device"] == "loop") == 50
+        assert [e["boot"] for e in events if e["device"] == "loop"] == ["b000", "b001", "b002"]
+        assert events[2]["lifted"] == 1 and events[2]["at_ms"] == 109  # the newest says the loop's last lift
+        assert sum(h.count for h in box.claim_holds(1)) == 52
+
+
+def test_an_outbox_from_before_hold_events_opens_and_keeps_its_holds(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE held_back (site TEXT, device TEXT, boot TEXT, from_seq INTEGER NOT NULL,"
+               " max_seq INTEGER NOT NULL, reason TEXT NOT NULL, PRIMARY KEY (site, device, boot))")
+    db.execute("INSERT INTO held_back VALUES ('s1', 'dev-a', 'b001', 4, 9, 'share')")
+    db.commit()
+    db.close()
+    with Outbox(path) as box:
+        assert [(h.key, h.from_seq, h.started_ms) for h in box.holds()] == [(("s1", "dev-a", "b001"), 4, 0)]
+        box.add([], released=[("s1", "dev-a", "b001")], received_ms=3000)
+        # Its start is unknown: the lift event says "since" the lift rather than inventing one.
+        assert [(h.count, h.held_since_ms, h.lifted) for h in box.claim_holds(1)] == [(0, 3000, True)]

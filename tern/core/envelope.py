@@ -17,6 +17,7 @@ from tern.core.jsonwire import dumps_finite as _dumps_finite
 from tern.core.jsonwire import json_object as _json_object
 from tern.core.messages import (
     DROP_REASONS,
+    HOLD_REASONS,
     MAX_BATCH_BYTES,
     MAX_BATCH_INFLATED,
     MAX_NAME_LEN,
@@ -29,6 +30,7 @@ from tern.core.messages import (
     Confirm,
     DropEvent,
     GatewayDeadLetter,
+    HoldEvent,
     Reading,
     StatusEvent,
     _boot,
@@ -76,9 +78,13 @@ def _status_item(event: StatusEvent) -> dict[str, Any]:
 DROPS_EXTENSION = "drops/1"
 OUTCOMES_EXTENSION = "outcomes/1"
 DEADLETTERS_EXTENSION = "deadletters/1"
-EXTENSIONS = (DROPS_EXTENSION, OUTCOMES_EXTENSION, DEADLETTERS_EXTENSION)
+HOLDS_EXTENSION = "holds/1"
+EXTENSIONS = (DROPS_EXTENSION, OUTCOMES_EXTENSION, DEADLETTERS_EXTENSION, HOLDS_EXTENSION)
 #: Drop events per envelope at most (they are coalesced per device, boot and reason).
 MAX_DROPS_PER_BATCH = 1000
+#: Hold events per envelope at most (coalesced per device, boot and reason while no batch has
+#: taken them, like drop events): the rest wait for the next batches.
+MAX_HOLDS_PER_BATCH = 1000
 #: Command outcomes per envelope at most (a node reply is at most ~1 KB).
 MAX_OUTCOMES_PER_BATCH = 100
 #: Longest outcome detail carried (a rejection's reason, a node's error).
@@ -126,6 +132,22 @@ def _drop_item(drop: DropEvent) -> dict[str, Any]:
         "last": drop.last_seq,
         "n": drop.count,
         "at": drop.dropped_ms,
+    }
+
+
+def _hold_item(hold: HoldEvent) -> dict[str, Any]:
+    if hold.reason not in HOLD_REASONS:  # the encoder never emits what its decoder refuses
+        raise CodecError(f"unknown hold reason {hold.reason!r}")
+    return {
+        "site": hold.site,
+        "dev": hold.device,
+        "boot": hold.boot,
+        "reason": hold.reason,
+        "first": hold.first_seq,
+        "n": hold.count,
+        "since": hold.held_since_ms,
+        "at": hold.updated_ms,
+        "lifted": bool(hold.lifted),
     }
 
 
@@ -188,6 +210,11 @@ def encode_batch(batch: Batch) -> bytes:
                 f"{len(batch.deadletters)} dead letters, over the limit of {MAX_DEADLETTERS_PER_BATCH} per batch")
         doc.setdefault("ext", []).append(DEADLETTERS_EXTENSION)
         doc["deadletters"] = [_deadletter_item(d) for d in batch.deadletters]
+    if batch.holds:
+        if len(batch.holds) > MAX_HOLDS_PER_BATCH:
+            raise CodecError(f"{len(batch.holds)} hold events, over the limit of {MAX_HOLDS_PER_BATCH} per batch")
+        doc.setdefault("ext", []).append(HOLDS_EXTENSION)
+        doc["holds"] = [_hold_item(h) for h in batch.holds]
     # Every float in a batch is a reading value the codec checked (finite) on the way in.
     data = zlib.compress(_dumps_finite(doc), 6)
     if len(data) > MAX_BATCH_BYTES:
@@ -257,6 +284,44 @@ def _decode_drops(obj: Mapping[str, Any], what: str, ext: tuple[str, ...]) -> tu
             )
         )
     return tuple(drops)
+
+
+def _decode_holds(obj: Mapping[str, Any], what: str, ext: tuple[str, ...]) -> tuple[HoldEvent, ...]:
+    """The envelope's ``holds`` list; only with the ``holds/1`` extension named in ``ext``."""
+    if "holds" not in obj:
+        return ()
+    if HOLDS_EXTENSION not in ext:
+        raise CodecError(f"{what}: 'holds' present without {HOLDS_EXTENSION!r} in 'ext'")
+    holds = []
+    for where, item in _object_list(obj, "holds", what, "hold"):
+        if len(holds) >= MAX_HOLDS_PER_BATCH:
+            raise CodecError(f"{what}: over {MAX_HOLDS_PER_BATCH} hold events")
+        reason = item.get("reason")
+        if reason not in HOLD_REASONS:
+            raise CodecError(f"{where}: 'reason' must be one of {HOLD_REASONS}, got {reason!r:.40}")
+        lifted = item.get("lifted")
+        if not isinstance(lifted, bool):
+            raise CodecError(f"{where}: 'lifted' must be true or false")
+        count = _int(item, "n", where)
+        if count == 0 and not lifted:  # an event with nothing held says only that the hold lifted
+            raise CodecError(f"{where}: 'n' must be at least 1 unless the hold lifted")
+        since, at = _int(item, "since", where), _int(item, "at", where)
+        if at < since:
+            raise CodecError(f"{where}: 'at' ({at}) is before 'since' ({since})")
+        holds.append(
+            HoldEvent(
+                site=check_id(_text(item, "site", where), "site"),
+                device=check_id(_text(item, "dev", where), "device"),
+                boot=_boot(item, where),
+                reason=reason,
+                first_seq=_int(item, "first", where),
+                count=count,
+                held_since_ms=since,
+                updated_ms=at,
+                lifted=lifted,
+            )
+        )
+    return tuple(holds)
 
 
 def _decode_outcomes(obj: Mapping[str, Any], what: str, ext: tuple[str, ...], gateway: str) -> tuple[Outcome, ...]:
@@ -419,6 +484,7 @@ def decode_batch(raw: bytes, *, topic_gateway: str | None = None) -> Batch:
         drops=_decode_drops(obj, what, ext),
         outcomes=_decode_outcomes(obj, what, ext, gateway),
         deadletters=_decode_deadletters(obj, what, ext),
+        holds=_decode_holds(obj, what, ext),
     )
 
 

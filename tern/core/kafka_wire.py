@@ -1,5 +1,5 @@
-"""Kafka records (bridge -> Kafka): one record per reading, status event, drop event and
-command outcome, keyed by device, with the JSON values docs/contracts.md describes; and one per
+"""Kafka records (bridge -> Kafka): one record per reading, status event, drop event, hold event
+and command outcome, keyed by device, with the JSON values docs/contracts.md describes; and one per
 gateway dead letter (raw payload, keyed by source topic, described by its headers).
 """
 
@@ -14,9 +14,11 @@ from tern.core.jsonwire import dumps_finite as _dumps_finite
 from tern.core.jsonwire import json_object as _json_object
 from tern.core.messages import (
     DROP_REASONS,
+    HOLD_REASONS,
     MAX_NODE_PAYLOAD,
     DropEvent,
     GatewayDeadLetter,
+    HoldEvent,
     KafkaRecord,
     Reading,
     StatusEvent,
@@ -194,6 +196,54 @@ def decode_kafka_drop_value(raw: bytes) -> dict[str, Any]:
     _boot(obj, what)
     if obj.get("reason") not in DROP_REASONS:
         raise CodecError(f"{what}: 'reason' must be one of {DROP_REASONS}, got {obj.get('reason')!r}")
+    return obj
+
+
+KAFKA_HOLD_SCHEMA_ID = "tern.hold/1"
+
+
+def kafka_hold_record(hold: HoldEvent, gateway: str, topic: str, bridged_ms: int) -> KafkaRecord:
+    """Map one hold event to its Kafka record (on the status topic, like drops): key = device id,
+    so it sits in order with the device's statuses and drops. A hold is not a loss: the value
+    says how many readings the gateway refused to commit, which the node keeps and re-sends."""
+    value = {
+        "schema": KAFKA_HOLD_SCHEMA_ID,
+        "site": hold.site,
+        "device": hold.device,
+        "gateway": gateway,
+        "boot": hold.boot,
+        "reason": hold.reason,
+        "first_seq": hold.first_seq,
+        "count": hold.count,
+        "held_since_ms": hold.held_since_ms,
+        "updated_ms": hold.updated_ms,
+        "lifted": bool(hold.lifted),
+        "bridge_ms": bridged_ms,
+    }
+    headers = (
+        ("device", hold.device.encode()),
+        ("gateway", gateway.encode()),
+        ("boot", hold.boot.encode()),
+        ("reason", hold.reason.encode()),
+    )
+    return KafkaRecord(topic=topic, key=hold.device.encode(), value=_dumps_finite(value), headers=headers)
+
+
+def decode_kafka_hold_value(raw: bytes) -> dict[str, Any]:
+    """Decode and check a Kafka hold value (for consumers and tests)."""
+    what = "kafka hold value"
+    obj = _json_object(raw, MAX_NODE_PAYLOAD, what)
+    if obj.get("schema") != KAFKA_HOLD_SCHEMA_ID:
+        raise CodecError(f"{what}: unknown schema {obj.get('schema')!r}")
+    for key in ("first_seq", "count", "held_since_ms", "updated_ms", "bridge_ms"):
+        _int(obj, key, what)
+    for key in ("site", "device", "gateway"):
+        check_id(_text(obj, key, what), key)
+    _boot(obj, what)
+    if obj.get("reason") not in HOLD_REASONS:
+        raise CodecError(f"{what}: 'reason' must be one of {HOLD_REASONS}, got {obj.get('reason')!r}")
+    if not isinstance(obj.get("lifted"), bool):
+        raise CodecError(f"{what}: 'lifted' must be true or false")
     return obj
 
 

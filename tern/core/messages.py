@@ -137,6 +137,35 @@ class DropEvent:
     dropped_ms: int
 
 
+#: Why a gateway held a device's readings back (docs/gateway.md, "One node cannot starve the
+#: site"): over its share of the outbox, over ``device_share_cap``, above ``device_rate_limit``.
+HOLD_REASONS = ("share", "cap", "rate")
+
+
+@dataclass(frozen=True, slots=True)
+class HoldEvent:
+    """Gateway to cloud: the gateway held back ``count`` readings of one (device, boot) for
+    ``reason`` (the ``holds/1`` envelope extension). **Not a loss**: held-back readings were
+    neither committed nor acknowledged to the node, which keeps them and sends them again.
+
+    ``first_seq`` is the first seq held in what this event covers, ``held_since_ms`` when the hold
+    it covers started, ``updated_ms`` when the event last changed, and ``lifted`` whether the
+    hold had been lifted by then (the device is committed again). ``count`` is the readings held
+    back between the event before it and this one (summed over a device's events, the total; a
+    node's re-send held again counts again); 0 only in an event that just says the hold lifted.
+    """
+
+    site: str
+    device: str
+    boot: str
+    reason: str
+    first_seq: int
+    count: int
+    held_since_ms: int
+    updated_ms: int
+    lifted: bool = False
+
+
 @dataclass(frozen=True, slots=True)
 class GatewayDeadLetter:
     """Gateway to cloud: a node payload the gateway refused (it broke the contract), as the
@@ -172,8 +201,8 @@ class GatewayDeadLetter:
 @dataclass(frozen=True, slots=True)
 class Batch:
     """Gateway to bridge: readings and node status events from one gateway, each in outbox order,
-    drop events (the ``drops/1`` envelope extension), command outcomes (``outcomes/1``) and
-    dead letters (``deadletters/1``)."""
+    drop events (the ``drops/1`` envelope extension), command outcomes (``outcomes/1``),
+    dead letters (``deadletters/1``) and hold events (``holds/1``)."""
 
     gateway: str
     bseq: int
@@ -185,6 +214,8 @@ class Batch:
     outcomes: tuple[Outcome, ...] = field(default_factory=tuple)
     #: Node payloads the gateway refused (the ``deadletters/1`` extension), oldest first.
     deadletters: tuple[GatewayDeadLetter, ...] = field(default_factory=tuple)
+    #: Devices held back (the ``holds/1`` extension): not losses, the nodes keep the readings.
+    holds: tuple[HoldEvent, ...] = field(default_factory=tuple)
 
 
 @dataclass(frozen=True, slots=True)
