@@ -37,6 +37,8 @@ class Client:
                  password: str | None = None, tls: ssl.SSLContext | None = None) -> None:
         self.received: list[tuple[str, bytes]] = []
         self.connack: int | None = None
+        #: Why connect() returned -1 (for the failure message).
+        self.error = ""
         self._cond = threading.Condition()
         self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311)
         if username is not None:
@@ -75,14 +77,18 @@ class Client:
         """Connect and return the CONNACK code (0 = accepted); -1 if the TLS handshake failed."""
         try:
             self.c.connect(self.broker.host, self.broker.port, keepalive=30)
-        except (ssl.SSLError, OSError):
+        except (ssl.SSLError, OSError) as exc:
+            self.error = f"connect to {self.broker.host}:{self.broker.port}: {exc!r}"
             return -1
         self.c.loop_start()
         with self._cond:
             self._cond.wait_for(lambda: self.connack is not None, WAIT_S)
         if self.connack is None:
+            self.error = f"no CONNACK from {self.broker.host}:{self.broker.port} in {WAIT_S:.0f} s"
             self.close()
             return -1
+        if self.connack == -1:
+            self.error = f"{self.broker.host}:{self.broker.port} closed the connection before a CONNACK"
         return self.connack
 
     def subscribe(self, topic: str) -> None:
@@ -331,7 +337,7 @@ def test_cloud_acl_confines_gateways_to_their_topics(tmp_path: Path) -> None:
     with broker:
         bridge_side = Mosquitto(tmp_path / "unused2", port=bridge_port)  # only to address the 2nd listener
         bridge = Client(bridge_side, "tern-bridge", "tern-bridge", "bridge-pw-1")
-        assert bridge.connect() == 0
+        assert bridge.connect() == 0, f"{bridge.error}\n{broker.log_tail(40)}"
         bridge.subscribe("$share/bridges/tern-gw/+/batch")
         gw = Client(broker, "gw-1", tls=_tls_context(ca_crt, gw_crt, gw_key))
         assert gw.connect() == 0
