@@ -53,9 +53,10 @@ log = logging.getLogger("tern.reader")
 CLOSE_TIMEOUT_S = 10.0
 
 #: What a record is: a reading, a node status event, a drop event (readings a gateway's
-#: retention policy deleted: they will never arrive), a dead letter the bridge wrote (its
+#: retention policy deleted: they will never arrive), a node's step in a fleet rollout
+#: (``tern-bridge ota rollout``), a dead letter the bridge wrote (its
 #: headers say why), or something on a Tern topic that is none of these.
-KINDS = ("reading", "status", "drop", "deadletter", "invalid")
+KINDS = ("reading", "status", "drop", "ota", "deadletter", "invalid")
 
 #: (kind, the codec's decoder for it). Looked up by name: a codec without drop events (older
 #: than the gateway's retention policies) simply never yields kind ``drop``.
@@ -63,6 +64,7 @@ _DECODERS = (
     ("reading", "decode_kafka_value"),
     ("status", "decode_kafka_status_value"),
     ("drop", "decode_kafka_drop_value"),
+    ("ota", "decode_kafka_ota_value"),
 )
 
 #: Identities remembered by default: ~15 MB (measured with tracemalloc), many batches' worth of re-sends from
@@ -107,6 +109,8 @@ class TernRecord:
             return ("reading", v["device"], v["boot"], v["seq"])
         if self.kind == "drop":
             return ("drop", v["device"], v["boot"], v["first_seq"], v["last_seq"], v["dropped_ms"])
+        if self.kind == "ota":
+            return ("ota", v["rollout"], v["device"], v["state"], v["ms"])
         return ("status", v["device"], v["boot"], v["state"], v["gateway_rx_ms"])
 
     def header(self, name: str) -> str:
