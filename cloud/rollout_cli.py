@@ -155,7 +155,7 @@ class Rollout:
         for tp in results:
             consumer.seek(tp, ends[tp])
         deadline = time.monotonic() + HISTORY_TIMEOUT_S
-        while any(await consumer.position(tp) < ends[tp] for tp in status):
+        while [tp for tp in status if await consumer.position(tp) < ends[tp]]:
             if time.monotonic() > deadline:
                 raise TernError(f"could not read the status topic {self.status_topic!r} to its end "
                                 f"within {HISTORY_TIMEOUT_S:g} s")
