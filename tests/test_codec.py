@@ -428,6 +428,25 @@ def test_hostile_ota_reports_are_rejected_everywhere(ota: object, message: str) 
         jsonschema.validate({**value, "ota": ota}, schema("kafka-status"))
 
 
+def test_rollout_records_round_trip_and_match_their_schema() -> None:
+    record = codec.kafka_ota_record("tern.status", "r-1", "0.5.0", "node-1", 0, "failed",
+                                    "rolled back: " + "x" * 300, "ota-1", 42)
+    value = json.loads(record.value)
+    jsonschema.validate(value, schema("kafka-ota"))
+    assert record.key == b"node-1" and dict(record.headers)["state"] == b"failed"
+    assert len(value["detail"]) == 200   # cut to the schema's bound
+    assert codec.decode_kafka_ota_value(record.value) == value
+    with pytest.raises(CodecError, match="rollout state"):
+        codec.kafka_ota_record("t", "r-1", "0.5.0", "node-1", 0, "exploded")
+    for bad, message in (({"state": "exploded"}, "'state' must be one of"), ({"wave": -1}, "'wave'"),
+                         ({"detail": None}, "'detail'"), ({"device": "a b"}, "device")):
+        with pytest.raises(CodecError, match=message):
+            codec.decode_kafka_ota_value(json.dumps({**value, **bad}).encode())
+    # Not a status record: readers of the status topic tell them apart by schema.
+    with pytest.raises(CodecError, match="unknown schema"):
+        codec.decode_kafka_status_value(record.value)
+
+
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=40),
     lambda inner: st.lists(inner, max_size=20) | st.dictionaries(st.text(max_size=5), inner, max_size=5),

@@ -10,12 +10,15 @@ Kafka, what each node's console says it ran.
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
+from importlib import resources
 from pathlib import Path
 from typing import Any, Iterator
 
+import jsonschema
 import pytest
 
 import helpers
@@ -83,6 +86,10 @@ def fleet(tmp_path: Path, stack: dict[str, Any], keys: dict[str, Path], count: i
     helpers.wait_until(lambda: {v["device"] for v in statuses(stack) if v["fw"] == FACTORY} >= set(nodes.devices),
                        timeout=DEADLINE, what="every node's birth in Kafka")
     return nodes
+
+
+def schema(name: str) -> dict:
+    return json.loads(resources.files("tern.core").joinpath(f"schemas/{name}.schema.json").read_text())
 
 
 def statuses(stack: dict[str, Any]) -> list[dict]:
@@ -168,6 +175,8 @@ def test_a_good_release_goes_to_the_canary_first_then_to_the_rest(tmp_path: Path
 
         ota = kafka_values(stack["kafka"], stack["status"], "ota")
         assert {r["rollout"] for r in ota} and len({r["rollout"] for r in ota}) == 1
+        for record in ota:
+            jsonschema.validate(record, schema("kafka-ota"))
         canary, rest = nodes.devices[0], nodes.devices[1:]
         by = {d: [r for r in ota if r["device"] == d] for d in nodes.devices}
         assert [r["wave"] for r in by[canary]] == [0] * len(by[canary])
@@ -187,6 +196,8 @@ def test_a_good_release_goes_to_the_canary_first_then_to_the_rest(tmp_path: Path
             assert {"verifying", "trial", "ok"} <= {r["st"] for r in reports}, reports
             assert len(reports) <= 8, reports   # frugal: a handful of births per update
             assert mine[-1]["fw"] == "0.5.0" and mine[-1]["ota"] == {"st": "ok", "ver": "0.5.0"}, mine[-1]
+            for value in mine:
+                jsonschema.validate(value, schema("kafka-status"))
             assert command_lines(node, "ota_update") == 1
         assert_every_reading_arrived(stack, nodes)
 
