@@ -103,6 +103,9 @@ def _parser() -> argparse.ArgumentParser:
     from tern.cloud import release_cli
 
     release_cli.add_parser(sub)
+    from tern.cloud import rollout_cli
+
+    rollout_cli.add_parser(sub)
     return parser
 
 
@@ -120,6 +123,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from tern.cloud import release_cli
 
             return release_cli.run(args)
+        if args.command == "ota":
+            from tern.cloud import rollout_cli
+
+            return rollout_cli.run(args)
         return _consume(args)
     except ConfigError as exc:
         print(f"tern-bridge: configuration error: {exc}", file=sys.stderr)
@@ -274,6 +281,16 @@ def _consume(args: argparse.Namespace) -> int:
     return 0
 
 
+def ota_text(ota: dict) -> str:
+    """A node's ``ota`` report as a few words: ``ota downloading 0.5.0 50%``, ``ota rolled_back 0.5.0 (why)``."""
+    text = f"ota {ota['st']} {ota['ver']}"
+    if "pct" in ota:
+        text += f" {ota['pct']}%"
+    if ota.get("why"):
+        text += f" ({ota['why']})"
+    return text
+
+
 def _cells(record) -> tuple[str, str, str, str, str]:
     """(device, boot, seq, what, gateway) of a record, as table cells (rich markup in ``what``)."""
     from rich.markup import escape
@@ -287,6 +304,8 @@ def _cells(record) -> tuple[str, str, str, str, str]:
         detail = " ".join(f"{k}={v[k]}" for k in ("fw", "reset") if v[k])
         if v.get("dropped"):  # readings the node itself had to drop, per boot
             detail += " dropped " + ",".join(f"{boot}:{n}" for boot, n in v["dropped"].items())
+        if v.get("ota"):  # an update under way, proven, refused or rolled back (docs/ota.md)
+            detail += " " + ota_text(v["ota"])
         return v["device"], v["boot"], "-", f"[{colour}]{v['state']}[/] {escape(detail.strip())}".rstrip(), v["gateway"]
     if record.kind == "drop":
         seqs = f"{v['first_seq']}-{v['last_seq']}"
@@ -296,6 +315,10 @@ def _cells(record) -> tuple[str, str, str, str, str]:
         state = "lifted" if v["lifted"] else "still held"
         what = f"[cyan]{v['count']} readings held back ({escape(v['reason'])}), {state}: not lost, the node re-sends[/]"
         return v["device"], v["boot"], f"{v['first_seq']}-", what, v["gateway"]
+    if record.kind == "ota":
+        detail = f" ({v['detail']})" if v["detail"] else ""
+        what = f"[cyan]rollout {escape(v['release'])} wave {v['wave']}: {escape(v['state'] + detail)}[/]"
+        return v["device"], "-", "-", what, escape(v["rollout"])
     if record.kind == "deadletter":
         size = record.header("original_bytes") or str(len(record.raw))
         cut = ", truncated" if record.header("truncated") == "1" else ""

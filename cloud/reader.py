@@ -53,10 +53,11 @@ log = logging.getLogger("tern.reader")
 CLOSE_TIMEOUT_S = 10.0
 
 #: What a record is: a reading, a node status event, a drop event (readings a gateway's
-#: retention policy deleted: they will never arrive), a dead letter the bridge wrote (its
-#: headers say why), a hold event (readings a gateway held back: not lost, the node re-sends
-#: them), or something on a Tern topic that is none of these.
-KINDS = ("reading", "status", "drop", "hold", "deadletter", "invalid")
+#: retention policy deleted: they will never arrive), a hold event (readings a gateway held
+#: back: not lost, the node re-sends them), a node's step in a fleet rollout (``tern-bridge ota
+#: rollout``), a dead letter the bridge wrote (its headers say why), or something on a Tern
+#: topic that is none of these.
+KINDS = ("reading", "status", "drop", "hold", "ota", "deadletter", "invalid")
 
 #: (kind, the codec's decoder for it). Looked up by name: a codec without drop events (older
 #: than the gateway's retention policies) simply never yields kind ``drop``.
@@ -65,6 +66,7 @@ _DECODERS = (
     ("status", "decode_kafka_status_value"),
     ("drop", "decode_kafka_drop_value"),
     ("hold", "decode_kafka_hold_value"),
+    ("ota", "decode_kafka_ota_value"),
 )
 
 #: Identities remembered by default: ~15 MB (measured with tracemalloc), many batches' worth of re-sends from
@@ -112,6 +114,8 @@ class TernRecord:
         if self.kind == "hold":
             return ("hold", v["device"], v["boot"], v["reason"], v["held_since_ms"], v["updated_ms"], v["count"],
                     v["lifted"])
+        if self.kind == "ota":
+            return ("ota", v["rollout"], v["device"], v["state"], v["ms"])
         return ("status", v["device"], v["boot"], v["state"], v["gateway_rx_ms"])
 
     def header(self, name: str) -> str:

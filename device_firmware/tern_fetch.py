@@ -10,6 +10,9 @@
 # 1 its signature (checked before any file is fetched), 2 + i the manifest's i-th file, whose
 # size and SHA-256 are checked when it is whole (a bad one is fetched again, MAX_TRIES times).
 # When every file is in, "ready" is written and the board resets into tern_boot's install.
+# Progress goes out in the (retained) birth: {"st": "downloading", "ver", "pct"} once the
+# signature is good and at each further quarter of the release's bytes, then "verifying" before
+# the reset into the install: at most five births per boot of a download.
 #
 # Memory: one chunk (~1 KB) at a time, the manifest read a line at a time, no lists.
 # Console: TERN ota want <idx> <off>   TERN ota bad_chunk <idx> <off>   TERN ota fetched <ver>
@@ -112,16 +115,34 @@ class Fetch:
         self.silent = 0     # requests in a row without an answer
         self.tries = 0
         self.error = None
+        self.bytes = 0      # the release's files' bytes (the manifest's "files" line)
+        self.done = 0       # ... of which whole and checked on flash
+        self.told = -1      # the last quarter told in a birth
+
+    def tell(self, client, st, why="", pct=-1):
+        """A fresh (retained) birth saying where the update is: the gateway sends it on."""
+        o = dict(self.node.ota)
+        o.pop("pct", None)
+        o["st"], o["ver"], o["why"] = st, self.ver, why[:120]
+        if pct >= 0:
+            o["pct"] = pct
+        self.node.ota = o
+        client.publish(self.node.t_status, self.node._status("online"), True, 1)
+
+    def progress(self, client):
+        """Tell the download's progress, once per quarter of the release's bytes."""
+        if self.bytes <= 0:   # (the signature not checked yet)
+            return
+        pct = self.done * 100 // self.bytes
+        if pct // 25 > self.told and pct < 100:
+            self.told = pct // 25
+            self.tell(client, "downloading", pct=pct)
 
     def give_up(self, client, why):
-        ver = self.ver
-        log("error ota fetch %s: %s" % (ver, why))
+        log("error ota fetch %s: %s" % (self.ver, why))
         rm(FETCH)
+        self.tell(client, "refused", why)   # the birth tells it
         self.ver = None
-        o = dict(self.node.ota)
-        o["st"], o["ver"], o["why"] = "refused", ver, why[:120]
-        self.node.ota = o
-        client.publish(self.node.t_status, self.node._status("online"), True, 1)   # the birth tells it
 
     def receive(self, msg):
         """A message on the fw topic (inside the MQTT callback): check it, append it."""
@@ -181,7 +202,7 @@ class Fetch:
                 return
             self.silent += 1
         if self.name is None and not self.locate():
-            return self.finish()
+            return self.finish(client)
         path = STAGE + "/" + self.name
         have = max(0, size(path))
         want = self.total if self.idx < 2 else self.size
@@ -192,7 +213,7 @@ class Fetch:
             why = self.whole(path)
             if why:
                 return self.give_up(client, why)
-            return
+            return self.progress(client)
         self.off = have
         self.asked = now
         client.publish(self.t_get, "%s %d %d" % (self.ver, self.idx, have))
@@ -231,6 +252,7 @@ class Fetch:
                 rm(STAGE + "/manifest")
                 rm(STAGE + "/manifest.sig")
                 return why
+            self.bytes = self.total_bytes()
         else:
             h = sha256()
             buf = bytearray(256)
@@ -247,6 +269,7 @@ class Fetch:
                 if self.tries >= MAX_TRIES:
                     return "%s corrupt %d times" % (self.name, self.tries)
                 return ""
+            self.done += self.size
         self.idx += 1
         self.name = None
         self.tries = 0
@@ -266,12 +289,23 @@ class Fetch:
             sys.modules.pop("tern_sig", None)
             gc.collect()
 
-    def finish(self):
+    def total_bytes(self):
+        """The release's files' bytes, from the manifest's "files <count> <bytes>" line."""
+        with open(STAGE + "/manifest") as f:
+            while True:
+                p = f.readline().split()
+                if not p:
+                    return 0
+                if p[0] == "files":
+                    return int(p[2])
+
+    def finish(self, client):
         """Every file is in: mark the stage ready and reset into tern_boot's install."""
         with open(STAGE + "/ready", "w"):
             pass
         rm(FETCH)
         log("ota fetched %s" % self.ver)
+        self.tell(client, "verifying")
         n = self.node
         n.save()        # unacked readings to flash first
         n.shutdown()

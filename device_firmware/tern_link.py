@@ -101,7 +101,10 @@ class Link:
             if o.get("trial"):
                 d["ota"] = {"st": "trial", "ver": self.fw}
             elif "st" in o:
-                d["ota"] = {"st": o["st"], "ver": o.get("ver", "?"), "why": o.get("why", "")}
+                r = {"st": o["st"], "ver": o.get("ver", "?"), "why": o.get("why", "")}
+                if "pct" in o:
+                    r["pct"] = o["pct"]     # a download's progress (tern_fetch)
+                d["ota"] = r
             self.status_extra(d)
         return dumps(d).encode()
 

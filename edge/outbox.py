@@ -50,7 +50,7 @@ import sqlite_utils
 
 from tern.core.codec import (
     MAX_DEADLETTER_PAYLOAD, MAX_DEADLETTER_TOPIC, MAX_DEADLETTERS_PER_BATCH, MAX_HOLDS_PER_BATCH, DropEvent,
-    GatewayDeadLetter, HoldEvent, Reading, StatusEvent, gateway_dead_letter, new_reading,
+    GatewayDeadLetter, HoldEvent, OtaReport, Reading, StatusEvent, gateway_dead_letter, new_reading,
 )
 from tern.edge import retention as rtn
 from tern.edge import seqtrack
@@ -341,6 +341,10 @@ class Outbox:
             for table in (STATUS_EVENTS, NODE_STATUS):
                 if "down" not in self.db[table].columns_dict:
                     self.db[table].add_column("down", str, not_null_default="")
+                # The node's update state (JSON object, "" for none): a fresh birth saying how
+                # far a download or a trial got is news for the same boot; added later, likewise.
+                if "ota" not in self.db[table].columns_dict:
+                    self.db[table].add_column("ota", str, not_null_default="")
             self.db[DEAD_LETTERS].create(
                 {"id": int, "received_ms": int, "topic": str, "payload": bytes, "size": int, "error": str},
                 pk="id",
@@ -655,26 +659,28 @@ class Outbox:
         for event in statuses:
             dropped = json.dumps(dict(event.dropped)) if event.dropped else ""
             down = json.dumps(list(event.down)) if event.down else ""
+            ota = json.dumps(event.ota.to_dict()) if event.ota is not None else ""
             latest = self.db.execute(
-                f"SELECT boot, state, dropped, down FROM {NODE_STATUS} WHERE site = ? AND device = ?",
+                f"SELECT boot, state, dropped, down, ota FROM {NODE_STATUS} WHERE site = ? AND device = ?",
                 [event.site, event.device],
             ).fetchone()
             # (a status with a new drop report, or another set of sensors down, is news even
             # for the same boot and state)
-            if latest == (event.boot, event.state, dropped, down):
+            if latest == (event.boot, event.state, dropped, down, ota):
                 continue
             received = stamp  # like readings: when this gateway committed it
             self.db.execute(
-                f"INSERT INTO {STATUS_EVENTS} (site, device, boot, state, fw, reset, received_ms, dropped, down)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [event.site, event.device, event.boot, event.state, event.fw, event.reset, received, dropped, down],
+                f"INSERT INTO {STATUS_EVENTS} (site, device, boot, state, fw, reset, received_ms, dropped, down, ota)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [event.site, event.device, event.boot, event.state, event.fw, event.reset, received, dropped, down, ota],
             )
             self.db.execute(
-                f"INSERT INTO {NODE_STATUS} (site, device, boot, state, received_ms, dropped, down)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)"
+                f"INSERT INTO {NODE_STATUS} (site, device, boot, state, received_ms, dropped, down, ota)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT(site, device) DO UPDATE SET boot = excluded.boot, state = excluded.state,"
-                " received_ms = excluded.received_ms, dropped = excluded.dropped, down = excluded.down",
-                [event.site, event.device, event.boot, event.state, received, dropped, down],
+                " received_ms = excluded.received_ms, dropped = excluded.dropped, down = excluded.down,"
+                " ota = excluded.ota",
+                [event.site, event.device, event.boot, event.state, received, dropped, down, ota],
             )
             inserted += 1
         return inserted
@@ -726,7 +732,7 @@ class Outbox:
         """
         with self._lock:
             cursor = self.db.execute(
-                f"SELECT id, site, device, state, boot, fw, reset, received_ms, dropped, down FROM {STATUS_EVENTS}"
+                f"SELECT id, site, device, state, boot, fw, reset, received_ms, dropped, down, ota FROM {STATUS_EVENTS}"
                 " ORDER BY id"
             )
             # Filtered here rather than in SQL: the busy set may outgrow SQLite's host parameter
@@ -739,6 +745,7 @@ class Outbox:
                         site=row[1], device=row[2], state=row[3], boot=row[4], fw=row[5], reset=row[6], received_ms=row[7],
                         dropped=tuple(json.loads(row[8]).items()) if row[8] else (),
                         down=tuple(json.loads(row[9])) if row[9] else (),
+                        ota=OtaReport(**json.loads(row[10])) if row[10] else None,
                     ),
                 )
                 for row in picked

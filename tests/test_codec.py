@@ -358,6 +358,95 @@ def test_hostile_down_lists_are_rejected_everywhere(down: object, message: str) 
         jsonschema.validate({**DOWN_STATUS, "down": down}, schema("node-status"))
 
 
+# --- over-the-air update state, in the node status (issue 26) --------------------------------
+
+OTA_REPORTS = [
+    codec.OtaReport("downloading", "0.5.0", pct=25),
+    codec.OtaReport("verifying", "0.5.0"),
+    codec.OtaReport("trial", "0.5.0"),
+    codec.OtaReport("ok", "0.5.0"),
+    codec.OtaReport("rolled_back", "0.5.0", "ImportError tern_link 0.5.0 is broken"),
+    codec.OtaReport("refused", "?", "signed with another key (key id 00ff)"),
+]
+
+
+@pytest.mark.parametrize("ota", OTA_REPORTS, ids=lambda o: o.st)
+def test_ota_state_goes_from_the_node_to_kafka_and_matches_the_schemas(ota: codec.OtaReport) -> None:
+    status = codec.Status("node-1", "online", "0badc0de", "0.4.0", "PWRON_RESET", ota=ota)
+    raw = codec.encode_status(status)
+    jsonschema.validate(json.loads(raw), schema("node-status"))
+    assert codec.decode_status(raw, topic_device="node-1") == status
+    event = codec.StatusEvent.from_status(status, "site-a", 42)
+    batch = codec.Batch("gw-1", 1, 2, statuses=(event,))
+    doc = json.loads(zlib.decompress(codec.encode_batch(batch)))
+    # A field of the event, not an envelope extension: a bridge that predates it reads the
+    # envelope (it ignores keys it does not know) rather than refusing it.
+    assert doc["events"][0]["ota"] == ota.to_dict() and "ext" not in doc
+    assert codec.decode_batch(codec.encode_batch(batch)) == batch
+    value = json.loads(codec.kafka_status_record(event, "gw-1", "t", 9).value)
+    jsonschema.validate(value, schema("kafka-status"))
+    assert codec.decode_kafka_status_value(json.dumps(value).encode())["ota"] == ota.to_dict()
+
+
+def test_a_status_without_ota_is_encoded_as_before() -> None:
+    """No ``ota`` key anywhere when the node has none to tell: records stay as they were."""
+    old = codec.decode_status(json.dumps(DOWN_STATUS).encode())
+    assert old.ota is None
+    event = codec.StatusEvent.from_status(old, "site-a", 42)
+    assert "ota" not in json.loads(zlib.decompress(codec.encode_batch(codec.Batch("gw-1", 1, 2, statuses=(event,)))))["events"][0]
+    assert "ota" not in json.loads(codec.kafka_status_record(event, "gw-1", "t", 9).value)
+
+
+HOSTILE_OTA = [
+    ("trial", "must be an object"),
+    ({"ver": "0.5.0"}, "'st' must be one of"),
+    ({"st": "exploded", "ver": "0.5.0"}, "'st' must be one of"),
+    ({"st": "ok"}, "'ver' must be a string"),
+    ({"st": "ok", "ver": ""}, "'ver' must be a string"),
+    ({"st": "ok", "ver": "v" * 41}, "'ver' must be a string"),
+    ({"st": "refused", "ver": "1", "why": "x" * 121}, "'why' must be a string"),
+    ({"st": "downloading", "ver": "1", "pct": 101}, "'pct' must be an integer"),
+    ({"st": "downloading", "ver": "1", "pct": 2.5}, "'pct' must be an integer"),
+    ({"st": "downloading", "ver": "1", "pct": True}, "'pct' must be an integer"),
+]
+
+
+@pytest.mark.parametrize("ota, message", HOSTILE_OTA)
+def test_hostile_ota_reports_are_rejected_everywhere(ota: object, message: str) -> None:
+    with pytest.raises(CodecError, match=message):
+        codec.decode_status(json.dumps({**DOWN_STATUS, "ota": ota}).encode())
+    item = {"site": "s", "dev": "d", "state": "online", "boot": "0badc0de", "rx": 1, "ota": ota}
+    with pytest.raises(CodecError, match=message):
+        codec.decode_batch(zlib.compress(json.dumps({"v": 1, "gw": "gw-1", "bseq": 3, "sent": 5, "items": [],
+                                                     "events": [item]}).encode()))
+    value = json.loads(codec.kafka_status_record(codec.StatusEvent("s", "d", "online", "0badc0de"), "gw-1", "t", 1).value)
+    with pytest.raises(CodecError, match=message):
+        codec.decode_kafka_status_value(json.dumps({**value, "ota": ota}).encode())
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({**DOWN_STATUS, "ota": ota}, schema("node-status"))
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({**value, "ota": ota}, schema("kafka-status"))
+
+
+def test_rollout_records_round_trip_and_match_their_schema() -> None:
+    record = codec.kafka_ota_record("tern.status", "r-1", "0.5.0", "node-1", 0, "failed",
+                                    "rolled back: " + "x" * 300, "ota-1", 42)
+    value = json.loads(record.value)
+    jsonschema.validate(value, schema("kafka-ota"))
+    assert record.key == b"node-1" and dict(record.headers)["state"] == b"failed"
+    assert len(value["detail"]) == 200   # cut to the schema's bound
+    assert codec.decode_kafka_ota_value(record.value) == value
+    with pytest.raises(CodecError, match="rollout state"):
+        codec.kafka_ota_record("t", "r-1", "0.5.0", "node-1", 0, "exploded")
+    for bad, message in (({"state": "exploded"}, "'state' must be one of"), ({"wave": -1}, "'wave'"),
+                         ({"detail": None}, "'detail'"), ({"device": "a b"}, "device")):
+        with pytest.raises(CodecError, match=message):
+            codec.decode_kafka_ota_value(json.dumps({**value, **bad}).encode())
+    # Not a status record: readers of the status topic tell them apart by schema.
+    with pytest.raises(CodecError, match="unknown schema"):
+        codec.decode_kafka_status_value(record.value)
+
+
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=40),
     lambda inner: st.lists(inner, max_size=20) | st.dictionaries(st.text(max_size=5), inner, max_size=5),

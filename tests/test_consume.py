@@ -31,7 +31,7 @@ from tern.cloud.reader import Deduplicator, TopicReader, read_tern
 from tern.core import codec, topics
 from tern.harness.stack import Mosquitto
 
-from helpers import bridge_config
+from helpers import bridge_config, produce
 
 BOOT = "c0ffee01"
 GATEWAY = "gw-consume"
@@ -185,6 +185,27 @@ def test_drop_events_decoded_and_deduplicated(pipeline, kafka_bootstrap, kafka_t
     out = capsys.readouterr().out
     assert "5 readings dropped (max_rows)" in out and "2 records, 1 duplicates dropped" in out
     assert f"dropped {BOOT}:3" in out
+
+
+def test_ota_state_and_rollout_records_are_read_and_shown(pipeline, kafka_bootstrap, kafka_topics, capsys, monkeypatch):
+    """A node's update state rides in its status record; a rollout's step is a record of its own."""
+    bridge, gateway = pipeline
+    report = codec.OtaReport("rolled_back", "0.5.0", "ImportError tern_link 0.5.0 is broken")
+    birth = codec.StatusEvent(site="site1", device="dev-a", state="online", boot=BOOT, fw="0.4.0", received_ms=9, ota=report)
+    gateway.send(codec.Batch(GATEWAY, 1, int(time.time() * 1000), statuses=(birth,)))
+    topic = kafka_topics["status"]
+    assert len(read_all(kafka_bootstrap, topic, timeout_s=15, expect=1)) == 1
+    step = codec.kafka_ota_record(topic, "r-1", "0.5.0", "dev-a", 0, "failed", "rolled back: ImportError", "ota-1", 10)
+    produce(kafka_bootstrap, topic, [(step.key, step.value)])  # (the rollout's producer, as it writes it)
+
+    items = list(read_tern(kafka_bootstrap, topic, from_beginning=True, timeout_s=15))
+    assert [r.kind for r in items] == ["status", "ota"]
+    assert items[0].value["ota"] == report.to_dict() and items[1].value["state"] == "failed"
+    monkeypatch.setenv("COLUMNS", "250")
+    assert cli_main(["consume", "--kafka", kafka_bootstrap, "--topic", topic, "--from-beginning"]) == 0
+    out = capsys.readouterr().out
+    assert "ota rolled_back 0.5.0 (ImportError tern_link 0.5.0 is broken)" in out
+    assert "rollout 0.5.0 wave 0: failed (rolled back: ImportError)" in out
 
 
 def test_deduplicator_window_is_bounded():

@@ -41,7 +41,7 @@ from tern.core.messages import (
     _values,
     new_reading,
 )
-from tern.core.node_wire import _down, _dropped, _state
+from tern.core.node_wire import _down, _dropped, _ota, _state
 from tern.core.topics import check_id
 
 
@@ -68,6 +68,8 @@ def _status_item(event: StatusEvent) -> dict[str, Any]:
         item["dropped"] = dict(event.dropped)
     if event.down:  # only when a sensor is down: other envelopes stay byte-identical
         item["down"] = list(event.down)
+    if event.ota is not None:  # only while the node has an update to tell of: as for "down"
+        item["ota"] = event.ota.to_dict()
     item["rx"] = event.received_ms
     return item
 
@@ -238,6 +240,7 @@ def _decode_status_events(obj: Mapping[str, Any], what: str) -> tuple[StatusEven
             received_ms=_int(item, "rx", where),
             dropped=_dropped(item, where),
             down=_down(item, where),
+            ota=_ota(item, where),
         )
         for where, item in _object_list(obj, "events", what, "event", default=[])
     )

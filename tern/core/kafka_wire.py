@@ -28,7 +28,7 @@ from tern.core.messages import (
     _text,
     _values,
 )
-from tern.core.node_wire import _down, _dropped, _state
+from tern.core.node_wire import _down, _dropped, _ota, _state
 from tern.core.topics import check_id
 
 KAFKA_SCHEMA_ID = "tern.reading/1"
@@ -95,7 +95,8 @@ def kafka_status_record(event: StatusEvent, gateway: str, topic: str, bridged_ms
     """Map one node status event to its Kafka record: key = device id, like the readings.
 
     ``fw``, ``reset`` and ``down`` are always present in the value (empty when the node did
-    not say, as in a last will), so consumers need no "missing key" case.
+    not say, as in a last will), so consumers need no "missing key" case; ``dropped`` and
+    ``ota`` only when the node told of them.
     """
     value = {
         "schema": KAFKA_STATUS_SCHEMA_ID,
@@ -112,6 +113,8 @@ def kafka_status_record(event: StatusEvent, gateway: str, topic: str, bridged_ms
     }
     if event.dropped:  # only when the node lost readings: other records stay as they were
         value["dropped"] = dict(event.dropped)
+    if event.ota is not None:  # only while the node has an update to tell of, likewise
+        value["ota"] = event.ota.to_dict()
     headers = (
         ("device", event.device.encode()),
         ("gateway", gateway.encode()),
@@ -137,6 +140,7 @@ def decode_kafka_status_value(raw: bytes) -> dict[str, Any]:
     _text(obj, "reset", what)
     _dropped(obj, what)
     _down(obj, what)  # (absent in records of bridges that predate it: read as none)
+    _ota(obj, what)
     return obj
 
 
@@ -244,6 +248,57 @@ def decode_kafka_hold_value(raw: bytes) -> dict[str, Any]:
         raise CodecError(f"{what}: 'reason' must be one of {HOLD_REASONS}, got {obj.get('reason')!r}")
     if not isinstance(obj.get("lifted"), bool):
         raise CodecError(f"{what}: 'lifted' must be true or false")
+    return obj
+
+
+KAFKA_OTA_SCHEMA_ID = "tern.ota/1"
+#: A node's part in a fleet rollout (``tern-bridge ota rollout``, docs/ota.md): on the release
+#: already at the start; the ota_update command sent; its update under way (the node's own
+#: report); healthy on the release; failed (why in ``detail``); not sent because the rollout
+#: halted; or left out (offline when the rollout began).
+OTA_ROLLOUT_STATES = ("already", "sent", "downloading", "verifying", "trial", "healthy", "failed", "held", "skipped")
+#: Longest ``detail`` of a rollout record.
+MAX_OTA_DETAIL = 200
+
+
+def kafka_ota_record(topic: str, rollout: str, release: str, device: str, wave: int, state: str,
+                     detail: str = "", command: str = "", ms: int = 0) -> KafkaRecord:
+    """A node's step in a fleet rollout, as a record on the status topic: key = device id, so it
+    sits in order with the device's statuses. ``wave`` 0 is the canary group."""
+    if state not in OTA_ROLLOUT_STATES:
+        raise CodecError(f"rollout state must be one of {OTA_ROLLOUT_STATES}, got {state!r}")
+    value = {
+        "schema": KAFKA_OTA_SCHEMA_ID,
+        "rollout": rollout,
+        "release": release,
+        "device": device,
+        "wave": wave,
+        "state": state,
+        "detail": detail[:MAX_OTA_DETAIL],
+        "command": command,
+        "ms": ms,
+    }
+    headers = (("device", device.encode()), ("rollout", rollout.encode()), ("state", state.encode()))
+    return KafkaRecord(topic=topic, key=device.encode(), value=_dumps_finite(value), headers=headers)
+
+
+def decode_kafka_ota_value(raw: bytes) -> dict[str, Any]:
+    """Decode and check a Kafka rollout value (for consumers and tests)."""
+    what = "kafka ota value"
+    obj = _json_object(raw, MAX_NODE_PAYLOAD, what)
+    if obj.get("schema") != KAFKA_OTA_SCHEMA_ID:
+        raise CodecError(f"{what}: unknown schema {obj.get('schema')!r}")
+    for key in ("wave", "ms"):
+        _int(obj, key, what)
+    for key in ("rollout", "device"):
+        check_id(_text(obj, key, what), key)
+    _text(obj, "release", what)
+    _text(obj, "command", what)
+    if obj.get("state") not in OTA_ROLLOUT_STATES:
+        raise CodecError(f"{what}: 'state' must be one of {OTA_ROLLOUT_STATES}, got {obj.get('state')!r:.40}")
+    detail = obj.get("detail")
+    if not isinstance(detail, str) or len(detail) > MAX_OTA_DETAIL:
+        raise CodecError(f"{what}: 'detail' must be a string of at most {MAX_OTA_DETAIL} characters")
     return obj
 
 

@@ -39,6 +39,12 @@ MAX_TEXT_LEN = 64
 MAX_SAFE_INT = 2**53 - 1
 
 STATES = ("online", "offline")
+#: What a node's ``ota`` report may say (docs/ota.md, "What the node reports"), in the order an
+#: update goes through them: fetching (with ``pct``), all fetched and about to be checked and
+#: installed at the next boot, running on trial, proven; or the release refused or rolled back.
+OTA_STATES = ("downloading", "verifying", "trial", "ok", "refused", "rolled_back")
+MAX_OTA_VERSION = 40
+MAX_OTA_WHY = 120
 
 Value = int | float | bool | str
 
@@ -66,6 +72,26 @@ class Reading:
 
 
 @dataclass(frozen=True, slots=True)
+class OtaReport:
+    """A node's over-the-air update state, from its birth message (``ota``)."""
+
+    st: str
+    ver: str
+    why: str = ""
+    #: Download progress in percent (``downloading`` only); None when the node did not say.
+    pct: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object, as the node, the envelope and the Kafka value carry it."""
+        out: dict[str, Any] = {"st": self.st, "ver": self.ver}
+        if self.why:
+            out["why"] = self.why
+        if self.pct is not None:
+            out["pct"] = self.pct
+        return out
+
+
+@dataclass(frozen=True, slots=True)
 class Status:
     """A node's retained status: the birth message or the last will."""
 
@@ -78,6 +104,8 @@ class Status:
     dropped: tuple[tuple[str, int], ...] = ()
     #: Labels of the node's sensors that are not answering now (its "down" list).
     down: tuple[str, ...] = ()
+    #: Its over-the-air update state, when it has one to tell.
+    ota: OtaReport | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,12 +126,13 @@ class StatusEvent:
     received_ms: int = 0
     dropped: tuple[tuple[str, int], ...] = ()
     down: tuple[str, ...] = ()
+    ota: OtaReport | None = None
 
     @classmethod
     def from_status(cls, status: Status, site: str, received_ms: int = 0) -> "StatusEvent":
         """The event for ``status`` seen on ``site``'s topic."""
         return cls(site, status.device, status.state, status.boot, status.fw, status.reset, received_ms, status.dropped,
-                   status.down)
+                   status.down, status.ota)
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,9 +18,13 @@ from tern.core.messages import (
     MAX_DOWN_LABEL,
     MAX_DROPPED_BOOTS,
     MAX_NODE_PAYLOAD,
+    MAX_OTA_VERSION,
+    MAX_OTA_WHY,
+    OTA_STATES,
     STATES,
     WIRE_VERSION,
     NodeAck,
+    OtaReport,
     Reading,
     Status,
     _boot,
@@ -142,6 +146,28 @@ def _down(obj: Mapping[str, Any], what: str) -> tuple[str, ...]:
     return tuple(raw)
 
 
+def _ota(obj: Mapping[str, Any], what: str) -> OtaReport | None:
+    """The optional ``ota`` object of a status (docs/ota.md): None when absent."""
+    raw = obj.get("ota")
+    if raw is None:
+        return None
+    where = f"{what} ota"
+    if not isinstance(raw, dict):
+        raise CodecError(f"{where}: must be an object")
+    st = raw.get("st")
+    if st not in OTA_STATES:
+        raise CodecError(f"{where}: 'st' must be one of {OTA_STATES}, got {st!r:.40}")
+    ver, why = raw.get("ver"), raw.get("why", "")
+    if not isinstance(ver, str) or not 1 <= len(ver) <= MAX_OTA_VERSION:
+        raise CodecError(f"{where}: 'ver' must be a string of 1-{MAX_OTA_VERSION} characters")
+    if not isinstance(why, str) or len(why) > MAX_OTA_WHY:
+        raise CodecError(f"{where}: 'why' must be a string of at most {MAX_OTA_WHY} characters")
+    pct = raw.get("pct")
+    if pct is not None and (type(pct) is not int or not 0 <= pct <= 100):
+        raise CodecError(f"{where}: 'pct' must be an integer 0-100, got {pct!r:.40}")
+    return OtaReport(st, ver, why, pct)
+
+
 def encode_status(status: Status) -> bytes:
     """Encode a birth message or last will."""
     obj: dict[str, Any] = {"v": WIRE_VERSION, "dev": status.device, "state": status.state, "boot": status.boot}
@@ -153,6 +179,8 @@ def encode_status(status: Status) -> bytes:
         obj["dropped"] = dict(status.dropped)
     if status.down:
         obj["down"] = list(status.down)
+    if status.ota is not None:
+        obj["ota"] = status.ota.to_dict()
     return _dumps(obj)
 
 
@@ -179,6 +207,7 @@ def decode_status(raw: bytes, *, topic_device: str | None = None) -> Status:
         reset=_text(obj, "reset", what, required=False),
         dropped=_dropped(obj, what),
         down=_down(obj, what),
+        ota=_ota(obj, what),
     )
 
 

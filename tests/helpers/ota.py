@@ -1,5 +1,6 @@
 """Over-the-air transport from outside: what a release costs in requests, what a node's console
-says it asked for and sent per boot, a command or bundle published where the bridge would."""
+says it asked for, sent per boot and ran, a command or bundle published where the bridge would,
+and what a rollout left in Kafka."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import math
 import re
 from pathlib import Path
 
+from tern.cloud.consume import read_all
+from tern.cloud.reader import decode_record
 from tern.core import commands, ota_wire, topics
 from tern.core.commands import Command
 from tern.device import EmulatedNode
@@ -59,3 +62,16 @@ def publish(broker: Mosquitto, topic: str, payload: bytes) -> None:
 def send_command(cloud: Mosquitto, gateway: str, command: Command) -> None:
     """A command on the gateway's command topic, as the bridge's router hands it over."""
     publish(cloud, topics.gateway_command_topic(gateway), commands.encode_command(command))
+
+
+def command_lines(node: EmulatedNode, name: str) -> int:
+    """How many commands called ``name`` the node ran, across its boots (``TERN cmd <id> <name> ...``)."""
+    return len(re.findall(rf"^TERN cmd \S+ {re.escape(name)} ", node.log_text(), re.M))
+
+
+def kafka_values(bootstrap: str, topic: str, kind: str) -> list[dict]:
+    """The values of the records of ``kind`` (the reader's: ``status``, ``ota``, ...) in ``topic``,
+    in partition and offset order (so each device's in the order they were written)."""
+    records = sorted(read_all(bootstrap, topic, timeout_s=5), key=lambda r: (r.partition, r.offset))
+    decoded = [decode_record(r.topic, r.partition, r.offset, None, r.raw, (), 0) for r in records]
+    return [d.value for d in decoded if d.kind == kind and d.value is not None]
