@@ -12,8 +12,8 @@ two followers have it. The rows are the Tansu rows' twins, prefixed ``apache.``:
   ``apache_drain_readings`` drained by gateway and bridge processes, vs the same records
   written by raw aiokafka and by librdkafka (all three the same count).
 
-The cluster is started once, for this stage only (full JIT, ~10-50 s on 2 shared cores, not
-timed), warmed up with one untimed pass of the drain's records (:func:`warm_up`), and stopped
+The cluster is started once (full JIT, ~10-50 s on 2 shared cores, not timed; by the
+``scaleout`` stage just before, which needs it too, or here), warmed up with one untimed pass of the drain's records (:func:`warm_up`), and stopped
 when the stage ends. Issue 13's and 27's targets are judged on the Tansu rows;
 these rows carry none (they say what replication costs, not whether Tern keeps up).
 
@@ -39,9 +39,9 @@ QUICK_SKIP = ("quick run: no 3-node Apache Kafka cluster is started (name the st
               "or set TERN_KAFKA=apache to run it; tests/test_bench.py runs it on the suite's cluster)")
 
 
-def why_not(lab: Lab) -> str | None:
-    """Why this stage cannot run here, or None."""
-    if not (lab.sizes.apache_start or "apache" in lab.explicit or lab.has_apache()):
+def why_not(lab: Lab, stage: str = "apache") -> str | None:
+    """Why ``stage`` (this one, or another that needs the cluster) cannot run here, or None."""
+    if not (lab.sizes.apache_start or stage in lab.explicit or lab.has_apache()):
         return QUICK_SKIP
     if lab.has_apache():
         return None

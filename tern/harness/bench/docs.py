@@ -27,11 +27,12 @@ round (min / median / max); the figure is the median. The codec and outbox micro
 alternate Tern and baseline and keep the best round of each (noise only ever slows them).
 `make bench` exits non-zero when a target of issue 13 or 27 is missed, and says which.
 
-Two Kafkas in one run: every stage writes to a private Tansu (one in-memory broker); the last
-stage, `apache`, starts a 3-node Apache Kafka cluster (KRaft, replication factor 3,
-`min.insync.replicas` 2, `acks=all`) once and runs the bridge and the drain against it again,
-each with its own baselines on that cluster: the `apache.*` rows. Targets are judged on the
-Tansu rows. Kafka throughput is measured against two plain clients: per-record aiokafka and a
+Two Kafkas in one run: every stage writes to a private Tansu (one in-memory broker) but the
+last two. `scaleout` (several bridges writing the same partitions at once, which Tansu does
+not keep: see [kafka.md](kafka.md)) and `apache` run on a 3-node Apache Kafka cluster (KRaft,
+replication factor 3, `min.insync.replicas` 2, `acks=all`) started once; `apache` runs the
+bridge and the drain against it again, each with its own baselines on that cluster: the
+`apache.*` rows. Targets are judged on the Tansu rows. Kafka throughput is measured against two plain clients: per-record aiokafka and a
 librdkafka producer (`confluent-kafka`).
 
 ```sh
