@@ -130,6 +130,9 @@ class Ingest:
             "held_back": 0,
             "hold_events": 0,
             "resend_hints": 0,
+            # Transactions committed: processed / groups is the group size that the fsyncs,
+            # PUBACK bursts and node acks are paid per.
+            "groups": 0,
         }
         self._disk_full = False
         self._disk_full_logged_at = float("-inf")
@@ -392,6 +395,7 @@ class Ingest:
             log.warning("dead letter from %s: %s", quote(letter.topic), shorten(letter.error, 300))
         with self._lock:
             self._counts["processed"] += count
+            self._counts["groups"] += 1
             self._counts["committed"] += result.inserted
             self._counts["duplicates"] += result.duplicates
             self._counts["gaps_opened"] += result.gaps

@@ -220,7 +220,11 @@ def run_gateway(config: dict[str, Any]) -> None:
     def stats() -> dict[str, Any]:
         out = dict(gateway.uplink.stats())
         out["pending"] = gateway.outbox.pending()
-        out["committed"] = gateway.ingest.stats().get("committed", 0)
+        ingest = gateway.ingest.stats()
+        out["committed"] = ingest.get("committed", 0)
+        # Per-group costs (fsync, PUBACK burst, node acks) are paid per group: its size shows.
+        out["ingest_groups"] = ingest.get("groups", 0)
+        out["node_acks"] = ingest.get("node_acks", 0)
         return out
 
     try:
