@@ -57,7 +57,8 @@ MAX_DEVICE_COUNTERS = 10_000
 #: replayed, a fast sensor) gets one ack for all it had committed meanwhile, instead of one
 #: per group. A node's first ack after a quiet spell leaves at once. Under a live load of 100
 #: fast devices, node acks (a QoS 1 publish, and its PUBACK, each) were a third as many as
-#: the readings and a fifth of the gateway's CPU.
+#: the readings and a fifth of the gateway's CPU. A bundle is acked at once: the firmware
+#: replays its flash spill with a few bundles in flight, each waiting for its ack.
 NODE_ACK_EVERY_S = 0.1
 
 
@@ -159,6 +160,7 @@ class Ingest:
         # when each was last acked (entries older than NODE_ACK_EVERY_S are forgotten).
         self._acks_due: dict[tuple[str, str, str], int] = {}
         self._acked_at: dict[tuple[str, str, str], float] = {}
+        self._acks_urgent: set[tuple[str, str, str]] = set()  # acked at once (bundles)
         self._next_ack_flush = float("inf")
         host, port = config.local_hostport
         # manual_ack: the worker PUBACKs only after the outbox commit.
@@ -367,6 +369,10 @@ class Ingest:
                     held_back[key] = held_back.get(key, 0) + len(group)
                 else:
                     readings.extend(group)
+                    if len(group) > 1:
+                        # A bundle: the node replays its flash spill, a few bundles in flight
+                        # until acked; a coalesced ack would pace the replay.
+                        self._acks_urgent.add((group[0].site, group[0].device, group[0].boot))
             elif isinstance(result, StatusEvent):
                 # Exempt from shares: a status needs only a free row. A status that turns out
                 # to be a duplicate only makes this check conservative.
@@ -589,7 +595,7 @@ class Ingest:
         sent = 0
         for key, seq in self._acks_due.items():
             last = acked_at.get(key)
-            if not force and last is not None and now - last < NODE_ACK_EVERY_S:
+            if not force and last is not None and now - last < NODE_ACK_EVERY_S and key not in self._acks_urgent:
                 later[key] = seq
                 continue
             site, device, boot = key
@@ -597,6 +603,7 @@ class Ingest:
             acked_at[key] = now
             sent += 1
         self._acks_due = later
+        self._acks_urgent.clear()
         # Forget nodes acked long enough ago: they are no longer limited (bounded memory).
         if len(acked_at) > len(later) * 2 + 1000:
             self._acked_at = {k: t for k, t in acked_at.items() if now - t < NODE_ACK_EVERY_S}

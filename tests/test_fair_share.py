@@ -250,7 +250,7 @@ def test_real_firmware_held_back_sends_again_and_loses_nothing(mosquitto_factory
     bridge = BridgeStub(cloud)
     cleanup(bridge)
     outbox = tmp_path / "gw" / "outbox.db"
-    gw = Gateway(config(local, cloud, outbox, device_rate_limit="20 readings/s"))
+    gw = Gateway(config(local, cloud, outbox, device_rate_limit="15 readings/s"))
     cleanup(gw)
     gw.start()
     assert gw.wait_connected(20)

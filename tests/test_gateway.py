@@ -407,6 +407,24 @@ def test_a_fast_node_gets_one_ack_per_interval_for_all_it_committed(brokers, out
     assert unsafe == []  # every ack's reading was in the outbox when the node got it
 
 
+def test_a_bundle_is_acked_at_once_even_right_after_another_ack(brokers, outbox_path, cleanup, monkeypatch):
+    """The firmware replays its spill a few bundles at a time, each waiting for its ack."""
+    local, cloud = brokers
+    from tern.edge import ingest
+
+    monkeypatch.setattr(ingest, "NODE_ACK_EVERY_S", 30.0)
+    started_gateway(local, cloud, outbox_path, cleanup)
+    node = Node(local, "dev-a")
+    cleanup(node)
+    node.send(0)
+    wait_until(lambda: node.acked_seq() == 0, what="the first ack")
+    bundle = [Reading("dev-a", BOOT, seq, 1_700_000_000_000 + seq, {"t": 20.5}) for seq in (1, 2, 3)]
+    node.publish_raw(topics.telemetry_topic(SITE, "dev-a"), codec.encode_bundle(bundle))
+    # Well before the 30 s a single reading's ack would wait.
+    wait_until(lambda: node.acked_seq() == 3, what="the bundle's ack", timeout=20)
+    assert [r[2] for r in outbox_rows(outbox_path)] == [0, 1, 2, 3]
+
+
 def test_gateway_killed_between_commit_and_forward_loses_nothing(brokers, outbox_path, cleanup, tmp_path):
     local, cloud = brokers
     # Create the gateway's persistent session first: the broker queues for it while the
