@@ -90,7 +90,10 @@ class ObservedOutbox(Outbox):
                 seen.fw = event.fw or seen.fw
                 seen.reset = event.reset or seen.reset
             for reading in readings:
-                seen = self._seen.setdefault((reading.site, reading.device), DeviceSeen())
+                key = (reading.site, reading.device)
+                seen = self._seen.get(key)
+                if seen is None:  # (not setdefault: that builds a DeviceSeen per reading)
+                    seen = self._seen[key] = DeviceSeen()
                 seen.received += 1
                 seen.last_reading_ms = stamp
                 if reading.boot != seen.boot:

@@ -613,24 +613,22 @@ class Outbox:
         return dropped
 
     def _insert_readings(self, readings: Sequence[Reading], stamp: int) -> int:
-        rows = [
-            {
-                "site": r.site,
-                "device": r.device,
-                "boot": r.boot,
-                "seq": r.seq,
-                "ts_ms": r.ts_ms,
-                "received_ms": stamp,
-                "values": orjson.dumps(dict(r.values)).decode(),  # finite: the codec checked them
-            }
-            for r in readings
-        ]
-        if not rows:
+        if not readings:
             return 0
         before = self.db.conn.total_changes
         # OR IGNORE: the UNIQUE identity index turns a redelivery into a no-op (seqtrack
-        # already screened them out; this is the second line of defence).
-        self.db[OUTBOX].insert_all(rows, ignore=True)
+        # already screened them out; this is the second line of defence). One prepared
+        # statement and tuples: sqlite-utils' insert_all built a dict and checked every
+        # value's type per row, a tenth of the gateway's CPU under a live load.
+        self.db.conn.executemany(
+            f'INSERT OR IGNORE INTO {OUTBOX} (site, device, boot, seq, ts_ms, received_ms, "values")'
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [
+                # finite values: the codec checked them
+                (r.site, r.device, r.boot, r.seq, r.ts_ms, stamp, orjson.dumps(dict(r.values)).decode())
+                for r in readings
+            ],
+        )
         return self.db.conn.total_changes - before
 
     def _insert_dead_letters(self, dead_letters: Sequence[DeadLetter], stamp: int) -> int:

@@ -144,11 +144,11 @@ class Admission:
         # shares hold back whoever is over, as with block.
         used = self.used - (self.droppable if self.drops_oldest else 0)
         room = self.capacity - used
-        if self.devices(device) > 1:
-            reserve = self.capacity // RESERVE_FRACTION
-            over_share = held + rows > self.share(device)
-            if over_share and (used + rows > self.capacity - reserve or rows > room):
-                return SHARE
+        # Shares only bind near the bound: far from it, no device is held back, and the set of
+        # devices present (a pass over every device) is not built for each message.
+        near = used + rows > self.capacity - self.capacity // RESERVE_FRACTION or rows > room
+        if near and self.devices(device) > 1 and held + rows > self.share(device):
+            return SHARE
         # A bundle larger than the room goes alone into a group that has room at all
         # (overshooting the bound a little rather than never fitting), as without shares.
         if rows > room and (room <= 0 or self.admitted > 0):

@@ -53,7 +53,9 @@ TARGETS = {
     "bridge.vs_librdkafka": "ratio >= 0.3",  # issue 27
     "drain.vs_naive": "ratio >= 40",
     "drain.vs_raw_kafka": "ratio >= 0.5",
+    "gateway.ingest": "ratio >= 1.0",  # issue 27
     "live.vs_pubsub": "ratio >= 0.9",
+    "live.vs_naive": "ratio >= 10",  # issue 27
     "live.uplink_bytes": "ratio <= 0.25",
     "latency.p99": "figure <= 250",
 }

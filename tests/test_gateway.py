@@ -380,6 +380,51 @@ def test_node_ack_is_published_only_after_commit(brokers, outbox_path, cleanup):
     assert gw.stats()["duplicates"] == 1
 
 
+def test_a_fast_node_gets_one_ack_per_interval_for_all_it_committed(brokers, outbox_path, cleanup, monkeypatch):
+    local, cloud = brokers
+    from tern.edge import ingest
+
+    interval = 2.0
+    monkeypatch.setattr(ingest, "NODE_ACK_EVERY_S", interval)
+    gw = started_gateway(local, cloud, outbox_path, cleanup)
+    unsafe: list[int] = []
+    node = Node(local, "dev-a", on_ack=lambda ack: None if ("dev-a", ack.boot, ack.seq) in outbox_rows(outbox_path)
+                else unsafe.append(ack.seq))
+    cleanup(node)
+    started = time.monotonic()
+    node.send(0)
+    wait_until(lambda: node.acked_seq() == 0, what="the first ack, at once")
+    # Five more readings, each committed in a group of its own before the next is sent.
+    for seq in range(1, 6):
+        node.send(seq)
+        wait_until(lambda: len(outbox_rows(outbox_path)) == seq + 1, what=f"seq {seq} committed")
+    if time.monotonic() < started + interval:
+        # The first ack left after seq 0 was sent, so the next one cannot have left yet.
+        assert [a.seq for a in node.acks] == [0]
+    wait_until(lambda: node.acked_seq() == 5, what="one ack for all five")
+    assert len(node.acks) < 6 and [a.seq for a in node.acks] == sorted(a.seq for a in node.acks)
+    assert gw.stats()["groups"] == 6 and gw.stats()["node_acks"] == len(node.acks)
+    assert unsafe == []  # every ack's reading was in the outbox when the node got it
+
+
+def test_a_bundle_is_acked_at_once_even_right_after_another_ack(brokers, outbox_path, cleanup, monkeypatch):
+    """The firmware replays its spill a few bundles at a time, each waiting for its ack."""
+    local, cloud = brokers
+    from tern.edge import ingest
+
+    monkeypatch.setattr(ingest, "NODE_ACK_EVERY_S", 30.0)
+    started_gateway(local, cloud, outbox_path, cleanup)
+    node = Node(local, "dev-a")
+    cleanup(node)
+    node.send(0)
+    wait_until(lambda: node.acked_seq() == 0, what="the first ack")
+    bundle = [Reading("dev-a", BOOT, seq, 1_700_000_000_000 + seq, {"t": 20.5}) for seq in (1, 2, 3)]
+    node.publish_raw(topics.telemetry_topic(SITE, "dev-a"), codec.encode_bundle(bundle))
+    # Well before the 30 s a single reading's ack would wait.
+    wait_until(lambda: node.acked_seq() == 3, what="the bundle's ack", timeout=20)
+    assert [r[2] for r in outbox_rows(outbox_path)] == [0, 1, 2, 3]
+
+
 def test_gateway_killed_between_commit_and_forward_loses_nothing(brokers, outbox_path, cleanup, tmp_path):
     local, cloud = brokers
     # Create the gateway's persistent session first: the broker queues for it while the

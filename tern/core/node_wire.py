@@ -41,11 +41,16 @@ def _node_message(raw: bytes, what: str, topic_device: str | None) -> tuple[dict
     """Parse a node's JSON message and its device id, which must be the topic's device:
     per-device topics are what the broker's ACLs protect."""
     obj = _json_object(raw, MAX_NODE_PAYLOAD, what)
+    return obj, _node_device(obj, what, topic_device)
+
+
+def _node_device(obj: dict[str, Any], what: str, topic_device: str | None) -> str:
+    """The device id of a parsed node message (v1), checked against the topic's."""
     _check_version(obj, what)
     device = check_id(_text(obj, "dev", what), "device")
     if topic_device is not None and device != topic_device:
         raise CodecError(f"{what}: device {device!r} published on the topic of {topic_device!r}")
-    return obj, device
+    return device
 
 
 def encode_reading(reading: Reading) -> bytes:
@@ -68,8 +73,13 @@ def decode_reading(raw: bytes, *, site: str = "", topic_device: str | None = Non
     ``topic_device`` is the device id from the MQTT topic; a payload claiming another device
     is rejected, because per-device topics are what the broker's ACLs protect.
     """
+    return _reading(_json_object(raw, MAX_NODE_PAYLOAD, "node payload"), site, topic_device)
+
+
+def _reading(obj: dict[str, Any], site: str, topic_device: str | None) -> Reading:
+    """The reading of a parsed v1 telemetry payload."""
     what = "node payload"
-    obj, device = _node_message(raw, what, topic_device)
+    device = _node_device(obj, what, topic_device)
     return Reading(
         device=device,
         boot=_boot(obj, what),
@@ -103,7 +113,7 @@ def decode_readings(raw: bytes, *, site: str = "", topic_device: str | None = No
     what = "node payload"
     obj = _json_object(raw, MAX_NODE_PAYLOAD, what)
     if obj.get("v") != BUNDLE_VERSION:
-        return (decode_reading(raw, site=site, topic_device=topic_device),)
+        return (_reading(obj, site, topic_device),)  # parsed once: this is ingest's hot path
     what = "node bundle"
     device = check_id(_text(obj, "dev", what), "device")
     if topic_device is not None and device != topic_device:

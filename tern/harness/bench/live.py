@@ -148,7 +148,8 @@ def live_capacity(lab: Lab) -> float:
 
 
 def bench_live(lab: Lab) -> list[Measurement]:
-    """Live end to end vs plain pub/sub (target >= 0.9) and vs the naive bridge; uplink bytes (<= 25 %)."""
+    """Live end to end vs plain pub/sub (target >= 0.9) and vs the naive bridge (>= 10, issue 27);
+    uplink bytes (<= 25 %)."""
     count = lab.sizes.live_readings
     messages = fleet_messages(count, devices(lab))
     naive, naive_rounds = naive_rate(lab, "live")
@@ -171,7 +172,7 @@ def bench_live(lab: Lab) -> list[Measurement]:
                     count=count, details=details, rounds=tern, baseline_rounds=base, target="ratio >= 0.9"),
         Measurement(name="live.vs_naive", benchmark="live", unit="readings/s", figure=figure, baseline=naive,
                     what=what, baseline_what="the naive per-message bridge, live (send_and_wait per reading, then PUBACK)",
-                    count=count, rounds=tern, baseline_rounds=naive_rounds),
+                    count=count, rounds=tern, baseline_rounds=naive_rounds, target="ratio >= 10"),
         Measurement(name="live.uplink_bytes", benchmark="live", unit="bytes/reading",
                     figure=sizes["uplink_per_reading"], baseline=sizes["node_per_reading"],
                     what="bytes both ways between gateway and cloud broker, per reading (counting relay)",

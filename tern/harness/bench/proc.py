@@ -14,6 +14,9 @@ Child side (``python -m tern.harness.bench.proc KIND CONFIG_JSON``): starts the 
                 message, then the PUBACK by hand); stats: ``written``.
 ``subscriber``  a plain paho QoS 1 subscriber counting readings (the pub/sub baseline),
                 optionally keeping each reading's latency from its ``ts_ms``.
+``tail``        a Kafka consumer on the readings topic keeping each record's latency
+                (:class:`tern.harness.bench.latency.TopicTail`): stamped in a process of its
+                own, like the baseline's subscriber, not under the GIL of the bench's fleet.
 
 Config keys a part does not know yet (``uplink_window``, ``share_group``: issue 13's work in
 progress) are dropped, and the dropped names reported in the ready line, so the bench picks
@@ -220,7 +223,11 @@ def run_gateway(config: dict[str, Any]) -> None:
     def stats() -> dict[str, Any]:
         out = dict(gateway.uplink.stats())
         out["pending"] = gateway.outbox.pending()
-        out["committed"] = gateway.ingest.stats().get("committed", 0)
+        ingest = gateway.ingest.stats()
+        out["committed"] = ingest.get("committed", 0)
+        # Per-group costs (fsync, PUBACK burst, node acks) are paid per group: its size shows.
+        out["ingest_groups"] = ingest.get("groups", 0)
+        out["node_acks"] = ingest.get("node_acks", 0)
         return out
 
     try:
@@ -347,10 +354,23 @@ def run_subscriber(config: dict[str, Any]) -> None:
         client.loop_stop()
 
 
+def run_tail(config: dict[str, Any]) -> None:
+    """A consumer tailing ``topic`` from its start; its latencies are the final line."""
+    from tern.harness.bench.latency import TopicTail
+
+    started = time.time()
+    tail = TopicTail(config["bootstrap"], config["topic"])
+    try:
+        _serve(lambda: {"received": len(tail.latencies)}, [], started)
+    finally:
+        tail.close()
+        _emit({"final": {"latencies_ms": list(tail.latencies), "to_producer_ms": list(tail.to_producer)}})
+
+
 def main(argv: list[str]) -> int:
     """Entry point of a child: ``KIND CONFIG_JSON``."""
     kind, config = argv[0], json.loads(argv[1])
-    runners = {"gateway": run_gateway, "bridge": run_bridge, "naive": run_naive, "subscriber": run_subscriber}
+    runners = {"gateway": run_gateway, "bridge": run_bridge, "naive": run_naive, "subscriber": run_subscriber, "tail": run_tail}
     import logging
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
