@@ -96,13 +96,16 @@ def statuses(stack: dict[str, Any]) -> list[dict]:
     return kafka_values(stack["kafka"], stack["status"], "status")
 
 
+def rollout_command(stack: dict[str, Any], *args: str) -> list[str]:
+    """``tern-bridge ota rollout`` on this stack's Kafka topics."""
+    cli = Path(sys.executable).parent / "tern-bridge"
+    return [str(cli), "ota", "rollout", *args, "--kafka", stack["kafka"], "--status-topic", stack["status"],
+            "--topic", stack["commands"], "--results-topic", stack["results"]]
+
+
 def rollout(stack: dict[str, Any], *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     """``tern-bridge ota rollout`` on this stack's Kafka topics, in a process of its own."""
-    cli = Path(sys.executable).parent / "tern-bridge"
-    return subprocess.run(
-        [str(cli), "ota", "rollout", *args, "--kafka", stack["kafka"], "--status-topic", stack["status"],
-         "--topic", stack["commands"], "--results-topic", stack["results"]],
-        capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(rollout_command(stack, *args), capture_output=True, text=True, timeout=timeout)
 
 
 def assert_every_reading_arrived(stack: dict[str, Any], nodes: Fleet) -> None:
@@ -243,3 +246,52 @@ def test_a_release_that_breaks_at_import_halts_the_rollout_at_the_canary(tmp_pat
         assert_every_reading_arrived(stack, nodes)
     finally:
         nodes.kill_all()
+
+
+@pytest.mark.slow
+def test_a_rollout_goes_on_across_a_gateway_restart_and_a_rerun_after_its_own_crash(
+        tmp_path: Path, stack, keys) -> None:
+    """The gateway is stopped while the canary downloads and started again on the same outbox:
+    the canary resumes and the same rollout goes on. The rollout itself is then SIGKILLed while
+    the next wave downloads, and run again: it finishes, and every node ends on the release."""
+    release_on_gateway(stack, firmware_dir(), "0.5.0", tmp_path / "rel", keys["key"])
+    nodes = fleet(tmp_path, stack, keys, 3)
+    canary, rest = nodes[0], list(nodes)[1:]
+    args = ("--release", "0.5.0", "--devices", ",".join(nodes.devices), "--canary", "10%", "--wave-size", "2",
+            "--max-failures", "0", "--wait-healthy", "120")
+    first = subprocess.Popen(rollout_command(stack, *args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True)
+    restarted = None
+    try:
+        def downloading(node) -> bool:
+            return any(d["device"] == node.device and 0 < d["pct"] < 100
+                       for d in stack["gateway"].release_server.downloads.snapshot())
+        helpers.wait_until(lambda: downloading(canary), timeout=DEADLINE, interval=0.02,
+                           what="the canary part-way through its download")
+        old = stack["gateway"]
+        old.stop()
+        restarted = Gateway(old.config).start()
+        stack["gateway"] = restarted
+        # The canary resumes from its flash against the restarted gateway, the rollout goes on.
+        helpers.wait_until(lambda: any(downloading(n) for n in rest), timeout=DEADLINE * 2, interval=0.02,
+                           what="the next wave downloading from the restarted gateway")
+        assert restarted.stats()["ota_chunks"] > 0 and first.poll() is None
+        first.kill()   # SIGKILL: the machine running the rollout went down
+        out = first.communicate(timeout=10)[0]
+        assert "wave 1: " in out and f"{canary.device}  healthy" in out, out
+
+        again = rollout(stack, *args)
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert "done: 3 of 3 healthy" in again.stdout and "1 already on it" in again.stdout, again.stdout
+        for node in nodes:
+            last = [v for v in statuses(stack) if v["device"] == node.device][-1]
+            assert last["fw"] == "0.5.0" and last["ota"] == {"st": "ok", "ver": "0.5.0"}, last
+        assert command_lines(canary, "ota_update") == 1
+        assert_every_reading_arrived(stack, nodes)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.communicate(timeout=10)
+        nodes.kill_all()
+        if restarted is not None:
+            restarted.stop()
