@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
+from collections import Counter
 import subprocess
 import sys
 from importlib import resources
@@ -77,12 +79,12 @@ def release_on_gateway(stack: dict[str, Any], source: Path, version: str, out: P
                        what=f"release {version} stored on the gateway")
 
 
-def fleet(tmp_path: Path, stack: dict[str, Any], keys: dict[str, Path], count: int) -> Fleet:
+def fleet(tmp_path: Path, stack: dict[str, Any], keys: dict[str, Path], count: int, interval_ms: int = 250) -> Fleet:
     """``count`` nodes on the flashed firmware, started, each one's birth in Kafka (so the
     bridge's router knows their gateway)."""
     require_toolchain()
     nodes = Fleet(tmp_path / "nodes", count, broker=stack["pi"].address, site=SITE, prefix="ota",
-                  interval_ms=250, ota_key=keys["pub"]).start()
+                  interval_ms=interval_ms, ota_key=keys["pub"]).start()
     helpers.wait_until(lambda: {v["device"] for v in statuses(stack) if v["fw"] == FACTORY} >= set(nodes.devices),
                        timeout=DEADLINE, what="every node's birth in Kafka")
     return nodes
@@ -116,6 +118,12 @@ def assert_every_reading_arrived(stack: dict[str, Any], nodes: Fleet) -> None:
                 lambda: set(range(1, last + 1)) <= {v["seq"] for _, v, _ in stack["tail"].records()
                                                     if v["device"] == node.device and v["boot"] == boot},
                 timeout=DEADLINE, what=f"{node.device} boot {boot}: readings 1..{last} in Kafka")
+
+
+def duplicates_in_kafka(stack: dict[str, Any]) -> list[tuple[str, str, int]]:
+    """(device, boot, seq) of every reading in Kafka more than once."""
+    seen = Counter((v["device"], v["boot"], v["seq"]) for _, v, _ in stack["tail"].records())
+    return sorted(key for key, n in seen.items() if n > 1)
 
 
 # --- the rules, apart from Kafka ---------------------------------------------------------------
@@ -295,3 +303,36 @@ def test_a_rollout_goes_on_across_a_gateway_restart_and_a_rerun_after_its_own_cr
         nodes.kill_all()
         if restarted is not None:
             restarted.stop()
+
+
+#: The fleet test's size and pace. The issue asks for 20 nodes at 10 readings/s; see the
+#: test's docstring for what 2 cores take.
+FLEET_NODES = 20
+FLEET_INTERVAL_MS = 100
+
+
+@pytest.mark.slow
+def test_a_fleet_of_20_publishing_nodes_is_rolled_out_with_every_reading_in_kafka(tmp_path: Path, stack, keys) -> None:
+    """20 nodes publishing at 10 readings/s each, rolled out from the flashed firmware to 0.5.0
+    by ``tern-bridge ota rollout`` (canary 5 %, waves of 10, the gateway's default pace): every
+    node ends healthy on 0.5.0, every reading of every boot (the update's reboots included) is in
+    Kafka, and none is there twice (no part crashed: the gateway's and the bridge's de-duplication
+    leave nothing to the consumer)."""
+    release_on_gateway(stack, firmware_dir(), "0.5.0", tmp_path / "rel", keys["key"])
+    nodes = fleet(tmp_path, stack, keys, FLEET_NODES, interval_ms=FLEET_INTERVAL_MS)
+    try:
+        began = time.monotonic()
+        done = rollout(stack, "--release", "0.5.0", "--devices", ",".join(nodes.devices), "--canary", "5%",
+                       "--wave-size", "10", "--max-failures", "0", "--wait-healthy", "180", timeout=400)
+        took = time.monotonic() - began
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert f"done: {FLEET_NODES} of {FLEET_NODES} healthy" in done.stdout, done.stdout
+        latest = {v["device"]: v for v in statuses(stack)}
+        assert all(latest[d]["fw"] == "0.5.0" and latest[d]["state"] == "online" for d in nodes.devices), latest
+        assert_every_reading_arrived(stack, nodes)
+        assert duplicates_in_kafka(stack) == []
+        sent = sum(last for node in nodes for last in sent_per_boot(node).values())
+        print(f"fleet: {FLEET_NODES} nodes at {1000 // FLEET_INTERVAL_MS}/s, rollout {took:.0f} s, "
+              f"{sent} readings, {stack['gateway'].stats()['ota_chunks']} chunks")
+    finally:
+        nodes.kill_all()
