@@ -19,6 +19,7 @@ import threading
 import time
 from pathlib import Path
 
+import paho.mqtt.client as mqtt
 import pytest
 
 import helpers
@@ -27,10 +28,13 @@ from helpers.observe import status_json
 from helpers.ota import requests_for, send_command, sent_per_boot
 
 from tern.cloud.release_cli import send_release
+from tern.core import ota_wire
 from tern.core.commands import Command
 from tern.device import EmulatedNode
 from tern.device.emulate import firmware_dir
 from tern.device.release import build_release, make_keys
+from tern.edge.ota_serve import ReleaseServer
+from tern.edge.ota_store import ReleaseStore
 from tern.harness.stack import free_port
 
 NEW = "0.5.0"
@@ -93,6 +97,46 @@ def run_status(url: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "NO_COLOR": "1", "TERM": "dumb", "COLUMNS": "160"}
     return subprocess.run([sys.executable, "-m", "tern.edge", "status", "--url", url], capture_output=True,
                           text=True, timeout=60, env=env)
+
+
+def request(device: str, want: str) -> mqtt.MQTTMessage:
+    """A node's chunk request as the ingest's session hands it over."""
+    msg = mqtt.MQTTMessage(topic=f"tern/{SITE}/{device}/fw_get".encode())
+    msg.payload = want.encode()
+    return msg
+
+
+@pytest.mark.quick
+def test_the_server_keeps_one_waiting_request_per_node_and_tracks_each_download(tmp_path: Path, keys, release) -> None:
+    """The release server on its own (the real store and wire format, no broker): a node that
+    asks again while its request waits is answered once, each node in the order it first asked,
+    and each answer moves that node's progress."""
+    store = ReleaseStore(tmp_path / "releases", str(keys["pub"]))
+    store.add({p.name: p.read_bytes() for p in release.iterdir()})
+    sent: list[tuple[str, int, int]] = []
+    server = ReleaseServer(store, lambda topic, payload: sent.append(
+        (topic.split("/")[2], *(lambda c: (c.index, c.offset))(ota_wire.decode_chunk(payload)))), chunks_per_s=1000)
+    sizes = [(release / n).stat().st_size for n in ("manifest", "manifest.sig")]
+    # Queued before the worker starts: what waits is what it finds.
+    server.on_request(request("a", f"{NEW} 0 0"))
+    server.on_request(request("b", f"{NEW} 0 0"))
+    server.on_request(request("a", f"{NEW} 0 0"))        # asked again: merged
+    server.on_request(request("c", f"{NEW} 1 {sizes[1] - 1}"))
+    server.start()
+    try:
+        wait_until(lambda: len(sent) == 3, what="three answers")
+        assert sent == [("a", 0, 0), ("b", 0, 0), ("c", 1, sizes[1] - 1)]
+        assert server.stats()["ota_requests_merged"] == 1 and server.stats()["ota_chunks"] == 3
+        progress = {d["device"]: d for d in server.downloads.snapshot()}
+        whole = sum(p.stat().st_size for p in release.iterdir())
+        assert progress["a"]["bytes"] == min(1024, sizes[0]) and progress["a"]["total"] == whole
+        assert progress["c"]["bytes"] == sizes[0] + sizes[1]
+        assert progress["c"]["pct"] == 100 * (sizes[0] + sizes[1]) // whole
+        assert {d["state"] for d in progress.values()} == {"downloading"}
+    finally:
+        server.stop()
+    with pytest.raises(ValueError):
+        ReleaseServer(store, lambda *a: None, chunks_per_s=0)
 
 
 @pytest.mark.slow

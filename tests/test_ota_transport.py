@@ -164,7 +164,8 @@ def test_a_node_updates_over_the_gateway_while_its_readings_keep_flowing(
         # Each chunk asked for once (a request repeated after 2 s without an answer would be
         # asked again: possible on a loaded machine, so counted apart), each one answered.
         assert len(set(asked)) == requests_for(release), (len(asked), requests_for(release))
-        assert gw.stats()["ota_chunks"] == len(asked), (gw.stats()["ota_chunks"], asked)
+        # (A request asked again while the first still waited is answered once: merged.)
+        assert len(set(asked)) <= gw.stats()["ota_chunks"] <= len(asked), (gw.stats()["ota_chunks"], asked)
         # Keeps reading on the new version, and nothing of any boot was lost.
         boots = {b.boot for b in births(bridge, node.device) if b.fw == NEW}
         wait_until(lambda: any(r.boot in boots for r in bridge.delivered() if r.device == node.device),
