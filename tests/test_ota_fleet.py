@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -24,7 +25,7 @@ import pytest
 
 import helpers
 from helpers import GW, SITE, BridgeStub, require_toolchain, started_gateway
-from helpers.observe import status_json
+from helpers.observe import CHROMIUM, CHROMIUM_ARGS, status_json
 from helpers.ota import requests_for, send_command, sent_per_boot
 
 from tern.cloud.release_cli import send_release
@@ -106,6 +107,27 @@ def request(device: str, want: str) -> mqtt.MQTTMessage:
     return msg
 
 
+def updates_on_the_page(url: str) -> list[tuple[str, str, int]] | None:
+    """(device, version, percent) of each row of the status page's updates table, as Chromium
+    renders it (None without Playwright or Chromium: the page's other tests skip then too)."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        return None
+    if shutil.which(CHROMIUM) is None:
+        return None
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(url)
+            page.wait_for_selector("#updates-section:not([hidden]) #updates tr[data-device]", timeout=30_000)
+            return [(r.get_attribute("data-device"), r.inner_text().split("\t")[1].strip(),
+                     int(r.get_attribute("data-pct"))) for r in page.locator("#updates tr").all()]
+        finally:
+            browser.close()
+
+
 @pytest.mark.quick
 def test_the_server_keeps_one_waiting_request_per_node_and_tracks_each_download(tmp_path: Path, keys, release) -> None:
     """The release server on its own (the real store and wire format, no broker): a node that
@@ -148,6 +170,8 @@ def test_nodes_updating_together_are_paced_readings_keep_their_acks_and_status_s
     cleanup(bridge)
     gw = started_gateway(local, cloud, outbox_path, cleanup, ota_key=str(keys["pub"]), ota_chunks_per_s=PACE,
                          http_port=free_port())
+    # (The bundle is not retained: the gateway's command session must be subscribed first.)
+    assert gw.commands.wait_connected(DEADLINE)
     send_release(release, [GW], cloud.host, cloud.port)
     wait_until(lambda: gw.releases.versions() == [NEW], what="the release stored")
     chunks = ChunkClock(local)
@@ -192,6 +216,9 @@ def test_nodes_updating_together_are_paced_readings_keep_their_acks_and_status_s
         rows = [line for line in cli.stdout.splitlines() if line.lstrip("│┃ ").startswith("up-")
                 and NEW in line and "%" in line]
         assert len(rows) == 3, cli.stdout
+        page_rows = updates_on_the_page(gw.status_server.url + "/")
+        assert page_rows is None or {d for d, _, _ in page_rows} == {"up-1", "up-2", "up-3"}, page_rows
+        assert page_rows is None or all(v == NEW and 0 <= pct <= 100 for _, v, pct in page_rows), page_rows
 
         for node in updating:
             wait_until(lambda: any(s.fw == NEW for s in bridge.delivered_statuses()

@@ -75,6 +75,8 @@ def stack(tmp_path: Path, mosquitto_factory, kafka_bootstrap: str, command_topic
 def release_on_gateway(stack: dict[str, Any], source: Path, version: str, out: Path, key: Path, **build: Any) -> None:
     """Build ``version`` from the firmware in ``source``, send it to the gateway, wait until stored."""
     build_release(source, version, out, key, **build)
+    # The bundle is not retained: the gateway's command session must be subscribed first.
+    assert stack["gateway"].commands.wait_connected(DEADLINE)
     send_release(out, ["gw-ota"], stack["cloud"].host, stack["cloud"].port)
     helpers.wait_until(lambda: version in stack["gateway"].releases.versions(), timeout=DEADLINE,
                        what=f"release {version} stored on the gateway")

@@ -188,6 +188,7 @@ def test_a_download_killed_midway_or_at_the_switch_resumes_and_boots_one_version
     bridge = BridgeStub(cloud)
     cleanup(bridge)
     gw = started_gateway(local, cloud, outbox_path, cleanup, ota_key=str(keys["pub"]))
+    assert gw.commands.wait_connected(DEADLINE)   # (the bundle is not retained)
     send_release(release, [GW], cloud.host, cloud.port)
     wait_until(lambda: gw.releases.versions() == [NEW], what="the release stored")
     whole = requests_for(release)
