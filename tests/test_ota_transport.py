@@ -205,6 +205,8 @@ def test_a_download_killed_midway_or_at_the_switch_resumes_and_boots_one_version
                        interval=0.002)
         killed = node.boot
         node.kill()   # SIGKILL: a power cut
+        if at == "switch":   # (before the install had switched: else this would test nothing)
+            assert "TERN ota switched" not in node.log_text(), node.log_text()[-2000:]
         before = set(wants(node))
         asked_before = len(wants(node))
         if at != "switch":
