@@ -180,6 +180,9 @@ class GatewayConfig:
     ota_key: str | None = None
     #: Releases kept beside the outbox (the oldest beyond this are deleted).
     ota_keep: int = 3
+    #: Release chunks (1 KB each) served to the nodes a second at most, all nodes together: a
+    #: wave of nodes updating at once cannot swamp the Pi's broker or starve the readings.
+    ota_chunks_per_s: int = 50
 
     def __post_init__(self) -> None:
         try:
@@ -273,6 +276,7 @@ class GatewayConfig:
         _check_int("batch_linger_ms", self.batch_linger_ms, 0, 60_000)
         _check_int("batch_max_bytes", self.batch_max_bytes, 1024, MAX_BATCH_MAX_BYTES)
         _check_int("ota_keep", self.ota_keep, 1, 100)
+        _check_int("ota_chunks_per_s", self.ota_chunks_per_s, 1, 10_000)
 
     def serial_sensor_specs(self) -> list:
         """The Pi-wired sensors named by ``serial_sensors`` (a list of SerialSensorSpec)."""

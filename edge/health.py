@@ -426,7 +426,20 @@ class Health:
                 "by_device": dict(stats.get("commands_pending_by_device") or {}),
             },
             "devices": devices,
+            "ota": self._ota(stats),
             "history": self.history(),
+        }
+
+    def _ota(self, stats: dict) -> dict:
+        """Releases held, the pace, and the nodes' downloads (from the chunk requests served)."""
+        server = getattr(self.gateway, "release_server", None)
+        return {
+            "releases": list(stats.get("ota_releases") or []),
+            "chunks_per_s": getattr(server, "chunks_per_s", None),
+            "chunks": int(stats.get("ota_chunks", 0)),
+            "chunk_bytes": int(stats.get("ota_chunk_bytes", 0)),
+            "paced_s": round(float(stats.get("ota_paced_s", 0.0)), 3),
+            "downloads": server.downloads.snapshot() if server is not None else [],
         }
 
     def close(self) -> None:

@@ -59,7 +59,7 @@ class Gateway:
         # Firmware releases for the nodes, beside the outbox: they come in on the command
         # session, and are served to the nodes on the ingest's local session.
         self.releases = ReleaseStore(store_dir(config.outbox_path), config.ota_key, config.ota_keep)
-        self.release_server = ReleaseServer(self.releases, self._publish_local)
+        self.release_server = ReleaseServer(self.releases, self._publish_local, config.ota_chunks_per_s)
         self.ingest = Ingest(config, self.outbox, on_reply=self._on_reply,
                              on_fw_request=self.release_server.on_request)
         self.health = Health(self)

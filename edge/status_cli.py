@@ -302,6 +302,21 @@ def uplink_panel(src: Sources) -> Panel:
     return Panel(grid, title="links", subtitle=f"up {_age(gw.get('uptime_s'))}", subtitle_align="left", expand=False)
 
 
+def updates_table(src: Sources, width: int = 80) -> Table | None:
+    """The nodes downloading a release from this gateway (live only; None when there is none)."""
+    downloads = ((src.live or {}).get("ota") or {}).get("downloads") or []
+    if not downloads:
+        return None
+    pace = (src.live or {}).get("ota", {}).get("chunks_per_s")
+    rows = [[d["device"], d["version"], f"{d['pct']}%", f"{_bytes(d['bytes'])} of {_bytes(d['total'])}",
+             Text(d["state"], style={"stalled": "bold yellow", "fetched": "green"}.get(d["state"], "")),
+             _age(d["idle_s"]), d["site"]] for d in downloads]
+    columns = (Column("device"), Column("version"), Column("done", 0, "right"), Column("bytes", 2, "right"),
+               Column("state"), Column("last ask", 1, "right"), Column("site", 3))
+    return fitted_table(columns, rows, width, title=f"updates in progress (paced at {pace} chunks/s)",
+                        title_justify="left", expand=False)
+
+
 def render(src: Sources, console: Console, limit: int | None = DEVICE_ROWS) -> None:
     """Print the screen."""
     gid = (src.live or {}).get("gateway", {}).get("id") or src.gateway_id
@@ -314,6 +329,9 @@ def render(src: Sources, console: Console, limit: int | None = DEVICE_ROWS) -> N
     if src.outbox_error:
         console.print(Text(src.outbox_error, style="bold red"), soft_wrap=True)
     console.print(devices_table(src, limit, console.width))
+    updates = updates_table(src, console.width)
+    if updates is not None:
+        console.print(updates)
     console.print(Group(outbox_panel(src), uplink_panel(src)))
 
 

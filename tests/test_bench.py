@@ -26,6 +26,9 @@ EXPECTED = {
     "e2e.node_to_kafka",
     "firmware.heap_free",
     "firmware.heap_needed_mpy",
+    "ota.update_time",
+    "ota.uplink_bytes",
+    "ota.heap_downloading",
     "drain.vs_naive",
     "drain.vs_raw_kafka",
     "drain.vs_librdkafka",
@@ -142,6 +145,22 @@ def test_only_runs_one_benchmark(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     names = {m["name"] for m in json.loads(out.read_text())["measurements"]}
     assert names == {"codec.decode_reading", "codec.batch_roundtrip"}
+
+
+@pytest.mark.slow
+def test_ota_stage_updates_nodes_and_reports_time_uplink_bytes_and_heap(tmp_path: Path) -> None:
+    proc, out = run_bench(tmp_path, "--quick", "--only", "ota")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {m["name"]: m for m in json.loads(out.read_text())["measurements"]}
+    assert set(rows) == {"ota.update_time", "ota.uplink_bytes", "ota.heap_downloading"}
+    for m in rows.values():
+        assert m["figure"] > 0 and m["baseline"] > 0 and m["count"] == 2, m
+        assert math.isclose(m["ratio"], m["figure"] / m["baseline"])
+    # The bundle crosses the uplink once per gateway: half of sending it to each of 2 nodes.
+    assert rows["ota.uplink_bytes"]["ratio"] == 0.5
+    assert rows["ota.uplink_bytes"]["details"]["chunk_bytes_on_the_pi"] >= 3 * rows["ota.uplink_bytes"]["figure"] // 2
+    # A node on a 100K heap has less free while it downloads, and some left.
+    assert 0 < rows["ota.heap_downloading"]["figure"] < rows["ota.heap_downloading"]["baseline"] < 100 * 1024
 
 
 def test_error_is_one_line_and_exit_2(tmp_path: Path) -> None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
+from collections import Counter
 import subprocess
 import sys
 from importlib import resources
@@ -23,7 +25,8 @@ import pytest
 
 import helpers
 from helpers import require_toolchain
-from helpers.ota import command_lines, kafka_values, sent_per_boot
+from helpers.ota import command_lines, kafka_values, sent_per_boot, wants
+from helpers.processes import Proc
 
 from tern.cloud import rollout as rollout_rules
 from tern.cloud.bridge import BridgeThread
@@ -72,17 +75,19 @@ def stack(tmp_path: Path, mosquitto_factory, kafka_bootstrap: str, command_topic
 def release_on_gateway(stack: dict[str, Any], source: Path, version: str, out: Path, key: Path, **build: Any) -> None:
     """Build ``version`` from the firmware in ``source``, send it to the gateway, wait until stored."""
     build_release(source, version, out, key, **build)
+    # The bundle is not retained: the gateway's command session must be subscribed first.
+    assert stack["gateway"].commands.wait_connected(DEADLINE)
     send_release(out, ["gw-ota"], stack["cloud"].host, stack["cloud"].port)
     helpers.wait_until(lambda: version in stack["gateway"].releases.versions(), timeout=DEADLINE,
                        what=f"release {version} stored on the gateway")
 
 
-def fleet(tmp_path: Path, stack: dict[str, Any], keys: dict[str, Path], count: int) -> Fleet:
+def fleet(tmp_path: Path, stack: dict[str, Any], keys: dict[str, Path], count: int, interval_ms: int = 250) -> Fleet:
     """``count`` nodes on the flashed firmware, started, each one's birth in Kafka (so the
     bridge's router knows their gateway)."""
     require_toolchain()
     nodes = Fleet(tmp_path / "nodes", count, broker=stack["pi"].address, site=SITE, prefix="ota",
-                  interval_ms=250, ota_key=keys["pub"]).start()
+                  interval_ms=interval_ms, ota_key=keys["pub"]).start()
     helpers.wait_until(lambda: {v["device"] for v in statuses(stack) if v["fw"] == FACTORY} >= set(nodes.devices),
                        timeout=DEADLINE, what="every node's birth in Kafka")
     return nodes
@@ -96,13 +101,16 @@ def statuses(stack: dict[str, Any]) -> list[dict]:
     return kafka_values(stack["kafka"], stack["status"], "status")
 
 
+def rollout_command(stack: dict[str, Any], *args: str) -> list[str]:
+    """``tern-bridge ota rollout`` on this stack's Kafka topics."""
+    cli = Path(sys.executable).parent / "tern-bridge"
+    return [str(cli), "ota", "rollout", *args, "--kafka", stack["kafka"], "--status-topic", stack["status"],
+            "--topic", stack["commands"], "--results-topic", stack["results"]]
+
+
 def rollout(stack: dict[str, Any], *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     """``tern-bridge ota rollout`` on this stack's Kafka topics, in a process of its own."""
-    cli = Path(sys.executable).parent / "tern-bridge"
-    return subprocess.run(
-        [str(cli), "ota", "rollout", *args, "--kafka", stack["kafka"], "--status-topic", stack["status"],
-         "--topic", stack["commands"], "--results-topic", stack["results"]],
-        capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(rollout_command(stack, *args), capture_output=True, text=True, timeout=timeout)
 
 
 def assert_every_reading_arrived(stack: dict[str, Any], nodes: Fleet) -> None:
@@ -113,6 +121,12 @@ def assert_every_reading_arrived(stack: dict[str, Any], nodes: Fleet) -> None:
                 lambda: set(range(1, last + 1)) <= {v["seq"] for _, v, _ in stack["tail"].records()
                                                     if v["device"] == node.device and v["boot"] == boot},
                 timeout=DEADLINE, what=f"{node.device} boot {boot}: readings 1..{last} in Kafka")
+
+
+def duplicates_in_kafka(stack: dict[str, Any]) -> list[tuple[str, str, int]]:
+    """(device, boot, seq) of every reading in Kafka more than once."""
+    seen = Counter((v["device"], v["boot"], v["seq"]) for _, v, _ in stack["tail"].records())
+    return sorted(key for key, n in seen.items() if n > 1)
 
 
 # --- the rules, apart from Kafka ---------------------------------------------------------------
@@ -241,5 +255,99 @@ def test_a_release_that_breaks_at_import_halts_the_rollout_at_the_canary(tmp_pat
             assert command_lines(node, "ota_update") == 0 and node.resets == 0, node.log_text()
             assert {v["fw"] for v in statuses(stack) if v["device"] == node.device} == {FACTORY}
         assert_every_reading_arrived(stack, nodes)
+    finally:
+        nodes.kill_all()
+
+
+def gateway_process(stack: dict[str, Any], keys: dict[str, Path], n: int) -> Proc:
+    """``tern-gateway run`` as the stack's gateway (same id, brokers, outbox and release store), in
+    a process of its own that can be SIGKILLed."""
+    config = stack["gateway"].config
+    return Proc(Path(config.outbox_path).parent / f"gateway-{n}.log",
+                ["tern.edge", "run", "--gateway-id", config.gateway_id, "--local", config.local_broker,
+                 "--cloud", config.cloud_broker, "--outbox", str(config.outbox_path), "--reconnect-max-s", "1",
+                 "--ota-key", str(keys["pub"])])
+
+
+@pytest.mark.slow
+def test_a_rollout_goes_on_across_a_gateway_kill_and_a_rerun_after_its_own_crash(
+        tmp_path: Path, stack, keys) -> None:
+    """``tern-gateway run`` is SIGKILLed while the canary downloads and started again on the same
+    outbox: the canary goes on from its flash and the same rollout goes on. The rollout itself is
+    then SIGKILLed while the next wave downloads, and run again: it finishes, and every node
+    ends on the release with every reading in Kafka."""
+    release_on_gateway(stack, firmware_dir(), "0.5.0", tmp_path / "rel", keys["key"])
+    stack["gateway"].stop()   # the same gateway, as a process from here on
+    gateways = [gateway_process(stack, keys, 1)]
+    first = None
+    try:
+        nodes = fleet(tmp_path, stack, keys, 3)
+        canary, rest = nodes[0], list(nodes)[1:]
+        args = ("--release", "0.5.0", "--devices", ",".join(nodes.devices), "--canary", "10%", "--wave-size", "2",
+                "--max-failures", "0", "--wait-healthy", "120")
+        first = subprocess.Popen(rollout_command(stack, *args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 text=True)
+        helpers.wait_until(lambda: len(wants(canary)) >= 10, timeout=DEADLINE, interval=0.01,
+                           what="the canary part-way through its download")
+        gateways[0].kill()   # SIGKILL: the gateway's power cut, mid-download
+        assert not any(line.startswith("TERN ota fetched") for line in canary.log_text().splitlines())
+        gateways.append(gateway_process(stack, keys, 2))
+        # The canary goes on against the restarted gateway, the same rollout goes on.
+        helpers.wait_until(lambda: all(wants(n) for n in rest), timeout=DEADLINE * 2, interval=0.02,
+                           what="the next wave downloading from the restarted gateway")
+        assert first.poll() is None
+        first.kill()   # SIGKILL: the machine running the rollout went down
+        out = first.communicate(timeout=10)[0]
+        assert "wave 1: " in out and f"{canary.device}  healthy" in out, out
+        # One command, two resets (the command's, then into the install): the gateway's death
+        # cost the canary no restart of its download.
+        assert command_lines(canary, "ota_update") == 1 and canary.resets == 2, canary.log_text()
+
+        again = rollout(stack, *args)
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert "done: 3 of 3 healthy" in again.stdout and "1 already on it" in again.stdout, again.stdout
+        for node in nodes:
+            last = [v for v in statuses(stack) if v["device"] == node.device][-1]
+            assert last["fw"] == "0.5.0" and last["ota"] == {"st": "ok", "ver": "0.5.0"}, last
+        assert_every_reading_arrived(stack, nodes)
+    finally:
+        if first is not None and first.poll() is None:
+            first.kill()
+            first.communicate(timeout=10)
+        if "nodes" in locals():
+            nodes.kill_all()
+        for gateway in gateways:
+            gateway.stop()
+
+
+#: The fleet test's size and pace. The issue asks for 20 nodes at 10 readings/s; see the
+#: test's docstring for what 2 cores take.
+FLEET_NODES = 20
+FLEET_INTERVAL_MS = 100
+
+
+@pytest.mark.slow
+def test_a_fleet_of_20_publishing_nodes_is_rolled_out_with_every_reading_in_kafka(tmp_path: Path, stack, keys) -> None:
+    """20 nodes publishing at 10 readings/s each, rolled out from the flashed firmware to 0.5.0
+    by ``tern-bridge ota rollout`` (canary 5 %, waves of 10, the gateway's default pace): every
+    node ends healthy on 0.5.0, every reading of every boot (the update's reboots included) is in
+    Kafka, and none is there twice (no part crashed: the gateway's and the bridge's de-duplication
+    leave nothing to the consumer)."""
+    release_on_gateway(stack, firmware_dir(), "0.5.0", tmp_path / "rel", keys["key"])
+    nodes = fleet(tmp_path, stack, keys, FLEET_NODES, interval_ms=FLEET_INTERVAL_MS)
+    try:
+        began = time.monotonic()
+        done = rollout(stack, "--release", "0.5.0", "--devices", ",".join(nodes.devices), "--canary", "5%",
+                       "--wave-size", "10", "--max-failures", "0", "--wait-healthy", "180", timeout=400)
+        took = time.monotonic() - began
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert f"done: {FLEET_NODES} of {FLEET_NODES} healthy" in done.stdout, done.stdout
+        latest = {v["device"]: v for v in statuses(stack)}
+        assert all(latest[d]["fw"] == "0.5.0" and latest[d]["state"] == "online" for d in nodes.devices), latest
+        assert_every_reading_arrived(stack, nodes)
+        assert duplicates_in_kafka(stack) == []
+        sent = sum(last for node in nodes for last in sent_per_boot(node).values())
+        print(f"fleet: {FLEET_NODES} nodes at {1000 // FLEET_INTERVAL_MS}/s, rollout {took:.0f} s, "
+              f"{sent} readings, {stack['gateway'].stats()['ota_chunks']} chunks")
     finally:
         nodes.kill_all()

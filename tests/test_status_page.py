@@ -16,15 +16,10 @@ from tern.device import EmulatedNode
 from tern.edge.service import Gateway
 
 from helpers import bridge, client, gateway_config, publish_all, reading, status
+from helpers.observe import CHROMIUM, CHROMIUM_ARGS
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright for Python is not installed (make setup)")
 
-CHROMIUM = "/usr/bin/chromium"
-#: No download, no sandbox (root in CI), nothing phoning home: the page must work on its own.
-CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--no-first-run", "--disable-sync",
-]
 SITE = "site-p"
 PAGE_WAIT_MS = 45_000
 

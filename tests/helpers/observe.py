@@ -26,6 +26,13 @@ from .kafka import bridge_config
 from .waiting import wait_until
 
 DEADLINE = 30.0
+#: Debian's Chromium for the status page's tests (Playwright drives it): no download, no sandbox
+#: (root in CI), nothing phoning home: the page must work on its own.
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--no-first-run", "--disable-sync",
+]
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = DEADLINE, what: str = "condition") -> Any:

@@ -16,6 +16,9 @@ Benchmarks (``--only NAME``, repeatable):
 ``e2e``       paho node -> gateway -> bridge -> Kafka vs the pub/sub baseline of ``gateway``.
 ``firmware``  free heap of main.py at the end of 3,000 acked publishes vs ``umqtt.simple`` alone (100K heap);
               the same run over TLS vs over plain MQTT.
+``ota``       N emulated nodes updated at once behind one gateway vs one node at a time; release
+              bytes over the uplink (once per gateway) vs sent per node; free heap while
+              downloading vs idle.
 ``drain``     a backlog filled through ``Outbox.add``, drained by gateway and bridge processes
               into Kafka, vs the naive per-message bridge, raw aiokafka and librdkafka; CPU and RSS.
 ``live``      many node connections -> gateway -> bridge -> Kafka (processes) vs plain pub/sub

@@ -18,7 +18,8 @@ from tern.core.codec import Batch, Reading
 from tern.core.errors import TernError
 
 # ``apache`` last: its three JVMs are stopped when it ends, so they never share the cores with another stage.
-BENCHMARKS = ("codec", "outbox", "gateway", "bridge", "e2e", "firmware", "drain", "live", "latency", "scaleout", "apache")
+BENCHMARKS = ("codec", "outbox", "gateway", "bridge", "e2e", "firmware", "ota", "drain", "live", "latency", "scaleout",
+              "apache")
 SITE = "bench"
 BOOT = "b0b0cafe"
 #: Readings per batch envelope, as the gateway sends them by default.
@@ -68,6 +69,8 @@ class Sizes:
     #: Whether the apache stage may start a cluster of its own (a quick run does not, unless the
     #: stage is named with --only, the run's Kafka already is one, or a cluster is given).
     apache_start: bool = False
+    # --- issue 26: nodes updated together behind one gateway ---
+    ota_nodes: int = 2
 
 
 QUICK = Sizes(decode_loops=5_000, batch_loops=25, repeats=3, outbox_rows=5_000, outbox_repeats=1,
@@ -75,7 +78,7 @@ QUICK = Sizes(decode_loops=5_000, batch_loops=25, repeats=3, outbox_rows=5_000, 
 FULL = Sizes(decode_loops=50_000, batch_loops=250, repeats=5, outbox_rows=20_000, outbox_repeats=3,
              readings=20_000, bridge_batches=200, network_repeats=2, deadline_s=300.0,
              naive_readings=4_000, drain_readings=1_000_000, raw_readings=200_000, live_readings=30_000,
-             connections=50, latency_s=8.0, scale_readings=50_000, rounds=3, stage_budget_s=150.0,
+             connections=50, latency_s=8.0, scale_readings=50_000, rounds=3, stage_budget_s=150.0, ota_nodes=20,
              apache_drain_readings=100_000, apache_rounds=2, apache_start=True)
 
 

@@ -63,6 +63,20 @@ and a temporary folder as its working directory (holding its `config.json`), as
 `tests/test_sensors.py` and `tern.device.emulate` do.
 """
 
+OTA = """## How the OTA stage measures (issue 26)
+
+A gateway (in-process, its default chunk pace `ota_chunks_per_s`) between a Pi and a cloud
+mosquitto holds a release built from this repository's firmware; emulated nodes (the firmware
+as `.mpy` on the unix port, 100K heap) publish a reading every 50 ms and get `ota_update` on the
+gateway's cloud command topic, as the bridge's router hands it over.
+
+| measurement | Tern figure | baseline |
+|---|---|---|
+| `ota.update_time` | seconds from the commands to the last of N nodes (20; 2 with `--quick`) running the release with a reading acknowledged on it | N x the seconds one node alone takes, same gateway and release (one node after the other) |
+| `ota.uplink_bytes` | bytes of the release over the uplink to the gateway: the bundle, sent once per gateway | N x the bundle: each node sent the release over the uplink |
+| `ota.heap_downloading` | the least free heap (`TERN stats`' `mem_free`, after `gc.collect()`, every 10 readings) the N nodes report at the boot that downloads (`tern_fetch` loaded) | the least they report at the boot before, idle on the flashed firmware |
+"""
+
 METHOD = """## How the issue-13 stages measure
 
 - **Processes.** Gateway, bridge, the naive bridge and the plain subscriber each run in a
@@ -205,6 +219,7 @@ def write_docs(folder: Path, doc: dict[str, Any], results: Sequence[Measurement]
     for title, name in pictures:
         lines += [f"### {title}", "", f"![{title}]({name})", ""]
     lines.append(METHOD)
+    lines.append(OTA)
     lines.append(EARLIER)
     (folder / "benchmarks.md").write_text("\n".join(lines))
     written.append(folder / "benchmarks.md")
