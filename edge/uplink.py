@@ -423,7 +423,7 @@ class Uplink:
     def _stage(self, rows: list[OutboxRow]) -> None:
         now = time.monotonic()
         for row in rows:
-            lane = self._lanes[lane_of(row.reading.device, len(self._lanes))]
+            lane = self._lanes[lane_of(row.device, len(self._lanes))]
             if not lane.queue:
                 lane.since = now
             lane.queue.append(row)
@@ -455,7 +455,7 @@ class Uplink:
             return None
         linger = self.config.batch_linger_ms / 1000
         # The oldest reading's own age counts too: a backlog never lingers.
-        age = max(now - lane.since, (now_ms() - lane.queue[0].reading.received_ms) / 1000)
+        age = max(now - lane.since, (now_ms() - lane.queue[0].received_ms) / 1000)
         if age >= linger:
             return None
         return now + linger - age
@@ -534,11 +534,13 @@ class Uplink:
         bounded per batch, together far below the envelope's hard limit)."""
         events = tuple(s.event for s in statuses)
         limit = self.config.batch_max_bytes
+        # Each row's item once (a retry with fewer rows reuses them): the stored values go in
+        # as they are, unparsed.
+        items = [r.item() for r in rows]
         while True:
-            batch = Batch(self.config.gateway_id, bseq, now_ms(), tuple(r.reading for r in rows), events, drops,
-                          outcomes, deadletters)
+            batch = Batch(self.config.gateway_id, bseq, now_ms(), (), events, drops, outcomes, deadletters)
             try:
-                payload = codec.encode_batch(batch)
+                payload = codec.encode_batch(batch, items[: len(rows)])
             except codec.CodecError:
                 if len(rows) <= 1:
                     raise
