@@ -146,6 +146,13 @@ class Uplink:
         self._cond = threading.Condition()
         self._confirms: list[codec.Confirm] = []
         self._inflight: dict[int, _InFlight] = {}
+        # Confirmed batches whose rows the deleter has not deleted yet (still held: never read
+        # again), the groups handed to it, and the groups it has deleted, for this thread to
+        # let go of. The deleter (a thread of its own) keeps the commits' fsyncs off this one.
+        self._deleting: dict[int, _InFlight] = {}
+        self._to_delete: list[_InFlight] = []
+        self._deleted: list[tuple[list[_InFlight], int]] = []
+        self._deleter = threading.Thread(target=self._delete_loop, name=f"tern-confirm-{config.gateway_id}", daemon=True)
         self._lanes = [_Lane() for _ in range(config.uplink_window)]
         self._staged = 0
         # Every outbox row with an id up to the cursor is held here (staged or in flight).
@@ -212,6 +219,7 @@ class Uplink:
     def start(self) -> None:
         """Connect (in the background) to the cloud broker and start forwarding."""
         self.session.start()
+        self._deleter.start()
         self._thread.start()
 
     def nudge(self) -> None:
@@ -229,12 +237,16 @@ class Uplink:
         self._draining.set()
         if self._thread.is_alive() and self.session.connected:
             with self._cond:
-                self._cond.wait_for(lambda: not self._inflight, max(0.0, deadline - time.monotonic() - 0.5))
+                self._cond.wait_for(lambda: not self._inflight and not self._deleting,
+                                    max(0.0, deadline - time.monotonic() - 0.5))
         self._stop.set()
         with self._cond:
             self._cond.notify_all()
         if self._thread.is_alive():
             self._thread.join(timeout)
+        # Confirmed batches still being deleted are deleted before the outbox closes.
+        if self._deleter.is_alive():
+            self._deleter.join(max(0.5, deadline - time.monotonic()))
         self.session.stop()
 
     @property
@@ -307,6 +319,7 @@ class Uplink:
         """One round: apply confirms, read new rows, re-send what may be lost, send what is ready,
         then sleep until the next thing can happen."""
         self._apply_confirms()
+        self._apply_deleted()
         self._refill()
         connected = self.session.connected
         now = time.monotonic()
@@ -324,13 +337,14 @@ class Uplink:
         if poll:
             wake = min(wake, now + POLL_S)
         with self._cond:
-            if self._confirms or self._stop.is_set():
+            if self._confirms or self._deleted or self._stop.is_set():
                 return
             self._cond.wait(max(0.0, wake - time.monotonic()))
 
     def _unread(self) -> bool:
         """True if the outbox holds readings this uplink has not read yet (statuses: :meth:`_statuses_due`)."""
         held = self._staged + sum(len(b.rows) for b in self._inflight.values())
+        held += sum(len(b.rows) for b in self._deleting.values())
         return self.outbox.pending() > held
 
     def _statuses_due(self) -> bool:
@@ -352,41 +366,88 @@ class Uplink:
             done[confirm.bseq] = batch
         if not done:
             return
-        # The custody rule: only now may these rows go. One transaction for all the batches
-        # confirmed since the last round (one fsync, not one per batch).
-        deleted = self.outbox.delete(
-            (r.id for b in done.values() for r in b.rows), (s.id for b in done.values() for s in b.statuses),
-            drop_bseq=[b.bseq for b in done.values() if b.drops],
-            deadletter_bseq=[b.bseq for b in done.values() if b.deadletters],
-        )
-        if self.commands is not None:
-            for batch in done.values():
-                if batch.outcomes:
-                    self.commands.delete_outcomes(batch.bseq)
         if self.on_confirm_rtt is not None:
             now = time.monotonic()
             for batch in done.values():
                 self.on_confirm_rtt(now - batch.published_at)
+        # The custody rule: only now may these rows go. The deleter deletes them (one
+        # transaction for all the batches confirmed meanwhile: one fsync, not one per batch);
+        # until it has, they stay held, so nothing reads them again.
         with self._cond:
-            for bseq in done:
+            for bseq, batch in done.items():
                 del self._inflight[bseq]
+                self._deleting[bseq] = batch
+            self._to_delete.extend(done.values())
             self._counts["batches_confirmed"] += len(done)
-            self._counts["forwarded"] += deleted
-            self._counts["status_forwarded"] += sum(len(b.statuses) for b in done.values())
-            self._counts["deadletters_forwarded"] += sum(b.deadletters for b in done.values())
-            self._cond.notify_all()  # stop() may be waiting for the last batch in flight
+            self._cond.notify_all()
         for batch in done.values():
+            # Kafka has them: the lane's next batch (later readings of its devices) may go.
             if batch.lane is not None:
                 self._lanes[batch.lane].busy = False
-            if batch.statuses:
-                # These devices' next events (a will behind a birth) may go now.
-                self._status_devices.difference_update(s.event.device for s in batch.statuses)
-                self._statuses_held -= len(batch.statuses)
-                self._status_idle = None
-            if self._outcome_batch == batch.bseq:
-                self._outcome_batch = None
             log.debug("batch %d confirmed: %d readings, %d status events", batch.bseq, len(batch.rows), len(batch.statuses))
+
+    def _apply_deleted(self) -> None:
+        """Let go of the confirmed batches the deleter has deleted."""
+        with self._cond:
+            if not self._deleted:
+                return
+            finished, self._deleted = self._deleted, []
+            for group, deleted in finished:
+                for batch in group:
+                    del self._deleting[batch.bseq]
+                self._counts["forwarded"] += deleted
+                self._counts["status_forwarded"] += sum(len(b.statuses) for b in group)
+                self._counts["deadletters_forwarded"] += sum(b.deadletters for b in group)
+            self._cond.notify_all()  # stop() may be waiting for the last batch
+        for group, _ in finished:
+            for batch in group:
+                if batch.statuses:
+                    # These devices' next events (a will behind a birth) may go now: the
+                    # confirmed ones are gone from the outbox, so they are not read again.
+                    self._status_devices.difference_update(s.event.device for s in batch.statuses)
+                    self._statuses_held -= len(batch.statuses)
+                    self._status_idle = None
+                if self._outcome_batch == batch.bseq:
+                    self._outcome_batch = None
         self._reset_cursor()
+
+    def _delete_loop(self) -> None:
+        """The deleter: delete confirmed batches' rows, everything confirmed meanwhile at once."""
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._to_delete or self._stop.is_set())
+                if not self._to_delete:
+                    return
+                group, self._to_delete = self._to_delete, []
+            try:
+                deleted = self.outbox.delete(
+                    (r.id for b in group for r in b.rows), (s.id for b in group for s in b.statuses),
+                    drop_bseq=[b.bseq for b in group if b.drops],
+                    deadletter_bseq=[b.bseq for b in group if b.deadletters],
+                )
+                if self.commands is not None:
+                    for batch in group:
+                        if batch.outcomes:
+                            self.commands.delete_outcomes(batch.bseq)
+            except Exception as exc:  # the rows stay held and are deleted on the next try
+                with self._cond:
+                    self._counts["publish_errors"] += 1
+                    self._to_delete[:0] = group
+                why = (f"the outbox {self.outbox.path} is full: confirmed batches cannot be deleted yet"
+                       if is_disk_full(exc) else f"deleting confirmed batches failed: {describe(exc)}")
+                if self._stop.is_set():
+                    # Stopping: they stay in the outbox and go again next run (the cloud may
+                    # then hold them twice, never none).
+                    log.warning("%s; %d confirmed batches stay in the outbox", why, len(group))
+                    return
+                if self._throttle.log(logging.ERROR, "delete", f"{why}; retrying every second, nothing is lost"):
+                    log.log(logging.DEBUG if is_disk_full(exc) else logging.ERROR, "the failure:", exc_info=True)
+                self._stop.wait(1.0)
+                continue
+            self._throttle.clear("delete", "deleting confirmed batches works again")
+            with self._cond:
+                self._deleted.append((group, deleted))
+                self._cond.notify_all()
 
     def _reset_cursor(self) -> None:
         """Lower the read cursor to the highest id still held.
@@ -399,7 +460,7 @@ class Uplink:
         for lane in self._lanes:
             if lane.queue:
                 top = max(top, lane.queue[-1].id)
-        for batch in self._inflight.values():
+        for batch in (*self._inflight.values(), *self._deleting.values()):
             if batch.rows:
                 top = max(top, batch.rows[-1].id)
         self._cursor = top
@@ -437,7 +498,7 @@ class Uplink:
         ones, which are read again in order, so the cursor's promise holds again.
         """
         self._staged_generation = self.outbox.drop_generation
-        in_flight = {r.id for b in self._inflight.values() for r in b.rows}
+        in_flight = {r.id for b in (*self._inflight.values(), *self._deleting.values()) for r in b.rows}
         for lane in self._lanes:
             lane.queue.clear()
         limit = self._staged + len(in_flight)
