@@ -22,6 +22,12 @@ Benchmarks (``--only NAME``, repeatable):
 ``latency``   node -> Kafka at a steady 50 % of live capacity: p50/p99/max.
 ``scaleout``  1, 2, 3 bridge processes on a shared subscription (skipped, with the reason,
               while the bridge has no ``share_group`` setting).
+``growth``    ingest and drain rates and the gateway's RSS with the outbox already holding
+              0, 1M and 10M readings (built in bulk, cached), vs the same at 0.
+``fleet``     1,000 node connections (aiomqtt, one device each, QoS 1 at a low rate) on one
+              gateway: its CPU per reading and RSS vs the same devices on 10 connections.
+``wear``      bytes the gateway writes to disk per reading (``/proc/PID/io``), at ingest and
+              at drain, vs the payload's own size.
 ``apache``    ``bridge`` and ``drain`` again on a 3-node Apache Kafka cluster (RF 3, min ISR 2),
               started once for this stage: the ``apache.*`` rows (none in ``--quick``
               unless named with ``--only apache``).
