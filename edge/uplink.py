@@ -4,8 +4,10 @@ Pipelined: up to ``uplink_window`` (W) batches are in flight at once. Devices ar
 *lanes* by a stable hash of their id (CRC-32, the same on every run and machine), and a lane
 has at most one batch in flight, so a device's readings are never in two in-flight batches:
 whichever bridge writes which batch, and in whatever order the confirms come back, each
-device's readings reach Kafka in order. A confirm deletes exactly its batch's rows and frees
-its lane.
+device's readings reach Kafka in order. A confirm frees its lane and hands exactly its batch's
+rows to the *deleter*, a thread with an outbox connection of its own: the delete's commit
+(an fsync) then runs while the next batches are read, encoded and sent. Until it is committed
+the rows stay held (the read cursor stays above them), so they are never read again.
 
 Rows are read from the outbox in arrival order into small per-lane queues (bounded). A lane's
 batch leaves when it has ``batch_size`` readings, or about ``batch_max_bytes`` of envelope, or
