@@ -113,12 +113,12 @@ METHOD = """## How the issue-13 stages measure
   under `.cache/bench/preload/`, named by N and a digest of the schema: a schema change builds
   anew (10M readings: about a minute and 1.5 GB), a later run reuses the file. Each round works
   on a copy. The drain stage's backlog is built the same way.
-- **Growth**: for each preload P (0, 1M, 10M) an outbox of P readings plus the ones the drain
-  rounds take. *Drain*: a bridge and a gateway process; timed from the gateway's start until
-  the uplink has had the oldest 100,000 confirmed and deleted (the rest still waiting).
-  *Ingest*: then a gateway on what is left (P) whose cloud side has no bridge (nothing drains)
-  while 10 paho node connections publish 10,000 readings at QoS 1; timed until ingest has
-  committed them all. Rounds alternate the preloads; each figure is the best of its rounds.
+- **Growth**: for each preload P (0, 1M, 10M). *Drain*: a fresh copy of an outbox of P +
+  100,000 readings, a bridge and a gateway process; timed from the gateway's start until the
+  uplink has had the oldest 100,000 confirmed and deleted (the P behind them still waiting).
+  *Ingest*: a copy of an outbox of P, a gateway whose cloud side has no bridge (nothing
+  drains) while 10 paho node connections publish 10,000 readings at QoS 1; timed until ingest
+  has committed them all. Rounds alternate the preloads; each figure is the best of its rounds.
   RSS: the gateway's peak (VmHWM) over every round at that preload.
 - **Fleet**: 1,000 aiomqtt clients in one asyncio loop of the bench process, one device each,
   each publishing per-reading JSON at QoS 1 (awaiting its PUBACK) once a second for 20 s, their

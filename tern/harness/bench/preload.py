@@ -9,7 +9,8 @@ would have left it. The result is what a gateway that queued that many readings 
 
 Built files are kept under ``<cache>/bench/preload/``, named by row count and a digest of the
 schema (and of this builder's row format), so a schema change builds anew and a rerun of the
-bench reuses the file. Each user gets a copy (:func:`copy_outbox`): a run drains and fills it.
+bench reuses the file; other schemas' files, and the least recently used beyond
+:data:`CACHE_BUDGET`, are deleted when one is built. Each user gets a copy (:func:`copy_outbox`): a run drains and fills it.
 """
 
 from __future__ import annotations
@@ -97,27 +98,43 @@ def build_outbox(path: Path, count: int) -> None:
         conn.close()
 
 
+#: Bytes of built outboxes kept at most; the least recently used go first (a full run uses ~3.5 GB).
+CACHE_BUDGET = 6 * 2**30
+
+
+def _evict(folder: Path, digest: str, keep: Path) -> None:
+    """Delete built outboxes of other schemas, then the least recently used beyond the budget."""
+    files = sorted(folder.glob("outbox-*.db"), key=lambda p: p.stat().st_mtime, reverse=True)
+    total = 0
+    for path in files:
+        if path != keep and (not path.stem.endswith(digest) or total + path.stat().st_size > CACHE_BUDGET):
+            path.unlink(missing_ok=True)
+            continue
+        total += path.stat().st_size
+
+
 def preloaded_outbox(count: int) -> tuple[Path, float]:
     """The cached outbox of ``count`` readings (built on first use); and seconds spent building it now."""
     folder = cache_dir() / "bench" / "preload"
-    path = folder / f"outbox-{count}-{schema_digest()}.db"
+    digest = schema_digest()
+    path = folder / f"outbox-{count}-{digest}.db"
     if path.exists():
+        path.touch()  # recently used: the last to be evicted
         return path, 0.0
     folder.mkdir(parents=True, exist_ok=True)
-    for stale in folder.glob(f"outbox-{count}-*.db*"):  # an older schema's: never used again
-        stale.unlink()
     partial = path.with_suffix(".partial")
     partial.unlink(missing_ok=True)
     start = time.perf_counter()
     build_outbox(partial, count)
     conn = sqlite3.connect(partial)
     try:
-        held = conn.execute(f"SELECT COUNT(*) FROM outbox").fetchone()[0]
+        held = conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
     finally:
         conn.close()
     if held != count:
         raise BenchError(f"preload: built an outbox of {held} readings, not {count}")
     partial.rename(path)
+    _evict(folder, digest, path)
     return path, time.perf_counter() - start
 
 
