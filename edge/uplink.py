@@ -87,6 +87,8 @@ STAGING_BATCHES = 2
 POLL_S = 0.01
 #: bseqs reserved per durable write (numbers left unused at a stop are skipped, never reused).
 BSEQ_BLOCK = 64
+#: Confirmed batches waiting for the deleter at most, per lane, before new batches wait too.
+DELETE_BACKLOG_BATCHES = 2
 #: First guess of a reading's size in a compressed envelope, refined by every encoding.
 BYTES_PER_READING_GUESS = 60.0
 
@@ -527,6 +529,10 @@ class Uplink:
         """Publish a batch on every free lane that is ready; the next time one will be."""
         wake = now + 0.5
         for index, lane in enumerate(self._lanes):
+            if len(self._deleting) >= DELETE_BACKLOG_BATCHES * len(self._lanes):
+                # The deleter is behind (a slow disk): no more readings leave until it catches
+                # up, so confirmed rows held in memory stay bounded. It wakes this thread.
+                break
             if lane.busy or not lane.queue:
                 continue
             when = self._ready(lane, now)

@@ -17,6 +17,7 @@ producer (:mod:`tern.harness.bench.rdkafka`, acks=all) writing the same records 
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import time
 import uuid
@@ -72,6 +73,8 @@ def copy_outbox(template: Path, folder: Path) -> Path:
         source = Path(str(template) + suffix)
         if source.exists():
             shutil.copyfile(source, Path(str(target) + suffix))
+            with Path(str(target) + suffix).open("rb+") as f:
+                os.fsync(f.fileno())  # written back before the round is timed
     return target
 
 
