@@ -328,6 +328,7 @@ def test_growth_round_drains_and_ingests_on_a_preloaded_outbox(tmp_path: Path) -
         conn.close()
 
 
+@pytest.mark.slow
 def test_fleet_and_wear_stages_commit_every_reading(tmp_path: Path) -> None:
     """The fleet stage (one aiomqtt connection per device) and the wear stage on small counts:
     every reading committed, and the bytes written to disk counted from /proc."""
