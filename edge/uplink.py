@@ -4,8 +4,10 @@ Pipelined: up to ``uplink_window`` (W) batches are in flight at once. Devices ar
 *lanes* by a stable hash of their id (CRC-32, the same on every run and machine), and a lane
 has at most one batch in flight, so a device's readings are never in two in-flight batches:
 whichever bridge writes which batch, and in whatever order the confirms come back, each
-device's readings reach Kafka in order. A confirm deletes exactly its batch's rows and frees
-its lane.
+device's readings reach Kafka in order. A confirm frees its lane and hands exactly its batch's
+rows to the *deleter*, a thread with an outbox connection of its own: the delete's commit
+(an fsync) then runs while the next batches are read, encoded and sent. Until it is committed
+the rows stay held (the read cursor stays above them), so they are never read again.
 
 Rows are read from the outbox in arrival order into small per-lane queues (bounded). A lane's
 batch leaves when it has ``batch_size`` readings, or about ``batch_max_bytes`` of envelope, or
@@ -89,6 +91,8 @@ STAGING_BATCHES = 2
 POLL_S = 0.01
 #: bseqs reserved per durable write (numbers left unused at a stop are skipped, never reused).
 BSEQ_BLOCK = 64
+#: Confirmed batches waiting for the deleter at most, per lane, before new batches wait too.
+DELETE_BACKLOG_BATCHES = 2
 #: First guess of a reading's size in a compressed envelope, refined by every encoding.
 BYTES_PER_READING_GUESS = 60.0
 
@@ -152,6 +156,20 @@ class Uplink:
         self._cond = threading.Condition()
         self._confirms: list[codec.Confirm] = []
         self._inflight: dict[int, _InFlight] = {}
+        # Confirmed batches whose rows the deleter has not deleted yet (still held: never read
+        # again), the groups handed to it, and the groups it has deleted, for this thread to
+        # let go of. The deleter (a thread of its own) keeps the commits' fsyncs off this one.
+        self._deleting: dict[int, _InFlight] = {}
+        self._to_delete: list[_InFlight] = []
+        self._deleted: list[tuple[list[_InFlight], int]] = []
+        # Deletes the deleter began and finished. SQLite gives a new row the highest id in the
+        # table plus one, so a delete of the highest rows lets new rows take ids below the read
+        # cursor: the outbox is read only while no delete is under way and every finished one
+        # has lowered the cursor (_apply_deleted), else a device's newer reading could be read
+        # before its older one (see _reads_safe).
+        self._delete_started = 0
+        self._delete_finished = 0
+        self._deleter = threading.Thread(target=self._delete_loop, name=f"tern-confirm-{config.gateway_id}", daemon=True)
         self._lanes = [_Lane() for _ in range(config.uplink_window)]
         self._staged = 0
         # Every outbox row with an id up to the cursor is held here (staged or in flight).
@@ -219,6 +237,7 @@ class Uplink:
     def start(self) -> None:
         """Connect (in the background) to the cloud broker and start forwarding."""
         self.session.start()
+        self._deleter.start()
         self._thread.start()
 
     def nudge(self) -> None:
@@ -236,12 +255,16 @@ class Uplink:
         self._draining.set()
         if self._thread.is_alive() and self.session.connected:
             with self._cond:
-                self._cond.wait_for(lambda: not self._inflight, max(0.0, deadline - time.monotonic() - 0.5))
+                self._cond.wait_for(lambda: not self._inflight and not self._deleting,
+                                    max(0.0, deadline - time.monotonic() - 0.5))
         self._stop.set()
         with self._cond:
             self._cond.notify_all()
         if self._thread.is_alive():
             self._thread.join(timeout)
+        # Confirmed batches still being deleted are deleted before the outbox closes.
+        if self._deleter.is_alive():
+            self._deleter.join(max(0.5, deadline - time.monotonic()))
         self.session.stop()
 
     @property
@@ -314,6 +337,7 @@ class Uplink:
         """One round: apply confirms, read new rows, re-send what may be lost, send what is ready,
         then sleep until the next thing can happen."""
         self._apply_confirms()
+        self._apply_deleted()
         self._refill()
         connected = self.session.connected
         now = time.monotonic()
@@ -331,13 +355,14 @@ class Uplink:
         if poll:
             wake = min(wake, now + POLL_S)
         with self._cond:
-            if self._confirms or self._stop.is_set():
+            if self._confirms or self._deleted or self._stop.is_set():
                 return
             self._cond.wait(max(0.0, wake - time.monotonic()))
 
     def _unread(self) -> bool:
         """True if the outbox holds readings this uplink has not read yet (statuses: :meth:`_statuses_due`)."""
         held = self._staged + sum(len(b.rows) for b in self._inflight.values())
+        held += sum(len(b.rows) for b in self._deleting.values())
         return self.outbox.pending() > held
 
     def _statuses_due(self) -> bool:
@@ -359,43 +384,94 @@ class Uplink:
             done[confirm.bseq] = batch
         if not done:
             return
-        # The custody rule: only now may these rows go. One transaction for all the batches
-        # confirmed since the last round (one fsync, not one per batch).
-        deleted = self.outbox.delete(
-            (r.id for b in done.values() for r in b.rows), (s.id for b in done.values() for s in b.statuses),
-            drop_bseq=[b.bseq for b in done.values() if b.drops],
-            deadletter_bseq=[b.bseq for b in done.values() if b.deadletters],
-            hold_bseq=[b.bseq for b in done.values() if b.holds],
-        )
-        if self.commands is not None:
-            for batch in done.values():
-                if batch.outcomes:
-                    self.commands.delete_outcomes(batch.bseq)
         if self.on_confirm_rtt is not None:
             now = time.monotonic()
             for batch in done.values():
                 self.on_confirm_rtt(now - batch.published_at)
+        # The custody rule: only now may these rows go. The deleter deletes them (one
+        # transaction for all the batches confirmed meanwhile: one fsync, not one per batch);
+        # until it has, they stay held, so nothing reads them again.
         with self._cond:
-            for bseq in done:
+            for bseq, batch in done.items():
                 del self._inflight[bseq]
+                self._deleting[bseq] = batch
+            self._to_delete.extend(done.values())
             self._counts["batches_confirmed"] += len(done)
-            self._counts["forwarded"] += deleted
-            self._counts["status_forwarded"] += sum(len(b.statuses) for b in done.values())
-            self._counts["deadletters_forwarded"] += sum(b.deadletters for b in done.values())
-            self._counts["hold_events_forwarded"] += sum(b.holds for b in done.values())
-            self._cond.notify_all()  # stop() may be waiting for the last batch in flight
+            self._cond.notify_all()
         for batch in done.values():
+            # Kafka has them: the lane's next batch (later readings of its devices) may go.
             if batch.lane is not None:
                 self._lanes[batch.lane].busy = False
-            if batch.statuses:
-                # These devices' next events (a will behind a birth) may go now.
-                self._status_devices.difference_update(s.event.device for s in batch.statuses)
-                self._statuses_held -= len(batch.statuses)
-                self._status_idle = None
-            if self._outcome_batch == batch.bseq:
-                self._outcome_batch = None
             log.debug("batch %d confirmed: %d readings, %d status events", batch.bseq, len(batch.rows), len(batch.statuses))
+
+    def _apply_deleted(self) -> None:
+        """Let go of the confirmed batches the deleter has deleted."""
+        with self._cond:
+            if not self._deleted:
+                return
+            finished, self._deleted = self._deleted, []
+            for group, deleted in finished:
+                for batch in group:
+                    del self._deleting[batch.bseq]
+                self._counts["forwarded"] += deleted
+                self._counts["status_forwarded"] += sum(len(b.statuses) for b in group)
+                self._counts["deadletters_forwarded"] += sum(b.deadletters for b in group)
+                self._counts["hold_events_forwarded"] += sum(b.holds for b in group)
+            self._cond.notify_all()  # stop() may be waiting for the last batch
+        for group, _ in finished:
+            for batch in group:
+                if batch.statuses:
+                    # These devices' next events (a will behind a birth) may go now: the
+                    # confirmed ones are gone from the outbox, so they are not read again.
+                    self._status_devices.difference_update(s.event.device for s in batch.statuses)
+                    self._statuses_held -= len(batch.statuses)
+                    self._status_idle = None
+                if self._outcome_batch == batch.bseq:
+                    self._outcome_batch = None
         self._reset_cursor()
+
+    def _delete_loop(self) -> None:
+        """The deleter: delete confirmed batches' rows, everything confirmed meanwhile at once."""
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._to_delete or self._stop.is_set())
+                if not self._to_delete:
+                    return
+                group, self._to_delete = self._to_delete, []
+                self._delete_started += 1
+            try:
+                deleted = self.outbox.delete(
+                    (r.id for b in group for r in b.rows), (s.id for b in group for s in b.statuses),
+                    drop_bseq=[b.bseq for b in group if b.drops],
+                    deadletter_bseq=[b.bseq for b in group if b.deadletters],
+                    hold_bseq=[b.bseq for b in group if b.holds],
+                )
+                if self.commands is not None:
+                    for batch in group:
+                        if batch.outcomes:
+                            self.commands.delete_outcomes(batch.bseq)
+            except Exception as exc:  # the rows stay held and are deleted on the next try
+                with self._cond:
+                    self._counts["publish_errors"] += 1
+                    self._to_delete[:0] = group
+                    self._delete_finished += 1  # rolled back: nothing changed
+                    self._cond.notify_all()
+                why = (f"the outbox {self.outbox.path} is full: confirmed batches cannot be deleted yet"
+                       if is_disk_full(exc) else f"deleting confirmed batches failed: {describe(exc)}")
+                if self._stop.is_set():
+                    # Stopping: they stay in the outbox and go again next run (the cloud may
+                    # then hold them twice, never none).
+                    log.warning("%s; %d confirmed batches stay in the outbox", why, len(group))
+                    return
+                if self._throttle.log(logging.ERROR, "delete", f"{why}; retrying every second, nothing is lost"):
+                    log.log(logging.DEBUG if is_disk_full(exc) else logging.ERROR, "the failure:", exc_info=True)
+                self._stop.wait(1.0)
+                continue
+            self._throttle.clear("delete", "deleting confirmed batches works again")
+            with self._cond:
+                self._deleted.append((group, deleted))
+                self._delete_finished += 1
+                self._cond.notify_all()
 
     def _reset_cursor(self) -> None:
         """Lower the read cursor to the highest id still held.
@@ -408,7 +484,7 @@ class Uplink:
         for lane in self._lanes:
             if lane.queue:
                 top = max(top, lane.queue[-1].id)
-        for batch in self._inflight.values():
+        for batch in (*self._inflight.values(), *self._deleting.values()):
             if batch.rows:
                 top = max(top, batch.rows[-1].id)
         self._cursor = top
@@ -416,15 +492,33 @@ class Uplink:
     def _staging_cap(self) -> int:
         return len(self._lanes) * self.config.batch_size * STAGING_BATCHES
 
+    def _reads_safe(self) -> int | None:
+        """The deleter's count of deletes begun if the outbox may be read now (none under way,
+        the cursor lowered after every finished one), else None: read later."""
+        with self._cond:
+            if self._delete_started != self._delete_finished or self._deleted:
+                return None
+            return self._delete_started
+
+    def _still_safe(self, seen: int) -> bool:
+        """True if no delete began since :meth:`_reads_safe` returned ``seen`` (what was read holds)."""
+        with self._cond:
+            return self._delete_started == seen
+
     def _refill(self) -> None:
         if self.outbox.drop_generation != self._staged_generation:
             self._restage()
         room = self._staging_cap() - self._staged
         if room <= 0 or not self._unread():
             return
+        seen = self._reads_safe()
+        if seen is None:
+            return  # the deleter wakes this thread when it is done
         # Staged rows are not protected from retention until they leave (protect() in
         # _publish_lane): read-ahead must not make a full outbox undroppable.
         rows = self.outbox.take(room, after_id=self._cursor, protect=False)
+        if not self._still_safe(seen):
+            return  # read again once that delete has lowered the cursor
         self._stage(rows)
         if rows:
             self._cursor = rows[-1].id
@@ -432,7 +526,7 @@ class Uplink:
     def _stage(self, rows: list[OutboxRow]) -> None:
         now = time.monotonic()
         for row in rows:
-            lane = self._lanes[lane_of(row.reading.device, len(self._lanes))]
+            lane = self._lanes[lane_of(row.device, len(self._lanes))]
             if not lane.queue:
                 lane.since = now
             lane.queue.append(row)
@@ -445,15 +539,19 @@ class Uplink:
         the cursor is the rows in flight (protected, untouched) plus what is left of the staged
         ones, which are read again in order, so the cursor's promise holds again.
         """
-        self._staged_generation = self.outbox.drop_generation
-        in_flight = {r.id for b in self._inflight.values() for r in b.rows}
+        seen = self._reads_safe()
+        if seen is None:
+            return  # the generation still differs: _refill tries again next round
+        generation = self.outbox.drop_generation
+        in_flight = {r.id for b in (*self._inflight.values(), *self._deleting.values()) for r in b.rows}
+        limit = self._staged + len(in_flight)
+        rows = self.outbox.take(limit, after_id=0, protect=False) if limit else []
+        if not self._still_safe(seen):
+            return
+        self._staged_generation = generation
         for lane in self._lanes:
             lane.queue.clear()
-        limit = self._staged + len(in_flight)
         self._staged = 0
-        if not limit:
-            return
-        rows = self.outbox.take(limit, after_id=0, protect=False)
         self._stage([r for r in rows if r.id <= self._cursor and r.id not in in_flight])
 
     def _ready(self, lane: _Lane, now: float) -> float | None:
@@ -464,7 +562,7 @@ class Uplink:
             return None
         linger = self.config.batch_linger_ms / 1000
         # The oldest reading's own age counts too: a backlog never lingers.
-        age = max(now - lane.since, (now_ms() - lane.queue[0].reading.received_ms) / 1000)
+        age = max(now - lane.since, (now_ms() - lane.queue[0].received_ms) / 1000)
         if age >= linger:
             return None
         return now + linger - age
@@ -473,6 +571,10 @@ class Uplink:
         """Publish a batch on every free lane that is ready; the next time one will be."""
         wake = now + 0.5
         for index, lane in enumerate(self._lanes):
+            if len(self._deleting) >= DELETE_BACKLOG_BATCHES * len(self._lanes):
+                # The deleter is behind (a slow disk): no more readings leave until it catches
+                # up, so confirmed rows held in memory stay bounded. It wakes this thread.
+                break
             if lane.busy or not lane.queue:
                 continue
             when = self._ready(lane, now)
@@ -543,11 +645,13 @@ class Uplink:
         bounded per batch, together far below the envelope's hard limit)."""
         events = tuple(s.event for s in statuses)
         limit = self.config.batch_max_bytes
+        # Each row's item once (a retry with fewer rows reuses them): the stored values go in
+        # as they are, unparsed.
+        items = [r.item() for r in rows]
         while True:
-            batch = Batch(self.config.gateway_id, bseq, now_ms(), tuple(r.reading for r in rows), events, drops,
-                          outcomes, deadletters, holds)
+            batch = Batch(self.config.gateway_id, bseq, now_ms(), (), events, drops, outcomes, deadletters, holds)
             try:
-                payload = codec.encode_batch(batch)
+                payload = codec.encode_batch(batch, items[: len(rows)])
             except codec.CodecError:
                 if len(rows) <= 1:
                     raise

@@ -46,6 +46,12 @@ EXPECTED = {
     "latency.max",
     "scaleout.2_bridges",
     "scaleout.3_bridges",
+    # issue 27: cost as the work grows (named by the quick run's preload), a fleet, the SD card
+    *(f"growth.{row}_20k" for row in ("drain", "ingest", "gateway_rss")),
+    "fleet.gateway_cpu",
+    "fleet.gateway_rss",
+    "wear.ingest_bytes",
+    "wear.drain_bytes",
     # Skipped in the quick run (no 3-node cluster is started there, the reason is printed);
     # test_apache_stage_on_the_suites_cluster runs them.
     *(f"apache.{row}" for row in ("bridge.kafka", "bridge.vs_librdkafka", "drain.vs_raw_kafka", "drain.vs_librdkafka")),
@@ -61,6 +67,9 @@ TARGETS = {
     "live.vs_naive": "ratio >= 10",  # issue 27
     "live.uplink_bytes": "ratio <= 0.25",
     "latency.p99": "figure <= 250",
+    # issue 27, at the biggest preload (10M in a full run)
+    "growth.drain_20k": "ratio >= 0.8",
+    "growth.ingest_20k": "ratio >= 0.8",
 }
 
 
@@ -301,3 +310,68 @@ def test_apache_stage_on_the_suites_cluster(tmp_path: Path, apache_kafka) -> Non
     assert "librdkafka" in " ".join(legend(list(rows.values())))
     assert "Apache Kafka" in kind
     assert sorted(apache_kafka.running_nodes()) == [1, 2, 3]
+
+
+def test_growth_round_drains_and_ingests_on_a_preloaded_outbox(tmp_path: Path) -> None:
+    """The growth stage's rounds on small preloads: the outbox is built on the gateway's own
+    schema, the oldest readings reach Kafka, and every reading published is committed on top."""
+    import dataclasses
+    import sqlite3
+
+    from tern.harness.bench.common import QUICK
+    from tern.harness.bench.growth import bench_growth
+    from tern.harness.bench.lab import Lab
+    from tern.harness.bench.preload import preloaded_outbox
+
+    sizes = dataclasses.replace(QUICK, growth_preloads=(0, 2_000), growth_drain=1_000, growth_ingest=300)
+    lab = Lab(sizes, tmp_path)
+    try:
+        rows = {m.name: m for m in bench_growth(lab)}
+    finally:
+        lab.close()
+    assert list(rows) == ["growth.drain_2k", "growth.ingest_2k", "growth.gateway_rss_2k"]
+    assert rows["growth.drain_2k"].target == rows["growth.ingest_2k"].target == "ratio >= 0.8"
+    for p in rows["growth.drain_2k"].details["preloads"]:
+        assert [r["records_written"] >= 1_000 for r in p["drain_rounds"]] == [True]
+        # The preload exactly, then every reading published on top.
+        assert [(r["held_before"], r["rate"] > 0) for r in p["ingest_rounds"]] == [(p["preload"], True)]
+    for m in rows.values():
+        assert m.figure > 0 and m.baseline > 0
+    # The cached file is what a gateway holding that backlog has: its rows, and its seq marks.
+    path, built_s = preloaded_outbox(3_000)
+    assert built_s == 0.0  # built by the run above, reused
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("SELECT COUNT(*), COUNT(DISTINCT device) FROM outbox").fetchone() == (3_000, 200)
+        assert conn.execute("SELECT SUM(high) FROM seq_high").fetchone()[0] == 3_000
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        conn.close()
+
+
+@pytest.mark.slow
+def test_fleet_and_wear_stages_commit_every_reading(tmp_path: Path) -> None:
+    """The fleet stage (one aiomqtt connection per device) and the wear stage on small counts:
+    every reading committed, and the bytes written to disk counted from /proc."""
+    import dataclasses
+
+    from tern.harness.bench.common import QUICK
+    from tern.harness.bench.fleet import bench_fleet
+    from tern.harness.bench.lab import Lab
+    from tern.harness.bench.wear import bench_wear
+
+    sizes = dataclasses.replace(QUICK, fleet_connections=30, fleet_seconds=1.0, fleet_rate=2.0, wear_readings=500)
+    lab = Lab(sizes, tmp_path)
+    try:
+        fleet = {m.name: m for m in bench_fleet(lab)}
+        wear = {m.name: m for m in bench_wear(lab)}
+    finally:
+        lab.close()
+    rounds = fleet["fleet.gateway_cpu"].details["rounds"]
+    assert [r["connections"] for r in rounds] == [10, 30]
+    assert all(r["committed"] == r["count"] == 60 for r in rounds)
+    assert fleet["fleet.gateway_rss"].figure > 0 and fleet["fleet.gateway_cpu"].figure > 0
+    detail = wear["wear.ingest_bytes"].details
+    assert detail["count"] == 500 and detail["payload_bytes"] > 500 * 50
+    # The outbox keeps every reading on disk (WAL and database file): never fewer bytes than the JSON.
+    assert detail["ingest_write_bytes"] >= detail["payload_bytes"] and detail["drain_write_bytes"] > 0

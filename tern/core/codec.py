@@ -30,6 +30,7 @@ from tern.core.envelope import (  # noqa: F401  (re-exported)
     encode_batch,
     encode_confirm,
     gateway_dead_letter,
+    reading_item_json,
 )
 from tern.core.errors import CodecError  # noqa: F401  (re-exported)
 from tern.core.kafka_wire import (  # noqa: F401  (re-exported)

@@ -7,8 +7,9 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import re
 import zlib
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from tern.core.commands import MAX_REPLY_BYTES, OUTCOMES, Outcome
 from tern.core.errors import CodecError
@@ -57,6 +58,24 @@ def _reading_item(reading: Reading) -> dict[str, Any]:
     }
 
 
+def reading_item_json(site: str, device: str, boot: str, seq: int, ts_ms: int, received_ms: int,
+                      values_json: str) -> str:
+    """A reading's envelope item as JSON text, from its fields and its values already encoded
+    (``values_json``: compact JSON of the values object, as the gateway's outbox stores them).
+
+    The same bytes as :func:`encode_batch` writes for the reading (tests hold them equal): a
+    backlog goes out without parsing and re-encoding every stored value. Ids and boots that
+    would need escaping (never, once the codec checked them) take the general path.
+    """
+    if (type(seq) is int and type(ts_ms) is int and type(received_ms) is int
+            and _PLAIN.fullmatch(f"{site}{device}{boot}")):
+        return (f'{{"site":"{site}","dev":"{device}","boot":"{boot}","seq":{seq},"ts":{ts_ms},"rx":{received_ms},'
+                f'"r":{values_json}}}')
+    item = {"site": site, "dev": device, "boot": boot, "seq": seq, "ts": ts_ms, "rx": received_ms, "r": None}
+    head = _dumps_finite(item).decode()
+    return head[: -len("null}")] + values_json + "}"
+
+
 def _status_item(event: StatusEvent) -> dict[str, Any]:
     item: dict[str, Any] = {"site": event.site, "dev": event.device, "state": event.state, "boot": event.boot}
     # Optional, as in the node's own status: a last will carries neither.
@@ -102,6 +121,8 @@ MAX_DEADLETTER_TOPIC = 256
 #: Characters of a dead letter's reason carried (the gateway's own are at most ~1000).
 MAX_DEADLETTER_REASON = 1000
 _HEX = frozenset("0123456789abcdef")
+#: Text that needs no escaping inside a JSON string: what ids and boots are made of.
+_PLAIN = re.compile(r"[A-Za-z0-9_.-]*")
 
 
 def gateway_dead_letter(id: int, topic: str, reason: str, payload: bytes, received_ms: int, *,
@@ -183,8 +204,12 @@ def _deadletter_item(letter: GatewayDeadLetter) -> dict[str, Any]:
     }
 
 
-def encode_batch(batch: Batch) -> bytes:
-    """Encode a batch envelope: zlib-compressed compact JSON."""
+def encode_batch(batch: Batch, items: Sequence[str] = ()) -> bytes:
+    """Encode a batch envelope: zlib-compressed compact JSON.
+
+    ``items``: readings already encoded by :func:`reading_item_json`; those of
+    ``batch.readings``, which go first (the gateway's backlog path passes only these).
+    """
     check_id(batch.gateway, "gateway")
     doc: dict[str, Any] = {
         "v": WIRE_VERSION,
@@ -218,10 +243,19 @@ def encode_batch(batch: Batch) -> bytes:
         doc.setdefault("ext", []).append(HOLDS_EXTENSION)
         doc["holds"] = [_hold_item(h) for h in batch.holds]
     # Every float in a batch is a reading value the codec checked (finite) on the way in.
-    data = zlib.compress(_dumps_finite(doc), 6)
+    if items:
+        doc["items"] = []
+    text = _dumps_finite(doc)
+    if items:
+        # Spliced in: the keys before "items" are numbers and a checked gateway id, so the first
+        # '"items":[' is the key itself.
+        head, sep, tail = text.partition(b'"items":[')
+        ahead = [_dumps_finite(_reading_item(r)) for r in batch.readings]
+        text = head + sep + b",".join([*ahead, *(i.encode() for i in items)]) + tail
+    data = zlib.compress(text, 6)
     if len(data) > MAX_BATCH_BYTES:
         raise CodecError(
-            f"batch of {len(batch.readings)} readings and {len(batch.statuses)} status events"
+            f"batch of {len(batch.readings) + len(items)} readings and {len(batch.statuses)} status events"
             f" compresses to {len(data)} bytes, over {MAX_BATCH_BYTES}"
         )
     return data

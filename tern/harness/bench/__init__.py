@@ -24,6 +24,12 @@ Benchmarks (``--only NAME``, repeatable):
 ``live``      many node connections -> gateway -> bridge -> Kafka (processes) vs plain pub/sub
               and vs the naive bridge; bytes on the uplink per reading vs per-message JSON.
 ``latency``   node -> Kafka at a steady 50 % of live capacity: p50/p99/max.
+``growth``    ingest and drain rates and the gateway's RSS with the outbox already holding
+              0, 1M and 10M readings (built in bulk, cached), vs the same at 0.
+``fleet``     1,000 node connections (aiomqtt, one device each, QoS 1 at a low rate) on one
+              gateway: its CPU per reading and RSS vs the same devices on 10 connections.
+``wear``      bytes the gateway writes to disk per reading (``/proc/PID/io``), at ingest and
+              at drain, vs the payload's own size.
 ``scaleout``  1, 2, 3 bridge processes on a shared subscription, on the 3-node Apache Kafka
               cluster (Tansu loses records under concurrent producers; skipped where no
               cluster is started, as in ``--quick``).

@@ -18,8 +18,8 @@ from tern.core.codec import Batch, Reading
 from tern.core.errors import TernError
 
 # ``apache`` last: its three JVMs are stopped when it ends, so they never share the cores with another stage.
-BENCHMARKS = ("codec", "outbox", "gateway", "bridge", "e2e", "firmware", "ota", "drain", "live", "latency", "scaleout",
-              "apache")
+BENCHMARKS = ("codec", "outbox", "gateway", "bridge", "e2e", "firmware", "ota", "drain", "live", "latency", "growth",
+              "fleet", "wear", "scaleout", "apache")
 SITE = "bench"
 BOOT = "b0b0cafe"
 #: Readings per batch envelope, as the gateway sends them by default.
@@ -66,6 +66,15 @@ class Sizes:
     # --- issue 23: the same bridge and drain stages on a 3-node Apache Kafka (RF 3, acks=all) ---
     apache_drain_readings: int = 5_000  # the backlog drained, and the records each raw client writes
     apache_rounds: int = 1
+    # --- issue 27: cost as the work grows ---
+    growth_preloads: tuple[int, ...] = (0, 20_000)  # readings already in the outbox (the first: the baseline)
+    growth_drain: int = 3_000  # readings drained (the oldest), timed, at each preload
+    growth_ingest: int = 1_000  # readings ingested, timed, at each preload
+    growth_rounds: int = 1  # rounds of each, alternating the preloads; the best counts
+    fleet_connections: int = 50  # node connections, one device each
+    fleet_seconds: float = 2.0  # each publishes for this long
+    fleet_rate: float = 2.0  # readings/s per connection
+    wear_readings: int = 2_000  # readings through the gateway for the bytes-written figure
     #: Whether the apache stage may start a cluster of its own (a quick run does not, unless the
     #: stage is named with --only, the run's Kafka already is one, or a cluster is given).
     apache_start: bool = False
@@ -79,7 +88,9 @@ FULL = Sizes(decode_loops=50_000, batch_loops=250, repeats=5, outbox_rows=20_000
              readings=20_000, bridge_batches=200, network_repeats=2, deadline_s=300.0,
              naive_readings=4_000, drain_readings=1_000_000, raw_readings=200_000, live_readings=30_000,
              connections=50, latency_s=8.0, scale_readings=50_000, rounds=3, stage_budget_s=150.0, ota_nodes=20,
-             apache_drain_readings=100_000, apache_rounds=2, apache_start=True)
+             apache_drain_readings=100_000, apache_rounds=2, apache_start=True,
+             growth_preloads=(0, 1_000_000, 10_000_000), growth_drain=100_000, growth_ingest=10_000, growth_rounds=2,
+             fleet_connections=1_000, fleet_seconds=20.0, fleet_rate=1.0, wear_readings=20_000)
 
 
 @dataclass

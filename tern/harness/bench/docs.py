@@ -119,6 +119,34 @@ METHOD = """## How the issue-13 stages measure
   one between the node connections and the local broker (per-message JSON over MQTT), both ways.
 - **Scale-out**: 1, 2 and 3 bridge processes on the shared subscription draining the backlog of
   three gateways; on 2 cores, three bridges, three gateways, two brokers and Kafka share them.
+
+## How the issue-27 stages measure
+
+- **Big outboxes** (`tern.harness.bench.preload`): an outbox of N readings is built in bulk on
+  the outbox's own schema (`Outbox` creates the empty file; the rows go in with one
+  `executemany`, the identity index dropped meanwhile and rebuilt from its own SQL, and each
+  device's highest seq written to the sequence tracking as `Outbox.add` leaves it), then kept
+  under `.cache/bench/preload/`, named by N and a digest of the schema: a schema change builds
+  anew (10M readings: about a minute and 1.5 GB), a later run reuses the file. Each round works
+  on a copy. The drain stage's backlog is built the same way.
+- **Growth**: for each preload P (0, 1M, 10M). *Drain*: a fresh copy of an outbox of P +
+  100,000 readings, a bridge and a gateway process; timed from the gateway's start until the
+  uplink has had the oldest 100,000 confirmed and deleted (the P behind them still waiting).
+  *Ingest*: a copy of an outbox of P, a gateway whose cloud side has no bridge (nothing
+  drains) while 10 paho node connections publish 10,000 readings at QoS 1; timed until ingest
+  has committed them all. Rounds alternate the preloads; each figure is the best of its rounds.
+  RSS: the gateway's peak (VmHWM) over every round at that preload.
+- **Fleet**: 1,000 aiomqtt clients in one asyncio loop of the bench process, one device each,
+  each publishing per-reading JSON at QoS 1 (awaiting its PUBACK) once a second for 20 s, their
+  ticks spread over the second; the gateway in its own process, a stand-in for the bridge
+  confirming on the cloud broker. The stage fails unless every reading published was committed.
+  Figures: the gateway's CPU seconds (user + system) over the round per 100,000 readings, and
+  its peak RSS. Baseline: the same 1,000 devices and readings on 10 connections.
+- **Wear**: the gateway's `write_bytes` from `/proc/PID/io` (pages it dirtied, i.e. what
+  writeback sends to the disk: WAL frames, checkpoints) while it commits 20,000 readings with
+  nothing draining (*ingest*), then while a stand-in confirms them all and they are deleted
+  (*drain*); per reading, against the bytes of the reading's payload as the node sends it. The
+  file system's journal and the card's own write amplification come on top.
 """
 
 

@@ -26,10 +26,10 @@ def fleet_reading(index: int, devices: int, ts_ms: int | None = None) -> Reading
                    values=values, site=SITE)
 
 
-def fleet_messages(count: int, devices: int) -> list[tuple[int, str, bytes]]:
-    """(device index, topic, payload) of ``count`` readings of the fleet, in publish order."""
+def fleet_messages(count: int, devices: int, first: int = 0) -> list[tuple[int, str, bytes]]:
+    """(device index, topic, payload) of ``count`` readings of the fleet from its ``first``-th, in publish order."""
     out = []
-    for i in range(count):
+    for i in range(first, first + count):
         r = fleet_reading(i, devices)
         out.append((i % devices, topics.telemetry_topic(r.site, r.device), codec.encode_reading(r)))
     return out

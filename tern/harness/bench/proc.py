@@ -147,6 +147,16 @@ class Child:
         except (OSError, IndexError, ValueError):
             return {"cpu_s": 0.0, "peak_rss_mib": 0.0}
 
+    def io(self) -> dict[str, int]:
+        """The process's I/O counters from ``/proc/PID/io``: ``write_bytes`` (bytes it caused to
+        be written to the block device, the SD card's wear), ``wchar`` (bytes passed to write
+        calls) and the rest; empty when the kernel does not keep them."""
+        try:
+            with open(f"/proc/{self.process.pid}/io") as f:
+                return {k: int(v) for k, v in (line.split(":") for line in f if ":" in line)}
+        except (OSError, ValueError):
+            return {}
+
     def stop(self, timeout: float = 20.0) -> None:
         """Close stdin (the child stops its part cleanly); kill it after ``timeout``."""
         if self.process.poll() is None:
