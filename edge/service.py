@@ -120,8 +120,12 @@ class Gateway:
         self.status_server.start()
 
     def wait_connected(self, timeout: float = 10.0) -> bool:
-        """Block until both brokers are connected and subscribed (or ``timeout``)."""
-        return self.ingest.wait_connected(timeout) and self.uplink.wait_connected(timeout)
+        """Block until both brokers are connected and subscribed, the command session (commands
+        and releases) included, or ``timeout`` passes: on a fresh cloud broker, a command or a
+        release published before that session first subscribed is kept for no one."""
+        deadline = time.monotonic() + timeout
+        return all(part.wait_connected(max(0.0, deadline - time.monotonic()))
+                   for part in (self.ingest, self.uplink, self.commands))
 
     def _publish_local(self, topic: str, payload: bytes) -> None:
         self.ingest.client.publish(topic, payload, qos=0)

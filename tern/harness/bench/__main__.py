@@ -47,7 +47,7 @@ def run_benchmarks(names: Sequence[str], sizes: Sizes, workdir: Path, progress: 
             progress(name)
             started = time.monotonic()
             results.extend(runner(name)(lab))
-            # Each stage's share of the 10-minute budget, in the log and the docs of every run.
+            # Each stage's share of the run's time, in the log and the docs of every run.
             stage_seconds[name] = round(time.monotonic() - started, 1)
             progress(f"{name} took {stage_seconds[name]:.0f} s")
     finally:

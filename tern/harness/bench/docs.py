@@ -36,7 +36,7 @@ bridge and the drain against it again, each with its own baselines on that clust
 librdkafka producer (`confluent-kafka`).
 
 ```sh
-make bench                                      # full run, writes this file (limit: 10 minutes)
+make bench                                      # full run, writes this file (about 15 minutes on 2 cores)
 .venv/bin/python -m tern.harness.bench --quick  # small counts, no Apache cluster, writes no docs unless --docs DIR
 .venv/bin/python -m tern.harness.bench --only drain --only live
 .venv/bin/python -m tern.harness.bench --only apache   # only the Apache Kafka part (~3 minutes)
