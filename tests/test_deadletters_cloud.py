@@ -14,7 +14,7 @@ from tern.cloud.consume import ConsumedRecord, read_all
 from tern.core import codec, topics
 from tern.core.codec import Reading
 
-from helpers import BOOT, DEADLINE, GW, SITE, bridge_config, dead_letters, new_client, started_gateway, wait_until
+from helpers import BOOT, DEADLINE, GW, SITE, bridge_config, dead_letters, publish_acked, started_gateway, wait_until
 
 LONG = "x" * 65_000
 GOOD = codec.encode_reading(Reading("dev-a", BOOT, 0, 1, {"t": 1}))
@@ -30,21 +30,6 @@ JUNK = [
 ]
 
 
-def publish(broker, items: list[tuple[str, bytes]]) -> None:
-    """Publish raw (topic, payload) pairs at QoS 1 to ``broker``, each acknowledged by it."""
-    client = new_client()
-    client.connect(broker.host, broker.port)
-    client.loop_start()
-    try:
-        for topic, payload in items:
-            info = client.publish(topic, payload, qos=1)
-            info.wait_for_publish(DEADLINE)
-            assert info.is_published()
-    finally:
-        client.disconnect()
-        client.loop_stop()
-
-
 def gateway_letters(bootstrap: str, topic: str, expect: int) -> list[ConsumedRecord]:
     """The gateway dead letters on ``topic`` (those naming a gateway), once at least ``expect`` are there."""
     records = read_all(bootstrap, topic, timeout_s=30, expect=expect)
@@ -57,7 +42,7 @@ def test_junk_from_the_nodes_lands_in_the_dead_letter_topic_with_gateway_topic_a
     gw = started_gateway(local, cloud, outbox_path, cleanup)
     # (the cleanup fixture closes only what has close(): the bridge is a context manager here)
     with BridgeThread(bridge_config(cloud, kafka_bootstrap, kafka_topics)) as bridge:
-        publish(local, [(t, p) for t, p, _ in JUNK])
+        publish_acked(local, [(t, p) for t, p, _ in JUNK])
 
         records = gateway_letters(kafka_bootstrap, kafka_topics["deadletter"], len(JUNK))
         assert len(records) == len(JUNK)
@@ -95,12 +80,12 @@ def test_after_a_bridge_outage_each_dead_letter_arrives_once(
     config = bridge_config(cloud, kafka_bootstrap, kafka_topics)  # one name: the restart resumes its session
     gw = started_gateway(local, cloud, outbox_path, cleanup)
     with BridgeThread(config):
-        publish(local, [(topics.telemetry_topic(SITE, "dev-a"), b"junk-%d" % i) for i in range(3)])
+        publish_acked(local, [(topics.telemetry_topic(SITE, "dev-a"), b"junk-%d" % i) for i in range(3)])
         wait_until(lambda: gw.stats()["deadletters_forwarded"] == 3, what="the first three confirmed")
 
     # The bridge is down: new junk is committed, claimed by a batch that waits on the cloud broker
     # (and is re-sent after the 2 s confirm timeout), and stays unsent on the Pi.
-    publish(local, [(topics.telemetry_topic(SITE, f"dev-{i}"), b"{broken %d" % i) for i in range(60)])
+    publish_acked(local, [(topics.telemetry_topic(SITE, f"dev-{i}"), b"{broken %d" % i) for i in range(60)])
     wait_until(lambda: gw.stats()["dead_letters"] == 63, what="the junk committed during the outage")
     wait_until(lambda: gw.stats()["batches_resent"] >= 1, timeout=DEADLINE, what="a batch re-sent")
     assert gw.stats()["dead_letters_unsent"] == 60 and gw.stats()["deadletters_forwarded"] == 3

@@ -20,8 +20,8 @@ from .kafka import (
 )
 from .logs import log_handler
 from .observe import (
-    bridge, client, gateway_config, http_get, http_status, parse_metrics, publish_all, reading, scrape, scrape_url,
-    status, status_json, value, wait_for,
+    bridge, client, gateway_config, http_get, http_status, parse_metrics, publish_acked, publish_all, reading, scrape,
+    scrape_url, status, status_json, value, wait_for,
 )
 from .processes import BridgeProcess, Proc, require_toolchain, run_mp
 from .waiting import poll_until, wait_until
@@ -30,7 +30,7 @@ __all__ = [
     "BATCH_BOOT", "BOOT", "DEADLINE", "GW", "SITE", "BridgeProcess", "BridgeStub", "FakeGateway", "Node", "Proc",
     "ProxiedTansu", "StatusNode", "bridge", "bridge_config", "client", "committed", "config", "dead_letters",
     "gateway_config", "http_get", "http_status", "kafka_seqs", "kafka_statuses", "log_handler", "make_batch", "new_client",
-    "outbox_rows", "parse_metrics", "per_device", "poll_until", "produce", "publish_all", "reading", "require_toolchain", "run_mp",
+    "outbox_rows", "parse_metrics", "per_device", "poll_until", "produce", "publish_acked", "publish_all", "reading", "require_toolchain", "run_mp",
     "scrape", "scrape_url", "started_gateway", "status", "status_json", "status_rows", "value", "wait_for",
     "wait_until",
 ]

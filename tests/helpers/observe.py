@@ -58,6 +58,21 @@ def publish_all(c: mqtt.Client, messages: Iterable[tuple[str, bytes, bool]]) -> 
         assert info.is_published()
 
 
+def publish_acked(broker: Mosquitto, items: Iterable[tuple[str, bytes]]) -> None:
+    """Publish raw (topic, payload) pairs at QoS 1 from a client of their own, each acknowledged
+    by ``broker`` (:func:`publish_all` for a client already connected)."""
+    from .gateway import new_client
+
+    c = new_client()
+    c.connect(broker.host, broker.port)
+    c.loop_start()
+    try:
+        publish_all(c, ((topic, payload, False) for topic, payload in items))
+    finally:
+        c.disconnect()
+        c.loop_stop()
+
+
 def reading(site: str, device: str, boot: str, seq: int) -> tuple[str, bytes, bool]:
     """One telemetry message of the node contract."""
     payload = codec.encode_reading(codec.Reading(device=device, boot=boot, seq=seq, ts_ms=1_700_000_000_000 + seq, values={"t": seq / 10}))

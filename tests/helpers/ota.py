@@ -15,7 +15,7 @@ from tern.core.commands import Command
 from tern.device import EmulatedNode
 from tern.harness.stack import Mosquitto
 
-from .gateway import DEADLINE, new_client
+from .observe import publish_acked
 
 
 def requests_for(folder: Path) -> int:
@@ -47,16 +47,7 @@ def sent_per_boot(node: EmulatedNode) -> dict[str, int]:
 
 def publish(broker: Mosquitto, topic: str, payload: bytes) -> None:
     """Publish one QoS 1 message and wait for the broker's PUBACK."""
-    client = new_client()
-    client.connect(broker.host, broker.port)
-    client.loop_start()
-    try:
-        info = client.publish(topic, payload, qos=1)
-        info.wait_for_publish(DEADLINE)
-        assert info.is_published()
-    finally:
-        client.disconnect()
-        client.loop_stop()
+    publish_acked(broker, [(topic, payload)])
 
 
 def send_command(cloud: Mosquitto, gateway: str, command: Command) -> None:
