@@ -120,19 +120,24 @@ def test_offline_reset_keeps_readings_and_an_overflow_reports_its_drops_to_kafka
         lost1 = told["dropped"][boot1]
 
         # What survived: every live reading before the outage and the newest of the offline
-        # ones; the oldest offline ones went first, exactly as many as reported. (On a slow
-        # machine the new boot's own offline readings may push out all of the old boot's.)
+        # ones; the oldest offline ones went first, as many as reported. (On a slow machine the
+        # new boot's own offline readings may push out all of the old boot's.) A reading the
+        # gateway committed just before the cut, whose node ack the cut connection never
+        # delivered (acks are coalesced, up to 100 ms), is counted dropped by the node and still
+        # arrives: the report may over-count by such readings, a loss it never hides.
         def settled() -> bool:
-            return len(kafka_seqs(tail, "off-1", boot1)) == last1 - lost1
+            return len(kafka_seqs(tail, "off-1", boot1)) >= last1 - lost1
 
-        assert wait_until(settled, 60), (kafka_seqs(tail, "off-1", boot1), last1, told)
+        assert wait_until(settled, 60), (len(kafka_seqs(tail, "off-1", boot1)), last1, lost1, told)
         got = kafka_seqs(tail, "off-1", boot1)
+        extra = len(got) - (last1 - lost1)
+        assert 0 <= extra <= 3, (extra, got, last1, lost1)
         assert got == sorted(got) and got[0] == 1 and got[-1] <= last1
         gaps = [(a, b) for a, b in zip(got, got[1:]) if b != a + 1]
         if got[-1] == last1:
-            assert len(gaps) == 1 and gaps[0][1] - gaps[0][0] - 1 == lost1, gaps
+            assert len(gaps) == 1 and gaps[0][1] - gaps[0][0] - 1 == lost1 - extra, (gaps, extra)
         else:  # every offline reading of the old boot went: one run from 1
-            assert not gaps and got[-1] == last1 - lost1, got
+            assert not gaps and got[-1] == last1 - lost1 + extra, got
         # The new boot: whatever it lost before it connected went first, then nothing.
         first2 = told["dropped"].get(boot2, 0) + 1
         assert wait_until(lambda: len(kafka_seqs(tail, "off-1", boot2)) >= 20, 60)
