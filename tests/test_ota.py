@@ -20,10 +20,11 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
+from helpers.ota import firmware_release, fleet_keys
 from tern.core import codec, topics
 from tern.device import EmulatedNode
 from tern.device.emulate import emulated_dir, firmware_dir
-from tern.device.release import (VerifyKey, build_release, check_release, make_keys, sign, verify)
+from tern.device.release import (VerifyKey, build_release, check_release, sign, verify)
 from tern.harness.stack import Mosquitto
 from tern.toolchain import micropython_binary, umqtt_path
 
@@ -33,17 +34,12 @@ FACTORY = "0.1.0"
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("keys")
-    make_keys(folder / "fleet.key", folder / "fleet.pub", height=4)
-    make_keys(folder / "other.key", folder / "other.pub", height=4)
-    return {"key": folder / "fleet.key", "pub": folder / "fleet.pub", "other": folder / "other.key"}
+    return fleet_keys(tmp_path_factory.mktemp("keys"), height=4, other=True)
 
 
 @pytest.fixture(scope="module")
 def release(keys: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("rel") / "0.4.0"
-    build_release(firmware_dir(), "0.4.0", out, keys["key"])
-    return out
+    return firmware_release(keys, tmp_path_factory.mktemp("rel"), "0.4.0")
 
 
 class Gateway:

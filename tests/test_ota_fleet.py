@@ -26,14 +26,12 @@ import pytest
 import helpers
 from helpers import GW, SITE, BridgeStub, require_toolchain, started_gateway
 from helpers.observe import CHROMIUM, CHROMIUM_ARGS, status_json
-from helpers.ota import requests_for, send_command, sent_per_boot
+from helpers.ota import firmware_release, fleet_keys, requests_for, send_command, sent_per_boot
 
 from tern.cloud.release_cli import send_release
 from tern.core import ota_wire
 from tern.core.commands import Command
 from tern.device import EmulatedNode
-from tern.device.emulate import firmware_dir
-from tern.device.release import build_release, make_keys
 from tern.edge.ota_serve import ReleaseServer
 from tern.edge.ota_store import ReleaseStore
 from tern.harness.stack import free_port
@@ -50,16 +48,12 @@ wait_until = functools.partial(helpers.wait_until, timeout=DEADLINE)
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("keys")
-    make_keys(folder / "fleet.key", folder / "fleet.pub", height=3)
-    return {"key": folder / "fleet.key", "pub": folder / "fleet.pub"}
+    return fleet_keys(tmp_path_factory.mktemp("keys"))
 
 
 @pytest.fixture(scope="module")
 def release(keys: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("rel") / NEW
-    build_release(firmware_dir(), NEW, out, keys["key"])
-    return out
+    return firmware_release(keys, tmp_path_factory.mktemp("rel"), NEW)
 
 
 class ChunkClock:

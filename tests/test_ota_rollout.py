@@ -25,7 +25,7 @@ import pytest
 
 import helpers
 from helpers import require_toolchain
-from helpers.ota import command_lines, kafka_values, sent_per_boot, wants
+from helpers.ota import command_lines, fleet_keys, kafka_values, sent_per_boot, wants
 from helpers.processes import Proc
 
 from tern.cloud import rollout as rollout_rules
@@ -33,7 +33,7 @@ from tern.cloud.bridge import BridgeThread
 from tern.cloud.config import BridgeConfig
 from tern.cloud.release_cli import send_release
 from tern.device.emulate import Fleet, firmware_dir
-from tern.device.release import build_release, make_keys
+from tern.device.release import build_release
 from tern.edge.config import GatewayConfig
 from tern.edge.service import Gateway
 from tern.harness.observe import KafkaTail
@@ -45,9 +45,7 @@ DEADLINE = 60.0
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("keys")
-    make_keys(folder / "fleet.key", folder / "fleet.pub", height=3)
-    return {"key": folder / "fleet.key", "pub": folder / "fleet.pub"}
+    return fleet_keys(tmp_path_factory.mktemp("keys"))
 
 
 @pytest.fixture

@@ -20,14 +20,13 @@ import pytest
 
 import helpers
 from helpers import GW, SITE, BridgeStub, dead_letters, require_toolchain, started_gateway
-from helpers.ota import publish, requests_for, send_command, sent_per_boot, wants
+from helpers.ota import firmware_release, fleet_keys, publish, requests_for, send_command, sent_per_boot, wants
 
 from tern.cloud.release_cli import send_release
 from tern.core import ota_wire, topics
 from tern.core.commands import Command
 from tern.device import EmulatedNode
-from tern.device.emulate import firmware_dir
-from tern.device.release import build_release, make_keys, sign
+from tern.device.release import sign
 from tern.edge.ota_serve import ReleaseServer
 from tern.edge.ota_store import ReleaseRefused, ReleaseStore, check_release
 from tern.harness.stack import Mosquitto
@@ -40,18 +39,12 @@ wait_until = functools.partial(helpers.wait_until, timeout=DEADLINE)
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("keys")
-    make_keys(folder / "fleet.key", folder / "fleet.pub", height=3)
-    make_keys(folder / "other.key", folder / "other.pub", height=3)
-    return {"key": folder / "fleet.key", "pub": folder / "fleet.pub",
-            "other": folder / "other.key", "other_pub": folder / "other.pub"}
+    return fleet_keys(tmp_path_factory.mktemp("keys"), other=True)
 
 
 @pytest.fixture(scope="module")
 def release(keys: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("rel") / NEW
-    build_release(firmware_dir(), NEW, out, keys["key"])
-    return out
+    return firmware_release(keys, tmp_path_factory.mktemp("rel"), NEW)
 
 
 def files_of(folder: Path) -> dict[str, bytes]:
@@ -116,9 +109,7 @@ def test_the_store_keeps_only_good_releases_and_the_newest_n(tmp_path: Path, key
     with pytest.raises(ReleaseRefused, match="no ota_key"):
         check_release(files_of(release), None)
     for version in ("0.6.0", "0.7.0"):
-        folder = tmp_path / version
-        build_release(firmware_dir(), version, folder, keys["key"])
-        store.add(files_of(folder))
+        store.add(files_of(firmware_release(keys, tmp_path, version)))
     assert store.versions() == ["0.6.0", "0.7.0"]
     # A file damaged on disk after it was stored is not served: the release is dropped.
     (store.folder / "0.7.0" / "tern_node.mpy").write_bytes(b"M\x06rot")

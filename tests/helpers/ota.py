@@ -13,6 +13,8 @@ from tern.cloud.reader import decode_record
 from tern.core import commands, ota_wire, topics
 from tern.core.commands import Command
 from tern.device import EmulatedNode
+from tern.device.emulate import firmware_dir
+from tern.device.release import build_release, make_keys
 from tern.harness.stack import Mosquitto
 
 from .observe import publish_acked
@@ -42,6 +44,24 @@ def sent_per_boot(node: EmulatedNode) -> dict[str, int]:
             boot = line.split()[2]
         elif line.startswith("TERN sent ") and boot is not None:
             out[boot] = max(out.get(boot, 0), int(line.split()[2]))
+    return out
+
+
+def fleet_keys(folder: Path, height: int = 3, other: bool = False) -> dict[str, Path]:
+    """A fleet key pair in ``folder`` (``key``, ``pub``) and, with ``other``, a second one
+    (``other``, ``other_pub``) for signatures the fleet must refuse."""
+    make_keys(folder / "fleet.key", folder / "fleet.pub", height=height)
+    keys = {"key": folder / "fleet.key", "pub": folder / "fleet.pub"}
+    if other:
+        make_keys(folder / "other.key", folder / "other.pub", height=height)
+        keys.update(other=folder / "other.key", other_pub=folder / "other.pub")
+    return keys
+
+
+def firmware_release(keys: dict[str, Path], folder: Path, version: str) -> Path:
+    """The firmware in this tree built and signed as release ``version``, in ``folder/version``."""
+    out = folder / version
+    build_release(firmware_dir(), version, out, keys["key"])
     return out
 
 
