@@ -31,6 +31,14 @@ from tern.core.messages import (
 from tern.core.node_wire import _down, _dropped, _ota, _state
 from tern.core.topics import check_id
 
+def _schema_object(raw: bytes, limit: int, what: str, schema_id: str) -> dict[str, Any]:
+    """``raw`` as a JSON object of at most ``limit`` bytes whose ``schema`` is ``schema_id``."""
+    obj = _json_object(raw, limit, what)
+    if obj.get("schema") != schema_id:
+        raise CodecError(f"{what}: unknown schema {obj.get('schema')!r}")
+    return obj
+
+
 KAFKA_SCHEMA_ID = "tern.reading/1"
 
 
@@ -76,9 +84,7 @@ def kafka_record(reading: Reading, gateway: str, topic: str, bridged_ms: int) ->
 def decode_kafka_value(raw: bytes) -> dict[str, Any]:
     """Decode and check a Kafka reading value (for consumers and tests)."""
     what = "kafka value"
-    obj = _json_object(raw, MAX_NODE_PAYLOAD * 2, what)
-    if obj.get("schema") != KAFKA_SCHEMA_ID:
-        raise CodecError(f"{what}: unknown schema {obj.get('schema')!r}")
+    obj = _schema_object(raw, MAX_NODE_PAYLOAD * 2, what, KAFKA_SCHEMA_ID)
     for key in ("seq", "ts_ms", "gateway_rx_ms", "bridge_ms"):
         _int(obj, key, what)
     for key in ("site", "device", "gateway"):
@@ -127,9 +133,7 @@ def kafka_status_record(event: StatusEvent, gateway: str, topic: str, bridged_ms
 def decode_kafka_status_value(raw: bytes) -> dict[str, Any]:
     """Decode and check a Kafka status value (for consumers and tests)."""
     what = "kafka status value"
-    obj = _json_object(raw, MAX_NODE_PAYLOAD, what)
-    if obj.get("schema") != KAFKA_STATUS_SCHEMA_ID:
-        raise CodecError(f"{what}: unknown schema {obj.get('schema')!r}")
+    obj = _schema_object(raw, MAX_NODE_PAYLOAD, what, KAFKA_STATUS_SCHEMA_ID)
     for key in ("gateway_rx_ms", "bridge_ms"):
         _int(obj, key, what)
     for key in ("site", "device", "gateway"):
@@ -189,9 +193,7 @@ def kafka_drop_record(drop: DropEvent, gateway: str, topic: str, bridged_ms: int
 def decode_kafka_drop_value(raw: bytes) -> dict[str, Any]:
     """Decode and check a Kafka drop value (for consumers and tests)."""
     what = "kafka drop value"
-    obj = _json_object(raw, MAX_NODE_PAYLOAD, what)
-    if obj.get("schema") != KAFKA_DROP_SCHEMA_ID:
-        raise CodecError(f"{what}: unknown schema {obj.get('schema')!r}")
+    obj = _schema_object(raw, MAX_NODE_PAYLOAD, what, KAFKA_DROP_SCHEMA_ID)
     for key in ("first_seq", "last_seq", "dropped_ms", "bridge_ms"):
         _int(obj, key, what)
     _int(obj, "count", what, minimum=1)
@@ -236,9 +238,7 @@ def kafka_hold_record(hold: HoldEvent, gateway: str, topic: str, bridged_ms: int
 def decode_kafka_hold_value(raw: bytes) -> dict[str, Any]:
     """Decode and check a Kafka hold value (for consumers and tests)."""
     what = "kafka hold value"
-    obj = _json_object(raw, MAX_NODE_PAYLOAD, what)
-    if obj.get("schema") != KAFKA_HOLD_SCHEMA_ID:
-        raise CodecError(f"{what}: unknown schema {obj.get('schema')!r}")
+    obj = _schema_object(raw, MAX_NODE_PAYLOAD, what, KAFKA_HOLD_SCHEMA_ID)
     for key in ("first_seq", "count", "held_since_ms", "updated_ms", "bridge_ms"):
         _int(obj, key, what)
     for key in ("site", "device", "gateway"):
@@ -285,9 +285,7 @@ def kafka_ota_record(topic: str, rollout: str, release: str, device: str, wave: 
 def decode_kafka_ota_value(raw: bytes) -> dict[str, Any]:
     """Decode and check a Kafka rollout value (for consumers and tests)."""
     what = "kafka ota value"
-    obj = _json_object(raw, MAX_NODE_PAYLOAD, what)
-    if obj.get("schema") != KAFKA_OTA_SCHEMA_ID:
-        raise CodecError(f"{what}: unknown schema {obj.get('schema')!r}")
+    obj = _schema_object(raw, MAX_NODE_PAYLOAD, what, KAFKA_OTA_SCHEMA_ID)
     for key in ("wave", "ms"):
         _int(obj, key, what)
     for key in ("rollout", "device"):
