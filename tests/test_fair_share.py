@@ -248,8 +248,13 @@ def test_under_drop_oldest_only_the_runaway_loses_readings(start_site, cleanup) 
 
 def test_ten_normal_nodes_are_acked_as_fast_with_a_runaway_beside_them(start_site, cleanup) -> None:
     """Link down, max_rows 5000: a runaway floods 20,000 while 10 nodes send 30 readings each
-    at 10/s. Each normal reading is acked (node ack) within ACK_BOUND_S of its publish."""
-    ack_bound_s = 1.0
+    at 10/s. Each normal reading is acked (node ack) within ack_bound_s of its publish.
+
+    Starved, a normal node would get no ack at all while the link is down (the runaway's rows
+    would fill the outbox); held back, the runaway costs them little (p50 36 ms, max 0.43 s in one run beside other tests). The
+    bound is loose because a loaded 2-core run once took 1.1 s for one ack: a timing figure is
+    the bench's job, this test's is that no node waits on the runaway."""
+    ack_bound_s = 3.0
     local, _, outbox, gw, _ = start_site(max_rows=5000)
     sent_at: dict[tuple[str, int], float] = {}
     acked_at: dict[tuple[str, int], float] = {}

@@ -125,8 +125,11 @@ def test_offline_reset_keeps_readings_and_an_overflow_reports_its_drops_to_kafka
         # gateway committed just before the cut, whose node ack the cut connection never
         # delivered (acks are coalesced, up to 100 ms), is counted dropped by the node and still
         # arrives: the report may over-count by such readings, a loss it never hides.
+        # The spill replays oldest first, on one partition: once a reading of the new boot is
+        # in Kafka, every surviving one of the old boot is there too. (Counting alone could stop
+        # early: an over-counted reading makes the count reach last1 - lost1 one reading sooner.)
         def settled() -> bool:
-            return len(kafka_seqs(tail, "off-1", boot1)) >= last1 - lost1
+            return bool(kafka_seqs(tail, "off-1", boot2)) and len(kafka_seqs(tail, "off-1", boot1)) >= last1 - lost1
 
         assert wait_until(settled, 60), (len(kafka_seqs(tail, "off-1", boot1)), last1, lost1, told)
         got = kafka_seqs(tail, "off-1", boot1)
