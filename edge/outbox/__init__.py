@@ -1,23 +1,6 @@
 """The gateway's durable outbox: SQLite (WAL, synchronous=FULL) via sqlite-utils.
 
-Tables:
-
-- ``outbox``: one row per reading, ``id`` is arrival order; ``UNIQUE(device, boot, seq)``
-  makes a redelivered reading a no-op while the original is still pending.
-- ``status_events``: one row per node status (birth or last will) to forward, ``id`` is
-  arrival order.
-- ``node_status``: the latest status per (site, device), kept after forwarding: it is what
-  de-duplicates re-delivered retained statuses and what node liveness is counted from.
-- ``dead_letters``: payloads that broke the contract, kept with the reason, never dropped. Each
-  is forwarded to the cloud once (the ``deadletters/1`` envelope extension): ``bseq`` is the batch
-  carrying it (NULL until one does), ``forwarded_ms`` when that batch was confirmed (NULL until
-  then). They stay afterwards, as evidence on the Pi for ``tern-gateway outbox``.
-- ``meta``: key/value integers; ``bseq`` is the last batch sequence number handed out.
-- ``seq_high``, ``seq_gaps``: the highest seq committed per (device, boot) and the missing
-  ranges (:mod:`tern.edge.seqtrack`): a re-send of a reading already forwarded is a duplicate.
-- ``held_back``, ``hold_events``: devices held back by their share or rate, and the events that
-  report it to the cloud (:mod:`tern.edge.shares`; ``holds/1``): claimed by a batch like drop
-  events, deleted on its confirm.
+Its tables are listed (and created, and migrated) in :mod:`tern.edge.outbox.schema`.
 
 The outbox is bounded by its :class:`~tern.edge.retention.RetentionPolicy`: ``max_rows``
 pending rows (readings and status events together: a status event is a row on the SD card
@@ -39,11 +22,9 @@ import itertools
 import json
 import sqlite3
 import threading
-import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Collection, Iterable, Iterator, NamedTuple, Sequence
+from typing import Callable, Collection, Iterable, NamedTuple, Sequence
 
 import orjson
 import sqlite_utils
@@ -56,24 +37,18 @@ from tern.core.codec import (
 from tern.edge import retention as rtn
 from tern.edge import seqtrack
 from tern.edge import shares
+from tern.edge.outbox import batches, schema
+from tern.edge.outbox.clock import now_ms
+from tern.edge.outbox.connection import NO_PAGE_LIMIT as _NO_PAGE_LIMIT
+from tern.edge.outbox.connection import connect as _connect
+from tern.edge.outbox.connection import is_disk_full, open_readonly  # noqa: F401 (exported)
+from tern.edge.outbox.connection import write_tx as _write_tx
+from tern.edge.outbox.schema import DEAD_LETTERS, META, NODE_STATUS, OUTBOX, RETAINED_JUNK, STATUS_EVENTS
 from tern.edge.retention import RetentionPolicy
-
-OUTBOX = "outbox"
-STATUS_EVENTS = "status_events"
-NODE_STATUS = "node_status"
-DEAD_LETTERS = "dead_letters"
-META = "meta"
-#: Retained junk already dead-lettered (see Outbox.known_junk).
-RETAINED_JUNK = "retained_junk"
 
 #: Dead letters keep at most this much of a payload (and its full size): an oversized
 #: payload is evidence of a fault, not data, and must not be able to fill the SD card.
 DEAD_LETTER_PAYLOAD_MAX = 64 * 1024
-
-
-def now_ms() -> int:
-    """Wall-clock milliseconds, the unit of every timestamp on the wire."""
-    return time.time_ns() // 1_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,45 +143,6 @@ class OutboxSummary:
         return max(0.0, ((now if now is not None else now_ms()) - self.oldest_pending_ms) / 1000)
 
 
-def is_disk_full(exc: BaseException) -> bool:
-    """True if ``exc`` is SQLite saying the disk (or the page limit) is full: SQLITE_FULL."""
-    if not isinstance(exc, sqlite3.OperationalError):
-        return False
-    code = getattr(exc, "sqlite_errorcode", None)
-    return code == sqlite3.SQLITE_FULL if code is not None else "disk is full" in str(exc)
-
-
-#: SQLite's own ceiling for max_page_count: setting it "lifts" a simulated full disk.
-_NO_PAGE_LIMIT = 4294967294
-
-
-@contextmanager
-def _write_tx(db: sqlite_utils.Database) -> Iterator[None]:
-    """A write transaction that takes the write lock at its start (BEGIN IMMEDIATE).
-
-    The command store writes to the same file on a connection of its own: a deferred
-    transaction that reads and then writes fails at once with "database is locked" when that
-    connection committed in between, whereas BEGIN IMMEDIATE waits (the busy timeout) for it.
-    """
-    if db.conn.in_transaction:
-        with db.atomic():
-            yield
-        return
-    db.conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    except BaseException:
-        if db.conn.in_transaction:
-            db.conn.execute("ROLLBACK")
-        raise
-    try:
-        db.conn.execute("COMMIT")
-    except BaseException:
-        if db.conn.in_transaction:
-            db.conn.execute("ROLLBACK")
-        raise
-
-
 def _delete_chunked(db: sqlite_utils.Database, table: str, ids: list[int]) -> int:
     """Delete the rows of ``table`` with these ids (inside the caller's transaction); how many went."""
     before = db.conn.total_changes
@@ -215,22 +151,6 @@ def _delete_chunked(db: sqlite_utils.Database, table: str, ids: list[int]) -> in
         chunk = ids[start : start + 500]
         db.execute(f"DELETE FROM {table} WHERE id IN ({','.join('?' * len(chunk))})", chunk)
     return db.conn.total_changes - before
-
-
-def _connect(path: str | Path, *, readonly: bool = False) -> sqlite_utils.Database:
-    if readonly:
-        uri = Path(path).resolve().as_uri() + "?mode=ro"
-        conn = sqlite3.connect(uri, uri=True, check_same_thread=False, timeout=10)
-    else:
-        conn = sqlite3.connect(str(path), check_same_thread=False, timeout=30)
-    return sqlite_utils.Database(conn, execute_plugins=False)
-
-
-def open_readonly(path: str | Path) -> sqlite_utils.Database:
-    """Open an existing outbox for reading only (it must exist: nothing is created)."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"no outbox at {path}")
-    return _connect(path, readonly=True)
 
 
 def summarize(db: sqlite_utils.Database) -> OutboxSummary:
@@ -293,21 +213,14 @@ class Outbox:
         # FULL: the commit is on disk before we PUBACK; NORMAL in WAL mode may lose the
         # last transactions on power loss, which would break the custody rule.
         self.db.execute("PRAGMA synchronous=FULL")
-        self._create_schema()
+        schema.create(self.db)
         self._pending = self.db.execute(f"SELECT COUNT(*) FROM {OUTBOX}").fetchone()[0]
         #: Readings waiting per device: what the shares are computed from (edge/shares.py).
         self._device_rows: dict[str, int] = dict(
             self.db.execute(f"SELECT device, COUNT(*) FROM {OUTBOX} GROUP BY device").fetchall()
         )
         self._status_pending = self.db.execute(f"SELECT COUNT(*) FROM {STATUS_EVENTS}").fetchone()[0]
-        with _write_tx(self.db):
-            # Nothing is in flight at open: drop events handed to a batch of an earlier run
-            # that was never confirmed go to the next batch.
-            self.db.execute(f"UPDATE {rtn.DROP_EVENTS} SET bseq = NULL WHERE bseq IS NOT NULL")
-            # Hold events likewise (holds/1).
-            self.db.execute(f"UPDATE {shares.HOLD_EVENTS} SET bseq = NULL WHERE bseq IS NOT NULL")
-            # Dead letters too: those of a batch never confirmed are sent again (a new bseq).
-            self.db.execute(f"UPDATE {DEAD_LETTERS} SET bseq = NULL WHERE bseq IS NOT NULL AND forwarded_ms IS NULL")
+        batches.release_claims(self.db)
         self._drops_unclaimed = rtn.unclaimed_events(self.db)
         self._holds_unclaimed = shares.unclaimed_events(self.db)
         self._letters_unclaimed = self._count_unclaimed_letters()
@@ -323,84 +236,6 @@ class Outbox:
         #: uplink looks at once rather than at its next poll (up to half a second later, which
         #: was the p99 latency of a live site).
         self.on_commit: Callable[[], None] | None = None
-
-    def _create_schema(self) -> None:
-        with _write_tx(self.db):
-            self.db[OUTBOX].create(
-                {
-                    "id": int,
-                    "site": str,
-                    "device": str,
-                    "boot": str,
-                    "seq": int,
-                    "ts_ms": int,
-                    "received_ms": int,
-                    "values": str,
-                },
-                pk="id",
-                not_null={"site", "device", "boot", "seq", "ts_ms", "received_ms", "values"},
-                if_not_exists=True,
-            )
-            self.db[OUTBOX].create_index(
-                ["device", "boot", "seq"], index_name="outbox_identity", unique=True, if_not_exists=True
-            )
-            self.db[STATUS_EVENTS].create(
-                {
-                    "id": int,
-                    "site": str,
-                    "device": str,
-                    "boot": str,
-                    "state": str,
-                    "fw": str,
-                    "reset": str,
-                    "received_ms": int,
-                },
-                pk="id",
-                not_null={"site", "device", "boot", "state", "fw", "reset", "received_ms"},
-                if_not_exists=True,
-            )
-            # Readings a node dropped, per boot (JSON {boot: n}, "" for none); added later,
-            # so an older outbox gets the column here.
-            if "dropped" not in self.db[STATUS_EVENTS].columns_dict:
-                self.db[STATUS_EVENTS].add_column("dropped", str, not_null_default="")
-            self.db[NODE_STATUS].create(
-                {"site": str, "device": str, "boot": str, "state": str, "received_ms": int},
-                pk=("site", "device"),
-                not_null={"boot", "state", "received_ms"},
-                if_not_exists=True,
-            )
-            # The latest status's drop report, so a re-delivered retained birth is not told twice.
-            if "dropped" not in self.db[NODE_STATUS].columns_dict:
-                self.db[NODE_STATUS].add_column("dropped", str, not_null_default="")
-            # The node's sensors that are down (JSON list, "" for none), in the event and the
-            # latest status (a birth naming another set is news); added later, like "dropped".
-            for table in (STATUS_EVENTS, NODE_STATUS):
-                if "down" not in self.db[table].columns_dict:
-                    self.db[table].add_column("down", str, not_null_default="")
-                # The node's update state (JSON object, "" for none): a fresh birth saying how
-                # far a download or a trial got is news for the same boot; added later, likewise.
-                if "ota" not in self.db[table].columns_dict:
-                    self.db[table].add_column("ota", str, not_null_default="")
-            self.db[DEAD_LETTERS].create(
-                {"id": int, "received_ms": int, "topic": str, "payload": bytes, "size": int, "error": str},
-                pk="id",
-                if_not_exists=True,
-            )
-            # Forwarding them (deadletters/1) came later: an older outbox gets the columns here,
-            # and its letters are all unsent (NULL), so they go to the cloud too.
-            letters = self.db[DEAD_LETTERS].columns_dict
-            if "sha256" not in letters:  # of the whole payload: the row may keep only 64 KiB of it
-                self.db[DEAD_LETTERS].add_column("sha256", str, not_null_default="")
-            for column in ("bseq", "forwarded_ms"):
-                if column not in letters:
-                    self.db[DEAD_LETTERS].add_column(column, int)
-            # The unsent are few and the table only grows: finding them must not scan it.
-            self.db.execute(f"CREATE INDEX IF NOT EXISTS dead_letters_unsent ON {DEAD_LETTERS} (bseq, id)"
-                            " WHERE forwarded_ms IS NULL")
-            self.db[META].create({"key": str, "value": int}, pk="key", if_not_exists=True)
-            seqtrack.create_tables(self.db)
-            rtn.create_tables(self.db)
-            shares.create_tables(self.db)
 
     # --- writes ------------------------------------------------------------------------
 
@@ -928,14 +763,7 @@ class Outbox:
         Numbers reserved and not used before a restart are skipped, never reused.
         """
         with self._lock:
-            with _write_tx(self.db):
-                self.db.execute(
-                    f"INSERT INTO {META} (key, value) VALUES ('bseq', ?)"
-                    " ON CONFLICT(key) DO UPDATE SET value = value + ?",
-                    [count, count],
-                )
-                last = self.db.execute(f"SELECT value FROM {META} WHERE key = 'bseq'").fetchone()[0]
-                return range(last - count + 1, last + 1)
+            return batches.reserve(self.db, count)
 
     # --- waits -------------------------------------------------------------------------
 
