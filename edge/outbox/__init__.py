@@ -17,82 +17,36 @@ serialises them on one connection (SQLite allows one writer at a time anyway).
 
 from __future__ import annotations
 
-import hashlib
-import itertools
-import json
 import sqlite3
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Collection, Iterable, NamedTuple, Sequence
+from typing import Callable, Collection, Iterable, Sequence
 
-import orjson
 import sqlite_utils
 
 from tern.core.codec import (
-    MAX_DEADLETTER_PAYLOAD, MAX_DEADLETTER_TOPIC, MAX_DEADLETTERS_PER_BATCH, MAX_HOLDS_PER_BATCH, DropEvent,
-    GatewayDeadLetter, HoldEvent, OtaReport, Reading, StatusEvent, gateway_dead_letter, new_reading,
-    reading_item_json,
+    MAX_DEADLETTERS_PER_BATCH, MAX_HOLDS_PER_BATCH, DropEvent, GatewayDeadLetter, HoldEvent, Reading, StatusEvent,
 )
 from tern.edge import retention as rtn
 from tern.edge import seqtrack
 from tern.edge import shares
-from tern.edge.outbox import batches, schema
+from tern.edge.outbox import batches, dead_letters, readings, schema, statuses
 from tern.edge.outbox.clock import now_ms
 from tern.edge.outbox.connection import NO_PAGE_LIMIT as _NO_PAGE_LIMIT
 from tern.edge.outbox.connection import connect as _connect
 from tern.edge.outbox.connection import is_disk_full, open_readonly  # noqa: F401 (exported)
 from tern.edge.outbox.connection import write_tx as _write_tx
-from tern.edge.outbox.schema import DEAD_LETTERS, META, NODE_STATUS, OUTBOX, RETAINED_JUNK, STATUS_EVENTS
+from tern.edge.outbox.dead_letters import DEAD_LETTER_PAYLOAD_MAX, DeadLetter  # noqa: F401 (exported)
+from tern.edge.outbox.junk import RetainedJunk
+from tern.edge.outbox.readings import OutboxRow
+from tern.edge.outbox.schema import (  # noqa: F401 (exported)
+    DEAD_LETTERS, META, NODE_STATUS, OUTBOX, RETAINED_JUNK, STATUS_EVENTS,
+)
+from tern.edge.outbox.statuses import StatusRow
+from tern.edge.outbox.summary import OutboxSummary, summarize
 from tern.edge.retention import RetentionPolicy
 
-#: Dead letters keep at most this much of a payload (and its full size): an oversized
-#: payload is evidence of a fault, not data, and must not be able to fill the SD card.
-DEAD_LETTER_PAYLOAD_MAX = 64 * 1024
-
-
-@dataclass(frozen=True, slots=True)
-class DeadLetter:
-    """A message that could not be accepted as a reading, and why."""
-
-    topic: str
-    payload: bytes
-    error: str
-    received_ms: int = 0
-
-
-class OutboxRow(NamedTuple):
-    """A pending reading with its outbox id (arrival order), as stored: its values stay the
-    JSON text the outbox wrote, so a backlog goes into envelopes without parsing them
-    (:meth:`item`); :attr:`reading` decodes them."""
-
-    id: int
-    site: str
-    device: str
-    boot: str
-    seq: int
-    ts_ms: int
-    received_ms: int
-    values_json: str
-
-    @property
-    def reading(self) -> Reading:
-        """The reading itself (its values parsed)."""
-        return new_reading(self.device, self.boot, self.seq, self.ts_ms, orjson.loads(self.values_json), self.site,
-                           self.received_ms)
-
-    def item(self) -> str:
-        """Its batch envelope item (:func:`tern.core.codec.reading_item_json`)."""
-        return reading_item_json(self.site, self.device, self.boot, self.seq, self.ts_ms, self.received_ms,
-                                 self.values_json)
-
-
-@dataclass(frozen=True, slots=True)
-class StatusRow:
-    """A pending status event with its id (arrival order)."""
-
-    id: int
-    event: StatusEvent
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,34 +69,6 @@ class AddResult:
     hold_events: int = 0
 
 
-@dataclass(frozen=True)
-class OutboxSummary:
-    """Counts for monitoring and ``tern-gateway outbox``."""
-
-    pending: int
-    dead_letters: int
-    oldest_pending_ms: int | None
-    last_bseq: int
-    #: One entry per device: site, device, pending, first_seq, last_seq, oldest_ms.
-    devices: list[dict] = field(default_factory=list)
-    #: Status events waiting for the cloud.
-    status_pending: int = 0
-    #: Re-sent readings suppressed, open sequence gaps and the readings missing in them.
-    duplicates_total: int = 0
-    gaps_open: int = 0
-    missing_readings: int = 0
-    #: Readings dropped by the retention policy, ever, per reason.
-    dropped: dict = field(default_factory=dict)
-    #: Dead letters still waiting for the cloud's confirm (the rest of ``dead_letters`` reached it).
-    dead_letters_unsent: int = 0
-
-    def oldest_pending_age_s(self, now: int | None = None) -> float | None:
-        """Age in seconds of the oldest pending reading (by gateway receive time)."""
-        if self.oldest_pending_ms is None:
-            return None
-        return max(0.0, ((now if now is not None else now_ms()) - self.oldest_pending_ms) / 1000)
-
-
 def _delete_chunked(db: sqlite_utils.Database, table: str, ids: list[int]) -> int:
     """Delete the rows of ``table`` with these ids (inside the caller's transaction); how many went."""
     before = db.conn.total_changes
@@ -151,39 +77,6 @@ def _delete_chunked(db: sqlite_utils.Database, table: str, ids: list[int]) -> in
         chunk = ids[start : start + 500]
         db.execute(f"DELETE FROM {table} WHERE id IN ({','.join('?' * len(chunk))})", chunk)
     return db.conn.total_changes - before
-
-
-def summarize(db: sqlite_utils.Database) -> OutboxSummary:
-    """Count pending readings per device and dead letters in an outbox database."""
-    if not db[OUTBOX].exists():
-        return OutboxSummary(pending=0, dead_letters=0, oldest_pending_ms=None, last_bseq=0)
-    devices = [
-        dict(row)
-        for row in db.query(
-            f"SELECT site, device, COUNT(*) AS pending, MIN(seq) AS first_seq, MAX(seq) AS last_seq,"
-            f" MIN(received_ms) AS oldest_ms FROM {OUTBOX} GROUP BY site, device ORDER BY site, device"
-        )
-    ]
-    pending = sum(d["pending"] for d in devices)
-    oldest = db.execute(f"SELECT received_ms FROM {OUTBOX} ORDER BY id LIMIT 1").fetchone()
-    dead = db.execute(f"SELECT COUNT(*) FROM {DEAD_LETTERS}").fetchone()[0] if db[DEAD_LETTERS].exists() else 0
-    # An outbox of a gateway that predates forwarding them: none has reached the cloud yet.
-    unsent = (db.execute(f"SELECT COUNT(*) FROM {DEAD_LETTERS} WHERE forwarded_ms IS NULL").fetchone()[0]
-              if "forwarded_ms" in db[DEAD_LETTERS].columns_dict else dead)
-    bseq = db.execute(f"SELECT value FROM {META} WHERE key = 'bseq'").fetchone() if db[META].exists() else None
-    # An outbox written by a gateway that predates status forwarding has no such table.
-    statuses = db.execute(f"SELECT COUNT(*) FROM {STATUS_EVENTS}").fetchone()[0] if db[STATUS_EVENTS].exists() else 0
-    return OutboxSummary(
-        pending=pending,
-        dead_letters=dead,
-        oldest_pending_ms=oldest[0] if oldest else None,
-        last_bseq=bseq[0] if bseq else 0,
-        devices=devices,
-        status_pending=statuses,
-        **seqtrack.totals(db),
-        dropped=rtn.totals(db),
-        dead_letters_unsent=unsent,
-    )
 
 
 class Outbox:
@@ -214,16 +107,15 @@ class Outbox:
         # last transactions on power loss, which would break the custody rule.
         self.db.execute("PRAGMA synchronous=FULL")
         schema.create(self.db)
-        self._pending = self.db.execute(f"SELECT COUNT(*) FROM {OUTBOX}").fetchone()[0]
+        self._pending = readings.count(self.db)
         #: Readings waiting per device: what the shares are computed from (edge/shares.py).
-        self._device_rows: dict[str, int] = dict(
-            self.db.execute(f"SELECT device, COUNT(*) FROM {OUTBOX} GROUP BY device").fetchall()
-        )
-        self._status_pending = self.db.execute(f"SELECT COUNT(*) FROM {STATUS_EVENTS}").fetchone()[0]
+        self._device_rows: dict[str, int] = readings.per_device(self.db)
+        self._status_pending = statuses.count(self.db)
         batches.release_claims(self.db)
         self._drops_unclaimed = rtn.unclaimed_events(self.db)
         self._holds_unclaimed = shares.unclaimed_events(self.db)
-        self._letters_unclaimed = self._count_unclaimed_letters()
+        self._letters_unclaimed = dead_letters.count_unclaimed(self.db)
+        self._junk = RetainedJunk(self.db, self._lock)
         # Confirmed rows are deleted on a connection of their own, outside the lock: the
         # commit's fsync (most of a drain's time on the gateway) then blocks neither the
         # uplink's next read nor ingest (SQLite's WAL lets one write while the other reads;
@@ -270,9 +162,7 @@ class Outbox:
                 # The byte bound as rows: what is used plus what the free bytes hold.
                 free = rtn.rows_for_bytes(policy.max_bytes - rtn.used_bytes(self.db), rtn.row_bytes_estimate(self.db, OUTBOX))
                 capacity = min(capacity, used + free)
-            online = frozenset(
-                r[0] for r in self.db.execute(f"SELECT device FROM {NODE_STATUS} WHERE state = 'online'").fetchall()
-            )
+            online = statuses.online_devices(self.db)
             return shares.Admission(
                 counts=dict(self._device_rows),
                 used=used,
@@ -298,7 +188,7 @@ class Outbox:
         """Pending readings retention may drop: those no batch in flight can hold."""
         if not self._taken_upto:
             return self._pending
-        protected = self.db.execute(f"SELECT COUNT(*) FROM {OUTBOX} WHERE id <= ?", [self._taken_upto]).fetchone()[0]
+        protected = readings.count_upto(self.db, self._taken_upto)
         return self._pending - protected
 
     def add(
@@ -336,10 +226,10 @@ class Outbox:
 
     def _add_locked(
         self,
-        readings: Sequence[Reading],
-        dead_letters: Sequence[DeadLetter],
+        new_readings: Sequence[Reading],
+        letters: Sequence[DeadLetter],
         stamp: int,
-        statuses: Sequence[StatusEvent],
+        new_statuses: Sequence[StatusEvent],
         holds: Sequence[shares.Hold] = (),
         released: Sequence[tuple[str, str, str]] = (),
         held: shares.HeldCounts | None = None,
@@ -349,31 +239,31 @@ class Outbox:
             hold_events = shares.save_holds(self.db, holds, released, held, stamp)
             # Duplicates of readings already committed (pending or long forwarded) go here,
             # in the same transaction as the rows, so a rollback undoes both.
-            screened = seqtrack.screen(self.db, readings, stamp)
-            inserted = self._insert_readings(screened.fresh, stamp)
-            status_inserted = self._add_statuses(statuses, stamp)
-            letters = self._insert_dead_letters(dead_letters, stamp)
+            screened = seqtrack.screen(self.db, new_readings, stamp)
+            inserted = readings.insert(self.db, screened.fresh, stamp)
+            status_inserted = statuses.insert_changed(self.db, new_statuses, stamp)
+            letter_count = dead_letters.insert(self.db, letters, stamp)
             if inserted == len(screened.fresh):
                 for r in screened.fresh:
                     counts[r.device] = counts.get(r.device, 0) + 1
             else:  # the identity index caught what seqtrack let through: count from the table
-                counts = dict(self.db.execute(f"SELECT device, COUNT(*) FROM {OUTBOX} GROUP BY device").fetchall())
+                counts = readings.per_device(self.db)
             dropped = self._enforce_locked(self._pending + inserted, self._status_pending + status_inserted, stamp, counts)
         self._device_rows = counts
         self._pending += inserted - sum(dropped.values())
         self._status_pending += status_inserted
         self._note_drops(dropped)
-        self._letters_unclaimed += letters
+        self._letters_unclaimed += letter_count
         if hold_events:
             self._holds_unclaimed = shares.unclaimed_events(self.db)
-        if inserted or status_inserted or letters or hold_events:
+        if inserted or status_inserted or letter_count or hold_events:
             self._changed.notify_all()
         return AddResult(
             inserted=inserted,
-            duplicates=len(readings) - inserted,
-            dead_letters=letters,
+            duplicates=len(new_readings) - inserted,
+            dead_letters=letter_count,
             statuses=status_inserted,
-            status_duplicates=len(statuses) - status_inserted,
+            status_duplicates=len(new_statuses) - status_inserted,
             gaps=screened.gaps_opened,
             gap_filled=screened.gap_filled,
             dropped=dropped,
@@ -483,77 +373,6 @@ class Outbox:
                 self._changed.notify_all()
         return dropped
 
-    def _insert_readings(self, readings: Sequence[Reading], stamp: int) -> int:
-        if not readings:
-            return 0
-        before = self.db.conn.total_changes
-        # OR IGNORE: the UNIQUE identity index turns a redelivery into a no-op (seqtrack
-        # already screened them out; this is the second line of defence). One prepared
-        # statement and tuples: sqlite-utils' insert_all built a dict and checked every
-        # value's type per row, a tenth of the gateway's CPU under a live load.
-        self.db.conn.executemany(
-            f'INSERT OR IGNORE INTO {OUTBOX} (site, device, boot, seq, ts_ms, received_ms, "values")'
-            " VALUES (?, ?, ?, ?, ?, ?, ?)",
-            [
-                # finite values: the codec checked them
-                (r.site, r.device, r.boot, r.seq, r.ts_ms, stamp, orjson.dumps(dict(r.values)).decode())
-                for r in readings
-            ],
-        )
-        return self.db.conn.total_changes - before
-
-    def _insert_dead_letters(self, dead_letters: Sequence[DeadLetter], stamp: int) -> int:
-        letters = [
-            {
-                "received_ms": d.received_ms or stamp,
-                "topic": d.topic,
-                "payload": bytes(d.payload[:DEAD_LETTER_PAYLOAD_MAX]),
-                "size": len(d.payload),
-                "error": d.error,
-                # Now, while the whole payload is at hand: the row keeps at most 64 KiB of it.
-                "sha256": hashlib.sha256(d.payload).hexdigest(),
-            }
-            for d in dead_letters
-        ]
-        if letters:
-            self.db[DEAD_LETTERS].insert_all(letters)
-        return len(letters)
-
-    def _add_statuses(self, statuses: Sequence[StatusEvent], stamp: int) -> int:
-        """Insert the statuses that change their device's latest one; inside add()'s transaction.
-
-        One at a time, in order: a group may hold several statuses of one device.
-        """
-        inserted = 0
-        for event in statuses:
-            dropped = json.dumps(dict(event.dropped)) if event.dropped else ""
-            down = json.dumps(list(event.down)) if event.down else ""
-            ota = json.dumps(event.ota.to_dict()) if event.ota is not None else ""
-            latest = self.db.execute(
-                f"SELECT boot, state, dropped, down, ota FROM {NODE_STATUS} WHERE site = ? AND device = ?",
-                [event.site, event.device],
-            ).fetchone()
-            # (a status with a new drop report, or another set of sensors down, is news even
-            # for the same boot and state)
-            if latest == (event.boot, event.state, dropped, down, ota):
-                continue
-            received = stamp  # like readings: when this gateway committed it
-            self.db.execute(
-                f"INSERT INTO {STATUS_EVENTS} (site, device, boot, state, fw, reset, received_ms, dropped, down, ota)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [event.site, event.device, event.boot, event.state, event.fw, event.reset, received, dropped, down, ota],
-            )
-            self.db.execute(
-                f"INSERT INTO {NODE_STATUS} (site, device, boot, state, received_ms, dropped, down, ota)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT(site, device) DO UPDATE SET boot = excluded.boot, state = excluded.state,"
-                " received_ms = excluded.received_ms, dropped = excluded.dropped, down = excluded.down,"
-                " ota = excluded.ota",
-                [event.site, event.device, event.boot, event.state, received, dropped, down, ota],
-            )
-            inserted += 1
-        return inserted
-
     @property
     def drop_generation(self) -> int:
         """Changes whenever retention drops readings (see :meth:`protect`)."""
@@ -575,14 +394,7 @@ class Outbox:
         (they stay until deleted). ``protect`` keeps them from retention at once; a reader that
         stages rows ahead protects them with :meth:`protect` when they leave."""
         with self._lock:
-            cursor = self.db.execute(
-                f'SELECT id, site, device, boot, seq, ts_ms, received_ms, "values" FROM {OUTBOX}'
-                " WHERE id > ? ORDER BY id LIMIT ?",
-                [after_id, limit],
-            )
-            # As stored, values unparsed: reading the rows back into Reading objects was a
-            # quarter of the gateway's time in a backlog drain.
-            rows = list(map(OutboxRow._make, cursor.fetchall()))
+            rows = readings.take(self.db, limit, after_id)
             if rows and protect:
                 self._taken_upto = max(self._taken_upto, rows[-1].id)
             return rows
@@ -597,27 +409,7 @@ class Outbox:
         while the other devices' events need not wait for that batch.
         """
         with self._lock:
-            cursor = self.db.execute(
-                f"SELECT id, site, device, state, boot, fw, reset, received_ms, dropped, down, ota FROM {STATUS_EVENTS}"
-                " ORDER BY id"
-            )
-            # Filtered here rather than in SQL: the busy set may outgrow SQLite's host parameter
-            # limit. The scan stops at ``limit`` rows taken (status rows are few: births, wills).
-            picked = itertools.islice((row for row in cursor if row[2] not in busy), limit)
-            rows = [
-                StatusRow(
-                    id=row[0],
-                    event=StatusEvent(
-                        site=row[1], device=row[2], state=row[3], boot=row[4], fw=row[5], reset=row[6], received_ms=row[7],
-                        dropped=tuple(json.loads(row[8]).items()) if row[8] else (),
-                        down=tuple(json.loads(row[9])) if row[9] else (),
-                        ota=OtaReport(**json.loads(row[10])) if row[10] else None,
-                    ),
-                )
-                for row in picked
-            ]
-            cursor.close()  # a scan left unfinished would hold its read snapshot open
-            return rows
+            return statuses.take(self.db, limit, busy)
 
     def claim_drops(self, bseq: int) -> list[DropEvent]:
         """The drop events batch ``bseq`` carries: the oldest not yet in a batch are handed to it
@@ -657,33 +449,9 @@ class Outbox:
         ``deadletter_bseq`` marks them forwarded once the batch is confirmed."""
         with self._lock:
             with _write_tx(self.db):
-                self.db.execute(
-                    f"UPDATE {DEAD_LETTERS} SET bseq = ? WHERE id IN"
-                    f" (SELECT id FROM {DEAD_LETTERS} WHERE forwarded_ms IS NULL AND bseq IS NULL ORDER BY id LIMIT"
-                    f"  MAX(0, ? - (SELECT COUNT(*) FROM {DEAD_LETTERS} WHERE forwarded_ms IS NULL AND bseq = ?)))",
-                    [bseq, limit, bseq],
-                )
-                # Only what travels is read: a letter keeps up to 64 KiB and a topic 65,000 characters.
-                rows = self.db.execute(
-                    f"SELECT id, substr(topic, 1, ?), length(topic), error, substr(payload, 1, ?), size, sha256,"
-                    f" received_ms, length(payload) FROM {DEAD_LETTERS}"
-                    " WHERE forwarded_ms IS NULL AND bseq = ? ORDER BY id",
-                    [MAX_DEADLETTER_TOPIC, MAX_DEADLETTER_PAYLOAD, bseq],
-                ).fetchall()
-            self._letters_unclaimed = self._count_unclaimed_letters()
-        out = []
-        for id_, topic, topic_len, error, payload, size, digest, received, stored in rows:
-            payload = bytes(payload or b"")
-            if not digest and stored == size == len(payload):
-                # A letter stored before digests were kept, small enough to be whole here.
-                digest = hashlib.sha256(payload).hexdigest()
-            out.append(gateway_dead_letter(id_, topic or "", error or "", payload, received or 0, size=size or 0,
-                                           topic_len=topic_len or 0, sha256=digest or ""))
-        return out
-
-    def _count_unclaimed_letters(self) -> int:
-        return self.db.execute(
-            f"SELECT COUNT(*) FROM {DEAD_LETTERS} WHERE forwarded_ms IS NULL AND bseq IS NULL").fetchone()[0]
+                rows = dead_letters.claim(self.db, bseq, limit)
+            self._letters_unclaimed = dead_letters.count_unclaimed(self.db)
+        return dead_letters.as_sent(rows)
 
     def dead_letters_unclaimed(self) -> int:
         """Dead letters waiting for a batch (a reason for the uplink to send one even without readings)."""
@@ -693,7 +461,7 @@ class Outbox:
     def dead_letters_unsent(self) -> int:
         """Dead letters the cloud has not confirmed yet (in a batch in flight or waiting for one)."""
         with self._lock:
-            return self.db.execute(f"SELECT COUNT(*) FROM {DEAD_LETTERS} WHERE forwarded_ms IS NULL").fetchone()[0]
+            return dead_letters.count_unsent(self.db)
 
     def drops_unclaimed(self) -> int:
         """Drop events waiting for a batch (a reason for the uplink to send one even without readings)."""
@@ -734,8 +502,7 @@ class Outbox:
                 # Kept (evidence on the Pi), marked: never handed to a batch again.
                 stamp = now_ms()
                 for bseq in letter_bseqs:
-                    db.execute(f"UPDATE {DEAD_LETTERS} SET forwarded_ms = ? WHERE bseq = ? AND forwarded_ms IS NULL",
-                               [stamp, bseq])
+                    dead_letters.mark_forwarded(db, bseq, stamp)
         deleted = sum(gone.values())
         with self._changed:
             # Relative updates, made after the commit: an add() in between counted its own rows.
@@ -794,58 +561,27 @@ class Outbox:
     def node_states(self) -> dict[str, int]:
         """How many devices' latest status is online, and how many offline."""
         with self._lock:
-            counts = dict(self.db.execute(f"SELECT state, COUNT(*) FROM {NODE_STATUS} GROUP BY state").fetchall())
-        return {"nodes_online": counts.get("online", 0), "nodes_offline": counts.get("offline", 0)}
+            return statuses.node_states(self.db)
 
     def dead_letter_count(self) -> int:
         """Rows in ``dead_letters``."""
         with self._lock:
-            return self.db.execute(f"SELECT COUNT(*) FROM {DEAD_LETTERS}").fetchone()[0]
-
-    # --- retained junk: dead-lettered once, not on every subscribe ----------------------
-    #
-    # The broker re-delivers every retained message on each subscribe (each reconnect, each
-    # new gateway run), so a junk retained status would become a new dead letter every time.
-    # We remember which (topic, payload) has already been dead-lettered, keyed by topic: the
-    # broker keeps one retained message per topic, so this table is as small as the number
-    # of topics holding junk. Clearing the junk instead (an empty retained publish) is not
-    # ours to do: the gateway's ACL only lets it write node ack topics, and the junk is the
-    # evidence the site engineer needs to find the faulty node.
-
-    def _junk_table(self) -> None:
-        if not getattr(self, "_junk_ready", False):
-            self.db[RETAINED_JUNK].create(
-                {"topic": str, "digest": str, "first_ms": int, "repeats": int}, pk="topic", if_not_exists=True
-            )
-            self._junk_ready = True
+            return dead_letters.count(self.db)
 
     def known_junk(self, topic: str, digest: str) -> bool:
         """True if this exact retained (topic, payload digest) is already a dead letter here;
         counts the repeat."""
-        with self._lock:
-            self._junk_table()
-            with _write_tx(self.db):
-                cur = self.db.execute(
-                    f"UPDATE {RETAINED_JUNK} SET repeats = repeats + 1 WHERE topic = ? AND digest = ?", [topic, digest]
-                )
-            return cur.rowcount > 0
+        return self._junk.known(topic, digest)
 
     def remember_junk(self, entries: Iterable[tuple[str, str]]) -> None:
         """Record (topic, payload digest) pairs just dead-lettered (after :meth:`add` committed
         them: a crash in between costs one extra dead letter, never a missing one)."""
-        rows = [{"topic": t, "digest": d, "first_ms": now_ms(), "repeats": 0} for t, d in entries]
-        if not rows:
-            return
-        with self._lock:
-            self._junk_table()
-            with _write_tx(self.db):
-                self.db[RETAINED_JUNK].upsert_all(rows, pk="topic")
+        self._junk.remember(entries)
 
     def oldest_pending_ms(self) -> int | None:
         """Gateway receive time of the oldest pending reading, or None if the outbox is empty."""
         with self._lock:
-            row = self.db.execute(f"SELECT received_ms FROM {OUTBOX} ORDER BY id LIMIT 1").fetchone()
-            return row[0] if row else None
+            return readings.oldest_received_ms(self.db)
 
     def limit_pages(self, pages: int | None) -> int:
         """Cap the database at ``pages`` pages (None lifts the cap); returns the cap now in force.
