@@ -23,8 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Collection, Iterable, Sequence
 
-import sqlite_utils
-
 from tern.core.codec import (
     MAX_DEADLETTERS_PER_BATCH, MAX_HOLDS_PER_BATCH, DropEvent, GatewayDeadLetter, HoldEvent, Reading, StatusEvent,
 )
@@ -38,6 +36,7 @@ from tern.edge.outbox.connection import connect as _connect
 from tern.edge.outbox.connection import is_disk_full, open_readonly  # noqa: F401 (exported)
 from tern.edge.outbox.connection import write_tx as _write_tx
 from tern.edge.outbox.dead_letters import DEAD_LETTER_PAYLOAD_MAX, DeadLetter  # noqa: F401 (exported)
+from tern.edge.outbox.deleter import Deleter
 from tern.edge.outbox.junk import RetainedJunk
 from tern.edge.outbox.readings import OutboxRow
 from tern.edge.outbox.schema import (  # noqa: F401 (exported)
@@ -46,7 +45,6 @@ from tern.edge.outbox.schema import (  # noqa: F401 (exported)
 from tern.edge.outbox.statuses import StatusRow
 from tern.edge.outbox.summary import OutboxSummary, summarize
 from tern.edge.retention import RetentionPolicy
-
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,16 +65,6 @@ class AddResult:
     dropped: dict[str, int] = field(default_factory=dict)
     #: Hold events this commit recorded or changed (``holds/1``).
     hold_events: int = 0
-
-
-def _delete_chunked(db: sqlite_utils.Database, table: str, ids: list[int]) -> int:
-    """Delete the rows of ``table`` with these ids (inside the caller's transaction); how many went."""
-    before = db.conn.total_changes
-    # Chunked: SQLite limits host parameters per statement.
-    for start in range(0, len(ids), 500):
-        chunk = ids[start : start + 500]
-        db.execute(f"DELETE FROM {table} WHERE id IN ({','.join('?' * len(chunk))})", chunk)
-    return db.conn.total_changes - before
 
 
 class Outbox:
@@ -116,13 +104,8 @@ class Outbox:
         self._holds_unclaimed = shares.unclaimed_events(self.db)
         self._letters_unclaimed = dead_letters.count_unclaimed(self.db)
         self._junk = RetainedJunk(self.db, self._lock)
-        # Confirmed rows are deleted on a connection of their own, outside the lock: the
-        # commit's fsync (most of a drain's time on the gateway) then blocks neither the
-        # uplink's next read nor ingest (SQLite's WAL lets one write while the other reads;
-        # two writers take turns on SQLite's own lock).
-        self._confirm_db = _connect(self.path)
-        self._confirm_db.execute("PRAGMA synchronous=FULL")
-        self._confirm_lock = threading.Lock()  # one delete at a time on that connection
+        # Confirmed rows are deleted on a connection of their own (tern.edge.outbox.deleter).
+        self._deleter = Deleter(self.path)
         self._closed = False
         #: Called (no lock held) after a commit that stored readings or status events: the
         #: uplink looks at once rather than at its next poll (up to half a second later, which
@@ -482,27 +465,8 @@ class Outbox:
         hold_bseqs = [] if hold_bseq is None else [hold_bseq] if isinstance(hold_bseq, int) else list(hold_bseq)
         if not ids and not status_ids and not drop_bseqs and not letter_bseqs and not hold_bseqs:
             return 0
-        gone: dict[str, int] = {}
-        with self._confirm_lock:
-            db = self._confirm_db
-            with _write_tx(db):
-                # Chunked: SQLite limits host parameters per statement. RETURNING names each
-                # row's device for the per-device counts, in the same pass as the delete.
-                for start in range(0, len(ids), 500):
-                    chunk = ids[start : start + 500]
-                    for (device,) in db.execute(
-                        f"DELETE FROM {OUTBOX} WHERE id IN ({','.join('?' * len(chunk))}) RETURNING device", chunk
-                    ).fetchall():
-                        gone[device] = gone.get(device, 0) + 1
-                status_deleted = _delete_chunked(db, STATUS_EVENTS, status_ids)
-                for bseq in drop_bseqs:
-                    db.execute(f"DELETE FROM {rtn.DROP_EVENTS} WHERE bseq = ?", [bseq])
-                for bseq in hold_bseqs:
-                    db.execute(f"DELETE FROM {shares.HOLD_EVENTS} WHERE bseq = ?", [bseq])
-                # Kept (evidence on the Pi), marked: never handed to a batch again.
-                stamp = now_ms()
-                for bseq in letter_bseqs:
-                    dead_letters.mark_forwarded(db, bseq, stamp)
+        # On the deleter's own connection, outside the lock (see tern.edge.outbox.deleter).
+        gone, status_deleted = self._deleter.delete(ids, status_ids, drop_bseqs, letter_bseqs, hold_bseqs)
         deleted = sum(gone.values())
         with self._changed:
             # Relative updates, made after the commit: an add() in between counted its own rows.
@@ -644,8 +608,7 @@ class Outbox:
                 return
             self._closed = True
             self._changed.notify_all()
-            with self._confirm_lock:  # a delete under way finishes first
-                self._confirm_db.close()
+            self._deleter.close()  # a delete under way finishes first
             try:
                 # Fold the WAL into the database file and empty it: a clean stop leaves one
                 # self-contained file (to copy, to inspect) even if a statement of another
