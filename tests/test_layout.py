@@ -80,7 +80,7 @@ def test_import_contracts_hold(installed: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("module", "forbidden"), [
     ("tern/core/codec.py", "import tern.edge.outbox"),     # the core reaching up
-    ("edge/outbox.py", "import tern.cloud.bridge"),        # the gateway reaching into the bridge
+    ("edge/outbox/__init__.py", "import tern.cloud.bridge"),  # the gateway reaching into the bridge
     ("cloud/config.py", "import tern.harness.stack"),      # the product leaning on the lab
 ])
 def test_a_forbidden_import_breaks_a_contract(installed: Path, tmp_path: Path, module: str, forbidden: str) -> None:
