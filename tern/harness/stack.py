@@ -249,7 +249,9 @@ class Mosquitto(ManagedProcess):
             f"persistence {'true' if self.persistence else 'false'}",
             f"persistence_location {self.workdir}/",
             f"max_queued_messages {self.max_queued_messages}",
-            "max_inflight_messages 100",
+            # As deploy/mosquitto-pi.conf: the gateway acks only after its commit, so this
+            # window is how many readings one commit can take.
+            "max_inflight_messages 1000",
             # Small PUBACKs and PUBLISHes go out at once instead of waiting out delayed ACKs.
             "set_tcp_nodelay true",
             # Persist at once on shutdown only; a periodic autosave would be a silent data

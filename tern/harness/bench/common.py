@@ -31,7 +31,7 @@ DEVICES = 10
 #: Readings the firmware takes in the heap benchmark (its ring holds 64: full, dropping).
 FIRMWARE_READINGS = 200
 FIRMWARE_HEAP = "64K"
-#: The paho publisher's QoS 1 window: mosquitto's max_inflight_messages in tern.harness.stack.
+#: The paho publisher's QoS 1 window (a node's own is far smaller).
 PUBLISH_INFLIGHT = 100
 POLL_S = 0.002
 

@@ -107,9 +107,12 @@ METHOD = """## How the issue-13 stages measure
   at its end. `apache.bridge.*` writes the same records as `bridge.kafka`, same rounds;
   `apache.drain.*` drains a smaller backlog (on 2 shared cores three replicating JVMs are far
   slower than Tansu) and both raw clients write that same number of records in each round.
-- **Live** from many node connections: the fleet publishes per-reading JSON at QoS 1 into the
-  gateway's local mosquitto; timed until the bridge has Kafka's ack for the last one. Baseline:
-  the same fleet into a mosquitto with one plain paho QoS 1 subscriber (a process of its own).
+- **Live** from many node connections: the fleet (one `mosquitto_pub -l -q 1` process per
+  device, a connection each; the bench's own paho fleet could not send more than ~5,000/s on
+  2 cores) publishes per-reading JSON at QoS 1 into the gateway's local mosquitto; timed until
+  the bridge has Kafka's ack for the last one. Baseline: the same fleet into a mosquitto with
+  one plain paho QoS 1 subscriber (a process of its own). Brokers run with
+  `max_inflight_messages 1000`, as `deploy/mosquitto-pi.conf`.
 - **Latency** at a steady 50 % of the live capacity measured in the same run: each reading
   carries its send time; a consumer tailing the topic stamps its arrival (an upper bound on
   node -> Kafka: it includes the consumer's fetch). The record's CreateTime, stamped by the
