@@ -32,12 +32,15 @@ def runner(name: str) -> Callable[[Lab], list[Measurement]]:
 REPO = Path(__file__).resolve().parents[3]
 
 
-def run_benchmarks(names: Sequence[str], sizes: Sizes, workdir: Path, progress: Callable[[str], None]) -> tuple[list[Measurement], str, dict]:
+def run_benchmarks(names: Sequence[str], sizes: Sizes, workdir: Path, progress: Callable[[str], None],
+                   explicit: Sequence[str] | None = None) -> tuple[list[Measurement], str, dict]:
     """Run the named benchmarks in order; return their measurements, which Kafka was used and
-    the series for the figures."""
-    # A subset of the stages was asked for by name (--only): the apache stage then runs even in
-    # a quick run, starting its cluster.
-    explicit = names if tuple(names) != BENCHMARKS else ()
+    the series for the figures. ``explicit``: the stages asked for by name (``--only``); by
+    default ``names`` unless they are all of them."""
+    # A stage asked for by name (--only): the apache stage then runs even in a quick run,
+    # starting its cluster. Leaving stages out (--skip) names none.
+    if explicit is None:
+        explicit = names if tuple(names) != BENCHMARKS else ()
     lab = Lab(sizes, workdir, explicit=explicit)
     results: list[Measurement] = []
     stage_seconds: dict[str, float] = {}
@@ -56,15 +59,17 @@ def run_benchmarks(names: Sequence[str], sizes: Sizes, workdir: Path, progress: 
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    """Command line: --quick, --only NAME (repeatable), --json PATH."""
+    """Command line: --quick, --only NAME / --skip NAME (repeatable), --json PATH."""
     parser = argparse.ArgumentParser(prog="python -m tern.harness.bench", description=bench_package.__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small counts: the whole run takes well under 30 s")
     parser.add_argument("--only", action="append", choices=BENCHMARKS, metavar="NAME",
                         help=f"run only this benchmark (repeatable): {', '.join(BENCHMARKS)}")
+    parser.add_argument("--skip", action="append", choices=BENCHMARKS, metavar="NAME", default=[],
+                        help="run every benchmark (or every --only one) but this one (repeatable)")
     parser.add_argument("--json", type=Path, default=None, help="where to write the JSON (default .cache/bench/latest.json)")
     parser.add_argument("--docs", type=Path, default=None,
                         help="folder to write benchmarks.md, benchmark-history.md and the PNGs into "
-                             "(default: the repository's docs/ for a full run of every benchmark; none for --quick or --only)")
+                             "(default: the repository's docs/ for a full run of every benchmark; none for --quick, --only or --skip)")
     parser.add_argument("--no-docs", action="store_true", help="write no docs at all")
     parser.add_argument("--enforce", choices=("yes", "no", "auto"), default="auto",
                         help="exit 1 when a target is missed (auto: yes for a full run, no for --quick)")
@@ -81,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not console.is_terminal:
         # Piped (make, CI logs): the table is read afterwards, not on an 80-column screen.
         console = Console(width=max(console.width, 160))
-    names = [n for n in BENCHMARKS if not args.only or n in args.only]
+    names = [n for n in BENCHMARKS if (not args.only or n in args.only) and n not in args.skip]
     sizes, mode = (QUICK, "quick") if args.quick else (FULL, "full")
     bench_root = cache_dir() / "bench"
     out_path = args.json or bench_root / "latest.json"
@@ -90,7 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         bench_root.mkdir(parents=True, exist_ok=True)
         # On the repository's disk, not a tmpfs: the outbox's fsyncs must cost what they cost.
         with tempfile.TemporaryDirectory(prefix="run-", dir=bench_root) as workdir:
-            results, kafka, series = run_benchmarks(names, sizes, Path(workdir), lambda n: console.print(f"[dim]bench: {n}…[/dim]"))
+            results, kafka, series = run_benchmarks(names, sizes, Path(workdir), lambda n: console.print(f"[dim]bench: {n}…[/dim]"),
+                                                    explicit=args.only or ())
     except KeyboardInterrupt:
         print("bench: interrupted", file=sys.stderr)
         return 130
@@ -110,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     console.print(f"ratio = Tern / baseline, both measured in this run (Kafka: {kafka or 'not used'}). JSON: {out_path}",
                   highlight=False, soft_wrap=True)
     docs_dir = None if args.no_docs else args.docs
-    if docs_dir is None and not args.no_docs and not args.quick and not args.only:
+    if docs_dir is None and not args.no_docs and not args.quick and not args.only and not args.skip:
         docs_dir = REPO / "docs"
     if docs_dir is not None:
         from tern.harness.bench.docs import write_docs

@@ -40,6 +40,7 @@ make bench                                      # full run, writes this file (ab
 .venv/bin/python -m tern.harness.bench --quick  # small counts, no Apache cluster, writes no docs unless --docs DIR
 .venv/bin/python -m tern.harness.bench --only drain --only live
 .venv/bin/python -m tern.harness.bench --only apache   # only the Apache Kafka part (~3 minutes)
+.venv/bin/python -m tern.harness.bench --skip growth --skip firmware  # every stage but these (each --skip repeatable)
 KAFKA_BOOTSTRAP=host:9092 make bench            # a real Kafka instead of a private Tansu
 ```
 """
