@@ -1,12 +1,13 @@
 """Latency node -> Kafka at a steady 50 % of the live capacity measured in the same run.
 
-The fleet publishes at a fixed rate, each reading stamped with its send time (``ts``, wall
-clock ms). A consumer in a process of its own tails the readings topic (``fetch_max_wait_ms``
+The fleet (one ``mosquitto_pub`` per device, fed line by line through a pipe) publishes at a
+fixed rate, each reading stamped with its send time (``ts``, wall clock ms). A consumer in a process of its own tails the readings topic (``fetch_max_wait_ms``
 10) and stamps each record's arrival, so a figure is an upper bound on node -> Kafka: it
 includes the consumer's fetch. Baseline: the same load into a mosquitto with a plain
 subscriber process that stamps each reading on arrival the same way. (The consumer used to run
 in the bench process, where it waited for the GIL behind the fleet's 50 paho threads: tens of
-milliseconds of the p99 were the bench's own, and the baseline's stamps never paid them.)
+milliseconds of the p99 were the bench's own, and the baseline's stamps never paid them. The
+paho fleet, near its ~5,000/s limit, also queued readings behind its threads after stamping.)
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from typing import Any
 from tern.harness.bench.common import BenchError, Measurement, median, run_rounds
 from tern.harness.bench.lab import Lab
 from tern.harness.bench.live import devices, live_capacity, start_pipeline
-from tern.harness.bench.nodes import NodeFleet
 from tern.harness.bench.proc import Child
+from tern.harness.bench.pubfleet import PubFleet
 
 
 class TopicTail:
@@ -91,7 +92,7 @@ def tern_round(lab: Lab, rate: float) -> tuple[list[int], list[int]]:
         local, _, _, bridge, topic = start_pipeline(lab, stack, "latency")
         tail = Child("tail", {"bootstrap": lab.kafka(), "topic": topic}, timeout=45)
         stack.callback(tail.stop)
-        fleet = NodeFleet(local.host, local.port, lab.sizes.connections)
+        fleet = PubFleet(local.host, local.port, lab.folder("latency-fleet"))
         stack.callback(fleet.close)
         sent = fleet.publish_paced(rate, lab.sizes.latency_s, devices(lab))
         tail.wait_for(lambda s: s.get("received", 0) >= sent, lab.sizes.deadline_s,
@@ -107,7 +108,7 @@ def pubsub_round(lab: Lab, rate: float) -> list[int]:
         subscriber = Child("subscriber", {"mqtt_host": broker.host, "mqtt_port": broker.port, "latency": True,
                                           "client_id": f"bench-lat-{time.time_ns() % 10**8}"})
         stack.callback(subscriber.stop)
-        fleet = NodeFleet(broker.host, broker.port, lab.sizes.connections)
+        fleet = PubFleet(broker.host, broker.port, lab.folder("latency-pubsub-fleet"))
         stack.callback(fleet.close)
         sent = fleet.publish_paced(rate, lab.sizes.latency_s, devices(lab))
         subscriber.wait_for(lambda s: s.get("received", 0) >= sent, lab.sizes.deadline_s, "latency baseline")

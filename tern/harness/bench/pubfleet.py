@@ -16,8 +16,9 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import IO, Sequence
 
+from tern.core import codec, topics
 from tern.harness.bench.common import BenchError
 
 #: QoS 1 messages each connection may have unacknowledged (a node's firmware keeps a few in
@@ -69,6 +70,42 @@ class PubFleet:
                     stdin=feed, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                 )
             self._procs.append((topic, proc))
+
+    def publish_paced(self, rate: float, seconds: float, devices: int) -> int:
+        """Publish at ``rate`` readings/s for ``seconds``, each stamped ``ts`` = its send time (ms).
+
+        Each device's publisher reads its lines from a pipe as they come, so a reading leaves
+        when it is written (the paho fleet queued them behind its threads near its limit).
+        Returns how many were published; waits until every publisher has sent its last.
+        """
+        from tern.harness.bench.nodes import fleet_reading
+
+        pipes: list[IO[bytes]] = []
+        for index in range(devices):
+            reading = fleet_reading(index, devices)
+            proc = subprocess.Popen(
+                [self._binary, "-h", self.host, "-p", str(self.port), "-t", topics.telemetry_topic(reading.site, reading.device),
+                 "-q", "1", "-l", "-M", str(MAX_INFLIGHT), "-i", f"bench-paced-{index:04d}-{time.time_ns() % 10**6}"],
+                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            )
+            self._procs.append((reading.device, proc))
+            assert proc.stdin is not None
+            pipes.append(proc.stdin)
+        count = int(rate * seconds)
+        start = time.perf_counter()
+        for index in range(count):
+            due = start + index / rate
+            delay = due - time.perf_counter()
+            if delay > 0.005:
+                time.sleep(delay)
+            payload = codec.encode_reading(fleet_reading(index, devices, ts_ms=time.time_ns() // 1_000_000))
+            pipe = pipes[index % devices]
+            pipe.write(payload + b"\n")
+            pipe.flush()
+        for pipe in pipes:
+            pipe.close()  # end of input: the publisher sends what it has and exits
+        self.wait_published(60)
+        return count
 
     def wait_published(self, deadline_s: float) -> None:
         """Block until every publisher has ended; BenchError naming the first that failed."""
