@@ -915,7 +915,37 @@ def _venv_step() -> str:
     if devenv.venv_current():
         return steps.CACHED
     log.write_text("")
-    return devenv.ensure_venv(lambda cmd, what: _run_logged(cmd, log, cwd=repo_root(), what=what), _say)
+    return devenv.ensure_venv(lambda cmd, what, env=None: _run_logged(cmd, log, cwd=repo_root(), what=what, env=env),
+                              _say)
+
+
+#: The repository's own Python folders, compiled by setup: the machines here set
+#: PYTHONDONTWRITEBYTECODE, so otherwise every python process of the tests (xdist workers,
+#: gateways, bridges, CLIs) compiles the modules it imports from source, every time.
+BYTECODE_FOLDERS = ("tern", "edge", "cloud", "tests")
+
+
+def _stale_bytecode() -> list[Path]:
+    """Sources in :data:`BYTECODE_FOLDERS` whose compiled file is missing or older."""
+    stale = []
+    for folder in BYTECODE_FOLDERS:
+        for source in (repo_root() / folder).rglob("*.py"):
+            compiled = Path(importlib.util.cache_from_source(str(source)))
+            if not compiled.is_file() or compiled.stat().st_mtime_ns < source.stat().st_mtime_ns:
+                stale.append(source)
+    return stale
+
+
+def _bytecode_step() -> str:
+    """Compile the repository's modules with the venv's python (its version writes the files)."""
+    from tern import devenv
+
+    stale = _stale_bytecode()
+    if not stale:
+        return steps.CACHED
+    _run_logged([str(devenv.venv_python()), "-m", "compileall", "-q", "-j0", *BYTECODE_FOLDERS],
+                _setup_log("bytecode"), cwd=repo_root(), what="python -m compileall")
+    return f"compiled {len(stale)} modules"
 
 
 def _umqtt_fetched() -> bool:
@@ -985,6 +1015,7 @@ def setup_steps(force: bool = False) -> list[steps.Step]:
         plan.append(steps.Step("apt", lambda: _install_packages(missing)))
         wait = ("apt",) if missing.build else ()
     plan.append(steps.Step("venv", _venv_step, after=wait))
+    plan.append(steps.Step("bytecode", _bytecode_step, needs=("venv",)))
     if _from_env("TERN_UMQTT_PATH") is None:
         plan.append(steps.Step("umqtt", lambda: _umqtt_step(force), needs=("venv",)))
     if _from_env("TERN_MICROPYTHON") is None:
