@@ -101,9 +101,18 @@ def root_prefix(missing: MissingPackages) -> list[str]:
     if os.geteuid() == 0:
         return []
     if shutil.which("sudo"):
-        return ["sudo"]
+        # -n: apt runs on a thread beside other steps, where sudo cannot ask for a password;
+        # :func:`ask_sudo_password` asks for it first, in the foreground.
+        return ["sudo", "-n"]
     names = " ".join(missing.all)
     raise ToolMissing(f"need root to install: {names} (run as root: apt-get update && apt-get install -y {names})")
+
+
+def ask_sudo_password(missing: MissingPackages) -> None:
+    """Let sudo ask for the password now (if it needs one), before apt runs beside other steps."""
+    if missing and os.geteuid() != 0 and shutil.which("sudo"):
+        print(f"setup: sudo is needed to apt-get install {' '.join(missing.all)}", flush=True)
+        subprocess.run(["sudo", "-v"], check=False)
 
 
 def apt_commands(missing: MissingPackages) -> list[list[str]]:

@@ -1012,6 +1012,7 @@ def setup_steps(force: bool = False) -> list[steps.Step]:
     plan: list[steps.Step] = []
     wait = ()
     if missing:
+        system_packages.ask_sudo_password(missing)
         plan.append(steps.Step("apt", lambda: _install_packages(missing)))
         wait = ("apt",) if missing.build else ()
     plan.append(steps.Step("venv", _venv_step, after=wait))
