@@ -22,13 +22,16 @@ Every locator honours an environment override (``TERN_MICROPYTHON``, ``TERN_UMQT
 ``TERN_TANSU``, ``TERN_CHROMIUM``, ``TERN_KAFKA_LIBS``, ``TERN_JAVA``, ``TERN_HIVEMQ_LIBS``, ``TERN_CACHE``)
 and raises :class:`tern.core.errors.ToolMissing` with a one-line message saying how to get the tool.
 
-CLI: ``python -m tern.toolchain setup|check|env|micropython-built``.
+CLI: ``python -m tern.toolchain setup|check|env|micropython-built`` (and ``venv``, ``fetch-umqtt``,
+``report``: single steps of ``setup``). ``setup`` runs with the system's python (``make setup``):
+apt for what is missing, the venv and its ``pip install``, the MicroPython build and the Maven
+fetches run side by side (:mod:`tern.steps`), each step's seconds printed.
 """
 
 from __future__ import annotations
 
 # Standard library only at import time (rich, pypi-simple are imported where used): the
-# Makefile runs `micropython-built` with the system's python, before the venv exists.
+# Makefile runs `setup` with the system's python, before the venv exists.
 import argparse
 import hashlib
 import importlib.util
@@ -41,11 +44,14 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
+from tern import steps
 from tern.core.errors import TernError, ToolMissing
 
 UMQTT_PROJECT = "micropython-umqtt.simple"
@@ -58,11 +64,14 @@ MICROPYTHON_SOURCES = ("micropython", "mbedtls")
 # The unix port with its `tls` module: MicroPython's own mbedtls binding and mbedtls config (as
 # on its boards), compiled with Debian's mbedtls source. The source has no berkeley-db and no
 # micropython-lib, so btree and the frozen manifest are switched off.
-MICROPYTHON_MAKE_ARGS = ["-j2", "MICROPY_PY_SSL=1", "MICROPY_SSL_MBEDTLS=1", "MICROPY_PY_BTREE=0", "FROZEN_MANIFEST="]
+MICROPYTHON_MAKE_ARGS = ["MICROPY_PY_SSL=1", "MICROPY_SSL_MBEDTLS=1", "MICROPY_PY_BTREE=0", "FROZEN_MANIFEST="]
 #: What a cached build must have been made from (``<cache>/micropython/RECIPE``): a build of any
-#: other recipe, such as an older cache built without TLS, is rebuilt by ``make setup``.
+#: other recipe, such as an older cache built without TLS, is rebuilt by ``make setup``. The
+#: number of make's jobs is not part of it: it changes how fast the binary is made, not the binary.
 MICROPYTHON_RECIPE = (f"sources {' '.join(MICROPYTHON_SOURCES)} (Debian {MICROPYTHON_SUITE})\n"
                       f"make {' '.join(MICROPYTHON_MAKE_ARGS)}\n")
+#: The same recipe as written by caches made before the job count left it (always ``-j2``).
+_MICROPYTHON_RECIPE_WITH_JOBS = MICROPYTHON_RECIPE.replace("\nmake ", "\nmake -j2 ")
 APT_SOURCE_FILES = (Path("/etc/apt/sources.list.d/debian.sources"), Path("/etc/apt/sources.list"))
 
 
@@ -114,7 +123,8 @@ def _micropython_recipe_file() -> Path:
 def micropython_build_current() -> bool:
     """True if the cached MicroPython build exists and was made by today's recipe."""
     stamp = _micropython_recipe_file()
-    return _is_executable(_cached_micropython()) and stamp.is_file() and stamp.read_text() == MICROPYTHON_RECIPE
+    return (_is_executable(_cached_micropython()) and stamp.is_file()
+            and stamp.read_text() in (MICROPYTHON_RECIPE, _MICROPYTHON_RECIPE_WITH_JOBS))
 
 
 def micropython_binary() -> Path:
@@ -271,14 +281,27 @@ def fetch_kafka(force: bool = False) -> Path:
     _say("kafka: fetching the broker jars with Maven (deploy/kafka/pom.xml, about 15 s)")
     staged = libs.parent / "libs.partial"
     shutil.rmtree(staged, ignore_errors=True)
-    _run_logged([mvn, "-q", "-B", "-f", str(kafka_pom()), "dependency:copy-dependencies",
-                 "-DincludeScope=runtime", f"-DoutputDirectory={staged}"], log, what="Maven fetch of Kafka")
+    _run_logged([*_mvn_command(mvn), "-f", str(kafka_pom()), "dependency:copy-dependencies",
+                 "-DincludeScope=runtime", f"-DoutputDirectory={staged}"], log, what="Maven fetch of Kafka",
+                env=_maven_env())
     if not _has_kafka_jar(staged):
         raise ToolMissing(f"Maven gave no kafka_2.13 jar: see {log}")
     shutil.rmtree(libs, ignore_errors=True)
     os.replace(staged, libs)
     stamp.write_text(digest + "\n")
     return libs
+
+
+def _mvn_command(mvn: str) -> list[str]:
+    """``mvn`` quiet, non-interactive, without colour codes in the logs."""
+    return [mvn, "-q", "-B", "-Dstyle.color=never"]
+
+
+def _maven_env() -> dict[str, str]:
+    """The environment for a short Maven run: the JIT's first tier only (a copy of dependencies
+    never runs long enough to repay the optimising compiler: about half the CPU, on 2 cores
+    shared with the MicroPython build). The user's own ``MAVEN_OPTS`` come after, and win."""
+    return {**os.environ, "MAVEN_OPTS": f"-XX:TieredStopAtLevel=1 {os.environ.get('MAVEN_OPTS', '')}".strip()}
 
 
 def _kafka_version(path: Path) -> str:
@@ -329,29 +352,44 @@ def qemu_esp32() -> tuple[Path | None, str]:
 # --------------------------------------------------------------------------------------------
 
 
+#: Setup's steps run on threads: one line is printed whole.
+_SAY_LOCK = threading.Lock()
+
+
 def _say(message: str) -> None:
-    """Print one short progress line (rich markup allowed) to stderr."""
-    try:
-        from rich.console import Console
-    except ImportError:  # rich is a dependency, but setup must not die on a cosmetic import
-        print(re.sub(r"\[/?[a-z ]+\]", "", message), file=sys.stderr)
-        return
-    Console(stderr=True, highlight=False).print(message)
+    """Print progress (one line, or a failed command's output) to stderr, as it is: plain text,
+    since the system's python runs setup before the venv (and rich) exist."""
+    with _SAY_LOCK:
+        print(message, file=sys.stderr, flush=True)
 
 
-def _run_logged(cmd: list[str], log: Path, cwd: Path | None = None, what: str = "") -> None:
-    """Run a command with its output appended to ``log``; raise ToolMissing naming the log on failure."""
+class CommandFailed(ToolMissing):
+    """A command of the setup failed; ``output`` is everything it printed (also in its log)."""
+
+    def __init__(self, message: str, output: str) -> None:
+        super().__init__(message)
+        self.output = output
+
+
+def _run_logged(cmd: list[str], log: Path, cwd: Path | None = None, what: str = "",
+                env: dict[str, str] | None = None) -> None:
+    """Run a command with its output appended to ``log``; raise CommandFailed naming the log
+    and carrying the command's whole output on failure."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("a") as out:
         out.write(f"$ {shlex.join(cmd)}\n")
         out.flush()
+        start = log.stat().st_size
         try:
             result = subprocess.run(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, check=False)
+                                    stdin=subprocess.DEVNULL, check=False, env=env)
         except FileNotFoundError as exc:
             raise ToolMissing(f"{what or cmd[0]} failed: {cmd[0]} not found") from exc
     if result.returncode != 0:
-        raise ToolMissing(f"{what or cmd[0]} failed (exit {result.returncode}): see {log}")
+        with log.open("rb") as out:
+            out.seek(start)
+            output = out.read().decode(errors="replace")
+        raise CommandFailed(f"{what or cmd[0]} failed (exit {result.returncode}): see {log}", output)
 
 
 def _safe_extract(archive: Path, dest: Path) -> None:
@@ -447,7 +485,8 @@ def _download_micropython_sources(apt: Path, log: Path) -> None:
     for sub in ("lists/partial", "cache/archives/partial", "src"):
         (apt / sub).mkdir(parents=True, exist_ok=True)
     options = _apt_options(apt)
-    _run_logged(["apt-get", "-q", *options, "update"], log, what="apt-get update (private)")
+    # --error-on=any: an unreachable mirror fails here, with its reason, not later as "no deb-src"
+    _run_logged(["apt-get", "-q", "--error-on=any", *options, "update"], log, what="apt-get update (private)")
     _run_logged(["apt-get", "-q", *options, "source", "--download-only", *MICROPYTHON_SOURCES],
                 log, cwd=apt / "src", what="apt-get source " + " ".join(MICROPYTHON_SOURCES))
 
@@ -515,14 +554,14 @@ def build_micropython(force: bool = False) -> Path:
         if sources is None:
             raise ToolMissing(f"apt-get source gave no micropython orig tarball or mbedtls .dsc: see {log}")
     versions = f"{_source_version(sources.micropython)} mbedtls {_source_version(sources.mbedtls)}"
-    _say(f"micropython: building unix port {versions} (about 50 s)")
+    _say(f"micropython: building unix port {versions} (about 30 s)")
     with tempfile.TemporaryDirectory(dir=cache_dir(), prefix="mp-build-") as tmp:
         _safe_extract(sources.micropython, Path(tmp))
         unix = next(Path(tmp).glob("*/ports/unix"), None)
         if unix is None:
             raise ToolMissing(f"{sources.micropython.name} has no ports/unix folder")
         _unpack_mbedtls(sources.mbedtls, unix.parent.parent / "lib" / "mbedtls", log)
-        _run_logged(["make", *MICROPYTHON_MAKE_ARGS], log, cwd=unix, what="MicroPython build")
+        _run_logged(["make", f"-j{os.cpu_count() or 2}", *MICROPYTHON_MAKE_ARGS], log, cwd=unix, what="MicroPython build")
         built = unix / "build-standard" / "micropython"
         # Copy then rename, so an interrupted setup never leaves a half-written binary; the
         # recipe stamp goes last, so an interrupted setup builds again.
@@ -734,9 +773,9 @@ def fetch_hivemq(force: bool = False) -> HiveMQInstall:
     _say("hivemq: copying HiveMQ CE jars from Maven (about 15 s the first time)")
     with tempfile.TemporaryDirectory(dir=folder, prefix="fetch-") as tmp:
         staged = Path(tmp)
-        _run_logged([mvn, "-q", "-B", "-f", str(repo_root() / HIVEMQ_POM), "dependency:copy-dependencies",
+        _run_logged([*_mvn_command(mvn), "-f", str(repo_root() / HIVEMQ_POM), "dependency:copy-dependencies",
                      "-DincludeScope=runtime", f"-DoutputDirectory={staged / 'libs'}"],
-                    log, what="mvn dependency:copy-dependencies (HiveMQ CE)")
+                    log, what="mvn dependency:copy-dependencies (HiveMQ CE)", env=_maven_env())
         _run_logged([javac, "-cp", f"{staged / 'libs'}/*", "-d", str(staged / "classes"),
                      str(repo_root() / HIVEMQ_LAUNCHER)], log, what="javac TernHiveMQ.java")
         # A jar is a zip; the class-data-sharing archive accepts jars only on the class path.
@@ -851,32 +890,190 @@ def _print_table(rows: list[ToolStatus]) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def setup(force: bool = False) -> list[ToolStatus]:
-    """Build MicroPython, fetch umqtt, Kafka's and HiveMQ CE's jars (all cached), then report every tool's status.
+def _setup_log(name: str) -> Path:
+    """Log of a setup step that has no cache folder of its own (apt, the venv): the work tree's."""
+    return repo_root() / ".cache" / "logs" / f"{name}.log"
 
-    Raises ToolMissing if a required tool is still missing afterwards.
+
+def _install_packages(missing) -> str:
+    from tern import system_packages
+
+    log = _setup_log("apt")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text("")
+    _say(f"apt: installing {' '.join(missing.all)}")
+    for cmd in system_packages.apt_commands(missing):
+        _run_logged(cmd, log, what=f"apt-get {cmd[cmd.index('apt-get') + 2]}")
+    return "installed"
+
+
+def _venv_step() -> str:
+    from tern import devenv
+
+    log = _setup_log("venv")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    if devenv.venv_current():
+        return steps.CACHED
+    log.write_text("")
+    return devenv.ensure_venv(lambda cmd, what, env=None: _run_logged(cmd, log, cwd=repo_root(), what=what, env=env),
+                              _say)
+
+
+#: The repository's own Python folders, compiled by setup: the machines here set
+#: PYTHONDONTWRITEBYTECODE, so otherwise every python process of the tests (xdist workers,
+#: gateways, bridges, CLIs) compiles the modules it imports from source, every time.
+BYTECODE_FOLDERS = ("tern", "edge", "cloud", "tests")
+
+
+def _stale_bytecode() -> list[Path]:
+    """Sources in :data:`BYTECODE_FOLDERS` whose compiled file is missing or older."""
+    stale = []
+    for folder in BYTECODE_FOLDERS:
+        for source in (repo_root() / folder).rglob("*.py"):
+            compiled = Path(importlib.util.cache_from_source(str(source)))
+            if not compiled.is_file() or compiled.stat().st_mtime_ns < source.stat().st_mtime_ns:
+                stale.append(source)
+    return stale
+
+
+def _bytecode_step() -> str:
+    """Compile the repository's modules with the venv's python (its version writes the files)."""
+    from tern import devenv
+
+    stale = _stale_bytecode()
+    if not stale:
+        return steps.CACHED
+    _run_logged([str(devenv.venv_python()), "-m", "compileall", "-q", "-j0", *BYTECODE_FOLDERS],
+                _setup_log("bytecode"), cwd=repo_root(), what="python -m compileall")
+    return f"compiled {len(stale)} modules"
+
+
+def _umqtt_fetched() -> bool:
+    lib = _cached_umqtt()
+    return (lib / "umqtt" / "simple.py").is_file() and (lib.parent / "VERSION").is_file()
+
+
+def _umqtt_step(force: bool) -> str:
+    """Fetch umqtt with the venv's python: pypi-simple, which knows the index, lives there."""
+    from tern import devenv
+
+    if _umqtt_fetched() and not force:
+        return steps.CACHED
+    log = cache_dir() / "umqtt" / "fetch.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text("")
+    _run_logged([str(devenv.venv_python()), "-m", "tern.toolchain", "fetch-umqtt", *(["--force"] if force else [])],
+                log, cwd=repo_root(), what=f"fetch of {UMQTT_PROJECT}")
+    return f"fetched {_umqtt_version(_cached_umqtt())}"
+
+
+def _micropython_step(force: bool) -> str:
+    if micropython_build_current() and not force:
+        return steps.CACHED
+    build_micropython(force=force)
+    return "built"
+
+
+def _hivemq_fetched() -> bool:
+    stamp = _hivemq_dir() / "STAMP"
+    return stamp.is_file() and stamp.read_text() == _hivemq_stamp_text()
+
+
+def _hivemq_step(force: bool) -> str:
+    if _hivemq_fetched() and not force:
+        return steps.CACHED
+    fetch_hivemq(force=force)
+    return "fetched"
+
+
+def _kafka_fetched() -> bool:
+    stamp = _kafka_stamp()
+    return _has_kafka_jar(_cached_kafka_libs()) and stamp.is_file() and stamp.read_text().strip() == _pom_hash()
+
+
+def _kafka_step(force: bool) -> str:
+    if _kafka_fetched() and not force:
+        return steps.CACHED
+    fetch_kafka(force=force)
+    return "fetched"
+
+
+def setup_steps(force: bool = False) -> list[steps.Step]:
+    """The steps of ``make setup`` and what each waits for.
+
+    Only Debian packages that a step uses make that step wait for apt (chromium and mosquitto,
+    used by tests only, install beside everything else). Kafka's fetch waits for HiveMQ's: two
+    Maven runs at once would share one local repository.
     """
-    if _from_env("TERN_MICROPYTHON") is None:
-        build_micropython(force=force)
-    if _from_env("TERN_UMQTT_PATH") is None:
-        fetch_umqtt(force=force)
-    if _from_env("TERN_HIVEMQ_LIBS") is None:
-        fetch_hivemq(force=force)
-    if _from_env("TERN_KAFKA_LIBS") is None:
-        fetch_kafka(force=force)
-    rows = tool_statuses()
-    missing = [row.problem for row in rows if row.path is None and not row.optional]
+    from tern import system_packages
+
+    build_micropython_now = _from_env("TERN_MICROPYTHON") is None and (force or not micropython_build_current())
+    missing = system_packages.missing_packages(build_micropython_now)
+    plan: list[steps.Step] = []
+    wait = ()
     if missing:
-        raise ToolMissing("; ".join(missing))
-    return rows
+        system_packages.ask_sudo_password(missing)
+        plan.append(steps.Step("apt", lambda: _install_packages(missing)))
+        wait = ("apt",) if missing.build else ()
+    plan.append(steps.Step("venv", _venv_step, after=wait))
+    plan.append(steps.Step("bytecode", _bytecode_step, needs=("venv",)))
+    if _from_env("TERN_UMQTT_PATH") is None:
+        plan.append(steps.Step("umqtt", lambda: _umqtt_step(force), needs=("venv",)))
+    if _from_env("TERN_MICROPYTHON") is None:
+        plan.append(steps.Step("micropython", lambda: _micropython_step(force), after=wait))
+    if _from_env("TERN_HIVEMQ_LIBS") is None:
+        plan.append(steps.Step("hivemq", lambda: _hivemq_step(force), after=wait))
+    if _from_env("TERN_KAFKA_LIBS") is None:
+        plan.append(steps.Step("kafka", lambda: _kafka_step(force),
+                               after=wait + (("hivemq",) if _from_env("TERN_HIVEMQ_LIBS") is None else ())))
+    return plan
+
+
+def setup(force: bool = False) -> int:
+    """Install what is missing, build and fetch the tools (cached), then print every tool's status.
+
+    Returns the exit code: 0 if every step succeeded and every required tool is found.
+    """
+    from tern import devenv
+
+    began = time.monotonic()
+    plan = setup_steps(force)
+    outcomes = steps.run_steps(plan, _say)
+    steps.report_failures(outcomes, _say)
+    _say(steps.summary(outcomes, time.monotonic() - began))
+    if any(outcome.state != "done" for outcome in outcomes):
+        _say("setup: fix what is shown above and run `make setup` again (finished steps are kept)")
+        return 1
+    # The table comes from the venv's python: tansu is found among its packages.
+    report = subprocess.run([str(devenv.venv_python()), "-m", "tern.toolchain", "report"],
+                            cwd=repo_root(), stdin=subprocess.DEVNULL, check=False)
+    return report.returncode
 
 
 def _cmd_setup(args: argparse.Namespace) -> int:
-    rows = setup(force=args.force)
+    return setup(force=args.force)
+
+
+def _cmd_venv(_args: argparse.Namespace) -> int:
+    outcome = steps.run_steps([steps.Step("venv", _venv_step)], _say)
+    steps.report_failures(outcome, _say)
+    return 0 if outcome[0].state == "done" else 1
+
+
+def _cmd_fetch_umqtt(args: argparse.Namespace) -> int:
+    fetch_umqtt(force=args.force)
+    return 0
+
+
+def _cmd_report(_args: argparse.Namespace) -> int:
+    rows = tool_statuses()
     for row in rows:
         where = str(row.path) if row.path else row.problem
         print(f"{row.name:<19} {row.version or '-':<10} {where}")
-    return 0
+    missing = [row for row in rows if row.path is None and not row.optional]
+    for row in missing:
+        print(f"missing: {row.name}: {row.problem}", file=sys.stderr)
+    return 1 if missing else 0
 
 
 def _cmd_check(_args: argparse.Namespace) -> int:
@@ -923,6 +1120,13 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("env", help="print shell exports for the tools").set_defaults(func=_cmd_env)
     sub.add_parser("micropython-built", help="exit 0 if the MicroPython build in the cache is current"
                    ).set_defaults(func=_cmd_micropython_built)
+    sub.add_parser("venv", help="create .venv and pip install the project if pyproject.toml changed"
+                   ).set_defaults(func=_cmd_venv)
+    p_umqtt = sub.add_parser("fetch-umqtt", help="fetch umqtt.simple (setup's step; needs the venv's python)")
+    p_umqtt.add_argument("--force", action="store_true", help="fetch even if cached")
+    p_umqtt.set_defaults(func=_cmd_fetch_umqtt)
+    sub.add_parser("report", help="one line per tool; exit 1 if a required one is missing"
+                   ).set_defaults(func=_cmd_report)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
