@@ -241,7 +241,7 @@ def test_missed_target_exits_1_and_names_it(tmp_path: Path, monkeypatch: pytest.
 
     results = [_measurement("drain.vs_naive", 30_000, 1_000, "ratio >= 40"),
                _measurement("live.vs_pubsub", 9_500, 10_000, "ratio >= 0.9")]
-    monkeypatch.setattr(bench_main, "run_benchmarks", lambda names, sizes, workdir, progress: (results, "tansu", {}))
+    monkeypatch.setattr(bench_main, "run_benchmarks", lambda names, sizes, workdir, progress, explicit=(): (results, "tansu", {}))
     args = ["--json", str(tmp_path / "b.json"), "--docs", str(tmp_path / "docs")]
     assert bench_main.main(args) == 1  # a full run enforces
     err = capsys.readouterr().err
