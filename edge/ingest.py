@@ -428,8 +428,7 @@ class Ingest:
         # A message from a lost connection is not acked here: the broker re-delivers it on the
         # new one, where the duplicate is ignored by the outbox and acked under its new id.
         # Held-back readings are acked too: their hold is committed, and the node keeps them.
-        for item in incoming[:count]:
-            self.session.ack(item.mid, item.qos, item.generation)
+        self.session.ack_many([(item.mid, item.qos, item.generation) for item in incoming[:count]])
         del incoming[:count]
         self._note_node_acks(readings)
         for letter in letters:
