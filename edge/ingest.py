@@ -62,6 +62,10 @@ MAX_DEVICE_COUNTERS = 10_000
 NODE_ACK_EVERY_S = 0.1
 
 
+_REPLY_SUFFIX = "/" + topics.REPLY
+_FW_GET_SUFFIX = "/" + topics.FW_GET
+
+
 @dataclass(slots=True)
 class _Incoming:
     topic: str
@@ -214,6 +218,11 @@ class Ingest:
         """Block until subscribed on the local broker (or ``timeout``)."""
         return self.session.wait_connected(timeout)
 
+    @property
+    def committed(self) -> int:
+        """Readings committed since start (the one counter, without copying them all)."""
+        return self._counts["committed"]
+
     def stats(self) -> dict:
         """Counters since start, plus the back-pressure state."""
         with self._lock:
@@ -233,14 +242,15 @@ class Ingest:
     # --- paho's network thread: keep it short ---------------------------------------------
 
     def _on_message(self, msg: mqtt.MQTTMessage) -> None:
-        if self._on_reply is not None and msg.topic.endswith("/" + topics.REPLY):
+        topic = msg.topic  # (paho decodes it on every read)
+        if self._on_reply is not None and topic.endswith(_REPLY_SUFFIX):
             self._on_reply(msg, self.session.generation)
             return
-        if self._on_fw_request is not None and msg.topic.endswith("/" + topics.FW_GET):
+        if self._on_fw_request is not None and topic.endswith(_FW_GET_SUFFIX):
             self._on_fw_request(msg)
             return
         self._queue.put(
-            _Incoming(msg.topic, bytes(msg.payload), msg.mid, msg.qos, now_ms(), self.session.generation, bool(msg.retain))
+            _Incoming(topic, bytes(msg.payload), msg.mid, msg.qos, now_ms(), self.session.generation, bool(msg.retain))
         )
 
     # --- worker --------------------------------------------------------------------------
@@ -428,8 +438,7 @@ class Ingest:
         # A message from a lost connection is not acked here: the broker re-delivers it on the
         # new one, where the duplicate is ignored by the outbox and acked under its new id.
         # Held-back readings are acked too: their hold is committed, and the node keeps them.
-        for item in incoming[:count]:
-            self.session.ack(item.mid, item.qos, item.generation)
+        self.session.ack_many([(item.mid, item.qos, item.generation) for item in incoming[:count]])
         del incoming[:count]
         self._note_node_acks(readings)
         for letter in letters:

@@ -320,9 +320,12 @@ def _text(obj: Mapping[str, Any], key: str, what: str, *, required: bool = True)
     return value
 
 
+_HEX_DIGITS = frozenset("0123456789abcdef")
+
+
 def _boot(obj: Mapping[str, Any], what: str) -> str:
     boot = _text(obj, "boot", what)
-    if not 4 <= len(boot) <= 32 or any(c not in "0123456789abcdef" for c in boot):
+    if not 4 <= len(boot) <= 32 or not _HEX_DIGITS.issuperset(boot):
         raise CodecError(f"{what}: 'boot' must be 4-32 lowercase hex digits, got {boot!r}")
     return boot
 

@@ -39,10 +39,12 @@ import ssl
 import sys
 import threading
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+
+from tern.core.mqtt_client import BufferedClient
 
 _log = logging.getLogger(__name__)
 
@@ -145,7 +147,9 @@ class PersistentSession:
         #: How many times a run of short-lived connections said our client id is contested.
         self.takeovers = 0
 
-        self.client = mqtt.Client(
+        # Buffered reads and grouped PUBACKs (tern.core.mqtt_client): paho's per-packet reads
+        # were most of the gateway's ingest CPU.
+        self.client = BufferedClient(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=client_id,
             # Persistent unless the owner says otherwise (a member of a shared subscription
@@ -248,6 +252,21 @@ class PersistentSession:
             if self._stopping or (generation is not None and generation != self._generation):
                 return None
             return self.client.ack(mid, qos)
+
+    def ack_many(self, messages: Iterable[tuple[int, int, int]]) -> int:
+        """PUBACK ``(mid, qos, generation)`` triples in order, in one write; how many were sent.
+
+        As :meth:`ack`, atomically with the generation: a message that arrived on an earlier
+        connection is skipped (the broker re-delivers it on this one), and nothing is acked
+        once :meth:`stop` has begun.
+        """
+        with self._lock:
+            if self._stopping:
+                return 0
+            current = self._generation
+            due = [(mid, qos) for mid, qos, generation in messages if generation == current]
+            self.client.ack_many(due)
+        return len(due)
 
     # --- paho callbacks (network thread: keep them short) --------------------------------
 

@@ -47,6 +47,9 @@ def _node_message(raw: bytes, what: str, topic_device: str | None) -> tuple[dict
 def _node_device(obj: dict[str, Any], what: str, topic_device: str | None) -> str:
     """The device id of a parsed node message (v1), checked against the topic's."""
     _check_version(obj, what)
+    device = obj.get("dev")
+    if topic_device is not None and device == topic_device:
+        return topic_device  # the topic's id, already checked
     device = check_id(_text(obj, "dev", what), "device")
     if topic_device is not None and device != topic_device:
         raise CodecError(f"{what}: device {device!r} published on the topic of {topic_device!r}")

@@ -28,6 +28,7 @@ tests check that it spells them the same way.
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from typing import NamedTuple
 
 from tern.core.errors import CodecError
@@ -119,8 +120,12 @@ def fw_topic(site: str, device: str) -> str:
     return node_topic(site, device, FW)
 
 
+@lru_cache(maxsize=4096)
 def parse_node_topic(topic: str) -> NodeTopic:
-    """Split a per-device topic, raising CodecError for anything else."""
+    """Split a per-device topic, raising CodecError for anything else.
+
+    Cached (the gateway parses the same few topics for every message; an invalid topic
+    raises and is never kept)."""
     parts = topic.split("/")
     if len(parts) != 4 or parts[0] != ROOT or parts[3] not in NODE_KINDS:
         raise CodecError(f"not a tern node topic: {topic!r}")
