@@ -98,11 +98,10 @@ def screen(db: sqlite_utils.Database, readings: Sequence[Reading], stamp: int) -
     for index, r in enumerate(readings):
         by_key.setdefault((r.device, r.boot), []).append(index)
     keep = [False] * len(readings)
+    highs = _load_highs(db, list(by_key))
+    marks: list[tuple[str, str, str, int, int, int, int]] = []  # seq_high rows to upsert, in key order
     for (device, boot), indexes in by_key.items():
-        row = db.execute(
-            f"SELECT high, duplicates FROM {SEQ_HIGH} WHERE device = ? AND boot = ?", [device, boot]
-        ).fetchone()
-        high = row[0] if row else None
+        high = highs.get((device, boot))
         duplicates = 0
         new_gaps: list[list[int]] = []  # opened by this group: [first, last, kind]
         old_gaps: list[tuple[int, int, int, str]] | None = None  # loaded only when a seq <= high shows up
@@ -140,7 +139,7 @@ def screen(db: sqlite_utils.Database, readings: Sequence[Reading], stamp: int) -
                 out.gap_filled += 1
                 continue
             duplicates += 1
-        _write_key(db, readings[indexes[0]].site, device, boot, high, duplicates, row is None, stamp)
+        marks.append((device, boot, readings[indexes[0]].site, high, duplicates, stamp, stamp))
         kinds = {g[0]: g[3] for g in old_gaps or ()}
         for gap_id, pieces in changed_old.items():
             # A late reading splits the range: the pieces keep its kind, under new ids.
@@ -153,6 +152,7 @@ def screen(db: sqlite_utils.Database, readings: Sequence[Reading], stamp: int) -
                 _insert_gap(db, readings[indexes[0]].site, device, boot, first, last, kind, stamp)
                 out.gaps_opened += 1
         out.duplicates += duplicates
+    _write_highs(db, marks)
     out.fresh = [r for r, k in zip(readings, keep) if k]
     return out
 
@@ -178,21 +178,40 @@ def _fill_old(gaps: list[tuple[int, int, int, str]], changed: dict[int, list[tup
     return False
 
 
-def _write_key(
-    db: sqlite_utils.Database, site: str, device: str, boot: str, high: int, duplicates: int, new: bool, stamp: int
-) -> None:
-    if new:
-        db.execute(
-            f"INSERT INTO {SEQ_HIGH} (device, boot, site, high, duplicates, first_ms, updated_ms)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)",
-            [device, boot, site, high, duplicates, stamp, stamp],
+#: Keys read per SELECT: two bound variables each, well under SQLite's limit on them.
+KEYS_PER_SELECT = 400
+
+
+def _load_highs(db: sqlite_utils.Database, keys: list[tuple[str, str]]) -> dict[tuple[str, str], int]:
+    """The high mark of each ``(device, boot)`` in ``keys`` that has one, read in one SELECT
+    per :data:`KEYS_PER_SELECT` keys rather than one per key: a group carries many keys."""
+    highs: dict[tuple[str, str], int] = {}
+    for start in range(0, len(keys), KEYS_PER_SELECT):
+        chunk = keys[start : start + KEYS_PER_SELECT]
+        rows = ", ".join(["(?, ?)"] * len(chunk))
+        # A join, not "(device, boot) IN (VALUES ...)": SQLite plans that IN as a scan of the
+        # whole table; the join looks each key up in the primary key's index.
+        cursor = db.execute(
+            f"SELECT h.device, h.boot, h.high FROM (VALUES {rows}) AS k"
+            f" CROSS JOIN {SEQ_HIGH} h ON h.device = k.column1 AND h.boot = k.column2",
+            [part for key in chunk for part in key],
         )
-    else:
-        db.execute(
-            f"UPDATE {SEQ_HIGH} SET high = ?, duplicates = duplicates + ?, updated_ms = ?, site = ?"
-            " WHERE device = ? AND boot = ?",
-            [high, duplicates, stamp, site, device, boot],
-        )
+        for device, boot, high in cursor.fetchall():
+            highs[(device, boot)] = high
+    return highs
+
+
+def _write_highs(db: sqlite_utils.Database, marks: Sequence[tuple[str, str, str, int, int, int, int]]) -> None:
+    """Store each key's new high mark: a new key is inserted (``first_ms`` is its stamp, its
+    rowid follows ``marks``' order as one INSERT per key would), a known one gets ``high``,
+    ``site`` and ``updated_ms`` replaced and its duplicates added. One statement for the group."""
+    db.conn.executemany(
+        f"INSERT INTO {SEQ_HIGH} (device, boot, site, high, duplicates, first_ms, updated_ms)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)"
+        " ON CONFLICT (device, boot) DO UPDATE SET high = excluded.high,"
+        " duplicates = duplicates + excluded.duplicates, updated_ms = excluded.updated_ms, site = excluded.site",
+        marks,
+    )
 
 
 def _insert_gap(

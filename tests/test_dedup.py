@@ -93,6 +93,29 @@ def test_a_resent_reading_reaches_kafka_once_and_a_gap_is_recorded(
     assert all(r.value["site"] == SITE for r in records)
 
 
+def test_a_group_of_more_keys_than_one_select_reads_is_screened_and_recorded_whole(tmp_path: Path) -> None:
+    """seqtrack reads a group's high marks in chunks and writes them in one upsert: every key,
+    across a chunk boundary, must come back as before (duplicates added, first seen kept)."""
+    from tern.edge.seqtrack import KEYS_PER_SELECT
+
+    boots = [f"b{i:04d}" for i in range(KEYS_PER_SELECT + 3)]
+    path = tmp_path / "o.db"
+    with Outbox(path) as box:
+        first = box.add([reading(2, boot=b) for b in boots] * 2, received_ms=1000)
+        assert (first.inserted, first.duplicates, first.gaps) == (len(boots), len(boots), len(boots))
+        again = [reading(2, boot=b) for b in boots] + [reading(1, boot=b) for b in boots[::2]]
+        again += [reading(3, boot=b) for b in boots[1::2]]
+        result = box.add([Reading(r.device, r.boot, r.seq, r.ts_ms, r.values, site="s2") for r in again],
+                         received_ms=2000)
+        half = len(boots[1::2])
+        assert (result.inserted, result.duplicates, result.gap_filled) == (len(boots), len(boots), len(boots) - half)
+        # The latest boot is the last one first seen, though all share one stamp.
+        assert box.device_seq_counts()[0]["boot"] == boots[-1]
+    with sqlite3.connect(path) as conn:
+        rows = conn.execute("SELECT boot, site, high, duplicates, first_ms, updated_ms FROM seq_high ORDER BY rowid").fetchall()
+    assert rows == [(b, "s2", 2 + i % 2, 2, 1000, 2000) for i, b in enumerate(boots)]
+
+
 def test_boots_long_gone_are_forgotten_but_each_device_keeps_its_latest(tmp_path: Path) -> None:
     day = 86400 * 1000
     with Outbox(tmp_path / "o.db") as box:
