@@ -162,13 +162,6 @@ class Uplink:
         self._deleting: dict[int, _InFlight] = {}
         self._to_delete: list[_InFlight] = []
         self._deleted: list[tuple[list[_InFlight], int]] = []
-        # Deletes the deleter began and finished. SQLite gives a new row the highest id in the
-        # table plus one, so a delete of the highest rows lets new rows take ids below the read
-        # cursor: the outbox is read only while no delete is under way and every finished one
-        # has lowered the cursor (_apply_deleted), else a device's newer reading could be read
-        # before its older one (see _reads_safe).
-        self._delete_started = 0
-        self._delete_finished = 0
         self._deleter = threading.Thread(target=self._delete_loop, name=f"tern-confirm-{config.gateway_id}", daemon=True)
         self._lanes = [_Lane() for _ in range(config.uplink_window)]
         self._staged = 0
@@ -428,7 +421,6 @@ class Uplink:
                     self._status_idle = None
                 if self._outcome_batch == batch.bseq:
                     self._outcome_batch = None
-        self._reset_cursor()
 
     def _delete_loop(self) -> None:
         """The deleter: delete confirmed batches' rows, everything confirmed meanwhile at once."""
@@ -438,7 +430,6 @@ class Uplink:
                 if not self._to_delete:
                     return
                 group, self._to_delete = self._to_delete, []
-                self._delete_started += 1
             try:
                 deleted = self.outbox.delete(
                     (r.id for b in group for r in b.rows), (s.id for b in group for s in b.statuses),
@@ -454,7 +445,6 @@ class Uplink:
                 with self._cond:
                     self._counts["publish_errors"] += 1
                     self._to_delete[:0] = group
-                    self._delete_finished += 1  # rolled back: nothing changed
                     self._cond.notify_all()
                 why = (f"the outbox {self.outbox.path} is full: confirmed batches cannot be deleted yet"
                        if is_disk_full(exc) else f"deleting confirmed batches failed: {describe(exc)}")
@@ -470,40 +460,10 @@ class Uplink:
             self._throttle.clear("delete", "deleting confirmed batches works again")
             with self._cond:
                 self._deleted.append((group, deleted))
-                self._delete_finished += 1
                 self._cond.notify_all()
-
-    def _reset_cursor(self) -> None:
-        """Lower the read cursor to the highest id still held.
-
-        SQLite hands a new row the highest id in the table plus one, so once the highest rows
-        are deleted, new rows may get ids at or below ids read before; every row still held
-        keeps its id, so new rows always land above the highest of those.
-        """
-        top = 0
-        for lane in self._lanes:
-            if lane.queue:
-                top = max(top, lane.queue[-1].id)
-        for batch in (*self._inflight.values(), *self._deleting.values()):
-            if batch.rows:
-                top = max(top, batch.rows[-1].id)
-        self._cursor = top
 
     def _staging_cap(self) -> int:
         return len(self._lanes) * self.config.batch_size * STAGING_BATCHES
-
-    def _reads_safe(self) -> int | None:
-        """The deleter's count of deletes begun if the outbox may be read now (none under way,
-        the cursor lowered after every finished one), else None: read later."""
-        with self._cond:
-            if self._delete_started != self._delete_finished or self._deleted:
-                return None
-            return self._delete_started
-
-    def _still_safe(self, seen: int) -> bool:
-        """True if no delete began since :meth:`_reads_safe` returned ``seen`` (what was read holds)."""
-        with self._cond:
-            return self._delete_started == seen
 
     def _refill(self) -> None:
         if self.outbox.drop_generation != self._staged_generation:
@@ -511,14 +471,10 @@ class Uplink:
         room = self._staging_cap() - self._staged
         if room <= 0 or not self._unread():
             return
-        seen = self._reads_safe()
-        if seen is None:
-            return  # the deleter wakes this thread when it is done
         # Staged rows are not protected from retention until they leave (protect() in
-        # _publish_lane): read-ahead must not make a full outbox undroppable.
+        # _publish_lane): read-ahead must not make a full outbox undroppable. Reading while the
+        # deleter deletes is safe: reading ids are never reused (outbox/readings.py insert).
         rows = self.outbox.take(room, after_id=self._cursor, protect=False)
-        if not self._still_safe(seen):
-            return  # read again once that delete has lowered the cursor
         self._stage(rows)
         if rows:
             self._cursor = rows[-1].id
@@ -539,15 +495,10 @@ class Uplink:
         the cursor is the rows in flight (protected, untouched) plus what is left of the staged
         ones, which are read again in order, so the cursor's promise holds again.
         """
-        seen = self._reads_safe()
-        if seen is None:
-            return  # the generation still differs: _refill tries again next round
         generation = self.outbox.drop_generation
         in_flight = {r.id for b in (*self._inflight.values(), *self._deleting.values()) for r in b.rows}
         limit = self._staged + len(in_flight)
         rows = self.outbox.take(limit, after_id=0, protect=False) if limit else []
-        if not self._still_safe(seen):
-            return
         self._staged_generation = generation
         for lane in self._lanes:
             lane.queue.clear()

@@ -433,6 +433,8 @@ def test_pings_are_answered_while_acks_are_withheld(mosquitto_factory, tmp_path:
             for seq in range(1, total + 1):
                 reading = Reading("dev-a", BOOT, seq, 1_700_000_000_000 + seq, {"n": seq, "pad": "x" * 60})
                 node.publish_raw(f"tern/{SITE}/dev-a/telemetry", codec.encode_reading(reading))
+                if seq == 10:  # a first group fits before the page split (groups wait to fill)
+                    wait_until(lambda: node.acked_seq() == 10, what="the first readings acked")
             wait_until(lambda: gw.stats()["disk_full"], what="the full disk")
             hold(2 * keepalive, "disk_full")
             acked = node.acked_seq()

@@ -63,7 +63,7 @@ def add(
         # Duplicates of readings already committed (pending or long forwarded) go here,
         # in the same transaction as the rows, so a rollback undoes both.
         screened = seqtrack.screen(db, new_readings, stamp)
-        inserted = readings.insert(db, screened.fresh, stamp)
+        inserted = readings.insert(db, screened.fresh, stamp, tally.next_id)
         status_inserted = statuses.insert_changed(db, new_statuses, stamp)
         letter_count = dead_letters.insert(db, letters, stamp)
         if inserted == len(screened.fresh):
@@ -74,6 +74,8 @@ def add(
         dropped = enforce(db, policy, device_cap, tally, tally.pending + inserted,
                           tally.status_pending + status_inserted, stamp, counts)
     tally.device_rows = counts
+    # Ids given to ignored rows (or to a rolled-back group, above) are simply never used.
+    tally.next_id += len(screened.fresh)
     tally.pending += inserted - sum(dropped.values())
     tally.status_pending += status_inserted
     _note_drops(db, tally, dropped)

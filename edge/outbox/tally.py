@@ -32,6 +32,9 @@ class Tally:
     #: Bumped whenever retention drops readings: rows read without protection may be gone.
     drop_generation: int = 0
     forgot_at_ms: int = 0  # last seqtrack.forget_old_boots
+    #: The id the next reading gets: above every id this process has seen, never lowered by a
+    #: delete (readings.insert says why).
+    next_id: int = 1
 
     @classmethod
     def load(cls, db: sqlite_utils.Database) -> "Tally":
@@ -43,6 +46,7 @@ class Tally:
             drops_unclaimed=rtn.unclaimed_events(db),
             holds_unclaimed=shares.unclaimed_events(db),
             letters_unclaimed=dead_letters.count_unclaimed(db),
+            next_id=readings.max_id(db) + 1,
         )
 
     def waiting(self) -> bool:
