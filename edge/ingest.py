@@ -274,16 +274,11 @@ class Ingest:
                     continue
                 linger_until = time.monotonic() + GROUP_LINGER_S
             while len(held) < GROUP_MAX:
+                left = linger_until - time.monotonic()
                 try:
-                    held.append(self._queue.get_nowait())
+                    held.append(self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait())
                 except queue.Empty:
-                    left = linger_until - time.monotonic()
-                    if left <= 0 or self._stop.is_set():
-                        break
-                    try:
-                        held.append(self._queue.get(timeout=left))
-                    except queue.Empty:
-                        break
+                    break
             try:
                 self._commit_prefix(held)
             except Exception as exc:  # never let the worker die: the messages stay un-acked and retried

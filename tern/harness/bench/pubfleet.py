@@ -16,10 +16,11 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
-from typing import IO, Sequence
+from typing import IO, Any, Sequence
 
 from tern.core import codec, topics
 from tern.harness.bench.common import BenchError
+from tern.harness.bench.nodes import fleet_reading, paced_readings
 
 #: QoS 1 messages each connection may have unacknowledged (a node's firmware keeps a few in
 #: flight as well; more only deepens the broker's queues).
@@ -60,16 +61,21 @@ class PubFleet:
             files.append((topic, path))
         return files
 
+    def _start(self, topic: str, client_id: str, stdin: Any) -> subprocess.Popen:
+        """One device's ``mosquitto_pub``, publishing each line of ``stdin`` at QoS 1 on ``topic``."""
+        proc = subprocess.Popen(
+            [self._binary, "-h", self.host, "-p", str(self.port), "-t", topic, "-q", "1", "-l",
+             "-M", str(MAX_INFLIGHT), "-i", f"{client_id}-{time.time_ns() % 10**6}"],
+            stdin=stdin, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        self._procs.append((topic, proc))
+        return proc
+
     def publish_all(self, files: Sequence[tuple[str, Path]]) -> None:
         """Start every device's publisher at once; :meth:`wait_published` waits for them."""
         for index, (topic, path) in enumerate(files):
             with open(path, "rb") as feed:
-                proc = subprocess.Popen(
-                    [self._binary, "-h", self.host, "-p", str(self.port), "-t", topic, "-q", "1", "-l",
-                     "-M", str(MAX_INFLIGHT), "-i", f"bench-pub-{index:04d}-{time.time_ns() % 10**6}"],
-                    stdin=feed, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                )
-            self._procs.append((topic, proc))
+                self._start(topic, f"bench-pub-{index:04d}", feed)
 
     def publish_paced(self, rate: float, seconds: float, devices: int) -> int:
         """Publish at ``rate`` readings/s for ``seconds``, each stamped ``ts`` = its send time (ms).
@@ -78,34 +84,23 @@ class PubFleet:
         when it is written (the paho fleet queued them behind its threads near its limit).
         Returns how many were published; waits until every publisher has sent its last.
         """
-        from tern.harness.bench.nodes import fleet_reading
-
         pipes: list[IO[bytes]] = []
         for index in range(devices):
             reading = fleet_reading(index, devices)
-            proc = subprocess.Popen(
-                [self._binary, "-h", self.host, "-p", str(self.port), "-t", topics.telemetry_topic(reading.site, reading.device),
-                 "-q", "1", "-l", "-M", str(MAX_INFLIGHT), "-i", f"bench-paced-{index:04d}-{time.time_ns() % 10**6}"],
-                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            )
-            self._procs.append((reading.device, proc))
+            proc = self._start(topics.telemetry_topic(reading.site, reading.device), f"bench-paced-{index:04d}",
+                               subprocess.PIPE)
             assert proc.stdin is not None
             pipes.append(proc.stdin)
-        count = int(rate * seconds)
-        start = time.perf_counter()
-        for index in range(count):
-            due = start + index / rate
-            delay = due - time.perf_counter()
-            if delay > 0.005:
-                time.sleep(delay)
-            payload = codec.encode_reading(fleet_reading(index, devices, ts_ms=time.time_ns() // 1_000_000))
+        sent = 0
+        for index, reading in paced_readings(rate, seconds, devices):
             pipe = pipes[index % devices]
-            pipe.write(payload + b"\n")
+            pipe.write(codec.encode_reading(reading) + b"\n")
             pipe.flush()
+            sent += 1
         for pipe in pipes:
             pipe.close()  # end of input: the publisher sends what it has and exits
         self.wait_published(60)
-        return count
+        return sent
 
     def wait_published(self, deadline_s: float) -> None:
         """Block until every publisher has ended; BenchError naming the first that failed."""
