@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from tern.harness.bench.latency import HOPS
+
 REPO = Path(__file__).resolve().parent.parent
 EXPECTED = {
     "codec.decode_reading",
@@ -133,6 +135,11 @@ def test_quick_run_reports_every_measurement_as_a_ratio(tmp_path: Path) -> None:
     p99 = by_name["latency.p99"]
     assert 0 < by_name["latency.p50"]["figure"] <= p99["figure"] <= by_name["latency.max"]["figure"]
     assert all(r["n"] > 0 for r in p99["details"]["tern"])
+    # Every reading is cut into the four hops its stamps mark, each hop seen for every reading.
+    for tern, hops in zip(p99["details"]["tern"], p99["details"]["hops"]):
+        assert list(hops) == list(HOPS) and all(h["n"] == tern["n"] for h in hops.values())
+    assert all(len(s) >= 1 and max(s) <= p99["details"]["tern"][i]["max"]
+               for i, s in enumerate(p99["details"]["slowest_by_second"]))
     # The table names every measurement.
     for name in EXPECTED:
         assert name in proc.stdout

@@ -26,6 +26,13 @@ from tern.harness.bench.proc import Child
 from tern.harness.bench.pubfleet import PubFleet
 
 
+#: The hops of :attr:`TopicTail.hops`, in path order: each ends at a stamp the record carries
+#: (``gateway_rx_ms``: the gateway's outbox commit; ``bridge_ms``: the bridge's decode; the
+#: record's CreateTime: the bridge's producer) or at the consumer's arrival stamp.
+HOPS = ("node -> gateway commit", "gateway commit -> bridge decode", "bridge decode -> producer",
+        "producer -> consumer")
+
+
 class TopicTail:
     """A consumer on its own thread and loop, keeping arrival - ts (ms) of every reading."""
 
@@ -34,6 +41,13 @@ class TopicTail:
         #: ts -> the record's CreateTime (stamped by the bridge's producer when it hands the
         #: record over): a lower bound, without Kafka's ack and the consumer's fetch.
         self.to_producer: list[int] = []
+        #: The same path cut at the stamps each record carries (all wall clock, one machine):
+        #: which hop a slow reading spent its time in, by hop name (see :data:`HOPS`).
+        self.hops: dict[str, list[int]] = {name: [] for name in HOPS}
+        #: (seconds since the first record, latency ms) of the slowest record of each second:
+        #: a stall shows as one spike, an overload as a climb.
+        self.by_second: dict[int, int] = {}
+        self._first_s: float | None = None
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._error: BaseException | None = None
@@ -63,13 +77,27 @@ class TopicTail:
             while not self._stop.is_set():
                 batches = await consumer.getmany(timeout_ms=50)
                 now = time.time_ns() // 1_000_000
+                if batches and self._first_s is None:
+                    self._first_s = now / 1000
                 for records in batches.values():
                     for record in records:
-                        ts = json.loads(record.value)["ts_ms"]
-                        self.latencies.append(now - ts)
-                        self.to_producer.append(record.timestamp - ts)
+                        self._stamp(json.loads(record.value), record.timestamp, now)
         finally:
             await consumer.stop()
+
+    def _stamp(self, value: dict[str, Any], created_ms: int, now: int) -> None:
+        ts, committed, bridged = value["ts_ms"], value["gateway_rx_ms"], value["bridge_ms"]
+        total = now - ts
+        self.latencies.append(total)
+        self.to_producer.append(created_ms - ts)
+        hops = self.hops
+        hops["node -> gateway commit"].append(committed - ts)
+        hops["gateway commit -> bridge decode"].append(bridged - committed)
+        hops["bridge decode -> producer"].append(created_ms - bridged)
+        hops["producer -> consumer"].append(now - created_ms)
+        second = int(now / 1000 - (self._first_s or 0))
+        if total > self.by_second.get(second, -1):
+            self.by_second[second] = total
 
     def close(self) -> None:
         """Stop the consumer."""
@@ -86,8 +114,9 @@ def percentiles(values: list[int]) -> dict[str, float]:
     return {"p50": pick(0.50), "p99": pick(0.99), "max": float(ordered[-1]), "n": len(ordered)}
 
 
-def tern_round(lab: Lab, rate: float) -> tuple[list[int], list[int]]:
-    """Latencies of one paced run through gateway and bridge into Kafka."""
+def tern_round(lab: Lab, rate: float) -> dict[str, Any]:
+    """One paced run through gateway and bridge into Kafka: the tail's final report
+    (``latencies_ms``, ``to_producer_ms``, ``hops_ms`` by hop, ``by_second_ms``)."""
     with ExitStack() as stack:
         local, _, _, bridge, topic = start_pipeline(lab, stack, "latency")
         tail = Child("tail", {"bootstrap": lab.kafka(), "topic": topic}, timeout=45)
@@ -98,7 +127,7 @@ def tern_round(lab: Lab, rate: float) -> tuple[list[int], list[int]]:
         tail.wait_for(lambda s: s.get("received", 0) >= sent, lab.sizes.deadline_s,
                       f"latency: {sent} readings into Kafka")
         tail.stop()
-        return list(tail.final.get("latencies_ms", [])), list(tail.final.get("to_producer_ms", []))
+        return dict(tail.final)
 
 
 def pubsub_round(lab: Lab, rate: float) -> list[int]:
@@ -121,18 +150,23 @@ def bench_latency(lab: Lab) -> list[Measurement]:
     capacity = live_capacity(lab)
     rate = capacity / 2
     rounds = run_rounds(lab.sizes, lambda i: (pubsub_round(lab, rate), tern_round(lab, rate)))
-    tern = [percentiles(t) for _, (t, _) in rounds]
+    tern = [percentiles(t["latencies_ms"]) for _, t in rounds]
     base = [percentiles(b) for b, _ in rounds]
-    lower = [percentiles(p) for _, (_, p) in rounds]
+    lower = [percentiles(t["to_producer_ms"]) for _, t in rounds]
+    # Where each round's time went: p50/p99/max per hop, and the slowest reading of each
+    # second (a stall is one spike, an overload a climb).
+    hops = [{hop: percentiles(t["hops_ms"][hop]) for hop in HOPS} for _, t in rounds]
+    by_second = [t["by_second_ms"] for _, t in rounds]
     # The figures of docs/: every sample of the last round.
-    lab.series["latency"] = {"Tern, node -> Kafka (consumer stamps)": rounds[-1][1][0],
-                             "Tern, node -> bridge's producer (record CreateTime)": rounds[-1][1][1],
+    lab.series["latency"] = {"Tern, node -> Kafka (consumer stamps)": rounds[-1][1]["latencies_ms"],
+                             "Tern, node -> bridge's producer (record CreateTime)": rounds[-1][1]["to_producer_ms"],
                              "plain pub/sub": rounds[-1][0]}
     count = sum(p["n"] for p in tern)
     what = f"node -> gateway -> bridge -> Kafka at {rate:,.0f} readings/s (50 % of live capacity {capacity:,.0f}/s)"
     base_what = f"node -> mosquitto -> plain subscriber process at the same {rate:,.0f} readings/s"
     details: dict[str, Any] = {"rate": rate, "capacity": capacity, "seconds": lab.sizes.latency_s,
-                               "tern": tern, "baseline": base, "to_bridge_producer": lower}
+                               "tern": tern, "baseline": base, "to_bridge_producer": lower,
+                               "hops": hops, "slowest_by_second": by_second}
     out = []
     for key, target in (("p50", None), ("p99", "figure <= 250"), ("max", None)):
         figures = [p[key] for p in tern]

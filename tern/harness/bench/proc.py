@@ -374,7 +374,8 @@ def run_tail(config: dict[str, Any]) -> None:
         _serve(lambda: {"received": len(tail.latencies)}, [], started)
     finally:
         tail.close()
-        _emit({"final": {"latencies_ms": list(tail.latencies), "to_producer_ms": list(tail.to_producer)}})
+        _emit({"final": {"latencies_ms": list(tail.latencies), "to_producer_ms": list(tail.to_producer),
+                         "hops_ms": tail.hops, "by_second_ms": [tail.by_second[k] for k in sorted(tail.by_second)]}})
 
 
 def main(argv: list[str]) -> int:
