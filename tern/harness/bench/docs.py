@@ -118,6 +118,9 @@ METHOD = """## How the issue-13 stages measure
   carries its send time; a consumer tailing the topic stamps its arrival (an upper bound on
   node -> Kafka: it includes the consumer's fetch). The record's CreateTime, stamped by the
   bridge's producer, gives a lower bound (in the JSON's details and the latency figure).
+  The JSON's details also cut every reading at the stamps it carries (gateway commit, bridge
+  decode, producer, consumer) into four hops, p50/p99/max each, and list the slowest reading
+  of each second: a stall shows as one spike, an overload as a climb.
   Baseline: the same load to a plain subscriber.
 - **Bytes on the uplink**: a counting TCP relay between the gateway and the cloud broker, and
   one between the node connections and the local broker (per-message JSON over MQTT), both ways.
