@@ -242,23 +242,30 @@ class BufferedClient(mqtt.Client):
                 body_end = i + length
                 if body_end > end:
                     break
-                try:
-                    message = parse_publish(header, buf[i:body_end])
-                except MalformedPublish as exc:
+                # parse_publish, inlined: this loop is the subscriber's hot path.
+                qos = (header >> 1) & 3
+                topic_end = i + 2 + ((buf[i] << 8) | buf[i + 1]) if length >= 2 else body_end + 1
+                start = topic_end + 2 if qos else topic_end
+                if start > body_end or topic_end == i + 2:
                     self._read_pos = body_end
-                    self._easy_log(mqtt.MQTT_LOG_ERR, "Received malformed packet: %s", exc)
+                    try:
+                        parse_publish(header, buf[i:body_end])
+                    except MalformedPublish as exc:  # always: it names what is wrong
+                        self._easy_log(mqtt.MQTT_LOG_ERR, "Received malformed packet: %s", exc)
                     rc = MQTTErrorCode.MQTT_ERR_PROTOCOL
                     break
+                mid = (buf[topic_end] << 8) | buf[topic_end + 1] if qos else 0
                 pos = self._read_pos = body_end
                 taken += 1
                 try:
-                    handler(*message)  # type: ignore[misc]
+                    handler(buf[i + 2:topic_end].decode("utf-8", "replace"), buf[start:body_end], mid, qos,
+                            bool(header & 0x08), bool(header & 0x01))
                 except Exception as err:
                     self._easy_log(mqtt.MQTT_LOG_ERR, "Caught exception in raw message handler: %s", err)
                     if not self.suppress_exceptions:
                         raise
-                if message.qos == 1 and not self._manual_ack:
-                    rc = self._send_puback(message.mid)
+                if qos and not self._manual_ack:
+                    rc = self._send_puback(mid)
                     if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                         break
         if taken:
