@@ -17,13 +17,15 @@ changes only where the bytes come from and how many packets one wake-up handles:
 * incoming messages go straight to ``on_message`` while no per-topic callback is registered
   (paho otherwise walks its topic matcher for every message);
 * opt-in, :meth:`BufferedClient.set_raw_handler`: whole QoS 0 and QoS 1 PUBLISH packets in the
-  buffer are parsed here (:func:`parse_publish`) and handed over as plain values (topic,
-  payload, packet id, qos, dup, retain) instead of a paho ``MQTTMessage``. paho's own handling
-  of a PUBLISH (its generic reader, ``decode_publish``, an ``MQTTMessage`` with its property
-  setters, a log call) cost a busy subscriber's network thread ~17 µs per message, 60 % of it
-  in that handling and 20 % in the message object (issue 27). Everything else (CONNACK,
-  SUBACK, PINGRESP, PUBACK, QoS 2) and a PUBLISH not yet whole in the buffer still go through
-  paho, and what paho delivers reaches the same handler with the same values.
+  buffer are parsed here (as :func:`parse_publish` reads them, inlined in the read loop) and
+  handed over as plain values (topic, payload, packet id, qos, dup, retain) instead of a paho
+  ``MQTTMessage``. paho's own handling of a PUBLISH (its generic reader, ``decode_publish``,
+  an ``MQTTMessage`` with its property setters, a log call) was 60 % of the gateway ingest's
+  network thread, ~17 µs per message, and the message object another 20 % (issue 27).
+  Everything else (CONNACK, SUBACK, PINGRESP, PUBACK, QoS 2), a PUBLISH not yet whole in the
+  buffer and a malformed one still go through paho or end the connection as paho would, and
+  what paho delivers reaches the same handler with the same values. A malformed PUBLISH is
+  a protocol error that closes the connection, with a log line saying what is wrong.
 
 These override private methods of paho, so the paho version is pinned in ``pyproject.toml``
 and ``tests/test_mqtt_client.py`` fails if the internals they rely on change.
