@@ -24,6 +24,7 @@ EXPECTED = {
     "codec.batch_roundtrip",
     "outbox.add",
     "gateway.ingest",
+    "gateway.ingest_cpu",
     "bridge.kafka",
     "bridge.vs_librdkafka",
     "e2e.node_to_kafka",
@@ -158,8 +159,10 @@ def test_only_runs_one_benchmark(tmp_path: Path) -> None:
 def test_gateway_stage_runs_the_gateway_and_the_subscriber_as_processes_on_one_fleet(tmp_path: Path) -> None:
     proc, out = run_bench(tmp_path, "--quick", "--only", "gateway", "--no-docs", timeout=90)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    (m,) = json.loads(out.read_text())["measurements"]
-    check_rows({m["name"]: m}, proc.stdout)
+    rows = {m["name"]: m for m in json.loads(out.read_text())["measurements"]}
+    assert set(rows) == {"gateway.ingest", "gateway.ingest_cpu"}
+    check_rows(rows, proc.stdout)
+    m = rows["gateway.ingest"]
     details = m["details"]
     assert details["committed"] == m["count"] and details["fleet"].startswith("mosquitto_pub")
     # Each side is a process of its own, its CPU read from /proc; the fleet's capacity is there to compare.
