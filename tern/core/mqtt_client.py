@@ -195,7 +195,9 @@ class BufferedClient(mqtt.Client):
             handled += 1
             if rc > 0:
                 return self._loop_rc_handle(rc)
-            if rc == MQTTErrorCode.MQTT_ERR_AGAIN:
+            if rc == MQTTErrorCode.MQTT_ERR_AGAIN and not self.buffered():
+                # Nothing more on the socket yet. (paho also says "again" after 100 reads
+                # of one big packet: whatever is buffered then, select() would not see.)
                 return MQTTErrorCode.MQTT_ERR_SUCCESS
         return MQTTErrorCode.MQTT_ERR_SUCCESS
 
