@@ -231,3 +231,40 @@ def test_a_malformed_publish_drops_the_connection_with_a_clear_error_not_a_crash
         assert client.socket() is None
     finally:
         server.close()
+
+
+def test_without_manual_ack_the_raw_path_acks_each_qos_1_message_itself(mosquitto) -> None:
+    """As paho does: once the handler returns, the PUBACK goes; a reconnect of the persistent
+    session then brings nothing back."""
+    got: list[bytes] = []
+    via_paho: list[mqtt.MQTTMessage] = []
+
+    def session() -> PersistentSession:
+        s = PersistentSession("tern-test-raw-autoack", mosquitto.host, mosquitto.port, [(TOPIC, 1)], via_paho.append,
+                              name="test")
+        s.client.set_raw_handler(lambda topic, payload, *rest: got.append(payload))
+        s.start()
+        assert s.wait_connected(10)
+        return s
+
+    first = session()
+    publisher = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="tern-test-autoack-pub", protocol=mqtt.MQTTv311)
+    publisher.connect(mosquitto.host, mosquitto.port)
+    publisher.loop_start()
+    try:
+        for i in range(50):
+            publisher.publish(TOPIC, b"%d" % i, qos=1)
+        wait_until(lambda: len(got) == 50, 10, "50 messages")
+        first.client.publish("tern/test/fence", b"", qos=1).wait_for_publish(10)  # the acks went before it
+        first.stop()
+        got.clear()
+        second = session()
+        try:
+            publisher.publish(TOPIC, b"after", qos=1).wait_for_publish(10)
+            wait_until(lambda: got, 10, "the message published after the reconnect")
+            assert got == [b"after"] and via_paho == []
+        finally:
+            second.stop()
+    finally:
+        publisher.disconnect()
+        publisher.loop_stop()
