@@ -6,6 +6,12 @@ then PUBACKs them (in receive order) and tells each node how far it is committed
 PUBACK, the message belongs to the broker's persistent session, which re-delivers it if the
 gateway dies: nothing is lost between the two.
 
+The network thread takes messages on the raw path of :class:`tern.core.mqtt_client.BufferedClient`
+(PUBLISH packets parsed straight from the socket buffer into plain values, no paho
+``MQTTMessage``), and the worker collects a group by sleeping through its linger and then
+taking what queued up, rather than waking for each message: at thousands of readings a
+second both were a large part of the gateway's CPU (issue 27).
+
 Node statuses (``tern/+/+/status``, retained: birth and last will) take the same path as
 readings, in the same groups and transactions, so they reach the cloud with the same custody.
 The broker re-delivers every retained status on each (re)subscribe; the outbox ignores a
@@ -29,8 +35,8 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, replace
-from typing import Callable
+from dataclasses import replace
+from typing import Callable, NamedTuple
 
 import paho.mqtt.client as mqtt
 
@@ -39,6 +45,7 @@ from tern.edge import shares
 from tern.edge.outbox import DeadLetter, Outbox, is_disk_full, now_ms
 from tern.core import codec, topics
 from tern.core.codec import NodeAck, Reading, StatusEvent
+from tern.core.mqtt_client import as_message
 from tern.core.mqtt_session import PersistentSession
 from tern.core.quoting import describe, quote, shorten
 
@@ -52,6 +59,9 @@ GROUP_MAX = 500
 #: moderate rate shrank to a few readings and each reading cost ~3.3 KB written to the SD card
 #: (make bench, wear stage) instead of ~1.9 KB. A node's ack waits at most this much longer.
 GROUP_LINGER_S = 0.02
+#: While a group lingers, the worker looks at the queue this often: each message waking it
+#: (a blocking get per message) cost both threads a GIL hand-over per reading.
+LINGER_TICK_S = 0.002
 #: Seconds between retention sweeps (readings expire by age even while nothing arrives).
 SWEEP_EVERY_S = 2.0
 #: A condition that lasts (drops by policy, a full disk) is logged at most once per this many seconds.
@@ -71,8 +81,9 @@ _REPLY_SUFFIX = "/" + topics.REPLY
 _FW_GET_SUFFIX = "/" + topics.FW_GET
 
 
-@dataclass(slots=True)
-class _Incoming:
+class _Incoming(NamedTuple):
+    """One message as the network thread queues it for the worker."""
+
     topic: str
     payload: bytes
     mid: int
@@ -195,6 +206,8 @@ class Ingest:
             **config.local_auth(),
         )
         self.client = self.session.client
+        # Plain values straight from the socket buffer instead of one MQTTMessage per reading.
+        self.client.set_raw_handler(self._on_publish)
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -246,39 +259,48 @@ class Ingest:
 
     # --- paho's network thread: keep it short ---------------------------------------------
 
-    def _on_message(self, msg: mqtt.MQTTMessage) -> None:
-        topic = msg.topic  # (paho decodes it on every read)
+    def _on_publish(self, topic: str, payload: bytes, mid: int, qos: int, dup: bool, retain: bool) -> None:
+        """The raw path's handler: every message from the local broker, as plain values."""
         if self._on_reply is not None and topic.endswith(_REPLY_SUFFIX):
-            self._on_reply(msg, self.session.generation)
+            self._on_reply(as_message(topic, payload, mid, qos, dup, retain), self.session.generation)
             return
         if self._on_fw_request is not None and topic.endswith(_FW_GET_SUFFIX):
-            self._on_fw_request(msg)
+            self._on_fw_request(as_message(topic, payload, mid, qos, dup, retain))
             return
-        self._queue.put(
-            _Incoming(topic, bytes(msg.payload), msg.mid, msg.qos, now_ms(), self.session.generation, bool(msg.retain))
-        )
+        self._queue.put(_Incoming(topic, payload, mid, qos, now_ms(), self.session.generation, retain))
+
+    def _on_message(self, msg: mqtt.MQTTMessage) -> None:
+        """paho's path (unused while the raw handler is set): the same, from an ``MQTTMessage``."""
+        self._on_publish(msg._topic.decode("utf-8", "replace"), bytes(msg.payload), msg.mid, msg.qos,
+                         bool(msg.dup), bool(msg.retain))
 
     # --- worker --------------------------------------------------------------------------
 
     def _run(self) -> None:
         held: list[_Incoming] = []
+        pending = self._queue
         while not self._stop.is_set():
-            linger_until = 0.0
             if not held:
                 wait = min(0.2, max(0.0, self._next_ack_flush - time.monotonic()))
                 try:
-                    held.append(self._queue.get(timeout=wait))
+                    held.append(pending.get(timeout=wait))
                 except queue.Empty:
                     self._flush_node_acks()
                     self._maybe_sweep()  # readings expire by age while nothing arrives too
                     continue
+                # Linger for a fuller group, looking at the queue every tick (not waking per message).
                 linger_until = time.monotonic() + GROUP_LINGER_S
-            while len(held) < GROUP_MAX:
-                left = linger_until - time.monotonic()
-                try:
-                    held.append(self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait())
-                except queue.Empty:
-                    break
+                while pending.qsize() < GROUP_MAX - 1:
+                    left = linger_until - time.monotonic()
+                    if left <= 0:
+                        break
+                    time.sleep(min(left, LINGER_TICK_S))
+            take = pending.get_nowait
+            try:
+                for _ in range(GROUP_MAX - len(held)):
+                    held.append(take())
+            except queue.Empty:
+                pass
             try:
                 self._commit_prefix(held)
             except Exception as exc:  # never let the worker die: the messages stay un-acked and retried
@@ -384,12 +406,21 @@ class Ingest:
         repeats = 0
         junk: list[tuple[str, str]] = []
         count = 0
+        admit, unlimited = adm.admit, self._rates is None
         for item in incoming:
             result = decode(item.topic, item.payload, item.received_ms)
-            if isinstance(result, (list, Reading)):
+            kind = type(result)
+            if kind is Reading and unlimited and not view:
+                # The usual case, in one step: one reading, nobody held back, no rate limit.
+                verdict = admit(result.device, 1)  # type: ignore[union-attr]
+                if verdict == shares.ADMIT:
+                    readings.append(result)  # type: ignore[arg-type]
+                    count += 1
+                    continue
+            if kind is Reading or kind is list:
                 # A bundle: all of it or none of it in this group.
-                group = result if isinstance(result, list) else [result]
-                verdict = self._admit(group, adm, view, changed, released, started, now)
+                group = [result] if kind is Reading else result  # type: ignore[list-item]
+                verdict = self._admit(group, adm, view, changed, released, started, now)  # type: ignore[arg-type]
                 if verdict == shares.FULL:
                     break
                 if verdict != shares.ADMIT:
@@ -482,30 +513,31 @@ class Ingest:
         """:data:`shares.ADMIT` to commit ``group`` (one message of one device), :data:`shares.FULL`
         to stall, or the reason it is held back (the hold is then recorded in ``view``)."""
         first = group[0]
+        if len(group) == 1:
+            low = high = first.seq
+        else:
+            low, high = min(r.seq for r in group), max(r.seq for r in group)
         key = (first.site, first.device, first.boot)
-        low, high = min(r.seq for r in group), max(r.seq for r in group)
-        hold = view.get(key)
+        hold = view.get(key) if view else None
         if hold is not None and low > hold.max_seq:
             # Still going forward past the hole: committing this would let the node ack pass
             # readings the gateway does not have. Held until the node sends again from the hole.
             reason = hold.reason
+        elif self._rates is not None and not self._rates.allows(first.device, now):
+            reason = shares.RATE
         else:
-            reason = None
-            if self._rates is not None and not self._rates.allows(first.device, now):
-                reason = shares.RATE
-            else:
-                verdict = adm.admit(first.device, len(group))
-                if verdict == shares.ADMIT:
-                    if self._rates is not None:
-                        self._rates.take(first.device, len(group), now)
-                    if hold is not None:  # the node sends again from the hole, and it fits
-                        del view[key]
-                        changed.pop(key, None)
-                        released.add(key)
-                    return shares.ADMIT
-                if verdict == shares.FULL:
-                    return shares.FULL
-                reason = verdict
+            verdict = adm.admit(first.device, len(group))
+            if verdict == shares.ADMIT:
+                if self._rates is not None:
+                    self._rates.take(first.device, len(group), now)
+                if hold is not None:  # the node sends again from the hole, and it fits
+                    del view[key]
+                    changed.pop(key, None)
+                    released.add(key)
+                return shares.ADMIT
+            if verdict == shares.FULL:
+                return shares.FULL
+            reason = verdict
         if hold is None:
             hold = shares.Hold(first.site, first.device, first.boot, low, reason, high)
             started.append(hold)

@@ -26,6 +26,7 @@ EXPECTED = {
     "codec.batch_roundtrip",
     "outbox.add",
     "gateway.ingest",
+    "gateway.ingest_cpu",
     "bridge.kafka",
     "bridge.vs_librdkafka",
     "e2e.node_to_kafka",
@@ -160,6 +161,21 @@ def test_only_runs_one_benchmark(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     names = {m["name"] for m in json.loads(out.read_text())["measurements"]}
     assert names == {"codec.decode_reading", "codec.batch_roundtrip"}
+
+
+def test_gateway_stage_runs_the_gateway_and_the_subscriber_as_processes_on_one_fleet(tmp_path: Path) -> None:
+    proc, out = run_bench(tmp_path, "--quick", "--only", "gateway", "--no-docs", timeout=90)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {m["name"]: m for m in json.loads(out.read_text())["measurements"]}
+    assert set(rows) == {"gateway.ingest", "gateway.ingest_cpu"}
+    check_rows(rows, proc.stdout)
+    m = rows["gateway.ingest"]
+    details = m["details"]
+    assert details["committed"] == m["count"] and details["fleet"].startswith("mosquitto_pub")
+    # Each side is a process of its own, its CPU read from /proc; the fleet's capacity is there to compare.
+    assert details["gateway_cpu_us"] > 0 and details["subscriber_cpu_us"] > 0 and details["fleet_capacity"] > 0
+    assert len(details["rounds_detail"]) == len(details["baseline_detail"]) == m["rounds"]["n"] >= 1
+    assert all(b["resources"]["cpu_s"] > 0 for b in details["baseline_detail"])
 
 
 @pytest.mark.slow

@@ -10,10 +10,12 @@ Benchmarks (``--only NAME``, repeatable):
 
 ``codec``     ``decode_reading`` vs ``json.loads``; batch encode+decode vs zlib+json.
 ``outbox``    ``Outbox.add`` in groups of 100 vs raw ``sqlite3`` executemany, same pragmas.
-``gateway``   paho node -> mosquitto -> Gateway (committed) vs paho -> mosquitto -> paho.
+``gateway``   mosquitto_pub fleet -> mosquitto -> gateway process (committed) vs the same fleet
+              -> mosquitto -> a plain paho subscriber process.
 ``bridge``    batches on the cloud broker -> BridgeThread -> Kafka (confirmed) vs aiokafka
               and vs a plain librdkafka producer (``confluent-kafka``).
-``e2e``       paho node -> gateway -> bridge -> Kafka vs the pub/sub baseline of ``gateway``.
+``e2e``       paho node -> gateway -> bridge -> Kafka (in the bench's process) vs paho -> mosquitto
+              -> paho in the same process.
 ``firmware``  free heap of main.py at the end of 3,000 acked publishes vs ``umqtt.simple`` alone (100K heap);
               the same run over TLS vs over plain MQTT.
 ``ota``       N emulated nodes updated at once behind one gateway vs one node at a time; release

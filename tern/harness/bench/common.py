@@ -49,7 +49,7 @@ class Sizes:
     repeats: int
     outbox_rows: int
     outbox_repeats: int
-    readings: int  # gateway ingest and end to end (same count: they share a baseline)
+    readings: int  # gateway ingest and end to end
     bridge_batches: int
     network_repeats: int  # rounds of gateway, bridge, e2e and pub/sub; the median counts
     deadline_s: float

@@ -32,7 +32,7 @@ def bench_e2e(lab: Lab) -> list[Measurement]:
         name="e2e.node_to_kafka", benchmark="e2e", unit="readings/s",
         figure=median(rates), baseline=baseline, rounds=rates,
         what="paho node -> mosquitto -> Gateway -> mosquitto -> BridgeThread -> Kafka",
-        baseline_what="paho node -> mosquitto -> plain paho QoS 1 subscriber (as gateway.ingest)",
+        baseline_what="paho node -> mosquitto -> plain paho QoS 1 subscriber (both in the bench process)",
         count=count, details={"seconds": round(seconds, 3), "rounds": lab.sizes.network_repeats,
                               "kafka": lab.current_kind, **details},
     )]

@@ -174,7 +174,9 @@ class Lab:
         return names
 
     def pubsub_baseline(self, count: int) -> float:
-        """Readings/s of paho publisher -> mosquitto -> paho subscriber, measured once per count."""
+        """Readings/s of paho publisher -> mosquitto -> paho subscriber, all in this process,
+        measured once per count (the ``e2e`` stage's baseline; ``gateway`` runs its baseline
+        subscriber in a process of its own, :func:`tern.harness.bench.live.pubsub_round`)."""
         if count not in self._pubsub:
             self._pubsub[count] = measure_pubsub(self, count)
         return self._pubsub[count]

@@ -112,6 +112,22 @@ def pubsub_round(lab: Lab, messages: list) -> dict[str, Any]:
     return {"rate": count / max(end - start, 1e-6), "seconds": round(end - start, 3), "resources": used}
 
 
+def fleet_round(lab: Lab, messages: list) -> dict[str, Any]:
+    """The fleet's own capacity: the same files into a mosquitto with no subscriber, timed until
+    every publisher has its last PUBACK (a receiver's rate near this measured the load)."""
+    count = len(messages)
+    with ExitStack() as stack:
+        broker = lab.mosquitto(stack, "fleet-only")
+        fleet = PubFleet(broker.host, broker.port, lab.folder("fleet-only"))
+        stack.callback(fleet.close)
+        files = fleet.prepare(messages)
+        start = time.time()
+        fleet.publish_all(files)
+        fleet.wait_published(lab.sizes.deadline_s)
+        seconds = max(time.time() - start, 1e-6)
+    return {"rate": count / seconds, "seconds": round(seconds, 3)}
+
+
 def bytes_round(lab: Lab, messages: list) -> dict[str, Any]:
     """Bytes per reading on the node links and on the uplink, through counting relays."""
     count = len(messages)
