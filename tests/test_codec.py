@@ -199,15 +199,21 @@ GOOD = {"v": 1, "dev": "node-1", "boot": "0badc0de", "seq": 1, "ts": 1, "r": {"t
         ({"r": {f"k{i}": i for i in range(33)}}, "over the limit"),
     ],
 )
-def test_bad_node_payloads_are_rejected_with_a_reason(change: dict, message: str) -> None:
+@pytest.mark.parametrize("topic_device", [None, "node-1"])  # ingest's fast path takes the topic's device
+def test_bad_node_payloads_are_rejected_with_a_reason(change: dict, message: str, topic_device: str | None) -> None:
     raw = json.dumps({**GOOD, **change}).encode()
     with pytest.raises(CodecError, match=message):
-        codec.decode_reading(raw)
+        codec.decode_reading(raw, topic_device=topic_device)
+    if "v" not in change:  # v=2 is a bundle to decode_readings
+        with pytest.raises(CodecError, match=message):
+            codec.decode_readings(raw, topic_device=topic_device)
 
 
-def test_non_finite_values_and_non_json_are_rejected() -> None:
-    with pytest.raises(CodecError, match="not finite"):
-        codec.decode_reading(json.dumps({**GOOD, "r": {"t": float("nan")}}).encode())
+@pytest.mark.parametrize("topic_device", [None, "node-1"])
+def test_non_finite_values_and_non_json_are_rejected(topic_device: str | None) -> None:
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(CodecError, match="not finite"):
+            codec.decode_reading(json.dumps({**GOOD, "r": {"t": bad}}).encode(), topic_device=topic_device)
     with pytest.raises(CodecError, match="not JSON"):
         codec.decode_reading(b"\xff\xfe{")
     with pytest.raises(CodecError, match="JSON object"):

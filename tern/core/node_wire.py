@@ -11,15 +11,20 @@ from tern.core.errors import CodecError
 from tern.core.jsonwire import dumps as _dumps
 from tern.core.jsonwire import json_object as _json_object
 from tern.core.messages import (
+    _HEX_DIGITS,
     _LABEL_CHARS,
     BUNDLE_VERSION,
     MAX_BUNDLE,
     MAX_DOWN,
     MAX_DOWN_LABEL,
     MAX_DROPPED_BOOTS,
+    MAX_NAME_LEN,
     MAX_NODE_PAYLOAD,
     MAX_OTA_VERSION,
     MAX_OTA_WHY,
+    MAX_READINGS_PER_MESSAGE,
+    MAX_SAFE_INT,
+    MAX_TEXT_LEN,
     OTA_STATES,
     STATES,
     WIRE_VERSION,
@@ -33,6 +38,7 @@ from tern.core.messages import (
     _object_list,
     _text,
     _values,
+    new_reading,
 )
 from tern.core.topics import check_id
 
@@ -81,16 +87,40 @@ def decode_reading(raw: bytes, *, site: str = "", topic_device: str | None = Non
 
 def _reading(obj: dict[str, Any], site: str, topic_device: str | None) -> Reading:
     """The reading of a parsed v1 telemetry payload."""
+    device, boot, seq, ts, values = obj.get("dev"), obj.get("boot"), obj.get("seq"), obj.get("ts"), obj.get("r")
+    # Ingest's hot path: a plainly valid reading from the device its topic names passes on type
+    # and range tests alone (the same verdicts as the checks below, which run on anything
+    # else and name what is wrong), and is built without the frozen dataclass's __init__.
+    if (topic_device is not None and device == topic_device and obj.get("v") == WIRE_VERSION
+            and type(boot) is str and 4 <= len(boot) <= 32 and _HEX_DIGITS.issuperset(boot)
+            and type(seq) is int and 0 <= seq <= MAX_SAFE_INT
+            and type(ts) is int and 0 <= ts <= MAX_SAFE_INT
+            and _plain_values(values)):
+        return new_reading(device, boot, seq, ts, values, site, 0)
     what = "node payload"
     device = _node_device(obj, what, topic_device)
-    return Reading(
-        device=device,
-        boot=_boot(obj, what),
-        seq=_int(obj, "seq", what),
-        ts_ms=_int(obj, "ts", what),
-        values=_values(obj, what),
-        site=site,
-    )
+    return new_reading(device, _boot(obj, what), _int(obj, "seq", what), _int(obj, "ts", what),
+                       _values(obj, what), site, 0)
+
+
+def _plain_values(values: Any) -> bool:
+    """Whether ``values`` passes :func:`tern.core.messages._values` (True), or may not (False:
+    let it explain)."""
+    if type(values) is not dict or not 0 < len(values) <= MAX_READINGS_PER_MESSAGE:
+        return False
+    for name, value in values.items():
+        kind = type(value)
+        if not 1 <= len(name) <= MAX_NAME_LEN:
+            return False
+        if kind is float:
+            if value - value != 0.0:  # NaN or an infinity
+                return False
+        elif kind is str:
+            if len(value) > MAX_TEXT_LEN:
+                return False
+        elif kind is not int and kind is not bool:
+            return False
+    return True
 
 
 def encode_bundle(readings: "tuple[Reading, ...] | list[Reading]") -> bytes:
