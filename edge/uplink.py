@@ -7,7 +7,9 @@ whichever bridge writes which batch, and in whatever order the confirms come bac
 device's readings reach Kafka in order. A confirm frees its lane and hands exactly its batch's
 rows to the *deleter*, a thread with an outbox connection of its own: the delete's commit
 (an fsync) then runs while the next batches are read, encoded and sent. Until it is committed
-the rows stay held (the read cursor stays above them), so they are never read again.
+the rows stay held (the read cursor stays above them), so they are never read again. The
+deleter waits briefly (``DELETE_GATHER_S``) for a confirm per lane and deletes them together:
+the lanes' batches interleave in the outbox, so one delete of all of them writes each page once.
 
 Rows are read from the outbox in arrival order into small per-lane queues (bounded). A lane's
 batch leaves when it has ``batch_size`` readings, or about ``batch_max_bytes`` of envelope, or
@@ -59,14 +61,17 @@ import logging
 import threading
 import time
 import zlib
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
+from itertools import chain, islice
+from operator import itemgetter
 from typing import TYPE_CHECKING, Callable
 
 import paho.mqtt.client as mqtt
 
 from tern.edge.config import GatewayConfig
-from tern.edge.outbox import Outbox, OutboxRow, StatusRow, is_disk_full, now_ms
+from tern.edge.outbox import Outbox, StatusRow, is_disk_full, now_ms
+from tern.edge.outbox.readings import DEVICE, ID, ITEM, RECEIVED_MS, Staged
 from tern.edge.ratelimit import READINGS, TokenBucket, parse_rate
 from tern.core import codec, topics
 from tern.core.codec import Batch
@@ -95,6 +100,13 @@ BSEQ_BLOCK = 64
 DELETE_BACKLOG_BATCHES = 2
 #: First guess of a reading's size in a compressed envelope, refined by every encoding.
 BYTES_PER_READING_GUESS = 60.0
+#: Devices whose lane is remembered at most (forgotten all at once beyond: a site has far fewer).
+LANE_CACHE_MAX = 100_000
+#: The deleter waits up to this long for a confirm per lane (or for nothing more to be in
+#: flight) before deleting: a lane's batch holds every W-th device's rows, so the batches of
+#: all lanes together cover a run of the outbox, and deleting them at once rewrites its pages
+#: once rather than once per lane (and commits once). Confirmed rows stay held meanwhile.
+DELETE_GATHER_S = 0.05
 
 
 def lane_of(device: str, lanes: int) -> int:
@@ -108,7 +120,7 @@ class _InFlight:
 
     bseq: int
     lane: int | None  # None: a batch of status events only
-    rows: list[OutboxRow]
+    rows: list[Staged]
     statuses: list[StatusRow]
     payload: bytes
     info: mqtt.MQTTMessageInfo
@@ -132,7 +144,7 @@ class _InFlight:
 
 @dataclass(slots=True)
 class _Lane:
-    queue: deque[OutboxRow] = field(default_factory=deque)
+    queue: deque[Staged] = field(default_factory=deque)
     since: float = 0.0  # monotonic time the queue last went from empty to non-empty
     busy: bool = False
 
@@ -164,6 +176,7 @@ class Uplink:
         self._deleted: list[tuple[list[_InFlight], int]] = []
         self._deleter = threading.Thread(target=self._delete_loop, name=f"tern-confirm-{config.gateway_id}", daemon=True)
         self._lanes = [_Lane() for _ in range(config.uplink_window)]
+        self._lane_of: dict[str, int] = {}  # lane_of() per device, as staged (bounded: LANE_CACHE_MAX)
         self._staged = 0
         # Every outbox row with an id up to the cursor is held here (staged or in flight).
         self._cursor = 0
@@ -196,6 +209,8 @@ class Uplink:
             "hold_events_forwarded": 0,
             "confirms_ignored": 0,
             "publish_errors": 0,
+            # Delete transactions (each takes every batch confirmed meanwhile, see DELETE_GATHER_S).
+            "deletes": 0,
         }
         self._topic = topics.batch_topic(config.gateway_id)
         self._confirm_topic = topics.confirm_topic(config.gateway_id)
@@ -429,13 +444,19 @@ class Uplink:
                 self._cond.wait_for(lambda: self._to_delete or self._stop.is_set())
                 if not self._to_delete:
                     return
+                lanes = len(self._lanes)
+                self._cond.wait_for(lambda: len(self._to_delete) >= lanes or not self._inflight or self._stop.is_set(),
+                                    DELETE_GATHER_S)
                 group, self._to_delete = self._to_delete, []
+            # map/itemgetter: thousands of rows per delete, walked in C.
+            rows = list(chain.from_iterable(b.rows for b in group))
             try:
                 deleted = self.outbox.delete(
-                    (r.id for b in group for r in b.rows), (s.id for b in group for s in b.statuses),
+                    list(map(itemgetter(ID), rows)), [s.id for b in group for s in b.statuses],
                     drop_bseq=[b.bseq for b in group if b.drops],
                     deadletter_bseq=[b.bseq for b in group if b.deadletters],
                     hold_bseq=[b.bseq for b in group if b.holds],
+                    per_device=Counter(map(itemgetter(DEVICE), rows)),
                 )
                 if self.commands is not None:
                     for batch in group:
@@ -459,6 +480,7 @@ class Uplink:
                 continue
             self._throttle.clear("delete", "deleting confirmed batches works again")
             with self._cond:
+                self._counts["deletes"] += 1
                 self._deleted.append((group, deleted))
                 self._cond.notify_all()
 
@@ -474,15 +496,22 @@ class Uplink:
         # Staged rows are not protected from retention until they leave (protect() in
         # _publish_lane): read-ahead must not make a full outbox undroppable. Reading while the
         # deleter deletes is safe: reading ids are never reused (outbox/readings.py insert).
-        rows = self.outbox.take(room, after_id=self._cursor, protect=False)
+        rows = self.outbox.take_staged(room, after_id=self._cursor)
         self._stage(rows)
         if rows:
-            self._cursor = rows[-1].id
+            self._cursor = rows[-1][ID]
 
-    def _stage(self, rows: list[OutboxRow]) -> None:
+    def _stage(self, rows: list[Staged]) -> None:
         now = time.monotonic()
+        lanes, known = self._lanes, self._lane_of
+        if len(known) > LANE_CACHE_MAX:
+            known.clear()
         for row in rows:
-            lane = self._lanes[lane_of(row.device, len(self._lanes))]
+            device = row[DEVICE]
+            index = known.get(device)
+            if index is None:
+                index = known[device] = lane_of(device, len(lanes))
+            lane = lanes[index]
             if not lane.queue:
                 lane.since = now
             lane.queue.append(row)
@@ -496,14 +525,14 @@ class Uplink:
         ones, which are read again in order, so the cursor's promise holds again.
         """
         generation = self.outbox.drop_generation
-        in_flight = {r.id for b in (*self._inflight.values(), *self._deleting.values()) for r in b.rows}
+        in_flight = {r[ID] for b in (*self._inflight.values(), *self._deleting.values()) for r in b.rows}
         limit = self._staged + len(in_flight)
-        rows = self.outbox.take(limit, after_id=0, protect=False) if limit else []
+        rows = self.outbox.take_staged(limit, after_id=0) if limit else []
         self._staged_generation = generation
         for lane in self._lanes:
             lane.queue.clear()
         self._staged = 0
-        self._stage([r for r in rows if r.id <= self._cursor and r.id not in in_flight])
+        self._stage([r for r in rows if r[ID] <= self._cursor and r[ID] not in in_flight])
 
     def _ready(self, lane: _Lane, now: float) -> float | None:
         """None if ``lane``'s batch should leave now, else when it will (monotonic)."""
@@ -513,7 +542,7 @@ class Uplink:
             return None
         linger = self.config.batch_linger_ms / 1000
         # The oldest reading's own age counts too: a backlog never lingers.
-        age = max(now - lane.since, (now_ms() - lane.queue[0].received_ms) / 1000)
+        age = max(now - lane.since, (now_ms() - lane.queue[0][RECEIVED_MS]) / 1000)
         if age >= linger:
             return None
         return now + linger - age
@@ -575,8 +604,8 @@ class Uplink:
     def _publish_lane(self, index: int, lane: _Lane) -> bool:
         count = min(len(lane.queue), self.config.batch_size)
         count = max(1, min(count, int(self.config.batch_max_bytes / self._bytes_per_reading)))
-        rows = [lane.queue[i] for i in range(count)]
-        if not self.outbox.protect(rows[-1].id, self._staged_generation):
+        rows = list(islice(lane.queue, count))
+        if not self.outbox.protect(rows[-1][ID], self._staged_generation):
             # Retention dropped readings since they were read: read again, send next round.
             self._restage()
             return False
@@ -588,17 +617,16 @@ class Uplink:
         return True
 
     def _encode(
-        self, rows: list[OutboxRow], statuses: list[StatusRow], bseq: int, drops: tuple = (), outcomes: tuple = (),
+        self, rows: list[Staged], statuses: list[StatusRow], bseq: int, drops: tuple = (), outcomes: tuple = (),
         deadletters: tuple = (), holds: tuple = (),
-    ) -> tuple[list[OutboxRow], bytes]:
+    ) -> tuple[list[Staged], bytes]:
         """Encode as many of ``rows`` as fit ``batch_max_bytes`` with ``statuses``, ``drops``,
         ``outcomes``, ``deadletters`` and ``holds`` (shrinking the readings; the rest always goes: each is
         bounded per batch, together far below the envelope's hard limit)."""
         events = tuple(s.event for s in statuses)
         limit = self.config.batch_max_bytes
-        # Each row's item once (a retry with fewer rows reuses them): the stored values go in
-        # as they are, unparsed.
-        items = [r.item() for r in rows]
+        # Each row's item as read (built by SQLite from the stored columns, values unparsed).
+        items = list(map(itemgetter(ITEM), rows))
         while True:
             batch = Batch(self.config.gateway_id, bseq, now_ms(), (), events, drops, outcomes, deadletters, holds)
             try:
@@ -615,7 +643,7 @@ class Uplink:
                 return rows, payload
             rows = rows[: max(1, int(len(rows) * limit / len(payload) * 0.9))]
 
-    def _publish_new(self, lane: int | None, rows: list[OutboxRow], statuses: list[StatusRow] | None = None) -> int:
+    def _publish_new(self, lane: int | None, rows: list[Staged], statuses: list[StatusRow] | None = None) -> int:
         """Publish a new batch of ``rows`` (a prefix of them if the envelope is full) and
         ``statuses`` (None: the status events due now, taken just before encoding, so that a
         status committed before this batch is encoded rides in it); returns how many rows it took."""

@@ -8,6 +8,7 @@ a row that was not deleted.
 from __future__ import annotations
 
 import dataclasses
+import json
 import sqlite3
 import tempfile
 from pathlib import Path
@@ -64,6 +65,34 @@ def test_bound_room_and_delete(tmp_path: Path) -> None:
         assert box.delete([rows[0].id, rows[0].id, 99999]) == 1
         assert box.room() == 1 and box.wait_for_room(0.05)
         assert box.delete([]) == 0
+
+
+def test_staged_rows_carry_the_codecs_envelope_item(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "o.db") as box:
+        box.add([reading("dev-b", 5), Reading("dev-a", "b001", 2**53 - 1, 0, {"t": -0.5, "n": "é\u2603\"x\\", "k": 10**15}, "s1")],
+                received_ms=1234)
+        # Ids the codec would refuse (only a damaged or hand-edited file holds them) still make
+        # valid JSON, the same as the codec's general path writes.
+        box.db.execute('INSERT INTO outbox (id, site, device, boot, seq, ts_ms, received_ms, "values")'
+                       " VALUES (99, 's\"1', 'dev\\ \u00e9\t', 'b\n01', 7, 8, 9, '{\"v\":1}')")
+        rows = box.take(10)
+        staged = box.take_staged(10, after_id=0)
+        assert [(s[0], s[1], s[2]) for s in staged] == [(r.id, r.device, r.received_ms) for r in rows]
+        assert [s[3] for s in staged] == [r.item() for r in rows]
+        assert box.take_staged(10, after_id=rows[0].id) == staged[1:]
+        assert json.loads(staged[2][3])["dev"] == "dev\\ \u00e9\t"
+
+
+def test_delete_with_the_callers_device_counts(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "o.db") as box:
+        box.add([reading("dev-a", 1), reading("dev-b", 1), reading("dev-a", 2), reading("dev-c", 1)])
+        rows = box.take(4)
+        assert box.delete([rows[0].id, rows[1].id], per_device={"dev-a": 1, "dev-b": 1}) == 2
+        assert box.pending() == 2 and box.device_rows() == {"dev-a": 1, "dev-c": 1}
+        # Counts that are not those of the rows deleted (a row already gone): the counts are
+        # read from the table again rather than taken off wrongly.
+        assert box.delete([rows[2].id, rows[0].id], per_device={"dev-a": 2}) == 1
+        assert box.pending() == 1 and box.device_rows() == {"dev-c": 1}
 
 
 def test_state_survives_reopen_and_bseq_only_grows(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Iterator, Mapping
 
 import sqlite_utils
 
@@ -21,12 +22,16 @@ from tern.edge.outbox.connection import connect, write_tx
 from tern.edge.outbox.schema import OUTBOX, STATUS_EVENTS
 
 
+def _chunks(ids: list[int]) -> Iterator[list[int]]:
+    """``ids`` in slices of 500: SQLite limits host parameters per statement."""
+    for start in range(0, len(ids), 500):
+        yield ids[start : start + 500]
+
+
 def _delete_chunked(db: sqlite_utils.Database, table: str, ids: list[int]) -> int:
     """Delete the rows of ``table`` with these ids (inside the caller's transaction); how many went."""
     before = db.conn.total_changes
-    # Chunked: SQLite limits host parameters per statement.
-    for start in range(0, len(ids), 500):
-        chunk = ids[start : start + 500]
+    for chunk in _chunks(ids):
         db.execute(f"DELETE FROM {table} WHERE id IN ({','.join('?' * len(chunk))})", chunk)
     return db.conn.total_changes - before
 
@@ -37,26 +42,37 @@ class Deleter:
     def __init__(self, path: str | Path) -> None:
         self._db = connect(path)
         self._db.execute("PRAGMA synchronous=FULL")
+        # Debian's SQLite (Raspberry Pi OS's too) is built with secure_delete on: every deleted
+        # row zeroed even where that costs writes of its own. FAST zeroes them only within the
+        # pages a delete writes anyway: a drain's deletes cost less CPU and write less to the card.
+        self._db.execute("PRAGMA secure_delete=FAST")
         self._lock = threading.Lock()  # one delete at a time on that connection
 
     def delete(self, ids: list[int], status_ids: list[int], drop_bseqs: list[int], letter_bseqs: list[int],
-               hold_bseqs: list[int]) -> tuple[dict[str, int], int]:
+               hold_bseqs: list[int], per_device: Mapping[str, int] | None = None,
+               ) -> tuple[dict[str, int] | None, int, int]:
         """Delete these readings and status events and the drop and hold events the batches
         ``drop_bseqs`` and ``hold_bseqs`` carried, and mark forwarded the dead letters the batches
-        ``letter_bseqs`` carried, in one transaction; returns the readings deleted per device and
-        the status events deleted."""
-        gone: dict[str, int] = {}
+        ``letter_bseqs`` carried, in one transaction; returns the readings deleted per device
+        (None if ``per_device``, the caller's count of ``ids`` per device, turned out not to be
+        it), the readings deleted and the status events deleted."""
         with self._lock:
             db = self._db
             with write_tx(db):
-                # Chunked: SQLite limits host parameters per statement. RETURNING names each
-                # row's device for the per-device counts, in the same pass as the delete.
-                for start in range(0, len(ids), 500):
-                    chunk = ids[start : start + 500]
-                    for (device,) in db.execute(
-                        f"DELETE FROM {OUTBOX} WHERE id IN ({','.join('?' * len(chunk))}) RETURNING device", chunk
-                    ).fetchall():
-                        gone[device] = gone.get(device, 0) + 1
+                if per_device is None:
+                    gone: dict[str, int] | None = {}
+                    # RETURNING names each row's device for the per-device counts, in the same
+                    # pass as the delete.
+                    for chunk in _chunks(ids):
+                        for (device,) in db.execute(
+                            f"DELETE FROM {OUTBOX} WHERE id IN ({','.join('?' * len(chunk))}) RETURNING device", chunk
+                        ).fetchall():
+                            gone[device] = gone.get(device, 0) + 1
+                    deleted = sum(gone.values())
+                else:
+                    # The caller knows each row's device: RETURNING them cost a third of the delete.
+                    deleted = _delete_chunked(db, OUTBOX, ids)
+                    gone = dict(per_device) if deleted == sum(per_device.values()) else None
                 status_deleted = _delete_chunked(db, STATUS_EVENTS, status_ids)
                 for bseq in drop_bseqs:
                     db.execute(f"DELETE FROM {rtn.DROP_EVENTS} WHERE bseq = ?", [bseq])
@@ -66,7 +82,7 @@ class Deleter:
                 stamp = now_ms()
                 for bseq in letter_bseqs:
                     dead_letters.mark_forwarded(db, bseq, stamp)
-        return gone, status_deleted
+        return gone, deleted, status_deleted
 
     def close(self) -> None:
         """Close the connection once a delete under way has finished."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 from pathlib import Path
-from typing import Callable, Collection, Iterable, Sequence
+from typing import Callable, Collection, Iterable, Mapping, Sequence
 
 from tern.core.codec import (
     MAX_DEADLETTERS_PER_BATCH, MAX_HOLDS_PER_BATCH, DropEvent, GatewayDeadLetter, HoldEvent, Reading, StatusEvent,
@@ -154,6 +154,12 @@ class Outbox(OutboxReads):
                 self._tally.taken_upto = max(self._tally.taken_upto, rows[-1].id)
             return rows
 
+    def take_staged(self, limit: int, after_id: int) -> list[readings.Staged]:
+        """Like :meth:`take` without protecting them, as :data:`~tern.edge.outbox.readings.Staged`
+        rows (id, device, received_ms, envelope item): what the uplink stages."""
+        with self._lock:
+            return readings.take_staged(self.db, limit, after_id)
+
     def take_statuses(self, limit: int, busy: Collection[str] = ()) -> list[StatusRow]:
         """The oldest ``limit`` pending status events in arrival order (they stay until deleted),
         leaving out every event of the devices in ``busy``.
@@ -200,24 +206,35 @@ class Outbox(OutboxReads):
     def delete(self, ids: Iterable[int], status_ids: Iterable[int] = (),
                drop_bseq: int | Iterable[int] | None = None,
                deadletter_bseq: int | Iterable[int] | None = None,
-               hold_bseq: int | Iterable[int] | None = None) -> int:
+               hold_bseq: int | Iterable[int] | None = None,
+               per_device: Mapping[str, int] | None = None) -> int:
         """Delete exactly these readings and status events, the drop events the batch(es)
         ``drop_bseq`` carried and the hold events the batch(es) ``hold_bseq`` carried, and mark forwarded the dead letters the batch(es) ``deadletter_bseq``
-        carried (after the cloud confirmed them), in one transaction; returns how many readings went."""
+        carried (after the cloud confirmed them), in one transaction; returns how many readings went.
+
+        ``per_device``: how many of ``ids`` each device has, when the caller knows (the uplink
+        does): the delete then need not return each row's device (a third of its cost). Should
+        fewer rows go than it says, the per-device counts are read again from the table."""
         ids, status_ids = list(ids), list(status_ids)
         drop_bseqs, letter_bseqs, hold_bseqs = _bseqs(drop_bseq), _bseqs(deadletter_bseq), _bseqs(hold_bseq)
         if not ids and not status_ids and not drop_bseqs and not letter_bseqs and not hold_bseqs:
             return 0
         # On the deleter's own connection, outside the lock (see tern.edge.outbox.deleter).
-        gone, status_deleted = self._deleter.delete(ids, status_ids, drop_bseqs, letter_bseqs, hold_bseqs)
+        gone, deleted, status_deleted = self._deleter.delete(ids, status_ids, drop_bseqs, letter_bseqs, hold_bseqs,
+                                                             per_device)
         with self._changed:
+            if gone is None:
+                # Not the rows per_device counted (never expected: rows in flight are protected
+                # from retention): the readings' counts are read from the table again.
+                self._tally.recount_readings(self.db)
+                gone = {}
             # Relative updates, made after the commit: an add() in between counted its own rows.
             # (Its rare recount from the table, when the identity index caught a duplicate that
             # seqtrack let through, may see this delete and then have it taken off again: the
             # per-device counts that shares use run low by that much until the device drains.)
             self._tally.deleted(gone, status_deleted)
             self._changed.notify_all()
-        return sum(gone.values())
+        return deleted
 
     def next_bseq(self) -> int:
         """Allocate the next batch sequence number, durably (it only ever increases)."""

@@ -54,6 +54,11 @@ class Tally:
         return (self.pending + self.status_pending + self.drops_unclaimed
                 + self.letters_unclaimed + self.holds_unclaimed > 0)
 
+    def recount_readings(self, db: sqlite_utils.Database) -> None:
+        """Read the pending readings, in all and per device, from ``db`` again."""
+        self.pending = readings.count(db)
+        self.device_rows = readings.per_device(db)
+
     def deleted(self, gone: dict[str, int], status_deleted: int) -> None:
         """Take off what a delete removed: ``gone`` readings per device, and status events."""
         self.pending -= sum(gone.values())

@@ -115,7 +115,7 @@ def drain_round(lab: Lab, index: int, count: int | None = None) -> dict[str, Any
     check.require(count, f"drain round {index + 1}")
     seconds = max(end - start, 1e-6)
     return {"rate": count / seconds, "seconds": round(seconds, 3), "progress": progress, "resources": used,
-            "uplink": {k: uplink.get(k) for k in ("batches_sent", "batches_resent", "batches_confirmed", "forwarded")},
+            "uplink": {k: uplink.get(k) for k in ("batches_sent", "batches_resent", "batches_confirmed", "forwarded", "deletes")},
             "bridge": {k: bridge_stats.get(k) for k in ("records_written", "batches_confirmed", "retries", "duplicates_received")},
             "dropped_keys": gateway.ready_info.get("dropped", []) + bridge.ready_info.get("dropped", []),
             "gateway_settings": gateway.ready_info.get("settings", {}), "bridge_settings": bridge.ready_info.get("settings", {}),
