@@ -280,19 +280,62 @@ def test_ids_with_a_trailing_newline_are_refused() -> None:
         codec.decode_reading(json.dumps({**GOOD, "dev": "node-1\n"}).encode(), topic_device=None)
 
 
-def test_the_fast_path_of_decode_batch_gives_the_same_verdicts_as_the_full_checks() -> None:
+def _bridge_decode(raw: bytes) -> codec.Batch:
+    """``raw`` through the bridge's decoder, as a Batch of its records (for comparing verdicts)."""
+    batch, records = codec.decode_batch_records(raw, topic_gateway="gw-1", topic="t", bridged_ms=1)
+    return batch
+
+
+@pytest.mark.parametrize("decode", [codec.decode_batch, _bridge_decode], ids=["decode_batch", "decode_batch_records"])
+def test_the_fast_path_of_decode_batch_gives_the_same_verdicts_as_the_full_checks(decode) -> None:
     # A batch whose later items repeat an id already proved valid takes the fast path: a bad
-    # value there must still be refused with the full check's message.
+    # value there must still be refused with the full check's message, by the bridge's decoder too.
     good = codec.Reading("node-1", "0badcafe", 1, 1_700_000_000_000, {"t": 21.5}, "site-a", 1_700_000_000_100)
-    for bad_values, message in (({"t": float("inf")}, "not finite"), ({"t": [1]}, "number"),
-                                ({"x" * 33: 1}, "1-32 characters"), ({"t": "y" * 65}, "longer than")):
+    for field, bad, message in (("r", {"t": float("inf")}, "item 1: reading 't' is not finite"),
+                                ("r", {"t": [1]}, "number"), ("r", {"x" * 33: 1}, "1-32 characters"),
+                                ("r", {"t": "y" * 65}, "longer than"), ("r", {}, "non-empty"),
+                                ("r", {f"t{i}": 1 for i in range(33)}, "over the limit"),
+                                ("seq", -1, "item 1: 'seq'=-1 out of range"), ("ts", True, "'ts' must be an integer"),
+                                ("rx", 2**53, "'rx'=.* out of range"), ("dev", "node-1\n", "invalid device"),
+                                ("boot", "0BADCAFE", "'boot' must be"), ("site", 7, "'site' must be a string")):
         raw = codec.encode_batch(codec.Batch("gw-1", 1, 1, (good, good)))
         doc = json.loads(zlib.decompress(raw))
-        doc["items"][1]["r"] = bad_values
+        doc["items"][1][field] = bad
         with pytest.raises(CodecError, match=message):
-            codec.decode_batch(zlib.compress(json.dumps(doc).encode()))
+            decode(zlib.compress(json.dumps(doc).encode()))
+    doc["items"][1] = ["not", "an", "object"]
+    with pytest.raises(CodecError, match="item 1: must be an object"):
+        decode(zlib.compress(json.dumps(doc).encode()))
+    doc["items"] = {}
+    with pytest.raises(CodecError, match="'items' must be a list"):
+        decode(zlib.compress(json.dumps(doc).encode()))
     batch = codec.decode_batch(codec.encode_batch(codec.Batch("gw-1", 1, 1, (good, good))))
     assert batch.readings == (good, good)
+
+
+odd_ids = st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,5}\Z")
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.builds(codec.Reading, device=odd_ids, boot=st.sampled_from(["0badc0de", "beef"]), seq=uints,
+                          ts_ms=uints, values=values, site=st.sampled_from(["site-a", "s"]), received_ms=uints),
+                max_size=12),
+       st.sampled_from(["gw-1", "gw.2_x"]), uints)
+def test_the_bridge_decoder_gives_the_records_of_decode_batch_byte_for_byte(readings, gateway, now) -> None:
+    """decode_batch_records: no Reading on the way, but the very records kafka_record makes of
+    decode_batch's readings (value, key, headers, topic), in order, and the rest of the batch."""
+    status = codec.StatusEvent("site-a", "node-1", "online", "0badc0de", received_ms=3)
+    raw = codec.encode_batch(codec.Batch(gateway, 7, 9, tuple(readings), (status,)))
+    batch = codec.decode_batch(raw, topic_gateway=gateway)
+    head, records = codec.decode_batch_records(raw, topic_gateway=gateway, topic="readings", bridged_ms=now)
+    expected = [codec.kafka_record(r, gateway, "readings", now) for r in batch.readings]
+    assert [(r.topic, r.key, r.value, list(r.headers)) for r in records] == [
+        (r.topic, r.key, r.value, list(r.headers)) for r in expected]
+    assert head.readings == () and head == codec.Batch(gateway, 7, 9, (), (status,))
+    for record, reading in zip(records, readings):
+        assert json.loads(record.value)["readings"] == json.loads(json.dumps(dict(reading.values)))
+    with pytest.raises(CodecError, match="published on the topic of"):
+        codec.decode_batch_records(raw, topic_gateway="gw-other", topic="readings", bridged_ms=now)
 
 
 # --- sensors that are down, in the node status (issue 16) -----------------------------------

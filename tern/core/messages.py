@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 from tern.core.commands import Outcome
 from tern.core.errors import CodecError
@@ -263,7 +263,9 @@ class KafkaRecord:
     topic: str
     key: bytes
     value: bytes
-    headers: tuple[tuple[str, bytes], ...]
+    #: (name, value) pairs. A reading's record carries a list (the Kafka client takes only a
+    #: list, and a backlog writes a million of them); other records a tuple.
+    headers: Sequence[tuple[str, bytes]]
 
 
 # Fast constructors for the hot paths (a backlog builds a million readings and records). A
@@ -290,7 +292,7 @@ def new_reading(device: str, boot: str, seq: int, ts_ms: int, values: Mapping[st
     return reading
 
 
-def _new_kafka_record(topic: str, key: bytes, value: bytes, headers: tuple[tuple[str, bytes], ...]) -> KafkaRecord:
+def _new_kafka_record(topic: str, key: bytes, value: bytes, headers: Sequence[tuple[str, bytes]]) -> KafkaRecord:
     record = _new(KafkaRecord)
     _K_TOPIC(record, topic)
     _K_KEY(record, key)
