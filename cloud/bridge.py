@@ -30,13 +30,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import logging
 import threading
 import time
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import paho.mqtt.client as mqtt
 from aiokafka.errors import KafkaError
@@ -92,17 +93,18 @@ class _Delivery:
 class _Job:
     """What one delivery asks of Kafka: a batch's records, or (``batch`` None) why it is poison."""
 
-    #: The batch, without its readings (their records are in ``records``), or None.
+    #: The batch, without its readings (their records are ``readings``), or None.
     batch: codec.Batch | None
-    #: How many readings the batch carried (what its confirm counts).
-    readings: int
-    records: list[codec.KafkaRecord]
+    #: The records of its readings, made as the sink reads them (codec.decode_batch_records).
+    readings: Sequence[codec.KafkaRecord] = ()
+    #: Its other records: status, drop and hold events, command outcomes, dead letters.
+    others: Sequence[codec.KafkaRecord] = ()
     poison: str = ""
 
     @property
     def count(self) -> int:
         """Records it writes (a poison payload: its one dead letter)."""
-        return len(self.records) if self.batch is not None else 1
+        return len(self.readings) + len(self.others) if self.batch is not None else 1
 
 
 #: On a graceful stop, batches being written get this long to finish (and be acked, confirmed).
@@ -457,8 +459,7 @@ class Bridge:
             batch, records = codec.decode_batch_records(delivery.payload, topic_gateway=gateway,
                                                         topic=self.config.readings_topic, bridged_ms=now)
         except CodecError as exc:
-            return _Job(None, 0, [], str(exc))
-        readings = len(records)
+            return _Job(None, poison=str(exc))
         statuses = [
             codec.kafka_status_record(e, batch.gateway, self.config.status_topic, now) for e in batch.statuses
         ]
@@ -472,8 +473,7 @@ class Bridge:
         # Payloads the gateway refused (deadletters/1): the dead-letter topic, beside the bridge's own.
         letters = [codec.kafka_deadletter_record(d, batch.gateway, self.config.deadletter_topic, self.config.client_id)
                    for d in batch.deadletters]
-        records.extend(statuses + drops + holds + outcomes + letters)
-        return _Job(batch, readings, records)
+        return _Job(batch, records, statuses + drops + holds + outcomes + letters)
 
     async def _settle(self, delivery: _Delivery, job: _Job, count: int) -> None:
         """Write one delivery (or recognise it as a copy), let acks flow, then confirm it."""
@@ -521,20 +521,20 @@ class Bridge:
                 self._counters["duplicates_received"] += 1
                 log.info("batch %s/%d is a copy of one already in Kafka: confirmed again, not written",
                          batch.gateway, batch.bseq)
-                return codec.Confirm(batch.gateway, batch.bseq, job.readings)
+                return codec.Confirm(batch.gateway, batch.bseq, len(job.readings))
         assert self._loop is not None
         written: asyncio.Future = self._loop.create_future()
         self._remember(key, written)
         try:
             # One write: the batch is confirmed (and PUBACKed) only once Kafka holds all of it.
-            await self._write_with_retry(delivery, job.records)
+            await self._write_with_retry(delivery, job.readings, job.others)
         except BaseException:
             written.set_result(False)
             if self._written.get(key) is written:
                 del self._written[key]
             raise
         written.set_result(True)
-        self._counters["records_written"] += job.readings
+        self._counters["records_written"] += len(job.readings)
         self._counters["status_written"] += len(batch.statuses)
         self._counters["drops_written"] += len(batch.drops)
         self._counters["holds_written"] += len(batch.holds)
@@ -550,7 +550,7 @@ class Bridge:
         # n counts readings, as the contract always said; the gateway deletes the batch's
         # status events on the same confirm. Kafka holds it all: it is confirmed even if this
         # delivery's PUBACK must still wait for earlier ones (or its connection is gone).
-        return codec.Confirm(batch.gateway, batch.bseq, job.readings)
+        return codec.Confirm(batch.gateway, batch.bseq, len(job.readings))
 
     def _remember(self, key: tuple[str, int, bytes], written: asyncio.Future) -> None:
         if self.config.dedup_window <= 0:
@@ -597,8 +597,12 @@ class Bridge:
                 log.warning("stopped with %d batches unwritten: the broker redelivers them", len(pending))
         self._ack_queue.clear()
 
-    async def _write_with_retry(self, delivery: _Delivery, records: list[codec.KafkaRecord]) -> None:
-        """Write until Kafka acknowledges all of ``records``; only cancellation stops it."""
+    async def _write_with_retry(self, delivery: _Delivery, *parts: Sequence[codec.KafkaRecord]) -> None:
+        """Write until Kafka acknowledges all the records of ``parts``; only cancellation stops it.
+
+        Each attempt reads them afresh, and keeps none: the sink drops each record once it is in
+        its record batch (see codec.ReadingRecords).
+        """
         assert self._sink is not None
         delay = self.config.retry_initial_s
         while True:
@@ -607,11 +611,12 @@ class Bridge:
                 # is being redelivered: writing it now would only add a duplicate.
                 raise _Stale()
             try:
-                await self._sink.write(records)
+                await self._sink.write(itertools.chain(*parts))
                 return
             except KafkaWriteError as exc:
                 self._counters["kafka_failures"] += 1
-                log.warning("Kafka write of %d records from %s failed (%s); retrying in %.1f s", len(records), quote(delivery.topic), describe(exc), delay)
+                log.warning("Kafka write of %d records from %s failed (%s); retrying in %.1f s", sum(map(len, parts)),
+                            quote(delivery.topic), describe(exc), delay)
             delivery.retrying = True
             try:
                 await asyncio.sleep(delay)

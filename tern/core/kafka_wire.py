@@ -6,7 +6,7 @@ gateway dead letter (raw payload, keyed by source topic, described by its header
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from typing import Any, Iterator, Sequence
 
 from tern.core.commands import Outcome, encode_outcome
 from tern.core.envelope import decode_batch_with
@@ -49,65 +49,97 @@ KAFKA_SCHEMA_ID = "tern.reading/1"
 _PLAIN = re.compile(r"[A-Za-z0-9_.-]*")
 
 
-class ReadingRecords:
-    """The Kafka records of one gateway's readings, bridged at one moment (``bridged_ms``) onto
-    ``topic``: call it with a reading's fields, in the order of :func:`tern.core.messages.new_reading`.
+#: One reading's record, compact: (key, value, headers). Bytes and tuples only, so the garbage
+#: collector stops tracking it once it has seen it.
+_Row = tuple[bytes, bytes, tuple[tuple[str, bytes], ...]]
+#: What is the same for the records of a (site, device, boot): the value up to ``seq``, the key,
+#: the device and boot headers; None for ids that need escaping in JSON.
+_Known = tuple[bytes, bytes, tuple[str, bytes], tuple[str, bytes]] | None
 
-    A backlog batch holds hundreds of readings of a few devices: what is the same for all the
-    readings of a (site, device, boot) (the value up to ``seq``, the key, the headers but
-    ``seq``) is built once, and each record adds its numbers and its values (the only part that
-    goes through the JSON encoder). The bytes are those of the dict form the general path below
-    writes (tests hold them equal), in a third of the time. Ids and boots that would need
-    escaping (never, once the codec checked them) take that general path.
+
+class ReadingRecords(Sequence[KafkaRecord]):
+    """The Kafka records of one gateway's readings bridged at one moment (``bridged_ms``) onto
+    ``topic``, in order: key = device id, so a device stays in order.
+
+    Built for the bridge's backlog, where a batch holds hundreds of readings of a few devices:
+
+    - what is the same for the readings of a (site, device, boot) is built once, and each record
+      adds its numbers and its values (the only part that goes through the JSON encoder). The
+      bytes are those of the dict form the general path writes (tests hold them equal), in a
+      third of the time; ids that would need escaping (never, once the codec checked them) take
+      that general path;
+    - a record is kept as a row of bytes and tuples, which the garbage collector soon stops
+      looking at, and a :class:`KafkaRecord` is made only as it is read (by the Kafka sink, which
+      appends it to its record batch and drops it). A bridge keeps up to 20,000 records in
+      flight until Kafka acknowledges them: as objects, the collector's passes over them took a
+      fifth of its time.
     """
 
-    __slots__ = ("gateway", "topic", "bridged_ms", "_gateway_header", "_tail", "_plain", "_known")
+    __slots__ = ("gateway", "topic", "bridged_ms", "_gateway_header", "_tail", "_plain", "_known", "_rows")
 
     def __init__(self, gateway: str, topic: str, bridged_ms: int) -> None:
         self.gateway, self.topic, self.bridged_ms = gateway, topic, bridged_ms
         self._gateway_header = ("gateway", gateway.encode())
         self._tail = b',"bridge_ms":%d,"readings":' % bridged_ms if type(bridged_ms) is int else b""
         self._plain = type(bridged_ms) is int and _PLAIN.fullmatch(gateway) is not None
-        # (site, device, boot) -> (the value's start, the key, the device and boot headers),
-        # or None: an id that needs escaping.
-        self._known: dict[tuple[str, str, str], tuple[bytes, bytes, tuple[str, bytes], tuple[str, bytes]] | None] = {}
+        self._known: dict[tuple[str, str, str], _Known] = {}
+        self._rows: list[_Row] = []
 
-    def __call__(self, device: str, boot: str, seq: int, ts_ms: int, values: Mapping[str, Value], site: str,
-                 received_ms: int) -> KafkaRecord:
-        """The record of one reading: key = device id, so a device stays in order."""
-        ident = (site, device, boot)
+    def row(self, device: str, boot: str, seq: int, ts_ms: int, values: dict[str, Value], site: str,
+            received_ms: int) -> _Row:
+        """One reading's row, from its fields as the envelope's decoder checked them (ints, and
+        a dict of values), in the order of :func:`tern.core.messages.new_reading`.
+
+        Appended by :meth:`add`, or by :func:`decode_batch_records` a batch at a time.
+        """
         try:
-            known = self._known[ident]
+            known = self._known[(site, device, boot)]
         except KeyError:
-            known = self._learn(ident)
-        if type(values) is not dict:
-            values = dict(values)  # orjson takes only a dict
-        if known is None or type(seq) is not int or type(ts_ms) is not int or type(received_ms) is not int:
+            known = self._learn(site, device, boot)
+        if known is None:
             return self._general(device, boot, seq, ts_ms, values, site, received_ms)
         start, key, device_header, boot_header = known
         seq_text = b"%d" % seq
         value = b'%b%b,"ts_ms":%d,"gateway_rx_ms":%d%b%b}' % (
             start, seq_text, ts_ms, received_ms, self._tail, _dumps_finite(values))
-        # A list, as the Kafka client takes headers: the sink hands it on as it is.
-        return _new_kafka_record(self.topic, key, value, [device_header, self._gateway_header, boot_header,
-                                                          ("seq", seq_text)])
+        return key, value, (device_header, self._gateway_header, boot_header, ("seq", seq_text))
 
-    def _learn(self, ident: tuple[str, str, str]) -> tuple[bytes, bytes, tuple[str, bytes], tuple[str, bytes]] | None:
-        site, device, boot = ident
+    def add(self, reading: Reading) -> None:
+        """Append ``reading``'s record."""
+        values = reading.values if type(reading.values) is dict else dict(reading.values)  # orjson takes only a dict
+        fields = (reading.device, reading.boot, reading.seq, reading.ts_ms, values, reading.site, reading.received_ms)
+        if type(reading.seq) is int and type(reading.ts_ms) is int and type(reading.received_ms) is int:
+            self._rows.append(self.row(*fields))
+        else:  # as the dict form writes them (a bool, say): the decoder never lets one through
+            self._rows.append(self._general(*fields))
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, index: int) -> KafkaRecord:  # type: ignore[override]  (no slices)
+        key, value, headers = self._rows[index]
+        return _new_kafka_record(self.topic, key, value, list(headers))
+
+    def __iter__(self) -> Iterator[KafkaRecord]:
+        topic = self.topic
+        for key, value, headers in self._rows:
+            # Headers as a list: the Kafka client takes only a list.
+            yield _new_kafka_record(topic, key, value, list(headers))
+
+    def _learn(self, site: str, device: str, boot: str) -> _Known:
         known = None
-        if self._plain and type(site) is str and type(device) is str and type(boot) is str and _PLAIN.fullmatch(
-                f"{site}{device}{boot}"):
+        if self._plain and _PLAIN.fullmatch(f"{site}{device}{boot}"):
             start = (f'{{"schema":"{KAFKA_SCHEMA_ID}","site":"{site}","device":"{device}",'
                      f'"gateway":"{self.gateway}","boot":"{boot}","seq":').encode()
             key = device.encode()
             known = (start, key, ("device", key), ("boot", boot.encode()))
         if len(self._known) >= _KNOWN_IDS:  # bounded, whatever a batch holds
             self._known.clear()
-        self._known[ident] = known
+        self._known[(site, device, boot)] = known
         return known
 
     def _general(self, device: str, boot: str, seq: int, ts_ms: int, values: dict[str, Value], site: str,
-                 received_ms: int) -> KafkaRecord:
+                 received_ms: int) -> _Row:
         value = _dumps_finite({
             "schema": KAFKA_SCHEMA_ID,
             "site": site,
@@ -120,9 +152,9 @@ class ReadingRecords:
             "bridge_ms": self.bridged_ms,
             "readings": values,
         })
-        headers = [("device", device.encode()), self._gateway_header, ("boot", boot.encode()),
-                   ("seq", str(seq).encode())]
-        return _new_kafka_record(self.topic, device.encode(), value, headers)
+        headers = (("device", device.encode()), self._gateway_header, ("boot", boot.encode()),
+                   ("seq", str(seq).encode()))
+        return device.encode(), value, headers
 
 
 #: (site, device, boot) identities a :class:`ReadingRecords` remembers (a batch has a few).
@@ -134,19 +166,22 @@ def kafka_record(reading: Reading, gateway: str, topic: str, bridged_ms: int) ->
 
     The bridge makes them a batch at a time (:func:`decode_batch_records`); this is one.
     """
-    return ReadingRecords(gateway, topic, bridged_ms)(
-        reading.device, reading.boot, reading.seq, reading.ts_ms, reading.values, reading.site, reading.received_ms)
+    records = ReadingRecords(gateway, topic, bridged_ms)
+    records.add(reading)
+    return records[0]
 
 
 def decode_batch_records(raw: bytes, *, topic_gateway: str, topic: str,
-                         bridged_ms: int) -> tuple[Batch, list[KafkaRecord]]:
+                         bridged_ms: int) -> tuple[Batch, ReadingRecords]:
     """A batch envelope from ``topic_gateway``'s topic, decoded for the bridge: the batch without
     its readings (``readings`` empty), and the Kafka records of its readings on ``topic``, in order.
 
     The same checks and verdicts as :func:`tern.core.envelope.decode_batch` (it shares them), the
     same records as :func:`kafka_record` of each reading, but no Reading object on the way.
     """
-    return decode_batch_with(raw, ReadingRecords(topic_gateway, topic, bridged_ms), topic_gateway=topic_gateway)
+    records = ReadingRecords(topic_gateway, topic, bridged_ms)
+    batch, records._rows = decode_batch_with(raw, records.row, topic_gateway=topic_gateway)
+    return batch, records
 
 
 def decode_kafka_value(raw: bytes) -> dict[str, Any]:
