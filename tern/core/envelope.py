@@ -503,12 +503,19 @@ def _inflate(raw: bytes, what: str) -> dict[str, Any]:
     return _json_object(text, MAX_BATCH_INFLATED, what)
 
 
+#: (site, device, boot) identities that passed the full checks: whether one does depends on the
+#: three strings alone, so the memo holds across batches (and threads). Bounded: at the limit it
+#: starts afresh.
+_PROVEN: set[tuple[str, str, str]] = set()
+MAX_PROVEN = 65_536
+
+
 def _decode_readings(obj: Mapping[str, Any], what: str, make: MakeReading[T]) -> list[T]:
     """``make`` of each reading of the envelope's ``items``, in order; CodecError at the first bad one.
 
-    A backlog batch holds hundreds of readings of a few devices: once one item has proved its
-    (site, device, boot) valid through the full checks (which explain what is wrong with
-    anything else), the others of that identity need only cheap type and range tests, inline
+    A gateway's batches hold the readings of the same devices again and again: once one item has
+    proved its (site, device, boot) valid through the full checks (which explain what is wrong
+    with anything else), the items of that identity need only cheap type and range tests, inline
     here because this loop is most of the bridge's time. Same verdicts as the full checks.
     """
     items = obj.get("items")
@@ -516,7 +523,9 @@ def _decode_readings(obj: Mapping[str, Any], what: str, make: MakeReading[T]) ->
         raise CodecError(f"{what}: 'items' must be a list")
     made: list[T] = []
     append = made.append
-    proven: set[tuple[str, str, str]] = set()  # (site, device, boot) the full checks passed
+    proven = _PROVEN
+    if len(proven) >= MAX_PROVEN:
+        proven.clear()
     for index, item in enumerate(items):
         if type(item) is dict:
             site, device, boot = item.get("site"), item.get("dev"), item.get("boot")

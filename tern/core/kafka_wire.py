@@ -27,7 +27,6 @@ from tern.core.messages import (
     Value,
     _boot,
     _int,
-    _new_kafka_record,
     _text,
     _values,
 )
@@ -82,7 +81,9 @@ class ReadingRecords(Sequence[KafkaRecord]):
         self._gateway_header = ("gateway", gateway.encode())
         self._tail = b',"bridge_ms":%d,"readings":' % bridged_ms if type(bridged_ms) is int else b""
         self._plain = type(bridged_ms) is int and _PLAIN.fullmatch(gateway) is not None
-        self._known: dict[tuple[str, str, str], _Known] = {}
+        # Shared by this gateway's batches (the ids are the same from one to the next); a
+        # bridged_ms that is not an int takes the general path: a memo of its own.
+        self._known = _known_ids(gateway) if self._plain else {}
         self._rows: list[_Row] = []
 
     def row(self, device: str, boot: str, seq: int, ts_ms: int, values: dict[str, Value], site: str,
@@ -118,13 +119,14 @@ class ReadingRecords(Sequence[KafkaRecord]):
 
     def __getitem__(self, index: int) -> KafkaRecord:  # type: ignore[override]  (no slices)
         key, value, headers = self._rows[index]
-        return _new_kafka_record(self.topic, key, value, list(headers))
+        return KafkaRecord(self.topic, key, value, list(headers))
 
     def __iter__(self) -> Iterator[KafkaRecord]:
-        topic = self.topic
+        topic, new = self.topic, tuple.__new__
         for key, value, headers in self._rows:
-            # Headers as a list: the Kafka client takes only a list.
-            yield _new_kafka_record(topic, key, value, list(headers))
+            # KafkaRecord(...) without the named tuple's Python-level constructor; the headers
+            # as a list, as the Kafka client takes them.
+            yield new(KafkaRecord, (topic, key, value, list(headers)))
 
     def _learn(self, site: str, device: str, boot: str) -> _Known:
         known = None
@@ -133,7 +135,7 @@ class ReadingRecords(Sequence[KafkaRecord]):
                      f'"gateway":"{self.gateway}","boot":"{boot}","seq":').encode()
             key = device.encode()
             known = (start, key, ("device", key), ("boot", boot.encode()))
-        if len(self._known) >= _KNOWN_IDS:  # bounded, whatever a batch holds
+        if len(self._known) >= _KNOWN_IDS:  # bounded, whatever the fleet
             self._known.clear()
         self._known[(site, device, boot)] = known
         return known
@@ -157,8 +159,20 @@ class ReadingRecords(Sequence[KafkaRecord]):
         return device.encode(), value, headers
 
 
-#: (site, device, boot) identities a :class:`ReadingRecords` remembers (a batch has a few).
-_KNOWN_IDS = 4096
+#: What :class:`ReadingRecords` built once for a (site, device, boot), by gateway: it depends on
+#: the four ids alone. Bounded: at the limits a memo starts afresh.
+_KNOWN_BY_GATEWAY: dict[str, dict[tuple[str, str, str], _Known]] = {}
+_KNOWN_IDS = 16_384
+_KNOWN_GATEWAYS = 1024
+
+
+def _known_ids(gateway: str) -> dict[tuple[str, str, str], _Known]:
+    known = _KNOWN_BY_GATEWAY.get(gateway)
+    if known is None:
+        if len(_KNOWN_BY_GATEWAY) >= _KNOWN_GATEWAYS:
+            _KNOWN_BY_GATEWAY.clear()
+        known = _KNOWN_BY_GATEWAY[gateway] = {}
+    return known
 
 
 def kafka_record(reading: Reading, gateway: str, topic: str, bridged_ms: int) -> KafkaRecord:
