@@ -147,16 +147,19 @@ class KafkaSink:
         touched: dict[_PartitionQueue, None] = {}
         handles: set[asyncio.Future] = set()
         count = 0
-        for record in records:
+        last: asyncio.Future | None = None
+        for topic, key, value, headers in records:
             count += 1
-            topic, key = record.topic, record.key
             queue = route.get((topic, key))
             if queue is None:
                 queue = await self._queue_for(producer, topic, key, partitions)
                 if key is not None:  # a record without a key goes to a random partition each time
                     route[(topic, key)] = queue
                 touched[queue] = None
-            handles.add(queue.append(record))
+            handle = queue.append(key, value, headers)
+            if handle is not last:  # mostly the same open batch as the record before
+                handles.add(handle)
+                last = handle
         for queue in touched:
             queue.pump()
         futures.extend(handles)
@@ -223,13 +226,12 @@ class _PartitionQueue:
         self._full: deque[tuple[Any, asyncio.Future]] = deque()
         self._task: asyncio.Task | None = None
 
-    def append(self, record: KafkaRecord) -> asyncio.Future:
-        """Add ``record`` to the open batch; the future of the batch it went into."""
-        headers = record.headers
+    def append(self, key: bytes | None, value: bytes, headers: Sequence[tuple[str, bytes]]) -> asyncio.Future:
+        """Add a record to the open batch; the future of the batch it went into."""
         if type(headers) is not list:  # the client takes only a list (readings' records carry one)
             headers = list(headers)
         if self._open is not None and self._open.append(
-                key=record.key, value=record.value, timestamp=None, headers=headers) is not None:
+                key=key, value=value, timestamp=None, headers=headers) is not None:
             assert self._open_done is not None
             return self._open_done
         if self._open is not None:  # full: it queues whole, a new one opens
@@ -238,7 +240,7 @@ class _PartitionQueue:
         self._open_done = asyncio.get_running_loop().create_future()
         # An empty batch takes its first record whatever its size (one over the broker's
         # limit is refused by Kafka, failing the write, as it should).
-        self._open.append(key=record.key, value=record.value, timestamp=None, headers=headers)
+        self._open.append(key=key, value=value, timestamp=None, headers=headers)
         return self._open_done
 
     def _seal(self) -> None:

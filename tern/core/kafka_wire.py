@@ -48,12 +48,14 @@ KAFKA_SCHEMA_ID = "tern.reading/1"
 _PLAIN = re.compile(r"[A-Za-z0-9_.-]*")
 
 
-#: One reading's record, compact: (key, value, headers). Bytes and tuples only, so the garbage
-#: collector stops tracking it once it has seen it.
-_Row = tuple[bytes, bytes, tuple[tuple[str, bytes], ...]]
-#: What is the same for the records of a (site, device, boot): the value up to ``seq``, the key,
-#: the device and boot headers; None for ids that need escaping in JSON.
-_Known = tuple[bytes, bytes, tuple[str, bytes], tuple[str, bytes]] | None
+#: What the records of a (site, device, boot) share: the key, the device and boot headers.
+_Parts = tuple[bytes, tuple[str, bytes], tuple[str, bytes]]
+#: One reading's record, compact: (its shared parts, value, seq as text). One tuple of bytes and
+#: tuples, which the garbage collector stops tracking once it has seen it.
+_Row = tuple[_Parts, bytes, bytes]
+#: What is built once for a (site, device, boot): the value up to ``seq``, and the shared parts;
+#: None for ids that need escaping in JSON.
+_Known = tuple[bytes, _Parts] | None
 
 
 class ReadingRecords(Sequence[KafkaRecord]):
@@ -99,11 +101,11 @@ class ReadingRecords(Sequence[KafkaRecord]):
             known = self._learn(site, device, boot)
         if known is None:
             return self._general(device, boot, seq, ts_ms, values, site, received_ms)
-        start, key, device_header, boot_header = known
+        start, parts = known
         seq_text = b"%d" % seq
         value = b'%b%b,"ts_ms":%d,"gateway_rx_ms":%d%b%b}' % (
             start, seq_text, ts_ms, received_ms, self._tail, _dumps_finite(values))
-        return key, value, (device_header, self._gateway_header, boot_header, ("seq", seq_text))
+        return parts, value, seq_text
 
     def add(self, reading: Reading) -> None:
         """Append ``reading``'s record."""
@@ -118,15 +120,16 @@ class ReadingRecords(Sequence[KafkaRecord]):
         return len(self._rows)
 
     def __getitem__(self, index: int) -> KafkaRecord:  # type: ignore[override]  (no slices)
-        key, value, headers = self._rows[index]
-        return KafkaRecord(self.topic, key, value, list(headers))
+        (key, device_header, boot_header), value, seq_text = self._rows[index]
+        return KafkaRecord(self.topic, key, value, [device_header, self._gateway_header, boot_header,
+                                                    ("seq", seq_text)])
 
     def __iter__(self) -> Iterator[KafkaRecord]:
-        topic, new = self.topic, tuple.__new__
-        for key, value, headers in self._rows:
+        topic, gateway_header, new = self.topic, self._gateway_header, tuple.__new__
+        for (key, device_header, boot_header), value, seq_text in self._rows:
             # KafkaRecord(...) without the named tuple's Python-level constructor; the headers
             # as a list, as the Kafka client takes them.
-            yield new(KafkaRecord, (topic, key, value, list(headers)))
+            yield new(KafkaRecord, (topic, key, value, [device_header, gateway_header, boot_header, ("seq", seq_text)]))
 
     def _learn(self, site: str, device: str, boot: str) -> _Known:
         known = None
@@ -134,7 +137,7 @@ class ReadingRecords(Sequence[KafkaRecord]):
             start = (f'{{"schema":"{KAFKA_SCHEMA_ID}","site":"{site}","device":"{device}",'
                      f'"gateway":"{self.gateway}","boot":"{boot}","seq":').encode()
             key = device.encode()
-            known = (start, key, ("device", key), ("boot", boot.encode()))
+            known = (start, (key, ("device", key), ("boot", boot.encode())))
         if len(self._known) >= _KNOWN_IDS:  # bounded, whatever the fleet
             self._known.clear()
         self._known[(site, device, boot)] = known
@@ -154,9 +157,8 @@ class ReadingRecords(Sequence[KafkaRecord]):
             "bridge_ms": self.bridged_ms,
             "readings": values,
         })
-        headers = (("device", device.encode()), self._gateway_header, ("boot", boot.encode()),
-                   ("seq", str(seq).encode()))
-        return device.encode(), value, headers
+        key = device.encode()
+        return (key, ("device", key), ("boot", boot.encode())), value, str(seq).encode()
 
 
 #: What :class:`ReadingRecords` built once for a (site, device, boot), by gateway: it depends on
