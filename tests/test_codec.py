@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import zlib
 from importlib import resources
+from types import MappingProxyType
 
 import jsonschema
 import orjson
@@ -546,6 +547,24 @@ def test_the_spelled_out_kafka_value_is_the_dict_form_byte_for_byte(site, device
     # An id that would need escaping takes the general path and still yields valid JSON.
     odd = codec.kafka_record(codec.Reading(device, boot, seq, ts, values, 'si"te', rx), gateway, "t", 1)
     assert json.loads(odd.value)["site"] == 'si"te'
+
+
+def test_reading_records_are_made_afresh_at_each_reading_and_odd_fields_take_the_dict_form() -> None:
+    readings = [codec.Reading("node-1", "0badc0de", seq, 5, {"t": 1.5}, "site-a", 7) for seq in range(3)]
+    raw = codec.encode_batch(codec.Batch("gw-1", 1, 1, tuple(readings)))
+    _, records = codec.decode_batch_records(raw, topic_gateway="gw-1", topic="t", bridged_ms=9)
+    first, again = list(records), list(records)  # a retried write reads them again
+    assert len(records) == 3 and first == again and records[2] == first[2] and first[0] is not again[0]
+    assert first == [codec.kafka_record(r, "gw-1", "t", 9) for r in readings]
+    assert all(type(r.headers) is list for r in first)  # as the Kafka client takes them
+    # Fields the decoder never lets through (a bool seq, a read-only mapping) are written as the
+    # dict form writes them, not spelled out wrong.
+    odd = codec.kafka_record(codec.Reading("node-1", "0badc0de", True, 5, MappingProxyType({"t": 1}), "site-a", 7),
+                             "gw-1", "t", 9)
+    assert odd.value == orjson.dumps({"schema": codec.KAFKA_SCHEMA_ID, "site": "site-a", "device": "node-1",
+                                      "gateway": "gw-1", "boot": "0badc0de", "seq": True, "ts_ms": 5,
+                                      "gateway_rx_ms": 7, "bridge_ms": 9, "readings": {"t": 1}})
+    assert dict(odd.headers)["seq"] == b"True"
 
 
 # --- the deadletters/1 extension ------------------------------------------------------------
