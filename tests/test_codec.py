@@ -567,6 +567,19 @@ def test_reading_records_are_made_afresh_at_each_reading_and_odd_fields_take_the
     assert dict(odd.headers)["seq"] == b"True"
 
 
+def test_the_bridge_decoders_memos_stay_bounded_and_change_no_record(monkeypatch) -> None:
+    from tern.core import envelope, kafka_wire
+
+    monkeypatch.setattr(envelope, "MAX_PROVEN", 4)
+    monkeypatch.setattr(kafka_wire, "MAX_KNOWN", 4)
+    readings = tuple(codec.Reading(f"node-{i}", "0badc0de", i, 5, {"t": i}, "site-a", 7) for i in range(10))
+    raw = codec.encode_batch(codec.Batch("gw-memo", 1, 1, readings))
+    for _ in range(2):  # the second time round, the memos were cleared (and refilled) mid-way
+        _, records = codec.decode_batch_records(raw, topic_gateway="gw-memo", topic="t", bridged_ms=9)
+        assert list(records) == [codec.kafka_record(r, "gw-memo", "t", 9) for r in readings]
+        assert len(kafka_wire._KNOWN) <= 4 and len(envelope._PROVEN) <= 4 + len(readings)
+
+
 # --- the deadletters/1 extension ------------------------------------------------------------
 
 dead_letters = st.builds(

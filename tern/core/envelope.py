@@ -504,10 +504,10 @@ def _inflate(raw: bytes, what: str) -> dict[str, Any]:
 
 
 #: (site, device, boot) identities that passed the full checks: whether one does depends on the
-#: three strings alone, so the memo holds across batches (and threads). Bounded: at the limit it
-#: starts afresh.
+#: three strings alone, so the memo holds across batches (and threads). Bounded (~0.2 KB an
+#: entry): at the limit it starts afresh.
 _PROVEN: set[tuple[str, str, str]] = set()
-MAX_PROVEN = 65_536
+MAX_PROVEN = 16_384
 
 
 def _decode_readings(obj: Mapping[str, Any], what: str, make: MakeReading[T]) -> list[T]:

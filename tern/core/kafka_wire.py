@@ -83,9 +83,9 @@ class ReadingRecords(Sequence[KafkaRecord]):
         self._gateway_header = ("gateway", gateway.encode())
         self._tail = b',"bridge_ms":%d,"readings":' % bridged_ms if type(bridged_ms) is int else b""
         self._plain = type(bridged_ms) is int and _PLAIN.fullmatch(gateway) is not None
-        # Shared by this gateway's batches (the ids are the same from one to the next); a
+        # Shared by all batches (a gateway's ids are the same from one to the next); a
         # bridged_ms that is not an int takes the general path: a memo of its own.
-        self._known = _known_ids(gateway) if self._plain else {}
+        self._known = _KNOWN if self._plain else {}
         self._rows: list[_Row] = []
 
     def row(self, device: str, boot: str, seq: int, ts_ms: int, values: dict[str, Value], site: str,
@@ -96,7 +96,7 @@ class ReadingRecords(Sequence[KafkaRecord]):
         Appended by :meth:`add`, or by :func:`decode_batch_records` a batch at a time.
         """
         try:
-            known = self._known[(site, device, boot)]
+            known = self._known[(self.gateway, site, device, boot)]
         except KeyError:
             known = self._learn(site, device, boot)
         if known is None:
@@ -138,9 +138,9 @@ class ReadingRecords(Sequence[KafkaRecord]):
                      f'"gateway":"{self.gateway}","boot":"{boot}","seq":').encode()
             key = device.encode()
             known = (start, (key, ("device", key), ("boot", boot.encode())))
-        if len(self._known) >= _KNOWN_IDS:  # bounded, whatever the fleet
+        if len(self._known) >= MAX_KNOWN:  # bounded, whatever the fleet
             self._known.clear()
-        self._known[(site, device, boot)] = known
+        self._known[(self.gateway, site, device, boot)] = known
         return known
 
     def _general(self, device: str, boot: str, seq: int, ts_ms: int, values: dict[str, Value], site: str,
@@ -161,20 +161,11 @@ class ReadingRecords(Sequence[KafkaRecord]):
         return (key, ("device", key), ("boot", boot.encode())), value, str(seq).encode()
 
 
-#: What :class:`ReadingRecords` built once for a (site, device, boot), by gateway: it depends on
-#: the four ids alone. Bounded: at the limits a memo starts afresh.
-_KNOWN_BY_GATEWAY: dict[str, dict[tuple[str, str, str], _Known]] = {}
-_KNOWN_IDS = 16_384
-_KNOWN_GATEWAYS = 1024
-
-
-def _known_ids(gateway: str) -> dict[tuple[str, str, str], _Known]:
-    known = _KNOWN_BY_GATEWAY.get(gateway)
-    if known is None:
-        if len(_KNOWN_BY_GATEWAY) >= _KNOWN_GATEWAYS:
-            _KNOWN_BY_GATEWAY.clear()
-        known = _KNOWN_BY_GATEWAY[gateway] = {}
-    return known
+#: What :class:`ReadingRecords` built once for a (gateway, site, device, boot): it depends on the
+#: four ids alone, so the memo holds across batches (and threads). Bounded (~0.5 KB an entry): at
+#: the limit it starts afresh.
+_KNOWN: dict[tuple[str, str, str, str], _Known] = {}
+MAX_KNOWN = 8192
 
 
 def kafka_record(reading: Reading, gateway: str, topic: str, bridged_ms: int) -> KafkaRecord:
