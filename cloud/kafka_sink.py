@@ -148,15 +148,16 @@ class KafkaSink:
         handles: set[asyncio.Future] = set()
         count = 0
         last: asyncio.Future | None = None
-        for topic, key, value, headers in records:
+        for record in records:
             count += 1
+            topic, key = record.topic, record.key
             queue = route.get((topic, key))
             if queue is None:
                 queue = await self._queue_for(producer, topic, key, partitions)
                 if key is not None:  # a record without a key goes to a random partition each time
                     route[(topic, key)] = queue
                 touched[queue] = None
-            handle = queue.append(key, value, headers)
+            handle = queue.append(key, record.value, record.headers)
             if handle is not last:  # mostly the same open batch as the record before
                 handles.add(handle)
                 last = handle

@@ -27,6 +27,7 @@ from tern.core.messages import (
     Value,
     _boot,
     _int,
+    _new_kafka_record,
     _text,
     _values,
 )
@@ -121,15 +122,14 @@ class ReadingRecords(Sequence[KafkaRecord]):
 
     def __getitem__(self, index: int) -> KafkaRecord:  # type: ignore[override]  (no slices)
         (key, device_header, boot_header), value, seq_text = self._rows[index]
-        return KafkaRecord(self.topic, key, value, [device_header, self._gateway_header, boot_header,
-                                                    ("seq", seq_text)])
+        return _new_kafka_record(self.topic, key, value, [device_header, self._gateway_header, boot_header,
+                                                          ("seq", seq_text)])
 
     def __iter__(self) -> Iterator[KafkaRecord]:
-        topic, gateway_header, new = self.topic, self._gateway_header, tuple.__new__
+        topic, gateway_header = self.topic, self._gateway_header
         for (key, device_header, boot_header), value, seq_text in self._rows:
-            # KafkaRecord(...) without the named tuple's Python-level constructor; the headers
-            # as a list, as the Kafka client takes them.
-            yield new(KafkaRecord, (topic, key, value, [device_header, gateway_header, boot_header, ("seq", seq_text)]))
+            # The headers as a list, as the Kafka client takes them.
+            yield _new_kafka_record(topic, key, value, [device_header, gateway_header, boot_header, ("seq", seq_text)])
 
     def _learn(self, site: str, device: str, boot: str) -> _Known:
         known = None
@@ -175,7 +175,9 @@ def kafka_record(reading: Reading, gateway: str, topic: str, bridged_ms: int) ->
     """
     records = ReadingRecords(gateway, topic, bridged_ms)
     records.add(reading)
-    return records[0]
+    record = records[0]
+    # Headers as a tuple, like every record but the bridge's own reading records (a list each).
+    return _new_kafka_record(record.topic, record.key, record.value, tuple(record.headers))
 
 
 def decode_batch_records(raw: bytes, *, topic_gateway: str, topic: str,
