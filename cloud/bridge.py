@@ -30,13 +30,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import logging
 import threading
 import time
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import paho.mqtt.client as mqtt
 from aiokafka.errors import KafkaError
@@ -86,6 +87,24 @@ class _Delivery:
     ackable: bool = False
     #: True while its Kafka write is waiting to be retried.
     retrying: bool = False
+
+
+@dataclass(slots=True, frozen=True)
+class _Job:
+    """What one delivery asks of Kafka: a batch's records, or (``batch`` None) why it is poison."""
+
+    #: The batch, without its readings (their records are ``readings``), or None.
+    batch: codec.Batch | None
+    #: The records of its readings, made as the sink reads them (codec.decode_batch_records).
+    readings: Sequence[codec.KafkaRecord] = ()
+    #: Its other records: status, drop and hold events, command outcomes, dead letters.
+    others: Sequence[codec.KafkaRecord] = ()
+    poison: str = ""
+
+    @property
+    def count(self) -> int:
+        """Records it writes (a poison payload: its one dead letter)."""
+        return len(self.readings) + len(self.others) if self.batch is not None else 1
 
 
 #: On a graceful stop, batches being written get this long to finish (and be acked, confirmed).
@@ -409,7 +428,7 @@ class Bridge:
                 self._forget(delivery)
                 continue
             job = self._prepare(delivery)
-            count = len(job[1]) if job[1] is not None else 1
+            count = job.count
             async with self._room:
                 # A batch larger than the whole bound still goes, alone.
                 await self._room.wait_for(
@@ -428,18 +447,19 @@ class Bridge:
         except ValueError:
             pass
 
-    def _prepare(self, delivery: _Delivery) -> tuple[codec.Batch | None, list[codec.KafkaRecord] | None, str | None]:
-        """Decode ``delivery``: (batch, its records, None), or (None, None, why it is poison)."""
+    def _prepare(self, delivery: _Delivery) -> _Job:
+        """Decode ``delivery`` into the records it asks Kafka to hold, or find it poison."""
         try:
             gateway = topics.parse_batch_topic(delivery.topic)
             allowed = self.config.allowed_gateways
             if allowed is not None and gateway not in allowed:
                 raise CodecError(f"gateway not allowed: {gateway!r} is not in this bridge's allowed_gateways")
-            batch = codec.decode_batch(delivery.payload, topic_gateway=gateway)
+            now = _now_ms()
+            # Straight from the envelope's items to records: no Reading object per reading.
+            batch, records = codec.decode_batch_records(delivery.payload, topic_gateway=gateway,
+                                                        topic=self.config.readings_topic, bridged_ms=now)
         except CodecError as exc:
-            return None, None, str(exc)
-        now = _now_ms()
-        records = [codec.kafka_record(r, batch.gateway, self.config.readings_topic, now) for r in batch.readings]
+            return _Job(None, poison=str(exc))
         statuses = [
             codec.kafka_status_record(e, batch.gateway, self.config.status_topic, now) for e in batch.statuses
         ]
@@ -453,21 +473,20 @@ class Bridge:
         # Payloads the gateway refused (deadletters/1): the dead-letter topic, beside the bridge's own.
         letters = [codec.kafka_deadletter_record(d, batch.gateway, self.config.deadletter_topic, self.config.client_id)
                    for d in batch.deadletters]
-        return batch, records + statuses + drops + holds + outcomes + letters, None
+        return _Job(batch, records, statuses + drops + holds + outcomes + letters)
 
-    async def _settle(self, delivery: _Delivery, job: tuple, count: int) -> None:
+    async def _settle(self, delivery: _Delivery, job: _Job, count: int) -> None:
         """Write one delivery (or recognise it as a copy), let acks flow, then confirm it."""
         confirm: codec.Confirm | None = None
         deadlettered = False
         try:
-            batch, records, poison = job
-            if batch is None:
-                await self._write_with_retry(delivery, [self._deadletter_record(delivery, poison)])
+            if job.batch is None:
+                await self._write_with_retry(delivery, [self._deadletter_record(delivery, job.poison)])
                 deadlettered = True
                 log.warning("dead-lettered %d bytes from %s: %s", len(delivery.payload), quote(delivery.topic),
-                            shorten(poison))
+                            shorten(job.poison))
             else:
-                confirm = await self._write_batch(delivery, batch, records)
+                confirm = await self._write_batch(delivery, job)
             delivery.ackable = True
         except _Stale:
             self._counters["stale_dropped"] += 1
@@ -488,8 +507,10 @@ class Bridge:
                 self._records_inflight -= count
                 self._room.notify_all()
 
-    async def _write_batch(self, delivery: _Delivery, batch: codec.Batch, records: list[codec.KafkaRecord]) -> codec.Confirm:
-        """Write ``batch`` unless it is a copy of one already written; the confirm it earns."""
+    async def _write_batch(self, delivery: _Delivery, job: _Job) -> codec.Confirm:
+        """Write ``job``'s batch unless it is a copy of one already written; the confirm it earns."""
+        batch = job.batch
+        assert batch is not None
         key = (batch.gateway, batch.bseq, hashlib.blake2b(delivery.payload, digest_size=16).digest())
         earlier = self._written.get(key)
         if earlier is not None:
@@ -500,20 +521,20 @@ class Bridge:
                 self._counters["duplicates_received"] += 1
                 log.info("batch %s/%d is a copy of one already in Kafka: confirmed again, not written",
                          batch.gateway, batch.bseq)
-                return codec.Confirm(batch.gateway, batch.bseq, len(batch.readings))
+                return codec.Confirm(batch.gateway, batch.bseq, len(job.readings))
         assert self._loop is not None
         written: asyncio.Future = self._loop.create_future()
         self._remember(key, written)
         try:
             # One write: the batch is confirmed (and PUBACKed) only once Kafka holds all of it.
-            await self._write_with_retry(delivery, records)
+            await self._write_with_retry(delivery, job.readings, job.others)
         except BaseException:
             written.set_result(False)
             if self._written.get(key) is written:
                 del self._written[key]
             raise
         written.set_result(True)
-        self._counters["records_written"] += len(batch.readings)
+        self._counters["records_written"] += len(job.readings)
         self._counters["status_written"] += len(batch.statuses)
         self._counters["drops_written"] += len(batch.drops)
         self._counters["holds_written"] += len(batch.holds)
@@ -529,7 +550,7 @@ class Bridge:
         # n counts readings, as the contract always said; the gateway deletes the batch's
         # status events on the same confirm. Kafka holds it all: it is confirmed even if this
         # delivery's PUBACK must still wait for earlier ones (or its connection is gone).
-        return codec.Confirm(batch.gateway, batch.bseq, len(batch.readings))
+        return codec.Confirm(batch.gateway, batch.bseq, len(job.readings))
 
     def _remember(self, key: tuple[str, int, bytes], written: asyncio.Future) -> None:
         if self.config.dedup_window <= 0:
@@ -576,8 +597,12 @@ class Bridge:
                 log.warning("stopped with %d batches unwritten: the broker redelivers them", len(pending))
         self._ack_queue.clear()
 
-    async def _write_with_retry(self, delivery: _Delivery, records: list[codec.KafkaRecord]) -> None:
-        """Write until Kafka acknowledges all of ``records``; only cancellation stops it."""
+    async def _write_with_retry(self, delivery: _Delivery, *parts: Sequence[codec.KafkaRecord]) -> None:
+        """Write until Kafka acknowledges all the records of ``parts``; only cancellation stops it.
+
+        Each attempt reads them afresh, and keeps none: the sink drops each record once it is in
+        its record batch (see codec.ReadingRecords).
+        """
         assert self._sink is not None
         delay = self.config.retry_initial_s
         while True:
@@ -586,11 +611,12 @@ class Bridge:
                 # is being redelivered: writing it now would only add a duplicate.
                 raise _Stale()
             try:
-                await self._sink.write(records)
+                await self._sink.write(itertools.chain(*parts))
                 return
             except KafkaWriteError as exc:
                 self._counters["kafka_failures"] += 1
-                log.warning("Kafka write of %d records from %s failed (%s); retrying in %.1f s", len(records), quote(delivery.topic), describe(exc), delay)
+                log.warning("Kafka write of %d records from %s failed (%s); retrying in %.1f s", sum(map(len, parts)),
+                            quote(delivery.topic), describe(exc), delay)
             delivery.retrying = True
             try:
                 await asyncio.sleep(delay)

@@ -141,41 +141,62 @@ class KafkaSink:
         each partition's pump; append the futures of the batches they went into to
         ``futures``; how many records."""
         partitions: dict[str, list[int]] = {}
-        touched: dict[tuple[str, int], _PartitionQueue] = {}
+        # This write's records by (topic, key) -> their partition's queue: a backlog's records
+        # are hundreds per device, and this loop runs once per record.
+        route: dict[tuple[str, bytes], _PartitionQueue] = {}
+        touched: dict[_PartitionQueue, None] = {}
         handles: set[asyncio.Future] = set()
         count = 0
+        last: asyncio.Future | None = None
         for record in records:
             count += 1
-            topic = record.topic
-            known = partitions.get(topic)
-            if known is None:
-                # The producer's current metadata (kept fresh by aiokafka), as send() uses;
-                # waiting for it only for a topic not seen yet.
-                current = producer.client.cluster.partitions_for_topic(topic)
-                if not current:
-                    current = await producer.partitions_for(topic)
-                known = partitions[topic] = sorted(current)
-            # murmur2 in pure Python was an eighth of the bridge's time: a few thousand
-            # devices' partitions are remembered (per partition count, so a topic that grows
-            # gets them computed afresh).
-            memo = (record.key, len(known))
-            partition = self._partition_of.get(memo)
-            if record.key is None:  # spread at random, as send() does
-                partition = self._partitioner(None, known, known)
-            elif partition is None:
-                if len(self._partition_of) >= PARTITION_MEMO:
-                    self._partition_of.clear()
-                partition = self._partition_of[memo] = self._partitioner(record.key, known, known)
-            where = (topic, partition)
-            queue = self._queues.get(where)
+            topic, key = record.topic, record.key
+            queue = route.get((topic, key))
             if queue is None:
-                queue = self._queues[where] = _PartitionQueue(producer, where)
-            handles.add(queue.append(record))
-            touched[where] = queue
-        for queue in touched.values():
+                queue = await self._queue_for(producer, topic, key, partitions)
+                if key is not None:  # a record without a key goes to a random partition each time
+                    route[(topic, key)] = queue
+                touched[queue] = None
+            handle = queue.append(key, record.value, record.headers)
+            if handle is not last:  # mostly the same open batch as the record before
+                handles.add(handle)
+                last = handle
+        for queue in touched:
             queue.pump()
         futures.extend(handles)
         return count
+
+    async def _queue_for(self, producer: AIOKafkaProducer, topic: str, key: bytes | None,
+                         partitions: dict[str, list[int]]) -> "_PartitionQueue":
+        """The queue of the partition ``send`` would pick for ``key`` on ``topic``.
+
+        ``partitions``: the topics' partitions as this write found them.
+        """
+        known = partitions.get(topic)
+        if known is None:
+            # The producer's current metadata (kept fresh by aiokafka), as send() uses;
+            # waiting for it only for a topic not seen yet.
+            current = producer.client.cluster.partitions_for_topic(topic)
+            if not current:
+                current = await producer.partitions_for(topic)
+            known = partitions[topic] = sorted(current)
+        if key is None:  # spread at random, as send() does
+            partition = self._partitioner(None, known, known)
+        else:
+            # murmur2 in pure Python was an eighth of the bridge's time: a few thousand
+            # devices' partitions are remembered (per partition count, so a topic that grows
+            # gets them computed afresh).
+            memo = (key, len(known))
+            partition = self._partition_of.get(memo)
+            if partition is None:
+                if len(self._partition_of) >= PARTITION_MEMO:
+                    self._partition_of.clear()
+                partition = self._partition_of[memo] = self._partitioner(key, known, known)
+        where = (topic, partition)
+        queue = self._queues.get(where)
+        if queue is None:
+            queue = self._queues[where] = _PartitionQueue(producer, where)
+        return queue
 
     async def reachable(self, timeout: float = 5.0) -> bool:
         """True if a Kafka broker answered a metadata request within ``timeout`` seconds."""
@@ -206,11 +227,12 @@ class _PartitionQueue:
         self._full: deque[tuple[Any, asyncio.Future]] = deque()
         self._task: asyncio.Task | None = None
 
-    def append(self, record: KafkaRecord) -> asyncio.Future:
-        """Add ``record`` to the open batch; the future of the batch it went into."""
-        headers = list(record.headers)
+    def append(self, key: bytes | None, value: bytes, headers: Sequence[tuple[str, bytes]]) -> asyncio.Future:
+        """Add a record to the open batch; the future of the batch it went into."""
+        if type(headers) is not list:  # the client takes only a list (readings' records carry one)
+            headers = list(headers)
         if self._open is not None and self._open.append(
-                key=record.key, value=record.value, timestamp=None, headers=headers) is not None:
+                key=key, value=value, timestamp=None, headers=headers) is not None:
             assert self._open_done is not None
             return self._open_done
         if self._open is not None:  # full: it queues whole, a new one opens
@@ -219,7 +241,7 @@ class _PartitionQueue:
         self._open_done = asyncio.get_running_loop().create_future()
         # An empty batch takes its first record whatever its size (one over the broker's
         # limit is refused by Kafka, failing the write, as it should).
-        self._open.append(key=record.key, value=record.value, timestamp=None, headers=headers)
+        self._open.append(key=key, value=value, timestamp=None, headers=headers)
         return self._open_done
 
     def _seal(self) -> None:

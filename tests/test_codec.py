@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import zlib
 from importlib import resources
+from types import MappingProxyType
 
 import jsonschema
 import orjson
@@ -286,19 +287,62 @@ def test_ids_with_a_trailing_newline_are_refused() -> None:
         codec.decode_reading(json.dumps({**GOOD, "dev": "node-1\n"}).encode(), topic_device=None)
 
 
-def test_the_fast_path_of_decode_batch_gives_the_same_verdicts_as_the_full_checks() -> None:
+def _bridge_decode(raw: bytes) -> codec.Batch:
+    """``raw`` through the bridge's decoder, as a Batch of its records (for comparing verdicts)."""
+    batch, records = codec.decode_batch_records(raw, topic_gateway="gw-1", topic="t", bridged_ms=1)
+    return batch
+
+
+@pytest.mark.parametrize("decode", [codec.decode_batch, _bridge_decode], ids=["decode_batch", "decode_batch_records"])
+def test_the_fast_path_of_decode_batch_gives_the_same_verdicts_as_the_full_checks(decode) -> None:
     # A batch whose later items repeat an id already proved valid takes the fast path: a bad
-    # value there must still be refused with the full check's message.
+    # value there must still be refused with the full check's message, by the bridge's decoder too.
     good = codec.Reading("node-1", "0badcafe", 1, 1_700_000_000_000, {"t": 21.5}, "site-a", 1_700_000_000_100)
-    for bad_values, message in (({"t": float("inf")}, "not finite"), ({"t": [1]}, "number"),
-                                ({"x" * 33: 1}, "1-32 characters"), ({"t": "y" * 65}, "longer than")):
+    for field, bad, message in (("r", {"t": float("inf")}, "item 1: reading 't' is not finite"),
+                                ("r", {"t": [1]}, "number"), ("r", {"x" * 33: 1}, "1-32 characters"),
+                                ("r", {"t": "y" * 65}, "longer than"), ("r", {}, "non-empty"),
+                                ("r", {f"t{i}": 1 for i in range(33)}, "over the limit"),
+                                ("seq", -1, "item 1: 'seq'=-1 out of range"), ("ts", True, "'ts' must be an integer"),
+                                ("rx", 2**53, "'rx'=.* out of range"), ("dev", "node-1\n", "invalid device"),
+                                ("boot", "0BADCAFE", "'boot' must be"), ("site", 7, "'site' must be a string")):
         raw = codec.encode_batch(codec.Batch("gw-1", 1, 1, (good, good)))
         doc = json.loads(zlib.decompress(raw))
-        doc["items"][1]["r"] = bad_values
+        doc["items"][1][field] = bad
         with pytest.raises(CodecError, match=message):
-            codec.decode_batch(zlib.compress(json.dumps(doc).encode()))
+            decode(zlib.compress(json.dumps(doc).encode()))
+    doc["items"][1] = ["not", "an", "object"]
+    with pytest.raises(CodecError, match="item 1: must be an object"):
+        decode(zlib.compress(json.dumps(doc).encode()))
+    doc["items"] = {}
+    with pytest.raises(CodecError, match="'items' must be a list"):
+        decode(zlib.compress(json.dumps(doc).encode()))
     batch = codec.decode_batch(codec.encode_batch(codec.Batch("gw-1", 1, 1, (good, good))))
     assert batch.readings == (good, good)
+
+
+odd_ids = st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,5}\Z")
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.builds(codec.Reading, device=odd_ids, boot=st.sampled_from(["0badc0de", "beef"]), seq=uints,
+                          ts_ms=uints, values=values, site=st.sampled_from(["site-a", "s"]), received_ms=uints),
+                max_size=12),
+       st.sampled_from(["gw-1", "gw.2_x"]), uints)
+def test_the_bridge_decoder_gives_the_records_of_decode_batch_byte_for_byte(readings, gateway, now) -> None:
+    """decode_batch_records: no Reading on the way, but the very records kafka_record makes of
+    decode_batch's readings (value, key, headers, topic), in order, and the rest of the batch."""
+    status = codec.StatusEvent("site-a", "node-1", "online", "0badc0de", received_ms=3)
+    raw = codec.encode_batch(codec.Batch(gateway, 7, 9, tuple(readings), (status,)))
+    batch = codec.decode_batch(raw, topic_gateway=gateway)
+    head, records = codec.decode_batch_records(raw, topic_gateway=gateway, topic="readings", bridged_ms=now)
+    expected = [codec.kafka_record(r, gateway, "readings", now) for r in batch.readings]
+    assert [(r.topic, r.key, r.value, list(r.headers)) for r in records] == [
+        (r.topic, r.key, r.value, list(r.headers)) for r in expected]
+    assert head.readings == () and head == codec.Batch(gateway, 7, 9, (), (status,))
+    for record, reading in zip(records, readings):
+        assert json.loads(record.value)["readings"] == json.loads(json.dumps(dict(reading.values)))
+    with pytest.raises(CodecError, match="published on the topic of"):
+        codec.decode_batch_records(raw, topic_gateway="gw-other", topic="readings", bridged_ms=now)
 
 
 # --- sensors that are down, in the node status (issue 16) -----------------------------------
@@ -509,6 +553,38 @@ def test_the_spelled_out_kafka_value_is_the_dict_form_byte_for_byte(site, device
     # An id that would need escaping takes the general path and still yields valid JSON.
     odd = codec.kafka_record(codec.Reading(device, boot, seq, ts, values, 'si"te', rx), gateway, "t", 1)
     assert json.loads(odd.value)["site"] == 'si"te'
+
+
+def test_reading_records_are_made_afresh_at_each_reading_and_odd_fields_take_the_dict_form() -> None:
+    readings = [codec.Reading("node-1", "0badc0de", seq, 5, {"t": 1.5}, "site-a", 7) for seq in range(3)]
+    raw = codec.encode_batch(codec.Batch("gw-1", 1, 1, tuple(readings)))
+    _, records = codec.decode_batch_records(raw, topic_gateway="gw-1", topic="t", bridged_ms=9)
+    first, again = list(records), list(records)  # a retried write reads them again
+    assert len(records) == 3 and first == again and records[2] == first[2] and first[0] is not again[0]
+    assert [(r.topic, r.key, r.value, tuple(r.headers)) for r in first] == [
+        (r.topic, r.key, r.value, r.headers) for r in (codec.kafka_record(r, "gw-1", "t", 9) for r in readings)]
+    assert all(type(r.headers) is list for r in first)  # as the Kafka client takes them
+    # Fields the decoder never lets through (a bool seq, a read-only mapping) are written as the
+    # dict form writes them, not spelled out wrong.
+    odd = codec.kafka_record(codec.Reading("node-1", "0badc0de", True, 5, MappingProxyType({"t": 1}), "site-a", 7),
+                             "gw-1", "t", 9)
+    assert odd.value == orjson.dumps({"schema": codec.KAFKA_SCHEMA_ID, "site": "site-a", "device": "node-1",
+                                      "gateway": "gw-1", "boot": "0badc0de", "seq": True, "ts_ms": 5,
+                                      "gateway_rx_ms": 7, "bridge_ms": 9, "readings": {"t": 1}})
+    assert dict(odd.headers)["seq"] == b"True"
+
+
+def test_the_bridge_decoders_memos_stay_bounded_and_change_no_record(monkeypatch) -> None:
+    from tern.core import envelope, kafka_wire
+
+    monkeypatch.setattr(envelope, "MAX_PROVEN", 4)
+    monkeypatch.setattr(kafka_wire, "MAX_KNOWN", 4)
+    readings = tuple(codec.Reading(f"node-{i}", "0badc0de", i, 5, {"t": i}, "site-a", 7) for i in range(10))
+    raw = codec.encode_batch(codec.Batch("gw-memo", 1, 1, readings))
+    for _ in range(2):  # the second time round, the memos were cleared (and refilled) mid-way
+        _, records = codec.decode_batch_records(raw, topic_gateway="gw-memo", topic="t", bridged_ms=9)
+        assert [r.value for r in records] == [codec.kafka_record(r, "gw-memo", "t", 9).value for r in readings]
+        assert len(kafka_wire._KNOWN) <= 4 and len(envelope._PROVEN) <= 4 + len(readings)
 
 
 # --- the deadletters/1 extension ------------------------------------------------------------

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 from tern.core.commands import Outcome
 from tern.core.errors import CodecError
@@ -263,7 +263,9 @@ class KafkaRecord:
     topic: str
     key: bytes
     value: bytes
-    headers: tuple[tuple[str, bytes], ...]
+    #: (name, value) pairs: a tuple, but a list in the reading records the bridge writes
+    #: (``kafka_wire.ReadingRecords``), as the Kafka client takes them.
+    headers: Sequence[tuple[str, bytes]]
 
 
 # Fast constructors for the hot paths (a backlog builds a million readings and records). A
@@ -290,14 +292,13 @@ def new_reading(device: str, boot: str, seq: int, ts_ms: int, values: Mapping[st
     return reading
 
 
-def _new_kafka_record(topic: str, key: bytes, value: bytes, headers: tuple[tuple[str, bytes], ...]) -> KafkaRecord:
+def _new_kafka_record(topic: str, key: bytes, value: bytes, headers: Sequence[tuple[str, bytes]]) -> KafkaRecord:
     record = _new(KafkaRecord)
     _K_TOPIC(record, topic)
     _K_KEY(record, key)
     _K_VALUE(record, value)
     _K_HEADERS(record, headers)
     return record
-
 
 
 # --- helpers -------------------------------------------------------------------------
