@@ -115,8 +115,10 @@ METHOD = """## How the issue-13 stages measure
   the bridge has Kafka's ack for the last one. Baseline: the same fleet into a mosquitto with
   one plain paho QoS 1 subscriber (a process of its own). Brokers run with
   `max_inflight_messages 1000`, as `deploy/mosquitto-pi.conf`.
-- **Latency** at a steady 50 % of the live capacity measured in the same run: each reading
-  carries its send time; a consumer tailing the topic stamps its arrival (an upper bound on
+- **Latency** at a steady 50 % of the live capacity measured in the same run: a connection per
+  device (100), every reading a ready-made QoS 1 PUBLISH sent from one loop (a few µs each: the
+  `mosquitto_pub` fleet fed through pipes took a whole core at this rate), and a round counts
+  only once the broker acknowledged every reading; each reading carries its send time; a consumer tailing the topic stamps its arrival (an upper bound on
   node -> Kafka: it includes the consumer's fetch). The record's CreateTime, stamped by the
   bridge's producer, gives a lower bound (in the JSON's details and the latency figure).
   The JSON's details also cut every reading at the stamps it carries (gateway commit, bridge

@@ -1,13 +1,17 @@
 """Latency node -> Kafka at a steady 50 % of the live capacity measured in the same run.
 
-The fleet (one ``mosquitto_pub`` per device, fed line by line through a pipe) publishes at a
-fixed rate, each reading stamped with its send time (``ts``, wall clock ms). A consumer in a process of its own tails the readings topic (``fetch_max_wait_ms``
-10) and stamps each record's arrival, so a figure is an upper bound on node -> Kafka: it
-includes the consumer's fetch. Baseline: the same load into a mosquitto with a plain
-subscriber process that stamps each reading on arrival the same way. (The consumer used to run
-in the bench process, where it waited for the GIL behind the fleet's 50 paho threads: tens of
-milliseconds of the p99 were the bench's own, and the baseline's stamps never paid them. The
-paho fleet, near its ~5,000/s limit, also queued readings behind its threads after stamping.)
+The fleet (:class:`~tern.harness.bench.pacedfleet.PacedFleet`: a connection per device, every
+reading a ready-made QoS 1 PUBLISH sent from one loop in the bench process) publishes at a
+fixed rate, each reading stamped with its send time (``ts``, wall clock ms). A consumer in a
+process of its own tails the readings topic (``fetch_max_wait_ms`` 10) and stamps each
+record's arrival, so a figure is an upper bound on node -> Kafka: it includes the consumer's
+fetch. Baseline: the same load into a mosquitto with a plain subscriber process that stamps
+each reading on arrival the same way.
+
+The load generator must leave the machine to what it measures: a ``mosquitto_pub`` per
+device fed through pipes cost ~90 µs of CPU per reading with its pacing loop, a whole core of
+two at ~12,000/s, and the rounds (the baseline's too) measured a machine out of CPU. The paho
+fleet before it queued readings behind its threads after stamping them.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from tern.harness.bench.common import BenchError, Measurement, median, run_round
 from tern.harness.bench.lab import Lab
 from tern.harness.bench.live import devices, live_capacity, start_pipeline
 from tern.harness.bench.proc import Child
-from tern.harness.bench.pubfleet import PubFleet
+from tern.harness.bench.pacedfleet import PacedFleet
 
 
 #: The hops of :attr:`TopicTail.hops`, in path order: each ends at a stamp the record carries
@@ -121,9 +125,9 @@ def tern_round(lab: Lab, rate: float) -> dict[str, Any]:
         local, _, _, bridge, topic = start_pipeline(lab, stack, "latency")
         tail = Child("tail", {"bootstrap": lab.kafka(), "topic": topic}, timeout=45)
         stack.callback(tail.stop)
-        fleet = PubFleet(local.host, local.port, lab.folder("latency-fleet"))
+        fleet = PacedFleet(local.host, local.port, devices(lab))
         stack.callback(fleet.close)
-        sent = fleet.publish_paced(rate, lab.sizes.latency_s, devices(lab))
+        sent = fleet.publish_paced(rate, lab.sizes.latency_s)
         tail.wait_for(lambda s: s.get("received", 0) >= sent, lab.sizes.deadline_s,
                       f"latency: {sent} readings into Kafka")
         tail.stop()
@@ -137,9 +141,9 @@ def pubsub_round(lab: Lab, rate: float) -> list[int]:
         subscriber = Child("subscriber", {"mqtt_host": broker.host, "mqtt_port": broker.port, "latency": True,
                                           "client_id": f"bench-lat-{time.time_ns() % 10**8}"})
         stack.callback(subscriber.stop)
-        fleet = PubFleet(broker.host, broker.port, lab.folder("latency-pubsub-fleet"))
+        fleet = PacedFleet(broker.host, broker.port, devices(lab))
         stack.callback(fleet.close)
-        sent = fleet.publish_paced(rate, lab.sizes.latency_s, devices(lab))
+        sent = fleet.publish_paced(rate, lab.sizes.latency_s)
         subscriber.wait_for(lambda s: s.get("received", 0) >= sent, lab.sizes.deadline_s, "latency baseline")
         subscriber.stop()
         return list(subscriber.final.get("latencies_ms", []))

@@ -7,7 +7,7 @@ leave in order on one connection, like a real node's.
 from __future__ import annotations
 
 import time
-from typing import Iterator, Sequence
+from typing import Sequence
 
 from tern.core import codec, topics
 from tern.core.codec import Reading
@@ -33,17 +33,6 @@ def fleet_messages(count: int, devices: int, first: int = 0) -> list[tuple[int, 
         r = fleet_reading(i, devices)
         out.append((i % devices, topics.telemetry_topic(r.site, r.device), codec.encode_reading(r)))
     return out
-
-
-def paced_readings(rate: float, seconds: float, devices: int) -> Iterator[tuple[int, Reading]]:
-    """(index, reading) of the fleet at ``rate`` readings/s for ``seconds``, each yielded when
-    it is due and stamped ``ts`` = that moment (ms); the wait is slept in ticks of 5 ms."""
-    start = time.perf_counter()
-    for index in range(int(rate * seconds)):
-        delay = start + index / rate - time.perf_counter()
-        if delay > 0.005:
-            time.sleep(delay)
-        yield index, fleet_reading(index, devices, ts_ms=time.time_ns() // 1_000_000)
 
 
 class NodeFleet:
@@ -80,17 +69,6 @@ class NodeFleet:
         """Queue every message (paho sends them as each connection's window allows)."""
         for device, topic, payload in messages:
             self.publish(device, topic, payload)
-
-    def publish_paced(self, rate: float, seconds: float, devices: int) -> int:
-        """Publish at ``rate`` readings/s for ``seconds``, each stamped ``ts`` = its send time (ms).
-
-        Returns how many were published. Sent in ticks of 5 ms, so the load is steady.
-        """
-        sent = 0
-        for index, r in paced_readings(rate, seconds, devices):
-            self.publish(index % devices, topics.telemetry_topic(r.site, r.device), codec.encode_reading(r))
-            sent += 1
-        return sent
 
     def close(self) -> None:
         """Disconnect every client."""

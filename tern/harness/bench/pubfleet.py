@@ -16,11 +16,9 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
-from typing import IO, Any, Sequence
+from typing import Any, Sequence
 
-from tern.core import codec, topics
 from tern.harness.bench.common import BenchError
-from tern.harness.bench.nodes import fleet_reading, paced_readings
 
 #: QoS 1 messages each connection may have unacknowledged (a node's firmware keeps a few in
 #: flight as well; more only deepens the broker's queues).
@@ -76,31 +74,6 @@ class PubFleet:
         for index, (topic, path) in enumerate(files):
             with open(path, "rb") as feed:
                 self._start(topic, f"bench-pub-{index:04d}", feed)
-
-    def publish_paced(self, rate: float, seconds: float, devices: int) -> int:
-        """Publish at ``rate`` readings/s for ``seconds``, each stamped ``ts`` = its send time (ms).
-
-        Each device's publisher reads its lines from a pipe as they come, so a reading leaves
-        when it is written (the paho fleet queued them behind its threads near its limit).
-        Returns how many were published; waits until every publisher has sent its last.
-        """
-        pipes: list[IO[bytes]] = []
-        for index in range(devices):
-            reading = fleet_reading(index, devices)
-            proc = self._start(topics.telemetry_topic(reading.site, reading.device), f"bench-paced-{index:04d}",
-                               subprocess.PIPE)
-            assert proc.stdin is not None
-            pipes.append(proc.stdin)
-        sent = 0
-        for index, reading in paced_readings(rate, seconds, devices):
-            pipe = pipes[index % devices]
-            pipe.write(codec.encode_reading(reading) + b"\n")
-            pipe.flush()
-            sent += 1
-        for pipe in pipes:
-            pipe.close()  # end of input: the publisher sends what it has and exits
-        self.wait_published(60)
-        return sent
 
     def wait_published(self, deadline_s: float) -> None:
         """Block until every publisher has ended; BenchError naming the first that failed."""
