@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import itertools
 import logging
 import threading
 import time
@@ -611,7 +610,7 @@ class Bridge:
                 # is being redelivered: writing it now would only add a duplicate.
                 raise _Stale()
             try:
-                await self._sink.write(itertools.chain(*parts))
+                await self._sink.write(*parts)
                 return
             except KafkaWriteError as exc:
                 self._counters["kafka_failures"] += 1

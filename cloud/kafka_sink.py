@@ -19,10 +19,11 @@ caller retries the whole group, so delivery is at-least-once.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections import deque
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
@@ -100,8 +101,11 @@ class KafkaSink:
             # their MQTT messages: the broker redelivers them.
             log.warning("Kafka producer did not close cleanly: %s", _describe(exc))
 
-    async def write(self, records: Iterable[KafkaRecord]) -> None:
-        """Write ``records`` and wait until Kafka acknowledges every one of them.
+    async def write(self, *parts: Iterable[KafkaRecord]) -> None:
+        """Write the records of ``parts``, in order, and wait until Kafka acknowledges every one.
+
+        A part with an ``entries()`` method (codec.ReadingRecords) is read through it: its
+        records' ``(topic, key, value, headers)`` without a KafkaRecord object each.
 
         Raises KafkaWriteError on any failure, after every record handed to the producer
         has settled (so a retry never races records of the failed attempt).
@@ -114,7 +118,7 @@ class KafkaSink:
         started = time.monotonic()
         count = 0
         try:
-            count = await self._hand_over(producer, records, futures)
+            count = await self._hand_over(producer, parts, futures)
         except (KafkaError, OSError, asyncio.TimeoutError) as exc:
             error = exc
         if futures:
@@ -135,10 +139,10 @@ class KafkaSink:
         if error is not None:
             raise KafkaWriteError(_describe(error))
 
-    async def _hand_over(self, producer: AIOKafkaProducer, records: Iterable[KafkaRecord],
+    async def _hand_over(self, producer: AIOKafkaProducer, parts: Sequence[Iterable[KafkaRecord]],
                          futures: list[asyncio.Future]) -> int:
-        """Append ``records`` to their partitions' open record batches, in order, and start
-        each partition's pump; append the futures of the batches they went into to
+        """Append the records of ``parts`` to their partitions' open record batches, in order,
+        and start each partition's pump; append the futures of the batches they went into to
         ``futures``; how many records."""
         partitions: dict[str, list[int]] = {}
         # This write's records by (topic, key) -> their partition's queue: a backlog's records
@@ -148,16 +152,15 @@ class KafkaSink:
         handles: set[asyncio.Future] = set()
         count = 0
         last: asyncio.Future | None = None
-        for record in records:
+        for topic, key, value, headers in itertools.chain.from_iterable(map(_entries, parts)):
             count += 1
-            topic, key = record.topic, record.key
             queue = route.get((topic, key))
             if queue is None:
                 queue = await self._queue_for(producer, topic, key, partitions)
                 if key is not None:  # a record without a key goes to a random partition each time
                     route[(topic, key)] = queue
                 touched[queue] = None
-            handle = queue.append(key, record.value, record.headers)
+            handle = queue.append(key, value, headers)
             if handle is not last:  # mostly the same open batch as the record before
                 handles.add(handle)
                 last = handle
@@ -285,6 +288,15 @@ class _PartitionQueue:
         while self._full:
             _, done = self._full.popleft()
             _fail(done, KafkaWriteError("the Kafka producer stopped"))
+
+
+def _entries(records: Iterable[KafkaRecord]) -> Iterator[tuple[str, bytes | None, bytes, Sequence[tuple[str, bytes]]]]:
+    """``(topic, key, value, headers)`` of each record: this loop runs once per record, and a
+    batch's readings (codec.ReadingRecords) give them straight from their rows."""
+    entries = getattr(records, "entries", None)
+    if entries is not None:
+        return entries()
+    return ((r.topic, r.key, r.value, r.headers) for r in records)
 
 
 def _fail(done: asyncio.Future, exc: BaseException) -> None:

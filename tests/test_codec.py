@@ -338,6 +338,8 @@ def test_the_bridge_decoder_gives_the_records_of_decode_batch_byte_for_byte(read
     expected = [codec.kafka_record(r, gateway, "readings", now) for r in batch.readings]
     assert [(r.topic, r.key, r.value, list(r.headers)) for r in records] == [
         (r.topic, r.key, r.value, list(r.headers)) for r in expected]
+    # What the Kafka sink reads: the same records, without a KafkaRecord each.
+    assert list(records.entries()) == [(r.topic, r.key, r.value, list(r.headers)) for r in expected]
     assert head.readings == () and head == codec.Batch(gateway, 7, 9, (), (status,))
     for record, reading in zip(records, readings):
         assert json.loads(record.value)["readings"] == json.loads(json.dumps(dict(reading.values)))

@@ -131,6 +131,13 @@ class ReadingRecords(Sequence[KafkaRecord]):
             # The headers as a list, as the Kafka client takes them.
             yield _new_kafka_record(topic, key, value, [device_header, gateway_header, boot_header, ("seq", seq_text)])
 
+    def entries(self) -> Iterator[tuple[str, bytes, bytes, list[tuple[str, bytes]]]]:
+        """Each record's ``(topic, key, value, headers)``, as iteration gives them but without
+        a KafkaRecord each: what the Kafka sink reads (cloud/kafka_sink.py)."""
+        topic, gateway_header = self.topic, self._gateway_header
+        return ((topic, key, value, [device_header, gateway_header, boot_header, ("seq", seq_text)])
+                for (key, device_header, boot_header), value, seq_text in self._rows)
+
     def _learn(self, site: str, device: str, boot: str) -> _Known:
         known = None
         if self._plain and _PLAIN.fullmatch(f"{site}{device}{boot}"):
