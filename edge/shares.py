@@ -50,6 +50,7 @@ token bucket of one second's worth; a device above it is held back the same way.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -159,6 +160,28 @@ class Admission:
         if self.drops_oldest:
             self.droppable += rows
         return ADMIT
+
+    def sure_room(self) -> int:
+        """Rows that may be admitted now, whoever's, with :meth:`admit` certain to say
+        :data:`ADMIT` to each: below the reserve, where no share binds, and no per-device cap.
+        The caller may skip asking for them, and counts them with :meth:`count_admitted`
+        before it asks anything else."""
+        if self.cap is not None:
+            return 0
+        return max(0, self.capacity - self.capacity // RESERVE_FRACTION - self.used)
+
+    def count_admitted(self, devices: list[str]) -> None:
+        """Count one row admitted for each of ``devices`` (as :meth:`admit` would have), within
+        the :meth:`sure_room` taken before."""
+        if not devices:
+            return
+        counts = self.counts
+        for device, rows in Counter(devices).items():
+            counts[device] = counts.get(device, 0) + rows
+        self.used += len(devices)
+        self.admitted += len(devices)
+        if self.drops_oldest:
+            self.droppable += len(devices)
 
     def admit_status(self) -> bool:
         """A status needs one free row (or one droppable), whatever any share."""

@@ -454,6 +454,34 @@ def test_model_any_interleaving_holds_back_the_device_holding_the_most(adds, cap
         assert adm.used <= capacity + 2 and sum(adm.counts.values()) == adm.used
 
 
+@settings(max_examples=300, deadline=None)
+@given(
+    start=st.dictionaries(st.sampled_from(DEVICES), st.integers(0, 40)),
+    adds=st.lists(st.sampled_from(DEVICES), max_size=80),
+    headroom=st.integers(1, 60),  # capacity beyond the rows held: near the bound and far from it
+    cap=st.none() | st.integers(1, 30),
+    drops_oldest=st.booleans(),
+)
+def test_model_rows_within_sure_room_are_admitted_as_admit_would(start, adds, headroom, cap, drops_oldest) -> None:
+    # Ingest counts the readings within sure_room() in one step instead of asking admit():
+    # admit() must say ADMIT to each of them, and the counts must come out the same.
+    capacity = sum(start.values()) + headroom
+
+    def snapshot() -> shares.Admission:
+        return shares.Admission(counts=dict(start), used=sum(start.values()), capacity=capacity, floor=2, cap=cap,
+                                drops_oldest=drops_oldest)
+
+    asked, quick = snapshot(), snapshot()
+    sure = quick.sure_room()
+    within = adds[:sure]
+    assert [asked.admit(device, 1) for device in within] == [shares.ADMIT] * len(within)
+    quick.count_admitted(within)
+    assert (quick.counts, quick.used, quick.admitted, quick.droppable) == (
+        asked.counts, asked.used, asked.admitted, asked.droppable)
+    if cap is not None:
+        assert sure == 0  # a per-device cap is asked reading by reading
+
+
 @settings(max_examples=100, deadline=None)
 @given(adds=st.lists(st.lists(st.sampled_from(DEVICES), min_size=1, max_size=6), max_size=25))
 def test_model_drop_oldest_trims_only_the_device_holding_the_most(tmp_path_factory, adds) -> None:

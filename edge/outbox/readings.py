@@ -59,7 +59,9 @@ def insert(db: sqlite_utils.Database, readings: Sequence[Reading], stamp: int, f
         " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         [
             # finite values: the codec checked them
-            (first_id + i, r.site, r.device, r.boot, r.seq, r.ts_ms, stamp, orjson.dumps(dict(r.values)).decode())
+            # (decoded values are a dict already: copied only if some other mapping)
+            (first_id + i, r.site, r.device, r.boot, r.seq, r.ts_ms, stamp,
+             orjson.dumps(v if type(v := r.values) is dict else dict(v)).decode())
             for i, r in enumerate(readings)
         ],
     )

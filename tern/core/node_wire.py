@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+import orjson
+
 from tern.core.errors import CodecError
 from tern.core.jsonwire import dumps as _dumps
 from tern.core.jsonwire import json_object as _json_object
@@ -41,6 +43,8 @@ from tern.core.messages import (
     new_reading,
 )
 from tern.core.topics import check_id
+
+_loads = orjson.loads
 
 
 def _node_message(raw: bytes, what: str, topic_device: str | None) -> tuple[dict[str, Any], str]:
@@ -95,32 +99,27 @@ def _reading(obj: dict[str, Any], site: str, topic_device: str | None) -> Readin
             and type(boot) is str and 4 <= len(boot) <= 32 and _HEX_DIGITS.issuperset(boot)
             and type(seq) is int and 0 <= seq <= MAX_SAFE_INT
             and type(ts) is int and 0 <= ts <= MAX_SAFE_INT
-            and _plain_values(values)):
-        return new_reading(device, boot, seq, ts, values, site, 0)
+            and type(values) is dict and 0 < len(values) <= MAX_READINGS_PER_MESSAGE):
+        # The values pass if :func:`tern.core.messages._values` would pass them (else it
+        # explains, below); checked inline, as a call per reading was a tenth of the decode.
+        for name, value in values.items():
+            kind = type(value)
+            if not 1 <= len(name) <= MAX_NAME_LEN:
+                break
+            if kind is float:
+                if value - value != 0.0:  # NaN or an infinity
+                    break
+            elif kind is str:
+                if len(value) > MAX_TEXT_LEN:
+                    break
+            elif kind is not int and kind is not bool:
+                break
+        else:
+            return new_reading(device, boot, seq, ts, values, site, 0)
     what = "node payload"
     device = _node_device(obj, what, topic_device)
     return new_reading(device, _boot(obj, what), _int(obj, "seq", what), _int(obj, "ts", what),
                        _values(obj, what), site, 0)
-
-
-def _plain_values(values: Any) -> bool:
-    """Whether ``values`` passes :func:`tern.core.messages._values` (True), or may not (False:
-    let it explain)."""
-    if type(values) is not dict or not 0 < len(values) <= MAX_READINGS_PER_MESSAGE:
-        return False
-    for name, value in values.items():
-        kind = type(value)
-        if not 1 <= len(name) <= MAX_NAME_LEN:
-            return False
-        if kind is float:
-            if value - value != 0.0:  # NaN or an infinity
-                return False
-        elif kind is str:
-            if len(value) > MAX_TEXT_LEN:
-                return False
-        elif kind is not int and kind is not bool:
-            return False
-    return True
 
 
 def encode_bundle(readings: "tuple[Reading, ...] | list[Reading]") -> bytes:
@@ -144,7 +143,14 @@ def decode_readings(raw: bytes, *, site: str = "", topic_device: str | None = No
     """Decode a node's telemetry payload: one reading (v1) or a bundle (v2) of up to
     :data:`MAX_BUNDLE` readings of one boot, seqs strictly increasing."""
     what = "node payload"
-    obj = _json_object(raw, MAX_NODE_PAYLOAD, what)
+    # orjson straight away (what _json_object tries first, one call less per reading on
+    # ingest's hot path); anything it refuses, or that is not an object, _json_object explains.
+    try:
+        obj = _loads(raw) if len(raw) <= MAX_NODE_PAYLOAD else None
+    except ValueError:
+        obj = None
+    if type(obj) is not dict:
+        obj = _json_object(raw, MAX_NODE_PAYLOAD, what)
     if obj.get("v") != BUNDLE_VERSION:
         return (_reading(obj, site, topic_device),)  # parsed once: this is ingest's hot path
     what = "node bundle"
