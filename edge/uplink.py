@@ -418,13 +418,9 @@ class Uplink:
             if not self._deleted:
                 return
             finished, self._deleted = self._deleted, []
-            for group, deleted in finished:
+            for group, _ in finished:
                 for batch in group:
                     del self._deleting[batch.bseq]
-                self._counts["forwarded"] += deleted
-                self._counts["status_forwarded"] += sum(len(b.statuses) for b in group)
-                self._counts["deadletters_forwarded"] += sum(b.deadletters for b in group)
-                self._counts["hold_events_forwarded"] += sum(b.holds for b in group)
             self._cond.notify_all()  # stop() may be waiting for the last batch
         for group, _ in finished:
             for batch in group:
@@ -480,7 +476,13 @@ class Uplink:
                 continue
             self._throttle.clear("delete", "deleting confirmed batches works again")
             with self._cond:
+                # Counted here, as the rows leave the outbox: whoever sees the outbox empty sees
+                # them forwarded (the uplink's thread lets go of the batches when it next wakes).
                 self._counts["deletes"] += 1
+                self._counts["forwarded"] += deleted
+                self._counts["status_forwarded"] += sum(len(b.statuses) for b in group)
+                self._counts["deadletters_forwarded"] += sum(b.deadletters for b in group)
+                self._counts["hold_events_forwarded"] += sum(b.holds for b in group)
                 self._deleted.append((group, deleted))
                 self._cond.notify_all()
 
