@@ -22,11 +22,8 @@ from tern.core.messages import (
     HOLD_REASONS,
     MAX_BATCH_BYTES,
     MAX_BATCH_INFLATED,
-    MAX_NAME_LEN,
     MAX_NODE_PAYLOAD,
-    MAX_READINGS_PER_MESSAGE,
     MAX_SAFE_INT,
-    MAX_TEXT_LEN,
     WIRE_VERSION,
     Batch,
     Confirm,
@@ -39,6 +36,7 @@ from tern.core.messages import (
     _check_version,
     _int,
     _object_list,
+    _plain_values,
     _text,
     _values,
     new_reading,
@@ -530,7 +528,7 @@ def _decode_readings(obj: Mapping[str, Any], what: str, make: MakeReading[T]) ->
         raise CodecError(f"{what}: 'items' must be a list")
     made: list[T] = []
     append = made.append
-    proven = _PROVEN
+    proven, plain = _PROVEN, _plain_values
     if len(proven) >= MAX_PROVEN:
         proven.clear()
     for index, item in enumerate(items):
@@ -541,22 +539,9 @@ def _decode_readings(obj: Mapping[str, Any], what: str, make: MakeReading[T]) ->
                     and type(seq) is int and 0 <= seq <= MAX_SAFE_INT
                     and type(ts) is int and 0 <= ts <= MAX_SAFE_INT
                     and type(rx) is int and 0 <= rx <= MAX_SAFE_INT
-                    and type(values) is dict and 0 < len(values) <= MAX_READINGS_PER_MESSAGE):
-                for name, value in values.items():
-                    kind = type(value)
-                    if not 1 <= len(name) <= MAX_NAME_LEN:
-                        break
-                    if kind is float:
-                        if value - value != 0.0:  # NaN or an infinity
-                            break
-                    elif kind is str:
-                        if len(value) > MAX_TEXT_LEN:
-                            break
-                    elif kind is not int and kind is not bool:
-                        break
-                else:
-                    append(make(device, boot, seq, ts, values, site, rx))
-                    continue
+                    and plain(values)):
+                append(make(device, boot, seq, ts, values, site, rx))
+                continue
         # Something to look at closely: the checks that explain it.
         where = f"{what} item {index}"
         if not isinstance(item, dict):

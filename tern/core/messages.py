@@ -336,6 +336,26 @@ def _check_version(obj: Mapping[str, Any], what: str) -> None:
         raise CodecError(f"{what}: unsupported version v={obj.get('v')!r}, this codec speaks v={WIRE_VERSION}")
 
 
+def _plain_values(values: Any) -> bool:
+    """True if ``values`` (a reading's ``r``) certainly passes :func:`_values`; False if it may
+    not (then ``_values`` says why). The decoders' fast paths: type tests only, no messages."""
+    if type(values) is not dict or not 0 < len(values) <= MAX_READINGS_PER_MESSAGE:
+        return False
+    for name, value in values.items():
+        kind = type(value)
+        if not 1 <= len(name) <= MAX_NAME_LEN:
+            return False
+        if kind is float:
+            if value - value != 0.0:  # NaN or an infinity
+                return False
+        elif kind is str:
+            if len(value) > MAX_TEXT_LEN:
+                return False
+        elif kind is not int and kind is not bool:
+            return False
+    return True
+
+
 def _values(obj: Mapping[str, Any], what: str) -> dict[str, Value]:
     values = obj.get("r")
     if not isinstance(values, dict) or not values:
