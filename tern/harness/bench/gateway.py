@@ -24,7 +24,6 @@ reading (from ``/proc``, from its start to the end of its round).
 
 from __future__ import annotations
 
-import time
 from contextlib import ExitStack
 import uuid
 from typing import TYPE_CHECKING, Any, Sequence
@@ -131,9 +130,7 @@ def gateway_ingest_round(lab: Lab, messages: Sequence[tuple[int, str, bytes]]) -
         stack.callback(standin.close)
         fleet = PubFleet(local.host, local.port, lab.folder("ingest-fleet"))
         stack.callback(fleet.close)
-        files = fleet.prepare(messages)
-        start = time.time()
-        fleet.publish_all(files)
+        start = fleet.start(messages)
         end = gateway.wait_for(lambda s: s.get("committed", 0) >= count, lab.sizes.deadline_s,
                                f"gateway ingest ({count} readings committed)")
         used = gateway.resources()

@@ -81,9 +81,7 @@ def live_round(lab: Lab, messages: list) -> dict[str, Any]:
         local, _, gateway, bridge, topic = start_pipeline(lab, stack, "live")
         fleet = PubFleet(local.host, local.port, lab.folder("live-fleet"))
         stack.callback(fleet.close)
-        files = fleet.prepare(messages)
-        start = time.time()
-        fleet.publish_all(files)
+        start = fleet.start(messages)
         end = all_in_kafka(count, gateway, bridge, lab.sizes.deadline_s, f"live end to end ({count} readings into Kafka)")
         used = {"gateway": gateway.resources(), "bridge": bridge.resources()}
         uplink = gateway.stats
@@ -103,9 +101,7 @@ def pubsub_round(lab: Lab, messages: list) -> dict[str, Any]:
         stack.callback(subscriber.stop)
         fleet = PubFleet(broker.host, broker.port, lab.folder("pubsub-fleet"))
         stack.callback(fleet.close)
-        files = fleet.prepare(messages)
-        start = time.time()
-        fleet.publish_all(files)
+        start = fleet.start(messages)
         end = subscriber.wait_for(lambda s: s.get("received", 0) >= count, lab.sizes.deadline_s,
                                   f"plain pub/sub ({count} readings)")
         used = subscriber.resources()
@@ -120,9 +116,7 @@ def fleet_round(lab: Lab, messages: list) -> dict[str, Any]:
         broker = lab.mosquitto(stack, "fleet-only")
         fleet = PubFleet(broker.host, broker.port, lab.folder("fleet-only"))
         stack.callback(fleet.close)
-        files = fleet.prepare(messages)
-        start = time.time()
-        fleet.publish_all(files)
+        start = fleet.start(messages)
         fleet.wait_published(lab.sizes.deadline_s)
         seconds = max(time.time() - start, 1e-6)
     return {"rate": count / seconds, "seconds": round(seconds, 3)}

@@ -69,6 +69,14 @@ class PubFleet:
         self._procs.append((topic, proc))
         return proc
 
+    def start(self, messages: Sequence[tuple[int, str, bytes]]) -> float:
+        """Write the payloads (:meth:`prepare`, before the clock) and start every publisher
+        (:meth:`publish_all`); the wall time (``time.time()``) they were started at."""
+        files = self.prepare(messages)
+        started = time.time()
+        self.publish_all(files)
+        return started
+
     def publish_all(self, files: Sequence[tuple[str, Path]]) -> None:
         """Start every device's publisher at once; :meth:`wait_published` waits for them."""
         for index, (topic, path) in enumerate(files):
