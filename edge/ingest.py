@@ -410,7 +410,7 @@ class Ingest:
         repeats = 0
         junk: list[tuple[str, str]] = []
         count = 0
-        admit, unlimited = adm.admit, self._rates is None
+        unlimited = self._rates is None
         # Far below the bound (the usual case) admit() can only say ADMIT: those readings are
         # counted in one step (quick) instead of asked for one by one, a tenth of the worker's
         # Python time per reading. Counted before anything else asks adm.
@@ -428,13 +428,6 @@ class Ingest:
             if quick:
                 adm.count_admitted(quick)
                 quick = []
-            if kind is Reading and unlimited and not view:
-                # The usual case, in one step: one reading, nobody held back, no rate limit.
-                verdict = admit(result.device, 1)  # type: ignore[union-attr]
-                if verdict == shares.ADMIT:
-                    readings.append(result)  # type: ignore[arg-type]
-                    count += 1
-                    continue
             if kind is Reading or kind is list:
                 # A bundle: all of it or none of it in this group.
                 group = [result] if kind is Reading else result  # type: ignore[list-item]
