@@ -292,26 +292,22 @@ class BufferedClient(mqtt.Client):
         if raw is not None:
             # A message paho read (split across reads, QoS 2, the first of a wake-up): the
             # consumer gets the same plain values as from the raw path.
-            topic = message._topic.decode("utf-8", "replace")
-            with self._in_callback_mutex:
-                try:
-                    raw(topic, bytes(message.payload), message.mid, message.qos, bool(message.dup), bool(message.retain))
-                except Exception as err:
-                    self._easy_log(mqtt.MQTT_LOG_ERR, "Caught exception in raw message handler: %s", err)
-                    if not self.suppress_exceptions:
-                        raise
-            return
-        if self._topic_callbacks:
+            callback: Callable[..., None] = raw
+            args: tuple = (message._topic.decode("utf-8", "replace"), bytes(message.payload), message.mid,
+                           message.qos, bool(message.dup), bool(message.retain))
+            what = "raw message handler"
+        elif self._topic_callbacks:
             super()._handle_on_message(message)
             return
-        on_message = self.on_message
-        if on_message is None:
+        elif self.on_message is None:
             return
+        else:
+            callback, args, what = self.on_message, (self, self._userdata, message), "on_message"
         with self._in_callback_mutex:
             try:
-                on_message(self, self._userdata, message)
+                callback(*args)
             except Exception as err:
-                self._easy_log(mqtt.MQTT_LOG_ERR, "Caught exception in on_message: %s", err)
+                self._easy_log(mqtt.MQTT_LOG_ERR, "Caught exception in %s: %s", what, err)
                 if not self.suppress_exceptions:
                     raise
 
